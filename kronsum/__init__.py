@@ -1,0 +1,34 @@
+"""kronsum: nearest-Kronecker-product kernels for sums of Kronecker products.
+
+``F = Σ_k w_k L_k ⊗ R_k`` — the Fisher block of a layer that per-sample statistics give —
+is held implicitly by :class:`KronSum`; the estimators :func:`kfac`, :func:`tkfac` and
+:func:`kfoc` return a :class:`Kron` ``scale · left ⊗ right``; :func:`nearest_kronecker` is
+the dense ground truth and :func:`frobenius_error` the exact error. Every function takes
+arrays of any array-API library and returns arrays of the same library, device and dtype.
+
+Conventions: row-major vec, ``(L ⊗ R) vec(V) = vec(L V Rᵀ)`` with ``vec(V) = V.reshape(-1)``;
+a weight stored (out, in) has its block as gradient-side ⊗ activation-side; F is a sum.
+"""
+
+from ._closed_forms import kfac, tkfac
+from ._error import AccuracyWarning, frobenius_error
+from ._kfoc import choose_method, kfoc
+from ._kron import Kron, KronInfo
+from ._reference import nearest_kronecker
+from ._sum import KronSum
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AccuracyWarning",
+    "Kron",
+    "KronInfo",
+    "KronSum",
+    "choose_method",
+    "frobenius_error",
+    "kfac",
+    "kfoc",
+    "nearest_kronecker",
+    "tkfac",
+    "__version__",
+]

@@ -1,0 +1,182 @@
+"""The result type: one scaled Kronecker product ``scale * left ⊗ right``."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from ._compat import Array, device_of, fro_norm, is_array, namespace, trace
+from ._validation import check_array, check_finite_values
+
+__all__ = ["Kron", "KronInfo"]
+
+
+@dataclass(frozen=True)
+class KronInfo:
+    """Diagnostics of an estimate.
+
+    Attributes
+    ----------
+    method : str
+        Which estimator and solver produced it, e.g. ``"kfoc/gram"``, ``"kfoc/lanczos"``.
+    iterations : int
+        Operator applications (one application = both contractions of the sum); 0 for
+        closed forms.
+    converged : bool
+        Whether the stopping rule was met (always ``True`` for closed forms).
+    sigma1, sigma2 : float or None
+        Estimates of the two largest singular values of the rearranged sum (the optimal
+        scale and the next one); ``None`` where the method does not produce them.
+    residual : float or None
+        Final relative eigen-residual ``‖A Aᵀ u − θ u‖ / θ`` of the iterative solvers.
+    notes : tuple of str
+        Degenerate cases met on the way (zero sum, ``σ1 = σ2``, clipped values ...).
+    """
+
+    method: str
+    iterations: int = 0
+    converged: bool = True
+    sigma1: float | None = None
+    sigma2: float | None = None
+    residual: float | None = None
+    notes: tuple[str, ...] = field(default_factory=tuple)
+
+    @property
+    def degenerate(self) -> bool:
+        """Whether any degenerate case was recorded in :attr:`notes`."""
+        return len(self.notes) > 0
+
+
+class Kron:
+    r"""The matrix ``scale · left ⊗ right`` of shape ``(m·n, m·n)``, never formed unless asked.
+
+    Convention (row-major vec, stated once for the whole library):
+    ``(L ⊗ R) vec(V) = vec(L V Rᵀ)`` with ``vec(V) = V.reshape(-1)`` for ``V`` of shape
+    ``(m, n)``. For a layer weight stored ``(out, in)``, ``left`` is the gradient-side
+    (``m = out``) and ``right`` the activation-side (``n = in``) factor.
+
+    How the magnitude is split between ``scale``, ``left`` and ``right`` is the estimator's
+    documented choice (K-FAC: means of the factors times ``Σ w``; TKFAC: unit-trace factors
+    times ``tr F``; K-FOC: unit-Frobenius factors times ``σ1``). Only the product is
+    meaningful when comparing estimators.
+
+    Parameters
+    ----------
+    left : array, shape (m, m)
+    right : array, shape (n, n)
+    scale : float or 0-d array, default 1
+    info : KronInfo, optional
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from kronsum import Kron
+    >>> K = Kron(np.eye(2), np.array([[2.0, 0.0], [0.0, 3.0]]), scale=0.5)
+    >>> V = np.ones((2, 2))
+    >>> np.allclose(K.matvec(V).reshape(-1), K.to_dense() @ V.reshape(-1))
+    True
+    >>> float(K.trace())
+    5.0
+    """
+
+    __slots__ = ("left", "right", "scale", "info", "_xp")
+
+    def __init__(self, left: Array, right: Array, scale: Any = 1.0, info: KronInfo | None = None):
+        left = check_array(left, "left", ndim=2, what="(m, m)")
+        right = check_array(right, "right", ndim=2, what="(n, n)")
+        if left.shape[0] != left.shape[1] or right.shape[0] != right.shape[1]:
+            raise ValueError(
+                f"left and right must be square, got shapes {tuple(left.shape)} and "
+                f"{tuple(right.shape)}"
+            )
+        xp = namespace(left, right)
+        dtype = xp.result_type(left, right)
+        self._xp = xp
+        self.left = xp.astype(left, dtype)
+        self.right = xp.astype(right, dtype)
+        if isinstance(scale, (int, float)):
+            scale = xp.asarray(float(scale), dtype=dtype, device=device_of(left))
+        self.scale = xp.astype(xp.reshape(scale, ()), dtype)
+        self.info = info if info is not None else KronInfo(method="user")
+
+    # -- shape ---------------------------------------------------------------------
+    @property
+    def m(self) -> int:
+        """Size of the left (gradient-side) factor."""
+        return int(self.left.shape[0])
+
+    @property
+    def n(self) -> int:
+        """Size of the right (activation-side) factor."""
+        return int(self.right.shape[0])
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """``(m·n, m·n)``."""
+        d = self.m * self.n
+        return (d, d)
+
+    @property
+    def dtype(self) -> Any:
+        return self.left.dtype
+
+    # -- algebra -------------------------------------------------------------------
+    def to_dense(self) -> Array:
+        """The ``(m·n, m·n)`` matrix ``scale · kron(left, right)``. Cost and memory O((mn)²)."""
+        xp = self._xp
+        m, n = self.m, self.n
+        big = self.left[:, None, :, None] * self.right[None, :, None, :]
+        return self.scale * xp.reshape(big, (m * n, m * n))
+
+    def matvec(self, V: Array) -> Array:
+        """``scale · L V Rᵀ`` for ``V`` of shape ``(..., m, n)``: the product with vec(V).
+
+        Cost O(mn(m + n)) per matrix, no ``(mn)²`` array is formed.
+        """
+        xp = self._xp
+        if not is_array(V):
+            raise TypeError(f"V must be an array, got {type(V).__name__}")
+        if V.ndim < 2 or tuple(V.shape[-2:]) != (self.m, self.n):
+            raise ValueError(
+                f"V must have shape (..., m, n) = (..., {self.m}, {self.n}), got "
+                f"{tuple(V.shape)}"
+            )
+        return self.scale * (self.left @ V @ xp.matrix_transpose(self.right))
+
+    def trace(self) -> Array:
+        """``scale · tr(left) · tr(right)`` as a 0-d array."""
+        xp = self._xp
+        return self.scale * trace(self.left, xp) * trace(self.right, xp)
+
+    def frobenius_norm(self) -> Array:
+        """``|scale| · ‖left‖_F · ‖right‖_F`` as a 0-d array."""
+        xp = self._xp
+        return xp.abs(self.scale) * fro_norm(self.left, xp) * fro_norm(self.right, xp)
+
+    def check_finite(self) -> "Kron":
+        """Raise ``ValueError`` if any factor or the scale is not finite; return ``self``."""
+        xp = self._xp
+        check_finite_values(xp, self.left, "left")
+        check_finite_values(xp, self.right, "right")
+        check_finite_values(xp, self.scale, "scale")
+        return self
+
+    def _as_stack(self) -> tuple[Array, Array, Array]:
+        """``(scales (1,), lefts (1, m, m), rights (1, n, n))``: the form error evaluation uses."""
+        xp = self._xp
+        return (
+            xp.reshape(self.scale, (1,)),
+            xp.reshape(self.left, (1, self.m, self.m)),
+            xp.reshape(self.right, (1, self.n, self.n)),
+        )
+
+    def __repr__(self) -> str:
+        try:
+            s = f"{float(self.scale):.6g}"
+        except Exception:  # lazy arrays: do not force a computation in repr
+            s = "<lazy>"
+        return (
+            f"Kron(scale={s}, left=({self.m}, {self.m}), right=({self.n}, {self.n}), "
+            f"dtype={self.dtype}, method={self.info.method!r})"
+        )
+

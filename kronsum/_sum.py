@@ -1,0 +1,370 @@
+r"""``KronSum``: an implicit sum of Kronecker products ``F = Σ_k w_k L_k ⊗ R_k``.
+
+Three input forms, each stored as given and never densified unless asked:
+
+``terms``  ``L`` (K, m, m), ``R`` (K, n, n): the general sum.
+``outer``  ``G`` (K, m), ``A`` (K, n): ``L_k = g_k g_kᵀ``, ``R_k = a_k a_kᵀ`` (a fully-connected
+           layer, one term per sample).
+``conv``   ``G`` (K, T, m), ``A`` (K, T, n): the term of sample k is ``vec(X_k) vec(X_k)ᵀ``
+           with ``X_k = G_kᵀ A_k`` (m, n), i.e. ``Σ_{t,t'} g_t g_t'ᵀ ⊗ a_t a_t'ᵀ``
+           (a convolution over T spatial positions; K-FOC's Algorithm 2).
+
+The rearrangement (Van Loan & Pitsianis) maps F to the ``(m², n²)`` matrix
+``𝓡(F) = Σ_k w_k vec(L_k) vec(R_k)ᵀ`` with ``‖F‖_F = ‖𝓡(F)‖_F`` and
+``𝓡(L ⊗ R) = vec(L) vec(R)ᵀ``; every estimator works with the two products of 𝓡(F) that
+:meth:`KronSum.contract_left` and :meth:`KronSum.contract_right` compute.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ._compat import Array, device_of, fro_norm, namespace, trace
+from ._validation import check_array, check_finite_values, check_weights
+
+__all__ = ["KronSum"]
+
+_FORMS = ("terms", "outer", "conv")
+_CHUNK = 1024  # rows of a K x K Gram matrix formed at once
+
+
+def _max_abs(x: Array, xp: Any) -> Array:
+    c = xp.max(xp.abs(x))
+    return xp.where(c > 0, c, xp.ones_like(c))
+
+
+class KronSum:
+    r"""The sum ``F = Σ_k w_k L_k ⊗ R_k`` of shape ``(m·n, m·n)``, held implicitly.
+
+    Build it with :meth:`from_terms`, :meth:`from_outer` or :meth:`from_conv`. ``F`` is a
+    **sum**, not a mean: ``weights`` default to 1 and must be non-negative. Row-major vec:
+    ``(L ⊗ R) vec(V) = vec(L V Rᵀ)``; for a weight stored ``(out, in)`` the left factor is
+    gradient-side (``m = out``) and the right one activation-side (``n = in``).
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from kronsum import KronSum
+    >>> rng = np.random.default_rng(0)
+    >>> G, A = rng.standard_normal((8, 3)), rng.standard_normal((8, 4))
+    >>> F = KronSum.from_outer(G, A)
+    >>> F.shape, F.form, F.num_terms
+    ((12, 12), 'outer', 8)
+    >>> dense = sum(np.kron(np.outer(g, g), np.outer(a, a)) for g, a in zip(G, A))
+    >>> np.allclose(F.to_dense(), dense)
+    True
+    """
+
+    __slots__ = ("form", "weights", "L", "R", "G", "A", "symmetric", "_xp")
+
+    def __init__(self, form: str, weights: Array, *, L=None, R=None, G=None, A=None,
+                 symmetric: bool, _xp: Any):
+        if form not in _FORMS:
+            raise ValueError(f"form must be one of {_FORMS}, got {form!r}")
+        self.form = form
+        self.weights = weights
+        self.L, self.R, self.G, self.A = L, R, G, A
+        self.symmetric = symmetric
+        self._xp = _xp
+
+    # -- constructors ------------------------------------------------------------------
+    @classmethod
+    def from_terms(cls, L: Array, R: Array, weights: Array | None = None, *,
+                   check_finite: bool = True) -> "KronSum":
+        """``F = Σ_k w_k L_k ⊗ R_k`` from stacks ``L`` (K, m, m) and ``R`` (K, n, n).
+
+        The terms need not be symmetric; :attr:`symmetric` records whether they are (then the
+        estimators return symmetric factors).
+        """
+        L = check_array(L, "L", ndim=3, what="(K, m, m)")
+        R = check_array(R, "R", ndim=3, what="(K, n, n)")
+        xp = namespace(L, R)
+        if L.shape[1] != L.shape[2]:
+            raise ValueError(f"L must have shape (K, m, m) with square terms, got {tuple(L.shape)}")
+        if R.shape[1] != R.shape[2]:
+            raise ValueError(f"R must have shape (K, n, n) with square terms, got {tuple(R.shape)}")
+        if L.shape[0] != R.shape[0]:
+            raise ValueError(
+                f"L and R must hold the same number of terms K, got L {tuple(L.shape)} and "
+                f"R {tuple(R.shape)}"
+            )
+        dtype = xp.result_type(L, R)
+        L, R = xp.astype(L, dtype), xp.astype(R, dtype)
+        if check_finite:
+            check_finite_values(xp, L, "L")
+            check_finite_values(xp, R, "R")
+        w = check_weights(weights, L.shape[0], xp, dtype, device_of(L), check_finite=check_finite)
+        sym = bool(xp.all(L == xp.matrix_transpose(L))) and bool(xp.all(R == xp.matrix_transpose(R)))
+        return cls("terms", w, L=L, R=R, symmetric=sym, _xp=xp)
+
+    @classmethod
+    def from_outer(cls, G: Array, A: Array, weights: Array | None = None, *,
+                   check_finite: bool = True) -> "KronSum":
+        """``F = Σ_k w_k g_k g_kᵀ ⊗ a_k a_kᵀ`` from ``G`` (K, m) and ``A`` (K, n).
+
+        One term per sample of a fully-connected layer: ``g_k`` is the gradient with respect
+        to the layer's outputs, ``a_k`` its (bias-augmented) input. Memory O(K(m + n)).
+        """
+        G = check_array(G, "G", ndim=2, what="(K, m)")
+        A = check_array(A, "A", ndim=2, what="(K, n)")
+        return cls._from_factors("outer", G, A, weights, check_finite)
+
+    @classmethod
+    def from_conv(cls, G: Array, A: Array, weights: Array | None = None, *,
+                  check_finite: bool = True) -> "KronSum":
+        """``F = Σ_k w_k vec(X_k) vec(X_k)ᵀ`` with ``X_k = G_kᵀ A_k``, from ``G`` (K, T, m), ``A`` (K, T, n).
+
+        Equivalently ``Σ_k w_k Σ_{t,t'} g_{kt} g_{kt'}ᵀ ⊗ a_{kt} a_{kt'}ᵀ``: the exact Fisher
+        block of a convolution with T spatial positions (``A`` holds the unfolded patches,
+        ``G`` the output gradients per position). Memory O(KT(m + n)).
+        """
+        G = check_array(G, "G", ndim=3, what="(K, T, m)")
+        A = check_array(A, "A", ndim=3, what="(K, T, n)")
+        if G.shape[1] != A.shape[1]:
+            raise ValueError(
+                f"G and A must have the same number of positions T, got G {tuple(G.shape)} "
+                f"and A {tuple(A.shape)}"
+            )
+        return cls._from_factors("conv", G, A, weights, check_finite)
+
+    @classmethod
+    def _from_factors(cls, form, G, A, weights, check_finite):
+        xp = namespace(G, A)
+        if G.shape[0] != A.shape[0]:
+            raise ValueError(
+                f"G and A must have the same number of samples K, got G {tuple(G.shape)} and "
+                f"A {tuple(A.shape)}"
+            )
+        dtype = xp.result_type(G, A)
+        G, A = xp.astype(G, dtype), xp.astype(A, dtype)
+        if check_finite:
+            check_finite_values(xp, G, "G")
+            check_finite_values(xp, A, "A")
+        w = check_weights(weights, G.shape[0], xp, dtype, device_of(G), check_finite=check_finite)
+        return cls(form, w, G=G, A=A, symmetric=True, _xp=xp)
+
+    # -- shape and type ----------------------------------------------------------------
+    @property
+    def xp(self) -> Any:
+        """The array namespace of the inputs."""
+        return self._xp
+
+    @property
+    def m(self) -> int:
+        """Size of the left (gradient-side) factors."""
+        return int((self.L if self.form == "terms" else self.G).shape[-1])
+
+    @property
+    def n(self) -> int:
+        """Size of the right (activation-side) factors."""
+        return int((self.R if self.form == "terms" else self.A).shape[-1])
+
+    @property
+    def num_terms(self) -> int:
+        """K, the number of samples (terms)."""
+        return int(self.weights.shape[0])
+
+    @property
+    def num_positions(self) -> int:
+        """T for the conv form, 1 otherwise."""
+        return int(self.G.shape[1]) if self.form == "conv" else 1
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """``(m·n, m·n)``, the shape of the dense F."""
+        d = self.m * self.n
+        return (d, d)
+
+    @property
+    def dtype(self) -> Any:
+        return self.weights.dtype
+
+    @property
+    def device(self) -> Any:
+        return device_of(self.weights)
+
+    def __repr__(self) -> str:
+        extra = f", T={self.num_positions}" if self.form == "conv" else ""
+        return (f"KronSum(form={self.form!r}, K={self.num_terms}{extra}, m={self.m}, "
+                f"n={self.n}, dtype={self.dtype})")
+
+    # -- the two contractions ------------------------------------------------------------
+    def contract_left(self, X: Array) -> Array:
+        r"""``Σ_k w_k ⟨L_k, X⟩ R_k`` for ``X`` of shape (m, m): ``𝓡(F)ᵀ vec(X)`` as an (n, n) matrix.
+
+        Cost: terms O(K(m² + n²)); outer O(K(m² + n²)) without forming any ``g gᵀ``;
+        conv O(K(Tm² + T²(m + n) + Tn²)) or O(K(Tmn + m²n + mn²)), whichever is cheaper.
+        """
+        self._check_square(X, "X", self.m)
+        if self.form == "conv":
+            return self._conv_contract(X, self.G, self.A)
+        return self._combine("right", self.weights * self._inner("left", X))
+
+    def contract_right(self, Y: Array) -> Array:
+        r"""``Σ_k w_k ⟨R_k, Y⟩ L_k`` for ``Y`` of shape (n, n): ``𝓡(F) vec(Y)`` as an (m, m) matrix.
+
+        Cost as :meth:`contract_left` with the roles of m and n exchanged.
+        """
+        self._check_square(Y, "Y", self.n)
+        if self.form == "conv":
+            return self._conv_contract(Y, self.A, self.G)
+        return self._combine("left", self.weights * self._inner("right", Y))
+
+    def _check_square(self, X, name, size):
+        if X.ndim != 2 or tuple(X.shape) != (size, size):
+            raise ValueError(f"{name} must have shape ({size}, {size}), got {tuple(X.shape)}")
+
+    # per-term inner products ⟨L_k, X⟩ (or ⟨R_k, Y⟩) and combinations Σ c_k L_k (terms/outer)
+    def _inner(self, side: str, X: Array) -> Array:
+        xp = self._xp
+        if self.form == "terms":
+            T = self.L if side == "left" else self.R
+            d = T.shape[-1]
+            return xp.reshape(T, (T.shape[0], d * d)) @ xp.reshape(X, (d * d,))
+        V = self.G if side == "left" else self.A
+        return xp.sum((V @ xp.matrix_transpose(X)) * V, axis=1)  # g_kᵀ X g_k
+
+    def _combine(self, side: str, c: Array) -> Array:
+        xp = self._xp
+        if self.form == "terms":
+            T = self.L if side == "left" else self.R
+            return xp.tensordot(c, T, axes=1)
+        V = self.G if side == "left" else self.A
+        return xp.matrix_transpose(V) @ (c[:, None] * V)
+
+    def _conv_contract(self, M: Array, P: Array, Q: Array) -> Array:
+        """``Σ_k w_k Y_kᵀ M Y_k`` with ``Y_k = P_kᵀ Q_k``; P (K, T, p), Q (K, T, q), M (p, p)."""
+        xp = self._xp
+        K, T, p = P.shape
+        q = Q.shape[-1]
+        w = self.weights[:, None, None]
+        flops_positions = T * p * p + T * T * (p + q) + T * q * q
+        flops_samples = T * p * q + p * p * q + p * q * q
+        if flops_positions <= flops_samples:
+            B = (P @ M) @ xp.matrix_transpose(P)  # (K, T, T): P_k M P_kᵀ
+            C = w * (B @ Q)  # (K, T, q)
+            return xp.matrix_transpose(xp.reshape(Q, (K * T, q))) @ xp.reshape(C, (K * T, q))
+        Y = xp.matrix_transpose(P) @ Q  # (K, p, q)
+        MY = w * (M @ Y)
+        Yt = xp.reshape(Y, (K * p, q))
+        return xp.matrix_transpose(Yt) @ xp.reshape(MY, (K * p, q))
+
+    # -- per-sample matrices for the conv form -----------------------------------------
+    def _conv_X(self) -> Array:
+        """``X_k = G_kᵀ A_k``, shape (K, m, n). Materialises K·m·n numbers."""
+        xp = self._xp
+        return xp.matrix_transpose(self.G) @ self.A
+
+    # -- dense views -----------------------------------------------------------------------
+    def _rearranged_rows(self, i0: int, i1: int) -> Array:
+        r"""Rows ``(i, i')`` for ``i0 <= i < i1`` of 𝓡(F): shape ((i1 - i0)·m, n²)."""
+        xp = self._xp
+        m, n, K = self.m, self.n, self.num_terms
+        b = i1 - i0
+        w = self.weights
+        if self.form == "terms":
+            Lb = xp.reshape(self.L[:, i0:i1, :], (K, b * m))
+            return xp.matrix_transpose(Lb) @ (w[:, None] * xp.reshape(self.R, (K, n * n)))
+        if self.form == "outer":
+            G, A = self.G, self.A
+            P = xp.reshape(G[:, i0:i1, None] * G[:, None, :], (K, b * m))
+            Q = xp.reshape(A[:, :, None] * A[:, None, :], (K, n * n))
+            return xp.matrix_transpose(P) @ (w[:, None] * Q)
+        X = self._conv_X()
+        Xb = xp.reshape(X[:, i0:i1, :], (K, b * n))
+        blk = xp.matrix_transpose(Xb) @ (w[:, None] * xp.reshape(X, (K, m * n)))  # (b n, m n)
+        blk = xp.permute_dims(xp.reshape(blk, (b, n, m, n)), (0, 2, 1, 3))
+        return xp.reshape(blk, (b * m, n * n))
+
+    def rearranged(self) -> Array:
+        r"""The dense ``(m², n²)`` rearrangement ``𝓡(F) = Σ_k w_k vec(L_k) vec(R_k)ᵀ``.
+
+        Its best rank-one approximation ``σ₁ u vᵀ`` gives the nearest Kronecker product
+        ``σ₁ mat(u) ⊗ mat(v)``. Memory O(m²n²): for tests and small layers.
+        """
+        return self._rearranged_rows(0, self.m)
+
+    def to_dense(self) -> Array:
+        """The dense ``(m·n, m·n)`` matrix F. Memory O((mn)²): for tests and small layers."""
+        xp = self._xp
+        m, n = self.m, self.n
+        if self.form == "outer":
+            Z = xp.reshape(self.G[:, :, None] * self.A[:, None, :], (self.num_terms, m * n))
+            return xp.matrix_transpose(Z) @ (self.weights[:, None] * Z)
+        if self.form == "conv":
+            Z = xp.reshape(self._conv_X(), (self.num_terms, m * n))
+            return xp.matrix_transpose(Z) @ (self.weights[:, None] * Z)
+        A = xp.reshape(self.rearranged(), (m, m, n, n))
+        return xp.reshape(xp.permute_dims(A, (0, 2, 1, 3)), (m * n, m * n))
+
+    # -- scalar summaries ----------------------------------------------------------------
+    def trace(self) -> Array:
+        """``tr F = Σ_k w_k tr(L_k) tr(R_k)`` as a 0-d array, in O(K(m + n)) for outer/conv."""
+        xp = self._xp
+        w = self.weights
+        if self.form == "terms":
+            return xp.sum(w * trace(self.L, xp) * trace(self.R, xp))
+        if self.form == "outer":
+            return xp.sum(w * xp.sum(self.G**2, axis=1) * xp.sum(self.A**2, axis=1))
+        X2 = xp.sum(xp.sum(self._conv_X() ** 2, axis=2), axis=1)  # ‖X_k‖²
+        return xp.sum(w * X2)
+
+    def frobenius_norm(self) -> Array:
+        """``‖F‖_F`` as a 0-d array, from K×K Gram matrices (in row chunks), never from F.
+
+        ``‖F‖²_F = Σ_{k,l} w_k w_l ⟨L_k, L_l⟩⟨R_k, R_l⟩``. Cost O(K²(m + n)) for the outer
+        form, O(K²(m² + n²)) for terms, O(K²mn + KTmn) for conv. Safe from overflow.
+        """
+        xp = self._xp
+        Fn, (cw, cl, cr) = self.normalized()
+        s2 = Fn._sq_norm()
+        return (cw * (cl * cr)) * xp.sqrt(xp.where(s2 > 0, s2, xp.zeros_like(s2)))
+
+    def _sq_norm(self) -> Array:
+        xp = self._xp
+        w = self.weights
+        K = self.num_terms
+        total = xp.zeros((), dtype=self.dtype, device=self.device)
+        for i0 in range(0, K, _CHUNK):
+            i1 = min(K, i0 + _CHUNK)
+            total = total + xp.sum((w[i0:i1] @ self._pair_gram(i0, i1)) * w)
+        return total
+
+    def _pair_gram(self, i0: int, i1: int) -> Array:
+        """Rows i0:i1 of the K×K matrix ``⟨L_k, L_l⟩⟨R_k, R_l⟩``."""
+        if self.form == "conv":
+            xp = self._xp
+            Xf = xp.reshape(self._conv_X(), (self.num_terms, self.m * self.n))
+            return (Xf[i0:i1, :] @ xp.matrix_transpose(Xf)) ** 2
+        return self._gram("left", i0, i1) * self._gram("right", i0, i1)
+
+    def _gram(self, side: str, i0: int = 0, i1: int | None = None) -> Array:
+        """Rows i0:i1 of ``S = [⟨L_k, L_l⟩]`` (side="left") or ``[⟨R_k, R_l⟩]`` (terms/outer)."""
+        xp = self._xp
+        i1 = self.num_terms if i1 is None else i1
+        if self.form == "terms":
+            T = self.L if side == "left" else self.R
+            d = T.shape[-1]
+            Tf = xp.reshape(T, (T.shape[0], d * d))
+            return Tf[i0:i1, :] @ xp.matrix_transpose(Tf)
+        V = self.G if side == "left" else self.A
+        return (V[i0:i1, :] @ xp.matrix_transpose(V)) ** 2
+
+    # -- scaling ---------------------------------------------------------------------------
+    def normalized(self) -> tuple["KronSum", tuple[Array, Array, Array]]:
+        """``(F̃, (c_w, c_L, c_R))`` with ``F = c_w c_L c_R · F̃`` and inputs of F̃ of largest magnitude 1.
+
+        ``c_w`` scales the weights, ``c_L`` the left terms (``max|G|²`` for outer/conv) and
+        ``c_R`` the right ones. The estimators work on F̃, so inputs scaled by 1e±150 give
+        finite, correct answers. A zero input keeps the factor 1 (F̃ = F = 0).
+        """
+        xp = self._xp
+        cw = _max_abs(self.weights, xp)
+        w = self.weights / cw
+        if self.form == "terms":
+            cl, cr = _max_abs(self.L, xp), _max_abs(self.R, xp)
+            out = KronSum("terms", w, L=self.L / cl, R=self.R / cr, symmetric=self.symmetric, _xp=xp)
+            return out, (cw, cl, cr)
+        cg, ca = _max_abs(self.G, xp), _max_abs(self.A, xp)
+        out = KronSum(self.form, w, G=self.G / cg, A=self.A / ca, symmetric=True, _xp=xp)
+        return out, (cw, cg * cg, ca * ca)
