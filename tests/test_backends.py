@@ -1,0 +1,71 @@
+"""The whole API on every installed array library: same numbers, same array type and dtype."""
+
+import numpy as np
+import pytest
+
+import kronsum as ks
+from conftest import assert_same_backend, dense_F, random_inputs, svd_optimum
+
+FORMS = ["terms", "outer", "conv"]
+
+
+def _sum(backend, form, dtype, seed=0, weights=True):
+    arrays = random_inputs(form, 6, 3, 4, T=3, seed=seed)
+    w = np.linspace(0.5, 1.5, 6) if weights else None
+    xs = [backend.asarray(a, dtype) for a in arrays]
+    wx = None if w is None else backend.asarray(w, dtype)
+    return getattr(ks.KronSum, f"from_{form}")(*xs, wx), arrays, w
+
+
+@pytest.mark.parametrize("form", FORMS)
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+def test_estimators_on_backend(backend, form, dtype):
+    F, arrays, w = _sum(backend, form, dtype)
+    Fnp = getattr(ks.KronSum, f"from_{form}")(*arrays, w)
+    rtol = 1e-9 if dtype == "float64" else 2e-4
+    like = F.weights
+    for name in ("kfac", "tkfac", "kfoc"):
+        est = getattr(ks, name)(F)
+        ref = getattr(ks, name)(Fnp)
+        for got in (est.left, est.right, est.scale):
+            assert_same_backend(got, like, like.dtype)
+        dense = backend.to_numpy(est.to_dense())
+        assert np.allclose(dense, ref.to_dense(), rtol=rtol, atol=rtol * np.abs(ref.to_dense()).max()), name
+        e = ks.frobenius_error(F, est)
+        assert_same_backend(e, like, like.dtype)
+        assert np.isclose(float(backend.to_numpy(e)), float(ks.frobenius_error(Fnp, ref)), rtol=10 * rtol)
+    opt, _ = svd_optimum(dense_F(form, arrays, w), Fnp.m, Fnp.n)
+    err = float(backend.to_numpy(ks.frobenius_error(F, ks.kfoc(F))))
+    assert err <= opt * (1 + (1e-8 if dtype == "float64" else 1e-4))
+    assert np.isclose(float(backend.to_numpy(F.trace())), float(Fnp.trace()), rtol=rtol)
+    assert np.isclose(float(backend.to_numpy(F.frobenius_norm())), float(Fnp.frobenius_norm()), rtol=rtol)
+    assert np.allclose(backend.to_numpy(F.to_dense()), Fnp.to_dense(), rtol=rtol, atol=rtol)
+
+
+@pytest.mark.parametrize("form", FORMS)
+@pytest.mark.parametrize("method", ["lanczos", "power", "gram"])
+def test_kfoc_solvers_on_backend(backend, form, method):
+    if method == "gram" and (form == "conv" or backend.name == "dask"):
+        pytest.skip("gram needs the outer/terms form and linalg.eigh (Dask has none)")
+    F, arrays, w = _sum(backend, form, "float64")
+    est = ks.kfoc(F, method=method)
+    ref = ks.nearest_kronecker(getattr(ks.KronSum, f"from_{form}")(*arrays, w))
+    assert_same_backend(est.left, F.weights, F.weights.dtype)
+    assert est.info.converged
+    assert np.allclose(backend.to_numpy(est.to_dense()), ref.to_dense(), atol=1e-7 * np.abs(ref.to_dense()).max())
+
+
+@pytest.mark.parametrize("form", FORMS)
+def test_reference_and_kron_methods_on_backend(backend, form):
+    if backend.name == "dask":
+        pytest.skip("the dense SVD reference is a NumPy/array-API-linalg tool; Dask is for large K")
+    F, arrays, w = _sum(backend, form, "float64")
+    ref = ks.nearest_kronecker(F)
+    assert_same_backend(ref.left, F.weights, F.weights.dtype)
+    K = ks.kfoc(F)
+    V = backend.asarray(np.random.default_rng(0).standard_normal((2, F.m, F.n)), "float64")
+    out = K.matvec(V)
+    assert_same_backend(out, F.weights, F.weights.dtype)
+    dense = backend.to_numpy(K.to_dense())
+    assert np.allclose(backend.to_numpy(out).reshape(2, -1), backend.to_numpy(V).reshape(2, -1) @ dense.T)
+    assert np.isclose(float(backend.to_numpy(K.trace())), np.trace(dense))

@@ -1,0 +1,253 @@
+"""Estimators against dense ground truth: SVD of the rearranged matrix and closed forms.
+
+The references are built from ``np.kron`` of materialised terms and NumPy's SVD, sharing no
+code with the library.
+"""
+
+import numpy as np
+import pytest
+from hypothesis import assume, given
+from hypothesis import strategies as st
+
+import kronsum as ks
+from conftest import dense_F, dense_terms, random_inputs, svd_optimum
+
+FORMS = ["terms", "outer", "conv"]
+
+
+@st.composite
+def sums(draw, forms=tuple(FORMS)):
+    form = draw(st.sampled_from(forms))
+    K = draw(st.integers(1, 10))
+    m = draw(st.integers(1, 4))
+    n = draw(st.integers(1, 4))
+    T = draw(st.integers(1, 4))
+    seed = draw(st.integers(0, 2**32 - 1))
+    kind = draw(st.sampled_from(["gaussian", "heavy"]))
+    arrays = random_inputs(form, K, m, n, T=T, seed=seed, kind=kind)
+    weighted = draw(st.booleans())
+    w = np.random.default_rng(seed + 1).uniform(0.1, 2.0, K) if weighted else None
+    return form, arrays, w
+
+
+def _errors(F, est, D):
+    return float(ks.frobenius_error(F, est)), float(np.linalg.norm(D - est.to_dense()))
+
+
+@given(sums())
+def test_kfoc_reaches_svd_optimum(case):
+    form, arrays, w = case
+    F = getattr(ks.KronSum, f"from_{form}")(*arrays, w)
+    D = dense_F(form, arrays, w)
+    opt, s = svd_optimum(D, F.m, F.n)
+    normF = np.linalg.norm(D)
+    methods = ["auto", "lanczos"] + (["gram"] if form != "conv" else [])
+    for method in methods:
+        est = ks.kfoc(F, method=method)
+        err, err_dense = _errors(F, est, D)
+        assert err <= opt * (1 + 1e-8) + 1e-12 * normF, (method, err, opt)
+        assert np.isclose(err, err_dense, rtol=1e-7, atol=1e-12 * normF)
+        # the scale is σ1 and the factors have unit norm
+        assert np.isclose(float(est.scale), s[0], rtol=1e-8, atol=1e-12 * normF)
+        assert np.isclose(np.linalg.norm(est.left), 1.0) and np.isclose(np.linalg.norm(est.right), 1.0)
+    ref = ks.nearest_kronecker(F)
+    assert np.isclose(float(ks.frobenius_error(F, ref)), opt, rtol=1e-8, atol=1e-12 * normF)
+
+
+@given(sums())
+def test_optimal_error_is_below_kfac_and_tkfac(case):
+    form, arrays, w = case
+    F = getattr(ks.KronSum, f"from_{form}")(*arrays, w)
+    e_opt = float(ks.frobenius_error(F, ks.kfoc(F)))
+    slack = 1e-10 * float(F.frobenius_norm())
+    assert e_opt <= float(ks.frobenius_error(F, ks.kfac(F))) + slack
+    assert e_opt <= float(ks.frobenius_error(F, ks.tkfac(F))) + slack
+
+
+@given(sums(forms=("outer", "conv")))
+def test_psd_in_psd_out(case):
+    form, arrays, w = case
+    F = getattr(ks.KronSum, f"from_{form}")(*arrays, w)
+    for est in (ks.kfoc(F), ks.kfoc(F, method="lanczos"), ks.nearest_kronecker(F), ks.kfac(F), ks.tkfac(F)):
+        for X in (est.left, est.right):
+            assert np.allclose(X, X.T, atol=1e-14 * np.abs(X).max())
+            lam = np.linalg.eigvalsh(X)
+            assert lam.min() >= -1e-9 * max(lam.max(), 1e-300), (est.info.method, lam)
+        assert float(est.scale) >= 0
+
+
+@given(sums())
+def test_psd_terms_give_psd_factors(case):
+    form, arrays, w = case
+    wk, L, R = dense_terms(form, arrays, w)
+    L = L @ np.swapaxes(L, 1, 2)  # PSD terms
+    R = R @ np.swapaxes(R, 1, 2)
+    F = ks.KronSum.from_terms(L, R, wk)
+    est = ks.kfoc(F)
+    for X in (est.left, est.right):
+        assert np.allclose(X, X.T)
+        assert np.linalg.eigvalsh(X).min() >= -1e-9 * np.abs(X).max()
+
+
+@given(sums())
+def test_tkfac_keeps_trace_and_matches_eq8(case):
+    form, arrays, w = case
+    F = getattr(ks.KronSum, f"from_{form}")(*arrays, w)
+    est = ks.tkfac(F)
+    D = dense_F(form, arrays, w)
+    assert np.isclose(float(est.trace()), np.trace(D), rtol=1e-10, atol=1e-13 * np.abs(D).max())
+    # closed form, Eq. (8) generalised: delta = Σ w trL trR, Φ = Σ w tr(R_k) L_k / delta ...
+    wk, L, R = dense_terms(form, arrays, w)
+    trL, trR = np.trace(L, axis1=1, axis2=2), np.trace(R, axis1=1, axis2=2)
+    delta = np.sum(wk * trL * trR)
+    assume(abs(delta) > 1e-8 * np.sum(np.abs(wk * trL * trR)))
+    assert np.isclose(float(est.scale), delta, rtol=1e-10)
+    assert np.allclose(est.left, np.einsum("k,kij->ij", wk * trR, L) / delta, atol=1e-10 * np.abs(est.left).max())
+    assert np.allclose(est.right, np.einsum("k,kij->ij", wk * trL, R) / delta, atol=1e-10 * np.abs(est.right).max())
+    assert np.isclose(np.trace(est.left), 1.0) and np.isclose(np.trace(est.right), 1.0)
+
+
+def test_tkfac_position_independent_variant_is_theorem3():
+    G, A = random_inputs("conv", 4, 3, 2, T=5, seed=11)
+    F = ks.KronSum.from_conv(G, A)
+    est = ks.tkfac(F, variant="position-independent")
+    g2 = np.sum(G**2, axis=2)  # |g_kt|²
+    a2 = np.sum(A**2, axis=2)
+    delta = np.sum(g2 * a2)
+    # Φ weighs g gᵀ by the trace of the *other* factor (the erratum in NOTES.md)
+    phi = np.einsum("kt,kti,ktj->ij", a2, G, G) / delta
+    psi = np.einsum("kt,kti,ktj->ij", g2, A, A) / delta
+    assert np.isclose(float(est.scale), delta)
+    assert np.allclose(est.left, phi) and np.allclose(est.right, psi)
+    # on the outer form both variants agree
+    Fo = ks.KronSum.from_outer(G[:, 0], A[:, 0])
+    assert np.allclose(ks.tkfac(Fo).to_dense(), ks.tkfac(Fo, variant="position-independent").to_dense())
+
+
+@given(sums())
+def test_kfac_closed_form(case):
+    form, arrays, w = case
+    F = getattr(ks.KronSum, f"from_{form}")(*arrays, w)
+    est = ks.kfac(F)
+    wk = np.ones(F.num_terms) if w is None else w
+    if form == "conv":
+        G, A = arrays
+        T = G.shape[1]
+        ref = np.kron(np.einsum("k,kti,ktj->ij", wk, G, G), np.einsum("k,kti,ktj->ij", wk, A, A)) / (T * wk.sum())
+    else:
+        _, L, R = dense_terms(form, arrays, w)
+        ref = np.kron(np.einsum("k,kij->ij", wk, L), np.einsum("k,kij->ij", wk, R)) / wk.sum()
+    assert np.allclose(est.to_dense(), ref, atol=1e-12 * np.abs(ref).max())
+    assert np.isclose(float(est.scale), wk.sum())
+
+
+@given(sums(), st.floats(1e-3, 1e3), st.integers(0, 2**16))
+def test_scaling_and_permutation(case, c, seed):
+    form, arrays, w = case
+    K = arrays[0].shape[0]
+    wk = np.ones(K) if w is None else w
+    F = getattr(ks.KronSum, f"from_{form}")(*arrays, wk)
+    perm = np.random.default_rng(seed).permutation(K)
+    Fp = getattr(ks.KronSum, f"from_{form}")(*(a[perm] for a in arrays), wk[perm])
+    Fc = getattr(ks.KronSum, f"from_{form}")(*arrays, c * wk)
+    for est in (ks.kfac, ks.tkfac, ks.kfoc):
+        base = est(F).to_dense()
+        tol = 1e-8 * np.abs(base).max() + 1e-300
+        assert np.allclose(est(Fp).to_dense(), base, atol=tol), est.__name__
+        assert np.allclose(est(Fc).to_dense(), c * base, atol=c * tol), est.__name__
+
+
+def _norm(x):
+    c = np.abs(x).max()
+    return c * np.linalg.norm(x / c)
+
+
+@pytest.mark.parametrize("form", FORMS)
+@pytest.mark.parametrize("exponent", [150, -150])
+def test_extreme_scales_are_finite_and_correct(form, exponent):
+    arrays = random_inputs(form, 6, 3, 2, seed=2)
+    F1 = getattr(ks.KronSum, f"from_{form}")(*arrays)
+    s = 10.0**exponent
+    # scale the left inputs only, so that F itself stays representable (F scales by s or s²)
+    big = (arrays[0] * s,) + tuple(arrays[1:])
+    Fs = getattr(ks.KronSum, f"from_{form}")(*big)
+    factor = s if form == "terms" else s * s
+    for est in (ks.kfac, ks.tkfac, ks.kfoc, ks.nearest_kronecker):
+        e1, es = est(F1), est(Fs)
+        for x in (es.left, es.right, es.scale):
+            assert np.all(np.isfinite(x)), est.__name__
+        assert np.isclose(float(es.scale) / factor * _norm(es.left) * _norm(es.right),
+                          float(e1.scale) * _norm(e1.left) * _norm(e1.right), rtol=1e-10)
+        err1 = float(ks.frobenius_error(F1, e1, relative=True))
+        errs = float(ks.frobenius_error(Fs, es, relative=True))
+        assert np.isfinite(errs) and np.isclose(errs, err1, rtol=1e-8, atol=1e-14)
+    assert np.isclose(float(Fs.frobenius_norm()) / factor, float(F1.frobenius_norm()), rtol=1e-12)
+
+
+@pytest.mark.parametrize("form", FORMS)
+def test_zero_sum_gives_zero_never_nan(form):
+    arrays = tuple(np.zeros_like(a) for a in random_inputs(form, 3, 2, 3, seed=0))
+    F = getattr(ks.KronSum, f"from_{form}")(*arrays)
+    for est in (ks.kfac(F), ks.tkfac(F), ks.kfoc(F), ks.kfoc(F, method="power"), ks.nearest_kronecker(F)):
+        D = est.to_dense()
+        assert np.all(np.isfinite(D)) and np.all(D == 0), est.info.method
+        assert float(ks.frobenius_error(F, est)) == 0.0
+        assert float(ks.frobenius_error(F, est, relative=True)) == 0.0
+    assert ks.kfoc(F).info.notes and ks.tkfac(F).info.notes
+    # zero weights as well
+    arrays = random_inputs(form, 3, 2, 3, seed=0)
+    Fw = getattr(ks.KronSum, f"from_{form}")(*arrays, np.zeros(3))
+    assert np.all(ks.kfac(Fw).to_dense() == 0) and ks.kfac(Fw).info.notes
+
+
+def test_sigma1_equals_sigma2_is_finite_and_reported():
+    # F = e1e1ᵀ⊗e1e1ᵀ + e2e2ᵀ⊗e2e2ᵀ: the rearrangement has σ1 = σ2 = 1
+    E = np.eye(2)
+    L = np.stack([np.outer(E[0], E[0]), np.outer(E[1], E[1])])
+    F = ks.KronSum.from_terms(L, L.copy())
+    for method in ("gram", "lanczos", "power"):
+        est = ks.kfoc(F, method=method)
+        assert np.all(np.isfinite(est.to_dense()))
+        assert np.isclose(float(ks.frobenius_error(F, est)), 1.0)  # sqrt(σ2²) either way
+        if method != "power":
+            assert any("not unique" in note for note in est.info.notes), est.info
+    ref = ks.nearest_kronecker(F)
+    assert np.isclose(ref.info.sigma1, ref.info.sigma2)
+
+
+@pytest.mark.parametrize("init", ["tkfac", "kfac", "identity", "random"])
+@pytest.mark.parametrize("method", ["lanczos", "power"])
+def test_inits_reach_the_same_optimum(init, method):
+    arrays = random_inputs("conv", 12, 4, 3, T=4, seed=5)
+    F = ks.KronSum.from_conv(*arrays)
+    opt = ks.nearest_kronecker(F)
+    est = ks.kfoc(F, method=method, init=init, seed=3)
+    assert est.info.converged
+    assert np.allclose(est.to_dense(), opt.to_dense(), atol=1e-7 * np.abs(opt.to_dense()).max())
+    warm = ks.kfoc(F, method=method, init=est)
+    # a warm start at the optimum stops at once (Lanczos then spends <= 4 products probing
+    # the deflated operator for a repeated sigma1, which Krylov cannot see from one vector)
+    assert warm.info.iterations <= (2 if method == "power" else 5)
+    assert warm.info.sigma2 is not None or method == "power"
+
+
+def test_lanczos_needs_far_fewer_products_on_a_small_gap():
+    arrays = random_inputs("outer", 400, 12, 10, seed=0, kind="heavy")
+    F = ks.KronSum.from_outer(*arrays)
+    lz, pw = ks.kfoc(F, method="lanczos"), ks.kfoc(F, method="power")
+    assert lz.info.converged and pw.info.converged
+    assert lz.info.iterations < pw.info.iterations
+    assert np.allclose(lz.to_dense(), pw.to_dense(), atol=1e-6 * np.abs(lz.to_dense()).max())
+
+
+def test_float32_within_1e4_of_optimum():
+    for form in FORMS:
+        arrays = random_inputs(form, 8, 4, 3, seed=9)
+        F64 = getattr(ks.KronSum, f"from_{form}")(*arrays)
+        F32 = getattr(ks.KronSum, f"from_{form}")(*(a.astype(np.float32) for a in arrays))
+        opt = float(ks.frobenius_error(F64, ks.nearest_kronecker(F64)))
+        for method in ["auto", "lanczos", "power"]:
+            est = ks.kfoc(F32, method=method)
+            assert est.left.dtype == np.float32 and est.scale.dtype == np.float32
+            err = float(ks.frobenius_error(F64, ks.Kron(est.left.astype(np.float64), est.right.astype(np.float64), float(est.scale))))
+            assert err <= opt * (1 + 1e-4), (form, method, err, opt)
