@@ -11,6 +11,7 @@ a weight stored (out, in) has its block as gradient-side ⊗ activation-side; F 
 """
 
 from ._closed_forms import kfac, tkfac
+from ._config import config, get_config, set_config
 from ._error import AccuracyWarning, frobenius_error
 from ._kfoc import choose_method, kfoc
 from ._kron import Kron, KronInfo
@@ -25,6 +26,9 @@ __all__ = [
     "KronInfo",
     "KronSum",
     "choose_method",
+    "config",
+    "get_config",
+    "set_config",
     "frobenius_error",
     "kfac",
     "kfoc",

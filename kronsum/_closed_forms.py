@@ -2,11 +2,24 @@ r"""The closed-form estimators: K-FAC (Martens & Grosse 2015; KFC for convolutio
 
 from __future__ import annotations
 
-from ._compat import eye_like, trace
+from ._accel import weighted_gram
+from ._compat import device_of, eye_like, trace
 from ._kron import Kron, KronInfo
 from ._sum import KronSum
 
 __all__ = ["kfac", "tkfac"]
+
+
+def _new_kron(left, right, scale, info: KronInfo, xp) -> Kron:
+    """A :class:`Kron` from factors the library computed itself (already checked, one dtype):
+    skips the constructor's validation, which costs as much as a small layer's estimate."""
+    out = Kron.__new__(Kron)
+    out._xp = xp
+    out.left, out.right = left, right
+    out.scale = xp.astype(xp.reshape(scale, ()), left.dtype) if hasattr(scale, "shape") else \
+        xp.asarray(float(scale), dtype=left.dtype, device=device_of(left))
+    out.info = info
+    return out
 
 
 def _require_sum(F: object, fname: str) -> KronSum:
@@ -70,21 +83,19 @@ def kfac(F: KronSum) -> Kron:
         left = xp.tensordot(w, Fn.L, axes=1)
         right = xp.tensordot(w, Fn.R, axes=1)
     elif Fn.form == "outer":
-        left = xp.matrix_transpose(Fn.G) @ (w[:, None] * Fn.G)
-        right = xp.matrix_transpose(Fn.A) @ (w[:, None] * Fn.A)
+        left = weighted_gram(Fn.G, w, xp)
+        right = weighted_gram(Fn.A, w, xp)
     else:
         K, T, m = Fn.G.shape
         n = Fn.A.shape[-1]
         G2 = xp.reshape(Fn.G, (K * T, m))
         A2 = xp.reshape(Fn.A, (K * T, n))
         wt = xp.reshape(xp.broadcast_to(w[:, None], (K, T)), (K * T,))
-        left = xp.matrix_transpose(G2) @ (wt[:, None] * G2) / T
-        right = xp.matrix_transpose(A2) @ (wt[:, None] * A2)
+        left = weighted_gram(G2, wt, xp) / T
+        right = weighted_gram(A2, wt, xp)
     notes = () if bool(sw > 0) else ("all weights are zero: the estimate is zero",)
-    return Kron(
-        cl * (left / sw_safe), cr * (right / sw_safe), scale=cw * sw,
-        info=KronInfo(method="kfac", notes=notes),
-    )
+    return _new_kron(cl * (left / sw_safe), cr * (right / sw_safe), cw * sw,
+                     KronInfo(method="kfac", notes=notes), xp)
 
 
 def tkfac(F: KronSum, *, variant: str = "trace") -> Kron:
@@ -155,5 +166,5 @@ def tkfac(F: KronSum, *, variant: str = "trace") -> Kron:
         return Kron(Il / Fn.m, Ir / Fn.n, scale=xp.zeros_like(delta),
                     info=KronInfo(method=f"tkfac/{variant}",
                                   notes=("zero trace (zero sum): the estimate is zero",)))
-    return Kron(phi / delta, psi / delta, scale=(cw * (cl * cr)) * delta,
-                info=KronInfo(method=f"tkfac/{variant}"))
+    return _new_kron(phi / delta, psi / delta, (cw * (cl * cr)) * delta,
+                     KronInfo(method=f"tkfac/{variant}"), xp)

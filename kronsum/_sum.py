@@ -17,8 +17,10 @@ The rearrangement (Van Loan & Pitsianis) maps F to the ``(m², n²)`` matrix
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
+from ._accel import weighted_gram
 from ._compat import Array, device_of, fro_norm, namespace, trace
 from ._validation import check_array, check_finite_values, check_weights
 
@@ -26,11 +28,6 @@ __all__ = ["KronSum"]
 
 _FORMS = ("terms", "outer", "conv")
 _CHUNK = 1024  # rows of a K x K Gram matrix formed at once
-
-
-def _max_abs(x: Array, xp: Any) -> Array:
-    c = xp.max(xp.abs(x))
-    return xp.where(c > 0, c, xp.ones_like(c))
 
 
 class KronSum:
@@ -224,13 +221,20 @@ class KronSum:
         V = self.G if side == "left" else self.A
         return xp.sum((V @ xp.matrix_transpose(X)) * V, axis=1)  # g_kᵀ X g_k
 
+    def _traces(self, side: str) -> Array:
+        """``(tr L_k)_k`` (side="left") or ``(tr R_k)_k``, shape (K,) (terms/outer)."""
+        xp = self._xp
+        if self.form == "terms":
+            return trace(self.L if side == "left" else self.R, xp)
+        V = self.G if side == "left" else self.A
+        return xp.sum(V * V, axis=1)
+
     def _combine(self, side: str, c: Array) -> Array:
         xp = self._xp
         if self.form == "terms":
             T = self.L if side == "left" else self.R
             return xp.tensordot(c, T, axes=1)
-        V = self.G if side == "left" else self.A
-        return xp.matrix_transpose(V) @ (c[:, None] * V)
+        return weighted_gram(self.G if side == "left" else self.A, c, xp)
 
     def _conv_contract(self, M: Array, P: Array, Q: Array) -> Array:
         """``Σ_k w_k Y_kᵀ M Y_k`` with ``Y_k = P_kᵀ Q_k``; P (K, T, p), Q (K, T, q), M (p, p)."""
@@ -350,21 +354,49 @@ class KronSum:
         V = self.G if side == "left" else self.A
         return (V[i0:i1, :] @ xp.matrix_transpose(V)) ** 2
 
-    # -- scaling ---------------------------------------------------------------------------
-    def normalized(self) -> tuple["KronSum", tuple[Array, Array, Array]]:
-        """``(F̃, (c_w, c_L, c_R))`` with ``F = c_w c_L c_R · F̃`` and inputs of F̃ of largest magnitude 1.
+    def astype(self, dtype: Any) -> "KronSum":
+        """The same sum with every input cast to ``dtype`` (a real floating dtype of its namespace)."""
+        xp = self._xp
+        if not xp.isdtype(dtype, "real floating"):
+            raise TypeError(f"dtype must be a real floating dtype, got {dtype}")
+        cast = (lambda a: None if a is None else xp.astype(a, dtype))
+        return KronSum(self.form, cast(self.weights), L=cast(self.L), R=cast(self.R), G=cast(self.G),
+                       A=cast(self.A), symmetric=self.symmetric, _xp=xp)
 
-        ``c_w`` scales the weights, ``c_L`` the left terms (``max|G|²`` for outer/conv) and
-        ``c_R`` the right ones. The estimators work on F̃, so inputs scaled by 1e±150 give
-        finite, correct answers. A zero input keeps the factor 1 (F̃ = F = 0).
+    # -- scaling ---------------------------------------------------------------------------
+    def normalized(self) -> tuple["KronSum", tuple[float, float, float]]:
+        """``(F̃, (c_w, c_L, c_R))`` with ``F = c_w c_L c_R · F̃`` and inputs of F̃ of moderate size.
+
+        ``c_w`` scales the weights, ``c_L`` the left terms (``c_G²`` for outer/conv) and ``c_R``
+        the right ones. Each input whose largest magnitude lies outside ``[2⁻³⁰, 2³⁰]`` is
+        divided by a power of two (exact, no rounding) to bring it near 1; inputs inside that
+        range are used as they are, without a copy. The estimators work on F̃, so inputs
+        scaled by 1e±150 give finite, correct answers. A zero input keeps the factor 1.
         """
         xp = self._xp
-        cw = _max_abs(self.weights, xp)
-        w = self.weights / cw
+        sw = _pow2_scale(self.weights, xp)
+        w = self.weights if sw == 1.0 else self.weights / sw
         if self.form == "terms":
-            cl, cr = _max_abs(self.L, xp), _max_abs(self.R, xp)
-            out = KronSum("terms", w, L=self.L / cl, R=self.R / cr, symmetric=self.symmetric, _xp=xp)
-            return out, (cw, cl, cr)
-        cg, ca = _max_abs(self.G, xp), _max_abs(self.A, xp)
-        out = KronSum(self.form, w, G=self.G / cg, A=self.A / ca, symmetric=True, _xp=xp)
-        return out, (cw, cg * cg, ca * ca)
+            sl, sr = _pow2_scale(self.L, xp), _pow2_scale(self.R, xp)
+            if sw == sl == sr == 1.0:
+                return self, (1.0, 1.0, 1.0)
+            out = KronSum("terms", w, L=self.L if sl == 1.0 else self.L / sl,
+                          R=self.R if sr == 1.0 else self.R / sr, symmetric=self.symmetric, _xp=xp)
+            return out, (sw, sl, sr)
+        sg, sa = _pow2_scale(self.G, xp), _pow2_scale(self.A, xp)
+        if sw == sg == sa == 1.0:
+            return self, (1.0, 1.0, 1.0)
+        out = KronSum(self.form, w, G=self.G if sg == 1.0 else self.G / sg,
+                      A=self.A if sa == 1.0 else self.A / sa, symmetric=True, _xp=xp)
+        return out, (sw, sg * sg, sa * sa)
+
+
+_POW2_RANGE = (2.0**-30, 2.0**30)
+
+
+def _pow2_scale(x: Array, xp: Any) -> float:
+    """1.0 when ``max|x|`` is 0 or within ``_POW2_RANGE``, else the power of two nearest it."""
+    c = float(xp.max(xp.abs(x)))
+    if c == 0.0 or _POW2_RANGE[0] <= c <= _POW2_RANGE[1] or not math.isfinite(c):
+        return 1.0
+    return math.ldexp(1.0, math.frexp(c)[1])

@@ -251,3 +251,17 @@ def test_float32_within_1e4_of_optimum():
             assert est.left.dtype == np.float32 and est.scale.dtype == np.float32
             err = float(ks.frobenius_error(F64, ks.Kron(est.left.astype(np.float64), est.right.astype(np.float64), float(est.scale))))
             assert err <= opt * (1 + 1e-4), (form, method, err, opt)
+
+
+def test_float64_accumulation_for_float32_inputs():
+    arrays = random_inputs("conv", 10, 5, 4, seed=12, kind="heavy")
+    F64 = ks.KronSum.from_conv(*arrays)
+    F32 = F64.astype(np.float32)
+    ref = ks.nearest_kronecker(F64).to_dense()
+    est = ks.kfoc(F32, precision="float64", tol=1e-12)
+    assert est.left.dtype == np.float32 and est.scale.dtype == np.float32
+    dense = ks.Kron(est.left.astype(np.float64), est.right.astype(np.float64), float(est.scale)).to_dense()
+    # factors rounded to float32 once, from inputs rounded to float32 once: ~1e-6, not ~1e-4
+    assert np.allclose(dense, ref, atol=1e-5 * np.abs(ref).max())
+    with pytest.raises(ValueError, match="precision"):
+        ks.kfoc(F32, precision="double")

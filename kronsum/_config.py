@@ -1,0 +1,60 @@
+"""Library-wide options: ``kronsum.config(...)`` (a context manager) and ``kronsum.get_config()``."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import threading
+from typing import Iterator
+
+__all__ = ["config", "get_config", "set_config"]
+
+_ENV_DISABLE_NUMBA = "KRONSUM_DISABLE_NUMBA"
+
+_local = threading.local()
+
+
+def _defaults() -> dict:
+    off = os.environ.get(_ENV_DISABLE_NUMBA, "").strip().lower() in ("1", "true", "yes", "on")
+    return {"use_numba": not off}
+
+
+def get_config() -> dict:
+    """The current options (a copy). ``use_numba``: whether NumPy inputs on the CPU may take
+    the numba kernels (default ``True`` unless the environment variable
+    ``KRONSUM_DISABLE_NUMBA=1`` is set; without numba installed it has no effect)."""
+    if not hasattr(_local, "options"):
+        _local.options = _defaults()
+    return dict(_local.options)
+
+
+def set_config(**options) -> None:
+    """Set options for this thread, e.g. ``set_config(use_numba=False)``."""
+    current = get_config()
+    unknown = set(options) - set(current)
+    if unknown:
+        raise ValueError(f"unknown kronsum option(s) {sorted(unknown)}; known: {sorted(current)}")
+    for key, value in options.items():
+        if not isinstance(value, bool):
+            raise TypeError(f"option {key} must be a bool, got {type(value).__name__}")
+    current.update(options)
+    _local.options = current
+
+
+@contextlib.contextmanager
+def config(**options) -> Iterator[dict]:
+    """Set options inside a ``with`` block and restore them after.
+
+    Examples
+    --------
+    >>> import kronsum as ks
+    >>> with ks.config(use_numba=False):
+    ...     ks.get_config()["use_numba"]
+    False
+    """
+    before = get_config()
+    set_config(**options)
+    try:
+        yield get_config()
+    finally:
+        _local.options = before

@@ -1,0 +1,79 @@
+"""The numba fast path and the array-API path give the same numbers, and the switch works."""
+
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+import kronsum as ks
+from conftest import random_inputs
+
+pytest.importorskip("numba", reason="numba is not installed: only the array-API path exists")
+
+
+@pytest.fixture(params=[True, False], ids=["numba", "array-api"])
+def use_numba(request):
+    with ks.config(use_numba=request.param):
+        yield request.param
+
+
+@given(form=st.sampled_from(["outer", "terms"]), K=st.integers(1, 40), m=st.integers(1, 6),
+       n=st.integers(1, 6), seed=st.integers(0, 2**31), kind=st.sampled_from(["gaussian", "heavy"]))
+def test_gram_solver_same_numbers_on_both_paths(form, K, m, n, seed, kind):
+    arrays = random_inputs(form, K, m, n, seed=seed, kind=kind)
+    F = getattr(ks.KronSum, f"from_{form}")(*arrays)
+    with ks.config(use_numba=True):
+        fast = ks.kfoc(F, method="gram")
+    with ks.config(use_numba=False):
+        slow = ks.kfoc(F, method="gram")
+    assert fast.info.method == "kfoc/gram[numba]" and slow.info.method == "kfoc/gram"
+    ref = slow.to_dense()
+    assert np.allclose(fast.to_dense(), ref, rtol=1e-10, atol=1e-10 * np.abs(ref).max())
+    assert fast.info.converged and slow.info.converged
+
+
+def test_switch_by_environment_variable(monkeypatch):
+    from kronsum import _config
+
+    monkeypatch.setenv("KRONSUM_DISABLE_NUMBA", "1")
+    assert _config._defaults()["use_numba"] is False
+    monkeypatch.setenv("KRONSUM_DISABLE_NUMBA", "0")
+    assert _config._defaults()["use_numba"] is True
+
+
+def test_config_validates_and_restores():
+    before = ks.get_config()
+    with pytest.raises(ValueError, match="unknown kronsum option"):
+        ks.set_config(use_cuda=True)
+    with pytest.raises(TypeError, match="must be a bool"):
+        ks.set_config(use_numba="yes")
+    with ks.config(use_numba=not before["use_numba"]):
+        assert ks.get_config()["use_numba"] is (not before["use_numba"])
+    assert ks.get_config() == before
+
+
+@pytest.mark.parametrize("form", ["outer", "terms"])
+def test_both_paths_reach_the_svd_optimum(use_numba, form):
+    arrays = random_inputs(form, 30, 4, 5, seed=1, kind="heavy")
+    F = getattr(ks.KronSum, f"from_{form}")(*arrays)
+    est = ks.kfoc(F, method="gram")
+    assert est.info.method.endswith("[numba]") is use_numba
+    ref = ks.nearest_kronecker(F)
+    assert np.allclose(est.to_dense(), ref.to_dense(), atol=1e-9 * np.abs(ref.to_dense()).max())
+
+
+def test_float32_on_numba_path_keeps_dtype(use_numba):
+    G, A = random_inputs("outer", 20, 3, 4, seed=2)
+    F = ks.KronSum.from_outer(G.astype(np.float32), A.astype(np.float32))
+    est = ks.kfoc(F, method="gram")
+    assert est.left.dtype == est.right.dtype == est.scale.dtype == np.float32
+
+
+def test_weighted_gram_fast_path_matches_gemm():
+    from kronsum._accel import weighted_gram
+
+    rng = np.random.default_rng(0)
+    V = rng.standard_normal((50, 7))
+    for c in (rng.uniform(0, 1, 50), rng.standard_normal(50), np.zeros(50), -np.ones(50)):
+        ref = V.T @ (c[:, None] * V)
+        assert np.allclose(weighted_gram(V, c, np), ref, rtol=1e-12, atol=1e-12)
