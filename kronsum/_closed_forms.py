@@ -158,8 +158,8 @@ def tkfac(F: KronSum, *, variant: str = "trace") -> Kron:
     Fn, (cw, cl, cr) = F.normalized()
     Ir = eye_like(Fn.n, Fn.weights, xp)
     Il = eye_like(Fn.m, Fn.weights, xp)
-    phi = Fn.contract_right(Ir)
-    psi = Fn.contract_left(Il)
+    phi = Fn.contract_right()  # Σ w tr(R_k) L_k, without a product with I
+    psi = Fn.contract_left()
     delta = trace(phi, xp)
     ok = bool(delta != 0)
     if not ok:

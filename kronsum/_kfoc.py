@@ -279,8 +279,7 @@ def _initial(Fn: KronSum, init, seed, side: str) -> Array:
         x = init.left if side == "left" else init.right
         x = xp.astype(xp.asarray(x), Fn.dtype)
     elif init == "tkfac":
-        eye = eye_like(Fn.n if side == "left" else Fn.m, Fn.weights, xp)
-        x = Fn.contract_right(eye) if side == "left" else Fn.contract_left(eye)
+        x = Fn.contract_right() if side == "left" else Fn.contract_left()
     elif init == "kfac":
         est = kfac(Fn)
         x = est.left if side == "left" else est.right

@@ -186,26 +186,33 @@ class KronSum:
                 f"n={self.n}, dtype={self.dtype})")
 
     # -- the two contractions ------------------------------------------------------------
-    def contract_left(self, X: Array) -> Array:
+    def contract_left(self, X: Array | None = None) -> Array:
         r"""``Σ_k w_k ⟨L_k, X⟩ R_k`` for ``X`` of shape (m, m): ``𝓡(F)ᵀ vec(X)`` as an (n, n) matrix.
+
+        ``X=None`` means the identity, ``Σ_k w_k tr(L_k) R_k``, computed without the product
+        with ``I`` (TKFAC's right factor times ``tr F``).
 
         Cost: terms O(K(m² + n²)); outer O(K(m² + n²)) without forming any ``g gᵀ``;
         conv O(K(Tm² + T²(m + n) + Tn²)) or O(K(Tmn + m²n + mn²)), whichever is cheaper.
         """
-        self._check_square(X, "X", self.m)
+        if X is not None:
+            self._check_square(X, "X", self.m)
         if self.form == "conv":
             return self._conv_contract(X, self.G, self.A)
-        return self._combine("right", self.weights * self._inner("left", X))
+        c = self._traces("left") if X is None else self._inner("left", X)
+        return self._combine("right", self.weights * c)
 
-    def contract_right(self, Y: Array) -> Array:
+    def contract_right(self, Y: Array | None = None) -> Array:
         r"""``Σ_k w_k ⟨R_k, Y⟩ L_k`` for ``Y`` of shape (n, n): ``𝓡(F) vec(Y)`` as an (m, m) matrix.
 
-        Cost as :meth:`contract_left` with the roles of m and n exchanged.
+        ``Y=None`` means the identity. Cost as :meth:`contract_left` with m and n exchanged.
         """
-        self._check_square(Y, "Y", self.n)
+        if Y is not None:
+            self._check_square(Y, "Y", self.n)
         if self.form == "conv":
             return self._conv_contract(Y, self.A, self.G)
-        return self._combine("left", self.weights * self._inner("right", Y))
+        c = self._traces("right") if Y is None else self._inner("right", Y)
+        return self._combine("left", self.weights * c)
 
     def _check_square(self, X, name, size):
         if X.ndim != 2 or tuple(X.shape) != (size, size):
@@ -236,20 +243,26 @@ class KronSum:
             return xp.tensordot(c, T, axes=1)
         return weighted_gram(self.G if side == "left" else self.A, c, xp)
 
-    def _conv_contract(self, M: Array, P: Array, Q: Array) -> Array:
-        """``Σ_k w_k Y_kᵀ M Y_k`` with ``Y_k = P_kᵀ Q_k``; P (K, T, p), Q (K, T, q), M (p, p)."""
+    def _conv_contract(self, M: Array | None, P: Array, Q: Array) -> Array:
+        """``Σ_k w_k Y_kᵀ M Y_k`` with ``Y_k = P_kᵀ Q_k``; P (K, T, p), Q (K, T, q), M (p, p).
+
+        ``M=None`` is the identity. The association (per position through ``P_k M P_kᵀ``, or per
+        sample through ``Y_k``) is chosen by multiply-add count.
+        """
         xp = self._xp
         K, T, p = P.shape
         q = Q.shape[-1]
         w = self.weights[:, None, None]
-        flops_positions = T * p * p + T * T * (p + q) + T * q * q
-        flops_samples = T * p * q + p * p * q + p * q * q
+        m_cost = 0 if M is None else p * p
+        flops_positions = T * m_cost + T * T * (p + q) + T * q * q
+        flops_samples = T * p * q + m_cost * q + p * q * q
         if flops_positions <= flops_samples:
-            B = (P @ M) @ xp.matrix_transpose(P)  # (K, T, T): P_k M P_kᵀ
+            PM = P if M is None else P @ M
+            B = PM @ xp.matrix_transpose(P)  # (K, T, T): P_k M P_kᵀ
             C = w * (B @ Q)  # (K, T, q)
             return xp.matrix_transpose(xp.reshape(Q, (K * T, q))) @ xp.reshape(C, (K * T, q))
         Y = xp.matrix_transpose(P) @ Q  # (K, p, q)
-        MY = w * (M @ Y)
+        MY = w * (Y if M is None else M @ Y)
         Yt = xp.reshape(Y, (K * p, q))
         return xp.matrix_transpose(Yt) @ xp.reshape(MY, (K * p, q))
 

@@ -35,10 +35,22 @@ def outer_data(K: int, m: int, n: int, seed: int = 0, kind: str = "heavy"):
     return s * rng.standard_normal((K, m)), s * rng.standard_normal((K, n))
 
 
+def _mixing(d: int, rng, decay: float = 0.7):
+    """A random (d, d) mixing with singular values ``(1 + i)^-decay``: correlated channels."""
+    U, _ = np.linalg.qr(rng.standard_normal((d, d)))
+    V, _ = np.linalg.qr(rng.standard_normal((d, d)))
+    return (U * (1.0 + np.arange(d)) ** -decay) @ V.T
+
+
 def conv_data(K: int, T: int, m: int, n: int, seed: int = 0):
+    """Per-sample statistics of a convolution: ``G`` (K, T, m) output gradients per position,
+    ``A`` (K, T, n) unfolded patches. Channels are correlated (decaying spectra, as real
+    activations and gradients are) and per-sample magnitudes heavy-tailed."""
     rng = np.random.default_rng(seed)
     s = np.abs(rng.standard_t(3.0, size=(K, 1, 1))) + 0.1
-    return s * rng.standard_normal((K, T, m)), rng.standard_normal((K, T, n))
+    G = s * (rng.standard_normal((K, T, m)) @ _mixing(m, rng))
+    A = rng.standard_normal((K, T, n)) @ _mixing(n, rng)
+    return G, A
 
 
 def algorithm1_materialised(L: np.ndarray, R: np.ndarray, iterations: int = 20):
@@ -74,7 +86,7 @@ def blas_threads(n: int | None):
         yield
 
 
-def numba_enabled(flag: bool):
+def numba_switch(flag: bool):
     """Context manager switching kronsum's numba kernels on or off."""
     return ks.config(use_numba=flag) if hasattr(ks, "config") else contextlib.nullcontext()
 

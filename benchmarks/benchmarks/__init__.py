@@ -1,0 +1,1 @@
+"""asv benchmark suite of kronsum (see ../asv.conf.json)."""
