@@ -75,10 +75,23 @@ def kfac(F: KronSum) -> Kron:
     """
     F = _require_sum(F, "kfac")
     xp = F.xp
+    if F.form == "sum":  # pool the terms of all parts, each accumulated at its true scale
+        pieces = [_kfac_pieces(P) for P in F.parts]
+        SL = sum((p[0] for p in pieces[1:]), pieces[0][0])
+        SR = sum((p[1] for p in pieces[1:]), pieces[0][1])
+        sw = sum((p[2] for p in pieces[1:]), pieces[0][2])
+    else:
+        SL, SR, sw = _kfac_pieces(F)
+    sw_safe = xp.where(sw > 0, sw, xp.ones_like(sw))
+    notes = () if bool(sw > 0) else ("all weights are zero: the estimate is zero",)
+    return _new_kron(SL / sw_safe, SR / sw_safe, sw, KronInfo(method="kfac", notes=notes), xp)
+
+
+def _kfac_pieces(F: KronSum):
+    """``(Σ w L_k, Σ w R_k, Σ w)`` of one single-form sum (conv: ``Σ w G_kᵀG_k / T`` on the left)."""
+    xp = F.xp
     Fn, (cw, cl, cr) = F.normalized()
     w = Fn.weights
-    sw = xp.sum(w)
-    sw_safe = xp.where(sw > 0, sw, xp.ones_like(sw))
     if Fn.form == "terms":
         left = xp.tensordot(w, Fn.L, axes=1)
         right = xp.tensordot(w, Fn.R, axes=1)
@@ -88,14 +101,10 @@ def kfac(F: KronSum) -> Kron:
     else:
         K, T, m = Fn.G.shape
         n = Fn.A.shape[-1]
-        G2 = xp.reshape(Fn.G, (K * T, m))
-        A2 = xp.reshape(Fn.A, (K * T, n))
         wt = xp.reshape(xp.broadcast_to(w[:, None], (K, T)), (K * T,))
-        left = weighted_gram(G2, wt, xp) / T
-        right = weighted_gram(A2, wt, xp)
-    notes = () if bool(sw > 0) else ("all weights are zero: the estimate is zero",)
-    return _new_kron(cl * (left / sw_safe), cr * (right / sw_safe), cw * sw,
-                     KronInfo(method="kfac", notes=notes), xp)
+        left = weighted_gram(xp.reshape(Fn.G, (K * T, m)), wt, xp) / T
+        right = weighted_gram(xp.reshape(Fn.A, (K * T, n)), wt, xp)
+    return (cw * cl) * left, (cw * cr) * right, cw * xp.sum(w)
 
 
 def tkfac(F: KronSum, *, variant: str = "trace") -> Kron:
@@ -149,6 +158,8 @@ def tkfac(F: KronSum, *, variant: str = "trace") -> Kron:
     if variant not in ("trace", "position-independent"):
         raise ValueError(f"variant must be 'trace' or 'position-independent', got {variant!r}")
     xp = F.xp
+    if variant == "position-independent" and F.form == "sum":
+        raise ValueError("variant='position-independent' needs a single conv-form sum, not form 'sum'")
     if variant == "position-independent" and F.form == "conv":
         K, T, m = F.G.shape
         n = F.A.shape[-1]

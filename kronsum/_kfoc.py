@@ -60,7 +60,7 @@ def choose_method(F: KronSum, method: str = "auto") -> str:
     if method not in _METHODS:
         raise ValueError(f"method must be one of {_METHODS}, got {method!r}")
     if method == "gram":
-        if F.form == "conv":
+        if F.form in ("conv", "sum"):
             raise ValueError(
                 "method='gram' needs the outer or terms form (a K-column rearrangement); "
                 "use 'lanczos' for the conv form"
@@ -70,7 +70,7 @@ def choose_method(F: KronSum, method: str = "auto") -> str:
         return method
     if method != "auto":
         return method
-    if F.form == "conv" or is_dask_namespace(F.xp):
+    if F.form in ("conv", "sum") or is_dask_namespace(F.xp):
         return "lanczos"
     K, m, n = F.num_terms, F.m, F.n
     build = K * K * ((m + n) if F.form == "outer" else (m * m + n * n))

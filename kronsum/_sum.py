@@ -26,7 +26,7 @@ from ._validation import check_array, check_finite_values, check_weights
 
 __all__ = ["KronSum"]
 
-_FORMS = ("terms", "outer", "conv")
+_FORMS = ("terms", "outer", "conv", "sum")
 _CHUNK = 1024  # rows of a K x K Gram matrix formed at once
 
 
@@ -52,17 +52,85 @@ class KronSum:
     True
     """
 
-    __slots__ = ("form", "weights", "L", "R", "G", "A", "symmetric", "_xp")
+    __slots__ = ("form", "weights", "L", "R", "G", "A", "symmetric", "parts", "_xp")
 
     def __init__(self, form: str, weights: Array, *, L=None, R=None, G=None, A=None,
-                 symmetric: bool, _xp: Any):
+                 symmetric: bool, _xp: Any, parts: tuple = ()):
         if form not in _FORMS:
             raise ValueError(f"form must be one of {_FORMS}, got {form!r}")
         self.form = form
         self.weights = weights
         self.L, self.R, self.G, self.A = L, R, G, A
         self.symmetric = symmetric
+        self.parts = parts
         self._xp = _xp
+
+    # -- sums of sums ------------------------------------------------------------------
+    @classmethod
+    def concat(cls, *sums: "KronSum") -> "KronSum":
+        """The sum ``F_1 + F_2 + …`` of sums of any forms (also written ``F1 + F2``).
+
+        The result has ``form == "sum"`` and keeps each part in its own form, so a K-FAC
+        statistic and a previous estimate can be combined without materialising anything
+        (K-FOC_running). ``kfac`` pools the terms of all parts; ``kfoc`` uses Lanczos.
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> from kronsum import KronSum, Kron
+        >>> rng = np.random.default_rng(0)
+        >>> batch = KronSum.from_outer(rng.standard_normal((5, 2)), rng.standard_normal((5, 3)))
+        >>> prev = KronSum.from_kron(Kron(np.eye(2), np.eye(3), scale=2.0))
+        >>> F = 0.9 * prev + 0.1 * batch
+        >>> F.form, np.allclose(F.to_dense(), 0.9 * prev.to_dense() + 0.1 * batch.to_dense())
+        ('sum', True)
+        """
+        flat: list[KronSum] = []
+        for F in sums:
+            if not isinstance(F, KronSum):
+                raise TypeError(f"KronSum.concat takes KronSum objects, got {type(F).__name__}")
+            flat.extend(F.parts if F.form == "sum" else (F,))
+        if not flat:
+            raise ValueError("KronSum.concat needs at least one sum")
+        m, n = flat[0].m, flat[0].n
+        for F in flat[1:]:
+            if (F.m, F.n) != (m, n):
+                raise ValueError(
+                    f"all parts must have the same factor sizes (m, n); got ({m}, {n}) and "
+                    f"({F.m}, {F.n})"
+                )
+        xp = namespace(*(F.weights for F in flat))
+        dtype = xp.result_type(*(F.weights for F in flat))
+        flat = [F if F.dtype == dtype else F.astype(dtype) for F in flat]
+        if len(flat) == 1:
+            return flat[0]
+        w = xp.concat([F.weights for F in flat])
+        return cls("sum", w, symmetric=all(F.symmetric for F in flat), _xp=xp, parts=tuple(flat))
+
+    @classmethod
+    def from_kron(cls, K) -> "KronSum":
+        """The one-term sum ``scale · left ⊗ right`` of a :class:`~kronsum.Kron` (``scale ≥ 0``)."""
+        xp = K._xp
+        return cls.from_terms(K.left[None, ...], K.right[None, ...], xp.reshape(K.scale, (1,)))
+
+    def scaled(self, c: float) -> "KronSum":
+        """``c · F`` for a real ``c ≥ 0`` (also written ``c * F``): the weights times c."""
+        if isinstance(c, bool) or not isinstance(c, (int, float)) or not c >= 0:
+            raise ValueError(f"a KronSum can be scaled by a real number >= 0 only, got {c!r}")
+        if self.form == "sum":
+            return KronSum.concat(*(P.scaled(c) for P in self.parts))
+        return KronSum(self.form, self.weights * float(c), L=self.L, R=self.R, G=self.G, A=self.A,
+                       symmetric=self.symmetric, _xp=self._xp)
+
+    def __add__(self, other: "KronSum") -> "KronSum":
+        if not isinstance(other, KronSum):
+            return NotImplemented
+        return KronSum.concat(self, other)
+
+    def __mul__(self, c: float) -> "KronSum":
+        return self.scaled(c)
+
+    __rmul__ = __mul__
 
     # -- constructors ------------------------------------------------------------------
     @classmethod
@@ -149,11 +217,15 @@ class KronSum:
     @property
     def m(self) -> int:
         """Size of the left (gradient-side) factors."""
+        if self.form == "sum":
+            return self.parts[0].m
         return int((self.L if self.form == "terms" else self.G).shape[-1])
 
     @property
     def n(self) -> int:
         """Size of the right (activation-side) factors."""
+        if self.form == "sum":
+            return self.parts[0].n
         return int((self.R if self.form == "terms" else self.A).shape[-1])
 
     @property
@@ -181,6 +253,8 @@ class KronSum:
         return device_of(self.weights)
 
     def __repr__(self) -> str:
+        if self.form == "sum":
+            return f"KronSum(form='sum', parts={list(self.parts)!r})"
         extra = f", T={self.num_positions}" if self.form == "conv" else ""
         return (f"KronSum(form={self.form!r}, K={self.num_terms}{extra}, m={self.m}, "
                 f"n={self.n}, dtype={self.dtype})")
@@ -197,6 +271,8 @@ class KronSum:
         """
         if X is not None:
             self._check_square(X, "X", self.m)
+        if self.form == "sum":
+            return _sum_over(P.contract_left(X) for P in self.parts)
         if self.form == "conv":
             return self._conv_contract(X, self.G, self.A)
         c = self._traces("left") if X is None else self._inner("left", X)
@@ -209,6 +285,8 @@ class KronSum:
         """
         if Y is not None:
             self._check_square(Y, "Y", self.n)
+        if self.form == "sum":
+            return _sum_over(P.contract_right(Y) for P in self.parts)
         if self.form == "conv":
             return self._conv_contract(Y, self.A, self.G)
         c = self._traces("right") if Y is None else self._inner("right", Y)
@@ -275,6 +353,8 @@ class KronSum:
     # -- dense views -----------------------------------------------------------------------
     def _rearranged_rows(self, i0: int, i1: int) -> Array:
         r"""Rows ``(i, i')`` for ``i0 <= i < i1`` of 𝓡(F): shape ((i1 - i0)·m, n²)."""
+        if self.form == "sum":
+            return _sum_over(P._rearranged_rows(i0, i1) for P in self.parts)
         xp = self._xp
         m, n, K = self.m, self.n, self.num_terms
         b = i1 - i0
@@ -303,6 +383,8 @@ class KronSum:
 
     def to_dense(self) -> Array:
         """The dense ``(m·n, m·n)`` matrix F. Memory O((mn)²): for tests and small layers."""
+        if self.form == "sum":
+            return _sum_over(P.to_dense() for P in self.parts)
         xp = self._xp
         m, n = self.m, self.n
         if self.form == "outer":
@@ -317,6 +399,8 @@ class KronSum:
     # -- scalar summaries ----------------------------------------------------------------
     def trace(self) -> Array:
         """``tr F = Σ_k w_k tr(L_k) tr(R_k)`` as a 0-d array, in O(K(m + n)) for outer/conv."""
+        if self.form == "sum":
+            return _sum_over(P.trace() for P in self.parts)
         xp = self._xp
         w = self.weights
         if self.form == "terms":
@@ -338,6 +422,12 @@ class KronSum:
         return (cw * (cl * cr)) * xp.sqrt(xp.where(s2 > 0, s2, xp.zeros_like(s2)))
 
     def _sq_norm(self) -> Array:
+        if self.form == "sum":
+            total = _sum_over(P._sq_norm() for P in self.parts)
+            for i, P in enumerate(self.parts):
+                for Q in self.parts[i + 1:]:
+                    total = total + 2 * _cross_inner(P, Q)
+            return total
         xp = self._xp
         w = self.weights
         K = self.num_terms
@@ -372,6 +462,8 @@ class KronSum:
         xp = self._xp
         if not xp.isdtype(dtype, "real floating"):
             raise TypeError(f"dtype must be a real floating dtype, got {dtype}")
+        if self.form == "sum":
+            return KronSum.concat(*(P.astype(dtype) for P in self.parts))
         cast = (lambda a: None if a is None else xp.astype(a, dtype))
         return KronSum(self.form, cast(self.weights), L=cast(self.L), R=cast(self.R), G=cast(self.G),
                        A=cast(self.A), symmetric=self.symmetric, _xp=xp)
@@ -387,6 +479,14 @@ class KronSum:
         scaled by 1e±150 give finite, correct answers. A zero input keeps the factor 1.
         """
         xp = self._xp
+        if self.form == "sum":
+            normed = [P.normalized() for P in self.parts]
+            cs = [cw * (cl * cr) for _, (cw, cl, cr) in normed]
+            c = max(cs)
+            if c == 1.0 and all(P is Q for P, (Q, _) in zip(self.parts, normed)):
+                return self, (1.0, 1.0, 1.0)
+            c = c if c > 0 else 1.0
+            return KronSum.concat(*(Q.scaled(cp / c) for (Q, _), cp in zip(normed, cs))), (c, 1.0, 1.0)
         sw = _pow2_scale(self.weights, xp)
         w = self.weights if sw == 1.0 else self.weights / sw
         if self.form == "terms":
@@ -405,6 +505,44 @@ class KronSum:
 
 
 _POW2_RANGE = (2.0**-30, 2.0**30)
+
+
+def _sum_over(arrays):
+    it = iter(arrays)
+    total = next(it)
+    for a in it:
+        total = total + a
+    return total
+
+
+def _cross_inner(P: KronSum, Q: KronSum) -> Array:
+    """``⟨P, Q⟩_F`` of two single-form sums, without forming either.
+
+    With a terms-form side, through its terms and the other's contraction; otherwise through
+    the per-sample matrices ``X_k`` (outer: ``g_k a_kᵀ``): ``Σ_{k,l} w_k w_l ⟨X_k, X'_l⟩²``.
+    """
+    xp = P.xp
+    if Q.form == "terms" and P.form != "terms":
+        P, Q = Q, P
+    if P.form == "terms":
+        if Q.form == "terms":
+            m, n = P.m, P.n
+            SL = xp.reshape(P.L, (-1, m * m)) @ xp.matrix_transpose(xp.reshape(Q.L, (-1, m * m)))
+            SR = xp.reshape(P.R, (-1, n * n)) @ xp.matrix_transpose(xp.reshape(Q.R, (-1, n * n)))
+            return xp.sum((P.weights @ (SL * SR)) * Q.weights)
+        return _sum_over(P.weights[k] * xp.sum(Q.contract_left(P.L[k, ...]) * P.R[k, ...])
+                         for k in range(P.num_terms))
+
+    def flat_X(F):
+        X = F._conv_X() if F.form == "conv" else F.G[:, :, None] * F.A[:, None, :]
+        return xp.reshape(X, (F.num_terms, F.m * F.n))
+
+    XP, XQ = flat_X(P), flat_X(Q)
+    total = xp.zeros((), dtype=P.dtype, device=P.device)
+    for i0 in range(0, P.num_terms, _CHUNK):
+        i1 = min(P.num_terms, i0 + _CHUNK)
+        total = total + xp.sum((P.weights[i0:i1] @ (XP[i0:i1, :] @ xp.matrix_transpose(XQ)) ** 2) * Q.weights)
+    return total
 
 
 def _pow2_scale(x: Array, xp: Any) -> float:

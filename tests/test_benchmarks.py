@@ -1,0 +1,38 @@
+"""Smoke tests of the benchmark suites (CI runs these; the timings themselves are in docs/)."""
+
+import json
+import os
+import pathlib
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def test_report_quick_runs_and_writes_records(tmp_path):
+    out = tmp_path / "report.json"
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "report.py"), "--quick", "--json", str(out)],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    records = json.loads(out.read_text())
+    assert records and all({"case", "method", "median_s", "peak_mib"} <= set(r) for r in records)
+    assert all(r["median_s"] > 0 for r in records)
+    # every K-FOC answer in the table is at the optimum (the targets' accuracy condition)
+    gaps = [r["gap_to_optimum"] for r in records if r.get("gap_to_optimum") is not None]
+    assert gaps and max(gaps) <= 1e-8
+    assert "| case | method |" in proc.stdout
+
+
+@pytest.mark.skipif(shutil.which("asv") is None, reason="asv is not installed (extra 'bench')")
+def test_asv_suite_passes_asv_check(tmp_path):
+    env = dict(os.environ, HOME=str(tmp_path))  # asv writes ~/.asv-machine.json
+    cwd = ROOT / "benchmarks"
+    subprocess.run(["asv", "machine", "--yes", "--machine", "ci"], cwd=cwd, env=env, check=True,
+                   capture_output=True, timeout=120)
+    proc = subprocess.run(["asv", "check", "-E", "existing:same"], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "No problems found" in proc.stdout
