@@ -14,6 +14,7 @@ from ._closed_forms import kfac, tkfac
 from ._config import config, get_config, set_config
 from ._error import AccuracyWarning, frobenius_error
 from ._kfoc import choose_method, kfoc
+from ._inverse import DecompositionError, KronInverse, tkfac_damped_inverses
 from ._kron import Kron, KronInfo
 from ._reference import nearest_kronecker
 from ._sum import KronSum
@@ -22,8 +23,10 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AccuracyWarning",
+    "DecompositionError",
     "Kron",
     "KronInfo",
+    "KronInverse",
     "KronSum",
     "choose_method",
     "config",
@@ -34,5 +37,6 @@ __all__ = [
     "kfoc",
     "nearest_kronecker",
     "tkfac",
+    "tkfac_damped_inverses",
     "__version__",
 ]

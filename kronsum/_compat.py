@@ -20,6 +20,7 @@ __all__ = [
     "is_numpy_namespace",
     "is_dask_namespace",
     "fro_norm",
+    "materialize",
     "fro_inner",
     "to_float",
     "eye_like",
@@ -52,6 +53,17 @@ def is_numpy_namespace(xp: Any) -> bool:
 
 def is_dask_namespace(xp: Any) -> bool:
     return bool(array_api_compat.is_dask_namespace(xp))
+
+
+def materialize(x: Array) -> Array:
+    """Compute a lazy Dask array now and keep the result (``persist``); other arrays as they are.
+
+    The iterative solvers call it on every small iterate, so each Dask step is one map-reduce
+    over the persisted inputs instead of a graph that re-runs all earlier steps.
+    """
+    if array_api_compat.is_dask_array(x):
+        return x.persist()
+    return x
 
 
 def fro_norm(x: Array, xp: Any) -> Array:

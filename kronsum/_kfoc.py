@@ -33,7 +33,7 @@ import numpy as np
 
 from ._accel import numba_enabled, numba_kernels
 from ._closed_forms import _new_kron, _require_sum, kfac
-from ._compat import Array, device_of, eye_like, fro_norm, is_dask_namespace, symmetrize, to_float, trace
+from ._compat import Array, device_of, eye_like, fro_norm, is_dask_namespace, materialize, symmetrize, to_float, trace
 from ._kron import Kron, KronInfo
 from ._sum import KronSum
 
@@ -173,6 +173,7 @@ def kfoc(
         return _new_kron(xp.astype(out.left, F.dtype), xp.astype(out.right, F.dtype),
                          xp.astype(out.scale, F.dtype), out.info, xp)
     Fn, (cw, cl, cr) = F.normalized()
+    Fn = Fn.persisted()  # Dask: inputs computed once, each iteration one map-reduce
     c = cw * (cl * cr)
     if method == "gram":
         L, R, its, conv, res, s2, method = _gram_solve(Fn, init, seed, tol, max_iter)
@@ -205,8 +206,11 @@ class _Space:
     """
 
     def __init__(self, apply, xp, metric=None, apply_M=None):
-        self.apply, self.xp, self.metric = apply, xp, metric
-        self._apply_M = apply_M
+        # every product is materialised: on Dask each step is then one map-reduce over the
+        # persisted inputs rather than a graph re-running all earlier steps
+        self.apply = None if apply is None else (lambda x: materialize(apply(x)))
+        self.xp, self.metric = xp, metric
+        self._apply_M = None if apply_M is None else (lambda x, Mx: materialize(apply_M(x, Mx)))
 
     def apply_M(self, x, Mx):
         """``apply(x)`` when ``Mx = M(x)`` is at hand (saves a product for the Gram space)."""
@@ -367,8 +371,8 @@ def _lanczos(space: _Space, x, tol, max_iter):
                 if done:
                     return x, n_apply, bool(res <= tol or breakdown), res, s2
                 break
-            Q.append(w / b)
-            MQ.append(Mw / b)
+            Q.append(materialize(w / b))
+            MQ.append(materialize(Mw / b))
 
 
 def _lanczos_numba(space: _Space, SP, SQ, w, x0, tol, max_iter):

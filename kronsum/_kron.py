@@ -180,3 +180,63 @@ class Kron:
             f"dtype={self.dtype}, method={self.info.method!r})"
         )
 
+
+    # -- damped inverses (implemented in kronsum/_inverse.py) -------------------------
+    def inverse(self, damping: Any, method: str = "exact") -> Any:
+        """The damped matrix ``scale·L ⊗ R + λI`` (or its factored/TKFAC form) as a
+        :class:`~kronsum.KronInverse`, which caches the two eigendecompositions.
+
+        ``method`` is ``"exact"``, ``"factored"`` (Tikhonov with the π correction, Martens &
+        Grosse 2015) or ``"tkfac"`` (Gao et al. 2021, Eq. (14)); see :class:`KronInverse`.
+        Cost ``O(m³ + n³)``.
+
+        >>> import numpy as np
+        >>> from kronsum import Kron
+        >>> K = Kron(np.diag([1.0, 2.0]), np.diag([3.0, 4.0]), scale=2.0)
+        >>> K.inverse(1.0).eigvals().tolist()
+        [[7.0, 9.0], [13.0, 17.0]]
+        """
+        from ._inverse import KronInverse
+
+        return KronInverse(self, damping, method)
+
+    def solve(self, V: Array, damping: Any, method: str = "exact") -> Array:
+        """``(scale·L ⊗ R + λI)⁻¹ vec(V)`` reshaped, for ``V`` of shape ``(..., m, n)``.
+
+        Shorthand for ``self.inverse(damping, method).solve(V)``: it decomposes the factors on
+        every call; keep :meth:`inverse` to solve many times. Cost ``O(m³ + n³ + mn(m + n))``.
+
+        >>> import numpy as np
+        >>> from kronsum import Kron
+        >>> K = Kron(np.diag([1.0, 2.0]), np.diag([3.0, 4.0]))
+        >>> X = K.solve(np.ones((2, 2)), damping=1.0)       # 1 / (a_i b_j + 1)
+        >>> np.allclose(X, [[1 / 4, 1 / 5], [1 / 7, 1 / 9]])
+        True
+        """
+        return self.inverse(damping, method).solve(V)
+
+    def logdet(self, damping: Any, method: str = "exact") -> Array:
+        """``log det(scale·L ⊗ R + λI)`` (or of the ``method``'s damped form), a 0-d array.
+
+        >>> import numpy as np
+        >>> from kronsum import Kron
+        >>> K = Kron(np.diag([1.0, 2.0]), np.diag([3.0, 4.0]))
+        >>> bool(np.isclose(K.logdet(1.0), np.log(4 * 5 * 7 * 9)))
+        True
+        """
+        return self.inverse(damping, method).logdet()
+
+    def sample(self, n: int, damping: Any, method: str = "exact", *, seed: Any = None,
+               form: str = "precision") -> Array:
+        """``n`` draws of shape ``(n, m, n_right)`` from ``N(0, (scale·L ⊗ R + λI)⁻¹)``
+        (``form="precision"``) or ``N(0, scale·L ⊗ R + λI)`` (``form="covariance"``).
+
+        See :meth:`KronInverse.sample` for the seeds accepted (NumPy seeds/Generators, JAX
+        keys, ``torch.Generator``).
+
+        >>> import numpy as np
+        >>> from kronsum import Kron
+        >>> Kron(np.eye(2), np.eye(3)).sample(4, damping=0.5, seed=0).shape
+        (4, 2, 3)
+        """
+        return self.inverse(damping, method).sample(n, seed=seed, form=form)

@@ -21,7 +21,7 @@ import math
 from typing import Any
 
 from ._accel import weighted_gram
-from ._compat import Array, device_of, fro_norm, namespace, trace
+from ._compat import Array, device_of, fro_norm, is_dask_namespace, materialize, namespace, trace
 from ._validation import check_array, check_finite_values, check_weights
 
 __all__ = ["KronSum"]
@@ -456,6 +456,17 @@ class KronSum:
             return Tf[i0:i1, :] @ xp.matrix_transpose(Tf)
         V = self.G if side == "left" else self.A
         return (V[i0:i1, :] @ xp.matrix_transpose(V)) ** 2
+
+    def persisted(self) -> "KronSum":
+        """The same sum with Dask inputs persisted (computed once, kept in memory or on the
+        workers of a ``distributed`` cluster); other backends are returned unchanged."""
+        if not is_dask_namespace(self._xp):
+            return self
+        if self.form == "sum":
+            return KronSum.concat(*(P.persisted() for P in self.parts))
+        keep = (lambda a: None if a is None else materialize(a))
+        return KronSum(self.form, keep(self.weights), L=keep(self.L), R=keep(self.R), G=keep(self.G),
+                       A=keep(self.A), symmetric=self.symmetric, _xp=self._xp)
 
     def astype(self, dtype: Any) -> "KronSum":
         """The same sum with every input cast to ``dtype`` (a real floating dtype of its namespace)."""
