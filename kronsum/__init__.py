@@ -17,6 +17,7 @@ from ._kfoc import choose_method, kfoc
 from ._inverse import DecompositionError, KronInverse, tkfac_damped_inverses
 from ._kron import Kron, KronInfo
 from ._reference import nearest_kronecker
+from ._running import RunningEstimate
 from ._sum import KronSum
 
 __version__ = "0.1.0"
@@ -28,6 +29,7 @@ __all__ = [
     "KronInfo",
     "KronInverse",
     "KronSum",
+    "RunningEstimate",
     "choose_method",
     "config",
     "get_config",

@@ -82,9 +82,10 @@ def kfac(F: KronSum) -> Kron:
         sw = sum((p[2] for p in pieces[1:]), pieces[0][2])
     else:
         SL, SR, sw = _kfac_pieces(F)
-    sw_safe = xp.where(sw > 0, sw, xp.ones_like(sw))
-    notes = () if bool(sw > 0) else ("all weights are zero: the estimate is zero",)
-    return _new_kron(SL / sw_safe, SR / sw_safe, sw, KronInfo(method="kfac", notes=notes), xp)
+    positive = bool(sw > 0)
+    inv = 1.0 / sw if positive else xp.ones_like(sw)
+    notes = () if positive else ("all weights are zero: the estimate is zero",)
+    return _new_kron(SL * inv, SR * inv, sw, KronInfo(method="kfac", notes=notes), xp)
 
 
 def _kfac_pieces(F: KronSum):
@@ -104,7 +105,8 @@ def _kfac_pieces(F: KronSum):
         wt = xp.reshape(xp.broadcast_to(w[:, None], (K, T)), (K * T,))
         left = weighted_gram(xp.reshape(Fn.G, (K * T, m)), wt, xp) / T
         right = weighted_gram(xp.reshape(Fn.A, (K * T, n)), wt, xp)
-    return (cw * cl) * left, (cw * cr) * right, cw * xp.sum(w)
+    cL, cR = cw * cl, cw * cr
+    return (left if cL == 1.0 else cL * left), (right if cR == 1.0 else cR * right), cw * xp.sum(w)
 
 
 def tkfac(F: KronSum, *, variant: str = "trace") -> Kron:

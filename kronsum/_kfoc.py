@@ -33,7 +33,7 @@ import numpy as np
 
 from ._accel import numba_enabled, numba_kernels
 from ._closed_forms import _new_kron, _require_sum, kfac
-from ._compat import Array, device_of, eye_like, fro_norm, is_dask_namespace, materialize, symmetrize, to_float, trace
+from ._compat import Array, device_of, eye_like, fro_norm, is_dask_namespace, is_numpy_namespace, materialize, symmetrize, to_float, trace
 from ._kron import Kron, KronInfo
 from ._sum import KronSum
 
@@ -448,13 +448,15 @@ def _finish_pair(Fn: KronSum, L: Array, R: Array):
     ``σ = ‖R‖/‖L‖`` is then the optimal scale for this ``L`` (and σ₁ at the optimum).
     """
     xp = Fn.xp
-    if Fn.symmetric:
+    # Σ c_k L_k of exactly symmetric terms, and NumPy's syrk-based weighted Gram products, are
+    # exactly symmetric already; other backends' GEMMs may round (i, j) and (j, i) differently
+    if Fn.symmetric and not is_numpy_namespace(xp):
         L, R = symmetrize(L, xp), symmetrize(R, xp)
     nl, nr = xp.sqrt(xp.sum(L * L)), xp.sqrt(xp.sum(R * R))  # F̃ is normalised: no overflow
     if not (bool(nl > 0) and bool(nr > 0)):
         return _zero_answer(Fn)
-    flip = xp.where(trace(L, xp) < 0, -xp.ones_like(nl), xp.ones_like(nl))
-    return flip * L / nl, flip * R / nr, nr / nl, ()
+    sign = -1.0 if bool(trace(L, xp) < 0) else 1.0
+    return L * (sign / nl), R * (sign / nr), nr / nl, ()
 
 
 def _zero_answer(Fn: KronSum):

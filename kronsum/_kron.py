@@ -92,11 +92,11 @@ class Kron:
         xp = namespace(left, right)
         dtype = xp.result_type(left, right)
         self._xp = xp
-        self.left = xp.astype(left, dtype)
-        self.right = xp.astype(right, dtype)
+        self.left = xp.astype(left, dtype, copy=False)
+        self.right = xp.astype(right, dtype, copy=False)
         if isinstance(scale, (int, float)):
             scale = xp.asarray(float(scale), dtype=dtype, device=device_of(left))
-        self.scale = xp.astype(xp.reshape(scale, ()), dtype)
+        self.scale = xp.astype(xp.reshape(scale, ()), dtype, copy=False)
         self.info = info if info is not None else KronInfo(method="user")
 
     # -- shape ---------------------------------------------------------------------

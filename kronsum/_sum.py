@@ -154,7 +154,7 @@ class KronSum:
                 f"R {tuple(R.shape)}"
             )
         dtype = xp.result_type(L, R)
-        L, R = xp.astype(L, dtype), xp.astype(R, dtype)
+        L, R = xp.astype(L, dtype, copy=False), xp.astype(R, dtype, copy=False)
         if check_finite:
             check_finite_values(xp, L, "L")
             check_finite_values(xp, R, "R")
@@ -201,7 +201,7 @@ class KronSum:
                 f"A {tuple(A.shape)}"
             )
         dtype = xp.result_type(G, A)
-        G, A = xp.astype(G, dtype), xp.astype(A, dtype)
+        G, A = xp.astype(G, dtype, copy=False), xp.astype(A, dtype, copy=False)
         if check_finite:
             check_finite_values(xp, G, "G")
             check_finite_values(xp, A, "A")

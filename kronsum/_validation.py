@@ -78,7 +78,7 @@ def check_weights(
         raise ValueError(
             f"weights must have shape (K,) = ({K},) to match the {K} terms, got {_shape_str(w)}"
         )
-    w = xp.astype(w, dtype)
+    w = xp.astype(w, dtype, copy=False)
     if check_finite:
         check_finite_values(xp, w, "weights")
     if bool(xp.any(w < 0)):

@@ -1,0 +1,172 @@
+"""Benchmark: statistics + K-FAC through kronsum's PyTorch adapter against curvlinops.
+
+On scikit-learn's digits (1797 samples, 8×8 images, 10 classes), one batch holding the whole
+data set, cross-entropy with mean reduction, Monte-Carlo Fisher with one sample:
+
+``curvlinops-kfac``  ``KFACLinearOperator(...)`` + ``.compute_kronecker_factors()``
+                     (``separate_weight_and_bias=False``, ``check_deterministic=False``)
+``kronsum-kfac``     ``collect(model, loss, X, fisher="mc")`` + ``kronsum.kfac`` per layer
+``kronsum-kfoc``     the same + ``kronsum.kfoc`` per layer (the Frobenius-optimal factors)
+
+Models: an MLP 64-256-256-10, a wide MLP 64-1024-1024-10 and a small CNN
+(Conv 1→16 3×3 pad 1, Conv 16→32 3×3 pad 1 stride 2, Linear 512→10), in float32 and float64.
+One thread everywhere (``torch.set_num_threads(1)``, threadpoolctl, the *_NUM_THREADS
+variables); each (case, method) runs in a fresh subprocess: one warm-up run, then the median
+of ``--repeats`` runs; ``peak_mib`` is the growth of the process's peak resident memory over
+its state after setup (model, data, imports), which covers the warm-up and the timed runs.
+
+Usage::
+
+    python benchmarks/adapter_torch_report.py [--quick] [--json FILE]
+
+``--quick``: the MLP and the CNN in float32, 3 repeats. Needs scikit-learn and, for the
+reference rows, curvlinops-for-pytorch (its rows are skipped if it is not installed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+
+THREAD_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS",
+               "VECLIB_MAXIMUM_THREADS", "NUMEXPR_NUM_THREADS")
+MODELS = ("mlp", "wide-mlp", "cnn")
+DTYPES = ("float32", "float64")
+METHODS = ("curvlinops-kfac", "kronsum-kfac", "kronsum-kfoc")
+
+
+def _build(model_name, dtype_name):
+    import torch
+    from sklearn.datasets import load_digits
+    from torch import nn
+
+    dtype = getattr(torch, dtype_name)
+    X, y = load_digits(return_X_y=True)
+    X = torch.as_tensor(X / 16.0, dtype=dtype)
+    y = torch.as_tensor(y, dtype=torch.long)
+    torch.manual_seed(0)
+    if model_name == "mlp":
+        model = nn.Sequential(nn.Linear(64, 256), nn.ReLU(), nn.Linear(256, 256), nn.ReLU(),
+                              nn.Linear(256, 10))
+    elif model_name == "wide-mlp":
+        model = nn.Sequential(nn.Linear(64, 1024), nn.ReLU(), nn.Linear(1024, 1024), nn.ReLU(),
+                              nn.Linear(1024, 10))
+    else:
+        X = X.reshape(-1, 1, 8, 8)
+        model = nn.Sequential(nn.Conv2d(1, 16, 3, padding=1), nn.ReLU(),
+                              nn.Conv2d(16, 32, 3, padding=1, stride=2), nn.ReLU(), nn.Flatten(),
+                              nn.Linear(32 * 4 * 4, 10))
+    return model.to(dtype), X, y
+
+
+def _runner(method, model, X, y):
+    import torch
+
+    loss = torch.nn.CrossEntropyLoss()
+    if method == "curvlinops-kfac":
+        from curvlinops import KFACLinearOperator
+
+        params = list(model.parameters())
+
+        def run():
+            op = KFACLinearOperator(model, loss, params, [(X, y)], fisher_type="mc", mc_samples=1,
+                                    check_deterministic=False, num_data=X.shape[0],
+                                    num_per_example_loss_terms=1, separate_weight_and_bias=False)
+            op.compute_kronecker_factors()
+            return op
+        return run
+
+    import kronsum as ks
+    from kronsum.adapters.torch import collect
+
+    estimator = ks.kfac if method == "kronsum-kfac" else ks.kfoc
+
+    def run():
+        gen = torch.Generator().manual_seed(0)
+        blocks = collect(model, loss, X, fisher="mc", generator=gen)
+        return {name: estimator(F) for name, F in blocks.items()}
+    return run
+
+
+def _one(case, method, repeats):
+    """Time one (case, method) in this process; print one JSON record."""
+    import resource
+    import time
+
+    import torch
+    from threadpoolctl import threadpool_limits
+
+    torch.set_num_threads(1)
+    model_name, dtype_name = case.rsplit("/", 1)
+    model, X, y = _build(model_name, dtype_name)
+    run = _runner(method, model, X, y)
+    with threadpool_limits(limits=1):
+        base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        run()  # warm-up
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            run()
+            times.append(time.perf_counter() - t0)
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    times.sort()
+    rec = {"case": case, "method": method, "median_s": times[len(times) // 2],
+           "peak_mib": (peak - base) / 1024.0}
+    print(json.dumps(rec))
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="MLP and CNN, float32, 3 repeats")
+    ap.add_argument("--json", metavar="FILE", help="write the records as a JSON list")
+    ap.add_argument("--repeats", type=int, default=None, help="timed runs (default 7, quick 3)")
+    ap.add_argument("--one", nargs=2, metavar=("CASE", "METHOD"), help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    repeats = args.repeats or (3 if args.quick else 7)
+    if args.one:
+        _one(args.one[0], args.one[1], repeats)
+        return
+
+    try:
+        import curvlinops  # noqa: F401
+        methods = METHODS
+    except ImportError:
+        print("curvlinops-for-pytorch is not installed: its rows are skipped", file=sys.stderr)
+        methods = METHODS[1:]
+    cases = [f"{m}/{d}" for m in (("mlp", "cnn") if args.quick else MODELS)
+             for d in (("float32",) if args.quick else DTYPES)]
+    env = dict(os.environ, **{v: "1" for v in THREAD_VARS})
+    records = []
+    for case in cases:
+        for method in methods:
+            out = subprocess.run(
+                [sys.executable, __file__, "--one", case, method, "--repeats", str(repeats)],
+                env=env, capture_output=True, text=True, check=True,
+            ).stdout
+            rec = json.loads(out.strip().splitlines()[-1])
+            records.append(rec)
+            print(f"{rec['case']:18s} {rec['method']:16s} {rec['median_s'] * 1e3:9.1f} ms "
+                  f"{rec['peak_mib']:8.1f} MiB", flush=True)
+
+    print("\n| case | curvlinops K-FAC | kronsum K-FAC (ratio) | kronsum K-FOC (ratio) |")
+    print("|---|---|---|---|")
+    by = {(r["case"], r["method"]): r for r in records}
+    for case in cases:
+        ref = by.get((case, "curvlinops-kfac"))
+
+        def cell(method):
+            r = by[(case, method)]
+            s = f"{r['median_s'] * 1e3:.1f} ms"
+            return s + (f" ({r['median_s'] / ref['median_s']:.2f}×)" if ref else "")
+        first = f"{ref['median_s'] * 1e3:.1f} ms" if ref else "—"
+        print(f"| {case} | {first} | {cell('kronsum-kfac')} | {cell('kronsum-kfoc')} |")
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump(records, fh, indent=1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,488 @@
+r"""Streaming estimates: one Kronecker product kept up to date batch after batch.
+
+In training the statistics arrive one mini-batch at a time, ``F_1, F_2, …`` (each a
+:class:`KronSum`), and second-order optimisers track an exponential moving average of them.
+The quantity every estimator here approximates is the **running sum**
+
+.. math::
+
+    S_1 = F_1, \qquad S_t = a_t S_{t-1} + b_t F_t,
+
+with ``(a_t, b_t) = (decay, 1 − decay)`` for ``t ≥ 2``, or, with ``bias_correction=True``,
+the bias-corrected average of an EMA started at zero (as in Adam),
+``a_t = decay (1 − decayᵗ⁻¹)/(1 − decayᵗ)``, ``b_t = (1 − decay)/(1 − decayᵗ)``. In both cases
+``a_t + b_t = 1`` and ``S_t = Σ_i c_i F_i`` is a convex combination of the batches
+(:meth:`RunningEstimate.batch_weights` gives the ``c_i``). ``t`` counts the updates that
+were applied (see ``update_every``), not the batches seen.
+
+Four estimators (:data:`ESTIMATORS`):
+
+``"kfac"``          K-FAC's EMA of the factors (Martens & Grosse 2015; TKFAC paper Eq. (17)-(18)):
+                    ``left_t = a_t left_{t−1} + b_t E_t[g gᵀ]``, likewise ``right`` and ``scale``.
+``"tkfac"``         the same EMA of TKFAC's ``Φ``, ``Ψ`` and ``δ``.
+``"kfoc_approx"``   K-FOC_approx: the same EMA of each batch's K-FOC factors (unit Frobenius
+                    norm, ``tr ≥ 0``) and of its ``σ₁``.
+``"kfoc_running"``  K-FOC_running: the optimum of ``a_t · (previous estimate) + b_t F_t`` — the
+                    previous estimate enters as one more Kronecker term — by Lanczos warm-started
+                    from the previous estimate.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import numbers
+from collections.abc import Mapping
+from typing import Any
+
+from ._closed_forms import _new_kron, kfac, tkfac
+from ._compat import Array, is_array, namespace
+from ._kfoc import kfoc
+from ._kron import Kron, KronInfo
+from ._sum import KronSum
+from ._validation import check_finite_values
+
+__all__ = ["RunningEstimate", "ESTIMATORS"]
+
+#: The estimator names :class:`RunningEstimate` accepts.
+ESTIMATORS = ("kfac", "tkfac", "kfoc_approx", "kfoc_running")
+
+_KFOC_OPTIONS = ("method", "tol", "max_iter", "precision", "seed")
+_STATE_KEYS = ("estimator", "decay", "update_every", "bias_correction", "step", "num_updates",
+               "left", "right", "scale")
+
+
+def _same_namespace(a: Any, b: Any) -> bool:
+    return a is b or getattr(a, "__name__", None) == getattr(b, "__name__", object())
+
+
+class RunningEstimate:
+    r"""A Kronecker estimate ``scale · left ⊗ right`` of a stream of sums, updated per batch.
+
+    Each :meth:`update` takes the statistics of one mini-batch, ``F_t`` (a :class:`KronSum`
+    of fixed factor sizes ``(m, n)``), and :attr:`estimate` returns the current
+    :class:`Kron` approximating the running sum
+
+    .. math::
+
+        S_1 = F_1, \qquad S_t = a_t S_{t-1} + b_t F_t = \sum_{i \le t} c_i F_i,
+
+    with ``(a_t, b_t) = (decay, 1 − decay)``; with ``bias_correction=True`` the EMA starts at
+    zero and is divided by ``1 − decayᵗ``: ``b_t = (1 − decay)/(1 − decayᵗ)``,
+    ``a_t = 1 − b_t``. With ``t`` the number of updates applied so far; ``a_1 = 0`` either way.
+
+    Parameters
+    ----------
+    estimator : {"kfac", "tkfac", "kfoc_approx", "kfoc_running"}
+        ``"kfac"``, ``"tkfac"``, ``"kfoc_approx"``: the EMA of the batch estimator's factors,
+        as K-FAC and TKFAC (Eq. (17)-(18) of Gao et al. 2021) do,
+
+        .. math::
+
+            \mathrm{left}_t = a_t\,\mathrm{left}_{t-1} + b_t\,\mathrm{left}(F_t),\quad
+            \mathrm{right}_t = a_t\,\mathrm{right}_{t-1} + b_t\,\mathrm{right}(F_t),\quad
+            \mathrm{scale}_t = a_t\,\mathrm{scale}_{t-1} + b_t\,\mathrm{scale}(F_t),
+
+        where ``left(F)``, ``right(F)``, ``scale(F)`` are those of :func:`kfac` (means
+        ``E[g gᵀ]``, ``E[ā āᵀ]`` and ``Σ w``), :func:`tkfac` (``Φ``, ``Ψ`` of unit trace and
+        ``δ = tr F``: the averages keep unit trace, so ``tr`` of the estimate equals
+        ``tr S_t`` exactly) or :func:`kfoc` (unit-Frobenius factors and ``σ₁``; K-FOC_approx).
+        ``"kfoc_running"`` (K-FOC_running): the Frobenius-optimal Kronecker product of
+        ``a_t · P + b_t F_t``, with ``P`` the previous estimate entered as one more Kronecker
+        term (:meth:`KronSum.from_kron`), by :func:`kfoc` warm-started from ``P``.
+    decay : float, default 0.95
+        The EMA parameter, ``0 ≤ decay < 1`` (the TKFAC paper's ε). ``decay = 0`` gives each
+        batch's own estimate.
+    update_every : int, default 1
+        Apply an update only at every ``update_every``-th call of :meth:`update` (calls
+        ``0, T, 2T, …``, counted from 0, so the first batch always enters), as K-FAC and
+        TKFAC update their factors every ``T_FIM`` steps. The batches of the calls in between
+        are **not** accumulated: they are checked (type, sizes, library) and dropped, as in
+        K-FAC implementations, where their statistics are usually not even computed. Each
+        applied update decays the old estimate by ``decay`` once (not ``decayᵀ``).
+    bias_correction : bool, default False
+        Use the bias-corrected weights above. Both choices give a convex combination of the
+        batches; they differ in the weight of the first one (``decayᵗ⁻¹`` without correction,
+        ``(1 − decay) decayᵗ⁻¹/(1 − decayᵗ)`` with it).
+    kfoc_options : dict, optional
+        Passed to :func:`kfoc` (keys ``method``, ``tol``, ``max_iter``, ``precision``,
+        ``seed``; not ``init``). For ``"kfoc_running"`` the combined sum has form ``"sum"``, so
+        ``method`` ``"auto"`` or ``"gram"`` means ``"lanczos"`` there (the first batch, which
+        is solved alone, uses the method as given).
+
+    Notes
+    -----
+    What is averaged is the estimator's own factors, as in the papers, not the statistics:
+    the K-FAC, TKFAC and K-FOC_approx averages are in general *not* the estimator applied to
+    ``S_t`` (batches of different weight ``Σw`` or trace enter with equal factor weights).
+    The exception: for ``"kfac"`` with every batch of the same total weight ``Σ w`` the EMA
+    equals ``kfac(S_t)`` exactly. A stream of identical batches gives back the batch
+    estimate exactly for all four (the magnitude is averaged in ``scale``, separately from
+    the factors). Damping is not part of the average (the TKFAC paper averages the damped
+    factors of its Eq. (14)); apply it to :attr:`estimate` with :meth:`Kron.inverse`.
+
+    ``"kfoc_running"`` is exact when ``S_t`` is itself a Kronecker product (e.g. all batches
+    share the left factor), and otherwise approximates ``S_t`` by approximating
+    ``a_t · (estimate of S_{t−1}) + b_t F_t``; its error to ``S_t`` can exceed the optimum's
+    (see docs/streaming.md for measurements).
+
+    Cost per applied update: ``"kfac"``, ``"tkfac"``: the batch estimator, ``O(K(m² + n²))``
+    (conv: ``O(KT(m² + n²))``) plus ``O(m² + n²)``; ``"kfoc_approx"``: one :func:`kfoc` of
+    the batch; ``"kfoc_running"``: Lanczos on the combined sum, each application the batch's
+    two contractions plus ``O(m² + n²)`` for the extra term, a few applications per update
+    when the estimate moves little (``estimate.info.iterations`` counts them). Skipped calls
+    cost nothing. Memory: the state is ``m² + n² + 1`` numbers.
+
+    Inputs are never modified; arrays come back in the batches' namespace, device and dtype
+    (all batches of one stream must share them).
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> import kronsum as ks
+    >>> rng = np.random.default_rng(0)
+    >>> batches = [ks.KronSum.from_outer(rng.standard_normal((16, 3)), rng.standard_normal((16, 4)))
+    ...            for _ in range(5)]
+    >>> run = ks.RunningEstimate("kfoc_running", decay=0.9)
+    >>> for F in batches:
+    ...     est = run.update(F)
+    >>> est.left.shape, est.right.shape, run.num_updates
+    ((3, 3), (4, 4), 5)
+    >>> S = batches[0]                                   # the exact running sum, S_t
+    >>> for F in batches[1:]:
+    ...     S = 0.9 * S + 0.1 * F
+    >>> err = float(ks.frobenius_error(S, run.estimate, relative=True))
+    >>> best = float(ks.frobenius_error(S, ks.kfoc(S), relative=True))
+    >>> best <= err < 1.0
+    True
+    >>> kfac_run = ks.RunningEstimate("kfac", decay=0.9)   # K-FAC's EMA: equal Σw per batch,
+    >>> for F in batches:                                   # so it equals kfac(S_t) exactly
+    ...     _ = kfac_run.update(F)
+    >>> bool(np.allclose(kfac_run.estimate.to_dense(), ks.kfac(S).to_dense()))
+    True
+    """
+
+    def __init__(self, estimator: str, decay: float = 0.95, *, update_every: int = 1,
+                 bias_correction: bool = False, kfoc_options: Mapping[str, Any] | None = None):
+        if not isinstance(estimator, str) or estimator not in ESTIMATORS:
+            raise ValueError(f"estimator must be one of {ESTIMATORS}, got {estimator!r}")
+        if isinstance(decay, bool) or not isinstance(decay, numbers.Real) or not 0 <= decay < 1:
+            raise ValueError(f"decay must be a real number with 0 <= decay < 1, got {decay!r}")
+        if isinstance(update_every, bool) or not isinstance(update_every, int) or update_every < 1:
+            raise ValueError(f"update_every must be an integer >= 1, got {update_every!r}")
+        if not isinstance(bias_correction, bool):
+            raise TypeError(f"bias_correction must be True or False, got {bias_correction!r}")
+        opts = dict(kfoc_options or {})
+        bad = sorted(set(opts) - set(_KFOC_OPTIONS))
+        if bad:
+            raise ValueError(
+                f"kfoc_options takes the keys {_KFOC_OPTIONS}, got {bad} (the warm start 'init' "
+                "is set by RunningEstimate itself)"
+            )
+        self._estimator = estimator
+        self._decay = float(decay)
+        self._update_every = update_every
+        self._bias_correction = bias_correction
+        self._kfoc_options = opts
+        self._clear()
+
+    def _clear(self) -> None:
+        self._step = 0
+        self._num_updates = 0
+        self._left = self._right = self._scale = None
+        self._xp = None
+        self._info: KronInfo | None = None
+
+    # -- configuration and counters ------------------------------------------------------
+    @property
+    def estimator(self) -> str:
+        """The estimator name, one of :data:`ESTIMATORS`."""
+        return self._estimator
+
+    @property
+    def decay(self) -> float:
+        """The EMA parameter, ``0 ≤ decay < 1``."""
+        return self._decay
+
+    @property
+    def update_every(self) -> int:
+        """Updates are applied at calls ``0, T, 2T, …`` of :meth:`update` (``T = update_every``)."""
+        return self._update_every
+
+    @property
+    def bias_correction(self) -> bool:
+        """Whether the bias-corrected weights are used."""
+        return self._bias_correction
+
+    @property
+    def step(self) -> int:
+        """Number of calls of :meth:`update` so far (batches seen)."""
+        return self._step
+
+    @property
+    def num_updates(self) -> int:
+        """Number of updates applied so far (``t``, batches that entered the estimate)."""
+        return self._num_updates
+
+    @property
+    def estimate(self) -> Kron:
+        """The current :class:`Kron` (``info.method`` is ``"running/<estimator>"``).
+
+        ``info.iterations`` holds the operator applications of the last applied update
+        (``"kfoc_approx"``: of the batch solve; ``"kfoc_running"``: of the warm-started solve
+        of the combination). Raises ``RuntimeError`` before the first :meth:`update`.
+        """
+        if self._num_updates == 0:
+            raise RuntimeError("RunningEstimate has no estimate yet: call update(F) with a batch first")
+        return _new_kron(self._left, self._right, self._scale, self._info, self._xp)
+
+    def mixing_weights(self, t: int) -> tuple[float, float]:
+        r"""``(a_t, b_t)`` of update number ``t ≥ 1``: ``S_t = a_t S_{t−1} + b_t F_t``.
+
+        Examples
+        --------
+        >>> from kronsum import RunningEstimate
+        >>> RunningEstimate("kfac", decay=0.5).mixing_weights(2)
+        (0.5, 0.5)
+        >>> RunningEstimate("kfac", decay=0.5, bias_correction=True).mixing_weights(2)
+        (0.3333333333333333, 0.6666666666666666)
+        """
+        if isinstance(t, bool) or not isinstance(t, int) or t < 1:
+            raise ValueError(f"t must be an integer >= 1, got {t!r}")
+        d = self._decay
+        if t == 1 or d == 0.0:
+            return (0.0, 1.0)
+        if not self._bias_correction:
+            return (d, 1.0 - d)
+        norm = -math.expm1(t * math.log(d))  # 1 - d**t, accurate for d near 1
+        return (d * -math.expm1((t - 1) * math.log(d)) / norm, (1.0 - d) / norm)
+
+    def batch_weights(self, num_updates: int | None = None) -> list[float]:
+        r"""``[c_1, …, c_t]`` with ``S_t = Σ_i c_i F_i`` over the ``t`` batches that entered.
+
+        ``num_updates`` defaults to :attr:`num_updates`. The weights are non-negative and sum
+        to 1: ``c_i = b_i Π_{j>i} a_j``.
+
+        Examples
+        --------
+        >>> from kronsum import RunningEstimate
+        >>> [round(c, 3) for c in RunningEstimate("kfac", decay=0.5).batch_weights(3)]
+        [0.25, 0.25, 0.5]
+        """
+        t = self._num_updates if num_updates is None else num_updates
+        if isinstance(t, bool) or not isinstance(t, int) or t < 0:
+            raise ValueError(f"num_updates must be an integer >= 0, got {t!r}")
+        c: list[float] = []
+        for i in range(1, t + 1):
+            a, b = self.mixing_weights(i)
+            c = [a * ci for ci in c] + [b]
+        return c
+
+    # -- the update ------------------------------------------------------------------------
+    def update(self, F: KronSum) -> Kron:
+        """Take the statistics ``F`` of one batch; return the (possibly unchanged) :attr:`estimate`.
+
+        Parameters
+        ----------
+        F : KronSum
+            Of the same factor sizes ``(m, n)``, array library and dtype as the earlier
+            batches (any form; ``"sum"`` included).
+
+        Returns
+        -------
+        Kron
+            The estimate after this call. At calls that ``update_every`` skips, the earlier
+            estimate, unchanged.
+
+        Raises
+        ------
+        TypeError
+            ``F`` is not a :class:`KronSum`, or its library or dtype differs from the state's.
+        ValueError
+            Its factor sizes differ from the state's.
+        """
+        self._check_batch(F)
+        apply = self._step % self._update_every == 0
+        self._step += 1
+        if not apply:
+            return self.estimate
+        t = self._num_updates + 1
+        a, b = self.mixing_weights(t)
+        name = self._estimator
+        if name == "kfoc_running":
+            opts = dict(self._kfoc_options)
+            if a == 0.0:  # first batch, or decay 0: the batch alone, exactly its kfoc
+                est = kfoc(F, **opts)
+            else:
+                prev = self.estimate
+                if opts.get("method", "auto") in ("auto", "gram"):
+                    opts["method"] = "lanczos"
+                S = KronSum.concat(KronSum.from_kron(prev).scaled(a), F.scaled(b))
+                est = kfoc(S, init=prev, **opts)
+            left, right, scale = est.left, est.right, est.scale
+        else:
+            if name == "kfac":
+                est = kfac(F)
+            elif name == "tkfac":
+                est = tkfac(F)
+            else:
+                est = kfoc(F, **self._kfoc_options)
+            if a == 0.0:
+                left, right, scale = est.left, est.right, est.scale
+            else:
+                left = a * self._left + b * est.left
+                right = a * self._right + b * est.right
+                scale = a * self._scale + b * est.scale
+        self._xp = F.xp
+        self._left, self._right, self._scale = left, right, scale
+        self._info = dataclasses.replace(est.info, method=f"running/{name}")
+        self._num_updates = t
+        return self.estimate
+
+    def _check_batch(self, F: object) -> None:
+        if not isinstance(F, KronSum):
+            raise TypeError(
+                f"F must be a KronSum (the statistics of one batch), got {type(F).__name__}"
+            )
+        if self._num_updates == 0:
+            return
+        m, n = int(self._left.shape[0]), int(self._right.shape[0])
+        if (F.m, F.n) != (m, n):
+            raise ValueError(
+                f"F has factor sizes (m, n) = ({F.m}, {F.n}) but the running estimate has "
+                f"({m}, {n}): left {tuple(self._left.shape)}, right {tuple(self._right.shape)}"
+            )
+        if not _same_namespace(F.xp, self._xp):
+            raise TypeError(
+                f"F's arrays belong to {getattr(F.xp, '__name__', F.xp)} but the running "
+                f"estimate holds arrays of {getattr(self._xp, '__name__', self._xp)}"
+            )
+        if F.dtype != self._left.dtype:
+            raise TypeError(
+                f"F has dtype {F.dtype} but the running estimate has dtype {self._left.dtype}; "
+                "cast the batch with F.astype(...)"
+            )
+
+    # -- checkpoints ---------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """The state as a plain dict: configuration, counters and the estimate's arrays.
+
+        Keys: ``"estimator"`` (str), ``"decay"`` (float), ``"update_every"`` (int),
+        ``"bias_correction"`` (bool), ``"step"``, ``"num_updates"`` (int), ``"left"`` (m, m),
+        ``"right"`` (n, n) and ``"scale"`` (0-d): arrays of the batches' own library, device
+        and dtype (``None`` before the first update), so ``torch.save`` or a JAX checkpointer
+        stores them as they are. The arrays are shared, not copied; ``RunningEstimate``
+        never writes into them (copy them before modifying them in place). The ``KronInfo``
+        diagnostics of the last update are not part of the state.
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> import kronsum as ks
+        >>> run = ks.RunningEstimate("kfac", decay=0.9)
+        >>> _ = run.update(ks.KronSum.from_outer(np.ones((2, 2)), np.ones((2, 3))))
+        >>> state = run.state_dict()
+        >>> sorted(state)[:4], state["left"].shape, state["num_updates"]
+        (['bias_correction', 'decay', 'estimator', 'left'], (2, 2), 1)
+        >>> restored = ks.RunningEstimate.from_state_dict(state)
+        >>> bool(np.array_equal(restored.estimate.to_dense(), run.estimate.to_dense()))
+        True
+        """
+        return {
+            "estimator": self._estimator,
+            "decay": self._decay,
+            "update_every": self._update_every,
+            "bias_correction": self._bias_correction,
+            "step": self._step,
+            "num_updates": self._num_updates,
+            "left": self._left,
+            "right": self._right,
+            "scale": self._scale,
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore a :meth:`state_dict`; continuing the stream then gives identical results.
+
+        The configuration stored in ``state`` (estimator, decay, update_every,
+        bias_correction) must equal this object's (``ValueError`` naming the key otherwise;
+        use :meth:`from_state_dict` to build a matching object). Checks the keys, the counters
+        (``num_updates`` must be the number of updates ``step`` calls apply), and that
+        ``left`` (m, m), ``right`` (n, n) and ``scale`` (0-d) are finite real arrays of one
+        library and dtype. Nothing is copied or modified.
+        """
+        if not isinstance(state, Mapping):
+            raise TypeError(f"state must be a mapping (a state_dict), got {type(state).__name__}")
+        missing = [k for k in _STATE_KEYS if k not in state]
+        extra = sorted(str(k) for k in state if k not in _STATE_KEYS)
+        if missing or extra:
+            raise ValueError(f"state has missing keys {missing} and unexpected keys {extra}")
+        mine = {"estimator": self._estimator, "decay": self._decay,
+                "update_every": self._update_every, "bias_correction": self._bias_correction}
+        for key, value in mine.items():
+            if state[key] != value or type(state[key]) is bool and type(value) is not bool:
+                raise ValueError(
+                    f"state[{key!r}] = {state[key]!r} but this RunningEstimate has {key}={value!r}; "
+                    "use RunningEstimate.from_state_dict(state) to restore its configuration"
+                )
+        step, t = state["step"], state["num_updates"]
+        for key, v in (("step", step), ("num_updates", t)):
+            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+                raise ValueError(f"state[{key!r}] must be an integer >= 0, got {v!r}")
+        expected = -(-step // self._update_every)  # calls 0, T, 2T, … below step
+        if t != expected:
+            raise ValueError(
+                f"state['num_updates'] = {t} does not match state['step'] = {step} with "
+                f"update_every = {self._update_every} (expected {expected})"
+            )
+        left, right, scale = state["left"], state["right"], state["scale"]
+        if t == 0:
+            if not (left is None and right is None and scale is None):
+                raise ValueError("state with num_updates = 0 must have left, right and scale None")
+            self._clear()
+            self._step = step
+            return
+        for key, v in (("left", left), ("right", right), ("scale", scale)):
+            if not is_array(v):
+                raise TypeError(f"state[{key!r}] must be an array, got {type(v).__name__}")
+        try:
+            xp = namespace(left, right, scale)
+        except TypeError:
+            raise TypeError("state['left'], state['right'] and state['scale'] must be arrays "
+                            "of one library") from None
+        for key, v, nd in (("left", left, 2), ("right", right, 2), ("scale", scale, 0)):
+            if not xp.isdtype(v.dtype, "real floating"):
+                raise TypeError(f"state[{key!r}] must have a real floating dtype, got {v.dtype}")
+            if v.ndim != nd or (nd == 2 and (v.shape[0] != v.shape[1] or v.shape[0] == 0)):
+                what = "(m, m)" if key == "left" else "(n, n)" if key == "right" else "() (0-d)"
+                raise ValueError(f"state[{key!r}] must have shape {what}, got {tuple(v.shape)}")
+        if not (left.dtype == right.dtype == scale.dtype):
+            raise TypeError(f"state arrays must share one dtype, got left {left.dtype}, "
+                            f"right {right.dtype}, scale {scale.dtype}")
+        for key, v in (("left", left), ("right", right), ("scale", scale)):
+            check_finite_values(xp, v, f"state[{key!r}]")
+        self._clear()
+        self._step, self._num_updates = step, t
+        self._left, self._right, self._scale, self._xp = left, right, scale, xp
+        self._info = KronInfo(method=f"running/{self._estimator}",
+                              notes=("restored from a state_dict",))
+
+    @classmethod
+    def from_state_dict(cls, state: Mapping[str, Any], *,
+                        kfoc_options: Mapping[str, Any] | None = None) -> "RunningEstimate":
+        """A new :class:`RunningEstimate` with the configuration and state of ``state``."""
+        if not isinstance(state, Mapping):
+            raise TypeError(f"state must be a mapping (a state_dict), got {type(state).__name__}")
+        for key in ("estimator", "decay", "update_every", "bias_correction"):
+            if key not in state:
+                raise ValueError(f"state has no key {key!r}")
+        out = cls(state["estimator"], state["decay"], update_every=state["update_every"],
+                  bias_correction=state["bias_correction"], kfoc_options=kfoc_options)
+        out.load_state_dict(state)
+        return out
+
+    def __repr__(self) -> str:
+        size = "" if self._num_updates == 0 else \
+            f", m={int(self._left.shape[0])}, n={int(self._right.shape[0])}"
+        return (f"RunningEstimate({self._estimator!r}, decay={self._decay}, "
+                f"update_every={self._update_every}, bias_correction={self._bias_correction}, "
+                f"step={self._step}, num_updates={self._num_updates}{size})")

@@ -1,0 +1,294 @@
+r"""JAX adapter: per-layer Fisher blocks of a plain-JAX model as :class:`~kronsum.KronSum`.
+
+JAX models are functions, so there are no hooks to install; instead the model writes its dense
+and convolution layers through a *tape* it receives as an argument::
+
+    def apply(params, x, tape):
+        h = jnp.tanh(tape.dense("hidden", x, params["hidden"]["kernel"], params["hidden"]["bias"]))
+        return tape.dense("out", h, params["out"]["kernel"])
+
+Called with :data:`PLAIN` it is the ordinary model (``apply(params, x, PLAIN)``, jit it as
+usual). :func:`collect` calls it with a recording tape that adds a zero perturbation to every
+layer's pre-activation and keeps the layer's inputs; one ``jax.vjp`` with respect to the
+perturbations, vmapped over the output-gradient terms, gives the gradients with respect to the
+pre-activations — no parameter gradient is formed.
+
+Layouts are Flax's: a dense ``kernel`` is ``(in, out)``, a conv ``kernel`` ``(kh, kw, in, out)``
+(HWIO) with NHWC images. The blocks follow kronsum's conventions for the weight **stored
+(out, in)**, i.e. ``kernel.T`` for dense and ``kernel.transpose(3, 2, 0, 1).reshape(out, -1)``
+for conv (input channel major, then kh, kw), with the bias as an extra last column:
+gradient-side ⊗ activation-side in row-major vec. The Fisher types and the reduction weights are
+those of :mod:`kronsum.adapters.torch`: ``loss="cross_entropy"`` (integer labels) or ``"mse"``
+(``ℓ_n = ‖f_n − y_n‖²``, Fisher ``Σ 2 JᵀJ``), ``reduction="sum"`` or ``"mean"`` (``1/N`` for
+cross-entropy, ``1/(N·D)`` for MSE, as ``optax``-style ``jnp.mean`` of the squared error over all
+entries).
+
+Examples
+--------
+>>> import pytest; jax = pytest.importorskip("jax")
+>>> import jax.numpy as jnp
+>>> from kronsum.adapters.jax import collect
+>>> def apply(params, x, tape):
+...     h = jnp.tanh(tape.dense("hidden", x, params["w1"], params["b1"]))
+...     return tape.dense("out", h, params["w2"])
+>>> k1, k2, k3 = jax.random.split(jax.random.PRNGKey(0), 3)
+>>> params = {"w1": jax.random.normal(k1, (4, 8)), "b1": jnp.zeros(8),
+...           "w2": jax.random.normal(k2, (8, 3))}
+>>> X = jax.random.normal(k3, (16, 4))
+>>> blocks = collect(apply, params, X, fisher="exact")
+>>> {name: (F.m, F.n) for name, F in blocks.items()}
+{'hidden': (8, 5), 'out': (3, 8)}
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable
+
+try:  # importable without JAX (for its docs); its functions need it
+    import jax
+    import jax.numpy as jnp
+    from jax import lax
+except ImportError:  # pragma: no cover - depends on the environment
+    jax = None  # type: ignore[assignment]
+
+from .._sum import KronSum
+
+__all__ = ["FISHER_TYPES", "PLAIN", "Tape", "collect"]
+
+#: The Fisher types :func:`collect` knows.
+FISHER_TYPES = ("mc", "empirical", "exact")
+_DN = ("NHWC", "HWIO", "NHWC")
+
+
+def _require_jax() -> None:
+    if jax is None:  # pragma: no cover - depends on the environment
+        raise ImportError("kronsum.adapters.jax needs JAX; install it with `pip install 'kronsum[jax]'`")
+
+
+def _pair(v: Any) -> tuple[int, int]:
+    return (int(v), int(v)) if isinstance(v, int) else (int(v[0]), int(v[1]))
+
+
+def _padding(p: Any) -> Any:
+    if isinstance(p, str):
+        return p.upper()
+    if isinstance(p, int):
+        return ((p, p), (p, p))
+    return tuple((int(a), int(a)) if isinstance(a, int) else (int(a[0]), int(a[1])) for a in p)
+
+
+class Tape:
+    """The layers a model writes through; the plain tape (:data:`PLAIN`) only computes them.
+
+    ``dense(name, x, kernel, bias=None)``: ``x @ kernel + bias`` for ``x`` (N, ..., in) and
+    ``kernel`` (in, out).
+    ``conv2d(name, x, kernel, bias=None, *, stride=1, padding=0, dilation=1)``: a 2-D
+    convolution of NHWC ``x`` with an HWIO ``kernel``; ``padding`` an int, pairs, ``"SAME"`` or
+    ``"VALID"`` (as :func:`jax.lax.conv_general_dilated`).
+    """
+
+    def _out(self, name: str, y: Any, kind: str, a: Any) -> Any:  # the recording hook
+        return y
+
+    def dense(self, name: str, x: Any, kernel: Any, bias: Any = None) -> Any:
+        y = x @ kernel
+        if bias is not None:
+            y = y + bias
+        return self._out(name, y, "dense", (x, bias is not None))
+
+    def conv2d(self, name: str, x: Any, kernel: Any, bias: Any = None, *, stride: Any = 1,
+               padding: Any = 0, dilation: Any = 1) -> Any:
+        stride, dilation, padding = _pair(stride), _pair(dilation), _padding(padding)
+        y = lax.conv_general_dilated(x, kernel, window_strides=stride, padding=padding,
+                                     rhs_dilation=dilation, dimension_numbers=_DN)
+        if bias is not None:
+            y = y + bias
+        conv = (x, kernel.shape[:2], stride, padding, dilation)
+        return self._out(name, y, "conv", (conv, bias is not None))
+
+
+#: The tape of ordinary evaluation: ``apply(params, x, PLAIN)``.
+PLAIN = Tape()
+
+
+class _ShapeTape(Tape):
+    def __init__(self):
+        self.shapes: dict[str, Any] = {}
+        self.kinds: dict[str, str] = {}
+
+    def _out(self, name, y, kind, a):
+        if name in self.shapes:
+            raise RuntimeError(f"layer {name!r} is called twice in one pass; names must be unique")
+        self.shapes[name] = jax.ShapeDtypeStruct(y.shape, y.dtype)
+        self.kinds[name] = kind
+        return y
+
+
+class _RecordingTape(Tape):
+    def __init__(self, eps: dict[str, Any]):
+        self.eps = eps
+        self.inputs: dict[str, Any] = {}
+
+    def _out(self, name, y, kind, a):
+        payload, has_bias = a
+        if kind == "dense":
+            x = payload
+            A = jnp.reshape(x, (x.shape[0], -1, x.shape[-1]))  # (N, T, in)
+        else:
+            x, ksize, stride, padding, dilation = payload
+            P = lax.conv_general_dilated_patches(
+                x, ksize, stride, padding, rhs_dilation=dilation,
+                dimension_numbers=("NHWC", "OIHW", "NHWC"))  # (N, oh, ow, in·kh·kw), in major
+            A = jnp.reshape(P, (P.shape[0], -1, P.shape[-1]))
+        if has_bias:
+            A = jnp.concatenate([A, jnp.ones(A.shape[:-1] + (1,), A.dtype)], axis=-1)
+        self.inputs[name] = lax.stop_gradient(A)
+        return y + self.eps[name]
+
+
+def _output_grad_terms(loss, f, targets, fisher, n_samples, key):
+    """``(V (S, N, D), w (S, N))``: output gradients ``∇_f ℓ`` and their weights per term, for
+    the sum reduction (the caller scales ``w`` for a mean)."""
+    N = f.shape[0]
+    f = jnp.reshape(f, (N, -1))
+    D = f.shape[1]
+    c = 1.0
+    ones = jnp.ones((1, N), f.dtype)
+    if loss == "cross_entropy":
+        p = jax.nn.softmax(f, axis=1)
+        eye = jnp.eye(D, dtype=f.dtype)
+        if fisher == "empirical":
+            return (p - eye[jnp.asarray(targets)])[None], c * ones
+        if fisher == "mc":
+            ys = jax.random.categorical(key, f, axis=1, shape=(n_samples, N))
+            return p[None] - eye[ys], (c / n_samples) * jnp.ones((n_samples, N), f.dtype)
+        return p[None] - eye[:, None, :], c * p.T  # exact: Σ_j p_j (p − e_j)(p − e_j)ᵀ
+    if fisher == "empirical":
+        y = jnp.reshape(jnp.asarray(targets, f.dtype), f.shape)
+        return (2.0 * (f - y))[None], c * ones
+    if fisher == "mc":
+        eps = jax.random.normal(key, (n_samples, N, D), f.dtype)
+        return math.sqrt(2.0) * eps, (c / n_samples) * jnp.ones((n_samples, N), f.dtype)
+    V = jnp.broadcast_to(jnp.eye(D, dtype=f.dtype)[:, None, :], (D, N, D))
+    return V, 2.0 * c * jnp.ones((D, N), f.dtype)
+
+
+def _statistics_impl(apply, loss, fisher, n_samples, params, inputs, targets, key):
+    """Inputs (per layer) and output gradients (per layer, per term) and the term weights."""
+    shape_tape = _ShapeTape()
+    jax.eval_shape(lambda p, x: apply(p, x, shape_tape), params, inputs)
+    eps0 = {name: jnp.zeros(s.shape, s.dtype) for name, s in shape_tape.shapes.items()}
+
+    def perturbed(eps):
+        tape = _RecordingTape(eps)
+        out = apply(params, inputs, tape)
+        return out, tape.inputs
+
+    out, vjp_fn, acts = jax.vjp(perturbed, eps0, has_aux=True)
+    if loss == "cross_entropy" and out.ndim != 2:
+        raise ValueError(f"cross_entropy: the model output must be (N, C), got {out.shape}")
+    V, w = _output_grad_terms(loss, lax.stop_gradient(out), targets, fisher, n_samples, key)
+    (grads,) = jax.vmap(vjp_fn)(jnp.reshape(V, (V.shape[0],) + out.shape).astype(out.dtype))
+    return acts, grads, w
+
+
+def _statistics(*args):
+    global _statistics_jit
+    if _statistics_jit is None:
+        _statistics_jit = jax.jit(_statistics_impl, static_argnums=(0, 1, 2, 3))
+    return _statistics_jit(*args)
+
+
+_statistics_jit = None
+
+
+def collect(
+    apply: Callable[..., Any],
+    params: Any,
+    inputs: Any,
+    targets: Any = None,
+    *,
+    loss: str = "cross_entropy",
+    reduction: str = "mean",
+    fisher: str = "mc",
+    n_samples: int = 1,
+    key: Any = None,
+    weight_sharing: str = "expand",
+    check_finite: bool = True,
+) -> dict[str, KronSum]:
+    r"""Per-layer Fisher blocks of a tape-written JAX model as ``{name: KronSum}`` of JAX arrays.
+
+    Parameters
+    ----------
+    apply : callable
+        ``apply(params, inputs, tape) -> outputs``, ``(N, C)`` logits or ``(N, ...)``
+        predictions; its layers go through ``tape.dense`` / ``tape.conv2d`` (see :class:`Tape`).
+        Names must be unique within a pass.
+    params : pytree
+        Passed through to ``apply``.
+    inputs : array
+        One batch of ``N`` samples.
+    targets : array, optional
+        Class indices ``(N,)`` or regression targets; needed only for ``fisher="empirical"``.
+    loss : {"cross_entropy", "mse"}
+    reduction : {"mean", "sum"}
+        The reduction of the loss as the user defines it; it sets the weights (module docstring).
+    fisher : {"mc", "empirical", "exact"}
+        As in :func:`kronsum.adapters.torch.collect`.
+    n_samples : int
+        Monte-Carlo samples per input for ``fisher="mc"``.
+    key : jax.random.PRNGKey, optional
+        Random key of ``fisher="mc"`` (default ``PRNGKey(0)``).
+    weight_sharing : {"expand", "sample"}
+        For a dense layer on ``(N, ..., in)`` inputs: positions flattened into the batch (outer
+        form) or kept as the positions of the conv form (the exact per-sample block).
+    check_finite : bool
+        Passed to the ``KronSum`` constructors.
+
+    Returns
+    -------
+    dict of str to KronSum
+        In the order the layers are called; ``m = out``, ``n = in`` (``in·kh·kw`` for conv) plus
+        one with a bias.
+    """
+    _require_jax()
+    if fisher not in FISHER_TYPES:
+        raise ValueError(f"fisher must be one of {FISHER_TYPES}, got {fisher!r}")
+    if loss not in ("cross_entropy", "mse"):
+        raise ValueError(f"loss must be 'cross_entropy' or 'mse', got {loss!r}")
+    if reduction not in ("sum", "mean"):
+        raise ValueError(f"reduction must be 'sum' or 'mean', got {reduction!r}")
+    if weight_sharing not in ("expand", "sample"):
+        raise ValueError(f"weight_sharing must be 'expand' or 'sample', got {weight_sharing!r}")
+    if fisher == "empirical" and targets is None:
+        raise ValueError("fisher='empirical' needs the targets")
+    if fisher == "mc" and (int(n_samples) != n_samples or n_samples < 1):
+        raise ValueError(f"n_samples must be a positive integer, got {n_samples!r}")
+
+    shape_tape = _ShapeTape()
+    shape_tape.out_shape = jax.eval_shape(lambda p, x: apply(p, x, shape_tape), params, inputs).shape
+    if not shape_tape.shapes:
+        raise ValueError("apply called no tape.dense / tape.conv2d layer")
+    key = jax.random.PRNGKey(0) if key is None else key
+    acts, grads, w = _statistics(apply, loss, fisher, int(n_samples), params, inputs, targets, key)
+
+    S, N = w.shape
+    if reduction == "mean":  # 1/N for cross-entropy, 1/(N·D) for MSE (the mean over all entries)
+        D = math.prod(shape_tape.out_shape[1:])
+        w = w / (N if loss == "cross_entropy" else N * D)
+    wf = jnp.reshape(w, (S * N,))
+    result: dict[str, KronSum] = {}
+    for name in shape_tape.shapes:
+        kind, A = shape_tape.kinds[name], acts[name]
+        g = grads[name]  # (S, N, ..., out)
+        G = jnp.reshape(g, (S * N, -1, g.shape[-1]))  # (S·N, T, out)
+        A = jnp.reshape(jnp.broadcast_to(A[None], (S,) + A.shape), (S * N,) + A.shape[1:])
+        T = A.shape[1]
+        if kind == "conv" or (weight_sharing == "sample" and T > 1):
+            result[name] = KronSum.from_conv(G, A, wf, check_finite=check_finite)
+        else:
+            result[name] = KronSum.from_outer(
+                jnp.reshape(G, (-1, G.shape[-1])), jnp.reshape(A, (-1, A.shape[-1])),
+                jnp.repeat(wf, T) if T > 1 else wf, check_finite=check_finite)
+    return result
