@@ -7,8 +7,8 @@ The per-sample statistics are generated chunk by chunk on the workers (``map_blo
 seed per block), so they never exist in the client's memory; ``kfoc`` persists them on the
 workers (each Lanczos step is then one map-reduce over the persisted chunks). For each cluster
 size it prints the median wall time of each estimator (after one warm-up) and the peak resident
-memory of each worker process. Results are compared to a NumPy run on the first chunk-size
-subset to check the Dask answers are the NumPy answers.
+memory of each worker process. The answers' agreement with NumPy is tested in
+``tests/test_dask_distributed.py``.
 """
 
 from __future__ import annotations
@@ -68,6 +68,11 @@ def main(argv=None):
                                       memory_limit="10GiB") as cluster, distributed.Client(cluster) as client:
             G, A = statistics_arrays(args.samples, args.m, args.n, args.chunk)
             F = ks.KronSum.from_outer(G, A, check_finite=False)  # finiteness would cost a pass
+            t0 = time.perf_counter()
+            F = F.persisted()  # generated chunk by chunk on the workers, kept there
+            distributed.wait([F.G, F.A])
+            print(f"workers={nw} generated and persisted {args.samples} samples in "
+                  f"{time.perf_counter() - t0:.1f} s", flush=True)
             results = {}
             for name, fn in [("kfac", ks.kfac), ("tkfac", ks.tkfac),
                              ("kfoc", lambda F: ks.kfoc(F, tol=1e-8))]:
@@ -87,9 +92,8 @@ def main(argv=None):
                 print(f"workers={nw} {name:6s} median {rec['median_s']:8.2f} s   peak RSS per worker "
                       f"{', '.join(f'{p:.0f}' for p in rec['peak_mib_per_worker'])} MiB   "
                       f"applications {est.info.iterations}", flush=True)
-            err = ks.frobenius_error(F, results["kfoc"][0], relative=True).compute()
-            err_kfac = ks.frobenius_error(F, results["kfac"][0], relative=True).compute()
-            print(f"workers={nw} relative error: kfac {float(err_kfac):.4f}  kfoc {float(err):.4f}")
+            # ‖F − F̂‖ needs all K² sample pairs (or K·m²·n² work) and is not computed at this K;
+            # correctness on Dask is tested against NumPy in tests/test_dask_distributed.py
     if args.json:
         with open(args.json, "w", encoding="utf-8") as fh:
             json.dump(records, fh, indent=1)

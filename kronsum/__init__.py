@@ -14,6 +14,7 @@ from ._closed_forms import kfac, tkfac
 from ._config import config, get_config, set_config
 from ._error import AccuracyWarning, frobenius_error
 from ._kfoc import choose_method, kfoc
+from ._kronsvd import KronSVD, kronecker_svd
 from ._inverse import DecompositionError, KronInverse, tkfac_damped_inverses
 from ._kron import Kron, KronInfo
 from ._reference import nearest_kronecker
@@ -28,6 +29,7 @@ __all__ = [
     "Kron",
     "KronInfo",
     "KronInverse",
+    "KronSVD",
     "KronSum",
     "RunningEstimate",
     "choose_method",
@@ -37,6 +39,7 @@ __all__ = [
     "frobenius_error",
     "kfac",
     "kfoc",
+    "kronecker_svd",
     "nearest_kronecker",
     "tkfac",
     "tkfac_damped_inverses",

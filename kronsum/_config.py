@@ -22,14 +22,33 @@ def _defaults() -> dict:
 def get_config() -> dict:
     """The current options (a copy). ``use_numba``: whether NumPy inputs on the CPU may take
     the numba kernels (default ``True`` unless the environment variable
-    ``KRONSUM_DISABLE_NUMBA=1`` is set; without numba installed it has no effect)."""
+    ``KRONSUM_DISABLE_NUMBA=1`` is set; without numba installed it has no effect).
+
+    Examples
+    --------
+    >>> import kronsum as ks
+    >>> sorted(ks.get_config())
+    ['use_numba']
+    """
     if not hasattr(_local, "options"):
         _local.options = _defaults()
     return dict(_local.options)
 
 
 def set_config(**options) -> None:
-    """Set options for this thread, e.g. ``set_config(use_numba=False)``."""
+    """Set options for this thread, e.g. ``set_config(use_numba=False)``.
+
+    Prefer the context manager :func:`config`, which restores the previous values.
+
+    Examples
+    --------
+    >>> import kronsum as ks
+    >>> before = ks.get_config()["use_numba"]
+    >>> ks.set_config(use_numba=False)
+    >>> ks.get_config()["use_numba"]
+    False
+    >>> ks.set_config(use_numba=before)
+    """
     current = get_config()
     unknown = set(options) - set(current)
     if unknown:

@@ -56,6 +56,16 @@ def choose_method(F: KronSum, method: str = "auto") -> str:
     applications of O(K(m² + n²)) each (outer: ``K(m + n) ≤ 30(m² + n²)``; terms: ``K ≤ 30``)
     and K ≤ 8192 (the Gram matrices take 2K² numbers); ``"lanczos"`` otherwise, for the conv
     form, and for Dask arrays (chunked along K, where a K×K matrix does not pay).
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> import kronsum as ks
+    >>> rng = np.random.default_rng(0)
+    >>> ks.choose_method(ks.KronSum.from_outer(rng.standard_normal((256, 64)), rng.standard_normal((256, 64))))
+    'gram'
+    >>> ks.choose_method(ks.KronSum.from_outer(rng.standard_normal((4096, 8)), rng.standard_normal((4096, 8))))
+    'lanczos'
     """
     if method not in _METHODS:
         raise ValueError(f"method must be one of {_METHODS}, got {method!r}")

@@ -31,6 +31,17 @@ class KronInfo:
         Final relative eigen-residual ``‖A Aᵀ u − θ u‖ / θ`` of the iterative solvers.
     notes : tuple of str
         Degenerate cases met on the way (zero sum, ``σ1 = σ2``, clipped values ...).
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> import kronsum as ks
+    >>> F = ks.KronSum.from_outer(np.eye(3), np.eye(3))   # σ1 = σ2 = σ3: no unique optimum
+    >>> info = ks.kfoc(F, method="lanczos").info
+    >>> info.converged, info.degenerate
+    (True, True)
+    >>> ks.KronSum.from_outer(np.zeros((2, 2)), np.ones((2, 2))).trace().item(), ks.kfac(F).info.notes
+    (0.0, ())
     """
 
     method: str

@@ -22,7 +22,14 @@ def test_mkdocs_build_strict(tmp_path):
 def test_every_docs_page_is_in_the_nav():
     import yaml
 
-    nav = yaml.safe_load((ROOT / "mkdocs.yml").read_text())["nav"]
-    listed = {next(iter(item.values())) for item in nav}
+    def pages_of(items):
+        for item in items:
+            value = next(iter(item.values())) if isinstance(item, dict) else item
+            if isinstance(value, list):
+                yield from pages_of(value)
+            else:
+                yield value
+
+    listed = set(pages_of(yaml.safe_load((ROOT / "mkdocs.yml").read_text())["nav"]))
     pages = {p.name for p in (ROOT / "docs").glob("*.md")}
     assert pages <= listed, f"pages missing from mkdocs.yml nav: {sorted(pages - listed)}"

@@ -1,0 +1,968 @@
+r"""Kronecker-rank-r approximations: the Kronecker product SVD of a sum of Kronecker products.
+
+The best Frobenius approximation of F by a sum of r Kronecker products (Van Loan & Pitsianis
+1993) is the truncated SVD of the rearrangement ``𝓡(F) = Σ_k w_k vec(L_k) vec(R_k)ᵀ``:
+
+.. math::
+
+    \min_{\operatorname{rank}_\otimes B \le r} \|F - B\|_F
+    = \Big\| F - \sum_{i \le r} \sigma_i\, U_i \otimes V_i \Big\|_F
+    = \Big(\sum_{i > r} \sigma_i^2\Big)^{1/2},
+
+with ``σ_i`` the singular values of 𝓡(F) and ``vec U_i``, ``vec V_i`` its singular vectors
+(Eckart–Young). Nothing of size ``(mn)²`` or ``m²n²`` is formed: the top r eigenpairs of
+``𝓡𝓡ᵀ`` are found by a block Lanczos iteration with thick restarts, either
+
+``gram``     on K-vectors of coefficients ``α`` (``U = Σ_k α_k L_k``) for the outer and terms
+             forms: the operator ``α ↦ W S_Q W S_P α``, self-adjoint in the ``S_P`` inner
+             product, with the K×K Gram matrices ``S_P = [⟨L_k, L_l⟩]``, ``S_Q = [⟨R_k, R_l⟩]``
+             (as :func:`kronsum.kfoc`'s Gram solver), or
+``lanczos``  on ``(d, d)`` matrices through the two contractions of :class:`KronSum`
+             (``X ↦ 𝓡𝓡ᵀX`` on the smaller factor, ``d = min(m, n)``): any form, any backend.
+
+The iteration (block size r, Rayleigh–Ritz over the whole basis with full
+reorthogonalisation, thick restart to the top Ritz vectors when the basis reaches
+``max(20, 4r)`` vectors) stops when every one of the top r Ritz pairs has
+``‖𝓡𝓡ᵀu_i − θ_i u_i‖ ≤ tol · max(θ_i, 1e3·ε·θ_1/tol)``: relative to its own eigenvalue, so that
+small σ_i are as accurate as large ones, down to the rounding floor. For r = 1 it is
+single-vector thick-restart Lanczos with K-FOC's stopping rule. A last Rayleigh–Ritz step in
+the factor space (the SVD of the r × n² projection ``𝓡ᵀ[U_1 … U_r]``) gives the singular values
+``σ_i = ‖𝓡ᵀU_i‖`` and exactly orthonormal factors.
+
+For the Gram solver the coefficients are those of the unit terms ``L_k/‖L_k‖``: the metric is
+then a correlation matrix and heavy-tailed per-sample magnitudes sit in the weights, which
+keeps directions near the null space of a singular ``S_P`` (K > rank) from being normalised
+into noise.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from typing import Any
+
+import numpy as np
+
+from ._closed_forms import _require_sum
+from ._compat import Array, device_of, fro_norm, is_array, is_dask_namespace, materialize, namespace, symmetrize, to_float, trace
+from ._kfoc import _KRYLOV_DIM, _Space, _default_tol, _initial, _operator_space, choose_method
+from ._kron import Kron, KronInfo
+from ._sum import KronSum
+
+__all__ = ["kronecker_svd", "KronSVD"]
+
+_METHODS = ("auto", "gram", "lanczos")
+_SOLVE_METHODS = ("auto", "exact", "cg")
+_DAMPINGS = ("exact", "factored")
+
+
+# -- the result ----------------------------------------------------------------------------
+
+
+class KronSVD:
+    r"""A Kronecker-rank-r matrix ``Σ_{i<r} σ_i L_i ⊗ R_i``, e.g. the result of :func:`kronecker_svd`.
+
+    Attributes
+    ----------
+    singular_values : array, shape (r,)
+        ``σ_1 ≥ σ_2 ≥ … ≥ σ_r ≥ 0``, the top singular values of the rearrangement 𝓡(F).
+    lefts : array, shape (r, m, m)
+        Unit-Frobenius left (gradient-side) factors, orthonormal: ``⟨L_i, L_j⟩ = δ_ij``.
+    rights : array, shape (r, n, n)
+        Unit-Frobenius right (activation-side) factors, orthonormal.
+    total_norm : float
+        ``‖F‖_F`` of the approximated sum (``None`` for a user-built result).
+    info : KronInfo
+        ``method`` (``"kronsvd/gram"`` or ``"kronsvd/lanczos"``), ``iterations`` (operator
+        applications), ``converged``, ``residual`` (largest eigen-residual of the top r pairs,
+        relative to each pair's eigenvalue), ``sigma1`` = σ₁, ``sigma2`` = an estimate of σ_{r+1}, the first singular value
+        **not** kept (σ₂ for r = 1, as in :func:`kronsum.kfoc`; ``None`` when unknown) and
+        ``notes`` (rank deficiency, near-degenerate singular values, not converged).
+
+    Sign convention: the first term has ``tr(L_1) ≥ 0`` (as :func:`kronsum.kfoc`); every other
+    term has its entry of largest magnitude of ``L_i`` (the first in row-major order on exact
+    ties) positive. The pair ``(L_i, R_i)`` is flipped together, so the product is unchanged.
+
+    For a PSD F the first term is PSD, but the terms ``i ≥ 2`` are indefinite (Frobenius-
+    orthogonal to a PSD first term) and the truncated sum need not be PSD.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> import kronsum as ks
+    >>> rng = np.random.default_rng(0)
+    >>> F = ks.KronSum.from_conv(rng.standard_normal((8, 5, 3)), rng.standard_normal((8, 5, 4)))
+    >>> B = ks.kronecker_svd(F, rank=4)
+    >>> B.rank, B.info.method, B.info.converged
+    (4, 'kronsvd/lanczos', True)
+    >>> bool(np.allclose(B.to_dense(), sum(s * np.kron(L, R) for s, L, R in
+    ...                                   zip(B.singular_values, B.lefts, B.rights))))
+    True
+    >>> B2 = B.truncate(2)                            # the best Kronecker-rank-2 approximation
+    >>> bool(B2.explained <= B.explained <= 1.0)
+    True
+    >>> V = rng.standard_normal((3, 4))
+    >>> bool(np.allclose(B.matvec(V).reshape(-1), B.to_dense() @ V.reshape(-1)))
+    True
+    """
+
+    def __init__(self, singular_values: Array, lefts: Array, rights: Array, *,
+                 info: KronInfo | None = None, total_norm: float | None = None):
+        xp = namespace(singular_values, lefts, rights)
+        if lefts.ndim != 3 or rights.ndim != 3 or singular_values.ndim != 1 or \
+                lefts.shape[1] != lefts.shape[2] or rights.shape[1] != rights.shape[2] or \
+                not (singular_values.shape[0] == lefts.shape[0] == rights.shape[0]):
+            raise ValueError(
+                f"KronSVD needs singular_values (r,), lefts (r, m, m), rights (r, n, n); got "
+                f"{tuple(singular_values.shape)}, {tuple(lefts.shape)}, {tuple(rights.shape)}"
+            )
+        self._xp = xp
+        self.singular_values = singular_values
+        self.lefts = lefts
+        self.rights = rights
+        self.info = info if info is not None else KronInfo(method="user")
+        self.total_norm = total_norm
+        self._cache: dict = {}
+
+    # -- shape ---------------------------------------------------------------------------
+    @property
+    def rank(self) -> int:
+        """r, the number of Kronecker terms."""
+        return int(self.lefts.shape[0])
+
+    @property
+    def m(self) -> int:
+        return int(self.lefts.shape[-1])
+
+    @property
+    def n(self) -> int:
+        return int(self.rights.shape[-1])
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        d = self.m * self.n
+        return (d, d)
+
+    @property
+    def dtype(self) -> Any:
+        return self.lefts.dtype
+
+    @property
+    def explained(self) -> float | None:
+        r"""``Σ_{i≤r} σ_i² / ‖F‖²_F``: the fraction of ``‖F‖²`` the r terms capture.
+
+        ``1 − explained`` is the squared relative error ``‖F − B‖²/‖F‖²`` of this optimum.
+        1.0 for a zero F; ``None`` when ``total_norm`` is unknown.
+        """
+        if self.total_norm is None:
+            return None
+        if self.total_norm == 0:
+            return 1.0
+        s = np.asarray([to_float(self.singular_values[i]) for i in range(self.rank)]) / self.total_norm
+        return float(min(1.0, np.sum(s * s)))
+
+    def __repr__(self) -> str:
+        try:
+            s = ", ".join(f"{to_float(self.singular_values[i]):.4g}" for i in range(min(self.rank, 4)))
+            s += ", …" if self.rank > 4 else ""
+        except Exception:  # lazy arrays: do not force a computation in repr
+            s = "<lazy>"
+        return (f"KronSVD(rank={self.rank}, singular_values=[{s}], left=({self.m}, {self.m}), "
+                f"right=({self.n}, {self.n}), dtype={self.dtype}, method={self.info.method!r})")
+
+    # -- pieces --------------------------------------------------------------------------
+    def term(self, i: int) -> Kron:
+        """The i-th term ``σ_i L_i ⊗ R_i`` as a :class:`Kron` (``term(0)`` is K-FOC's answer)."""
+        if not -self.rank <= i < self.rank:
+            raise IndexError(f"term index {i} out of range for rank {self.rank}")
+        from ._closed_forms import _new_kron
+
+        return _new_kron(self.lefts[i, ...], self.rights[i, ...], self.singular_values[i],
+                         KronInfo(method=f"{self.info.method}[term {i % self.rank}]"), self._xp)
+
+    def truncate(self, rank: int) -> "KronSVD":
+        """The first ``rank`` terms: the best Kronecker-rank-``rank`` approximation (no recomputation).
+
+        ``info.sigma2`` becomes σ_{rank+1} (exact from the kept values when ``rank < r``).
+        """
+        if isinstance(rank, bool) or not isinstance(rank, numbers.Integral) or not 1 <= rank <= self.rank:
+            raise ValueError(f"rank must be an integer between 1 and {self.rank}, got {rank!r}")
+        rank = int(rank)
+        nxt = self.info.sigma2 if rank == self.rank else to_float(self.singular_values[rank])
+        info = KronInfo(method=self.info.method, iterations=self.info.iterations,
+                        converged=self.info.converged, sigma1=self.info.sigma1, sigma2=nxt,
+                        residual=self.info.residual, notes=self.info.notes)
+        return KronSVD(self.singular_values[:rank], self.lefts[:rank, ...], self.rights[:rank, ...],
+                       info=info, total_norm=self.total_norm)
+
+    def _as_stack(self) -> tuple[Array, Array, Array]:
+        """``(scales (r,), lefts (r, m, m), rights (r, n, n))``: the form error evaluation uses."""
+        return self.singular_values, self.lefts, self.rights
+
+    # -- algebra -------------------------------------------------------------------------
+    def to_dense(self) -> Array:
+        """The ``(m·n, m·n)`` matrix ``Σ σ_i kron(L_i, R_i)``. Cost and memory O(r(mn)²): tests only."""
+        xp = self._xp
+        m, n = self.m, self.n
+        big = self.lefts[:, :, None, :, None] * self.rights[:, None, :, None, :]
+        big = self.singular_values[:, None, None, None, None] * big
+        return xp.reshape(xp.sum(big, axis=0), (m * n, m * n))
+
+    def matvec(self, V: Array) -> Array:
+        """``Σ σ_i L_i V R_iᵀ`` for ``V`` of shape ``(..., m, n)``: the product with vec(V).
+
+        Cost O(r·mn(m + n)) per matrix; no ``(mn)²`` array is formed.
+        """
+        V = self._check_V(V)
+        xp = self._xp
+        out = None
+        for i in range(self.rank):
+            t = self.singular_values[i] * (self.lefts[i, ...] @ V @ xp.matrix_transpose(self.rights[i, ...]))
+            out = t if out is None else out + t
+        return out
+
+    def trace(self) -> Array:
+        """``Σ σ_i tr(L_i) tr(R_i)`` as a 0-d array."""
+        xp = self._xp
+        return xp.sum(self.singular_values * trace(self.lefts, xp) * trace(self.rights, xp))
+
+    def _check_V(self, V):
+        if not is_array(V):
+            raise TypeError(f"V must be an array, got {type(V).__name__}")
+        if V.ndim < 2 or tuple(V.shape[-2:]) != (self.m, self.n):
+            raise ValueError(
+                f"V must have shape (..., m, n) = (..., {self.m}, {self.n}), got {tuple(V.shape)}"
+            )
+        return V
+
+    # -- damped solves -------------------------------------------------------------------
+    def solve(self, V: Array, damping: Any, *, method: str = "auto", damping_method: str = "exact",
+              tol: float | None = None, max_iter: int | None = None, return_info: bool = False):
+        r"""``A⁻¹ vec(V)`` reshaped, for ``V`` of shape ``(..., m, n)``, with the damped matrix
+
+        * ``damping_method="exact"``: ``A = Σ_i σ_i L_i ⊗ R_i + λI``;
+        * ``damping_method="factored"``: the leading term damped as K-FAC's factored Tikhonov
+          with the π correction (:class:`kronsum.KronInverse`, ``method="factored"``),
+          ``A = (σ_1 L_1 + π√λ I) ⊗ (R_1 + √λ/π I) + Σ_{i≥2} σ_i L_i ⊗ R_i``.
+
+        Methods:
+
+        ``"exact"``  r = 1: the damped Kronecker inverse. r = 2: simultaneous diagonalisation.
+                     When the damped leading term ``D_1 = P ⊗ Q`` is a Kronecker product of
+                     positive-definite factors (``damping_method="factored"``, or ``λ = 0`` with
+                     ``L_1``, ``R_1`` positive definite), whiten by it: with ``P = X_P X_Pᵀ``,
+                     the eigendecomposition ``X_P⁻¹ L_2 X_P⁻ᵀ = E diag(μ) Eᵀ`` (same on the right,
+                     ``ν``) makes ``A`` diagonal, ``1 + σ_2 μ_a ν_b``, in the basis
+                     ``(X_P⁻ᵀE) ⊗ (X_Q⁻ᵀF)``: exact, O(m³ + n³) once, O(mn(m + n)) per solve.
+                     ``σ_1 L_1 ⊗ R_1 + σ_2 L_2 ⊗ R_2 + λI`` with ``λ > 0`` has three Kronecker
+                     terms, which cannot in general be diagonalised together: it is not exact.
+        ``"cg"``     preconditioned conjugate gradients on ``A`` (applied as ``r`` Kronecker
+                     products plus the damped leading term, O(r·mn(m + n)) per iteration),
+                     preconditioned by the damped rank-1 inverse ``D_1⁻¹``; stops when every
+                     right-hand side has ``‖b − A x‖ / ‖b‖ ≤ tol``. CG needs A symmetric positive
+                     definite: a negative curvature ``pᵀAp ≤ 0`` stops it with a note (the
+                     truncated sum need not be PSD; raise the damping).
+        ``"auto"``   ``"exact"`` where it is exact (r = 1; r = 2 as above), else ``"cg"``.
+
+        The decompositions are cached per ``(damping, damping_method)`` on this object.
+
+        Parameters
+        ----------
+        V : array (..., m, n)
+        damping : float or 0-d array, ``λ ≥ 0``
+        method : {"auto", "exact", "cg"}
+        damping_method : {"exact", "factored"}
+        tol : float, optional
+            CG's relative residual; default 1e-10 (float64), 1e-5 (float32).
+        max_iter : int, optional
+            CG's most iterations (default 500; each costs O(r·mn(m + n)) per right-hand side).
+        return_info : bool
+            Also return a :class:`KronInfo` with ``method`` (``"kronsvd-solve/exact"`` or
+            ``"kronsvd-solve/cg"``), ``iterations`` (CG iterations; 0 for exact), ``converged``,
+            ``residual`` (the relative residual ``max ‖b − Ax‖/‖b‖`` over the right-hand sides,
+            recomputed from the answer: one more product with A) and ``notes``.
+
+        Returns
+        -------
+        array (..., m, n), or ``(array, KronInfo)`` with ``return_info=True``.
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> import kronsum as ks
+        >>> rng = np.random.default_rng(0)
+        >>> F = ks.KronSum.from_outer(rng.standard_normal((40, 3)), rng.standard_normal((40, 4)))
+        >>> B = ks.kronecker_svd(F, rank=3)
+        >>> V = rng.standard_normal((3, 4))
+        >>> X, info = B.solve(V, damping=1.0, return_info=True)
+        >>> A = B.to_dense() + np.eye(12)
+        >>> bool(np.allclose(X.reshape(-1), np.linalg.solve(A, V.reshape(-1)))), info.method
+        (True, 'kronsvd-solve/cg')
+        """
+        from ._inverse import _check_damping
+
+        V = self._check_V(V)
+        lam = _check_damping(damping)
+        if method not in _SOLVE_METHODS:
+            raise ValueError(f"method must be one of {_SOLVE_METHODS}, got {method!r}")
+        if damping_method not in _DAMPINGS:
+            raise ValueError(f"damping_method must be one of {_DAMPINGS}, got {damping_method!r}")
+        xp = self._xp
+        if tol is None:
+            tol = _default_tol(xp, self.dtype)
+        if not (isinstance(tol, (int, float)) and not isinstance(tol, bool) and tol > 0):
+            raise ValueError(f"tol must be a positive number, got {tol!r}")
+        if max_iter is None:
+            max_iter = 500
+        if isinstance(max_iter, bool) or not isinstance(max_iter, int) or max_iter < 1:
+            raise ValueError(f"max_iter must be a positive integer, got {max_iter!r}")
+        lead = self._lead_inverse(lam, damping_method)
+        notes: list[str] = list(lead[1]) if lead[0] is not None else [lead[1]]
+        inv1 = lead[0]
+        r = self.rank
+        if method in ("auto", "exact") and r == 1:
+            if inv1 is None:
+                raise ValueError(f"the damped rank-1 matrix cannot be inverted: {lead[1]}")
+            X = inv1.solve(V)
+            if not return_info:
+                return X
+            res = self._residual(X, V, lam, damping_method, inv1)
+            return X, KronInfo(method="kronsvd-solve/exact", residual=res, notes=tuple(notes))
+        if method in ("auto", "exact") and r == 2:
+            ok, prep = self._exact2(lam, damping_method, inv1)
+            if ok:
+                XU, XV, E, extra = prep
+                Y = (xp.matrix_transpose(XU) @ V @ XV) / E
+                X = XU @ Y @ xp.matrix_transpose(XV)
+                if not return_info:
+                    return X
+                res = self._residual(X, V, lam, damping_method, inv1)
+                return X, KronInfo(method="kronsvd-solve/exact", residual=res,
+                                   notes=tuple(notes + list(extra)))
+            if method == "exact":
+                raise ValueError(f"no exact solve for this rank-2 matrix: {prep}")
+            notes.append(f"exact rank-2 solve not available ({prep}): used CG")
+        elif method == "exact":
+            raise ValueError(
+                f"method='exact' solves rank 1 and rank 2 only (this result has rank {r}); "
+                "use method='cg' or 'auto'"
+            )
+        X, its, conv, res, cg_notes = self._cg(V, lam, damping_method, inv1, tol, max_iter)
+        info = KronInfo(method="kronsvd-solve/cg", iterations=its, converged=conv, residual=res,
+                        notes=tuple(notes + cg_notes))
+        return (X, info) if return_info else X
+
+    def _lead_inverse(self, lam: float, damping_method: str):
+        """``(KronInverse of the damped leading term, notes)`` or ``(None, reason)``; cached."""
+        key = ("lead", lam, damping_method)
+        if key not in self._cache:
+            from ._inverse import KronInverse
+
+            try:
+                inv = KronInverse(self.term(0), lam, damping_method)
+                self._cache[key] = (inv, tuple(inv.notes))
+            except ValueError as exc:
+                self._cache[key] = (None, str(exc))
+        return self._cache[key]
+
+    def _damped_lead_matvec(self, V, lam, damping_method, inv1):
+        if inv1 is not None:
+            return inv1.matvec(V)
+        if damping_method != "exact":
+            raise ValueError("the leading term must be symmetric positive semi-definite for "
+                             "damping_method='factored'")
+        return self.term(0).matvec(V) + lam * V
+
+    def _matvec_damped(self, V, lam, damping_method, inv1):
+        """``A vec(V)``: the damped leading term plus the terms ``i ≥ 2``."""
+        xp = self._xp
+        out = self._damped_lead_matvec(V, lam, damping_method, inv1)
+        for i in range(1, self.rank):
+            out = out + self.singular_values[i] * (self.lefts[i, ...] @ V @ xp.matrix_transpose(self.rights[i, ...]))
+        return out
+
+    def _residual(self, X, B, lam, damping_method, inv1) -> float:
+        """``max ‖B − A X‖ / ‖B‖`` over the right-hand sides (0 for zero ones)."""
+        xp = self._xp
+        Rm = B - self._matvec_damped(X, lam, damping_method, inv1)
+        rn = xp.sqrt(xp.sum(Rm * Rm, axis=(-2, -1)))
+        bn = xp.sqrt(xp.sum(B * B, axis=(-2, -1)))
+        return to_float(xp.max(rn / xp.where(bn > 0, bn, xp.ones_like(bn))))
+
+    def _exact2(self, lam, damping_method, inv1):
+        """Whitening by the damped leading term ``P ⊗ Q``: ``(ok, (X_P, X_Q, E, notes))`` or ``(False, reason)``."""
+        key = ("exact2", lam, damping_method)
+        if key in self._cache:
+            return self._cache[key]
+        xp = self._xp
+        if inv1 is None:
+            out = (False, "the leading term is not symmetric positive semi-definite")
+        elif damping_method == "exact" and lam > 0:
+            out = (False, "λI added to two Kronecker terms is not simultaneously diagonalisable; "
+                          "exact for damping=0 or damping_method='factored'")
+        else:
+            if inv1.damped_left is not None:
+                p, q = inv1.damped_left, inv1.damped_right
+            else:  # λ = 0: D_1 = s L ⊗ R itself
+                p, q = inv1.scale * inv1.eigvals_left, inv1.eigvals_right
+            eps = float(xp.finfo(self.dtype).eps)
+            pmin, pmax = to_float(xp.min(p)), to_float(xp.max(p))
+            qmin, qmax = to_float(xp.min(q)), to_float(xp.max(q))
+            tiny = 10 * max(self.m, self.n) * eps
+            if not (pmin > tiny * pmax and qmin > tiny * qmax):
+                out = (False, "the damped leading term is singular (not positive definite)")
+            else:
+                WP = inv1.eigvecs_left / xp.sqrt(p)[None, :]
+                WQ = inv1.eigvecs_right / xp.sqrt(q)[None, :]
+                CP = symmetrize(xp.matrix_transpose(WP) @ self.lefts[1, ...] @ WP, xp)
+                CQ = symmetrize(xp.matrix_transpose(WQ) @ self.rights[1, ...] @ WQ, xp)
+                mu, EP = _eigh(CP, xp)
+                nu, EQ = _eigh(CQ, xp)
+                E = 1.0 + self.singular_values[1] * (mu[:, None] * nu[None, :])
+                amin = to_float(xp.min(xp.abs(E)))
+                amax = to_float(xp.max(xp.abs(E)))
+                notes = []
+                if not amin > tiny * amax:
+                    out = (False, "the damped rank-2 matrix is singular")
+                else:
+                    if to_float(xp.min(E)) < 0:
+                        notes.append("the damped rank-2 matrix is indefinite (the truncated sum is "
+                                     "not PSD): the solve is exact but not a descent direction")
+                    out = (True, (WP @ EP, WQ @ EQ, E, tuple(notes)))
+        self._cache[key] = out
+        return out
+
+    def _cg(self, B, lam, damping_method, inv1, tol, max_iter):
+        """Preconditioned CG, batched over the leading axes of ``B`` (..., m, n)."""
+        xp = self._xp
+        notes: list[str] = []
+        if inv1 is None:
+            precond = None
+            notes.append("no preconditioner: the leading term is not symmetric positive "
+                         "semi-definite, or singular at this damping")
+        else:
+            precond = inv1.solve
+
+        def dot(X, Y):
+            return xp.sum(X * Y, axis=(-2, -1), keepdims=True)
+
+        def A(X):
+            return self._matvec_damped(X, lam, damping_method, inv1)
+
+        bn = xp.sqrt(dot(B, B))
+        safe = xp.where(bn > 0, bn, xp.ones_like(bn))
+        X = xp.zeros_like(B)
+        R = B
+        Z = R if precond is None else precond(R)
+        P = Z
+        rz = dot(R, Z)
+        its, conv = 0, False
+        res = to_float(xp.max(xp.sqrt(dot(R, R)) / safe))
+        if res <= tol:
+            conv = True
+        while not conv and its < max_iter:
+            AP = A(P)
+            pAp = dot(P, AP)
+            active = xp.sqrt(dot(R, R)) / safe > tol
+            if bool(xp.any(xp.logical_and(active, pAp <= 0))):
+                notes.append(f"negative curvature pᵀAp ≤ 0 at iteration {its + 1}: the damped "
+                             "matrix is not positive definite; raise the damping")
+                break
+            ok = pAp > 0
+            alpha = xp.where(ok, rz / xp.where(ok, pAp, xp.ones_like(pAp)), xp.zeros_like(pAp))
+            X = materialize(X + alpha * P)
+            R = materialize(R - alpha * AP)
+            its += 1
+            res = to_float(xp.max(xp.sqrt(dot(R, R)) / safe))
+            if res <= tol:
+                conv = True
+                break
+            Z = R if precond is None else precond(R)
+            rz_new = dot(R, Z)
+            nz = rz != 0
+            beta = xp.where(nz, rz_new / xp.where(nz, rz, xp.ones_like(rz)), xp.zeros_like(rz))
+            P = materialize(Z + beta * P)
+            rz = rz_new
+        true_res = self._residual(X, B, lam, damping_method, inv1)
+        if not conv:
+            notes.append(f"CG not converged: relative residual {true_res:.3g} > tol {tol:.3g} "
+                         f"after {its} iterations")
+        return X, its, conv, true_res, notes
+
+
+def _eigh(M: Array, xp: Any):
+    if is_dask_namespace(xp):
+        w, U = np.linalg.eigh(np.asarray(M.compute()))
+        return xp.asarray(w), xp.asarray(U)
+    return xp.linalg.eigh(M)
+
+
+# -- the solver ------------------------------------------------------------------------------
+
+
+def kronecker_svd(F: KronSum, rank: int = 1, *, method: str = "auto", tol: float | None = None,
+                  max_iter: int | None = None, seed: int | None = None) -> KronSVD:
+    r"""The best Kronecker-rank-r approximation ``Σ_{i≤r} σ_i L_i ⊗ R_i`` of F (Van Loan & Pitsianis).
+
+    The truncated SVD of the rearrangement ``𝓡(F)``, computed without forming F or 𝓡(F):
+
+    .. math::
+
+        \Big\|F - \sum_{i\le r}\sigma_i L_i \otimes R_i\Big\|_F = \Big(\sum_{i>r}\sigma_i^2\Big)^{1/2}
+        = \min_{\operatorname{rank}_\otimes B \le r} \|F - B\|_F .
+
+    Parameters
+    ----------
+    F : KronSum
+    rank : int
+        r, with ``1 ≤ r ≤ min(m², n²)`` (the largest Kronecker rank of an ``(mn, mn)`` matrix).
+    method : {"auto", "gram", "lanczos"}
+        ``"gram"`` (outer and terms forms): block Lanczos on K-vectors of coefficients in the
+        ``S_P`` inner product, after the two K×K Gram matrices. ``"lanczos"``: block Lanczos on
+        ``(d, d)`` matrices through the contractions, ``d = min(m, n)`` (any form, any
+        backend). ``"auto"`` follows :func:`kronsum.choose_method`.
+    tol : float, optional
+        Stop when each of the top r Ritz pairs has ``‖𝓡𝓡ᵀu_i − θ_i u_i‖ ≤ tol·θ_i`` (or is at
+        the rounding floor ``1e3·ε·θ_1``), ``θ_i = σ_i²``. Default 1e-10 (float64), 1e-5
+        (float32).
+    max_iter : int, optional
+        Most operator applications (each = both contractions, or one Gram step); default
+        ``max(500, 100 r)``.
+    seed : int, optional
+        Seed of the random start vectors of the block (terms 2..r) and of the factors of
+        ``σ = 0`` terms; default a fixed seed, so results are deterministic.
+
+    Returns
+    -------
+    KronSVD
+        ``singular_values`` (r,), orthonormal unit-Frobenius ``lefts`` (r, m, m) and ``rights``
+        (r, n, n), symmetric when the terms are; ``explained`` = ``Σσ_i²/‖F‖²``; ``info``.
+        If 𝓡(F) has rank k < r, terms k+1..r have ``σ = 0`` and arbitrary orthonormal factors
+        (noted). Near-degenerate ``σ_i ≈ σ_{i+1}`` (inside the top r, or ``σ_r ≈ σ_{r+1}``)
+        gives one optimal answer and a note.
+
+    Notes
+    -----
+    Cost, outer form: ``gram`` O(K²(m + n)) for the Gram matrices, O(K²) per application
+    (typically a few tens of applications for r ≤ 8), and O(r·K(m² + n²)) to form the r pairs of
+    factors, which dominates: about r times K-FOC's factor cost. ``lanczos``: O(K(m² + n²)) per
+    application (conv: see :meth:`KronSum.contract_left`) plus O(b·r·d²) for the Rayleigh–Ritz
+    over a basis of b ≤ max(20, 4r) vectors; the number of applications grows roughly like r
+    times K-FOC's. Memory O(max(20, 4r)·d²) (lanczos) or O(K² + max(20, 4r)·K) (gram).
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> import kronsum as ks
+    >>> rng = np.random.default_rng(0)
+    >>> F = ks.KronSum.from_outer(rng.standard_normal((50, 3)), rng.standard_normal((50, 4)))
+    >>> B = ks.kronecker_svd(F, rank=3)
+    >>> B.singular_values.shape, B.lefts.shape, B.rights.shape
+    ((3,), (3, 3, 3), (3, 4, 4))
+    >>> s = np.linalg.svd(F.rearranged(), compute_uv=False)
+    >>> bool(np.allclose(B.singular_values, s[:3]))
+    True
+    >>> bool(np.isclose(ks.frobenius_error(F, B), np.sqrt(np.sum(s[3:] ** 2))))
+    True
+    >>> bool(np.isclose(B.explained, np.sum(s[:3] ** 2) / np.sum(s ** 2)))
+    True
+    """
+    F = _require_sum(F, "kronecker_svd")
+    m, n = F.m, F.n
+    rmax = min(m * m, n * n)
+    if isinstance(rank, bool) or not isinstance(rank, numbers.Integral) or not 1 <= rank <= rmax:
+        raise ValueError(
+            f"rank must be an integer with 1 <= rank <= min(m², n²) = min({m * m}, {n * n}) = "
+            f"{rmax} for factors of sizes m={m}, n={n}; got {rank!r}"
+        )
+    rank = int(rank)
+    if method not in _METHODS:
+        raise ValueError(f"method must be one of {_METHODS}, got {method!r}")
+    method = choose_method(F, method)
+    xp = F.xp
+    if tol is None:
+        tol = _default_tol(xp, F.dtype)
+    if isinstance(tol, bool) or not (isinstance(tol, (int, float)) and tol > 0):
+        raise ValueError(f"tol must be a positive number, got {tol!r}")
+    if max_iter is None:
+        max_iter = max(500, 100 * rank)
+    if isinstance(max_iter, bool) or not (isinstance(max_iter, int) and max_iter >= 1):
+        raise ValueError(f"max_iter must be a positive integer, got {max_iter!r}")
+    rng = np.random.default_rng(0 if seed is None else seed)
+
+    Fn, (cw, cl, cr) = F.normalized()
+    Fn = Fn.persisted()
+    c = cw * (cl * cr)
+    dtype, dev = Fn.dtype, Fn.device
+    w = Fn.weights
+    SP = None
+    kind = _range_kind(Fn)
+    if method == "gram":
+        SP, SQ = Fn._gram("left"), Fn._gram("right")
+        f2 = xp.sum((w @ (SP * SQ)) * w)
+        # equilibrate: coefficients of the unit terms L_k/‖L_k‖, R_k/‖R_k‖, so that the metric is
+        # a correlation matrix (unit diagonal) and the per-sample magnitudes, which are
+        # heavy-tailed, sit in the weights w̃_k = w_k‖L_k‖‖R_k‖ (zero terms drop out)
+        eye = xp.eye(Fn.num_terms, dtype=dtype, device=dev)
+        nl = xp.sqrt(xp.sum(SP * eye, axis=1))
+        nr = xp.sqrt(xp.sum(SQ * eye, axis=1))
+        dl = xp.where(nl > 0, 1 / xp.where(nl > 0, nl, xp.ones_like(nl)), xp.zeros_like(nl))
+        dr = xp.where(nr > 0, 1 / xp.where(nr > 0, nr, xp.ones_like(nr)), xp.zeros_like(nr))
+        SPt = materialize(SP * dl[:, None] * dl[None, :])
+        SQt = materialize(SQ * dr[:, None] * dr[None, :])
+        wt = w * nl * nr
+        space = _Space(lambda a: wt * (SQt @ (wt * (SPt @ a))), xp, metric=lambda a: SPt @ a,
+                       apply_M=lambda a, Ma: wt * (SQt @ (wt * Ma)))
+        x0 = wt * (Fn._traces("right") * dr)
+        K = Fn.num_terms
+
+        def draw():
+            return xp.asarray(rng.standard_normal(K), dtype=dtype, device=dev)
+
+        side = "gram"
+        SP = (SPt, dl, dr, wt)
+
+        def floor(a):  # rounding floor of an S̃_P-norm: sqrt(eps·‖S̃_P‖)·‖α‖₂, ‖S̃_P‖ ≥ 1
+            return to_float(xp.sqrt(xp.sum(a * a)))
+    else:
+        side = "left" if m <= n else "right"
+        space = _operator_space(Fn, side)
+        x0 = _initial(Fn, "tkfac", None, side)
+        d = m if side == "left" else n
+
+        def draw():
+            Z = rng.standard_normal((d, d))
+            if kind == "sym":
+                Z = Z + Z.T
+            return xp.asarray(Z, dtype=dtype, device=dev)
+
+        f2 = Fn._sq_norm()
+        floor = None
+    f2 = max(to_float(f2), 0.0)
+    starts = [x0] + [draw() for _ in range(rank - 1)]
+    max_dim = max(_KRYLOV_DIM, 4 * rank)
+    thetas, vecs, its, conv, res, theta_next, exhausted = _top_eigenpairs(
+        space, starts, rank, tol, max_iter, draw, max_dim, floor)
+    Ls, Rs, sig, pad_notes = _assemble(Fn, side, vecs, rank, rng, SP, kind)
+    sig_host = [to_float(s) for s in sig]
+    notes = list(pad_notes)
+    eps = float(xp.finfo(dtype).eps)
+    s1 = sig_host[0]
+    if s1 > 0:
+        floor = math.sqrt(eps) * s1  # below it, singular values are rounding: no notes
+        for i in range(rank - 1):
+            if sig_host[i + 1] > floor and sig_host[i] - sig_host[i + 1] <= math.sqrt(eps) * s1:
+                notes.append(f"sigma{i + 1} == sigma{i + 2} to working precision: terms {i + 1} and "
+                             f"{i + 2} are not unique (their sum is)")
+        if theta_next is not None:
+            s_next = math.sqrt(max(theta_next, 0.0))
+            if sig_host[-1] > floor and sig_host[-1] - s_next <= math.sqrt(eps) * s1:
+                notes.append(f"sigma{rank} == sigma{rank + 1} to working precision: the rank-{rank} "
+                             "optimum is not unique; one optimal approximation is returned")
+    else:
+        notes.append("zero sum (sigma1 = 0): the estimate is zero")
+    if not conv:
+        notes.append(f"not converged: residual {res:.3g} > tol {tol:.3g} after {its} applications")
+    s_next = None if theta_next is None else math.sqrt(max(theta_next, 0.0)) * c
+    info = KronInfo(method=f"kronsvd/{method}", iterations=its, converged=conv,
+                    sigma1=s1 * c, sigma2=s_next, residual=res, notes=tuple(notes))
+    sv = xp.stack(sig) * c
+    return KronSVD(sv, xp.stack(Ls), xp.stack(Rs), info=info, total_norm=math.sqrt(f2) * c)
+
+
+def _top_eigenpairs(space: _Space, starts, r: int, tol: float, max_iter: int, draw, max_dim: int,
+                    floor=None):
+    """Top ``r`` eigenpairs of the PSD operator of ``space``: block Lanczos with thick restarts.
+
+    The basis is kept with the operator's images ``A q``; the projection ``T = Qᵀ M A Q`` grows
+    a column per new vector (full reorthogonalisation, twice), the Ritz pairs of the top r give
+    the next block (their residuals, which span the block Krylov extension), and when the basis
+    would exceed ``max_dim`` it is restarted to the top ``max_dim // 2`` Ritz vectors. When no new
+    direction remains (an invariant subspace) random vectors are tried; if they too lie in the
+    basis, the space is exhausted and the Ritz pairs are exact.
+
+    ``floor(v)``, for a metric space, is the size ``‖v‖_M`` cannot be told from rounding below
+    (``sqrt(‖S_P‖)·‖v‖₂``): a new vector is kept only when its metric norm is well above it, so
+    that directions in (or next to) the null space of a singular metric are not normalised into
+    noise.
+
+    Returns ``(thetas, vectors, applications, converged, residual, theta_{r+1} or None, exhausted)``.
+    """
+    xp = space.xp
+    ref = starts[0]
+    eps = float(xp.finfo(ref.dtype).eps)
+    drop = 100 * math.sqrt(eps)
+    rfloor = 1e3 * eps / tol
+    Q: list = []
+    MQ: list = []
+    AQ: list = []
+    T = np.zeros((0, 0))
+    n_apply = 0
+
+    def add(cands) -> int:
+        nonlocal T, n_apply
+        added = 0
+        for v in cands:
+            Mv = space.M(v)
+            n0 = to_float(space.norm(v, Mv))
+            if not (n0 > 0 and math.isfinite(n0)):
+                continue
+            v = v / n0
+            for _ in range(2):
+                for q, mq in zip(Q, MQ):
+                    v = v - space.dot(v, mq) * q
+            Mv = space.M(v)
+            nv = to_float(space.norm(v, Mv))
+            if not nv > drop or (floor is not None and not nv > drop * floor(v)):
+                continue
+            v, Mv = materialize(v / nv), materialize(Mv / nv)
+            Av = space.apply_M(v, Mv)
+            n_apply += 1
+            col = [to_float(space.dot(Av, mq)) for mq in MQ] + [to_float(space.dot(Av, Mv))]
+            k = len(Q)
+            T2 = np.zeros((k + 1, k + 1))
+            T2[:k, :k] = T
+            T2[:k, k] = T2[k, :k] = col[:k]
+            T2[k, k] = col[k]
+            T = T2
+            Q.append(v)
+            MQ.append(Mv)
+            AQ.append(Av)
+            added += 1
+        return added
+
+    def combos(vecs, C):
+        shape = tuple(vecs[0].shape)
+        V = xp.reshape(xp.stack(vecs), (len(vecs), -1))
+        Cx = xp.asarray(np.ascontiguousarray(C.T), dtype=V.dtype, device=device_of(V))
+        out = materialize(Cx @ V)
+        return [xp.reshape(out[i, ...], shape) for i in range(C.shape[1])]
+
+    add(starts)
+    exhausted = False
+    probes = 0  # Lanczos steps spent estimating θ_{r+1} after convergence (at most 4)
+    zero_tries = 0
+    while True:
+        k = len(Q)
+        if k == 0 or not float(np.max(np.abs(np.diag(T)), initial=0.0)) > 0:
+            # the operator vanishes on the basis: try random directions once, else F is zero
+            if zero_tries == 0 and not exhausted:
+                zero_tries += 1
+                add([draw() for _ in range(max(1, r))])
+                continue
+            S = np.eye(k)
+            p = min(k, r)
+            return [0.0] * p, (combos(Q, S[:, :p]) if p else []), n_apply, True, 0.0, 0.0, True
+        theta, S = np.linalg.eigh((T + T.T) / 2)
+        theta, S = theta[::-1], S[:, ::-1]
+        p = min(k, r)
+        top = min(k, r + 1)
+        th_ref = max(float(theta[0]), 0.0)
+        X = combos(Q, S[:, :top])
+        AX = combos(AQ, S[:, :top])
+        resid = [AX[i] - float(theta[i]) * X[i] for i in range(top)]
+        # per pair, relative to its own eigenvalue (σ_i is then accurate to about tol² relative,
+        # even for σ_i ≪ σ_1), down to the rounding floor ~ε·θ_1 that no iteration can pass
+        res = [to_float(space.norm(resid[i])) / max(float(theta[i]), rfloor * th_ref)
+               for i in range(p)]
+        conv = [x <= tol for x in res]
+        done = exhausted or (k >= r and all(conv))
+        if done and not exhausted and (k == r or probes > 0) and probes < 4 and n_apply < max_iter:
+            # converged, but no estimate of θ_{r+1} yet: a few Lanczos steps on the complement
+            probes += 1
+            cand = draw() if k == r else resid[r]
+            if add([cand]) == 0:
+                exhausted = True
+            continue
+        if done or n_apply >= max_iter:
+            theta_next = float(theta[r]) if k > r else (0.0 if exhausted else None)
+            return ([float(t) for t in theta[:p]], X[:p], n_apply, bool(done),
+                    max(res) if res else 0.0, theta_next, exhausted)
+        cands = [resid[i] for i in range(p) if not conv[i]]
+        if k + len(cands) > max_dim:  # thick restart to the top Ritz vectors
+            keep = min(k, max(p, max_dim // 2))
+            Sk = S[:, :keep]
+            Q, MQ, AQ = combos(Q, Sk), combos(MQ, Sk), combos(AQ, Sk)
+            T = np.diag(theta[:keep])
+        added = add(cands) if cands else 0
+        if added == 0:
+            if add([draw() for _ in range(max(1, r - k))]) == 0:
+                exhausted = True
+
+
+def _range_kind(F: KronSum) -> str:
+    """``"sym"`` when every term is symmetric (the ranges of 𝓡 and 𝓡ᵀ hold symmetric matrices
+    only), ``"parity"`` when F is symmetric but its terms are not (conv: singular vectors are
+    symmetric or antisymmetric), ``"none"`` otherwise."""
+    if F.form == "sum":
+        kinds = {_range_kind(P) for P in F.parts}
+        if kinds == {"sym"}:
+            return "sym"
+        return "parity" if "none" not in kinds else "none"
+    if F.form == "outer":
+        return "sym"
+    if F.form == "conv":
+        return "parity"
+    return "sym" if F.symmetric else "none"
+
+
+def _assemble(Fn: KronSum, side: str, vecs, rank: int, rng, SP, kind: str):
+    """Factors, singular values and signs from the basis-side Ritz vectors.
+
+    The basis-side matrices are orthonormalised in the factor space and a last Rayleigh–Ritz
+    step, the SVD of the small projection ``𝓡ᵀ[B_1 … B_k]``, gives the singular values
+    ``σ_i = ‖𝓡ᵀB_i‖`` and rotates the pairs (per parity class for symmetric F whose terms are
+    not symmetric: symmetric and antisymmetric singular vectors never mix).
+    """
+    xp = Fn.xp
+    eps = float(xp.finfo(Fn.dtype).eps)
+    Bs, Os = [], []
+    for v in vecs:
+        if side == "gram":
+            SPt, dl, dr, wt = SP
+            B = Fn._combine("left", v * dl)
+            O = Fn._combine("right", dr * (wt * (SPt @ v)))
+        elif side == "left":
+            B, O = v, Fn.contract_left(v)
+        else:
+            B, O = v, Fn.contract_right(v)
+        Bs.append(B)
+        Os.append(O)
+    classes: dict = {}
+    for B, O in zip(Bs, Os):
+        if kind == "sym":
+            B, O, cls = symmetrize(B, xp), symmetrize(O, xp), 0
+        elif kind == "parity":
+            Bsym, Banti = symmetrize(B, xp), _antisymmetrize(B, xp)  # each exact in floating point
+            if to_float(fro_norm(Bsym, xp)) >= to_float(fro_norm(Banti, xp)):
+                B, O, cls = Bsym, symmetrize(O, xp), 0
+            else:
+                B, O, cls = Banti, _antisymmetrize(O, xp), 1
+        else:
+            cls = 0
+        classes.setdefault(cls, []).append((B, O))
+    basis, other, sig = [], [], []
+    for pairs in classes.values():
+        # orthonormalise the basis side (twice), carrying the other side along linearly
+        QB, QO = [], []
+        for B, O in pairs:
+            nb0 = to_float(fro_norm(B, xp))
+            if not nb0 > 0:
+                continue
+            B, O = B / nb0, O / nb0
+            for _ in range(2):
+                for qb, qo in zip(QB, QO):
+                    c = xp.sum(B * qb)
+                    B, O = B - c * qb, O - c * qo
+            nb = to_float(fro_norm(B, xp))
+            if nb > 1e3 * eps:
+                QB.append(B / nb)
+                QO.append(O / nb)
+        if not QB:
+            continue
+        k = len(QB)
+        G = np.array([[to_float(xp.sum(QO[i] * QO[j])) for j in range(k)] for i in range(k)])
+        theta, S = np.linalg.eigh((G + G.T) / 2)
+        S = S[:, ::-1]
+        for j in range(k):
+            col = [float(c) for c in S[:, j]]
+            B = col[0] * QB[0]
+            O = col[0] * QO[0]
+            for cj, qb, qo in zip(col[1:], QB[1:], QO[1:]):
+                B, O = B + cj * qb, O + cj * qo
+            B = B / fro_norm(B, xp)
+            no = fro_norm(O, xp)
+            basis.append(B)
+            sig.append(no)
+            other.append(O / no if bool(no > 0) else None)
+    order = sorted(range(len(basis)), key=lambda i: -to_float(sig[i]))[:rank]
+    basis = [basis[i] for i in order]
+    other = [other[i] for i in order]
+    sig = [sig[i] for i in order]
+    sym_pad = kind in ("sym", "parity")
+    notes = []
+    # the other side, in σ-descending order, made exactly orthonormal: for small σ_i its
+    # direction carries an error ~ ε σ₁/σ_i, so the correction moves σ_i L_i ⊗ R_i by ~ε σ₁ only;
+    # a direction lost in rounding (σ_i at the level of ε σ₁) becomes a σ = 0 term
+    zero = xp.zeros((), dtype=Fn.dtype, device=Fn.device)
+    kept: list = []
+    for i, O in enumerate(other):
+        if O is None:
+            continue
+        for _ in range(2):
+            for q in kept:
+                O = O - xp.sum(O * q) * q
+        no = to_float(fro_norm(O, xp))
+        if no > 1e-3:
+            other[i] = O / no
+            kept.append(other[i])
+        else:
+            other[i], sig[i] = None, zero
+    order = sorted(range(len(basis)), key=lambda i: (other[i] is None, -to_float(sig[i])))
+    basis = [basis[i] for i in order]
+    other = [other[i] for i in order]
+    sig = [sig[i] for i in order]
+    found = len(basis)
+    dB = Fn.m if side in ("gram", "left") else Fn.n
+    dO = Fn.n if side in ("gram", "left") else Fn.m
+    if found < rank:
+        basis = basis + _complete(basis, rank - found, dB, sym_pad, rng, xp, Fn.weights)
+        other = other + [None] * (rank - found)
+        sig = sig + [zero] * (rank - found)
+    nonzero = sum(1 for o in other if o is not None)
+    if nonzero < rank:
+        notes.append(f"the rearrangement has rank {nonzero} < {rank}: terms {nonzero + 1}..{rank} "
+                     "have sigma = 0 and arbitrary orthonormal factors")
+        fill = iter(_complete([o for o in other if o is not None], rank - nonzero, dO, sym_pad, rng,
+                              xp, Fn.weights))
+        other = [o if o is not None else next(fill) for o in other]
+        sig = [s if o is not None else zero for s, o in zip(sig, other)]
+    if side in ("gram", "left"):
+        Ls, Rs = basis, other
+    else:
+        Ls, Rs = other, basis
+    for i in range(rank):
+        L = Ls[i]
+        if i == 0:
+            neg = to_float(trace(L, xp)) < 0
+        else:
+            flat = xp.reshape(L, (-1,))
+            j = int(to_float(xp.argmax(xp.abs(flat))))
+            neg = to_float(flat[j]) < 0
+        if neg:
+            Ls[i], Rs[i] = -L, -Rs[i]
+    return Ls, Rs, sig, tuple(notes)
+
+
+def _antisymmetrize(x: Array, xp: Any) -> Array:
+    """``(x − xᵀ) / 2``: exactly antisymmetric in floating point (``x − sym(x)`` is not)."""
+    return (x - xp.matrix_transpose(x)) / 2
+
+
+def _complete(found, count: int, d: int, symmetric: bool, rng, xp, ref):
+    """``count`` unit (d, d) matrices orthonormal to ``found`` and each other.
+
+    With ``symmetric``, symmetric candidates are tried first, then antisymmetric ones (the two
+    together span every (d, d) matrix), so that symmetric sums get factors of a definite parity.
+    """
+    out: list = []
+    tries = 0
+    while len(out) < count:
+        tries += 1
+        if tries > 60 * (count + 1):  # pragma: no cover - a random draw never fails this often
+            raise RuntimeError("could not complete an orthonormal set of factors")
+        Z = rng.standard_normal((d, d))
+        if symmetric:
+            Z = Z + Z.T if tries % 6 < 3 else Z - Z.T
+        nz = np.linalg.norm(Z)
+        if not nz > 0:
+            continue
+        v = xp.asarray(Z / nz, dtype=ref.dtype, device=device_of(ref))
+        for _ in range(2):
+            for q in list(found) + out:
+                v = v - xp.sum(v * q) * q
+        nv = fro_norm(v, xp)
+        if to_float(nv) > 1e-4:
+            out.append(materialize(v / nv))
+            tries = 0
+    return out

@@ -1,0 +1,343 @@
+"""Kronecker-rank-r approximations (``kronecker_svd``, ``KronSVD``) against dense ground truth.
+
+References are NumPy's SVD of the rearrangement of the dense F built with ``np.kron`` from
+materialised terms (``conftest.dense_F``), ``np.kron`` for the approximations and
+``np.linalg.solve`` for the damped solves; none shares code with the library.
+"""
+
+import numpy as np
+import pytest
+from hypothesis import assume, given
+from hypothesis import strategies as st
+
+import kronsum as ks
+from conftest import assert_same_backend, dense_F, random_inputs, svd_optimum
+
+FORMS = ["terms", "outer", "conv"]
+
+
+@st.composite
+def sums(draw, forms=tuple(FORMS)):
+    form = draw(st.sampled_from(forms))
+    K = draw(st.integers(1, 10))
+    m = draw(st.integers(1, 4))
+    n = draw(st.integers(1, 4))
+    T = draw(st.integers(1, 4))
+    seed = draw(st.integers(0, 2**32 - 1))
+    kind = draw(st.sampled_from(["gaussian", "heavy"]))
+    arrays = random_inputs(form, K, m, n, T=T, seed=seed, kind=kind)
+    weighted = draw(st.booleans())
+    w = np.random.default_rng(seed + 1).uniform(0.1, 2.0, K) if weighted else None
+    return form, arrays, w
+
+
+def _make(form, arrays, w=None):
+    return getattr(ks.KronSum, f"from_{form}")(*arrays, w)
+
+
+def _dense_approx(B):
+    """``Σ σ_i kron(L_i, R_i)`` with NumPy's own kron."""
+    return sum(s * np.kron(L, R) for s, L, R in zip(B.singular_values, B.lefts, B.rights))
+
+
+def _methods(form):
+    return ["auto", "lanczos"] + (["gram"] if form != "conv" else [])
+
+
+@given(sums())
+def test_matches_dense_svd_of_the_rearrangement(case):
+    form, arrays, w = case
+    F = _make(form, arrays, w)
+    D = dense_F(form, arrays, w)
+    m, n = F.m, F.n
+    _, s = svd_optimum(D, m, n)
+    normF = np.linalg.norm(D)
+    full = min(m * m, n * n)
+    ranks = sorted(set(range(1, min(4, full) + 1)) | {full})
+    for method in _methods(form):
+        errs = []
+        for r in ranks:
+            B = ks.kronecker_svd(F, rank=r, method=method)
+            assert B.info.converged, B.info
+            assert B.singular_values.shape == (r,)
+            assert B.lefts.shape == (r, m, m) and B.rights.shape == (r, n, n)
+            # singular values of 𝓡(F), descending, non-negative
+            np.testing.assert_allclose(B.singular_values, s[:r], rtol=1e-8, atol=1e-10 * normF)
+            assert np.all(np.diff(B.singular_values) <= 1e-12 * normF)
+            # orthonormal unit-Frobenius factor stacks
+            Lf, Rf = B.lefts.reshape(r, -1), B.rights.reshape(r, -1)
+            np.testing.assert_allclose(Lf @ Lf.T, np.eye(r), atol=1e-8)
+            np.testing.assert_allclose(Rf @ Rf.T, np.eye(r), atol=1e-8)
+            # the exact error is the optimum sqrt(Σ_{i>r} σ_i²), with and without forming F
+            opt = float(np.sqrt(np.sum(s[r:] ** 2)))
+            err = float(ks.frobenius_error(F, B))
+            assert np.isclose(err, opt, rtol=1e-7, atol=1e-9 * normF), (method, r, err, opt)
+            assert np.isclose(np.linalg.norm(D - _dense_approx(B)), opt, rtol=1e-7, atol=1e-9 * normF)
+            np.testing.assert_allclose(B.to_dense(), _dense_approx(B), atol=1e-12 * normF)
+            # explained fraction Σ_{i≤r} σ_i² / ‖F‖²
+            assert np.isclose(B.explained, np.sum(s[:r] ** 2) / normF**2, rtol=1e-9, atol=1e-12)
+            assert np.isclose(B.total_norm, normF, rtol=1e-10)
+            errs.append(err)
+        # errors decrease with r and vanish at full Kronecker rank
+        assert all(b <= a + 1e-10 * normF for a, b in zip(errs, errs[1:]))
+        assert errs[-1] <= 1e-9 * normF
+        assert np.isclose(B.explained, 1.0, atol=1e-10)
+
+
+@given(sums())
+def test_rank_one_agrees_with_kfoc(case):
+    form, arrays, w = case
+    F = _make(form, arrays, w)
+    _, s = svd_optimum(dense_F(form, arrays, w), F.m, F.n)
+    assume(s.size < 2 or s[1] < (1 - 1e-4) * s[0])  # a unique optimum
+    for method in _methods(form):
+        B = ks.kronecker_svd(F, rank=1, method=method)
+        K = ks.kfoc(F, method="lanczos" if method == "lanczos" else "auto")
+        normF = s[0] if s[0] > 0 else 1.0
+        assert np.isclose(float(B.singular_values[0]), float(K.scale), rtol=1e-9, atol=1e-12 * normF)
+        np.testing.assert_allclose(B.to_dense(), K.to_dense(), atol=1e-8 * normF)
+        if s[0] > 0:  # same sign convention: tr(left) ≥ 0, hence the same factors
+            np.testing.assert_allclose(B.lefts[0], K.left, atol=1e-7)
+            np.testing.assert_allclose(B.rights[0], K.right, atol=1e-7)
+        T = B.term(0)
+        assert isinstance(T, ks.Kron)
+        np.testing.assert_allclose(T.to_dense(), K.to_dense(), atol=1e-8 * normF)
+
+
+@given(sums())
+def test_sign_convention_matvec_truncate(case):
+    form, arrays, w = case
+    F = _make(form, arrays, w)
+    r = min(4, F.m**2, F.n**2)
+    B = ks.kronecker_svd(F, rank=r)
+    assert np.trace(B.lefts[0]) >= -1e-12
+    for L in B.lefts[1:]:
+        flat = L.reshape(-1)
+        assert flat[np.argmax(np.abs(flat))] > 0
+    if form != "terms":  # symmetric sums: every factor symmetric or antisymmetric
+        for X in list(B.lefts) + list(B.rights):
+            assert min(np.abs(X - X.T).max(), np.abs(X + X.T).max()) <= 1e-10
+    rng = np.random.default_rng(0)
+    V = rng.standard_normal((2, F.m, F.n))
+    D = B.to_dense()
+    got = B.matvec(V)
+    for j in range(2):
+        np.testing.assert_allclose(got[j].reshape(-1), D @ V[j].reshape(-1),
+                                   atol=1e-10 * (1 + np.abs(D).max()) * np.abs(V).max())
+    for r2 in range(1, r + 1):
+        Bt = B.truncate(r2)
+        assert Bt.rank == r2
+        np.testing.assert_allclose(Bt.singular_values, B.singular_values[:r2])
+        assert np.isclose(Bt.explained, np.sum(B.singular_values[:r2] ** 2) / B.total_norm**2)
+        if r2 < r:
+            assert Bt.info.sigma2 == pytest.approx(float(B.singular_values[r2]))
+    assert np.isclose(float(B.trace()), np.trace(D), atol=1e-10 * (1 + np.abs(D).max()) * D.shape[0])
+
+
+def test_rank_validation_names_the_sizes():
+    F = _make("outer", random_inputs("outer", 5, 2, 3))
+    for bad in (0, 5, -1, 2.0, True):
+        with pytest.raises(ValueError, match=r"min\(m², n²\) = min\(4, 9\) = 4"):
+            ks.kronecker_svd(F, rank=bad)
+    with pytest.raises(ValueError, match="method"):
+        ks.kronecker_svd(F, rank=1, method="power")
+    with pytest.raises(ValueError, match="tol"):
+        ks.kronecker_svd(F, rank=1, tol=0.0)
+    with pytest.raises(ValueError, match="max_iter"):
+        ks.kronecker_svd(F, rank=1, max_iter=0)
+    with pytest.raises(ValueError, match="gram"):
+        ks.kronecker_svd(_make("conv", random_inputs("conv", 3, 2, 2)), rank=1, method="gram")
+    with pytest.raises(TypeError, match="KronSum"):
+        ks.kronecker_svd(np.eye(4), rank=1)
+    B = ks.kronecker_svd(F, rank=2)
+    with pytest.raises(ValueError, match="between 1 and 2"):
+        B.truncate(3)
+    with pytest.raises(ValueError, match=r"\(\.\.\., 2, 3\)"):
+        B.matvec(np.ones((3, 2)))
+
+
+@pytest.mark.parametrize("method", ["gram", "lanczos"])
+def test_degenerate_and_rank_deficient_give_finite_answers_and_notes(method):
+    rng = np.random.default_rng(3)
+    # F = U1⊗U1 + U2⊗U2 with orthonormal U1, U2: σ1 = σ2 = 1, Kronecker rank 2
+    U1 = np.eye(3) / np.sqrt(3)
+    A = rng.standard_normal((3, 3))
+    U2 = A + A.T
+    U2 -= np.sum(U2 * U1) * U1
+    U2 /= np.linalg.norm(U2)
+    F = ks.KronSum.from_terms(np.stack([U1, U2]), np.stack([U1, U2]))
+    B1 = ks.kronecker_svd(F, rank=1, method=method)
+    assert np.isfinite(B1.lefts).all() and np.isclose(float(B1.singular_values[0]), 1.0)
+    assert any("not unique" in note for note in B1.info.notes)
+    assert np.isclose(float(ks.frobenius_error(F, B1)), 1.0)
+    B2 = ks.kronecker_svd(F, rank=2, method=method)
+    assert any("not unique" in note for note in B2.info.notes)
+    assert float(ks.frobenius_error(F, B2)) <= 1e-12
+    B4 = ks.kronecker_svd(F, rank=4, method=method)
+    np.testing.assert_allclose(B4.singular_values, [1, 1, 0, 0], atol=1e-12)
+    assert any("rank 2 < 4" in note for note in B4.info.notes)
+    Lf = B4.lefts.reshape(4, -1)
+    np.testing.assert_allclose(Lf @ Lf.T, np.eye(4), atol=1e-10)
+    # near-degenerate σ_r ≈ σ_{r+1}: finite and noted
+    Fn = ks.KronSum.from_terms(np.stack([U1, U2]), np.stack([U1, U2]), np.array([1.0, 1.0 - 1e-12]))
+    Bn = ks.kronecker_svd(Fn, rank=1, method=method)
+    assert np.isfinite(Bn.lefts).all() and any("not unique" in note for note in Bn.info.notes)
+
+
+def test_zero_sum_and_huge_scales():
+    G, A = random_inputs("outer", 6, 3, 2)
+    Z = ks.kronecker_svd(ks.KronSum.from_outer(0 * G, A), rank=2)
+    assert np.all(Z.singular_values == 0) and np.isfinite(Z.lefts).all()
+    assert Z.explained == 1.0 and any("zero" in note for note in Z.info.notes)
+    F = ks.KronSum.from_outer(G, A)
+    base = ks.kronecker_svd(F, rank=3)
+    for c in (1e150, 1e-150):
+        Bc = ks.kronecker_svd(ks.KronSum.from_outer(G * c, A), rank=3)
+        np.testing.assert_allclose(Bc.singular_values / c**2, base.singular_values, rtol=1e-10)
+        assert np.isclose(Bc.explained, base.explained, rtol=1e-12)
+
+
+def test_float32():
+    G, A = random_inputs("outer", 30, 4, 3)
+    F = ks.KronSum.from_outer(G.astype(np.float32), A.astype(np.float32))
+    B = ks.kronecker_svd(F, rank=3)
+    assert B.lefts.dtype == np.float32 and B.singular_values.dtype == np.float32
+    s = np.linalg.svd(ks.KronSum.from_outer(G, A).rearranged(), compute_uv=False)
+    np.testing.assert_allclose(B.singular_values, s[:3], rtol=1e-4)
+
+
+# -- damped solves ---------------------------------------------------------------------------
+
+
+def _psd_case(m=3, n=4, K=40, seed=0):
+    G, A = random_inputs("outer", K, m, n, seed=seed, kind="heavy")
+    return ks.KronSum.from_outer(G, A)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_rank2_solve_exact_undamped_and_factored(seed):
+    F = _psd_case(seed=seed)
+    B = ks.kronecker_svd(F, rank=2)
+    rng = np.random.default_rng(seed)
+    V = rng.standard_normal((3, F.m, F.n))
+    # λ = 0: A = σ1 L1⊗R1 + σ2 L2⊗R2, simultaneously diagonalised
+    X, info = B.solve(V, 0.0, return_info=True)
+    assert info.method == "kronsvd-solve/exact" and info.iterations == 0
+    D = B.to_dense()
+    for j in range(3):
+        np.testing.assert_allclose(X[j].reshape(-1), np.linalg.solve(D, V[j].reshape(-1)), rtol=1e-7,
+                                   atol=1e-9 * np.abs(X).max())
+    # factored damping of the leading term: exact for every λ
+    lam = 0.3
+    s1, L1, R1 = float(B.singular_values[0]), B.lefts[0], B.rights[0]
+    pi = np.sqrt((np.trace(s1 * L1) / F.m) / (np.trace(R1) / F.n))
+    Dfac = (np.kron(s1 * L1 + pi * np.sqrt(lam) * np.eye(F.m), R1 + np.sqrt(lam) / pi * np.eye(F.n))
+            + float(B.singular_values[1]) * np.kron(B.lefts[1], B.rights[1]))
+    X, info = B.solve(V, lam, damping_method="factored", return_info=True)
+    assert info.method == "kronsvd-solve/exact"
+    for j in range(3):
+        np.testing.assert_allclose(X[j].reshape(-1), np.linalg.solve(Dfac, V[j].reshape(-1)),
+                                   rtol=1e-8, atol=1e-10 * np.abs(X).max())
+    # λI with λ > 0 is not exact: auto uses CG, method="exact" refuses; λ ≥ σ2 keeps A ≻ 0
+    with pytest.raises(ValueError, match="not simultaneously diagonalisable"):
+        B.solve(V, lam, method="exact")
+    lam = float(B.singular_values[1]) + 0.3
+    X, info = B.solve(V, lam, return_info=True)
+    assert info.method == "kronsvd-solve/cg" and info.converged
+    Dl = D + lam * np.eye(D.shape[0])
+    for j in range(3):
+        np.testing.assert_allclose(X[j].reshape(-1), np.linalg.solve(Dl, V[j].reshape(-1)), rtol=1e-8,
+                                   atol=1e-10 * np.abs(X).max())
+
+
+@pytest.mark.parametrize("rank", [1, 3, 4, 6])
+@pytest.mark.parametrize("damping_method", ["exact", "factored"])
+def test_cg_solve_matches_dense_solve(rank, damping_method):
+    F = _psd_case(m=3, n=4, K=60, seed=rank)
+    B = ks.kronecker_svd(F, rank=rank)
+    # λ ≥ Σ_{i≥2} σ_i makes A positive definite (‖L_i ⊗ R_i‖₂ ≤ 1), as CG needs
+    lam = float(np.sum(B.singular_values[1:])) + 0.1 * float(B.singular_values[0])
+    rng = np.random.default_rng(rank)
+    V = rng.standard_normal((2, F.m, F.n))
+    inv1 = B.term(0).inverse(lam, damping_method)
+    A = inv1.to_dense() + sum(float(s) * np.kron(L, R) for s, L, R in
+                              zip(B.singular_values[1:], B.lefts[1:], B.rights[1:]))
+    X, info = B.solve(V, lam, damping_method=damping_method, tol=1e-12, return_info=True)
+    assert info.converged and info.residual <= 1e-11
+    if rank > 2:
+        assert info.method == "kronsvd-solve/cg" and 0 < info.iterations <= F.m * F.n
+    for j in range(2):
+        np.testing.assert_allclose(X[j].reshape(-1), np.linalg.solve(A, V[j].reshape(-1)), rtol=1e-9,
+                                   atol=1e-11 * np.abs(X).max())
+    # a loose tolerance stops earlier and says so honestly
+    X2, info2 = B.solve(V, lam, method="cg", tol=1e-3, return_info=True)
+    assert info2.residual <= 1e-3 and info2.iterations <= max(info.iterations, 1)
+    with pytest.raises(ValueError, match="rank 1 and rank 2"):
+        if rank > 2:
+            B.solve(V, lam, method="exact")
+        else:
+            raise ValueError("rank 1 and rank 2")
+
+
+def test_indefinite_truncated_sum_is_reported():
+    # terms 2..r are indefinite: s1·(I/√2 ⊗ I/√2) + s2·(diag(1,-1)/√2 ⊗ I/√2)
+    I2 = np.eye(2) / np.sqrt(2)
+    D2 = np.diag([1.0, -1.0]) / np.sqrt(2)
+    V = np.array([[1.0, 2.0], [3.0, 4.0]])
+    B = ks.KronSVD(np.array([1.0, 0.5]), np.stack([I2, D2]), np.stack([I2, I2]))  # PD: 0.75, 0.25
+    X, info = B.solve(V, 0.0, return_info=True)
+    np.testing.assert_allclose(X.reshape(-1), np.linalg.solve(B.to_dense(), V.reshape(-1)))
+    assert info.method == "kronsvd-solve/exact" and not info.notes and info.residual < 1e-14
+    B2 = ks.KronSVD(np.array([1.0, 2.0]), np.stack([I2, D2]), np.stack([I2, I2]))  # 1.5 and -0.5
+    X, info = B2.solve(V, 0.0, return_info=True)  # exact path: solves, and notes the indefiniteness
+    np.testing.assert_allclose(X.reshape(-1), np.linalg.solve(B2.to_dense(), V.reshape(-1)))
+    assert any("indefinite" in note for note in info.notes)
+    B1 = ks.KronSVD(np.array([1.0, 1.0]), np.stack([I2, D2]), np.stack([I2, I2]))  # singular
+    with pytest.raises(ValueError, match="singular"):
+        B1.solve(V, 0.0, method="exact")
+    B3 = ks.KronSVD(np.array([1.0, 2.0, 1e-3]), np.stack([I2, D2, I2]), np.stack([I2, I2, I2]))
+    X, info = B3.solve(np.array([[0.0, 0.0], [1.0, 0.5]]), 0.1, return_info=True)
+    assert not info.converged and any("negative curvature" in note for note in info.notes)
+
+
+def test_solve_validation():
+    B = ks.kronecker_svd(_psd_case(), rank=3)
+    V = np.ones((3, 4))
+    for bad in (-1.0, np.nan, None):
+        with pytest.raises((ValueError, TypeError)):
+            B.solve(V, bad)
+    with pytest.raises(ValueError, match="method"):
+        B.solve(V, 1.0, method="lu")
+    with pytest.raises(ValueError, match="damping_method"):
+        B.solve(V, 1.0, damping_method="tkfac")
+    with pytest.raises(ValueError, match="tol"):
+        B.solve(V, 1.0, tol=-1)
+    with pytest.raises(ValueError, match="max_iter"):
+        B.solve(V, 1.0, max_iter=0)
+    X, info = B.solve(V, 1.0, max_iter=1, return_info=True)
+    assert info.iterations == 1 and not info.converged and any("not converged" in n for n in info.notes)
+
+
+# -- backends ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("form", ["outer", "conv"])
+def test_backends(backend, form):
+    if backend.name == "jax" and form == "conv":
+        pytest.skip("jax: eager compilation of every new shape costs seconds; the conv form is "
+                    "covered on the other backends and the outer form on JAX")
+    arrays = random_inputs(form, 6, 2, 3, T=2, seed=5)
+    F_np = _make(form, arrays)
+    ref = ks.kronecker_svd(F_np, rank=3, method="lanczos")
+    F = getattr(ks.KronSum, f"from_{form}")(*(backend.asarray(a, "float64") for a in arrays))
+    B = ks.kronecker_svd(F, rank=3)
+    assert_same_backend(B.lefts, F.weights, F.dtype)
+    np.testing.assert_allclose(backend.to_numpy(B.singular_values), ref.singular_values, rtol=1e-9)
+    np.testing.assert_allclose(backend.to_numpy(B.to_dense()), ref.to_dense(), atol=1e-9)
+    assert np.isclose(float(ks.frobenius_error(F, B)), float(ks.frobenius_error(F_np, ref)),
+                      rtol=1e-7, atol=1e-12)
+    V_np = np.random.default_rng(0).standard_normal((2, 3))
+    V = backend.asarray(V_np, "float64")
+    np.testing.assert_allclose(backend.to_numpy(B.matvec(V)), ref.matvec(V_np), atol=1e-10)
+    X = B.solve(V, 0.1)
+    np.testing.assert_allclose(backend.to_numpy(X), ref.solve(V_np, 0.1), rtol=1e-8, atol=1e-10)
