@@ -19,10 +19,7 @@ import argparse
 import json
 import os
 import platform
-import statistics
 import sys
-import time
-import tracemalloc
 
 import numpy as np
 
@@ -30,24 +27,14 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, ".."))
 sys.path.insert(0, HERE)
 import kronsum as ks  # noqa: E402
-from benchmarks.common import blas_threads, conv_data, outer_data  # noqa: E402
+from benchmarks.common import blas_threads, conv_data, measure, outer_data  # noqa: E402
 
 RANKS = (1, 2, 4, 8)
 
 
 def _time(fn, repeat):
-    out = fn()  # warm-up (numba compilation, caches)
-    times = []
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    tracemalloc.start()
-    tracemalloc.reset_peak()
-    fn()
-    _, peak = tracemalloc.get_traced_memory()
-    tracemalloc.stop()
-    return out, statistics.median(times), peak / 2**20
+    median, peak, out = measure(fn, repeat)
+    return out, median, peak
 
 
 def cases(quick):

@@ -15,10 +15,7 @@ import argparse
 import json
 import os
 import platform
-import statistics
 import sys
-import time
-import tracemalloc
 
 import numpy as np
 
@@ -27,21 +24,12 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import kronsum as ks  # noqa: E402
 from benchmarks.common import (algorithm1_materialised, blas_threads, conv_data,  # noqa: E402
                                materialise_outer, outer_data)
+from benchmarks.common import measure as _measure  # noqa: E402
 
 
 def measure(fn, repeats: int):
-    fn()  # warm-up (numba compilation, BLAS buffers)
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    tracemalloc.start()
-    tracemalloc.reset_peak()
-    fn()
-    peak = tracemalloc.get_traced_memory()[1] / 2**20
-    tracemalloc.stop()
-    return statistics.median(times), peak
+    median, peak, _ = _measure(fn, repeats)
+    return median, peak
 
 
 def optimal_check(F, est, ref_err, normF):
@@ -98,7 +86,6 @@ def run(quick: bool, threads, repeats: int):
         L, R = materialise_outer(G, A)
         t, p = measure(lambda: algorithm1_materialised(L, R, 20), max(3, repeats // 2))
         add(case, "algorithm1-materialised-20it", t, p)
-        del L, R
         # -- conv form -------------------------------------------------------------------
         K, T, m, n = c["conv"]
         G, A = conv_data(K, T, m, n)

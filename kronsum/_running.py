@@ -36,7 +36,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from ._closed_forms import _new_kron, kfac, tkfac
-from ._compat import Array, is_array, namespace
+from ._compat import is_array, namespace
 from ._kfoc import kfoc
 from ._kron import Kron, KronInfo
 from ._sum import KronSum

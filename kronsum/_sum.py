@@ -21,7 +21,7 @@ import math
 from typing import Any
 
 from ._accel import weighted_gram
-from ._compat import Array, device_of, fro_norm, is_dask_namespace, materialize, namespace, trace
+from ._compat import Array, device_of, is_dask_namespace, materialize, namespace, trace
 from ._validation import check_array, check_finite_values, check_weights
 
 __all__ = ["KronSum"]

@@ -91,4 +91,26 @@ def numba_switch(flag: bool):
     return ks.config(use_numba=flag) if hasattr(ks, "config") else contextlib.nullcontext()
 
 
+def measure(fn, repeats: int):
+    """``(median seconds, peak MiB, result)`` of ``fn()``: one warm-up call (numba compilation,
+    BLAS buffers), the median of ``repeats`` timed calls, then the peak of NumPy's
+    allocations (tracemalloc) during one more call."""
+    import statistics
+    import time
+    import tracemalloc
+
+    fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    tracemalloc.start()
+    tracemalloc.reset_peak()
+    out = fn()
+    peak = tracemalloc.get_traced_memory()[1] / 2**20
+    tracemalloc.stop()
+    return statistics.median(times), peak, out
+
+
 CPU = os.cpu_count()
