@@ -174,3 +174,13 @@ def assert_same_backend(x, like, dtype=None):
         type(array_api_compat.array_namespace(x)) is type(array_api_compat.array_namespace(like))
     if dtype is not None:
         assert x.dtype == dtype, (x.dtype, dtype)
+
+
+@pytest.fixture(params=["numba", "array-api"])
+def numba_path(request):
+    """Run a test with kronsum's numba kernels on and off (same numbers expected)."""
+    on = request.param == "numba"
+    if on:
+        pytest.importorskip("numba", reason="numba is not installed: only the array-API path exists")
+    with ks.config(use_numba=on):
+        yield on

@@ -8,6 +8,9 @@ import pytest
 import kronsum as ks
 from conftest import dense_F, random_inputs
 
+# every test here runs with the numba kernels on and off (see conftest.numba_path)
+pytestmark = pytest.mark.usefixtures("numba_path")
+
 
 @pytest.mark.parametrize("form", ["terms", "outer", "conv"])
 @pytest.mark.parametrize("method", ["direct", "gram"])

@@ -12,6 +12,9 @@ from hypothesis import strategies as st
 import kronsum as ks
 from conftest import dense_F, dense_terms, random_inputs, svd_optimum
 
+# every test here runs with the numba kernels on and off (see conftest.numba_path)
+pytestmark = pytest.mark.usefixtures("numba_path")
+
 FORMS = ["terms", "outer", "conv"]
 
 

@@ -13,6 +13,9 @@ from hypothesis import strategies as st
 import kronsum as ks
 from conftest import assert_same_backend, random_inputs
 
+# every test here runs with the numba kernels on and off (see conftest.numba_path)
+pytestmark = pytest.mark.usefixtures("numba_path")
+
 ESTIMATORS = ("kfac", "tkfac", "kfoc_approx", "kfoc_running")
 BATCH = {"kfac": ks.kfac, "tkfac": ks.tkfac, "kfoc_approx": ks.kfoc, "kfoc_running": ks.kfoc}
 
