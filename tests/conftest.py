@@ -15,6 +15,7 @@ from typing import Any, Callable
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, settings
+from hypothesis import strategies as st
 
 import kronsum as ks
 
@@ -127,6 +128,25 @@ def random_inputs(form: str, K: int, m: int, n: int, T: int = 3, *, seed: int = 
     if form == "outer":
         return draw(K, m), draw(K, n)
     return draw(K, T, m), draw(K, T, n)
+
+
+FORMS = ["terms", "outer", "conv"]
+
+
+@st.composite
+def sums(draw, forms=tuple(FORMS)):
+    """Hypothesis strategy: ``(form, arrays, weights)`` of a small random sum (K ≤ 10, m, n ≤ 4)."""
+    form = draw(st.sampled_from(forms))
+    K = draw(st.integers(1, 10))
+    m = draw(st.integers(1, 4))
+    n = draw(st.integers(1, 4))
+    T = draw(st.integers(1, 4))
+    seed = draw(st.integers(0, 2**32 - 1))
+    kind = draw(st.sampled_from(["gaussian", "heavy"]))
+    arrays = random_inputs(form, K, m, n, T=T, seed=seed, kind=kind)
+    weighted = draw(st.booleans())
+    w = np.random.default_rng(seed + 1).uniform(0.1, 2.0, K) if weighted else None
+    return form, arrays, w
 
 
 def make_sum(form: str, arrays, weights=None, **kw) -> ks.KronSum:

@@ -10,27 +10,11 @@ from hypothesis import assume, given
 from hypothesis import strategies as st
 
 import kronsum as ks
-from conftest import dense_F, dense_terms, random_inputs, svd_optimum
+from conftest import FORMS, dense_F, dense_terms, random_inputs, sums, svd_optimum
 
 # every test here runs with the numba kernels on and off (see conftest.numba_path)
 pytestmark = pytest.mark.usefixtures("numba_path")
 
-FORMS = ["terms", "outer", "conv"]
-
-
-@st.composite
-def sums(draw, forms=tuple(FORMS)):
-    form = draw(st.sampled_from(forms))
-    K = draw(st.integers(1, 10))
-    m = draw(st.integers(1, 4))
-    n = draw(st.integers(1, 4))
-    T = draw(st.integers(1, 4))
-    seed = draw(st.integers(0, 2**32 - 1))
-    kind = draw(st.sampled_from(["gaussian", "heavy"]))
-    arrays = random_inputs(form, K, m, n, T=T, seed=seed, kind=kind)
-    weighted = draw(st.booleans())
-    w = np.random.default_rng(seed + 1).uniform(0.1, 2.0, K) if weighted else None
-    return form, arrays, w
 
 
 def _errors(F, est, D):

@@ -8,27 +8,10 @@ materialised terms (``conftest.dense_F``), ``np.kron`` for the approximations an
 import numpy as np
 import pytest
 from hypothesis import assume, given
-from hypothesis import strategies as st
 
 import kronsum as ks
-from conftest import assert_same_backend, dense_F, random_inputs, svd_optimum
+from conftest import assert_same_backend, dense_F, random_inputs, sums, svd_optimum
 
-FORMS = ["terms", "outer", "conv"]
-
-
-@st.composite
-def sums(draw, forms=tuple(FORMS)):
-    form = draw(st.sampled_from(forms))
-    K = draw(st.integers(1, 10))
-    m = draw(st.integers(1, 4))
-    n = draw(st.integers(1, 4))
-    T = draw(st.integers(1, 4))
-    seed = draw(st.integers(0, 2**32 - 1))
-    kind = draw(st.sampled_from(["gaussian", "heavy"]))
-    arrays = random_inputs(form, K, m, n, T=T, seed=seed, kind=kind)
-    weighted = draw(st.booleans())
-    w = np.random.default_rng(seed + 1).uniform(0.1, 2.0, K) if weighted else None
-    return form, arrays, w
 
 
 def _make(form, arrays, w=None):
