@@ -7,6 +7,7 @@ array-api-strict arrays all take the same code path and get arrays of their own 
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import array_api_compat
@@ -32,9 +33,18 @@ __all__ = [
 Array = Any
 
 
-def namespace(*arrays: Array) -> Any:
-    """Return the array-API namespace shared by ``arrays`` (``TypeError`` if they differ)."""
-    return array_api_compat.array_namespace(*arrays)
+def namespace(*arrays: Array, names: tuple[str, ...] | None = None) -> Any:
+    """Return the array-API namespace shared by ``arrays``.
+
+    ``TypeError`` if they come from different libraries, naming each argument (``names``) and
+    its array type.
+    """
+    try:
+        return array_api_compat.array_namespace(*arrays)
+    except TypeError:
+        labels = names or tuple(f"argument {i}" for i in range(len(arrays)))
+        kinds = ", ".join(f"{n} is {type(a).__module__}.{type(a).__name__}" for n, a in zip(labels, arrays))
+        raise TypeError(f"all arrays must come from one array library; {kinds}") from None
 
 
 def device_of(x: Array) -> Any:
@@ -55,13 +65,23 @@ def is_dask_namespace(xp: Any) -> bool:
     return bool(array_api_compat.is_dask_namespace(xp))
 
 
+_SMALL = 2**22  # entries of a Dask iterate brought back to the client instead of persisted
+
+
 def materialize(x: Array) -> Array:
     """Compute a lazy Dask array now and keep the result (``persist``); other arrays as they are.
 
-    The iterative solvers call it on every small iterate, so each Dask step is one map-reduce
-    over the persisted inputs instead of a graph that re-runs all earlier steps.
+    The iterative solvers call it on every iterate, so each Dask step is one map-reduce over the
+    persisted inputs instead of a graph that re-runs all earlier steps. Small iterates (up to
+    2²² entries: factors, coefficient vectors) are computed and re-wrapped under a fresh name,
+    so no task key is ever submitted twice with a different definition.
     """
     if array_api_compat.is_dask_array(x):
+        if math.prod(x.shape) <= _SMALL:  # an iterate: compute it and start a fresh graph
+            import dask.array as da
+            import numpy as np
+
+            return da.from_array(np.asarray(x.compute()), chunks=-1, name=False)
         return x.persist()
     return x
 

@@ -46,7 +46,7 @@ def frobenius_error(F: KronSum, approx: Any, relative: bool = False, *, method: 
     approx : Kron
         With factor sizes matching F's ``m`` and ``n``.
     relative : bool
-        Return ``‖F − approx‖ / ‖F‖`` (0 for a zero F that is approximated by zero).
+        Return ``‖F − approx‖ / ‖F‖`` (for a zero F: 0 if ``approx`` is zero, ``inf`` otherwise).
     method : {"auto", "direct", "gram"}
 
     Returns
@@ -74,7 +74,7 @@ def frobenius_error(F: KronSum, approx: Any, relative: bool = False, *, method: 
             f"approx has factors of sizes ({Ls.shape[-1]}, {Rs.shape[-1]}) but F has "
             f"(m, n) = ({F.m}, {F.n})"
         )
-    xp = namespace(F.weights, Ls)
+    xp = namespace(F.weights, Ls, names=("F", "approx"))
     dtype = F.dtype
     Fn, (cw, cl, cr) = F.normalized()
     c = cw * (cl * cr)
@@ -91,7 +91,7 @@ def frobenius_error(F: KronSum, approx: Any, relative: bool = False, *, method: 
     else:
         e2, f2 = _gram(Fn, s, Ls, Rs)
     zero = xp.zeros_like(e2)
-    e2 = xp.where(e2 > 0, e2, zero)
+    e2 = xp.where(e2 < 0, zero, e2)  # rounding of the Gram route; NaN and inf pass through
     if use == "gram" and method == "auto":
         if bool(e2 < 1e-8 * f2):
             warnings.warn(
@@ -100,9 +100,10 @@ def frobenius_error(F: KronSum, approx: Any, relative: bool = False, *, method: 
                 f"2·log10(‖F‖/err) digits; pass method='direct' for an accurate value",
                 AccuracyWarning, stacklevel=2,
             )
-    if relative:
+    if relative:  # a zero F: 0 when approximated by zero, inf otherwise
         safe = xp.where(f2 > 0, f2, xp.ones_like(f2))
-        return xp.sqrt(e2 / safe)
+        rel = xp.sqrt(e2 / safe)
+        return xp.where(f2 > 0, rel, xp.where(e2 > 0, xp.full_like(rel, float("inf")), rel))
     return c * xp.sqrt(e2)
 
 

@@ -308,14 +308,14 @@ def _initial(Fn: KronSum, init, seed, side: str) -> Array:
 
 def _power(space: _Space, x, tol, max_iter):
     """The paper's power method; stops on the relative eigen-residual."""
-    x = x / space.norm(x)
+    x = materialize(x / to_float(space.norm(x)))
     res = math.inf
     for it in range(1, max_iter + 1):
         y = space.apply(x)
-        ny = space.norm(y)
-        if not bool(ny > 0):
+        ny = to_float(space.norm(y))  # scalars read once as floats (Dask: no re-submitted keys)
+        if not ny > 0:
             return x, it, True, 0.0, None
-        y = y / ny
+        y = materialize(y / ny)
         c = to_float(space.dot(y, space.M(x)))
         res = to_float(space.norm(y - c * x)) / abs(c) if c != 0 else math.inf
         x = y
@@ -337,8 +337,8 @@ def _lanczos(space: _Space, x, tol, max_iter):
     s2 = None
     eps = float(xp.finfo(x.dtype).eps)
     Mx = space.M(x)
-    nx = space.norm(x, Mx)
-    x, Mx = x / nx, Mx / nx
+    nx = to_float(space.norm(x, Mx))
+    x, Mx = materialize(x / nx), materialize(Mx / nx)
     while True:
         Q, MQ = [x], [Mx]
         alphas: list[float] = []
@@ -346,16 +346,17 @@ def _lanczos(space: _Space, x, tol, max_iter):
         for j in range(_KRYLOV_DIM):
             w = space.apply_M(Q[j], MQ[j])
             n_apply += 1
-            a = space.dot(w, MQ[j])
+            a = to_float(space.dot(w, MQ[j]))
             w = w - a * Q[j]
             if j > 0:
                 w = w - betas[-1] * Q[j - 1]
             for _ in range(2):  # full reorthogonalisation, twice is enough
                 for q, mq in zip(Q, MQ):
                     w = w - space.dot(w, mq) * q
-            Mw = space.M(w)
+            w = materialize(w)
+            Mw = materialize(space.M(w))
             b = to_float(space.norm(w, Mw))
-            alphas.append(to_float(a))
+            alphas.append(a)
             betas.append(b)
             T = np.diag(alphas) + np.diag(betas[:-1], 1) + np.diag(betas[:-1], -1)
             theta, S = np.linalg.eigh(T)
@@ -376,8 +377,8 @@ def _lanczos(space: _Space, x, tol, max_iter):
                 x, Mx = coef[0] * Q[0], coef[0] * MQ[0]
                 for cj, q, mq in zip(coef[1:], Q[1:], MQ[1:]):
                     x, Mx = x + cj * q, Mx + cj * mq
-                nx = space.norm(x, Mx)
-                x, Mx = x / nx, Mx / nx
+                nx = to_float(space.norm(x, Mx))
+                x, Mx = materialize(x / nx), materialize(Mx / nx)
                 if done:
                     return x, n_apply, bool(res <= tol or breakdown), res, s2
                 break
@@ -438,18 +439,21 @@ def _finish(Fn: KronSum, x: Array, side: str):
     L = x if side == "left" else Fn.contract_right(x)
     if Fn.symmetric:
         L = symmetrize(L, xp)
-    nl = fro_norm(L, xp)
-    if not bool(nl > 0):
+    nl = to_float(fro_norm(L, xp))
+    _require_finite(xp, nl)
+    if not nl > 0:
         return _zero_answer(Fn)
-    L = L / nl
-    L = xp.where(trace(L, xp) < 0, -L, L)
+    L = materialize(L / nl)
+    if to_float(trace(L, xp)) < 0:
+        L = materialize(-L)
     v = Fn.contract_left(L)
     if Fn.symmetric:
         v = symmetrize(v, xp)
-    sigma = fro_norm(v, xp)
-    if not bool(sigma > 0):
+    v = materialize(v)
+    sigma = to_float(fro_norm(v, xp))
+    if not sigma > 0:
         return _zero_answer(Fn)
-    return L, v / sigma, sigma, ()
+    return L, materialize(v / sigma), sigma, ()
 
 
 def _finish_pair(Fn: KronSum, L: Array, R: Array):
@@ -463,10 +467,21 @@ def _finish_pair(Fn: KronSum, L: Array, R: Array):
     if Fn.symmetric and not is_numpy_namespace(xp):
         L, R = symmetrize(L, xp), symmetrize(R, xp)
     nl, nr = xp.sqrt(xp.sum(L * L)), xp.sqrt(xp.sum(R * R))  # F̃ is normalised: no overflow
+    _require_finite(xp, nl * nr)
     if not (bool(nl > 0) and bool(nr > 0)):
         return _zero_answer(Fn)
     sign = -1.0 if bool(trace(L, xp) < 0) else 1.0
     return L * (sign / nl), R * (sign / nr), nr / nl, ()
+
+
+def _require_finite(xp, value) -> None:
+    """A NaN/inf iterate means non-finite statistics (passed with check_finite=False): say so
+    rather than mistaking it for a zero sum."""
+    if not (math.isfinite(value) if isinstance(value, float) else bool(xp.all(xp.isfinite(value)))):
+        raise ValueError(
+            "kfoc met non-finite values: the statistics contain NaN or infinity (the constructors' "
+            "check_finite=True would have said which array) or their products overflow the dtype"
+        )
 
 
 def _zero_answer(Fn: KronSum):

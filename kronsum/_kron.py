@@ -25,8 +25,10 @@ class KronInfo:
     converged : bool
         Whether the stopping rule was met (always ``True`` for closed forms).
     sigma1, sigma2 : float or None
-        Estimates of the two largest singular values of the rearranged sum (the optimal
-        scale and the next one); ``None`` where the method does not produce them.
+        The two largest singular values of the rearranged sum: ``sigma1`` is the optimal scale;
+        from K-FOC's Lanczos solvers ``sigma2`` is the second Ritz value, a lower estimate that
+        is not itself converged; exact from ``nearest_kronecker``; ``None`` where the method
+        does not produce it.
     residual : float or None
         Final relative eigen-residual ``‖A Aᵀ u − θ u‖ / θ`` of the iterative solvers.
     notes : tuple of str
@@ -54,7 +56,8 @@ class KronInfo:
 
     @property
     def degenerate(self) -> bool:
-        """Whether any degenerate case was recorded in :attr:`notes`."""
+        """Whether anything was recorded in :attr:`notes` (a degenerate case such as a zero sum
+        or ``σ1 = σ2``, clipped eigenvalues, or not converging): check ``notes`` for which."""
         return len(self.notes) > 0
 
 

@@ -350,6 +350,15 @@ class KronSVD:
         X, its, conv, res, cg_notes = self._cg(V, lam, damping_method, inv1, tol, max_iter)
         info = KronInfo(method="kronsvd-solve/cg", iterations=its, converged=conv, residual=res,
                         notes=tuple(notes + cg_notes))
+        if not conv and not return_info:
+            import warnings
+
+            warnings.warn(
+                f"KronSVD.solve: CG did not converge (relative residual {res:.3g} after {its} "
+                f"iterations; {'; '.join(cg_notes) or 'max_iter reached'}); the result is not a "
+                "solution. Raise the damping (any λ ≥ Σ_(i≥2) σ_i is safe) or pass return_info=True",
+                RuntimeWarning, stacklevel=2,
+            )
         return (X, info) if return_info else X
 
     def _lead_inverse(self, lam: float, damping_method: str):

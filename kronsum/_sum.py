@@ -99,7 +99,7 @@ class KronSum:
                     f"all parts must have the same factor sizes (m, n); got ({m}, {n}) and "
                     f"({F.m}, {F.n})"
                 )
-        xp = namespace(*(F.weights for F in flat))
+        xp = namespace(*(F.weights for F in flat), names=tuple(f"part {i}" for i in range(len(flat))))
         dtype = xp.result_type(*(F.weights for F in flat))
         flat = [F if F.dtype == dtype else F.astype(dtype) for F in flat]
         if len(flat) == 1:
@@ -143,7 +143,7 @@ class KronSum:
         """
         L = check_array(L, "L", ndim=3, what="(K, m, m)")
         R = check_array(R, "R", ndim=3, what="(K, n, n)")
-        xp = namespace(L, R)
+        xp = namespace(L, R, names=("L", "R"))
         if L.shape[1] != L.shape[2]:
             raise ValueError(f"L must have shape (K, m, m) with square terms, got {tuple(L.shape)}")
         if R.shape[1] != R.shape[2]:
@@ -194,7 +194,7 @@ class KronSum:
 
     @classmethod
     def _from_factors(cls, form, G, A, weights, check_finite):
-        xp = namespace(G, A)
+        xp = namespace(G, A, names=("G", "A"))
         if G.shape[0] != A.shape[0]:
             raise ValueError(
                 f"G and A must have the same number of samples K, got G {tuple(G.shape)} and "

@@ -15,7 +15,7 @@ __all__ = ["check_array", "check_weights", "common_float_dtype", "check_finite_v
 
 
 def _shape_str(x: Array) -> str:
-    return "(" + ", ".join(str(s) for s in x.shape) + ")"
+    return str(tuple(int(s) for s in x.shape))
 
 
 def check_array(x: object, name: str, *, ndim: int, what: str) -> Array:
@@ -34,6 +34,12 @@ def check_array(x: object, name: str, *, ndim: int, what: str) -> Array:
         raise TypeError(
             f"{name} must have a real floating dtype (float32 or float64), got the {kind} "
             f"dtype {x.dtype}; convert it first, e.g. with xp.astype({name}, xp.float64)"
+        )
+    if x.dtype not in (xp.float32, xp.float64):
+        raise TypeError(
+            f"{name} must be float32 or float64, got {x.dtype}: half precision has too little range "
+            f"for the squared statistics (products of four entries); upcast with "
+            f"xp.astype({name}, xp.float32)"
         )
     if x.ndim != ndim:
         raise ValueError(f"{name} must have shape {what} ({ndim} axes), got shape {_shape_str(x)}")
@@ -67,13 +73,11 @@ def check_weights(
             raise TypeError("weights must be real numbers, got a complex value")
         weights = xp.asarray([float(v) for v in weights], dtype=dtype, device=device)
     w = check_array(weights, "weights", ndim=1, what="(K,)")
-    try:
-        if namespace(w) is not xp and type(namespace(w)) is not type(xp):
-            raise TypeError
-    except TypeError:
+    if namespace(w) is not xp:
         raise TypeError(
-            "weights must be an array of the same library as the other inputs"
-        ) from None
+            f"weights must be an array of the same library as the other inputs "
+            f"({xp.__name__}), got {type(w).__module__}.{type(w).__name__}"
+        )
     if w.shape[0] != K:
         raise ValueError(
             f"weights must have shape (K,) = ({K},) to match the {K} terms, got {_shape_str(w)}"

@@ -19,7 +19,7 @@ def client():
 
 
 @pytest.mark.parametrize("form", ["outer", "conv"])
-def test_same_answer_as_numpy(client, form):
+def test_same_answer_as_numpy(client, form, caplog):
     arrays = random_inputs(form, 400, 5, 4, T=3, seed=3, kind="heavy")
     w = np.random.default_rng(1).uniform(0.5, 1.5, 400)
     Fnp = getattr(ks.KronSum, f"from_{form}")(*arrays, w)
@@ -36,3 +36,5 @@ def test_same_answer_as_numpy(client, form):
     # the work ran on the cluster's workers
     assert sum(len(v) for v in client.processing().values()) == 0
     assert len(client.scheduler_info()["workers"]) == 2
+    # no task key was submitted twice with different definitions (dask's "run_spec" warning)
+    assert not [r for r in caplog.records if "run_spec" in r.getMessage()]

@@ -322,5 +322,8 @@ def test_backends(backend, form):
     V_np = np.random.default_rng(0).standard_normal((2, 3))
     V = backend.asarray(V_np, "float64")
     np.testing.assert_allclose(backend.to_numpy(B.matvec(V)), ref.matvec(V_np), atol=1e-10)
-    X = B.solve(V, 0.1)
-    np.testing.assert_allclose(backend.to_numpy(X), ref.solve(V_np, 0.1), rtol=1e-8, atol=1e-10)
+    sv = np.asarray(ref.singular_values)
+    lam = float(sv[1:].sum() + 0.01 * sv[0])  # λ ≥ Σ_(i≥2) σ_i keeps the damped sum positive definite
+    X = B.solve(V, lam)
+    dense = np.linalg.solve(ref.to_dense() + lam * np.eye(6), V_np.reshape(-1)).reshape(2, 3)
+    np.testing.assert_allclose(backend.to_numpy(X), dense, rtol=1e-7, atol=1e-10)
