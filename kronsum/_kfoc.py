@@ -313,6 +313,7 @@ def _power(space: _Space, x, tol, max_iter):
     for it in range(1, max_iter + 1):
         y = space.apply(x)
         ny = to_float(space.norm(y))  # scalars read once as floats (Dask: no re-submitted keys)
+        _require_finite(space.xp, ny)
         if not ny > 0:
             return x, it, True, 0.0, None
         y = materialize(y / ny)
@@ -451,6 +452,7 @@ def _finish(Fn: KronSum, x: Array, side: str):
         v = symmetrize(v, xp)
     v = materialize(v)
     sigma = to_float(fro_norm(v, xp))
+    _require_finite(xp, sigma)
     if not sigma > 0:
         return _zero_answer(Fn)
     return L, materialize(v / sigma), sigma, ()

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ._compat import Array, device_of, fro_norm, is_array, namespace, trace
-from ._validation import check_array, check_finite_values
+from ._validation import DEFAULT_MAX_ELEMENTS, check_array, check_dense_size, check_finite_values
 
 __all__ = ["Kron", "KronInfo"]
 
@@ -135,8 +135,10 @@ class Kron:
         return self.left.dtype
 
     # -- algebra -------------------------------------------------------------------
-    def to_dense(self) -> Array:
-        """The ``(m·n, m·n)`` matrix ``scale · kron(left, right)``. Cost and memory O((mn)²)."""
+    def to_dense(self, *, max_elements: int = DEFAULT_MAX_ELEMENTS) -> Array:
+        """The ``(m·n, m·n)`` matrix ``scale · kron(left, right)``. Cost and memory O((mn)²);
+        ``ValueError`` above ``max_elements`` entries (default 2**26)."""
+        check_dense_size(self.shape[0] ** 2, "the dense Kron (m·n, m·n)", max_elements)
         xp = self._xp
         m, n = self.m, self.n
         big = self.left[:, None, :, None] * self.right[None, :, None, :]

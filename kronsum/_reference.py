@@ -6,12 +6,9 @@ from ._closed_forms import _require_sum
 from ._compat import fro_norm, symmetrize, to_float, trace
 from ._kron import Kron, KronInfo
 from ._sum import KronSum
+from ._validation import DEFAULT_MAX_ELEMENTS
 
 __all__ = ["nearest_kronecker", "DEFAULT_MAX_ELEMENTS"]
-
-#: Largest rearranged matrix (m²·n² entries) the dense reference forms by default: 2**26
-#: entries, 512 MiB in float64.
-DEFAULT_MAX_ELEMENTS = 2**26
 
 
 def nearest_kronecker(F: KronSum, method: str = "svd", *, max_elements: int = DEFAULT_MAX_ELEMENTS) -> Kron:
@@ -62,7 +59,7 @@ def nearest_kronecker(F: KronSum, method: str = "svd", *, max_elements: int = DE
         )
     xp = F.xp
     Fn, (cw, cl, cr) = F.normalized()
-    U, s, Vt = xp.linalg.svd(Fn.rearranged(), full_matrices=False)
+    U, s, Vt = xp.linalg.svd(Fn.rearranged(max_elements=max_elements), full_matrices=False)
     sigma = s[0]
     L = xp.reshape(U[:, 0], (m, m))
     R = xp.reshape(Vt[0, :], (n, n))

@@ -22,7 +22,8 @@ from typing import Any
 
 from ._accel import weighted_gram
 from ._compat import Array, device_of, is_dask_namespace, materialize, namespace, trace
-from ._validation import check_array, check_finite_values, check_weights
+from ._validation import (DEFAULT_MAX_ELEMENTS, check_array, check_dense_size, check_finite_values,
+                          check_weights)
 
 __all__ = ["KronSum"]
 
@@ -373,18 +374,22 @@ class KronSum:
         blk = xp.permute_dims(xp.reshape(blk, (b, n, m, n)), (0, 2, 1, 3))
         return xp.reshape(blk, (b * m, n * n))
 
-    def rearranged(self) -> Array:
+    def rearranged(self, *, max_elements: int = DEFAULT_MAX_ELEMENTS) -> Array:
         r"""The dense ``(m², n²)`` rearrangement ``𝓡(F) = Σ_k w_k vec(L_k) vec(R_k)ᵀ``.
 
         Its best rank-one approximation ``σ₁ u vᵀ`` gives the nearest Kronecker product
-        ``σ₁ mat(u) ⊗ mat(v)``. Memory O(m²n²): for tests and small layers.
+        ``σ₁ mat(u) ⊗ mat(v)``. Memory O(m²n²): for tests and small layers; ``ValueError``
+        above ``max_elements`` entries (default 2**26).
         """
+        check_dense_size(self.m**2 * self.n**2, "the rearranged matrix (m², n²)", max_elements)
         return self._rearranged_rows(0, self.m)
 
-    def to_dense(self) -> Array:
-        """The dense ``(m·n, m·n)`` matrix F. Memory O((mn)²): for tests and small layers."""
+    def to_dense(self, *, max_elements: int = DEFAULT_MAX_ELEMENTS) -> Array:
+        """The dense ``(m·n, m·n)`` matrix F. Memory O((mn)²): for tests and small layers;
+        ``ValueError`` above ``max_elements`` entries (default 2**26)."""
+        check_dense_size((self.m * self.n) ** 2, "the dense F (m·n, m·n)", max_elements)
         if self.form == "sum":
-            return _sum_over(P.to_dense() for P in self.parts)
+            return _sum_over(P.to_dense(max_elements=max_elements) for P in self.parts)
         xp = self._xp
         m, n = self.m, self.n
         if self.form == "outer":
@@ -393,7 +398,7 @@ class KronSum:
         if self.form == "conv":
             Z = xp.reshape(self._conv_X(), (self.num_terms, m * n))
             return xp.matrix_transpose(Z) @ (self.weights[:, None] * Z)
-        A = xp.reshape(self.rearranged(), (m, m, n, n))
+        A = xp.reshape(self.rearranged(max_elements=max_elements), (m, m, n, n))
         return xp.reshape(xp.permute_dims(A, (0, 2, 1, 3)), (m * n, m * n))
 
     # -- scalar summaries ----------------------------------------------------------------

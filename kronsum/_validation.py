@@ -11,7 +11,8 @@ from typing import Any, Sequence
 
 from ._compat import Array, is_array, namespace, to_float
 
-__all__ = ["check_array", "check_weights", "common_float_dtype", "check_finite_values"]
+__all__ = ["check_array", "check_weights", "common_float_dtype", "check_finite_values",
+           "check_dense_size", "DEFAULT_MAX_ELEMENTS"]
 
 
 def _shape_str(x: Array) -> str:
@@ -46,6 +47,21 @@ def check_array(x: object, name: str, *, ndim: int, what: str) -> Array:
     if any(s == 0 for s in x.shape):
         raise ValueError(f"{name} must not be empty: expected shape {what}, got {_shape_str(x)}")
     return x
+
+
+#: Largest dense matrix (entries) the dense views and the SVD reference form by default:
+#: 2**26 entries, 512 MiB in float64. Every such method takes ``max_elements=`` to raise it.
+DEFAULT_MAX_ELEMENTS = 2**26
+
+
+def check_dense_size(entries: int, what: str, max_elements: int) -> None:
+    """``ValueError`` before allocating a dense ``what`` of ``entries`` numbers above the limit."""
+    if entries > max_elements:
+        raise ValueError(
+            f"{what} would have {entries:,} entries ({entries * 8 / 2**30:.1f} GiB in float64), "
+            f"above max_elements={max_elements:,}; dense views are for tests and small layers — "
+            f"pass a larger max_elements to form it anyway"
+        )
 
 
 def common_float_dtype(xp: Any, arrays: Sequence[Array]) -> Any:

@@ -80,3 +80,18 @@ def test_direct_blocks_cover_all_rows(monkeypatch):
     est = ks.tkfac(F)
     ref = np.linalg.norm(dense_F("conv", arrays) - est.to_dense())
     assert np.isclose(float(ks.frobenius_error(F, est, method="direct")), ref, rtol=1e-10)
+
+
+def test_nan_and_inf_propagate_and_zero_F_relative():
+    import warnings
+
+    F = ks.KronSum.from_outer(*random_inputs("outer", 6, 3, 2, seed=4))
+    L = np.eye(3)
+    L[0, 0] = np.nan
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # NumPy's own warnings about the NaN
+        assert np.isnan(float(ks.frobenius_error(F, ks.Kron(L, np.eye(2)))))
+        assert not np.isfinite(float(ks.frobenius_error(F, ks.Kron(np.eye(3), np.eye(2), np.inf))))
+    Z = ks.KronSum.from_outer(np.zeros((2, 3)), np.ones((2, 2)))
+    assert float(ks.frobenius_error(Z, ks.kfac(F), relative=True)) == np.inf
+    assert float(ks.frobenius_error(Z, ks.kfac(Z), relative=True)) == 0.0

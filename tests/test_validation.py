@@ -94,3 +94,40 @@ def test_inputs_never_mutated(form):
         ks.frobenius_error(F, est, method="gram")
     for a, c in zip(list(arrays) + [w], copies):
         assert np.array_equal(a, c)
+
+
+def test_dense_views_refuse_huge_sizes():
+    F = ks.KronSum.from_outer(np.ones((2, 100)), np.ones((2, 100)))
+    with pytest.raises(ValueError, match=r"dense F .* max_elements"):
+        F.to_dense()
+    with pytest.raises(ValueError, match=r"rearranged matrix .* max_elements"):
+        F.rearranged()
+    with pytest.raises(ValueError, match=r"dense Kron .* max_elements"):
+        ks.kfac(F).to_dense()
+    small = ks.KronSum.from_outer(np.ones((2, 3)), np.ones((2, 2)))
+    assert small.to_dense(max_elements=36).shape == (6, 6)
+    with pytest.raises(ValueError, match="max_elements=35"):
+        small.to_dense(max_elements=35)
+
+
+def test_mixed_libraries_named():
+    torch = pytest.importorskip("torch")
+    G = torch.ones((3, 2), dtype=torch.float64)
+    with pytest.raises(TypeError, match=r"G is torch.Tensor, A is numpy.ndarray"):
+        ks.KronSum.from_outer(G, np.ones((3, 2)))
+    with pytest.raises(TypeError, match=r"weights must be an array of the same library"):
+        ks.KronSum.from_outer(G, G, np.ones(3))
+
+
+def test_half_precision_refused():
+    with pytest.raises(TypeError, match="float32 or float64, got float16"):
+        ks.KronSum.from_outer(np.ones((3, 2), np.float16), np.ones((3, 2)))
+
+
+def test_non_finite_statistics_are_not_a_zero_sum():
+    G = np.ones((3, 2))
+    G[0, 0] = np.nan
+    F = ks.KronSum.from_outer(G, np.ones((3, 2)), check_finite=False)
+    for method in ("gram", "lanczos", "power"):
+        with pytest.raises(ValueError, match="non-finite"):
+            ks.kfoc(F, method=method)
