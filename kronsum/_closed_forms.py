@@ -3,7 +3,7 @@ r"""The closed-form estimators: K-FAC (Martens & Grosse 2015; KFC for convolutio
 from __future__ import annotations
 
 from ._accel import weighted_gram
-from ._compat import device_of, eye_like, trace
+from ._compat import device_of, eye_like, materialize_all, trace
 from ._kron import Kron, KronInfo
 from ._sum import KronSum
 
@@ -82,6 +82,7 @@ def kfac(F: KronSum) -> Kron:
         sw = sum((p[2] for p in pieces[1:]), pieces[0][2])
     else:
         SL, SR, sw = _kfac_pieces(F)
+    SL, SR, sw = materialize_all(SL, SR, sw)  # Dask: one pass, then plain small arrays
     positive = bool(sw > 0)
     inv = 1.0 / sw if positive else xp.ones_like(sw)
     notes = () if positive else ("all weights are zero: the estimate is zero",)
@@ -173,6 +174,7 @@ def tkfac(F: KronSum, *, variant: str = "trace") -> Kron:
     Il = eye_like(Fn.m, Fn.weights, xp)
     phi = Fn.contract_right()  # Σ w tr(R_k) L_k, without a product with I
     psi = Fn.contract_left()
+    phi, psi = materialize_all(phi, psi)  # Dask: one pass, then plain small arrays
     delta = trace(phi, xp)
     ok = bool(delta != 0)
     if not ok:

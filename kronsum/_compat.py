@@ -22,6 +22,7 @@ __all__ = [
     "is_dask_namespace",
     "fro_norm",
     "materialize",
+    "materialize_all",
     "fro_inner",
     "to_float",
     "eye_like",
@@ -68,22 +69,45 @@ def is_dask_namespace(xp: Any) -> bool:
 _SMALL = 2**22  # entries of a Dask iterate brought back to the client instead of persisted
 
 
+def _identity_block(b):
+    return b
+
+
 def materialize(x: Array) -> Array:
-    """Compute a lazy Dask array now and keep the result (``persist``); other arrays as they are.
+    """Compute a lazy Dask array now and keep the result; other arrays as they are.
 
     The iterative solvers call it on every iterate, so each Dask step is one map-reduce over the
-    persisted inputs instead of a graph that re-runs all earlier steps. Small iterates (up to
-    2²² entries: factors, coefficient vectors) are computed and re-wrapped under a fresh name,
-    so no task key is ever submitted twice with a different definition.
+    persisted inputs instead of a graph that re-runs all earlier steps. Small arrays (up to 2²²
+    entries: factors, coefficient vectors) come back to the client and are re-wrapped; large
+    ones are persisted on the workers. Either way the result gets a fresh, random key name, so
+    no task key is ever submitted twice with a different definition (dask/dask#9888).
     """
-    if array_api_compat.is_dask_array(x):
-        if math.prod(x.shape) <= _SMALL:  # an iterate: compute it and start a fresh graph
-            import dask.array as da
-            import numpy as np
+    return materialize_all(x)[0]
 
-            return da.from_array(np.asarray(x.compute()), chunks=-1, name=False)
-        return x.persist()
-    return x
+
+def materialize_all(*xs: Array) -> tuple:
+    """:func:`materialize` for several arrays, computed in one pass when they are Dask arrays."""
+    if not any(array_api_compat.is_dask_array(x) for x in xs):
+        return xs
+    import uuid
+
+    import dask
+    import dask.array as da
+    import numpy as np
+
+    small = [array_api_compat.is_dask_array(x) and math.prod(x.shape) <= _SMALL for x in xs]
+    computed = iter(dask.compute(*(x for x, sm in zip(xs, small) if sm)))
+    out = []
+    for x, sm in zip(xs, small):
+        if not array_api_compat.is_dask_array(x):
+            out.append(x)
+        elif sm:
+            out.append(da.from_array(np.asarray(next(computed)), chunks=-1, name=False))
+        else:
+            y = x.persist()
+            out.append(y.map_blocks(_identity_block, dtype=y.dtype, meta=y._meta,
+                                    name=f"kronsum-persisted-{uuid.uuid4().hex}"))
+    return tuple(out)
 
 
 def fro_norm(x: Array, xp: Any) -> Array:
