@@ -251,6 +251,22 @@ def collect(
     dict of str to KronSum
         In the order the layers are called; ``m = out``, ``n = in`` (``in·kh·kw`` for conv) plus
         one with a bias.
+    
+    Examples
+    --------
+    >>> import pytest; jax = pytest.importorskip("jax")
+    >>> import jax.numpy as jnp
+    >>> import kronsum as ks
+    >>> from kronsum.adapters.jax import collect
+    >>> def apply(params, x, tape):
+    ...     return tape.dense("fc", x, params["w"], params["b"])
+    >>> params = {"w": jnp.ones((3, 2)) / 3, "b": jnp.zeros(2)}
+    >>> X, y = jnp.arange(12.0).reshape(4, 3) / 12, jnp.array([0, 1, 1, 0])
+    >>> F = collect(apply, params, X, y, fisher="empirical", reduction="sum")["fc"]
+    >>> F.form, F.m, F.n                      # out = 2; in = 3 plus the bias column
+    ('outer', 2, 4)
+    >>> float(ks.kfac(F).scale)               # sum reduction: weight 1 per sample
+    4.0
     """
     _require_jax()
     if fisher not in FISHER_TYPES:

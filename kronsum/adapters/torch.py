@@ -111,6 +111,15 @@ def supported_layers(model: Any, layers: Iterable[str] | None = None) -> dict[st
     Every ``nn.Linear`` and ``nn.Conv2d`` whose weight requires a gradient, or exactly those
     named in ``layers`` (``KeyError`` for a name that is not a supported layer). A grouped
     convolution raises ``NotImplementedError``.
+
+    Examples
+    --------
+    >>> import pytest; torch = pytest.importorskip("torch")
+    >>> from torch import nn
+    >>> from kronsum.adapters.torch import supported_layers
+    >>> model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4, 2))
+    >>> list(supported_layers(model))
+    ['0', '3']
     """
     _require_torch()
     wanted = None if layers is None else list(layers)
