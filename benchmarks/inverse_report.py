@@ -19,46 +19,31 @@ workspace is not counted); for the dense row it includes forming the ``(mn, mn)`
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import platform
-import statistics
 import sys
-import time
-import tracemalloc
 
 import numpy as np
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.join(HERE, ".."))
+sys.path.insert(0, HERE)
 import kronsum as ks  # noqa: E402
+from benchmarks.common import blas_threads, measure  # noqa: E402
 
 try:
-    from threadpoolctl import threadpool_info, threadpool_limits
+    from threadpoolctl import threadpool_info
 except ImportError:  # pragma: no cover - optional
-    threadpool_limits = None
     threadpool_info = None
 
 
-def _threads(limit):
-    if threadpool_limits is None:
-        return contextlib.nullcontext()
-    return threadpool_limits(limits=limit)
-
-
 def _time(fn, repeat, mem_fn=None):
-    fn()  # warm-up
-    times = []
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    tracemalloc.start()
-    tracemalloc.reset_peak()
-    (mem_fn or fn)()
-    _, peak = tracemalloc.get_traced_memory()
-    tracemalloc.stop()
-    return statistics.median(times), peak / 2**20
+    """Median seconds of ``fn`` and the tracemalloc peak (MiB) of ``mem_fn`` (default ``fn``)."""
+    median, peak, _ = measure(fn, repeat)
+    if mem_fn is not None:
+        peak = measure(mem_fn, 0)[1]
+    return median, peak
 
 
 def _problem(m, seed=0):
@@ -73,7 +58,7 @@ def run(sizes, dense_sizes, repeat, lam=1e-2):
     records = []
     settings = [("1 thread", 1), ("default threads", None)]
     for tname, limit in settings:
-        with _threads(limit):
+        with blas_threads(limit):
             for m in sorted(set(sizes) | set(dense_sizes)):
                 K, V = _problem(m)
                 case = f"m=n={m}, {tname}"

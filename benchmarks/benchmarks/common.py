@@ -110,7 +110,7 @@ def measure(fn, repeats: int):
     out = fn()
     peak = tracemalloc.get_traced_memory()[1] / 2**20
     tracemalloc.stop()
-    return statistics.median(times), peak, out
+    return (statistics.median(times) if times else float("nan")), peak, out
 
 
 CPU = os.cpu_count()
