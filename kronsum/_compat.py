@@ -28,6 +28,8 @@ __all__ = [
     "eye_like",
     "trace",
     "symmetrize",
+    "on_accelerator",
+    "host_floats",
 ]
 
 #: Any array of an array-API compatible library.
@@ -56,6 +58,41 @@ def device_of(x: Array) -> Any:
 def is_array(x: object) -> bool:
     """Whether ``x`` is an array of some array-API compatible library."""
     return bool(is_array_api_obj(x))
+
+
+def on_accelerator(x: Array) -> bool:
+    """Whether ``x`` lives in accelerator memory (CuPy, torch CUDA/MPS, JAX on a GPU/TPU):
+    there a read of a scalar to the host stalls the device queue, so loops batch their reads."""
+    if array_api_compat.is_cupy_array(x):
+        return True
+    dev = device_of(x)
+    if array_api_compat.is_torch_array(x):
+        return getattr(dev, "type", "cpu") != "cpu"
+    if array_api_compat.is_jax_array(x):
+        return getattr(dev, "platform", "cpu") != "cpu"
+    return False
+
+
+def host_floats(values: list) -> list[float]:
+    """Python floats from a list of 0-d arrays (or floats) in one device-to-host transfer.
+
+    On an accelerator the scalars are stacked on the device and copied once, so reading ``k``
+    iteration scalars costs one synchronisation instead of ``k``; elsewhere each is read with
+    :func:`to_float` (Dask: each a small computation over materialised inputs).
+    """
+    pending = [v for v in values if not isinstance(v, (int, float))]
+    if len(pending) > 1 and on_accelerator(pending[0]):
+        xp = array_api_compat.array_namespace(*pending)
+        stacked = xp.stack([xp.reshape(v, ()) for v in pending])
+        if array_api_compat.is_cupy_array(stacked):
+            got = iter(stacked.get().tolist())
+        else:  # torch: .tolist() is one copy; JAX: np.asarray is one copy
+            import numpy as np
+
+            got = iter(stacked.tolist() if array_api_compat.is_torch_array(stacked)
+                       else np.asarray(stacked).tolist())
+        return [float(v) if isinstance(v, (int, float)) else float(next(got)) for v in values]
+    return [float(v) if isinstance(v, (int, float)) else to_float(v) for v in values]
 
 
 def is_numpy_namespace(xp: Any) -> bool:
@@ -132,9 +169,11 @@ def to_float(x: Array) -> float:
 
 
 def trace(x: Array, xp: Any) -> Array:
-    """Trace over the last two axes (square), as a plain sum so every namespace has it."""
+    """Trace over the last two axes (square): the sum of every (n+1)-th entry of the flattened
+    matrix, a strided read of n entries (no product with an identity)."""
     n = x.shape[-1]
-    return xp.sum(x * xp.eye(n, dtype=x.dtype, device=device_of(x)), axis=(-2, -1))
+    flat = xp.reshape(x, tuple(x.shape[:-2]) + (n * n,))
+    return xp.sum(flat[..., :: n + 1], axis=-1)
 
 
 def eye_like(n: int, ref: Array, xp: Any) -> Array:

@@ -16,19 +16,29 @@ _local = threading.local()
 
 def _defaults() -> dict:
     off = os.environ.get(_ENV_DISABLE_NUMBA, "").strip().lower() in ("1", "true", "yes", "on")
-    return {"use_numba": not off}
+    return {"use_numba": not off, "check_every": None}
 
 
 def get_config() -> dict:
-    """The current options (a copy). ``use_numba``: whether NumPy inputs on the CPU may take
-    the numba kernels (default ``True`` unless the environment variable
-    ``KRONSUM_DISABLE_NUMBA=1`` is set; without numba installed it has no effect).
+    """The current options (a copy).
+
+    ``use_numba``
+        Whether NumPy inputs on the CPU may take the numba kernels (default ``True`` unless
+        the environment variable ``KRONSUM_DISABLE_NUMBA=1`` is set; without numba installed
+        it has no effect).
+    ``check_every``
+        How many iterations the iterative solvers (:func:`kfoc`'s ``"lanczos"``, ``"power"``
+        and ``"gram"`` on non-NumPy arrays) run between reads of their convergence scalars
+        to the host. ``None`` (default): every iteration on the CPU, every 4 on an
+        accelerator (CuPy, torch CUDA, JAX GPU), where each read stalls the device queue.
+        A larger value means fewer synchronisations and at most ``check_every - 1`` wasted
+        operator applications; the answer is the same.
 
     Examples
     --------
     >>> import kronsum as ks
     >>> sorted(ks.get_config())
-    ['use_numba']
+    ['check_every', 'use_numba']
     """
     if not hasattr(_local, "options"):
         _local.options = _defaults()
@@ -54,7 +64,11 @@ def set_config(**options) -> None:
     if unknown:
         raise ValueError(f"unknown kronsum option(s) {sorted(unknown)}; known: {sorted(current)}")
     for key, value in options.items():
-        if not isinstance(value, bool):
+        if key == "check_every":
+            if value is not None and not (isinstance(value, int) and not isinstance(value, bool)
+                                          and value >= 1):
+                raise ValueError(f"option check_every must be None or a positive integer, got {value!r}")
+        elif not isinstance(value, bool):
             raise TypeError(f"option {key} must be a bool, got {type(value).__name__}")
     current.update(options)
     _local.options = current

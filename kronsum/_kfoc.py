@@ -33,7 +33,9 @@ import numpy as np
 
 from ._accel import numba_enabled, numba_kernels
 from ._closed_forms import _new_kron, _require_sum, kfac
-from ._compat import Array, device_of, eye_like, fro_norm, is_dask_namespace, is_numpy_namespace, materialize, symmetrize, to_float, trace
+from ._compat import (Array, device_of, eye_like, fro_norm, host_floats, is_dask_namespace, is_numpy_namespace,
+                      materialize, on_accelerator, symmetrize, to_float, trace)
+from ._config import get_config
 from ._kron import Kron, KronInfo
 from ._sum import KronSum
 
@@ -132,7 +134,8 @@ def kfoc(
     -------
     Kron
         ``left`` (m, m) and ``right`` (n, n) of unit Frobenius norm with ``tr(left) ≥ 0``,
-        ``scale = σ₁``. Symmetric when the terms are (always for outer and conv); both PSD when
+        ``scale = σ₁``. Symmetric when the terms are (always for outer and conv; bit for bit
+        on NumPy, to rounding where the weighted Gram products are GEMMs); both PSD when
         F is a PSD sum (non-negative weights, PSD terms, or the outer/conv forms).
         ``info`` holds the solver, iterations, convergence, estimates of σ₁ and σ₂ and notes:
         a zero sum gives ``scale = 0`` with identity-shaped factors; ``σ₁ = σ₂`` (the optimum
@@ -140,6 +143,11 @@ def kfoc(
 
     Notes
     -----
+    On accelerators the ``gram`` solver reads its convergence scalars every few steps
+    (``kronsum.config(check_every=...)``) and, when ``10K² ≤ m² + n²``, replaces Lanczos by
+    repeated squaring of the K×K operator (``info.method == "kfoc/gram-squaring"``; far fewer
+    kernel launches; ``info.iterations`` counts the power steps it stands for).
+
     Cost: ``gram`` O(K²(m + n) + K³ + K(m² + n²)) for the outer form; ``lanczos`` and
     ``power`` O(K(m² + n²)) per application for outer/terms (conv: see
     :meth:`KronSum.contract_left`), typically 10–30 applications with Lanczos.
@@ -186,8 +194,7 @@ def kfoc(
     Fn = Fn.persisted()  # Dask: inputs computed once, each iteration one map-reduce
     c = cw * (cl * cr)
     if method == "gram":
-        L, R, its, conv, res, s2, method = _gram_solve(Fn, init, seed, tol, max_iter)
-        L, R, sigma, notes = _finish_pair(Fn, L, R)
+        L, R, sigma, notes, its, conv, res, s2, method = _gram_solve(Fn, init, seed, tol, max_iter)
     else:
         side = "left" if Fn.m <= Fn.n else "right"
         x0 = _initial(Fn, init, seed, side)
@@ -215,11 +222,11 @@ class _Space:
     inner product is ``⟨x, y⟩ = Σ x ∘ M(y)`` with ``M`` the metric (identity when ``None``).
     """
 
-    def __init__(self, apply, xp, metric=None, apply_M=None):
+    def __init__(self, apply, xp, metric=None, apply_M=None, safe_norm=False):
         # every product is materialised: on Dask each step is then one map-reduce over the
         # persisted inputs rather than a graph re-running all earlier steps
         self.apply = None if apply is None else (lambda x: materialize(apply(x)))
-        self.xp, self.metric = xp, metric
+        self.xp, self.metric, self.safe_norm = xp, metric, safe_norm
         self._apply_M = None if apply_M is None else (lambda x, Mx: materialize(apply_M(x, Mx)))
 
     def apply_M(self, x, Mx):
@@ -233,6 +240,8 @@ class _Space:
         return self.xp.sum(x * My)
 
     def norm(self, x, Mx=None):
+        if self.safe_norm and self.metric is None:
+            return fro_norm(x, self.xp)  # scaled by max|x| first: no overflow in the squares
         v = self.dot(x, self.M(x) if Mx is None else Mx)
         return self.xp.sqrt(self.xp.where(v > 0, v, self.xp.zeros_like(v)))
 
@@ -248,42 +257,136 @@ def _gram_solve(Fn: KronSum, init, seed, tol, max_iter):
 
     ``L = Σ α_k L_k`` has ``‖L‖² = αᵀS_Pα`` and one step of the power method maps
     ``α ↦ W S_Q W S_P α``, self-adjoint in the ``S_P`` inner product: Lanczos runs there at
-    O(K²) per step, after O(K²(m + n)) (outer) for the two Gram matrices.
+    O(K²) per step, after O(K²(m + n)) (outer) for the two Gram matrices. Returns the finished
+    ``(L, R, σ, notes)`` and the solver's ``(iterations, converged, residual, σ₂, kernel)``.
     """
     xp = Fn.xp
     w = Fn.weights
     SP, SQ = Fn._gram("left"), Fn._gram("right")
-    space = _Space(lambda a: w * (SQ @ (w * (SP @ a))), xp, metric=lambda a: SP @ a,
-                   apply_M=lambda a, Ma: w * (SQ @ (w * Ma)))
     if isinstance(init, Kron):
         R0 = xp.astype(xp.asarray(init.right), Fn.dtype)
     elif init == "kfac":
         R0 = kfac(Fn).right
     elif init == "random":
-        R0 = space.random_like(eye_like(Fn.n, w, xp), seed, Fn.symmetric)
+        R0 = _Space(None, xp).random_like(eye_like(Fn.n, w, xp), seed, Fn.symmetric)
     else:  # "tkfac" and "identity" coincide after the half-step into coefficient space
         R0 = None
     alpha0 = w * (Fn._traces("right") if R0 is None else Fn._inner("right", R0))
-    if not bool(space.norm(alpha0) > 0):
-        alpha0 = w
-        if not bool(space.norm(alpha0) > 0):  # every term is zero: S_P = 0
-            zero = Fn._combine("left", xp.zeros_like(w))
-            return zero, Fn._combine("right", xp.zeros_like(w)), 0, True, 0.0, 0.0, "gram"
-    if numba_enabled(xp, SP, SQ, w):
+
+    if numba_enabled(xp, SP, SQ, w):  # float64 arithmetic inside the kernel: no range concern
+        space = _Space(lambda a: w * (SQ @ (w * (SP @ a))), xp, metric=lambda a: SP @ a,
+                       apply_M=lambda a, Ma: w * (SQ @ (w * Ma)))
+        if not bool(space.norm(alpha0) > 0):
+            alpha0 = w
+            if not bool(space.norm(alpha0) > 0):  # every term is zero (S_P = 0) or NaN
+                _require_finite(xp, SP)
+                _require_finite(xp, SQ)
+                return (*_zero_answer(Fn), 0, True, 0.0, 0.0, "gram[numba]")
         alpha, its, conv, res, s2 = _lanczos_numba(space, SP, SQ, w, alpha0, tol, max_iter)
-        kernel = "gram[numba]"
+        L, R, sigma, notes = _finish_pair(Fn, Fn._combine("left", alpha),
+                                          Fn._combine("right", w * (SP @ alpha)))
+        return L, R, sigma, notes, its, conv, res, s2, "gram[numba]"
+
+    # The operator multiplies four K-scale quantities (entries of S_P ~ ‖g‖⁴): in float32 it
+    # overflows for large layers, so iterate with S_P, S_Q, w divided by their largest
+    # entries (device scalars, no host read); the eigenvector is the same.
+    cP, cQ, cw = (_safe(xp, xp.max(xp.abs(M))) for M in (SP, SQ, w))
+    SPs, SQs, ws = SP / cP, SQ / cQ, w / cw
+    space = _Space(lambda a: ws * (SQs @ (ws * (SPs @ a))), xp, metric=lambda a: SPs @ a,
+                   apply_M=lambda a, Ma: ws * (SQs @ (ws * Ma)))
+    # a start with ‖L₀‖ = 0 (e.g. traceless terms) falls back to the weights, on the device;
+    # if that is zero too, every term is zero (S_P = 0) and the solve returns a zero vector
+    alpha0 = xp.where(space.norm(alpha0) > 0, alpha0, w)
+    found = None
+    if _use_squaring(Fn):
+        found = _squaring(space, SPs, SQs, ws, alpha0, tol, max_iter)
+    if found is not None:
+        alpha, its, res, kernel = found
+        conv, s2 = True, None
     else:
         alpha, its, conv, res, s2 = _lanczos(space, alpha0, tol, max_iter)
         kernel = "gram"
-    L = Fn._combine("left", alpha)
-    R = Fn._combine("right", w * (SP @ alpha))
-    return L, R, its, conv, res, s2, kernel
+    # finish in coefficient space: ‖L‖² = αᵀS_Pα, R ∝ Σ β_k R_k with β = w∘S_Pα,
+    # ‖R‖² = βᵀS_Qβ, tr L = Σ α_k tr L_k; one host read, then the two weighted Gram products
+    MA = SPs @ alpha
+    beta = ws * MA
+    f2 = xp.sum(ws * ((SPs * SQs) @ ws))  # ‖F̃‖² in scaled units, for the σ₂ bound
+    vals = host_floats([xp.sum(alpha * MA), xp.sum(beta * (SQs @ beta)),
+                        xp.sum(alpha * Fn._traces("left")), f2, cP, cQ, cw])
+    nls2, nrs2, tr, f2s, fP, fQ, fw = vals
+    if not all(math.isfinite(v) for v in vals):
+        _require_finite(xp, math.nan)
+    if not (nls2 > 0 and nrs2 > 0):
+        return (*_zero_answer(Fn), its, True, 0.0, 0.0, kernel)
+    sign = -1.0 if tr < 0 else 1.0
+    nls, nrs = math.sqrt(nls2), math.sqrt(nrs2)
+    unit = math.sqrt(fw * fw * fQ * fP)  # scaled → true units of σ
+    sigma = unit * nrs / nls
+    if s2 is not None:
+        s2 = s2 * unit
+    elif not f2s - nrs2 / nls2 < (nrs2 / nls2) * (1 - math.sqrt(xp.finfo(Fn.dtype).eps)):
+        # ‖F‖² − σ₁² bounds σ₂²; when it cannot rule out σ₂ = σ₁, probe the deflated operator
+        x = alpha / nls
+        s2, k = _deflated_top(space, x, space.M(x))
+        s2, its = s2 * unit, its + k
+    L = Fn._combine("left", alpha * (sign / (nls * math.sqrt(fP))))
+    R = Fn._combine("right", beta * (sign / (nrs * math.sqrt(fQ))))
+    return L, R, sigma, (), its, conv, res, s2, kernel
+
+
+def _use_squaring(Fn: KronSum) -> bool:
+    """The squaring route: arrays on an accelerator and 5 squarings (10K³ flops) at most a
+    fifth of the final weighted Gram products' 2K(m² + n²)."""
+    K = Fn.num_terms
+    return on_accelerator(Fn.weights) and 10 * K * K <= Fn.m * Fn.m + Fn.n * Fn.n
+
+
+def _squaring(space: _Space, SPs, SQs, ws, alpha0, tol, max_iter):
+    """The power method by repeated squaring of the K×K operator ``B = W S_Q W S_P``.
+
+    For accelerators with K small beside m and n: every Lanczos step is a dozen tiny kernels,
+    each a launch and a Python dispatch, while ``B^(2^s)`` costs s GEMMs of 2K³ flops. After
+    5, 8 and 11 squarings (32, 256, 2048 power steps) the metric residual of
+    ``B^(2^s) α₀`` is read (one host read); ``None`` if it has not met ``tol`` (or
+    ``max_iter`` caps the steps), and Lanczos takes over. Returns
+    ``(α, power steps, residual, "gram-squaring")`` with ``αᵀS_Pα = 1``.
+    """
+    xp = space.xp
+    # (no clip: array-api-compat's clip costs ~0.3 ms a call on CuPy; where() is one kernel)
+    B = ((ws[:, None] * SQs) * ws[None, :]) @ SPs
+    M, level = B, 0
+    for target in (5, 8, 11):
+        if 2**target > max_iter:
+            return None
+        while level < target:
+            M = M @ M
+            M = M / _safe(xp, xp.max(xp.abs(M)))
+            level += 1
+        x = M @ alpha0
+        Mx = SPs @ x
+        nx = xp.sqrt(_safe(xp, xp.sum(x * Mx)))
+        x, Mx = x / nx, Mx / nx
+        y = B @ x
+        th = xp.sum(y * Mx)
+        r = y - th * x
+        rr = xp.sum(r * (SPs @ r))
+        res = xp.sqrt(xp.where(rr > 0, rr, xp.zeros_like(rr))) / _safe(xp, th)
+        th_f, res_f = host_floats([th, res])
+        if not (math.isfinite(th_f) and math.isfinite(res_f)):
+            return None
+        if th_f <= 0:  # a zero operator (or zero start): nothing to iterate
+            return x, 2**level + 1, 0.0, "gram-squaring"
+        if res_f <= tol:
+            return x, 2**level + 1, res_f, "gram-squaring"
+    return None
 
 
 def _operator_space(Fn: KronSum, side: str) -> _Space:
+    # below float64 the iterates' entries reach σ₁² and their squares overflow: safe norms
+    safe = Fn.xp.finfo(Fn.dtype).bits < 64
     if side == "left":
-        return _Space(lambda X: Fn.contract_right(Fn.contract_left(X)), Fn.xp)
-    return _Space(lambda Y: Fn.contract_left(Fn.contract_right(Y)), Fn.xp)
+        return _Space(lambda X: Fn.contract_right(Fn.contract_left(X)), Fn.xp, safe_norm=safe)
+    return _Space(lambda Y: Fn.contract_left(Fn.contract_right(Y)), Fn.xp, safe_norm=safe)
 
 
 def _initial(Fn: KronSum, init, seed, side: str) -> Array:
@@ -306,22 +409,60 @@ def _initial(Fn: KronSum, init, seed, side: str) -> Array:
     return x
 
 
+def _check_every(x) -> int:
+    """Iterations between host reads of the convergence scalars (see :func:`kronsum.get_config`)."""
+    k = get_config()["check_every"]
+    if k is not None:
+        return k
+    return 4 if on_accelerator(x) else 1
+
+
 def _power(space: _Space, x, tol, max_iter):
-    """The paper's power method; stops on the relative eigen-residual."""
+    """The paper's power method; stops on the relative eigen-residual.
+
+    The scalars of each iteration stay on the device; they are read to the host (one
+    transfer) every ``check_every`` iterations and the first iteration that met the rule is
+    returned, so batching the reads changes the cost, not the answer.
+    """
+    every = _check_every(x)
+    sync_each = every == 1
     x = materialize(x / to_float(space.norm(x)))
     res = math.inf
-    for it in range(1, max_iter + 1):
-        y = space.apply(x)
-        ny = to_float(space.norm(y))  # scalars read once as floats (Dask: no re-submitted keys)
-        _require_finite(space.xp, ny)
-        if not ny > 0:
-            return x, it, True, 0.0, None
-        y = materialize(y / ny)
-        c = to_float(space.dot(y, space.M(x)))
-        res = to_float(space.norm(y - c * x)) / abs(c) if c != 0 else math.inf
-        x = y
-        if res <= tol:
-            return x, it, True, res, None
+    it = 0
+    while it < max_iter:
+        batch = []  # (x_before, y_normalised, ‖y‖, residual) per iteration, device scalars
+        for _ in range(min(every, max_iter - it)):
+            y = space.apply(x)
+            ny = space.norm(y)
+            if sync_each:  # CPU / Dask: scalars read as floats at once (no re-submitted keys)
+                ny = to_float(ny)
+                _require_finite(space.xp, ny)
+                if not ny > 0:
+                    return x, it + 1, True, 0.0, None
+            y = materialize(y / (ny if sync_each else _safe(space.xp, ny)))
+            c = space.dot(y, space.M(x))
+            if sync_each:
+                c = to_float(c)
+                r = to_float(space.norm(y - c * x)) / abs(c) if c != 0 else math.inf
+            else:
+                r = space.norm(y - c * x) / _safe(space.xp, space.xp.abs(c))
+            batch.append((x, y, ny, r))
+            x = y
+            it += 1
+            if sync_each and r <= tol:
+                return x, it, True, r, None
+        if sync_each:
+            res = batch[-1][3]
+            continue
+        vals = host_floats([v for b in batch for v in (b[2], b[3])])
+        for i, (xb, y, _, _) in enumerate(batch):
+            ny, r = vals[2 * i], vals[2 * i + 1]
+            _require_finite(space.xp, ny)
+            if not ny > 0:
+                return xb, it, True, 0.0, None
+            res = r if math.isfinite(r) else math.inf
+            if res <= tol:  # applications counted as performed, the unused ones included
+                return y, it, True, res, None
     return x, max_iter, False, res, None
 
 
@@ -330,61 +471,117 @@ def _lanczos(space: _Space, x, tol, max_iter):
 
     Returns ``(x, applications, converged, residual, sqrt(second Ritz value))``. The (j × j)
     tridiagonal projection is solved on the host with NumPy: only its 2j scalars, which the
-    convergence check reads anyway, leave the device.
+    convergence check reads anyway, leave the device. With ``check_every = c > 1``
+    (accelerators) the recurrence runs c steps on device scalars between reads, and the
+    first step that met the rule is the one returned (up to c − 1 applications are wasted).
+    On 1-D (coefficient) vectors the reorthogonalisation is two block products.
     """
     xp = space.xp
+    every = _check_every(x)
+    sync_each = every == 1
     n_apply = 0
     res = math.inf
     s2 = None
     eps = float(xp.finfo(x.dtype).eps)
     Mx = space.M(x)
-    nx = to_float(space.norm(x, Mx))
+    nx = space.norm(x, Mx)
+    if sync_each:
+        nx = to_float(nx)
+        if not nx > 0:
+            return x, 0, True, 0.0, 0.0
+    else:  # a zero start stays zero: the first check sees theta = 0 and returns it
+        nx = _safe(xp, nx)
     x, Mx = materialize(x / nx), materialize(Mx / nx)
+    block = x.ndim == 1 and not is_dask_namespace(xp)
     while True:
         Q, MQ = [x], [Mx]
-        alphas: list[float] = []
-        betas: list[float] = []
+        alphas: list = []  # floats, or device scalars not yet read
+        betas: list = []
+        checked = 0  # steps whose scalars have been read and tested
         for j in range(_KRYLOV_DIM):
             w = space.apply_M(Q[j], MQ[j])
             n_apply += 1
-            a = to_float(space.dot(w, MQ[j]))
-            w = w - a * Q[j]
-            if j > 0:
-                w = w - betas[-1] * Q[j - 1]
-            for _ in range(2):  # full reorthogonalisation, twice is enough
-                for q, mq in zip(Q, MQ):
-                    w = w - space.dot(w, mq) * q
+            if block:
+                # coefficient vectors: the three-term recurrence and the full
+                # reorthogonalisation as two block Gram-Schmidt passes against all of Q
+                # (twice is enough); α_j is the coefficient on q_j
+                Qs, MQs = xp.stack(Q), xp.stack(MQ)
+                c1 = MQs @ w
+                w = w - c1 @ Qs
+                c2 = MQs @ w
+                w = w - c2 @ Qs
+                a = c1[j] + c2[j]
+                if sync_each:
+                    a = to_float(a)
+            else:
+                a = space.dot(w, MQ[j])
+                if sync_each:
+                    a = to_float(a)
+                w = w - a * Q[j]
+                if j > 0:
+                    w = w - betas[-1] * Q[j - 1]
+                for _ in range(2):
+                    for q, mq in zip(Q, MQ):
+                        w = w - space.dot(w, mq) * q
             w = materialize(w)
             Mw = materialize(space.M(w))
-            b = to_float(space.norm(w, Mw))
+            b = space.norm(w, Mw)
+            if sync_each:
+                b = to_float(b)
             alphas.append(a)
             betas.append(b)
-            T = np.diag(alphas) + np.diag(betas[:-1], 1) + np.diag(betas[:-1], -1)
-            theta, S = np.linalg.eigh(T)
-            th1 = float(theta[-1])
-            if th1 <= 0:
-                return Q[0], n_apply, True, 0.0, 0.0
-            breakdown = b <= 64 * eps * th1
-            if j == 0 and breakdown:
-                # the start vector spans an invariant subspace: Krylov sees no second value,
-                # so probe the deflated operator to learn whether sigma1 is repeated
-                s2, k = _deflated_top(space, Q[0], MQ[0])
-                return Q[0], n_apply + k, True, 0.0, s2
-            s2 = math.sqrt(max(float(theta[-2]), 0.0)) if j > 0 else None
-            res = float(b * abs(S[-1, -1]) / th1)
-            done = bool(res <= tol or breakdown or n_apply >= max_iter)
-            if done or j == _KRYLOV_DIM - 1:
-                coef = [float(c) for c in S[:, -1]]
-                x, Mx = coef[0] * Q[0], coef[0] * MQ[0]
-                for cj, q, mq in zip(coef[1:], Q[1:], MQ[1:]):
-                    x, Mx = x + cj * q, Mx + cj * mq
-                nx = to_float(space.norm(x, Mx))
-                x, Mx = materialize(x / nx), materialize(Mx / nx)
-                if done:
-                    return x, n_apply, bool(res <= tol or breakdown), res, s2
-                break
+            last = j == _KRYLOV_DIM - 1 or n_apply >= max_iter
+            if sync_each or last or (j + 1 - checked) >= every:
+                vals = host_floats(alphas[checked:] + betas[checked:])
+                npend = len(alphas) - checked
+                alphas[checked:], betas[checked:] = vals[:npend], vals[npend:]
+                for i in range(checked, j + 1):
+                    if not (math.isfinite(alphas[i]) and math.isfinite(betas[i])):
+                        _require_finite(xp, math.nan)
+                    T = np.diag(alphas[: i + 1]) + np.diag(betas[:i], 1) + np.diag(betas[:i], -1)
+                    theta, S = np.linalg.eigh(T)
+                    th1 = float(theta[-1])
+                    if th1 <= 0:
+                        return Q[0], n_apply, True, 0.0, 0.0
+                    bi = betas[i]
+                    breakdown = bi <= 64 * eps * th1
+                    if i == 0 and breakdown:
+                        # the start vector spans an invariant subspace: Krylov sees no second
+                        # value, so probe the deflated operator to learn whether sigma1 repeats
+                        s2, k = _deflated_top(space, Q[0], MQ[0])
+                        return Q[0], n_apply + k, True, 0.0, s2
+                    s2 = math.sqrt(max(float(theta[-2]), 0.0)) if i > 0 else None
+                    res = float(bi * abs(S[-1, -1]) / th1)
+                    done = bool(res <= tol or breakdown or (i == j and n_apply >= max_iter))
+                    if done or i == _KRYLOV_DIM - 1:
+                        x, Mx = _ritz(space, Q[: i + 1], MQ[: i + 1], S[:, -1])
+                        if done:
+                            return x, n_apply, bool(res <= tol or breakdown), res, s2
+                        break
+                else:
+                    checked = j + 1
+                    Q.append(materialize(w / b))
+                    MQ.append(materialize(Mw / b))
+                    continue
+                break  # restart from the Ritz vector
+            b = _safe(xp, b)  # b = 0 is a breakdown the next read catches: no 0/0 meanwhile
             Q.append(materialize(w / b))
             MQ.append(materialize(Mw / b))
+
+
+def _safe(xp, v):
+    """``v`` with zero replaced by one (a device-side guard for a divisor read later)."""
+    return xp.where(v > 0, v, xp.ones_like(v))
+
+
+def _ritz(space: _Space, Q: list, MQ: list, coef) -> tuple:
+    """The normalised Ritz vector ``Σ c_j q_j`` (and its image under the metric)."""
+    coef = [float(c) for c in coef]
+    x, Mx = coef[0] * Q[0], coef[0] * MQ[0]
+    for cj, q, mq in zip(coef[1:], Q[1:], MQ[1:]):
+        x, Mx = x + cj * q, Mx + cj * mq
+    nx = to_float(space.norm(x, Mx))
+    return materialize(x / nx), materialize(Mx / nx)
 
 
 def _lanczos_numba(space: _Space, SP, SQ, w, x0, tol, max_iter):
@@ -459,21 +656,29 @@ def _finish(Fn: KronSum, x: Array, side: str):
 
 
 def _finish_pair(Fn: KronSum, L: Array, R: Array):
-    """Normalised, sign-fixed (and symmetrised) factors from unnormalised ``L`` and ``R ∝ 𝓡ᵀvec L``.
+    """Normalised, sign-fixed factors from unnormalised ``L`` and ``R ∝ 𝓡ᵀvec L`` (the numba
+    route: NumPy's syrk-based weighted Gram products are exactly symmetric already).
 
     ``σ = ‖R‖/‖L‖`` is then the optimal scale for this ``L`` (and σ₁ at the optimum).
     """
     xp = Fn.xp
-    # Σ c_k L_k of exactly symmetric terms, and NumPy's syrk-based weighted Gram products, are
-    # exactly symmetric already; other backends' GEMMs may round (i, j) and (j, i) differently
-    if Fn.symmetric and not is_numpy_namespace(xp):
-        L, R = symmetrize(L, xp), symmetrize(R, xp)
-    nl, nr = xp.sqrt(xp.sum(L * L)), xp.sqrt(xp.sum(R * R))  # F̃ is normalised: no overflow
-    _require_finite(xp, nl * nr)
-    if not (bool(nl > 0) and bool(nr > 0)):
+    nl, nr, tr = host_floats([_norm2(L, xp), _norm2(R, xp), trace(L, xp)])
+    if not math.isfinite(nl * nr):  # σ₁² beyond the dtype's range: the scaled norm
+        _require_finite(xp, L)
+        _require_finite(xp, R)
+        nl, nr = host_floats([fro_norm(L, xp), fro_norm(R, xp)])
+    if not (nl > 0 and nr > 0):
         return _zero_answer(Fn)
-    sign = -1.0 if bool(trace(L, xp) < 0) else 1.0
+    sign = -1.0 if tr < 0 else 1.0
     return L * (sign / nl), R * (sign / nr), nr / nl, ()
+
+
+def _norm2(x: Array, xp) -> Array:
+    """Frobenius norm in one pass where the namespace has ``linalg.vector_norm``."""
+    linalg = getattr(xp, "linalg", None)
+    if linalg is not None and hasattr(linalg, "vector_norm") and not is_dask_namespace(xp):
+        return linalg.vector_norm(xp.reshape(x, (-1,)))
+    return xp.sqrt(xp.sum(x * x))
 
 
 def _require_finite(xp, value) -> None:

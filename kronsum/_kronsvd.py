@@ -44,7 +44,8 @@ from typing import Any
 import numpy as np
 
 from ._closed_forms import _require_sum
-from ._compat import Array, device_of, fro_norm, is_array, is_dask_namespace, materialize, namespace, symmetrize, to_float, trace
+from ._compat import (Array, device_of, fro_norm, host_floats, is_array, is_dask_namespace, materialize, namespace,
+                      symmetrize, to_float, trace)
 from ._kfoc import _KRYLOV_DIM, _Space, _default_tol, _initial, _operator_space, choose_method
 from ._kron import Kron, KronInfo
 from ._sum import KronSum
@@ -727,7 +728,7 @@ def _top_eigenpairs(space: _Space, starts, r: int, tol: float, max_iter: int, dr
             v, Mv = materialize(v / nv), materialize(Mv / nv)
             Av = space.apply_M(v, Mv)
             n_apply += 1
-            col = [to_float(space.dot(Av, mq)) for mq in MQ] + [to_float(space.dot(Av, Mv))]
+            col = host_floats([space.dot(Av, mq) for mq in MQ] + [space.dot(Av, Mv)])  # one read
             k = len(Q)
             T2 = np.zeros((k + 1, k + 1))
             T2[:k, :k] = T
@@ -870,7 +871,7 @@ def _assemble(Fn: KronSum, side: str, vecs, rank: int, rng, SP, kind: str):
         if not QB:
             continue
         k = len(QB)
-        G = np.array([[to_float(xp.sum(QO[i] * QO[j])) for j in range(k)] for i in range(k)])
+        G = np.array(host_floats([xp.sum(QO[i] * QO[j]) for i in range(k) for j in range(k)])).reshape(k, k)
         theta, S = np.linalg.eigh((G + G.T) / 2)
         S = S[:, ::-1]
         for j in range(k):

@@ -21,7 +21,7 @@ import math
 from typing import Any
 
 from ._accel import weighted_gram
-from ._compat import Array, device_of, is_dask_namespace, materialize, namespace, trace
+from ._compat import Array, device_of, host_floats, is_dask_namespace, materialize, namespace, trace
 from ._validation import (DEFAULT_MAX_ELEMENTS, check_array, check_dense_size, check_finite_values,
                           check_weights)
 
@@ -503,16 +503,16 @@ class KronSum:
                 return self, (1.0, 1.0, 1.0)
             c = c if c > 0 else 1.0
             return KronSum.concat(*(Q.scaled(cp / c) for (Q, _), cp in zip(normed, cs))), (c, 1.0, 1.0)
-        sw = _pow2_scale(self.weights, xp)
-        w = self.weights if sw == 1.0 else self.weights / sw
         if self.form == "terms":
-            sl, sr = _pow2_scale(self.L, xp), _pow2_scale(self.R, xp)
+            sw, sl, sr = _pow2_scales((self.weights, self.L, self.R), xp)
+            w = self.weights if sw == 1.0 else self.weights / sw
             if sw == sl == sr == 1.0:
                 return self, (1.0, 1.0, 1.0)
             out = KronSum("terms", w, L=self.L if sl == 1.0 else self.L / sl,
                           R=self.R if sr == 1.0 else self.R / sr, symmetric=self.symmetric, _xp=xp)
             return out, (sw, sl, sr)
-        sg, sa = _pow2_scale(self.G, xp), _pow2_scale(self.A, xp)
+        sw, sg, sa = _pow2_scales((self.weights, self.G, self.A), xp)
+        w = self.weights if sw == 1.0 else self.weights / sw
         if sw == sg == sa == 1.0:
             return self, (1.0, 1.0, 1.0)
         out = KronSum(self.form, w, G=self.G if sg == 1.0 else self.G / sg,
@@ -561,9 +561,13 @@ def _cross_inner(P: KronSum, Q: KronSum) -> Array:
     return total
 
 
-def _pow2_scale(x: Array, xp: Any) -> float:
-    """1.0 when ``max|x|`` is 0 or within ``_POW2_RANGE``, else the power of two nearest it."""
-    c = float(xp.max(xp.abs(x)))
-    if c == 0.0 or _POW2_RANGE[0] <= c <= _POW2_RANGE[1] or not math.isfinite(c):
-        return 1.0
-    return math.ldexp(1.0, math.frexp(c)[1])
+def _pow2_scales(arrays, xp: Any) -> list[float]:
+    """Per array: 1.0 when ``max|x|`` is 0 or within ``_POW2_RANGE``, else the power of two
+    nearest it. The maxima are read to the host together (one synchronisation on a GPU)."""
+    out = []
+    for c in host_floats([xp.max(xp.abs(x)) for x in arrays]):
+        if c == 0.0 or _POW2_RANGE[0] <= c <= _POW2_RANGE[1] or not math.isfinite(c):
+            out.append(1.0)
+        else:
+            out.append(math.ldexp(1.0, math.frexp(c)[1]))
+    return out

@@ -28,7 +28,11 @@ def test_gram_solver_same_numbers_on_both_paths(form, K, m, n, seed, kind):
         slow = ks.kfoc(F, method="gram")
     assert fast.info.method == "kfoc/gram[numba]" and slow.info.method == "kfoc/gram"
     ref = slow.to_dense()
-    assert np.allclose(fast.to_dense(), ref, rtol=1e-10, atol=1e-10 * np.abs(ref).max())
+    # the two routes round differently (the array-API one scales S_P, S_Q, w and finishes in
+    # coefficient space); the eigenvector's sensitivity to rounding grows as 1/(1 - σ₂²/σ₁²)
+    gap = 1 - (fast.info.sigma2 / fast.info.sigma1) ** 2 if fast.info.sigma2 else 1.0
+    tol = 1e-9 / max(gap, 1e-3)
+    assert np.allclose(fast.to_dense(), ref, rtol=tol, atol=tol * np.abs(ref).max())
     assert fast.info.converged and slow.info.converged
 
 

@@ -1,0 +1,105 @@
+"""The routes kfoc takes on accelerators, exercised on the CPU.
+
+On a GPU, ``kfoc``'s Gram solver (outer/terms forms, K small beside m and n) computes
+``B^(2^s) α₀`` by repeated squaring of the K×K operator instead of running Lanczos (each
+Lanczos step is a dozen tiny kernels); the coefficient-space finish (norms and signs from
+K-vectors, one host read) serves every non-numba route. Here the squaring route is forced on
+NumPy arrays (numba off) and checked against the SVD ground truth, including the σ₁ = σ₂,
+zero-sum and float32-range cases.
+"""
+
+import numpy as np
+import pytest
+from hypothesis import given
+
+import kronsum as ks
+import kronsum._kfoc as kfoc_mod
+from conftest import dense_F, make_sum, random_inputs, sums, svd_optimum
+
+
+@pytest.fixture
+def squaring(monkeypatch):
+    monkeypatch.setattr(kfoc_mod, "_use_squaring", lambda F: True)
+    with ks.config(use_numba=False, check_every=4):
+        yield
+
+
+@given(sums(forms=("terms", "outer")))
+def test_squaring_reaches_the_svd_optimum(case):
+    form, arrays, w = case
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(kfoc_mod, "_use_squaring", lambda F: True)
+        with ks.config(use_numba=False):
+            F = make_sum(form, arrays, w)
+            est = ks.kfoc(F, method="gram")
+    opt, s = svd_optimum(dense_F(form, arrays, w), F.m, F.n)
+    normF = float(np.sqrt(np.sum(s**2)))
+    err = float(ks.frobenius_error(F, est))
+    assert err <= opt * (1 + 1e-8) + 1e-12 * normF, (est.info, err, opt)
+    assert np.isclose(float(est.scale), s[0], rtol=1e-8, atol=1e-12 * normF)
+    if float(est.scale) > 0:
+        assert np.isclose(np.linalg.norm(est.left), 1.0) and np.isclose(np.linalg.norm(est.right), 1.0)
+        assert np.trace(est.left) >= 0
+    if est.info.sigma2 is not None and s[0] > 0:
+        # a Ritz value of the deflated operator (4 Lanczos steps): a lower estimate of σ₂
+        assert est.info.sigma2 <= s[1] * (1 + 1e-6) + 1e-10 * s[0]
+    elif s[0] > 0:  # not probed: ‖F‖² − σ₁² proved σ₂ < σ₁
+        assert np.sum(s[1:] ** 2) < s[0] ** 2
+
+
+def test_squaring_is_the_route_taken(squaring):
+    G, A = random_inputs("outer", 40, 6, 7, seed=2, kind="heavy")
+    est = ks.kfoc(ks.KronSum.from_outer(G, A))
+    assert est.info.method == "kfoc/gram-squaring" and est.info.converged
+    assert est.info.iterations in (2**5 + 1, 2**8 + 1, 2**11 + 1)
+    np.testing.assert_allclose(est.to_dense(), ks.nearest_kronecker(ks.KronSum.from_outer(G, A)).to_dense(),
+                               atol=1e-9 * np.abs(G).max() ** 2 * np.abs(A).max() ** 2 * 40)
+
+
+def test_squaring_reports_sigma1_equal_sigma2(squaring):
+    E = np.eye(2)
+    L = np.stack([np.outer(E[0], E[0]), np.outer(E[1], E[1])])
+    F = ks.KronSum.from_terms(L, L.copy())
+    est = ks.kfoc(F, method="gram")
+    assert np.all(np.isfinite(est.to_dense()))
+    assert np.isclose(float(ks.frobenius_error(F, est)), 1.0)
+    assert any("not unique" in note for note in est.info.notes), est.info
+
+
+@pytest.mark.parametrize("form", ["terms", "outer"])
+def test_squaring_zero_sum(squaring, form):
+    arrays = tuple(np.zeros_like(a) for a in random_inputs(form, 3, 2, 3, seed=0))
+    est = ks.kfoc(getattr(ks.KronSum, f"from_{form}")(*arrays), method="gram")
+    assert np.all(est.to_dense() == 0) and est.info.notes
+
+
+def test_squaring_falls_back_to_lanczos_when_max_iter_is_small(squaring):
+    G, A = random_inputs("outer", 40, 6, 7, seed=2, kind="heavy")
+    est = ks.kfoc(ks.KronSum.from_outer(G, A), max_iter=20)
+    assert est.info.method == "kfoc/gram"  # 2^5 power steps exceed max_iter: Lanczos instead
+
+
+def test_squaring_float32_large_magnitudes(squaring):
+    rng = np.random.default_rng(0)
+    K, m = 64, 64
+    s = np.abs(rng.standard_t(3.0, size=(K, 1))) + 0.1
+    s[:2] = [[60.0], [50.0]]
+    G = (16 * s * rng.standard_normal((K, m))).astype(np.float32)
+    A = (16 * s * rng.standard_normal((K, m))).astype(np.float32)
+    ref = ks.kfoc(ks.KronSum.from_outer(G.astype(float), A.astype(float)))
+    est = ks.kfoc(ks.KronSum.from_outer(G, A))
+    assert est.info.method == "kfoc/gram-squaring" and est.left.dtype == np.float32
+    assert float(est.scale) == pytest.approx(float(ref.scale), rel=1e-4)
+    assert abs(np.sum(est.left * ref.left)) == pytest.approx(1.0, abs=1e-4)
+
+
+def test_gram_factors_are_symmetric_to_rounding_without_numba():
+    """No symmetrisation pass on the array-API route (it would cost a transposed read of each
+    factor): GEMM-based weighted Gram products are symmetric to rounding, not bit for bit."""
+    torch = pytest.importorskip("torch")
+    G, A = random_inputs("outer", 50, 9, 11, seed=4, kind="heavy")
+    F = ks.KronSum.from_outer(torch.asarray(G), torch.asarray(A))
+    for est in (ks.kfac(F), ks.kfoc(F, method="gram"), ks.kfoc(F, method="lanczos")):
+        for X in (est.left, est.right):
+            X = X.numpy()
+            assert np.abs(X - X.T).max() <= 1e-14 * np.abs(X).max(), est.info.method
