@@ -1,8 +1,10 @@
 """Backends, data factories and assertions shared by the test-suite.
 
 Every backend test takes the ``backend`` fixture, parametrised over NumPy, a read-only NumPy
-(catches writes to the caller's arrays), array-api-strict, torch (CPU), JAX and Dask; a
-backend that is not installed is skipped with its reason.
+(catches writes to the caller's arrays), array-api-strict, torch (CPU), JAX and Dask, and,
+where a CUDA GPU is present, CuPy and torch CUDA tensors; a backend that is not installed
+(or has no GPU) is skipped with its reason. ``KRONSUM_TEST_BACKENDS=cupy,torch-cuda`` limits
+the parametrisation to the named backends (how the GPU run in docs/benchmarks.md was made).
 """
 
 from __future__ import annotations
@@ -71,9 +73,34 @@ def _torch_backend():
                    lambda x: x.detach().cpu().numpy())
 
 
+def _cupy_backend():
+    cp = importlib.import_module("cupy")
+    try:
+        count = cp.cuda.runtime.getDeviceCount()
+    except Exception as exc:  # CUDA driver missing or broken
+        raise ImportError(f"no usable CUDA device ({type(exc).__name__}: {exc})") from None
+    if count < 1:
+        raise ImportError("no CUDA device")
+    return Backend("cupy", cp, lambda a, d: cp.asarray(np.asarray(a, dtype=d)), cp.asnumpy)
+
+
+def _torch_cuda_backend():
+    torch = importlib.import_module("torch")
+    if not torch.cuda.is_available():
+        raise ImportError("torch sees no CUDA device")
+    dt = {"float32": torch.float32, "float64": torch.float64}
+    return Backend("torch-cuda", torch,
+                   lambda a, d: torch.asarray(np.asarray(a, dtype=d), dtype=dt[d], device="cuda"),
+                   lambda x: x.detach().cpu().numpy())
+
+
 def _jax_backend():
     jax = importlib.import_module("jax")
     jax.config.update("jax_enable_x64", True)
+    if jax.default_backend() != "cpu":
+        # JAX's GPU default computes float32 matmuls in TF32 (~1e-3 relative): the float32
+        # tolerances here are for full float32 (docs/backends.md says how users get it)
+        jax.config.update("jax_default_matmul_precision", "highest")
     jnp = importlib.import_module("jax.numpy")
     return Backend("jax", jnp, lambda a, d: jnp.asarray(np.asarray(a, dtype=d)), np.asarray)
 
@@ -92,15 +119,35 @@ _FACTORIES = {
     "torch": _torch_backend,
     "jax": _jax_backend,
     "dask": _dask_backend,
+    "cupy": _cupy_backend,
+    "torch-cuda": _torch_cuda_backend,
 }
+GPU_BACKENDS = ("cupy", "torch-cuda")
+_SELECTED = [b.strip() for b in os.environ.get("KRONSUM_TEST_BACKENDS", "").split(",") if b.strip()]
+_unknown = set(_SELECTED) - set(_FACTORIES)
+if _unknown:
+    raise ValueError(f"KRONSUM_TEST_BACKENDS names unknown backends {sorted(_unknown)}; known: {list(_FACTORIES)}")
+BACKENDS = _SELECTED or list(_FACTORIES)
 
 
-@pytest.fixture(params=list(_FACTORIES), ids=list(_FACTORIES))
-def backend(request) -> Backend:
+def load_backend(name: str) -> Backend:
+    """The named backend, or a skip saying why it is unavailable here."""
     try:
-        return _FACTORIES[request.param]()
+        return _FACTORIES[name]()
     except ImportError as exc:  # pragma: no cover - depends on the environment
-        pytest.skip(f"{request.param} is not installed: {exc}")
+        pytest.skip(f"{name} is unavailable here: {exc}")
+
+
+@pytest.fixture(params=BACKENDS, ids=BACKENDS)
+def backend(request) -> Backend:
+    return load_backend(request.param)
+
+
+@pytest.fixture(scope="module", params=[b for b in BACKENDS if b in GPU_BACKENDS] or ["cupy"],
+                ids=[b for b in BACKENDS if b in GPU_BACKENDS] or ["cupy"])
+def gpu_backend(request) -> Backend:
+    """CuPy or torch CUDA (skipped without a GPU)."""
+    return load_backend(request.param)
 
 
 # -- data ----------------------------------------------------------------------------------

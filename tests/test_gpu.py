@@ -1,0 +1,77 @@
+"""Ground-truth property tests on GPU arrays (CuPy, torch CUDA); skipped without a GPU.
+
+The ``backend``-parametrised tests elsewhere run the whole API on the GPU backends too; here
+the hypothesis property tests of ``test_estimators.py`` are repeated on device arrays, with the
+solvers' batched host reads (``check_every = 4`` on accelerators) in force.
+"""
+
+import numpy as np
+from hypothesis import given, settings
+
+import kronsum as ks
+from conftest import assert_same_backend, dense_F, make_sum, sums, svd_optimum
+from kronsum._compat import on_accelerator
+
+
+@settings(max_examples=25)
+@given(case=sums())
+def test_kfoc_reaches_svd_optimum_on_gpu(gpu_backend, case):
+    form, arrays, w = case
+    F = make_sum(form, [gpu_backend.asarray(a, "float64") for a in arrays],
+                 None if w is None else gpu_backend.asarray(w, "float64"))
+    assert on_accelerator(F.weights) and ks.get_config()["check_every"] is None
+    opt, s = svd_optimum(dense_F(form, arrays, w), F.m, F.n)
+    normF = float(np.sqrt(np.sum(s**2)))
+    for method in ["auto", "lanczos", "power"] + (["gram"] if form != "conv" else []):
+        est = ks.kfoc(F, method=method)
+        assert_same_backend(est.left, F.weights, F.dtype)
+        err = float(gpu_backend.to_numpy(ks.frobenius_error(F, est)))
+        assert err <= opt * (1 + 1e-8) + 1e-12 * normF, (method, err, opt)
+        assert np.isclose(float(gpu_backend.to_numpy(est.scale)), s[0], rtol=1e-8, atol=1e-12 * normF)
+
+
+@settings(max_examples=25)
+@given(case=sums())
+def test_closed_forms_match_numpy_on_gpu(gpu_backend, case):
+    form, arrays, w = case
+    F = make_sum(form, [gpu_backend.asarray(a, "float64") for a in arrays],
+                 None if w is None else gpu_backend.asarray(w, "float64"))
+    Fnp = make_sum(form, arrays, w)
+    for name in ("kfac", "tkfac"):
+        got, want = getattr(ks, name)(F), getattr(ks, name)(Fnp)
+        D = want.to_dense()
+        np.testing.assert_allclose(gpu_backend.to_numpy(got.to_dense()), D, rtol=1e-10,
+                                   atol=1e-12 * max(np.abs(D).max(), 1e-300))
+
+
+@settings(max_examples=15)
+@given(case=sums(forms=("outer", "conv")))
+def test_float32_kfoc_on_gpu(gpu_backend, case):
+    form, arrays, w = case
+    F = make_sum(form, [gpu_backend.asarray(a, "float32") for a in arrays],
+                 None if w is None else gpu_backend.asarray(w, "float32"))
+    opt, s = svd_optimum(dense_F(form, arrays, w), F.m, F.n)
+    normF = float(np.sqrt(np.sum(s**2)))
+    est = ks.kfoc(F)
+    assert est.left.dtype == F.dtype
+    Fnp = make_sum(form, arrays, w)
+    err = float(ks.frobenius_error(Fnp, ks.Kron(gpu_backend.to_numpy(est.left).astype(float),
+                                                 gpu_backend.to_numpy(est.right).astype(float),
+                                                 float(gpu_backend.to_numpy(est.scale)))))
+    assert err <= opt + 1e-4 * normF
+
+
+def test_gpu_outer_route_and_symmetry(gpu_backend):
+    """Small K beside m, n on a GPU: the squaring route, the NumPy optimum, symmetric factors."""
+    from conftest import random_inputs
+
+    G, A = random_inputs("outer", 8, 32, 24, seed=7, kind="heavy")
+    F = ks.KronSum.from_outer(gpu_backend.asarray(G, "float64"), gpu_backend.asarray(A, "float64"))
+    est = ks.kfoc(F)
+    assert est.info.method == "kfoc/gram-squaring" and est.info.converged
+    ref = ks.nearest_kronecker(ks.KronSum.from_outer(G, A))
+    np.testing.assert_allclose(gpu_backend.to_numpy(est.to_dense()), ref.to_dense(),
+                               atol=1e-9 * np.abs(ref.to_dense()).max())
+    for X in (est.left, est.right, ks.kfac(F).left):
+        X = gpu_backend.to_numpy(X)
+        assert np.abs(X - X.T).max() <= 1e-13 * np.abs(X).max()
