@@ -36,3 +36,18 @@ def test_asv_suite_passes_asv_check(tmp_path):
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "No problems found" in proc.stdout
+
+
+def test_gpu_report_runs_on_the_cpu(tmp_path):
+    """benchmarks/gpu_report.py (the GPU table in docs/benchmarks.md) on NumPy, small sizes."""
+    out = tmp_path / "gpu.json"
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_report.py"), "--backends", "numpy",
+                           "--quick", "--repeats", "2", "--json", str(out)],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    rows = [r for r in json.loads(out.read_text()) if r["case"] != "gemm"]
+    assert {r["case"].split()[0] for r in rows} == {"outer", "conv"}
+    for r in rows:
+        assert r["floor_s"] > 0 and r["kfac_s"] > 0 and r["kfoc_converged"]
+        assert r["kfoc_relerr"] <= r["tkfac_relerr"] + 1e-6 and r["kfoc_relerr"] <= r["kfac_relerr"] + 1e-6
+    assert "| backend | case |" in proc.stdout
