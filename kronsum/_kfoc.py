@@ -310,7 +310,8 @@ def _gram_solve(Fn: KronSum, init, seed, tol, max_iter):
     # ‖R‖² = βᵀS_Qβ, tr L = Σ α_k tr L_k; one host read, then the two weighted Gram products
     MA = SPs @ alpha
     beta = ws * MA
-    f2 = xp.sum(ws * ((SPs * SQs) @ ws))  # ‖F̃‖² in scaled units, for the σ₂ bound
+    # ‖F̃‖² in scaled units bounds σ₂ when the solver gave no estimate (read in the same transfer)
+    f2 = 0.0 if s2 is not None else xp.sum(ws * ((SPs * SQs) @ ws))
     vals = host_floats([xp.sum(alpha * MA), xp.sum(beta * (SQs @ beta)),
                         xp.sum(alpha * Fn._traces("left")), f2, cP, cQ, cw])
     nls2, nrs2, tr, f2s, fP, fQ, fw = vals
@@ -662,7 +663,7 @@ def _finish_pair(Fn: KronSum, L: Array, R: Array):
     ``σ = ‖R‖/‖L‖`` is then the optimal scale for this ``L`` (and σ₁ at the optimum).
     """
     xp = Fn.xp
-    nl, nr, tr = host_floats([_norm2(L, xp), _norm2(R, xp), trace(L, xp)])
+    nl, nr, tr = host_floats([xp.sqrt(xp.sum(L * L)), xp.sqrt(xp.sum(R * R)), trace(L, xp)])
     if not math.isfinite(nl * nr):  # σ₁² beyond the dtype's range: the scaled norm
         _require_finite(xp, L)
         _require_finite(xp, R)
@@ -671,14 +672,6 @@ def _finish_pair(Fn: KronSum, L: Array, R: Array):
         return _zero_answer(Fn)
     sign = -1.0 if tr < 0 else 1.0
     return L * (sign / nl), R * (sign / nr), nr / nl, ()
-
-
-def _norm2(x: Array, xp) -> Array:
-    """Frobenius norm in one pass where the namespace has ``linalg.vector_norm``."""
-    linalg = getattr(xp, "linalg", None)
-    if linalg is not None and hasattr(linalg, "vector_norm") and not is_dask_namespace(xp):
-        return linalg.vector_norm(xp.reshape(x, (-1,)))
-    return xp.sqrt(xp.sum(x * x))
 
 
 def _require_finite(xp, value) -> None:
