@@ -6,18 +6,24 @@ both paths, ``rtol 1e-10`` in float64). Fast paths are taken only for NumPy arra
 * :func:`weighted_gram` — ``Vᵀ diag(c) V`` through BLAS ``syrk`` (half the flops of ``gemm``)
   by splitting the rows by the sign of ``c``;
 * :func:`numba_enabled` — whether a numba kernel may run: option on
-  (:func:`kronsum.config`), numba importable, NumPy namespace, float32/float64.
+  (:func:`kronsum.config`), numba importable, NumPy namespace, float32/float64;
+* :func:`via_numpy_on_cpu` — the estimators' entry: PyTorch CPU tensors are handed to the
+  NumPy code as views of the same memory (``Tensor.numpy()``, no copy) so that they reach the
+  two paths above, and the factors are handed back as tensors (``torch.as_tensor``, no copy).
+  Option ``torch_cpu_via_numpy``; tensors that require grad stay in PyTorch.
 """
 
 from __future__ import annotations
 
 import functools
-from typing import Any
+from typing import Any, Callable
+
+import array_api_compat
 
 from ._compat import Array, is_numpy_namespace
 from ._config import get_config
 
-__all__ = ["weighted_gram", "numba_enabled", "numba_kernels"]
+__all__ = ["weighted_gram", "numba_enabled", "numba_kernels", "via_numpy_on_cpu"]
 
 
 @functools.lru_cache(maxsize=1)
@@ -63,3 +69,73 @@ def weighted_gram(V: Array, c: Array, xp: Any) -> Array:
     Bp = np.sqrt(c[pos])[:, None] * V[pos]
     Bn = np.sqrt(-c[neg])[:, None] * V[neg]
     return Bp.T @ Bp - Bn.T @ Bn
+
+
+def _sum_arrays(F) -> list:
+    if F.form == "sum":
+        return [a for P in F.parts for a in _sum_arrays(P)]
+    return [a for a in (F.weights, F.L, F.R, F.G, F.A) if a is not None]
+
+
+def _torch_cpu_plain(arrays: list) -> bool:
+    """Whether every array is a float32/float64 PyTorch CPU tensor that does not require grad."""
+    if not arrays or not all(array_api_compat.is_torch_array(a) for a in arrays):
+        return False
+    import torch
+
+    return all(a.device.type == "cpu" and a.dtype in (torch.float32, torch.float64)
+               and not a.requires_grad for a in arrays)
+
+
+def _map_sum(F, f, xp):
+    """``F`` with every array replaced by ``f(array)`` and namespace ``xp``."""
+    from ._sum import KronSum
+
+    if F.form == "sum":
+        parts = tuple(_map_sum(P, f, xp) for P in F.parts)
+        return KronSum("sum", f(F.weights), symmetric=F.symmetric, _xp=xp, parts=parts)
+    g = (lambda a: None if a is None else f(a))
+    return KronSum(F.form, f(F.weights), L=g(F.L), R=g(F.R), G=g(F.G), A=g(F.A),
+                   symmetric=F.symmetric, _xp=xp)
+
+
+def _map_kron(K, f, xp):
+    from ._kron import Kron
+
+    out = Kron.__new__(Kron)
+    out._xp = xp
+    out.left, out.right, out.scale, out.info = f(K.left), f(K.right), f(K.scale), K.info
+    return out
+
+
+def via_numpy_on_cpu(fn: Callable) -> Callable:
+    """Decorate an estimator ``fn(F, ...) -> Kron`` so that PyTorch CPU inputs run on NumPy.
+
+    When the option ``torch_cpu_via_numpy`` is on and every array of ``F`` (and of a
+    :class:`~kronsum.Kron` passed as a keyword, e.g. ``init``) is a float32/float64 CPU tensor
+    without ``requires_grad``, ``fn`` receives the same sum over NumPy views of the tensors'
+    memory and its :class:`~kronsum.Kron` is returned with tensor factors sharing the NumPy
+    result's memory. Otherwise ``fn`` runs unchanged.
+    """
+
+    @functools.wraps(fn)
+    def wrapper(F, *args, **kwargs):
+        from ._kron import Kron
+        from ._sum import KronSum
+
+        if not (isinstance(F, KronSum) and get_config()["torch_cpu_via_numpy"]):
+            return fn(F, *args, **kwargs)
+        krons = {k: v for k, v in kwargs.items() if isinstance(v, Kron)}
+        arrays = _sum_arrays(F) + [a for K in krons.values() for a in (K.left, K.right, K.scale)]
+        if not _torch_cpu_plain(arrays):
+            return fn(F, *args, **kwargs)
+        import numpy as np
+        import torch
+
+        to_np = (lambda t: t.numpy())
+        np_xp = array_api_compat.array_namespace(np.empty(0))
+        kwargs = {k: (_map_kron(v, to_np, np_xp) if k in krons else v) for k, v in kwargs.items()}
+        out = fn(_map_sum(F, to_np, np_xp), *args, **kwargs)
+        return _map_kron(out, torch.as_tensor, F.xp)
+
+    return wrapper

@@ -2,7 +2,7 @@ r"""The closed-form estimators: K-FAC (Martens & Grosse 2015; KFC for convolutio
 
 from __future__ import annotations
 
-from ._accel import weighted_gram
+from ._accel import via_numpy_on_cpu, weighted_gram
 from ._compat import device_of, eye_like, materialize_all, trace
 from ._kron import Kron, KronInfo
 from ._sum import KronSum
@@ -31,6 +31,7 @@ def _require_sum(F: object, fname: str) -> KronSum:
     return F
 
 
+@via_numpy_on_cpu
 def kfac(F: KronSum) -> Kron:
     r"""K-FAC: the product of the weighted means of the factors.
 
@@ -110,6 +111,7 @@ def _kfac_pieces(F: KronSum):
     return (left if cL == 1.0 else cL * left), (right if cR == 1.0 else cR * right), cw * xp.sum(w)
 
 
+@via_numpy_on_cpu
 def tkfac(F: KronSum, *, variant: str = "trace") -> Kron:
     r"""TKFAC (Gao et al. 2021): ``δ Φ ⊗ Ψ`` with ``δ = tr F`` and ``tr Φ = tr Ψ = 1``.
 

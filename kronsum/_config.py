@@ -16,7 +16,7 @@ _local = threading.local()
 
 def _defaults() -> dict:
     off = os.environ.get(_ENV_DISABLE_NUMBA, "").strip().lower() in ("1", "true", "yes", "on")
-    return {"use_numba": not off, "check_every": None}
+    return {"use_numba": not off, "check_every": None, "torch_cpu_via_numpy": True}
 
 
 def get_config() -> dict:
@@ -33,12 +33,18 @@ def get_config() -> dict:
         accelerator (CuPy, torch CUDA, JAX GPU), where each read stalls the device queue.
         A larger value means fewer synchronisations and at most ``check_every - 1`` wasted
         operator applications; the answer is the same.
+    ``torch_cpu_via_numpy``
+        Whether :func:`kfac`, :func:`tkfac` and :func:`kfoc` compute on PyTorch CPU tensors
+        (float32/float64, not requiring grad) through NumPy views of the same memory (no
+        copy), which reach the NumPy fast paths: BLAS ``syrk`` for the Gram products (half
+        the flops of PyTorch's ``gemm``) and the numba kernels. Factors come back as PyTorch
+        tensors. Default ``True``; ``False`` keeps every operation in PyTorch.
 
     Examples
     --------
     >>> import kronsum as ks
     >>> sorted(ks.get_config())
-    ['check_every', 'use_numba']
+    ['check_every', 'torch_cpu_via_numpy', 'use_numba']
     """
     if not hasattr(_local, "options"):
         _local.options = _defaults()

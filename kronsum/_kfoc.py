@@ -31,7 +31,7 @@ from typing import Any
 
 import numpy as np
 
-from ._accel import numba_enabled, numba_kernels
+from ._accel import numba_enabled, numba_kernels, via_numpy_on_cpu
 from ._closed_forms import _new_kron, _require_sum, kfac
 from ._compat import (Array, device_of, eye_like, fro_norm, host_floats, is_dask_namespace, is_numpy_namespace,
                       materialize, on_accelerator, symmetrize, to_float, trace)
@@ -89,6 +89,7 @@ def choose_method(F: KronSum, method: str = "auto") -> str:
     return "gram" if (K <= 8192 and build <= 30 * K * (m * m + n * n)) else "lanczos"
 
 
+@via_numpy_on_cpu
 def kfoc(
     F: KronSum,
     *,
@@ -262,7 +263,6 @@ def _gram_solve(Fn: KronSum, init, seed, tol, max_iter):
     """
     xp = Fn.xp
     w = Fn.weights
-    SP, SQ = Fn._gram("left"), Fn._gram("right")
     if isinstance(init, Kron):
         R0 = xp.astype(xp.asarray(init.right), Fn.dtype)
     elif init == "kfac":
@@ -273,19 +273,28 @@ def _gram_solve(Fn: KronSum, init, seed, tol, max_iter):
         R0 = None
     alpha0 = w * (Fn._traces("right") if R0 is None else Fn._inner("right", R0))
 
-    if numba_enabled(xp, SP, SQ, w):  # float64 arithmetic inside the kernel: no range concern
-        space = _Space(lambda a: w * (SQ @ (w * (SP @ a))), xp, metric=lambda a: SP @ a,
-                       apply_M=lambda a, Ma: w * (SQ @ (w * Ma)))
+    if numba_enabled(xp, w):  # float64 arithmetic inside the kernel: no range concern
+        # the Gram matrices in float64 straight away (one pass each, no cast of a copy)
+        SP, SQ = Fn._gram("left", float64=True), Fn._gram("right", float64=True)
+        w64 = xp.astype(w, xp.float64, copy=False)
+        space = _Space(lambda a: w64 * (SQ @ (w64 * (SP @ a))), xp, metric=lambda a: SP @ a,
+                       apply_M=lambda a, Ma: w64 * (SQ @ (w64 * Ma)))
+        alpha0 = xp.astype(alpha0, xp.float64)
         if not bool(space.norm(alpha0) > 0):
-            alpha0 = w
+            alpha0 = w64
             if not bool(space.norm(alpha0) > 0):  # every term is zero (S_P = 0) or NaN
                 _require_finite(xp, SP)
                 _require_finite(xp, SQ)
                 return (*_zero_answer(Fn), 0, True, 0.0, 0.0, "gram[numba]")
-        alpha, its, conv, res, s2 = _lanczos_numba(space, SP, SQ, w, alpha0, tol, max_iter)
-        L, R, sigma, notes = _finish_pair(Fn, Fn._combine("left", alpha),
-                                          Fn._combine("right", w * (SP @ alpha)))
+        alpha, its, conv, res, s2 = _lanczos_numba(space, SP, SQ, w64, alpha0, tol, max_iter,
+                                                   xp.finfo(Fn.dtype).eps)
+        dt = Fn.dtype
+        beta = w64 * (SP @ alpha)
+        L, R, sigma, notes = _finish_pair(Fn, Fn._combine("left", xp.astype(alpha, dt)),
+                                          Fn._combine("right", xp.astype(beta, dt)))
         return L, R, sigma, notes, its, conv, res, s2, "gram[numba]"
+
+    SP, SQ = Fn._gram("left"), Fn._gram("right")
 
     # The operator multiplies four K-scale quantities (entries of S_P ~ ‖g‖⁴): in float32 it
     # overflows for large layers, so iterate with S_P, S_Q, w divided by their largest
@@ -585,16 +594,12 @@ def _ritz(space: _Space, Q: list, MQ: list, coef) -> tuple:
     return materialize(x / nx), materialize(Mx / nx)
 
 
-def _lanczos_numba(space: _Space, SP, SQ, w, x0, tol, max_iter):
-    """:func:`_lanczos` for the Gram space, compiled (NumPy inputs; float64 arithmetic)."""
-    import numpy as _np
-
+def _lanczos_numba(space: _Space, SP, SQ, w, x0, tol, max_iter, eps):
+    """:func:`_lanczos` for the Gram space, compiled: float64 NumPy arrays in and out; ``eps``
+    of the inputs' dtype (the breakdown threshold)."""
     kern = numba_kernels()
-    dt = SP.dtype
-    f64 = [_np.asarray(a, dtype=_np.float64) for a in (SP, SQ, w, x0)]
-    eps = float(_np.finfo(dt).eps)
-    x, its, conv, res, s2 = kern.coef_lanczos(*f64, float(tol), int(max_iter), _KRYLOV_DIM, eps)
-    x = x.astype(dt, copy=False)
+    x, its, conv, res, s2 = kern.coef_lanczos(SP, SQ, w, x0, float(tol), int(max_iter), _KRYLOV_DIM,
+                                              float(eps))
     if s2 < 0 and its == 1 and res == 0.0:  # invariant start vector: probe for a repeated sigma1
         s2, k = _deflated_top(space, x, space.M(x))
         its += k

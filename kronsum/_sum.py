@@ -450,17 +450,27 @@ class KronSum:
             return (Xf[i0:i1, :] @ xp.matrix_transpose(Xf)) ** 2
         return self._gram("left", i0, i1) * self._gram("right", i0, i1)
 
-    def _gram(self, side: str, i0: int = 0, i1: int | None = None) -> Array:
-        """Rows i0:i1 of ``S = [⟨L_k, L_l⟩]`` (side="left") or ``[⟨R_k, R_l⟩]`` (terms/outer)."""
+    def _gram(self, side: str, i0: int = 0, i1: int | None = None, *, float64: bool = False) -> Array:
+        """Rows i0:i1 of ``S = [⟨L_k, L_l⟩]`` (side="left") or ``[⟨R_k, R_l⟩]`` (terms/outer).
+
+        ``float64=True`` (NumPy only, for the numba kernels) returns float64, the outer form's
+        Hadamard square written straight from the inputs' dtype in one pass.
+        """
         xp = self._xp
         i1 = self.num_terms if i1 is None else i1
         if self.form == "terms":
             T = self.L if side == "left" else self.R
             d = T.shape[-1]
             Tf = xp.reshape(T, (T.shape[0], d * d))
-            return Tf[i0:i1, :] @ xp.matrix_transpose(Tf)
+            S = Tf[i0:i1, :] @ xp.matrix_transpose(Tf)
+            return xp.astype(S, xp.float64, copy=False) if float64 else S
         V = self.G if side == "left" else self.A
-        return (V[i0:i1, :] @ xp.matrix_transpose(V)) ** 2
+        S = V[i0:i1, :] @ xp.matrix_transpose(V)
+        if float64:
+            import numpy as np
+
+            return np.square(S, dtype=np.float64)
+        return S**2
 
     def persisted(self) -> "KronSum":
         """The same sum with Dask inputs persisted (computed once, kept in memory or on the
