@@ -55,12 +55,16 @@ def weighted_gram(V: Array, c: Array, xp: Any) -> Array:
     """``Vᵀ diag(c) V`` for ``V`` (K, d) and ``c`` (K,): the weighted Gram product.
 
     NumPy: ``Bᵀ B`` with ``B = sqrt(|c|) V`` over the rows of each sign, which NumPy hands
-    to BLAS ``syrk``; elsewhere one ``gemm``.
+    to BLAS ``syrk`` (equal weights, e.g. a mean: ``c₀ VᵀV`` without the scaled copy);
+    elsewhere one ``gemm``.
     """
     if not is_numpy_namespace(xp):
         return xp.matrix_transpose(V) @ (c[:, None] * V)
     import numpy as np
 
+    c0 = c[0] if c.shape[0] else 0
+    if c0 > 0 and bool((c == c0).all()):  # equal weights (a mean): no scaled copy of V
+        return (V.T @ V) * c0
     pos = c > 0
     neg = c < 0
     if not neg.any():
