@@ -8,6 +8,15 @@ data set, cross-entropy with mean reduction, Monte-Carlo Fisher with one sample:
 ``kronsum-kfac``     ``collect(model, loss, X, fisher="mc")`` + ``kronsum.kfac`` per layer
 ``kronsum-kfoc``     the same + ``kronsum.kfoc`` per layer (the Frobenius-optimal factors)
 
+and, to explain the numbers (full run only):
+
+``kronsum-collect``   ``collect`` alone (the forward and backward passes)
+``kfoc-floor``        ``collect`` + ``kfac`` + the two K×K Gram products ``GGᵀ``, ``AAᵀ`` of every
+                      outer-form layer (NumPy, BLAS ``syrk``): what the exact Gram solver
+                      cannot avoid (its K×K eigensolve excluded; conv layers counted as K-FAC)
+``*-torch``           ``kronsum-kfac``/``kronsum-kfoc`` with
+                      ``kronsum.config(torch_cpu_via_numpy=False)``: every operation in PyTorch
+
 Models: an MLP 64-256-256-10, a wide MLP 64-1024-1024-10 and a small CNN
 (Conv 1→16 3×3 pad 1, Conv 16→32 3×3 pad 1 stride 2, Linear 512→10), in float32 and float64.
 One thread everywhere (``torch.set_num_threads(1)``, threadpoolctl, the *_NUM_THREADS
@@ -36,6 +45,7 @@ THREAD_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS",
 MODELS = ("mlp", "wide-mlp", "cnn")
 DTYPES = ("float32", "float64")
 METHODS = ("curvlinops-kfac", "kronsum-kfac", "kronsum-kfoc")
+EXTRA = ("kronsum-collect", "kfoc-floor", "kronsum-kfac-torch", "kronsum-kfoc-torch")
 
 
 def _build(model_name, dtype_name):
@@ -82,12 +92,28 @@ def _runner(method, model, X, y):
     import kronsum as ks
     from kronsum.adapters.torch import collect
 
-    estimator = ks.kfac if method == "kronsum-kfac" else ks.kfoc
+    def blocks():
+        return collect(model, loss, X, fisher="mc", generator=torch.Generator().manual_seed(0))
+
+    if method == "kronsum-collect":
+        return blocks
+    if method == "kfoc-floor":
+        def run():
+            out = {}
+            for name, F in blocks().items():
+                out[name] = ks.kfac(F)
+                if F.form == "outer":
+                    G, A = F.G.numpy(), F.A.numpy()
+                    out[name] = (out[name], G @ G.T, A @ A.T)
+            return out
+        return run
+
+    estimator = ks.kfac if method.startswith("kronsum-kfac") else ks.kfoc
+    via_numpy = not method.endswith("-torch")
 
     def run():
-        gen = torch.Generator().manual_seed(0)
-        blocks = collect(model, loss, X, fisher="mc", generator=gen)
-        return {name: estimator(F) for name, F in blocks.items()}
+        with ks.config(torch_cpu_via_numpy=via_numpy):
+            return {name: estimator(F) for name, F in blocks().items()}
     return run
 
 
@@ -136,6 +162,8 @@ def main(argv=None):
     except ImportError:
         print("curvlinops-for-pytorch is not installed: its rows are skipped", file=sys.stderr)
         methods = METHODS[1:]
+    if not args.quick:
+        methods = methods + EXTRA
     cases = [f"{m}/{d}" for m in (("mlp", "cnn") if args.quick else MODELS)
              for d in (("float32",) if args.quick else DTYPES)]
     env = dict(os.environ, **{v: "1" for v in THREAD_VARS})
@@ -151,8 +179,9 @@ def main(argv=None):
             print(f"{rec['case']:18s} {rec['method']:16s} {rec['median_s'] * 1e3:9.1f} ms "
                   f"{rec['peak_mib']:8.1f} MiB", flush=True)
 
-    print("\n| case | curvlinops K-FAC | kronsum K-FAC (ratio) | kronsum K-FOC (ratio) |")
-    print("|---|---|---|---|")
+    shown = [m for m in METHODS[1:] + EXTRA if m in methods]
+    print("\n| case | curvlinops K-FAC | " + " | ".join(f"{m} (ratio)" for m in shown) + " |")
+    print("|---|---|" + "---|" * len(shown))
     by = {(r["case"], r["method"]): r for r in records}
     for case in cases:
         ref = by.get((case, "curvlinops-kfac"))
@@ -162,7 +191,7 @@ def main(argv=None):
             s = f"{r['median_s'] * 1e3:.1f} ms"
             return s + (f" ({r['median_s'] / ref['median_s']:.2f}×)" if ref else "")
         first = f"{ref['median_s'] * 1e3:.1f} ms" if ref else "—"
-        print(f"| {case} | {first} | {cell('kronsum-kfac')} | {cell('kronsum-kfoc')} |")
+        print(f"| {case} | {first} | " + " | ".join(cell(m) for m in shown) + " |")
     if args.json:
         with open(args.json, "w") as fh:
             json.dump(records, fh, indent=1)

@@ -51,3 +51,32 @@ def test_gpu_report_runs_on_the_cpu(tmp_path):
         assert r["floor_s"] > 0 and r["kfac_s"] > 0 and r["kfoc_converged"]
         assert r["kfoc_relerr"] <= r["tkfac_relerr"] + 1e-6 and r["kfoc_relerr"] <= r["kfac_relerr"] + 1e-6
     assert "| backend | case |" in proc.stdout
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")  # in curvlinops' deps
+def test_adapter_report_runners_all_run():
+    """Every method of benchmarks/adapter_torch_report.py runs on a small case (no timing)."""
+    pytest.importorskip("torch", reason="torch is not installed")
+    pytest.importorskip("sklearn", reason="scikit-learn is not installed (extra 'bench')")
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import adapter_torch_report as rep
+    finally:
+        sys.path.pop(0)
+    methods = rep.METHODS[1:] + rep.EXTRA
+    try:
+        import curvlinops  # noqa: F401
+        methods = rep.METHODS + rep.EXTRA
+    except ImportError:
+        pass
+    for case in ("mlp", "cnn"):
+        model, X, y = rep._build(case, "float64")
+        X, y = X[:20], y[:20]
+        for method in methods:
+            out = rep._runner(method, model, X, y)()
+            assert out is not None
+    # the NumPy route and the PyTorch-only path give the same factors
+    a = rep._runner("kronsum-kfoc", model, X, y)()
+    b = rep._runner("kronsum-kfoc-torch", model, X, y)()
+    for name in a:
+        assert (a[name].to_dense() - b[name].to_dense()).abs().max() <= 1e-8 * b[name].to_dense().abs().max()
