@@ -29,6 +29,7 @@ __all__ = ["KronSum"]
 
 _FORMS = ("terms", "outer", "conv", "sum")
 _CHUNK = 1024  # rows of a K x K Gram matrix formed at once
+_CROSS_BUDGET = 1 << 24  # numbers in one intermediate of the terms × outer/conv cross product
 
 
 class KronSum:
@@ -556,8 +557,7 @@ def _cross_inner(P: KronSum, Q: KronSum) -> Array:
             SL = xp.reshape(P.L, (-1, m * m)) @ xp.matrix_transpose(xp.reshape(Q.L, (-1, m * m)))
             SR = xp.reshape(P.R, (-1, n * n)) @ xp.matrix_transpose(xp.reshape(Q.R, (-1, n * n)))
             return xp.sum((P.weights @ (SL * SR)) * Q.weights)
-        return _sum_over(P.weights[k] * xp.sum(Q.contract_left(P.L[k, ...]) * P.R[k, ...])
-                         for k in range(P.num_terms))
+        return _terms_cross_inner(P, Q)
 
     def flat_X(F):
         X = F._conv_X() if F.form == "conv" else F.G[:, :, None] * F.A[:, None, :]
@@ -568,6 +568,35 @@ def _cross_inner(P: KronSum, Q: KronSum) -> Array:
     for i0 in range(0, P.num_terms, _CHUNK):
         i1 = min(P.num_terms, i0 + _CHUNK)
         total = total + xp.sum((P.weights[i0:i1] @ (XP[i0:i1, :] @ xp.matrix_transpose(XQ)) ** 2) * Q.weights)
+    return total
+
+
+def _terms_cross_inner(P: KronSum, Q: KronSum) -> Array:
+    """``⟨P, Q⟩_F`` for a terms-form ``P`` and an outer/conv ``Q``, batched over P's terms.
+
+    Outer: ``Σ_{k,l} w_k w'_l (g_lᵀL_k g_l)(a_lᵀR_k a_l)``; conv:
+    ``Σ_{k,l} w_k w'_l ⟨X_l, L_k X_l R_kᵀ⟩``. P's terms go in chunks sized so that no
+    intermediate holds more than about ``_CROSS_BUDGET`` (2²⁴) numbers (no loop over single terms).
+    """
+    xp = P.xp
+    Kp, Kq, m, n = P.num_terms, Q.num_terms, P.m, P.n
+    # numbers per term of P in the largest intermediate (broadcast batches may be expanded)
+    per_term = Kq * ((m * n + m * m + n * n) if Q.form == "conv" else max(m, n))
+    step = max(1, min(Kp, _CROSS_BUDGET // max(per_term, 1)))
+    if Q.form == "conv":
+        X = Q._conv_X()[None, ...]  # (1, Kq, m, n)
+    total = xp.zeros((), dtype=P.dtype, device=P.device)
+    for i0 in range(0, Kp, step):
+        i1 = min(Kp, i0 + step)
+        L, R = P.L[i0:i1, ...], P.R[i0:i1, ...]  # (c, m, m), (c, n, n)
+        if Q.form == "conv":
+            LXR = (L[:, None, ...] @ X) @ xp.matrix_transpose(R)[:, None, ...]  # (c, Kq, m, n)
+            inner = xp.sum(LXR * X, axis=(-2, -1))  # (c, Kq): ⟨X_l, L_k X_l R_kᵀ⟩
+        else:
+            qg = xp.sum((Q.G[None, ...] @ xp.matrix_transpose(L)) * Q.G[None, ...], axis=-1)
+            qa = xp.sum((Q.A[None, ...] @ xp.matrix_transpose(R)) * Q.A[None, ...], axis=-1)
+            inner = qg * qa  # (c, Kq): (g_lᵀL_k g_l)(a_lᵀR_k a_l)
+        total = total + xp.sum((P.weights[i0:i1] @ inner) * Q.weights)
     return total
 
 

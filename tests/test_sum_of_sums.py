@@ -95,3 +95,24 @@ def test_errors():
         ks.kfoc(F + F, method="gram")
     with pytest.raises(ValueError, match="non-negative"):
         ks.KronSum.from_kron(ks.Kron(np.eye(2), np.eye(3), scale=-1.0))
+
+
+@pytest.mark.parametrize("other", ["outer", "conv"])
+@pytest.mark.parametrize("budget", [1, 1 << 24], ids=["one-term-chunks", "one-chunk"])
+def test_cross_term_of_general_terms_and_samples(backend, other, budget, monkeypatch):
+    """‖F‖ of terms (non-symmetric, weighted) + outer/conv parts equals the dense norm, on
+    every backend, whether P's terms are batched in one chunk or one at a time."""
+    from kronsum import _sum
+
+    monkeypatch.setattr(_sum, "_CROSS_BUDGET", budget)
+    m, n = 3, 4
+    L, R = random_inputs("terms", 5, m, n, seed=11)
+    wt = np.linspace(0.3, 1.7, 5)
+    S = random_inputs(other, 7, m, n, T=2, seed=12)
+    ws = np.linspace(0.5, 1.5, 7)
+    dense = dense_F("terms", (L, R), wt) + dense_F(other, S, ws)
+    b = lambda a: backend.asarray(a, "float64")  # noqa: E731
+    F = (ks.KronSum.from_terms(b(L), b(R), b(wt))
+         + getattr(ks.KronSum, f"from_{other}")(*(b(a) for a in S), b(ws)))
+    got = float(backend.to_numpy(F.frobenius_norm()))
+    assert got == pytest.approx(np.linalg.norm(dense), rel=1e-10)
