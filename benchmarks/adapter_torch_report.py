@@ -17,11 +17,20 @@ and, to explain the numbers (full run only):
 ``*-torch``           ``kronsum-kfac``/``kronsum-kfoc`` with
                       ``kronsum.config(torch_cpu_via_numpy=False)``: every operation in PyTorch
 
+and a training-style pass over the same data in mini-batches of ``BATCH`` (128) samples, a
+different quantity (per-batch statistics combined by an EMA, the way optimisers use them):
+
+``curvlinops-kfac-batches``  ``KFACLinearOperator`` over the list of mini-batches
+``stream-kfac``              per batch: ``collect`` + ``RunningEstimate("kfac").update`` per layer
+``stream-kfoc_approx``       the same with ``"kfoc_approx"`` (each batch's K-FOC, EMA of factors)
+``stream-kfoc_running``      the same with ``"kfoc_running"`` (K-FOC of previous estimate + batch,
+                             warm-started)
+
 Models: an MLP 64-256-256-10, a wide MLP 64-1024-1024-10 and a small CNN
 (Conv 1→16 3×3 pad 1, Conv 16→32 3×3 pad 1 stride 2, Linear 512→10), in float32 and float64.
 One thread everywhere (``torch.set_num_threads(1)``, threadpoolctl, the *_NUM_THREADS
 variables); each (case, method) runs in a fresh subprocess: one warm-up run, then the median
-of ``--repeats`` runs; ``peak_mib`` is the growth of the process's peak resident memory over
+of ``--repeats`` runs (more for short rows: about a second of runs, at most 51); ``peak_mib`` is the growth of the process's peak resident memory over
 its state after setup (model, data, imports), which covers the warm-up and the timed runs.
 
 Usage::
@@ -46,6 +55,8 @@ MODELS = ("mlp", "wide-mlp", "cnn")
 DTYPES = ("float32", "float64")
 METHODS = ("curvlinops-kfac", "kronsum-kfac", "kronsum-kfoc")
 EXTRA = ("kronsum-collect", "kfoc-floor", "kronsum-kfac-torch", "kronsum-kfoc-torch")
+STREAM = ("curvlinops-kfac-batches", "stream-kfac", "stream-kfoc_approx", "stream-kfoc_running")
+BATCH = 128
 
 
 def _build(model_name, dtype_name):
@@ -76,13 +87,15 @@ def _runner(method, model, X, y):
     import torch
 
     loss = torch.nn.CrossEntropyLoss()
-    if method == "curvlinops-kfac":
+    batches = [(X[i:i + BATCH], y[i:i + BATCH]) for i in range(0, X.shape[0], BATCH)]
+    if method.startswith("curvlinops-kfac"):
         from curvlinops import KFACLinearOperator
 
         params = list(model.parameters())
+        data = batches if method == "curvlinops-kfac-batches" else [(X, y)]
 
         def run():
-            op = KFACLinearOperator(model, loss, params, [(X, y)], fisher_type="mc", mc_samples=1,
+            op = KFACLinearOperator(model, loss, params, data, fisher_type="mc", mc_samples=1,
                                     check_deterministic=False, num_data=X.shape[0],
                                     num_per_example_loss_terms=1, separate_weight_and_bias=False)
             op.compute_kronecker_factors()
@@ -97,6 +110,19 @@ def _runner(method, model, X, y):
 
     if method == "kronsum-collect":
         return blocks
+    if method.startswith("stream-"):
+        estimator = method.split("-", 1)[1]
+
+        def run():
+            gen = torch.Generator().manual_seed(0)
+            running = {}
+            for Xb, _ in batches:
+                for name, F in collect(model, loss, Xb, fisher="mc", generator=gen).items():
+                    if name not in running:
+                        running[name] = ks.RunningEstimate(estimator, decay=0.95)
+                    running[name].update(F)
+            return {name: r.estimate for name, r in running.items()}
+        return run
     if method == "kfoc-floor":
         def run():
             out = {}
@@ -131,7 +157,10 @@ def _one(case, method, repeats):
     run = _runner(method, model, X, y)
     with threadpool_limits(limits=1):
         base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        t0 = time.perf_counter()
         run()  # warm-up
+        # short rows (tens of ms) are noisy: at least `repeats` runs and about a second of them
+        repeats = max(repeats, min(51, int(1.0 / max(time.perf_counter() - t0, 1e-3))))
         times = []
         for _ in range(repeats):
             t0 = time.perf_counter()
@@ -140,7 +169,7 @@ def _one(case, method, repeats):
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     times.sort()
     rec = {"case": case, "method": method, "median_s": times[len(times) // 2],
-           "peak_mib": (peak - base) / 1024.0}
+           "repeats": repeats, "peak_mib": (peak - base) / 1024.0}
     print(json.dumps(rec))
 
 
@@ -163,7 +192,7 @@ def main(argv=None):
         print("curvlinops-for-pytorch is not installed: its rows are skipped", file=sys.stderr)
         methods = METHODS[1:]
     if not args.quick:
-        methods = methods + EXTRA
+        methods = methods + EXTRA + (STREAM if "curvlinops-kfac" in methods else STREAM[1:])
     cases = [f"{m}/{d}" for m in (("mlp", "cnn") if args.quick else MODELS)
              for d in (("float32",) if args.quick else DTYPES)]
     env = dict(os.environ, **{v: "1" for v in THREAD_VARS})
@@ -179,19 +208,23 @@ def main(argv=None):
             print(f"{rec['case']:18s} {rec['method']:16s} {rec['median_s'] * 1e3:9.1f} ms "
                   f"{rec['peak_mib']:8.1f} MiB", flush=True)
 
-    shown = [m for m in METHODS[1:] + EXTRA if m in methods]
-    print("\n| case | curvlinops K-FAC | " + " | ".join(f"{m} (ratio)" for m in shown) + " |")
-    print("|---|---|" + "---|" * len(shown))
     by = {(r["case"], r["method"]): r for r in records}
-    for case in cases:
-        ref = by.get((case, "curvlinops-kfac"))
+    for ref_name, group in (("curvlinops-kfac", METHODS[1:] + EXTRA),
+                            ("curvlinops-kfac-batches", STREAM[1:])):
+        shown = [m for m in group if m in methods]
+        if not shown:
+            continue
+        print(f"\n| case | {ref_name} | " + " | ".join(f"{m} (ratio)" for m in shown) + " |")
+        print("|---|---|" + "---|" * len(shown))
+        for case in cases:
+            ref = by.get((case, ref_name))
 
-        def cell(method):
-            r = by[(case, method)]
-            s = f"{r['median_s'] * 1e3:.1f} ms"
-            return s + (f" ({r['median_s'] / ref['median_s']:.2f}×)" if ref else "")
-        first = f"{ref['median_s'] * 1e3:.1f} ms" if ref else "—"
-        print(f"| {case} | {first} | " + " | ".join(cell(m) for m in shown) + " |")
+            def cell(method):
+                r = by[(case, method)]
+                s = f"{r['median_s'] * 1e3:.1f} ms"
+                return s + (f" ({r['median_s'] / ref['median_s']:.2f}×)" if ref else "")
+            first = f"{ref['median_s'] * 1e3:.1f} ms" if ref else "—"
+            print(f"| {case} | {first} | " + " | ".join(cell(m) for m in shown) + " |")
     if args.json:
         with open(args.json, "w") as fh:
             json.dump(records, fh, indent=1)

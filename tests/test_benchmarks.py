@@ -63,15 +63,15 @@ def test_adapter_report_runners_all_run():
         import adapter_torch_report as rep
     finally:
         sys.path.pop(0)
-    methods = rep.METHODS[1:] + rep.EXTRA
+    methods = rep.METHODS[1:] + rep.EXTRA + rep.STREAM[1:]
     try:
         import curvlinops  # noqa: F401
-        methods = rep.METHODS + rep.EXTRA
+        methods = rep.METHODS + rep.EXTRA + rep.STREAM
     except ImportError:
         pass
     for case in ("mlp", "cnn"):
         model, X, y = rep._build(case, "float64")
-        X, y = X[:20], y[:20]
+        X, y = X[:150], y[:150]  # two mini-batches for the stream-* methods
         for method in methods:
             out = rep._runner(method, model, X, y)()
             assert out is not None
