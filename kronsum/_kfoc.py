@@ -53,11 +53,13 @@ def _default_tol(xp: Any, dtype: Any) -> float:
 def choose_method(F: KronSum, method: str = "auto") -> str:
     """The solver :func:`kfoc` uses for ``F`` with ``method``; the rule of ``method="auto"``.
 
-    ``"gram"`` for the outer and terms forms when building the two K×K Gram matrices,
-    O(K²(m + n)) for outer and O(K²(m² + n²)) for terms, costs less than about 30 operator
-    applications of O(K(m² + n²)) each (outer: ``K(m + n) ≤ 30(m² + n²)``; terms: ``K ≤ 30``)
-    and K ≤ 8192 (the Gram matrices take 2K² numbers); ``"lanczos"`` otherwise, for the conv
-    form, and for Dask arrays (chunked along K, where a K×K matrix does not pay).
+    ``"gram"`` for the outer and terms forms, and sums whose parts all have those forms
+    (e.g. K-FOC_running's previous estimate plus a batch), when building the two K×K Gram
+    matrices, O(K²(m + n)) for outer and O(K²(m² + n²)) for terms (a sum: its blocks, the
+    mixed ones O(K_t K_o (m² + n²))), costs less than about 30 operator applications of
+    O(K(m² + n²)) each (outer: ``K(m + n) ≤ 30(m² + n²)``; terms: ``K ≤ 30``) and K ≤ 8192
+    (the Gram matrices take 2K² numbers); ``"lanczos"`` otherwise, for the conv form (alone
+    or in a sum), and for Dask arrays (chunked along K, where a K×K matrix does not pay).
 
     Examples
     --------
@@ -68,24 +70,29 @@ def choose_method(F: KronSum, method: str = "auto") -> str:
     'gram'
     >>> ks.choose_method(ks.KronSum.from_outer(rng.standard_normal((4096, 8)), rng.standard_normal((4096, 8))))
     'lanczos'
+    >>> prev = ks.KronSum.from_kron(ks.Kron(np.eye(64), np.eye(64)))
+    >>> ks.choose_method(prev + ks.KronSum.from_outer(rng.standard_normal((128, 64)), rng.standard_normal((128, 64))))
+    'gram'
     """
     if method not in _METHODS:
         raise ValueError(f"method must be one of {_METHODS}, got {method!r}")
     if method == "gram":
-        if F.form in ("conv", "sum"):
+        if not F._gram_parts():
             raise ValueError(
-                "method='gram' needs the outer or terms form (a K-column rearrangement); "
-                "use 'lanczos' for the conv form"
+                "method='gram' needs the outer or terms form, or a sum of such parts (a K-column "
+                "rearrangement); use 'lanczos' for the conv form"
             )
         if is_dask_namespace(F.xp):
             raise ValueError("method='gram' needs linalg.eigh, which Dask arrays lack; use 'lanczos'")
         return method
     if method != "auto":
         return method
-    if F.form in ("conv", "sum") or is_dask_namespace(F.xp):
+    if not F._gram_parts() or is_dask_namespace(F.xp):
         return "lanczos"
     K, m, n = F.num_terms, F.m, F.n
-    build = K * K * ((m + n) if F.form == "outer" else (m * m + n * n))
+    sizes = [(P.num_terms, P.form) for P in (F.parts if F.form == "sum" else (F,))]
+    build = sum(Ki * Kj * ((m + n) if fi == fj == "outer" else (m * m + n * n))
+                for Ki, fi in sizes for Kj, fj in sizes)
     return "gram" if (K <= 8192 and build <= 30 * K * (m * m + n * n)) else "lanczos"
 
 
@@ -608,8 +615,11 @@ def _lanczos_numba(space: _Space, SP, SQ, w, x0, tol, max_iter, eps):
 
 def _deflated_top(space: _Space, x, Mx, steps: int = 4):
     """sqrt of the top eigenvalue of the operator deflated by ``x``, by a few Lanczos steps."""
-    if math.prod(x.shape) == 1:
+    dim = math.prod(x.shape)
+    if dim == 1:
         return 0.0, 0
+    steps = min(steps, dim - 1)  # the deflated space has dim − 1 dimensions at most
+    eps = float(space.xp.finfo(x.dtype).eps)
     q = space.random_like(x, 0, symmetric=True)
     q = q - space.dot(q, Mx) * x
     nq = space.norm(q)
@@ -628,7 +638,9 @@ def _deflated_top(space: _Space, x, Mx, steps: int = 4):
         b = to_float(space.norm(w, Mw))
         alphas.append(a)
         betas.append(b)
-        if b <= 1e-300:
+        # an exhausted Krylov space leaves rounding noise (relative to the operator's scale):
+        # normalising it would add a spurious Ritz value
+        if b <= 64 * eps * max(abs(v) for v in alphas) or b <= 1e-300:
             break
         Q.append(w / b)
         MQ.append(Mw / b)

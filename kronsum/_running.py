@@ -23,8 +23,10 @@ Four estimators (:data:`ESTIMATORS`):
 ``"kfoc_approx"``   K-FOC_approx: the same EMA of each batch's K-FOC factors (unit Frobenius
                     norm, ``tr ≥ 0``) and of its ``σ₁``.
 ``"kfoc_running"``  K-FOC_running: the optimum of ``a_t · (previous estimate) + b_t F_t`` — the
-                    previous estimate enters as one more Kronecker term — by Lanczos warm-started
-                    from the previous estimate.
+                    previous estimate enters as one more Kronecker term — by :func:`kfoc` on
+                    that sum: the Gram solver for outer/terms batches (the extra term is one
+                    more coefficient), Lanczos warm-started from the previous estimate
+                    otherwise (conv batches, Dask, or when the Gram matrices do not pay).
 """
 
 from __future__ import annotations
@@ -106,9 +108,10 @@ class RunningEstimate:
         ``(1 − decay) decayᵗ⁻¹/(1 − decayᵗ)`` with it).
     kfoc_options : dict, optional
         Passed to :func:`kfoc` (keys ``method``, ``tol``, ``max_iter``, ``precision``,
-        ``seed``; not ``init``). For ``"kfoc_running"`` the combined sum has form ``"sum"``, so
-        ``method`` ``"auto"`` or ``"gram"`` means ``"lanczos"`` there (the first batch, which
-        is solved alone, uses the method as given).
+        ``seed``; not ``init``). For ``"kfoc_running"`` the combined sum has form ``"sum"``:
+        ``"auto"`` follows :func:`choose_method` on it, and ``"gram"`` means ``"lanczos"``
+        when the batch has the conv form (the first batch, which is solved alone, uses the
+        method as given).
 
     Notes
     -----
@@ -128,9 +131,11 @@ class RunningEstimate:
 
     Cost per applied update: ``"kfac"``, ``"tkfac"``: the batch estimator, ``O(K(m² + n²))``
     (conv: ``O(KT(m² + n²))``) plus ``O(m² + n²)``; ``"kfoc_approx"``: one :func:`kfoc` of
-    the batch; ``"kfoc_running"``: Lanczos on the combined sum, each application the batch's
-    two contractions plus ``O(m² + n²)`` for the extra term, a few applications per update
-    when the estimate moves little (``estimate.info.iterations`` counts them). Skipped calls
+    the batch; ``"kfoc_running"``: one :func:`kfoc` of the combined sum — with the Gram
+    solver (outer batches), the batch's Gram matrices plus ``O(K(m² + n²))`` for the extra
+    term's row; with Lanczos (conv batches), each application the batch's two contractions
+    plus ``O(m² + n²)``, a few applications per update when the estimate moves little
+    (``estimate.info.iterations`` counts them). Skipped calls
     cost nothing. Memory: the state is ``m² + n² + 1`` numbers.
 
     Inputs are never modified; arrays come back in the batches' namespace, device and dtype
@@ -315,9 +320,9 @@ class RunningEstimate:
                 est = kfoc(F, **opts)
             else:
                 prev = self.estimate
-                if opts.get("method", "auto") in ("auto", "gram"):
-                    opts["method"] = "lanczos"
                 S = KronSum.concat(KronSum.from_kron(prev).scaled(a), F.scaled(b))
+                if opts.get("method", "auto") == "gram" and not S._gram_parts():
+                    opts["method"] = "lanczos"
                 est = kfoc(S, init=prev, **opts)
             left, right, scale = est.left, est.right, est.scale
         else:

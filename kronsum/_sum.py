@@ -298,9 +298,26 @@ class KronSum:
         if X.ndim != 2 or tuple(X.shape) != (size, size):
             raise ValueError(f"{name} must have shape ({size}, {size}), got {tuple(X.shape)}")
 
-    # per-term inner products ⟨L_k, X⟩ (or ⟨R_k, Y⟩) and combinations Σ c_k L_k (terms/outer)
+    # per-term inner products ⟨L_k, X⟩ (or ⟨R_k, Y⟩) and combinations Σ c_k L_k (terms/outer,
+    # and sums of those: the parts' terms in order, as in ``weights``)
+    def _gram_parts(self) -> bool:
+        """Whether every term is a ``terms`` or ``outer`` term (the Gram solver's forms)."""
+        if self.form == "sum":
+            return all(P.form in ("terms", "outer") for P in self.parts)
+        return self.form in ("terms", "outer")
+
+    def _split(self, c: Array) -> list:
+        """``c`` (K,) cut into the parts' pieces (form "sum")."""
+        out, i0 = [], 0
+        for P in self.parts:
+            out.append(c[i0:i0 + P.num_terms])
+            i0 += P.num_terms
+        return out
+
     def _inner(self, side: str, X: Array) -> Array:
         xp = self._xp
+        if self.form == "sum":
+            return xp.concat([P._inner(side, X) for P in self.parts])
         if self.form == "terms":
             T = self.L if side == "left" else self.R
             d = T.shape[-1]
@@ -311,6 +328,8 @@ class KronSum:
     def _traces(self, side: str) -> Array:
         """``(tr L_k)_k`` (side="left") or ``(tr R_k)_k``, shape (K,) (terms/outer)."""
         xp = self._xp
+        if self.form == "sum":
+            return xp.concat([P._traces(side) for P in self.parts])
         if self.form == "terms":
             return trace(self.L if side == "left" else self.R, xp)
         V = self.G if side == "left" else self.A
@@ -318,6 +337,8 @@ class KronSum:
 
     def _combine(self, side: str, c: Array) -> Array:
         xp = self._xp
+        if self.form == "sum":
+            return _sum_over(P._combine(side, cp) for P, cp in zip(self.parts, self._split(c)))
         if self.form == "terms":
             T = self.L if side == "left" else self.R
             return xp.tensordot(c, T, axes=1)
@@ -458,6 +479,18 @@ class KronSum:
         Hadamard square written straight from the inputs' dtype in one pass.
         """
         xp = self._xp
+        if self.form == "sum":  # blocks between the parts (the whole matrix only)
+            if i0 != 0 or i1 not in (None, self.num_terms):
+                raise NotImplementedError("row blocks of a sum's Gram matrix")
+            parts = self.parts
+            blocks = {}
+            for i, P in enumerate(parts):
+                blocks[i, i] = P._gram(side, float64=float64)
+                for j in range(i + 1, len(parts)):
+                    blocks[i, j] = _cross_gram(P, parts[j], side, float64)
+                    blocks[j, i] = xp.matrix_transpose(blocks[i, j])
+            return xp.concat([xp.concat([blocks[i, j] for j in range(len(parts))], axis=1)
+                              for i in range(len(parts))], axis=0)
         i1 = self.num_terms if i1 is None else i1
         if self.form == "terms":
             T = self.L if side == "left" else self.R
@@ -569,6 +602,33 @@ def _cross_inner(P: KronSum, Q: KronSum) -> Array:
         i1 = min(P.num_terms, i0 + _CHUNK)
         total = total + xp.sum((P.weights[i0:i1] @ (XP[i0:i1, :] @ xp.matrix_transpose(XQ)) ** 2) * Q.weights)
     return total
+
+
+def _cross_gram(P: KronSum, Q: KronSum, side: str, float64: bool) -> Array:
+    """``[⟨L_k, L'_l⟩]`` (side="left") or ``[⟨R_k, R'_l⟩]`` between the terms of two parts of
+    the terms/outer forms, shape (K_P, K_Q); float64 on request (NumPy, the numba route)."""
+    xp = P.xp
+    if P.form == "outer" and Q.form == "outer":
+        V, W = (P.G, Q.G) if side == "left" else (P.A, Q.A)
+        S = V @ xp.matrix_transpose(W)
+        if float64:
+            import numpy as np
+
+            return np.square(S, dtype=np.float64)
+        return S**2
+    if P.form == "terms" and Q.form == "terms":
+        T, U = (P.L, Q.L) if side == "left" else (P.R, Q.R)
+        d = T.shape[-1]
+        S = xp.reshape(T, (-1, d * d)) @ xp.matrix_transpose(xp.reshape(U, (-1, d * d)))
+    elif P.form == "terms":  # ⟨T_k, v_l v_lᵀ⟩ = v_lᵀ T_k v_l, in chunks of T's terms
+        T, V = (P.L, Q.G) if side == "left" else (P.R, Q.A)
+        Kp, Kq, d = T.shape[0], V.shape[0], V.shape[-1]
+        step = max(1, min(Kp, _CROSS_BUDGET // max(Kq * d, 1)))
+        S = xp.concat([xp.sum((V[None, ...] @ xp.matrix_transpose(T[i0:i0 + step, ...]))
+                              * V[None, ...], axis=-1) for i0 in range(0, Kp, step)], axis=0)
+    else:
+        return xp.matrix_transpose(_cross_gram(Q, P, side, float64))
+    return xp.astype(S, xp.float64, copy=False) if float64 else S
 
 
 def _terms_cross_inner(P: KronSum, Q: KronSum) -> Array:

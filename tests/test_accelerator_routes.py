@@ -103,3 +103,24 @@ def test_gram_factors_are_symmetric_to_rounding_without_numba():
         for X in (est.left, est.right):
             X = X.numpy()
             assert np.abs(X - X.T).max() <= 1e-14 * np.abs(X).max(), est.info.method
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_deflated_probe_stops_when_the_krylov_space_is_exhausted(seed):
+    """σ₂ from the deflated probe is a Ritz value, never above the true σ₂, even when its
+    4 steps exceed the K − 1 dimensions left (K = 4 terms): the exhausted step's rounding
+    noise must not be normalised into a spurious direction (it gave 14.4 for σ₂ = 12.4)."""
+    L, R = random_inputs("terms", 4, 3, 4, seed=seed)
+    F = ks.KronSum.from_terms(L, R)
+    SP, SQ = F._gram("left"), F._gram("right")
+    B = SQ @ SP
+    evals, evecs = np.linalg.eig(B)
+    x = evecs[:, np.argmax(evals.real)].real
+    x = x / np.sqrt(x @ SP @ x)
+    space = kfoc_mod._Space(lambda a: SQ @ (SP @ a), np, metric=lambda a: SP @ a)
+    s = np.linalg.svd(F.rearranged(), compute_uv=False)
+    for steps in (1, 2, 3, 4, 8):
+        s2, k = kfoc_mod._deflated_top(space, x, SP @ x, steps=steps)
+        assert k <= 3
+        assert s2 <= s[1] * (1 + 1e-8)
+    assert s2 == pytest.approx(s[1], rel=1e-8)  # 3 steps span the deflated space: exact

@@ -49,9 +49,15 @@ def test_estimators_on_sums_of_sums(case):
     opt, s = svd_optimum(D, m, n)
     normF = np.linalg.norm(D)
     est = ks.kfoc(F)
-    assert est.info.method == "kfoc/lanczos"
+    gram_able = all(form != "conv" for form, _, _ in pooled)
+    assert ks.choose_method(F) in (("gram", "lanczos") if gram_able else ("lanczos",))
+    assert est.info.method.startswith("kfoc/" + ks.choose_method(F))
     err = float(ks.frobenius_error(F, est))
     assert err <= opt * (1 + 1e-8) + 1e-12 * normF
+    for method in ("lanczos", "gram") if gram_able else ("lanczos",):
+        other = ks.kfoc(F, method=method)
+        assert float(ks.frobenius_error(F, other)) <= opt * (1 + 1e-8) + 1e-12 * normF
+        assert float(other.scale) == pytest.approx(s[0], rel=1e-9)
     assert np.isclose(float(ks.frobenius_error(F, est, method="gram")), err, rtol=1e-6, atol=1e-7 * normF)
     assert np.isclose(float(ks.tkfac(F).trace()), np.trace(D))
     # K-FAC pools the terms of all parts (conv parts with KFC's 1/T on the gradient side)
@@ -91,8 +97,9 @@ def test_errors():
         -1.0 * F
     with pytest.raises(TypeError):
         ks.KronSum.concat(F, np.eye(2))
+    conv = ks.KronSum.from_conv(np.ones((2, 3, 2)), np.ones((2, 3, 3)))
     with pytest.raises(ValueError, match="gram"):
-        ks.kfoc(F + F, method="gram")
+        ks.kfoc(F + conv, method="gram")
     with pytest.raises(ValueError, match="non-negative"):
         ks.KronSum.from_kron(ks.Kron(np.eye(2), np.eye(3), scale=-1.0))
 
@@ -116,3 +123,87 @@ def test_cross_term_of_general_terms_and_samples(backend, other, budget, monkeyp
          + getattr(ks.KronSum, f"from_{other}")(*(b(a) for a in S), b(ws)))
     got = float(backend.to_numpy(F.frobenius_norm()))
     assert got == pytest.approx(np.linalg.norm(dense), rel=1e-10)
+
+
+@st.composite
+def gram_sums(draw):
+    """Sums of 2–3 parts of the terms and outer forms (the Gram solver's sums)."""
+    m, n = draw(st.integers(1, 4)), draw(st.integers(1, 4))
+    parts = []
+    for _ in range(draw(st.integers(2, 3))):
+        form = draw(st.sampled_from(["terms", "outer"]))
+        arrays = random_inputs(form, draw(st.integers(1, 6)), m, n, seed=draw(st.integers(0, 2**31)),
+                               kind=draw(st.sampled_from(["gaussian", "heavy"])))
+        if form == "terms" and draw(st.booleans()):  # PSD terms, or general (non-symmetric) ones
+            arrays = tuple(a @ np.swapaxes(a, 1, 2) for a in arrays)
+        parts.append(draw(st.floats(0.1, 3.0)) * getattr(ks.KronSum, f"from_{form}")(*arrays))
+    return ks.KronSum.concat(*parts), m, n
+
+
+@given(gram_sums())
+def test_gram_matrices_of_a_sum_are_the_rearrangement_columns_products(case):
+    """S_P = PᵀP and S_Q = QᵀQ for the sum's vec'd terms, by the definition."""
+    F, m, n = case
+    P, Q = [], []
+    for part in F.parts:
+        if part.form == "terms":
+            P += [L.reshape(-1) for L in part.L]
+            Q += [R.reshape(-1) for R in part.R]
+        else:
+            P += [np.outer(g, g).reshape(-1) for g in part.G]
+            Q += [np.outer(a, a).reshape(-1) for a in part.A]
+    P, Q = np.array(P).T, np.array(Q).T
+    for float64 in (False, True):
+        assert np.allclose(F._gram("left", float64=float64), P.T @ P, rtol=1e-12, atol=1e-12 * np.abs(P).max() ** 2)
+        assert np.allclose(F._gram("right", float64=float64), Q.T @ Q, rtol=1e-12, atol=1e-12 * np.abs(Q).max() ** 2)
+    assert np.allclose(F._combine("left", np.arange(F.num_terms, dtype=float)),
+                       (P @ np.arange(F.num_terms)).reshape(m, m))
+
+
+def test_kfoc_running_takes_the_gram_solver_and_agrees_with_lanczos(backend, monkeypatch):
+    rng = np.random.default_rng(4)
+    b = lambda a: backend.asarray(a, "float64")  # noqa: E731
+    batch = ks.KronSum.from_outer(b(rng.standard_normal((40, 5))), b(rng.standard_normal((40, 6))))
+    prev = ks.kfoc(ks.KronSum.from_outer(b(rng.standard_normal((30, 5))), b(rng.standard_normal((30, 6)))))
+    F = 0.9 * ks.KronSum.from_kron(prev) + 0.1 * batch
+    if backend.name == "dask":
+        assert ks.choose_method(F) == "lanczos"
+        return
+    assert ks.choose_method(F) == "gram"
+    gram = ks.kfoc(F, init=prev)
+    lanczos = ks.kfoc(F, init=prev, method="lanczos")
+    assert gram.info.method.startswith("kfoc/gram")
+    D = backend.to_numpy(F.to_dense())
+    _, s = svd_optimum(D, 5, 6)
+    assert float(backend.to_numpy(gram.scale)) == pytest.approx(s[0], rel=1e-10)
+    assert np.allclose(backend.to_numpy(gram.to_dense()), backend.to_numpy(lanczos.to_dense()),
+                       atol=1e-8 * np.abs(D).max())
+    from kronsum import _running
+
+    solvers = []
+
+    def spy(*args, **kwargs):
+        out = ks.kfoc(*args, **kwargs)
+        solvers.append(out.info.method)
+        return out
+
+    monkeypatch.setattr(_running, "kfoc", spy)
+    run = ks.RunningEstimate("kfoc_running", decay=0.9)
+    run.update(ks.KronSum.from_outer(b(rng.standard_normal((30, 5))), b(rng.standard_normal((30, 6)))))
+    run.update(batch)  # previous estimate + batch: a sum of a terms and an outer part
+    assert len(solvers) == 2 and all(s.startswith("kfoc/gram") for s in solvers)
+
+
+@given(gram_sums())
+def test_kronecker_svd_of_a_sum_by_the_gram_solver(case):
+    """Rank-r approximation of a sum of terms/outer parts by the Gram solver = SVD ground truth."""
+    F, m, n = case
+    D = F.to_dense()
+    _, s = svd_optimum(D, m, n)
+    normF = np.linalg.norm(D)
+    for r in range(1, min(3, m * m, n * n) + 1):
+        B = ks.kronecker_svd(F, rank=r, method="gram")
+        assert B.info.converged, B.info
+        np.testing.assert_allclose(B.singular_values, s[:r], rtol=1e-8, atol=1e-10 * normF)
+        opt = float(np.sqrt(np.sum(s[r:] ** 2)))
+        assert np.isclose(np.linalg.norm(D - B.to_dense()), opt, rtol=1e-7, atol=1e-9 * normF)
