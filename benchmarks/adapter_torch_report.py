@@ -35,7 +35,7 @@ its state after setup (model, data, imports), which covers the warm-up and the t
 
 Usage::
 
-    python benchmarks/adapter_torch_report.py [--quick] [--json FILE]
+    python benchmarks/adapter_torch_report.py [--quick] [--json FILE] [--methods A,B,...]
 
 ``--quick``: the MLP and the CNN in float32, 3 repeats. Needs scikit-learn and, for the
 reference rows, curvlinops-for-pytorch (its rows are skipped if it is not installed).
@@ -46,6 +46,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 
@@ -167,8 +168,7 @@ def _one(case, method, repeats):
             run()
             times.append(time.perf_counter() - t0)
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    times.sort()
-    rec = {"case": case, "method": method, "median_s": times[len(times) // 2],
+    rec = {"case": case, "method": method, "median_s": statistics.median(times),
            "repeats": repeats, "peak_mib": (peak - base) / 1024.0}
     print(json.dumps(rec))
 
@@ -178,6 +178,7 @@ def main(argv=None):
     ap.add_argument("--quick", action="store_true", help="MLP and CNN, float32, 3 repeats")
     ap.add_argument("--json", metavar="FILE", help="write the records as a JSON list")
     ap.add_argument("--repeats", type=int, default=None, help="timed runs (default 7, quick 3)")
+    ap.add_argument("--methods", help="comma-separated subset of the methods to run")
     ap.add_argument("--one", nargs=2, metavar=("CASE", "METHOD"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     repeats = args.repeats or (3 if args.quick else 7)
@@ -193,6 +194,15 @@ def main(argv=None):
         methods = METHODS[1:]
     if not args.quick:
         methods = methods + EXTRA + (STREAM if "curvlinops-kfac" in methods else STREAM[1:])
+    if args.methods:
+        wanted = [m.strip() for m in args.methods.split(",") if m.strip()]
+        unknown = set(wanted) - set(METHODS + EXTRA + STREAM)
+        if unknown:
+            ap.error(f"unknown methods {sorted(unknown)}")
+        methods = tuple(m for m in methods if m in wanted)
+        if set(wanted) - set(methods):
+            ap.error(f"methods {sorted(set(wanted) - set(methods))} are not run in this mode "
+                     "(--quick runs the first three; curvlinops rows need curvlinops)")
     cases = [f"{m}/{d}" for m in (("mlp", "cnn") if args.quick else MODELS)
              for d in (("float32",) if args.quick else DTYPES)]
     env = dict(os.environ, **{v: "1" for v in THREAD_VARS})

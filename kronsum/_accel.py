@@ -9,7 +9,7 @@ both paths, ``rtol 1e-10`` in float64). Fast paths are taken only for NumPy arra
   (:func:`kronsum.config`), numba importable, NumPy namespace, float32/float64;
 * :func:`via_numpy_on_cpu` — the estimators' entry: PyTorch CPU tensors are handed to the
   NumPy code as views of the same memory (``Tensor.numpy()``, no copy) so that they reach the
-  two paths above, and the factors are handed back as tensors (``torch.as_tensor``, no copy).
+  two paths above, and the factors are handed back as CPU tensors (``torch.from_numpy``, no copy).
   Option ``torch_cpu_via_numpy``; tensors that require grad stay in PyTorch.
 """
 
@@ -112,6 +112,18 @@ def _map_kron(K, f, xp):
     return out
 
 
+def _cpu_tensor(a):
+    """A CPU tensor sharing ``a``'s memory (``torch.from_numpy``: unlike ``torch.as_tensor`` it
+    ignores ``torch.set_default_device``); a copy only for layouts torch cannot view."""
+    import numpy as np
+    import torch
+
+    a = np.asarray(a)
+    if a.flags.writeable and all(st >= 0 for st in a.strides):
+        return torch.from_numpy(a)
+    return torch.from_numpy(np.array(a))
+
+
 def via_numpy_on_cpu(fn: Callable) -> Callable:
     """Decorate an estimator ``fn(F, ...) -> Kron`` so that PyTorch CPU inputs run on NumPy.
 
@@ -140,6 +152,6 @@ def via_numpy_on_cpu(fn: Callable) -> Callable:
         np_xp = array_api_compat.array_namespace(np.empty(0))
         kwargs = {k: (_map_kron(v, to_np, np_xp) if k in krons else v) for k, v in kwargs.items()}
         out = fn(_map_sum(F, to_np, np_xp), *args, **kwargs)
-        return _map_kron(out, torch.as_tensor, F.xp)
+        return _map_kron(out, _cpu_tensor, F.xp)
 
     return wrapper

@@ -77,7 +77,7 @@ def choose_method(F: KronSum, method: str = "auto") -> str:
     if method not in _METHODS:
         raise ValueError(f"method must be one of {_METHODS}, got {method!r}")
     if method == "gram":
-        if not F._gram_parts():
+        if not F._gram_able():
             raise ValueError(
                 "method='gram' needs the outer or terms form, or a sum of such parts (a K-column "
                 "rearrangement); use 'lanczos' for the conv form"
@@ -87,7 +87,7 @@ def choose_method(F: KronSum, method: str = "auto") -> str:
         return method
     if method != "auto":
         return method
-    if not F._gram_parts() or is_dask_namespace(F.xp):
+    if not F._gram_able() or is_dask_namespace(F.xp):
         return "lanczos"
     K, m, n = F.num_terms, F.m, F.n
     sizes = [(P.num_terms, P.form) for P in (F.parts if F.form == "sum" else (F,))]
@@ -344,7 +344,7 @@ def _gram_solve(Fn: KronSum, init, seed, tol, max_iter):
     elif not f2s - nrs2 / nls2 < (nrs2 / nls2) * (1 - math.sqrt(xp.finfo(Fn.dtype).eps)):
         # ‖F‖² − σ₁² bounds σ₂²; when it cannot rule out σ₂ = σ₁, probe the deflated operator
         x = alpha / nls
-        s2, k = _deflated_top(space, x, space.M(x))
+        s2, k = _deflated_top(space, x, space.M(x), nrs2 / nls2)
         s2, its = s2 * unit, its + k
     L = Fn._combine("left", alpha * (sign / (nls * math.sqrt(fP))))
     R = Fn._combine("right", beta * (sign / (nrs * math.sqrt(fQ))))
@@ -565,7 +565,7 @@ def _lanczos(space: _Space, x, tol, max_iter):
                     if i == 0 and breakdown:
                         # the start vector spans an invariant subspace: Krylov sees no second
                         # value, so probe the deflated operator to learn whether sigma1 repeats
-                        s2, k = _deflated_top(space, Q[0], MQ[0])
+                        s2, k = _deflated_top(space, Q[0], MQ[0], th1)
                         return Q[0], n_apply + k, True, 0.0, s2
                     s2 = math.sqrt(max(float(theta[-2]), 0.0)) if i > 0 else None
                     res = float(bi * abs(S[-1, -1]) / th1)
@@ -613,13 +613,23 @@ def _lanczos_numba(space: _Space, SP, SQ, w, x0, tol, max_iter, eps):
     return x, int(its), bool(conv), float(res), (None if s2 < 0 else float(s2))
 
 
-def _deflated_top(space: _Space, x, Mx, steps: int = 4):
-    """sqrt of the top eigenvalue of the operator deflated by ``x``, by a few Lanczos steps."""
+def _deflated_top(space: _Space, x, Mx, theta1: float | None = None, steps: int = 4):
+    """sqrt of the top eigenvalue of the operator deflated by ``x``, by a few Lanczos steps.
+
+    ``theta1`` is the operator's top eigenvalue (σ₁² in the space's units; computed as the
+    Rayleigh quotient of ``x`` when ``None``): rounding noise in a step comes at that scale,
+    so a step whose remainder is within ``64 ε θ₁`` has exhausted the Krylov space (the
+    deflated operator may be rank-deficient) and ends the probe rather than being normalised
+    into a spurious direction.
+    """
     dim = math.prod(x.shape)
     if dim == 1:
         return 0.0, 0
     steps = min(steps, dim - 1)  # the deflated space has dim − 1 dimensions at most
     eps = float(space.xp.finfo(x.dtype).eps)
+    if theta1 is None:
+        theta1 = to_float(space.dot(space.apply(x), Mx))
+    floor = 64 * eps * abs(theta1)
     q = space.random_like(x, 0, symmetric=True)
     q = q - space.dot(q, Mx) * x
     nq = space.norm(q)
@@ -638,9 +648,7 @@ def _deflated_top(space: _Space, x, Mx, steps: int = 4):
         b = to_float(space.norm(w, Mw))
         alphas.append(a)
         betas.append(b)
-        # an exhausted Krylov space leaves rounding noise (relative to the operator's scale):
-        # normalising it would add a spurious Ritz value
-        if b <= 64 * eps * max(abs(v) for v in alphas) or b <= 1e-300:
+        if b <= floor or b <= 1e-300:  # exhausted: the remainder is rounding noise
             break
         Q.append(w / b)
         MQ.append(Mw / b)

@@ -39,7 +39,7 @@ from typing import Any
 
 from ._closed_forms import _new_kron, kfac, tkfac
 from ._compat import is_array, namespace
-from ._kfoc import kfoc
+from ._kfoc import choose_method, kfoc
 from ._kron import Kron, KronInfo
 from ._sum import KronSum
 from ._validation import check_finite_values
@@ -197,6 +197,9 @@ class RunningEstimate:
         self._left = self._right = self._scale = None
         self._xp = None
         self._info: KronInfo | None = None
+        # whether every batch in the estimate had symmetric terms (its factors are then
+        # symmetric); None: unknown (restored from a state_dict)
+        self._symmetric: bool | None = None
 
     # -- configuration and counters ------------------------------------------------------
     @property
@@ -320,10 +323,13 @@ class RunningEstimate:
                 est = kfoc(F, **opts)
             else:
                 prev = self.estimate
-                S = KronSum.concat(KronSum.from_kron(prev).scaled(a), F.scaled(b))
-                if opts.get("method", "auto") == "gram" and not S._gram_parts():
+                S = KronSum.concat(self._as_term(prev, a), F.scaled(b))
+                if opts.get("method", "auto") == "gram" and not S._gram_able():
                     opts["method"] = "lanczos"
-                est = kfoc(S, init=prev, **opts)
+                # the warm start pays for Lanczos on the contractions; the Gram solver's steps
+                # cost O(K²) and a factor start would cost a product with the batch (K n²)
+                warm = choose_method(S, opts.get("method", "auto")) != "gram"
+                est = kfoc(S, init=prev, **opts) if warm else kfoc(S, **opts)
             left, right, scale = est.left, est.right, est.scale
         else:
             if name == "kfac":
@@ -340,9 +346,23 @@ class RunningEstimate:
                 scale = a * self._scale + b * est.scale
         self._xp = F.xp
         self._left, self._right, self._scale = left, right, scale
+        if a == 0.0:
+            self._symmetric = F.symmetric
+        elif self._symmetric is not None:
+            self._symmetric = self._symmetric and F.symmetric
         self._info = dataclasses.replace(est.info, method=f"running/{name}")
         self._num_updates = t
         return self.estimate
+
+    def _as_term(self, prev: Kron, a: float) -> KronSum:
+        """``a · prev`` as a one-term sum. ``prev`` is this object's own estimate, finite by
+        construction (checked batches and solves, checked restores): no NaN scan, and no
+        symmetry scan when the batches so far say whether its factors are symmetric."""
+        if self._symmetric is None:
+            return KronSum.from_kron(prev, check_finite=False).scaled(a)
+        xp = self._xp
+        return KronSum("terms", xp.reshape(prev.scale, (1,)) * a, L=prev.left[None, ...],
+                       R=prev.right[None, ...], symmetric=self._symmetric, _xp=xp)
 
     def _check_batch(self, F: object) -> None:
         if not isinstance(F, KronSum):

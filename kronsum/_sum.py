@@ -74,7 +74,9 @@ class KronSum:
 
         The result has ``form == "sum"`` and keeps each part in its own form, so a K-FAC
         statistic and a previous estimate can be combined without materialising anything
-        (K-FOC_running). ``kfac`` pools the terms of all parts; ``kfoc`` uses Lanczos.
+        (K-FOC_running). ``kfac`` pools the terms of all parts; ``kfoc`` uses the Gram solver when
+        every part has the outer or terms form (and :func:`~kronsum.choose_method` finds it
+        cheaper), Lanczos otherwise.
 
         Examples
         --------
@@ -110,10 +112,14 @@ class KronSum:
         return cls("sum", w, symmetric=all(F.symmetric for F in flat), _xp=xp, parts=tuple(flat))
 
     @classmethod
-    def from_kron(cls, K) -> "KronSum":
-        """The one-term sum ``scale · left ⊗ right`` of a :class:`~kronsum.Kron` (``scale ≥ 0``)."""
+    def from_kron(cls, K, *, check_finite: bool = True) -> "KronSum":
+        """The one-term sum ``scale · left ⊗ right`` of a :class:`~kronsum.Kron` (``scale ≥ 0``).
+
+        ``check_finite=False`` skips the NaN/inf scan of the factors (for an estimate the
+        library computed itself, which is finite by construction)."""
         xp = K._xp
-        return cls.from_terms(K.left[None, ...], K.right[None, ...], xp.reshape(K.scale, (1,)))
+        return cls.from_terms(K.left[None, ...], K.right[None, ...], xp.reshape(K.scale, (1,)),
+                              check_finite=check_finite)
 
     def scaled(self, c: float) -> "KronSum":
         """``c · F`` for a real ``c ≥ 0`` (also written ``c * F``): the weights times c."""
@@ -300,7 +306,7 @@ class KronSum:
 
     # per-term inner products ⟨L_k, X⟩ (or ⟨R_k, Y⟩) and combinations Σ c_k L_k (terms/outer,
     # and sums of those: the parts' terms in order, as in ``weights``)
-    def _gram_parts(self) -> bool:
+    def _gram_able(self) -> bool:
         """Whether every term is a ``terms`` or ``outer`` term (the Gram solver's forms)."""
         if self.form == "sum":
             return all(P.form in ("terms", "outer") for P in self.parts)

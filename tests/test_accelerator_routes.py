@@ -124,3 +124,23 @@ def test_deflated_probe_stops_when_the_krylov_space_is_exhausted(seed):
         assert k <= 3
         assert s2 <= s[1] * (1 + 1e-8)
     assert s2 == pytest.approx(s[1], rel=1e-8)  # 3 steps span the deflated space: exact
+
+
+@pytest.mark.parametrize("seed", range(10))
+def test_deflated_probe_on_a_rank_deficient_gram_space(seed):
+    """Outer form with K = 8 > m(m+1)/2 = 3: S_P is singular, the deflated operator has rank 2
+    and σ₂ ≪ σ₁ (nearly equal samples); the probe's Ritz value stays a lower estimate of σ₂."""
+    rng = np.random.default_rng(seed)
+    G = rng.standard_normal(2) + 0.05 * rng.standard_normal((8, 2))
+    A = rng.standard_normal(2) + 0.05 * rng.standard_normal((8, 2))
+    F = ks.KronSum.from_outer(G, A)
+    SP, SQ = F._gram("left"), F._gram("right")
+    evals, evecs = np.linalg.eig(SQ @ SP)
+    x = evecs[:, np.argmax(evals.real)].real
+    x = x / np.sqrt(x @ SP @ x)
+    space = kfoc_mod._Space(lambda a: SQ @ (SP @ a), np, metric=lambda a: SP @ a)
+    s = np.linalg.svd(F.rearranged(), compute_uv=False)
+    assert s[1] < s[0] / 8
+    for theta1 in (None, s[0] ** 2):
+        s2, _ = kfoc_mod._deflated_top(space, x, SP @ x, theta1, steps=6)
+        assert s2 <= s[1] * (1 + 1e-6) + 1e-12 * s[0]

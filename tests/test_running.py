@@ -448,3 +448,27 @@ def test_running_report_quick_writes_records(tmp_path, capsys):
             assert r["iterations"]["max"] >= 1
             assert r["rel_err_optimum"] <= r["rel_err"] * (1 + 1e-9) + 1e-12
     assert "| case | method |" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("method", ["auto", "lanczos"])  # Lanczos symmetrises when told to
+def test_kfoc_running_knows_when_its_estimate_is_symmetric(method):
+    """The previous estimate enters kfoc_running flagged symmetric only while every batch was
+    symmetric (no scan of its factors); a non-symmetric terms batch, or a restore (unknown:
+    scanned), must give the same answer as building the combination by hand."""
+    rng = np.random.default_rng(7)
+    outer = lambda: ks.KronSum.from_outer(rng.standard_normal((12, 3)), rng.standard_normal((12, 4)))  # noqa: E731
+    skew = ks.KronSum.from_terms(rng.standard_normal((5, 3, 3)), rng.standard_normal((5, 4, 4)))
+    assert not skew.symmetric
+    run = ks.RunningEstimate("kfoc_running", decay=0.6, kfoc_options={"method": method})
+    e1 = run.update(outer())
+    assert run._symmetric is True
+    for batch, sym in ((skew, False), (outer(), False)):
+        a, b = run.mixing_weights(run.num_updates + 1)
+        ref = ks.kfoc(a * ks.KronSum.from_kron(e1) + b * batch, method=method)
+        e1 = run.update(batch)
+        assert run._symmetric is sym
+        np.testing.assert_allclose(e1.to_dense(), ref.to_dense(), atol=1e-9 * np.abs(ref.to_dense()).max())
+    restored = ks.RunningEstimate.from_state_dict(run.state_dict(), kfoc_options={"method": method})
+    assert restored._symmetric is None
+    last = outer()
+    np.testing.assert_allclose(restored.update(last).to_dense(), run.update(last).to_dense(), rtol=1e-12, atol=1e-14)

@@ -140,10 +140,14 @@ def gram_sums(draw):
     return ks.KronSum.concat(*parts), m, n
 
 
-@given(gram_sums())
-def test_gram_matrices_of_a_sum_are_the_rearrangement_columns_products(case):
-    """S_P = PᵀP and S_Q = QᵀQ for the sum's vec'd terms, by the definition."""
+@given(gram_sums(), st.sampled_from(["float64", "float32"]), st.sampled_from([1, 1 << 24]))
+def test_gram_matrices_of_a_sum_are_the_rearrangement_columns_products(case, dtype, budget):
+    """S_P = PᵀP and S_Q = QᵀQ for the sum's vec'd terms, by the definition; float32 inputs
+    with ``float64=True`` give float64; the terms × outer blocks in one chunk or term by term."""
+    from kronsum import _sum
+
     F, m, n = case
+    F = F.astype(np.dtype(dtype).type) if dtype == "float32" else F
     P, Q = [], []
     for part in F.parts:
         if part.form == "terms":
@@ -152,12 +156,18 @@ def test_gram_matrices_of_a_sum_are_the_rearrangement_columns_products(case):
         else:
             P += [np.outer(g, g).reshape(-1) for g in part.G]
             Q += [np.outer(a, a).reshape(-1) for a in part.A]
-    P, Q = np.array(P).T, np.array(Q).T
-    for float64 in (False, True):
-        assert np.allclose(F._gram("left", float64=float64), P.T @ P, rtol=1e-12, atol=1e-12 * np.abs(P).max() ** 2)
-        assert np.allclose(F._gram("right", float64=float64), Q.T @ Q, rtol=1e-12, atol=1e-12 * np.abs(Q).max() ** 2)
-    assert np.allclose(F._combine("left", np.arange(F.num_terms, dtype=float)),
-                       (P @ np.arange(F.num_terms)).reshape(m, m))
+    P, Q = np.array(P, dtype=np.float64).T, np.array(Q, dtype=np.float64).T
+    tol = 1e-12 if dtype == "float64" else 1e-5
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(_sum, "_CROSS_BUDGET", budget)
+        for float64 in (False, True):
+            for side, V in (("left", P), ("right", Q)):
+                S = F._gram(side, float64=float64)
+                assert S.dtype == (np.float64 if float64 else np.dtype(dtype))
+                assert np.allclose(S, V.T @ V, rtol=tol, atol=tol * np.abs(V).max() ** 2 * max(V.shape[0], 1))
+    c = np.arange(F.num_terms, dtype=F.dtype)
+    assert np.allclose(F._combine("left", c), (P @ c).reshape(m, m), rtol=tol,
+                       atol=tol * np.abs(P).max() * F.num_terms ** 2)
 
 
 def test_kfoc_running_takes_the_gram_solver_and_agrees_with_lanczos(backend, monkeypatch):

@@ -118,3 +118,35 @@ def test_sum_of_sums_and_a_kron_init_take_the_route():
 def test_option_is_validated():
     with pytest.raises(TypeError, match="must be a bool"):
         ks.set_config(torch_cpu_via_numpy=1)
+
+
+@pytest.mark.parametrize("name", sorted(ESTIMATORS))
+@pytest.mark.parametrize("form", ["outer", "conv", "terms"])
+def test_the_estimators_receive_numpy_views_only_with_the_option(name, form, monkeypatch):
+    """The decorator is not a no-op: with the option on, the estimator body gets one NumPy
+    view of the sum (and the answer comes back as tensors); with it off, none."""
+    seen = []
+    real = _accel._map_sum
+
+    def spy(F, f, xp):
+        out = real(F, f, xp)
+        seen.append(type(out.weights))
+        return out
+
+    monkeypatch.setattr(_accel, "_map_sum", spy)
+    F = _torch_sum(form, random_inputs(form, 6, 3, 2, T=2, seed=8), None, torch.float32)
+    with ks.config(torch_cpu_via_numpy=True):
+        on = ESTIMATORS[name](F)
+    assert seen == [np.ndarray] and isinstance(on.left, torch.Tensor)
+    with ks.config(torch_cpu_via_numpy=False):
+        ESTIMATORS[name](F)
+    assert seen == [np.ndarray]
+
+
+def test_factors_stay_on_the_cpu_under_a_default_device():
+    """A default device (torch.set_default_device, or this context) must not move the returned
+    factors: torch.as_tensor would put them there."""
+    F = _torch_sum("outer", random_inputs("outer", 10, 3, 2, seed=9), None)
+    with torch.device("meta"):
+        est = ks.kfac(F)
+    assert est.left.device.type == "cpu" and est.scale.device.type == "cpu"
