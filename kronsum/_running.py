@@ -24,9 +24,10 @@ Four estimators (:data:`ESTIMATORS`):
                     norm, ``tr ≥ 0``) and of its ``σ₁``.
 ``"kfoc_running"``  K-FOC_running: the optimum of ``a_t · (previous estimate) + b_t F_t`` — the
                     previous estimate enters as one more Kronecker term — by :func:`kfoc` on
-                    that sum: the Gram solver for outer/terms batches (the extra term is one
-                    more coefficient), Lanczos warm-started from the previous estimate
-                    otherwise (conv batches, Dask, or when the Gram matrices do not pay).
+                    that sum: the Gram solver for outer/terms batches when
+                    :func:`choose_method` takes it (the extra term is one more coefficient),
+                    Lanczos warm-started from the previous estimate otherwise (conv batches,
+                    Dask, K > 8192 or Gram matrices that do not pay).
 """
 
 from __future__ import annotations
