@@ -509,6 +509,8 @@ class KronSum:
         if float64:
             import numpy as np
 
+            if S.dtype == np.float64:  # our own fresh product: square it in place
+                return np.square(S, out=S)
             return np.square(S, dtype=np.float64)
         return S**2
 
@@ -620,7 +622,7 @@ def _cross_gram(P: KronSum, Q: KronSum, side: str, float64: bool) -> Array:
         if float64:
             import numpy as np
 
-            return np.square(S, dtype=np.float64)
+            return np.square(S, out=S) if S.dtype == np.float64 else np.square(S, dtype=np.float64)
         return S**2
     if P.form == "terms" and Q.form == "terms":
         T, U = (P.L, Q.L) if side == "left" else (P.R, Q.R)
