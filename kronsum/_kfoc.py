@@ -207,8 +207,9 @@ def kfoc(
         side = "left" if Fn.m <= Fn.n else "right"
         x0 = _initial(Fn, init, seed, side)
         solver = _lanczos if method == "lanczos" else _power
-        x, its, conv, res, s2 = solver(_operator_space(Fn, side), x0, tol, max_iter)
-        L, R, sigma, notes = _finish(Fn, x, side)
+        space = _operator_space(Fn, side, keep_aux=method == "lanczos" and _aux_fits(Fn, side))
+        x, its, conv, res, s2 = solver(space, x0, tol, max_iter)
+        L, R, sigma, notes = _finish(Fn, x, side, space.result_aux)
     info = dict(method=f"kfoc/{method}", iterations=its, converged=conv, residual=res)
     if not conv:
         notes = notes + (f"not converged: residual {res:.3g} > tol {tol:.3g} after {its} applications",)
@@ -230,10 +231,15 @@ class _Space:
     inner product is ``⟨x, y⟩ = Σ x ∘ M(y)`` with ``M`` the metric (identity when ``None``).
     """
 
-    def __init__(self, apply, xp, metric=None, apply_M=None, safe_norm=False):
+    def __init__(self, apply, xp, metric=None, apply_M=None, safe_norm=False, apply_aux=None):
         # every product is materialised: on Dask each step is then one map-reduce over the
         # persisted inputs rather than a graph re-running all earlier steps
         self.apply = None if apply is None else (lambda x: materialize(apply(x)))
+        # apply_aux(x) -> (apply(x), aux(x)) with aux linear in x (the half-step image): Lanczos
+        # then also returns aux of its answer in ``result_aux``, which saves a contraction
+        self.apply_aux = None if apply_aux is None else (
+            lambda x: tuple(materialize(v) for v in apply_aux(x)))
+        self.result_aux = None
         self.xp, self.metric, self.safe_norm = xp, metric, safe_norm
         self._apply_M = None if apply_M is None else (lambda x, Mx: materialize(apply_M(x, Mx)))
 
@@ -398,12 +404,31 @@ def _squaring(space: _Space, SPs, SQs, ws, alpha0, tol, max_iter):
     return None
 
 
-def _operator_space(Fn: KronSum, side: str) -> _Space:
+def _operator_space(Fn: KronSum, side: str, keep_aux: bool = False) -> _Space:
+    """``𝓡𝓡ᵀ`` on (m, m) factors (side="left") or ``𝓡ᵀ𝓡`` on (n, n) ones. ``keep_aux``: the
+    half-step image (``contract_left(X)`` for side="left") is kept per Lanczos vector, so the
+    finish reads the other factor off the basis instead of contracting once more."""
     # below float64 the iterates' entries reach σ₁² and their squares overflow: safe norms
     safe = Fn.xp.finfo(Fn.dtype).bits < 64
-    if side == "left":
-        return _Space(lambda X: Fn.contract_right(Fn.contract_left(X)), Fn.xp, safe_norm=safe)
-    return _Space(lambda Y: Fn.contract_left(Fn.contract_right(Y)), Fn.xp, safe_norm=safe)
+    first, second = ((Fn.contract_left, Fn.contract_right) if side == "left"
+                     else (Fn.contract_right, Fn.contract_left))
+
+    def apply_aux(X):
+        Y = materialize(first(X))
+        return second(Y), Y
+
+    return _Space(lambda X: second(first(X)), Fn.xp, safe_norm=safe,
+                  apply_aux=apply_aux if keep_aux else None)
+
+
+def _aux_fits(Fn: KronSum, side: str) -> bool:
+    """Whether keeping one half-step image per Lanczos vector (``_KRYLOV_DIM + 1`` matrices of
+    the other factor's size) costs at most the inputs' own size (or 2²² numbers)."""
+    d = Fn.n if side == "left" else Fn.m
+    parts = Fn.parts if Fn.form == "sum" else (Fn,)
+    inputs = sum(math.prod(a.shape) for P in parts for a in (P.weights, P.L, P.R, P.G, P.A)
+                 if a is not None)
+    return (_KRYLOV_DIM + 1) * d * d <= max(1 << 22, inputs)
 
 
 def _initial(Fn: KronSum, init, seed, side: str) -> Array:
@@ -510,13 +535,20 @@ def _lanczos(space: _Space, x, tol, max_iter):
         nx = _safe(xp, nx)
     x, Mx = materialize(x / nx), materialize(Mx / nx)
     block = x.ndim == 1 and not is_dask_namespace(xp)
+    keep_aux = space.apply_aux is not None and not block
+    space.result_aux = None
     while True:
         Q, MQ = [x], [Mx]
+        AUX: list = []  # half-step images of Q's vectors (keep_aux)
         alphas: list = []  # floats, or device scalars not yet read
         betas: list = []
         checked = 0  # steps whose scalars have been read and tested
         for j in range(_KRYLOV_DIM):
-            w = space.apply_M(Q[j], MQ[j])
+            if keep_aux:
+                w, aux = space.apply_aux(Q[j])
+                AUX.append(aux)
+            else:
+                w = space.apply_M(Q[j], MQ[j])
             n_apply += 1
             if block:
                 # coefficient vectors: the three-term recurrence and the full
@@ -559,6 +591,7 @@ def _lanczos(space: _Space, x, tol, max_iter):
                     theta, S = np.linalg.eigh(T)
                     th1 = float(theta[-1])
                     if th1 <= 0:
+                        space.result_aux = AUX[0] if AUX else None
                         return Q[0], n_apply, True, 0.0, 0.0
                     bi = betas[i]
                     breakdown = bi <= 64 * eps * th1
@@ -566,12 +599,14 @@ def _lanczos(space: _Space, x, tol, max_iter):
                         # the start vector spans an invariant subspace: Krylov sees no second
                         # value, so probe the deflated operator to learn whether sigma1 repeats
                         s2, k = _deflated_top(space, Q[0], MQ[0], th1)
+                        space.result_aux = AUX[0] if AUX else None
                         return Q[0], n_apply + k, True, 0.0, s2
                     s2 = math.sqrt(max(float(theta[-2]), 0.0)) if i > 0 else None
                     res = float(bi * abs(S[-1, -1]) / th1)
                     done = bool(res <= tol or breakdown or (i == j and n_apply >= max_iter))
                     if done or i == _KRYLOV_DIM - 1:
-                        x, Mx = _ritz(space, Q[: i + 1], MQ[: i + 1], S[:, -1])
+                        x, Mx = _ritz(space, Q[: i + 1], MQ[: i + 1], S[:, -1],
+                                      AUX[: i + 1] if keep_aux else None)
                         if done:
                             return x, n_apply, bool(res <= tol or breakdown), res, s2
                         break
@@ -591,13 +626,20 @@ def _safe(xp, v):
     return xp.where(v > 0, v, xp.ones_like(v))
 
 
-def _ritz(space: _Space, Q: list, MQ: list, coef) -> tuple:
-    """The normalised Ritz vector ``Σ c_j q_j`` (and its image under the metric)."""
+def _ritz(space: _Space, Q: list, MQ: list, coef, AUX: list | None = None) -> tuple:
+    """The normalised Ritz vector ``Σ c_j q_j`` (and its image under the metric); with
+    ``AUX`` (the half-step images of the ``q_j``) also sets ``space.result_aux`` to the image
+    of the returned vector, by the same combination."""
     coef = [float(c) for c in coef]
     x, Mx = coef[0] * Q[0], coef[0] * MQ[0]
     for cj, q, mq in zip(coef[1:], Q[1:], MQ[1:]):
         x, Mx = x + cj * q, Mx + cj * mq
     nx = to_float(space.norm(x, Mx))
+    if AUX:
+        aux = coef[0] * AUX[0]
+        for cj, a in zip(coef[1:], AUX[1:len(coef)]):
+            aux = aux + cj * a
+        space.result_aux = materialize(aux / nx)
     return materialize(x / nx), materialize(Mx / nx)
 
 
@@ -657,10 +699,16 @@ def _deflated_top(space: _Space, x, Mx, theta1: float | None = None, steps: int 
     return math.sqrt(max(float(np.linalg.eigvalsh(T)[-1]), 0.0)), k
 
 
-def _finish(Fn: KronSum, x: Array, side: str):
-    """Factors from the converged iterate: ``L`` (unit), ``R = 𝓡ᵀvec(L)/σ``, ``σ = ‖𝓡ᵀvec L‖``."""
+def _finish(Fn: KronSum, x: Array, side: str, aux: Array | None = None):
+    """Factors from the converged iterate: ``L`` (unit), ``R = 𝓡ᵀvec(L)/σ``, ``σ = ‖𝓡ᵀvec L‖``.
+
+    ``aux`` is the solver's half-step image of ``x`` (``contract_left(x)`` for side="left",
+    ``contract_right(x)`` for side="right"), which replaces one contraction: by linearity,
+    and for symmetric F the image of ``x``'s antisymmetric rounding is antisymmetric and
+    removed by the symmetrisation of ``R`` below.
+    """
     xp = Fn.xp
-    L = x if side == "left" else Fn.contract_right(x)
+    L = x if side == "left" else (Fn.contract_right(x) if aux is None else aux)
     if Fn.symmetric:
         L = symmetrize(L, xp)
     nl = to_float(fro_norm(L, xp))
@@ -668,9 +716,10 @@ def _finish(Fn: KronSum, x: Array, side: str):
     if not nl > 0:
         return _zero_answer(Fn)
     L = materialize(L / nl)
+    sign = 1.0
     if to_float(trace(L, xp)) < 0:
-        L = materialize(-L)
-    v = Fn.contract_left(L)
+        L, sign = materialize(-L), -1.0
+    v = aux * (sign / nl) if (side == "left" and aux is not None) else Fn.contract_left(L)
     if Fn.symmetric:
         v = symmetrize(v, xp)
     v = materialize(v)

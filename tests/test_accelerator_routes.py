@@ -144,3 +144,37 @@ def test_deflated_probe_on_a_rank_deficient_gram_space(seed):
     for theta1 in (None, s[0] ** 2):
         s2, _ = kfoc_mod._deflated_top(space, x, SP @ x, theta1, steps=6)
         assert s2 <= s[1] * (1 + 1e-6) + 1e-12 * s[0]
+
+
+@pytest.mark.parametrize("every", [1, 3], ids=["read-each-step", "batched-reads"])
+@pytest.mark.parametrize("form", ["outer", "terms", "conv"])
+@pytest.mark.parametrize("shape", [(3, 5), (5, 3)], ids=["side-left", "side-right"])
+def test_lanczos_reads_the_other_factor_off_its_basis(form, shape, every, monkeypatch):
+    """Lanczos keeps each basis vector's half-step image, so the finish needs no extra
+    contraction: the same factors as contracting again, one contraction fewer (also with the
+    accelerators' batched convergence reads)."""
+    from kronsum._sum import KronSum
+
+    m, n = shape
+    F = make_sum(form, random_inputs(form, 9, m, n, T=2, seed=4, kind="heavy"), None)
+    calls = []
+    for name in ("contract_left", "contract_right"):
+        real = getattr(KronSum, name)
+        monkeypatch.setattr(KronSum, name, (lambda real: lambda self, X=None: calls.append(1) or real(self, X))(real))
+    with ks.config(check_every=every):
+        fast = ks.kfoc(F, method="lanczos")
+        n_fast = len(calls)
+        calls.clear()
+        with monkeypatch.context() as mp:
+            mp.setattr(kfoc_mod, "_aux_fits", lambda F, side: False)
+            slow = ks.kfoc(F, method="lanczos")
+    assert n_fast == len(calls) - 1
+    assert fast.info.iterations == slow.info.iterations
+    np.testing.assert_allclose(fast.to_dense(), slow.to_dense(), rtol=1e-10, atol=1e-12 * np.abs(slow.to_dense()).max())
+    assert float(fast.scale) == pytest.approx(float(slow.scale), rel=1e-12)
+
+
+def test_half_step_images_are_kept_only_when_they_are_small():
+    G, A = random_inputs("outer", 2, 2, 1000, seed=1)
+    assert not kfoc_mod._aux_fits(ks.KronSum.from_outer(G, A), "left")  # 21 × 1000² numbers
+    assert kfoc_mod._aux_fits(ks.KronSum.from_outer(G, A), "right")  # 21 × 2² numbers
