@@ -35,7 +35,7 @@ its state after setup (model, data, imports), which covers the warm-up and the t
 
 Usage::
 
-    python benchmarks/adapter_torch_report.py [--quick] [--json FILE] [--methods A,B,...]
+    python benchmarks/adapter_torch_report.py [--quick] [--json FILE] [--methods A,B,...] [--cases C,...]
 
 ``--quick``: the MLP and the CNN in float32, 3 repeats. Needs scikit-learn and, for the
 reference rows, curvlinops-for-pytorch (its rows are skipped if it is not installed).
@@ -179,6 +179,7 @@ def main(argv=None):
     ap.add_argument("--json", metavar="FILE", help="write the records as a JSON list")
     ap.add_argument("--repeats", type=int, default=None, help="timed runs (default 7, quick 3)")
     ap.add_argument("--methods", help="comma-separated subset of the methods to run")
+    ap.add_argument("--cases", help="comma-separated subset of the cases, e.g. cnn/float32")
     ap.add_argument("--one", nargs=2, metavar=("CASE", "METHOD"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     repeats = args.repeats or (3 if args.quick else 7)
@@ -205,6 +206,11 @@ def main(argv=None):
                      "(--quick runs the first three; curvlinops rows need curvlinops)")
     cases = [f"{m}/{d}" for m in (("mlp", "cnn") if args.quick else MODELS)
              for d in (("float32",) if args.quick else DTYPES)]
+    if args.cases:
+        wanted = [c.strip() for c in args.cases.split(",") if c.strip()]
+        if set(wanted) - set(cases):
+            ap.error(f"unknown cases {sorted(set(wanted) - set(cases))}; known: {cases}")
+        cases = [c for c in cases if c in wanted]
     env = dict(os.environ, **{v: "1" for v in THREAD_VARS})
     records = []
     for case in cases:
