@@ -75,12 +75,6 @@ def weighted_gram(V: Array, c: Array, xp: Any) -> Array:
     return Bp.T @ Bp - Bn.T @ Bn
 
 
-def _sum_arrays(F) -> list:
-    if F.form == "sum":
-        return [a for P in F.parts for a in _sum_arrays(P)]
-    return [a for a in (F.weights, F.L, F.R, F.G, F.A) if a is not None]
-
-
 def _torch_cpu_plain(arrays: list) -> bool:
     """Whether every array is a float32/float64 PyTorch CPU tensor that does not require grad."""
     if not arrays or not all(array_api_compat.is_torch_array(a) for a in arrays):
@@ -91,25 +85,11 @@ def _torch_cpu_plain(arrays: list) -> bool:
                and not a.requires_grad for a in arrays)
 
 
-def _map_sum(F, f, xp):
-    """``F`` with every array replaced by ``f(array)`` and namespace ``xp``."""
-    from ._sum import KronSum
-
-    if F.form == "sum":
-        parts = tuple(_map_sum(P, f, xp) for P in F.parts)
-        return KronSum("sum", f(F.weights), symmetric=F.symmetric, _xp=xp, parts=parts)
-    g = (lambda a: None if a is None else f(a))
-    return KronSum(F.form, f(F.weights), L=g(F.L), R=g(F.R), G=g(F.G), A=g(F.A),
-                   symmetric=F.symmetric, _xp=xp)
-
-
 def _map_kron(K, f, xp):
-    from ._kron import Kron
+    """``K`` with its factors and scale replaced by ``f(array)`` (namespace ``xp``)."""
+    from ._closed_forms import _new_kron
 
-    out = Kron.__new__(Kron)
-    out._xp = xp
-    out.left, out.right, out.scale, out.info = f(K.left), f(K.right), f(K.scale), K.info
-    return out
+    return _new_kron(f(K.left), f(K.right), f(K.scale), K.info, xp)
 
 
 def _cpu_tensor(a):
@@ -142,7 +122,7 @@ def via_numpy_on_cpu(fn: Callable) -> Callable:
         if not (isinstance(F, KronSum) and get_config()["torch_cpu_via_numpy"]):
             return fn(F, *args, **kwargs)
         krons = {k: v for k, v in kwargs.items() if isinstance(v, Kron)}
-        arrays = _sum_arrays(F) + [a for K in krons.values() for a in (K.left, K.right, K.scale)]
+        arrays = F._arrays() + [a for K in krons.values() for a in (K.left, K.right, K.scale)]
         if not _torch_cpu_plain(arrays):
             return fn(F, *args, **kwargs)
         import numpy as np
@@ -151,7 +131,7 @@ def via_numpy_on_cpu(fn: Callable) -> Callable:
         to_np = (lambda t: t.numpy())
         np_xp = array_api_compat.array_namespace(np.empty(0))
         kwargs = {k: (_map_kron(v, to_np, np_xp) if k in krons else v) for k, v in kwargs.items()}
-        out = fn(_map_sum(F, to_np, np_xp), *args, **kwargs)
+        out = fn(F._map(to_np, np_xp), *args, **kwargs)
         return _map_kron(out, _cpu_tensor, F.xp)
 
     return wrapper

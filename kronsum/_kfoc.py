@@ -425,9 +425,7 @@ def _aux_fits(Fn: KronSum, side: str) -> bool:
     """Whether keeping one half-step image per Lanczos vector (``_KRYLOV_DIM + 1`` matrices of
     the other factor's size) costs at most the inputs' own size (or 2²² numbers)."""
     d = Fn.n if side == "left" else Fn.m
-    parts = Fn.parts if Fn.form == "sum" else (Fn,)
-    inputs = sum(math.prod(a.shape) for P in parts for a in (P.weights, P.L, P.R, P.G, P.A)
-                 if a is not None)
+    inputs = sum(math.prod(a.shape) for a in Fn._arrays())
     return (_KRYLOV_DIM + 1) * d * d <= max(1 << 22, inputs)
 
 

@@ -505,36 +505,37 @@ class KronSum:
             S = Tf[i0:i1, :] @ xp.matrix_transpose(Tf)
             return xp.astype(S, xp.float64, copy=False) if float64 else S
         V = self.G if side == "left" else self.A
-        S = V[i0:i1, :] @ xp.matrix_transpose(V)
-        if float64:
-            import numpy as np
+        return _squared(V[i0:i1, :] @ xp.matrix_transpose(V), float64)
 
-            if S.dtype == np.float64:  # our own fresh product: square it in place
-                return np.square(S, out=S)
-            return np.square(S, dtype=np.float64)
-        return S**2
+    def _arrays(self) -> list:
+        """Every input array (weights and statistics; a sum: its parts')."""
+        if self.form == "sum":
+            return [a for P in self.parts for a in P._arrays()]
+        return [a for a in (self.weights, self.L, self.R, self.G, self.A) if a is not None]
+
+    def _map(self, f, xp: Any = None) -> "KronSum":
+        """The same sum with every input array replaced by ``f(array)`` (namespace ``xp``)."""
+        xp = self._xp if xp is None else xp
+        if self.form == "sum":
+            return KronSum("sum", f(self.weights), symmetric=self.symmetric, _xp=xp,
+                           parts=tuple(P._map(f, xp) for P in self.parts))
+        g = (lambda a: None if a is None else f(a))
+        return KronSum(self.form, f(self.weights), L=g(self.L), R=g(self.R), G=g(self.G),
+                       A=g(self.A), symmetric=self.symmetric, _xp=xp)
 
     def persisted(self) -> "KronSum":
         """The same sum with Dask inputs persisted (computed once, kept in memory or on the
         workers of a ``distributed`` cluster); other backends are returned unchanged."""
         if not is_dask_namespace(self._xp):
             return self
-        if self.form == "sum":
-            return KronSum.concat(*(P.persisted() for P in self.parts))
-        keep = (lambda a: None if a is None else materialize(a))
-        return KronSum(self.form, keep(self.weights), L=keep(self.L), R=keep(self.R), G=keep(self.G),
-                       A=keep(self.A), symmetric=self.symmetric, _xp=self._xp)
+        return self._map(materialize)
 
     def astype(self, dtype: Any) -> "KronSum":
         """The same sum with every input cast to ``dtype`` (a real floating dtype of its namespace)."""
         xp = self._xp
         if not xp.isdtype(dtype, "real floating"):
             raise TypeError(f"dtype must be a real floating dtype, got {dtype}")
-        if self.form == "sum":
-            return KronSum.concat(*(P.astype(dtype) for P in self.parts))
-        cast = (lambda a: None if a is None else xp.astype(a, dtype))
-        return KronSum(self.form, cast(self.weights), L=cast(self.L), R=cast(self.R), G=cast(self.G),
-                       A=cast(self.A), symmetric=self.symmetric, _xp=xp)
+        return self._map(lambda a: xp.astype(a, dtype))
 
     # -- scaling ---------------------------------------------------------------------------
     def normalized(self) -> tuple["KronSum", tuple[float, float, float]]:
@@ -593,12 +594,11 @@ def _cross_inner(P: KronSum, Q: KronSum) -> Array:
     if Q.form == "terms" and P.form != "terms":
         P, Q = Q, P
     if P.form == "terms":
-        if Q.form == "terms":
-            m, n = P.m, P.n
-            SL = xp.reshape(P.L, (-1, m * m)) @ xp.matrix_transpose(xp.reshape(Q.L, (-1, m * m)))
-            SR = xp.reshape(P.R, (-1, n * n)) @ xp.matrix_transpose(xp.reshape(Q.R, (-1, n * n)))
-            return xp.sum((P.weights @ (SL * SR)) * Q.weights)
-        return _terms_cross_inner(P, Q)
+        if Q.form == "conv":
+            return _terms_conv_inner(P, Q)
+        # terms or outer: ⟨P, Q⟩ = w_Pᵀ (S_L ∘ S_R) w_Q with the parts' cross Gram matrices
+        SL, SR = _cross_gram(P, Q, "left", False), _cross_gram(P, Q, "right", False)
+        return xp.sum((P.weights @ (SL * SR)) * Q.weights)
 
     def flat_X(F):
         X = F._conv_X() if F.form == "conv" else F.G[:, :, None] * F.A[:, None, :]
@@ -612,18 +612,23 @@ def _cross_inner(P: KronSum, Q: KronSum) -> Array:
     return total
 
 
+def _squared(S: Array, float64: bool) -> Array:
+    """The Hadamard square of a fresh Gram product ``S``: the outer form's ``(VWᵀ)∘(VWᵀ)``.
+    ``float64=True`` (NumPy, the numba route): in float64, in place when ``S`` already is."""
+    if not float64:
+        return S**2
+    import numpy as np
+
+    return np.square(S, out=S) if S.dtype == np.float64 else np.square(S, dtype=np.float64)
+
+
 def _cross_gram(P: KronSum, Q: KronSum, side: str, float64: bool) -> Array:
     """``[⟨L_k, L'_l⟩]`` (side="left") or ``[⟨R_k, R'_l⟩]`` between the terms of two parts of
     the terms/outer forms, shape (K_P, K_Q); float64 on request (NumPy, the numba route)."""
     xp = P.xp
     if P.form == "outer" and Q.form == "outer":
         V, W = (P.G, Q.G) if side == "left" else (P.A, Q.A)
-        S = V @ xp.matrix_transpose(W)
-        if float64:
-            import numpy as np
-
-            return np.square(S, out=S) if S.dtype == np.float64 else np.square(S, dtype=np.float64)
-        return S**2
+        return _squared(V @ xp.matrix_transpose(W), float64)
     if P.form == "terms" and Q.form == "terms":
         T, U = (P.L, Q.L) if side == "left" else (P.R, Q.R)
         d = T.shape[-1]
@@ -639,32 +644,21 @@ def _cross_gram(P: KronSum, Q: KronSum, side: str, float64: bool) -> Array:
     return xp.astype(S, xp.float64, copy=False) if float64 else S
 
 
-def _terms_cross_inner(P: KronSum, Q: KronSum) -> Array:
-    """``⟨P, Q⟩_F`` for a terms-form ``P`` and an outer/conv ``Q``, batched over P's terms.
-
-    Outer: ``Σ_{k,l} w_k w'_l (g_lᵀL_k g_l)(a_lᵀR_k a_l)``; conv:
-    ``Σ_{k,l} w_k w'_l ⟨X_l, L_k X_l R_kᵀ⟩``. P's terms go in chunks sized so that no
-    intermediate holds more than about ``_CROSS_BUDGET`` (2²⁴) numbers (no loop over single terms).
-    """
+def _terms_conv_inner(P: KronSum, Q: KronSum) -> Array:
+    """``⟨P, Q⟩_F = Σ_{k,l} w_k w'_l ⟨X_l, L_k X_l R_kᵀ⟩`` for a terms-form ``P`` and a conv
+    ``Q``, batched over P's terms in chunks sized so that no intermediate holds more than
+    about ``_CROSS_BUDGET`` (2²⁴) numbers (no loop over single terms)."""
     xp = P.xp
     Kp, Kq, m, n = P.num_terms, Q.num_terms, P.m, P.n
     # numbers per term of P in the largest intermediate (broadcast batches may be expanded)
-    per_term = Kq * ((m * n + m * m + n * n) if Q.form == "conv" else max(m, n))
-    step = max(1, min(Kp, _CROSS_BUDGET // max(per_term, 1)))
-    if Q.form == "conv":
-        X = Q._conv_X()[None, ...]  # (1, Kq, m, n)
+    step = max(1, min(Kp, _CROSS_BUDGET // max(Kq * (m * n + m * m + n * n), 1)))
+    X = Q._conv_X()[None, ...]  # (1, Kq, m, n)
     total = xp.zeros((), dtype=P.dtype, device=P.device)
     for i0 in range(0, Kp, step):
-        i1 = min(Kp, i0 + step)
-        L, R = P.L[i0:i1, ...], P.R[i0:i1, ...]  # (c, m, m), (c, n, n)
-        if Q.form == "conv":
-            LXR = (L[:, None, ...] @ X) @ xp.matrix_transpose(R)[:, None, ...]  # (c, Kq, m, n)
-            inner = xp.sum(LXR * X, axis=(-2, -1))  # (c, Kq): ⟨X_l, L_k X_l R_kᵀ⟩
-        else:
-            qg = xp.sum((Q.G[None, ...] @ xp.matrix_transpose(L)) * Q.G[None, ...], axis=-1)
-            qa = xp.sum((Q.A[None, ...] @ xp.matrix_transpose(R)) * Q.A[None, ...], axis=-1)
-            inner = qg * qa  # (c, Kq): (g_lᵀL_k g_l)(a_lᵀR_k a_l)
-        total = total + xp.sum((P.weights[i0:i1] @ inner) * Q.weights)
+        L, R = P.L[i0:i0 + step, ...], P.R[i0:i0 + step, ...]  # (c, m, m), (c, n, n)
+        LXR = (L[:, None, ...] @ X) @ xp.matrix_transpose(R)[:, None, ...]  # (c, Kq, m, n)
+        inner = xp.sum(LXR * X, axis=(-2, -1))  # (c, Kq)
+        total = total + xp.sum((P.weights[i0:i0 + step] @ inner) * Q.weights)
     return total
 
 
