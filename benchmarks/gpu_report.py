@@ -12,6 +12,8 @@ For each backend and case the script times, in one process and interleaved:
 * ``kfac``, ``tkfac`` and ``kfoc`` (``method="auto"``): median of ``--repeats`` calls (30;
   conv a third) after one warm-up, each call bracketed by a device synchronisation (host
   clock), the methods taking turns round by round;
+* torch CUDA, outer case: ``kfoc`` with the option ``cuda_graphs`` too (its first call, the
+  capture, is the warm-up);
 * the floor: the bare GEMMs K-FAC needs, ``GᵀG`` and ``AᵀA`` on the same arrays
   (conv: on the ``(K·T, ·)`` reshapes), timed the same way;
 * the GPU's matrix-multiply throughput in this library and dtype: a 8192³ GEMM.
@@ -156,6 +158,11 @@ def gemm_peak(lib: Lib, size: int, repeats: int) -> float:
     return 2.0 * size**3 / t
 
 
+def _with_graphs(F):
+    with ks.config(cuda_graphs=True):
+        return ks.kfoc(F)
+
+
 def run(names, quick: bool, repeats: int, cases=("outer", "conv")):
     sizes = {"outer": (64, 256, 256), "conv": (8, 16, 16, 144)} if quick else \
         {"outer": (1024, 4096, 4096), "conv": (128, 256, 256, 2304)}
@@ -184,9 +191,13 @@ def run(names, quick: bool, repeats: int, cases=("outer", "conv")):
             reps = max(3, repeats // 3) if case == "conv" else repeats
             fns = {"floor": lambda: (Gf.T @ Gf, Af.T @ Af),
                    "kfac": lambda: ks.kfac(F), "tkfac": lambda: ks.tkfac(F), "kfoc": lambda: ks.kfoc(F)}
+            if name.startswith("torch") and case == "outer" and lib.device == "cuda":
+                fns["kfoc_graphs"] = lambda: _with_graphs(F)
             times, ests = interleaved(lib, fns, reps)
             row = {"backend": name, "case": f"{case} {dims}", "floor_s": times["floor"]}
-            for method in ("kfac", "tkfac", "kfoc"):
+            for method in ("kfac", "tkfac", "kfoc", "kfoc_graphs"):
+                if method not in times:
+                    continue
                 row[f"{method}_s"] = times[method]
                 lib.reset_peak()
                 fns[method]()
@@ -198,23 +209,26 @@ def run(names, quick: bool, repeats: int, cases=("outer", "conv")):
                        kfac_achieved=flops / row["kfac_s"] / peak,
                        floor_achieved=flops / row["floor_s"] / peak,
                        kfoc_over_kfac=row["kfoc_s"] / row["kfac_s"],
+                       kfoc_graphs_over_kfac=row.get("kfoc_graphs_s", math.nan) / row["kfac_s"],
                        kfac_over_floor=row["kfac_s"] / row["floor_s"])
             # relative Frobenius errors (Gram expansion: these errors are far above its floor)
             nF = float(F.frobenius_norm())
             for method, est in ests.items():
-                if method == "floor":
+                if method in ("floor", "kfoc_graphs"):
                     continue
                 row[f"{method}_relerr"] = float(ks.frobenius_error(F, est, method="gram")) / nF
             records.append(row)
             print(json.dumps(row), flush=True)
+            ks.clear_cuda_graphs()
             del F, G, A, Gf, Af, ests
     return records
 
 
 def table(records) -> str:
-    lines = ["| backend | case | floor (GEMMs) | kfac | tkfac | kfoc | kfoc / kfac | kfac / floor | "
-             "K-FAC achieved | kfoc solver, its | rel. error kfac / tkfac / kfoc |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| backend | case | floor (GEMMs) | kfac | tkfac | kfoc | kfoc / kfac | kfoc, cuda_graphs "
+             "(/ kfac) | kfac / floor | K-FAC achieved | kfoc solver, its | "
+             "rel. error kfac / tkfac / kfoc |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     peaks = {r["backend"]: r["flops_per_s"] for r in records if r["case"] == "gemm"}
     for r in records:
         if r["case"] == "gemm":
@@ -222,7 +236,9 @@ def table(records) -> str:
         ms = lambda k: f"{1e3 * r[k]:.2f} ms"  # noqa: E731
         lines.append(
             f"| {r['backend']} | {r['case']} | {ms('floor_s')} | {ms('kfac_s')} | {ms('tkfac_s')} | "
-            f"{ms('kfoc_s')} | {r['kfoc_over_kfac']:.2f}× | {r['kfac_over_floor']:.2f}× | "
+            f"{ms('kfoc_s')} | {r['kfoc_over_kfac']:.2f}× | "
+            + (f"{ms('kfoc_graphs_s')} ({r['kfoc_graphs_over_kfac']:.2f}×)" if "kfoc_graphs_s" in r else "—")
+            + f" | {r['kfac_over_floor']:.2f}× | "
             f"{100 * r['kfac_achieved']:.0f} % of {peaks[r['backend']] / 1e12:.1f} TFLOP/s | "
             f"{r['kfoc_method']}, {r['kfoc_iterations']} | "
             f"{r['kfac_relerr']:.4f} / {r['tkfac_relerr']:.4f} / {r['kfoc_relerr']:.4f} |")

@@ -10,6 +10,7 @@ Conventions: row-major vec, ``(L ⊗ R) vec(V) = vec(L V Rᵀ)`` with ``vec(V) =
 a weight stored (out, in) has its block as gradient-side ⊗ activation-side; F is a sum.
 """
 
+from ._accel import clear_cuda_graphs
 from ._closed_forms import kfac, tkfac
 from ._config import config, get_config, set_config
 from ._error import AccuracyWarning, frobenius_error
@@ -33,6 +34,7 @@ __all__ = [
     "KronSum",
     "RunningEstimate",
     "choose_method",
+    "clear_cuda_graphs",
     "config",
     "get_config",
     "set_config",

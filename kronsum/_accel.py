@@ -10,12 +10,18 @@ both paths, ``rtol 1e-10`` in float64). Fast paths are taken only for NumPy arra
 * :func:`via_numpy_on_cpu` — the estimators' entry: PyTorch CPU tensors are handed to the
   NumPy code as views of the same memory (``Tensor.numpy()``, no copy) so that they reach the
   two paths above, and the factors are handed back as CPU tensors (``torch.from_numpy``, no copy).
-  Option ``torch_cpu_via_numpy``; tensors that require grad stay in PyTorch.
+  Option ``torch_cpu_via_numpy``; tensors that require grad stay in PyTorch;
+* :func:`cuda_graph` — opt-in (option ``cuda_graphs``) for PyTorch CUDA tensors: a device-only
+  stretch of work (no host read inside, e.g. kfoc's squaring route up to its read) captured
+  once per input layout as a CUDA graph and replayed, one launch for its ~100 small kernels.
 """
 
 from __future__ import annotations
 
 import functools
+import threading
+import warnings
+from collections import OrderedDict
 from typing import Any, Callable
 
 import array_api_compat
@@ -23,7 +29,8 @@ import array_api_compat
 from ._compat import Array, is_numpy_namespace
 from ._config import get_config
 
-__all__ = ["weighted_gram", "numba_enabled", "numba_kernels", "via_numpy_on_cpu"]
+__all__ = ["weighted_gram", "numba_enabled", "numba_kernels", "via_numpy_on_cpu", "cuda_graph",
+           "clear_cuda_graphs"]
 
 
 @functools.lru_cache(maxsize=1)
@@ -135,3 +142,94 @@ def via_numpy_on_cpu(fn: Callable) -> Callable:
         return _map_kron(out, _cpu_tensor, F.xp)
 
     return wrapper
+
+
+# -- CUDA graphs (PyTorch) -------------------------------------------------------------------
+
+_GRAPH_CACHE_SIZE = 8  # captured graphs kept per thread (least recently used dropped first)
+_graphs = threading.local()
+
+
+def _graph_cache() -> OrderedDict:
+    if not hasattr(_graphs, "cache"):
+        _graphs.cache = OrderedDict()
+    return _graphs.cache
+
+
+def clear_cuda_graphs() -> int:
+    """Drop this thread's captured CUDA graphs and free the device memory they hold.
+
+    With the option ``cuda_graphs`` on (:func:`kronsum.get_config`), :func:`kronsum.kfoc`
+    keeps one captured graph per input layout (the 8 used last in each thread), each with a
+    copy of its inputs and its intermediate arrays. Call this when those layouts will not be
+    used again, e.g. after a training run.
+
+    Returns
+    -------
+    int
+        The number of graphs dropped.
+
+    Examples
+    --------
+    >>> import kronsum as ks
+    >>> ks.clear_cuda_graphs()  # none captured here (no CUDA tensors, option off)
+    0
+    """
+    cache = _graph_cache()
+    n = len(cache)
+    cache.clear()
+    return n
+
+
+def cuda_graph(tag: str, build: Callable[[list], Any], arrays: list) -> Any | None:
+    """``build(arrays)`` through a CUDA graph, or ``None`` where that does not apply.
+
+    Applies when the option ``cuda_graphs`` is on and every array is a PyTorch CUDA tensor
+    that does not require grad. ``build`` must queue device work only (no host read, no
+    transfer, no data-dependent shapes). The first call for a ``tag`` and input layout (shapes,
+    dtypes, strides, device) captures ``build`` on static copies of the arrays (after one
+    warm-up run on a side stream, as PyTorch requires); every call copies the inputs into
+    those copies and replays the graph on the current stream: one launch instead of one
+    Python dispatch per kernel. The result's arrays are the graph's own memory, overwritten
+    by its next replay: use them (queue what reads them) before calling again. A capture that
+    fails warns once per layout and returns ``None`` (the caller runs ``build`` eagerly).
+    Graphs are kept per thread, the ``_GRAPH_CACHE_SIZE`` most recently used; each holds its
+    static inputs and its intermediate arrays (:func:`clear_cuda_graphs` frees them).
+    """
+    if not (get_config()["cuda_graphs"] and arrays
+            and all(array_api_compat.is_torch_array(a) and a.device.type == "cuda"
+                    and not a.requires_grad for a in arrays)):
+        return None
+    import torch
+
+    key = (tag, tuple((tuple(a.shape), a.dtype, a.device, tuple(a.stride())) for a in arrays))
+    cache = _graph_cache()
+    entry = cache.get(key)
+    if entry is None:
+        statics = [a.clone() for a in arrays]
+        try:
+            side = torch.cuda.Stream(device=arrays[0].device)
+            side.wait_stream(torch.cuda.current_stream(arrays[0].device))
+            with torch.cuda.stream(side):
+                build(statics)  # warm-up (cuBLAS workspaces, allocator) outside the capture
+            torch.cuda.current_stream(arrays[0].device).wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                out = build(statics)
+        except Exception as exc:  # e.g. an operation that cannot be captured
+            warnings.warn(f"kronsum: CUDA graph capture of {tag} failed ({exc!r}); running "
+                          "eagerly for this input layout", RuntimeWarning, stacklevel=3)
+            entry = (None, None, None)
+        else:
+            entry = (graph, statics, out)
+        cache[key] = entry
+        while len(cache) > _GRAPH_CACHE_SIZE:
+            cache.popitem(last=False)
+    cache.move_to_end(key)
+    graph, statics, out = entry
+    if graph is None:
+        return None
+    for s, a in zip(statics, arrays):
+        s.copy_(a)
+    graph.replay()
+    return out

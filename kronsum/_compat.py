@@ -83,16 +83,23 @@ def host_floats(values: list) -> list[float]:
     pending = [v for v in values if not isinstance(v, (int, float))]
     if len(pending) > 1 and on_accelerator(pending[0]):
         xp = array_api_compat.array_namespace(*pending)
-        stacked = xp.stack([xp.reshape(v, ()) for v in pending])
-        if array_api_compat.is_cupy_array(stacked):
-            got = iter(stacked.get().tolist())
-        else:  # torch: .tolist() is one copy; JAX: np.asarray is one copy
-            import numpy as np
-
-            got = iter(stacked.tolist() if array_api_compat.is_torch_array(stacked)
-                       else np.asarray(stacked).tolist())
+        got = iter(host_vector(xp.stack([xp.reshape(v, ()) for v in pending])))
         return [float(v) if isinstance(v, (int, float)) else float(next(got)) for v in values]
     return [float(v) if isinstance(v, (int, float)) else to_float(v) for v in values]
+
+
+def host_vector(v: Array) -> list[float]:
+    """The entries of a 1-d array as Python floats, in one device-to-host transfer (CuPy
+    ``get``, torch ``tolist``, JAX/NumPy through ``np.asarray``; Dask: one ``compute``)."""
+    if array_api_compat.is_cupy_array(v):
+        return [float(t) for t in v.get().tolist()]
+    if array_api_compat.is_torch_array(v):
+        return [float(t) for t in v.tolist()]
+    import numpy as np
+
+    if array_api_compat.is_dask_array(v):
+        v = v.compute()
+    return [float(t) for t in np.asarray(v).tolist()]
 
 
 def is_numpy_namespace(xp: Any) -> bool:

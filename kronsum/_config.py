@@ -16,7 +16,8 @@ _local = threading.local()
 
 def _defaults() -> dict:
     off = os.environ.get(_ENV_DISABLE_NUMBA, "").strip().lower() in ("1", "true", "yes", "on")
-    return {"use_numba": not off, "check_every": None, "torch_cpu_via_numpy": True}
+    return {"use_numba": not off, "check_every": None, "torch_cpu_via_numpy": True,
+            "cuda_graphs": False}
 
 
 def get_config() -> dict:
@@ -39,12 +40,23 @@ def get_config() -> dict:
         copy), which reach the NumPy fast paths: BLAS ``syrk`` for the Gram products (half
         the flops of PyTorch's ``gemm``) and the numba kernels. Factors come back as PyTorch
         tensors. Default ``True``; ``False`` keeps every operation in PyTorch.
+    ``cuda_graphs``
+        Whether :func:`kfoc`'s Gram solver on PyTorch CUDA tensors (the repeated-squaring
+        route, K small beside m and n) replays its device work between the inputs and the
+        coefficient vectors, about 100 small kernels, as one CUDA graph instead of dispatching
+        them one by one from Python. Default ``False``. The first call per input layout
+        (shapes, dtype, strides, device) captures the graph, at about three times a call's
+        cost; each graph then keeps a copy of the inputs and its intermediate arrays (about
+        ``K(m + n) + 15 K²`` numbers for the outer form) on the device, for the 8 layouts
+        used last in each thread (``kronsum.clear_cuda_graphs()`` frees them). Worth it for
+        repeated calls with the same shapes (a training loop) on hosts whose Python dispatch
+        is slow beside the GPU; see docs/benchmarks.md.
 
     Examples
     --------
     >>> import kronsum as ks
     >>> sorted(ks.get_config())
-    ['check_every', 'torch_cpu_via_numpy', 'use_numba']
+    ['check_every', 'cuda_graphs', 'torch_cpu_via_numpy', 'use_numba']
     """
     if not hasattr(_local, "options"):
         _local.options = _defaults()

@@ -31,10 +31,10 @@ from typing import Any
 
 import numpy as np
 
-from ._accel import numba_enabled, numba_kernels, via_numpy_on_cpu
+from ._accel import cuda_graph, numba_enabled, numba_kernels, via_numpy_on_cpu
 from ._closed_forms import _new_kron, _require_sum, kfac
-from ._compat import (Array, device_of, eye_like, fro_norm, host_floats, is_dask_namespace, is_numpy_namespace,
-                      materialize, on_accelerator, symmetrize, to_float, trace)
+from ._compat import (Array, device_of, eye_like, fro_norm, host_floats, host_vector, is_dask_namespace,
+                      is_numpy_namespace, materialize, on_accelerator, symmetrize, to_float, trace)
 from ._config import get_config
 from ._kron import Kron, KronInfo
 from ._sum import KronSum
@@ -44,6 +44,7 @@ __all__ = ["kfoc"]
 _METHODS = ("auto", "gram", "lanczos", "power")
 _INITS = ("tkfac", "kfac", "identity", "random")
 _KRYLOV_DIM = 20
+_APPLIES = 4  # products with B^(2^s) per check of the squaring route (32 steps after 3 squarings)
 
 
 def _default_tol(xp: Any, dtype: Any) -> float:
@@ -154,7 +155,9 @@ def kfoc(
     On accelerators the ``gram`` solver reads its convergence scalars every few steps
     (``kronsum.config(check_every=...)``) and, when ``10K² ≤ m² + n²``, replaces Lanczos by
     repeated squaring of the K×K operator (``info.method == "kfoc/gram-squaring"``; far fewer
-    kernel launches; ``info.iterations`` counts the power steps it stands for).
+    kernel launches, one host read; ``info.iterations`` counts the power steps it stands
+    for). For PyTorch CUDA tensors, ``kronsum.config(cuda_graphs=True)`` replays that route's
+    small kernels as one captured CUDA graph per input layout (see :func:`kronsum.get_config`).
 
     Cost: ``gram`` O(K²(m + n) + K³ + K(m² + n²)) for the outer form; ``lanczos`` and
     ``power`` O(K(m² + n²)) per application for outer/terms (conv: see
@@ -307,6 +310,10 @@ def _gram_solve(Fn: KronSum, init, seed, tol, max_iter):
                                           Fn._combine("right", xp.astype(beta, dt)))
         return L, R, sigma, notes, its, conv, res, s2, "gram[numba]"
 
+    if _use_squaring(Fn):
+        done = _squaring(Fn, alpha0, tol, max_iter)
+        if done is not None:
+            return done
     SP, SQ = Fn._gram("left"), Fn._gram("right")
 
     # The operator multiplies four K-scale quantities (entries of S_P ~ ‖g‖⁴): in float32 it
@@ -319,15 +326,8 @@ def _gram_solve(Fn: KronSum, init, seed, tol, max_iter):
     # a start with ‖L₀‖ = 0 (e.g. traceless terms) falls back to the weights, on the device;
     # if that is zero too, every term is zero (S_P = 0) and the solve returns a zero vector
     alpha0 = xp.where(space.norm(alpha0) > 0, alpha0, w)
-    found = None
-    if _use_squaring(Fn):
-        found = _squaring(space, SPs, SQs, ws, alpha0, tol, max_iter)
-    if found is not None:
-        alpha, its, res, kernel = found
-        conv, s2 = True, None
-    else:
-        alpha, its, conv, res, s2 = _lanczos(space, alpha0, tol, max_iter)
-        kernel = "gram"
+    alpha, its, conv, res, s2 = _lanczos(space, alpha0, tol, max_iter)
+    kernel = "gram"
     # finish in coefficient space: ‖L‖² = αᵀS_Pα, R ∝ Σ β_k R_k with β = w∘S_Pα,
     # ‖R‖² = βᵀS_Qβ, tr L = Σ α_k tr L_k; one host read, then the two weighted Gram products
     MA = SPs @ alpha
@@ -358,50 +358,157 @@ def _gram_solve(Fn: KronSum, init, seed, tol, max_iter):
 
 
 def _use_squaring(Fn: KronSum) -> bool:
-    """The squaring route: arrays on an accelerator and 5 squarings (10K³ flops) at most a
-    fifth of the final weighted Gram products' 2K(m² + n²)."""
+    """The squaring route: arrays on an accelerator and its 4 K×K products (8K³ flops) at
+    most a fifth of the final weighted Gram products' 2K(m² + n²) (``10K² ≤ m² + n²``)."""
     K = Fn.num_terms
     return on_accelerator(Fn.weights) and 10 * K * K <= Fn.m * Fn.m + Fn.n * Fn.n
 
 
-def _squaring(space: _Space, SPs, SQs, ws, alpha0, tol, max_iter):
-    """The power method by repeated squaring of the K×K operator ``B = W S_Q W S_P``.
+def _squaring(Fn: KronSum, alpha0, tol, max_iter):
+    """The power method by repeated squaring of the K×K operator ``B = W S_Q W S_P``, finished
+    on the device before its one host read.
 
     For accelerators with K small beside m and n: every Lanczos step is a dozen tiny kernels,
-    each a launch and a Python dispatch, while ``B^(2^s)`` costs s GEMMs of 2K³ flops. After
-    5, 8 and 11 squarings (32, 256, 2048 power steps) the metric residual of
-    ``B^(2^s) α₀`` is read (one host read); ``None`` if it has not met ``tol`` (or
-    ``max_iter`` caps the steps), and Lanczos takes over. Returns
-    ``(α, power steps, residual, "gram-squaring")`` with ``αᵀS_Pα = 1``.
+    each a launch and a Python dispatch, while ``M = B^(2^s)`` costs s GEMMs of 2K³ flops and
+    ``x = M⁴α₀`` four matrix-vector products more (four products stand in for the last two
+    squarings at a few percent of their cost). After 3, 6 and 9 squarings (32, 256, 2048 power
+    steps) :func:`_squaring_finish` queues the answer for ``x`` and its checks without a
+    read; then one read of the scalars:
+    if the residual meets ``tol`` the factors (already computed, or in flight) are the
+    answer, otherwise they are dropped and the squaring goes on. So the device never waits
+    on the host between the Gram matrices and the factors (:func:`_squaring_pass`, the part
+    up to the first read, has no host read at all). ``None`` when ``tol`` is not met (or
+    ``max_iter`` caps the steps) or anything is not finite (a zero operator included):
+    Lanczos takes over. Returns ``_gram_solve``'s tuple.
     """
-    xp = space.xp
-    # (no clip: array-api-compat's clip costs ~0.3 ms a call on CuPy; where() is one kernel)
-    B = ((ws[:, None] * SQs) * ws[None, :]) @ SPs
-    M, level = B, 0
-    for target in (5, 8, 11):
-        if 2**target > max_iter:
+    xp = Fn.xp
+    if _APPLIES * 2**3 > max_iter:
+        return None
+    # option cuda_graphs (PyTorch CUDA): the pass replayed as one graph; a copy of its state,
+    # whose arrays the graph's next replay overwrites (all read within this call)
+    st = cuda_graph("kfoc-squaring", lambda a: _squaring_pass(_rebuilt(Fn, a[:-1]), a[-1]),
+                    [*Fn._arrays(), alpha0])
+    st = _squaring_pass(Fn, alpha0) if st is None else st.copy()
+    for target in (3, 6, 9):
+        if _APPLIES * 2**target > max_iter:
             return None
-        while level < target:
-            M = M @ M
-            M = M / _safe(xp, xp.max(xp.abs(M)))
-            level += 1
-        x = M @ alpha0
-        Mx = SPs @ x
-        nx = xp.sqrt(_safe(xp, xp.sum(x * Mx)))
-        x, Mx = x / nx, Mx / nx
-        y = B @ x
-        th = xp.sum(y * Mx)
-        r = y - th * x
-        rr = xp.sum(r * (SPs @ r))
-        res = xp.sqrt(xp.where(rr > 0, rr, xp.zeros_like(rr))) / _safe(xp, th)
-        th_f, res_f = host_floats([th, res])
-        if not (math.isfinite(th_f) and math.isfinite(res_f)):
+        if target > st.level:
+            _squaring_more(Fn, st, target - st.level)
+        # the final weighted Gram products are queued before the read (dropped if not converged)
+        L, R = Fn._combine("left", st.cL), Fn._combine("right", st.cR)
+        th, rr, f2s, fP, fQ, fw = vals = host_vector(st.scalars)
+        if not (all(math.isfinite(v) for v in vals) and th > 0):
             return None
-        if th_f <= 0:  # a zero operator (or zero start): nothing to iterate
-            return x, 2**level + 1, 0.0, "gram-squaring"
-        if res_f <= tol:
-            return x, 2**level + 1, res_f, "gram-squaring"
+        res = math.sqrt(max(rr, 0.0)) / th
+        if res > tol:
+            continue
+        unit = math.sqrt(fw * fw * fQ * fP)  # scaled → true units of σ
+        its, s2 = _APPLIES * 2**st.level + 1, None
+        if not f2s - th < th * (1 - math.sqrt(xp.finfo(Fn.dtype).eps)):
+            # ‖F‖² − σ₁² cannot rule out σ₂ = σ₁: probe the deflated operator
+            SPs, SQs, ws = st.SPs, st.SQs, st.ws
+            space = _Space(lambda a: ws * (SQs @ (ws * (SPs @ a))), xp, metric=lambda a: SPs @ a,
+                           apply_M=lambda a, Ma: ws * (SQs @ (ws * Ma)))
+            s2, k = _deflated_top(space, st.x, st.Mx, th)
+            s2, its = s2 * unit, its + k
+        return L, R, unit * math.sqrt(th), (), its, True, res, s2, "gram-squaring"
     return None
+
+
+def _rebuilt(Fn: KronSum, arrays: list) -> KronSum:
+    """``Fn`` over ``arrays`` (in the order of ``Fn._arrays()``)."""
+    it = iter(arrays)
+    return Fn._map(lambda _: next(it))
+
+
+class _SquaringState:
+    """The device arrays of the squaring route (see :func:`_squaring_pass`)."""
+
+    __slots__ = ("M", "level", "a0", "SPs", "SQs", "ws", "tl", "tiny", "f2", "cP", "cQ", "cw",
+                 "x", "Mx", "cL", "cR", "scalars")
+
+    def copy(self) -> "_SquaringState":
+        out = _SquaringState()
+        for k in self.__slots__:
+            setattr(out, k, getattr(self, k))
+        return out
+
+
+def _squaring_pass(Fn: KronSum, alpha0, squarings: int = 3) -> _SquaringState:
+    """The squaring route up to its first host read, as device work only (no read, no
+    transfer, shapes fixed by the inputs'): Gram matrices, ``M = B^(2^squarings)``, the
+    answer for ``x ∝ M⁴α₀``: coefficients of the factors and scalars (:func:`_squaring_finish`).
+
+    The operator multiplies four K-scale quantities (entries of S_P ~ ‖g‖⁴): in float32 it
+    would overflow for large layers, so it is built from S_P, S_Q, w divided by their largest
+    entries (device scalars; the eigenvector is the same). Divisors are bounded below by the
+    smallest normal number, one kernel each (no clip: array-api-compat's clip costs ~0.3 ms a
+    call on CuPy): a zero operator gives θ = 0, which the caller reads.
+    """
+    xp = Fn.xp
+    w = Fn.weights
+    st = _SquaringState()
+    st.tiny = tiny = xp.full((), xp.finfo(w.dtype).smallest_normal, dtype=w.dtype,
+                             device=device_of(w))
+    SP, SQ = Fn._gram("left"), Fn._gram("right")
+    outer = Fn.form == "outer"  # Gram entries (g_kᵀg_l)² ≥ 0: no abs for their maxima
+    st.cP, st.cQ, st.cw = (xp.maximum(xp.max(S if outer and S is not w else xp.abs(S)), tiny)
+                           for S in (SP, SQ, w))
+    st.SPs, st.SQs, st.ws = SPs, SQs, ws = SP / st.cP, SQ / st.cQ, w / st.cw
+    a0 = alpha0 / xp.maximum(xp.max(xp.abs(alpha0)), tiny)  # a start's scale is free
+    # a start with ‖L₀‖ = 0 (e.g. traceless terms) falls back to the weights
+    st.a0 = xp.where(xp.sum(a0 * (SPs @ a0)) > 0, a0, ws)
+    # the sign of tr L = Σ x_k tr L_k; outer: tr(g gᵀ) = ‖g‖² = S_P[k, k]^½ (no pass over G)
+    st.tl = xp.sqrt(xp.linalg.diagonal(SPs)) if outer else Fn._traces("left")
+    st.f2 = xp.sum(ws * ((SPs * SQs) @ ws))  # ‖F̃‖² in scaled units: bounds σ₂
+    st.M, st.level = ((ws[:, None] * SQs) * ws[None, :]) @ SPs, 0
+    _squaring_more(Fn, st, squarings)
+    return st
+
+
+def _squaring_more(Fn: KronSum, st: _SquaringState, squarings: int) -> None:
+    """``squarings`` more squarings of ``st.M`` (rescaled to a largest entry of 1), then
+    :func:`_squaring_finish`."""
+    xp = Fn.xp
+    M = st.M
+    for _ in range(squarings):
+        M = M @ M
+        M = M / xp.maximum(xp.max(xp.abs(M)), st.tiny)
+    st.M, st.level = M, st.level + squarings
+    _squaring_finish(Fn, st)
+
+
+def _squaring_finish(Fn: KronSum, st: _SquaringState) -> None:
+    """Queue everything the answer for ``x ∝ M⁴a₀`` needs, without a host read.
+
+    (``M`` and ``a₀`` have largest entries of 1, so ``|M⁴a₀| ≤ K⁴`` entrywise, within float32
+    for K < 2³¹; ``x`` is rescaled to a largest entry of 1 before its quadratic forms.)
+
+    ``x`` is normalised to ``xᵀS_Px = 1`` (so ``‖L‖ = 1`` in scaled units); ``β = W S_P x``;
+    the Rayleigh quotient ``θ = βᵀS_Qβ`` is σ₁² in scaled units; the metric residual
+    ``‖Bx − θx‖²_{S_P}`` with ``Bx = W S_Q β``; the sign of ``tr L``; the coefficients of
+    ``L = Σ_k cL_k L_k`` and ``R = Σ_k cR_k R_k``, both of unit norm. Sets ``st.x``, ``st.Mx``
+    (``S_P x``), ``st.cL``, ``st.cR`` and ``st.scalars = [θ, residual², ‖F̃‖², c_P, c_Q, c_w]``,
+    stacked for one transfer.
+    """
+    xp = Fn.xp
+    SPs, ws, tiny = st.SPs, st.ws, st.tiny
+    x = st.a0
+    for _ in range(_APPLIES):
+        x = st.M @ x
+    x = x / xp.maximum(xp.max(xp.abs(x)), tiny)
+    Mx = SPs @ x
+    nx = xp.sqrt(xp.maximum(xp.sum(x * Mx), tiny))
+    st.x, st.Mx = x, Mx = x / nx, Mx / nx
+    beta = ws * Mx
+    Qb = st.SQs @ beta
+    th = xp.sum(beta * Qb)
+    r = ws * Qb - th * x  # B x − θ x
+    rr = xp.sum(r * (SPs @ r))
+    sign = 1 - 2 * xp.astype(xp.sum(x * st.tl) < 0, x.dtype)
+    st.cL = x * (sign / xp.sqrt(st.cP))
+    st.cR = beta * (sign / xp.sqrt(xp.maximum(th * st.cQ, tiny)))
+    st.scalars = xp.stack([th, rr, st.f2, st.cP, st.cQ, st.cw])
 
 
 def _operator_space(Fn: KronSum, side: str, keep_aux: bool = False) -> _Space:

@@ -6,6 +6,7 @@ solvers' batched host reads (``check_every = 4`` on accelerators) in force.
 """
 
 import numpy as np
+import pytest
 from hypothesis import given, settings
 
 import kronsum as ks
@@ -75,3 +76,57 @@ def test_gpu_outer_route_and_symmetry(gpu_backend):
     for X in (est.left, est.right, ks.kfac(F).left):
         X = gpu_backend.to_numpy(X)
         assert np.abs(X - X.T).max() <= 1e-13 * np.abs(X).max()
+
+
+def _torch_cuda_only(gpu_backend):
+    if gpu_backend.name != "torch-cuda":
+        pytest.skip("CUDA graphs (option cuda_graphs): PyTorch CUDA only")
+
+
+def test_cuda_graph_route_matches_eager(gpu_backend):
+    """``kronsum.config(cuda_graphs=True)``: the squaring route replayed from one captured graph
+    per input layout gives the eager answer; new data of the same layout is copied into the
+    graph's inputs (a cache hit), and returned factors are fresh arrays that later replays
+    leave alone; at most 8 layouts are kept."""
+    _torch_cuda_only(gpu_backend)
+    from conftest import random_inputs
+
+    ks.clear_cuda_graphs()
+    kept = []
+    for seed in range(3):
+        G, A = random_inputs("outer", 8, 32, 24, seed=seed, kind="heavy")
+        F = ks.KronSum.from_outer(gpu_backend.asarray(G, "float64"), gpu_backend.asarray(A, "float64"))
+        with ks.config(cuda_graphs=True):
+            got = ks.kfoc(F)
+        want = ks.kfoc(F)
+        assert got.info.method == want.info.method == "kfoc/gram-squaring"
+        assert got.info.iterations == want.info.iterations
+        for a, b in ((got.left, want.left), (got.right, want.right), (got.scale, want.scale)):
+            np.testing.assert_allclose(gpu_backend.to_numpy(a), gpu_backend.to_numpy(b), rtol=1e-12, atol=1e-15)
+        kept.append((got, gpu_backend.to_numpy(got.left).copy()))
+    for got, left in kept:
+        assert np.array_equal(gpu_backend.to_numpy(got.left), left)
+    assert ks.clear_cuda_graphs() == 1  # one layout, one graph
+    with ks.config(cuda_graphs=True):
+        for K in range(8, 18):
+            G, A = random_inputs("outer", K, 64, 48, seed=K, kind="heavy")  # 10K² ≤ m² + n²
+            ks.kfoc(ks.KronSum.from_outer(gpu_backend.asarray(G, "float32"), gpu_backend.asarray(A, "float32")))
+    assert ks.clear_cuda_graphs() == 8
+
+
+@settings(max_examples=15)
+@given(case=sums(forms=("terms", "outer")))
+def test_cuda_graph_route_reaches_svd_optimum(gpu_backend, case):
+    _torch_cuda_only(gpu_backend)
+    form, arrays, w = case
+    F = make_sum(form, [gpu_backend.asarray(a, "float64") for a in arrays],
+                 None if w is None else gpu_backend.asarray(w, "float64"))
+    opt, s = svd_optimum(dense_F(form, arrays, w), F.m, F.n)
+    normF = float(np.sqrt(np.sum(s**2)))
+    with ks.config(cuda_graphs=True):
+        for _ in range(2):  # the capture, then a replay
+            est = ks.kfoc(F, method="gram")
+            err = float(gpu_backend.to_numpy(ks.frobenius_error(F, est)))
+            assert err <= opt * (1 + 1e-8) + 1e-12 * normF, (est.info, err, opt)
+            assert np.isclose(float(gpu_backend.to_numpy(est.scale)), s[0], rtol=1e-8, atol=1e-12 * normF)
+    ks.clear_cuda_graphs()
