@@ -185,7 +185,8 @@ def cuda_graph(tag: str, build: Callable[[list], Any], arrays: list) -> Any | No
     """``build(arrays)`` through a CUDA graph, or ``None`` where that does not apply.
 
     Applies when the option ``cuda_graphs`` is on and every array is a PyTorch CUDA tensor
-    that does not require grad. ``build`` must queue device work only (no host read, no
+    that does not require grad. (Not CuPy: CuPy 14 refuses cuBLAS calls during stream
+    capture, ``NotImplementedError``, so no matmul could be captured.) ``build`` must queue device work only (no host read, no
     transfer, no data-dependent shapes). The first call for a ``tag`` and input layout (shapes,
     dtypes, strides, device) captures ``build`` on static copies of the arrays (after one
     warm-up run on a side stream, as PyTorch requires); every call copies the inputs into

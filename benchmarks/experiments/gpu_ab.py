@@ -35,6 +35,11 @@ def gpu_busy(lib, fn):
     return span, busy, len(kern)
 
 
+def _graphs(F):
+    with ks.config(cuda_graphs=True):
+        return ks.kfoc(F)
+
+
 def variants_torch(lib, F):
     """Phases of the squaring route, and the route with the option ``cuda_graphs``."""
     from kronsum import _kfoc
@@ -45,11 +50,8 @@ def variants_torch(lib, F):
         L, R = Fn._combine("left", st.cL), Fn._combine("right", st.cR)
         return L, R, st.scalars.tolist()
 
-    def graphs():
-        with ks.config(cuda_graphs=True):
-            return ks.kfoc(F)
-
-    return {"normalized": lambda: F.normalized(), "norm_pass": norm_pass, "kfoc_graphs": graphs}
+    return {"normalized": lambda: F.normalized(), "norm_pass": norm_pass,
+            "kfoc_graphs": lambda: _graphs(F)}
 
 
 def main(names, old_dir):
