@@ -12,5 +12,5 @@ python3 -c "import sys, numpy, cupy, torch, jax; print(sys.version.split()[0], '
 KRONSUM_TEST_BACKENDS=${KRONSUM_TEST_BACKENDS:-cupy,torch-cuda,jax} timeout "${TEST_TIMEOUT:-330}" \
   python3 -m pytest -p no:cacheprovider -q --maxfail=40 \
   tests/test_gpu.py tests/test_backends.py tests/test_inverse.py tests/test_kronsvd.py \
-  tests/test_running.py tests/test_solver_sync.py 2>&1 | tee "$out/tests.log" | tail -n 60
+  tests/test_running.py tests/test_solver_sync.py tests/test_accelerator_routes.py 2>&1 | tee "$out/tests.log" | tail -n 60
 timeout "${BENCH_TIMEOUT:-240}" python3 benchmarks/gpu_report.py --json "$out/gpu_report.json" ${BENCH_ARGS:-} 2>&1 | tee "$out/bench.log"

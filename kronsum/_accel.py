@@ -146,7 +146,7 @@ def via_numpy_on_cpu(fn: Callable) -> Callable:
 
 # -- CUDA graphs (PyTorch) -------------------------------------------------------------------
 
-_GRAPH_CACHE_SIZE = 8  # captured graphs kept per thread (least recently used dropped first)
+_GRAPH_CACHE_SIZE = 32  # captured graphs kept per thread (least recently used dropped first)
 _graphs = threading.local()
 
 
@@ -157,17 +157,19 @@ def _graph_cache() -> OrderedDict:
 
 
 def clear_cuda_graphs() -> int:
-    """Drop this thread's captured CUDA graphs and free the device memory they hold.
+    """Drop the calling thread's captured CUDA graphs and release the memory they hold.
 
     With the option ``cuda_graphs`` on (:func:`kronsum.get_config`), :func:`kronsum.kfoc`
-    keeps one captured graph per input layout (the 8 used last in each thread), each with a
+    keeps one captured graph per input layout (the 32 used last in each thread), each with a
     copy of its inputs and its intermediate arrays. Call this when those layouts will not be
-    used again, e.g. after a training run.
+    used again, e.g. after a training run. The memory goes back to PyTorch's caching
+    allocator (``torch.cuda.empty_cache()`` returns it to the device); other threads' graphs
+    are kept.
 
     Returns
     -------
     int
-        The number of graphs dropped.
+        The number of entries dropped (a layout whose capture failed counts too).
 
     Examples
     --------
@@ -181,21 +183,28 @@ def clear_cuda_graphs() -> int:
     return n
 
 
-def cuda_graph(tag: str, build: Callable[[list], Any], arrays: list) -> Any | None:
+def cuda_graph(tag: Any, build: Callable[[list], Any], arrays: list) -> Any | None:
     """``build(arrays)`` through a CUDA graph, or ``None`` where that does not apply.
 
     Applies when the option ``cuda_graphs`` is on and every array is a PyTorch CUDA tensor
-    that does not require grad. (Not CuPy: CuPy 14 refuses cuBLAS calls during stream
-    capture, ``NotImplementedError``, so no matmul could be captured.) ``build`` must queue device work only (no host read, no
-    transfer, no data-dependent shapes). The first call for a ``tag`` and input layout (shapes,
-    dtypes, strides, device) captures ``build`` on static copies of the arrays (after one
-    warm-up run on a side stream, as PyTorch requires); every call copies the inputs into
-    those copies and replays the graph on the current stream: one launch instead of one
-    Python dispatch per kernel. The result's arrays are the graph's own memory, overwritten
-    by its next replay: use them (queue what reads them) before calling again. A capture that
-    fails warns once per layout and returns ``None`` (the caller runs ``build`` eagerly).
-    Graphs are kept per thread, the ``_GRAPH_CACHE_SIZE`` most recently used; each holds its
-    static inputs and its intermediate arrays (:func:`clear_cuda_graphs` frees them).
+    that does not require grad (not CuPy: CuPy 14 refuses cuBLAS calls during stream
+    capture, ``NotImplementedError``, so no matmul could be captured). ``build`` must queue
+    device work only (no host read, no transfer, no data-dependent shapes); ``tag``
+    (hashable) must name everything besides the arrays' layouts that decides what ``build``
+    queues. The first call for a ``tag`` and input layout (shapes, dtypes, strides, device)
+    captures ``build`` on static copies of the arrays (after one warm-up run on a side
+    stream, as PyTorch requires); every call copies the inputs into those copies and replays
+    the graph on the current stream: one launch instead of one Python dispatch per kernel.
+    The result's arrays are the graph's own memory, overwritten by its next replay: use them
+    (queue what reads them) before calling again. A capture that fails warns once per layout
+    and returns ``None`` (the caller runs ``build`` eagerly; the failure is remembered until
+    the entry is dropped). Graphs are kept per thread, the ``_GRAPH_CACHE_SIZE`` most
+    recently used; each holds its static inputs and its intermediate arrays
+    (:func:`clear_cuda_graphs` frees them). The key also holds PyTorch's float32 matmul
+    settings (TF32, ``set_float32_matmul_precision``) and autocast state, which change the
+    captured kernels. Capture runs under ``torch.cuda.device`` of the inputs, on a stream of
+    that device, in ``"thread_local"`` error mode (other threads' CUDA calls do not break it);
+    PyTorch synchronises the device and empties its allocator cache before each capture.
     """
     if not (get_config()["cuda_graphs"] and arrays
             and all(array_api_compat.is_torch_array(a) and a.device.type == "cuda"
@@ -203,20 +212,26 @@ def cuda_graph(tag: str, build: Callable[[list], Any], arrays: list) -> Any | No
         return None
     import torch
 
-    key = (tag, tuple((tuple(a.shape), a.dtype, a.device, tuple(a.stride())) for a in arrays))
+    dev = arrays[0].device
+    settings = (torch.backends.cuda.matmul.allow_tf32, torch.get_float32_matmul_precision(),
+                torch.is_autocast_enabled("cuda"))
+    key = (tag, settings,
+           tuple((tuple(a.shape), a.dtype, a.device, tuple(a.stride())) for a in arrays))
     cache = _graph_cache()
     entry = cache.get(key)
     if entry is None:
-        statics = [a.clone() for a in arrays]
         try:
-            side = torch.cuda.Stream(device=arrays[0].device)
-            side.wait_stream(torch.cuda.current_stream(arrays[0].device))
-            with torch.cuda.stream(side):
-                build(statics)  # warm-up (cuBLAS workspaces, allocator) outside the capture
-            torch.cuda.current_stream(arrays[0].device).wait_stream(side)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                out = build(statics)
+            with torch.cuda.device(dev):
+                statics = [a.clone() for a in arrays]
+                side = torch.cuda.Stream(device=dev)
+                side.wait_stream(torch.cuda.current_stream(dev))
+                with torch.cuda.stream(side):
+                    build(statics)  # warm-up (cuBLAS workspaces, allocator) outside the capture
+                torch.cuda.current_stream(dev).wait_stream(side)
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, stream=torch.cuda.Stream(device=dev),
+                                      capture_error_mode="thread_local"):
+                    out = build(statics)
         except Exception as exc:  # e.g. an operation that cannot be captured
             warnings.warn(f"kronsum: CUDA graph capture of {tag} failed ({exc!r}); running "
                           "eagerly for this input layout", RuntimeWarning, stacklevel=3)
@@ -230,7 +245,8 @@ def cuda_graph(tag: str, build: Callable[[list], Any], arrays: list) -> Any | No
     graph, statics, out = entry
     if graph is None:
         return None
-    for s, a in zip(statics, arrays):
-        s.copy_(a)
-    graph.replay()
+    with torch.cuda.device(dev):
+        for s, a in zip(statics, arrays):
+            s.copy_(a)
+        graph.replay()
     return out

@@ -41,16 +41,21 @@ def get_config() -> dict:
         the flops of PyTorch's ``gemm``) and the numba kernels. Factors come back as PyTorch
         tensors. Default ``True``; ``False`` keeps every operation in PyTorch.
     ``cuda_graphs``
-        Whether :func:`kfoc`'s Gram solver on PyTorch CUDA tensors (the repeated-squaring
-        route, K small beside m and n) replays its device work between the inputs and the
-        coefficient vectors, about 100 small kernels, as one CUDA graph instead of dispatching
-        them one by one from Python. Default ``False``. The first call per input layout
-        (shapes, dtype, strides, device) captures the graph, at about three times a call's
-        cost; each graph then keeps a copy of the inputs and its intermediate arrays (about
-        ``K(m + n) + 15 K²`` numbers for the outer form) on the device, for the 8 layouts
-        used last in each thread (``kronsum.clear_cuda_graphs()`` frees them). Worth it for
-        repeated calls with the same shapes (a training loop) on hosts whose Python dispatch
-        is slow beside the GPU; see docs/benchmarks.md.
+        Whether :func:`kfoc` on PyTorch CUDA tensors, when it takes the repeated-squaring
+        route (``info.method == "kfoc/gram-squaring"``: outer/terms forms with
+        ``10K² ≤ m² + n²``), runs that route's ~100 small kernels (from the inputs to the
+        factors' coefficient vectors) as one replayed CUDA graph instead of dispatching each
+        from Python. Default ``False``. The first call per input layout (shapes, dtype,
+        strides, device; also the TF32/matmul-precision and autocast settings) captures the
+        graph: about three calls' cost, and PyTorch synchronises the device and empties its
+        allocator cache. Each graph then keeps on the device a copy of the inputs (K(m + n)
+        numbers for the outer form, K(m² + n²) for terms, copied in again on every call) and
+        about 15 K² numbers of intermediate arrays, for the 32 layouts used last in each
+        thread (``kronsum.clear_cuda_graphs()`` drops them). Worth it for repeated calls with
+        the same shapes (a training loop with a few distinct layer shapes), where Python's
+        dispatch is slow beside the GPU's work; a loop over more than 32 layouts recaptures
+        on every call. CuPy has no such route (it refuses cuBLAS calls during capture). See
+        docs/benchmarks.md.
 
     Examples
     --------

@@ -155,8 +155,8 @@ def kfoc(
     On accelerators the ``gram`` solver reads its convergence scalars every few steps
     (``kronsum.config(check_every=...)``) and, when ``10K² ≤ m² + n²``, replaces Lanczos by
     repeated squaring of the K×K operator (``info.method == "kfoc/gram-squaring"``; far fewer
-    kernel launches, one host read; ``info.iterations`` counts the power steps it stands
-    for). For PyTorch CUDA tensors, ``kronsum.config(cuda_graphs=True)`` replays that route's
+    kernel launches, one host read when 32 power steps suffice; ``info.iterations`` counts
+    the power steps it stands for). For PyTorch CUDA tensors, ``kronsum.config(cuda_graphs=True)`` replays that route's
     small kernels as one captured CUDA graph per input layout (see :func:`kronsum.get_config`).
 
     Cost: ``gram`` O(K²(m + n) + K³ + K(m² + n²)) for the outer form; ``lanczos`` and
@@ -310,17 +310,20 @@ def _gram_solve(Fn: KronSum, init, seed, tol, max_iter):
                                           Fn._combine("right", xp.astype(beta, dt)))
         return L, R, sigma, notes, its, conv, res, s2, "gram[numba]"
 
+    st = None
     if _use_squaring(Fn):
-        done = _squaring(Fn, alpha0, tol, max_iter)
+        done, st = _squaring(Fn, alpha0, tol, max_iter)
         if done is not None:
             return done
-    SP, SQ = Fn._gram("left"), Fn._gram("right")
-
-    # The operator multiplies four K-scale quantities (entries of S_P ~ ‖g‖⁴): in float32 it
-    # overflows for large layers, so iterate with S_P, S_Q, w divided by their largest
-    # entries (device scalars, no host read); the eigenvector is the same.
-    cP, cQ, cw = (_safe(xp, xp.max(xp.abs(M))) for M in (SP, SQ, w))
-    SPs, SQs, ws = SP / cP, SQ / cQ, w / cw
+    if st is not None:  # Lanczos takes over: the scaled Gram matrices are at hand
+        SPs, SQs, ws, cP, cQ, cw = st.SPs, st.SQs, st.ws, st.cP, st.cQ, st.cw
+    else:
+        SP, SQ = Fn._gram("left"), Fn._gram("right")
+        # The operator multiplies four K-scale quantities (entries of S_P ~ ‖g‖⁴): in float32
+        # it overflows for large layers, so iterate with S_P, S_Q, w divided by their largest
+        # entries (device scalars, no host read); the eigenvector is the same.
+        cP, cQ, cw = (_safe(xp, xp.max(xp.abs(M))) for M in (SP, SQ, w))
+        SPs, SQs, ws = SP / cP, SQ / cQ, w / cw
     space = _Space(lambda a: ws * (SQs @ (ws * (SPs @ a))), xp, metric=lambda a: SPs @ a,
                    apply_M=lambda a, Ma: ws * (SQs @ (ws * Ma)))
     # a start with ‖L₀‖ = 0 (e.g. traceless terms) falls back to the weights, on the device;
@@ -359,49 +362,51 @@ def _gram_solve(Fn: KronSum, init, seed, tol, max_iter):
 
 def _use_squaring(Fn: KronSum) -> bool:
     """The squaring route: arrays on an accelerator and its 4 K×K products (8K³ flops) at
-    most a fifth of the final weighted Gram products' 2K(m² + n²) (``10K² ≤ m² + n²``)."""
+    most two fifths of the final weighted Gram products' 2K(m² + n²) (``10K² ≤ m² + n²``)."""
     K = Fn.num_terms
     return on_accelerator(Fn.weights) and 10 * K * K <= Fn.m * Fn.m + Fn.n * Fn.n
 
 
 def _squaring(Fn: KronSum, alpha0, tol, max_iter):
     """The power method by repeated squaring of the K×K operator ``B = W S_Q W S_P``, finished
-    on the device before its one host read.
+    on the device before its first host read.
 
     For accelerators with K small beside m and n: every Lanczos step is a dozen tiny kernels,
     each a launch and a Python dispatch, while ``M = B^(2^s)`` costs s GEMMs of 2K³ flops and
     ``x = M⁴α₀`` four matrix-vector products more (four products stand in for the last two
     squarings at a few percent of their cost). After 3, 6 and 9 squarings (32, 256, 2048 power
     steps) :func:`_squaring_finish` queues the answer for ``x`` and its checks without a
-    read; then one read of the scalars:
-    if the residual meets ``tol`` the factors (already computed, or in flight) are the
-    answer, otherwise they are dropped and the squaring goes on. So the device never waits
-    on the host between the Gram matrices and the factors (:func:`_squaring_pass`, the part
-    up to the first read, has no host read at all). ``None`` when ``tol`` is not met (or
-    ``max_iter`` caps the steps) or anything is not finite (a zero operator included):
-    Lanczos takes over. Returns ``_gram_solve``'s tuple.
+    read, then the scalars are read. At the first check the two final weighted Gram products
+    are queued before that read: when 32 steps meet ``tol`` (the usual case) the device never
+    waits on the host between the Gram matrices and the factors (:func:`_squaring_pass`, the
+    part up to the first read, has no host read at all); when they do not, that pair of
+    products is dropped (one pair at most: later checks read first). Returns
+    ``(_gram_solve's tuple, state)``, the tuple ``None`` when ``tol`` is not met (or
+    ``max_iter`` caps the steps) or anything is not finite (a zero operator included): then
+    Lanczos takes over, on the state's scaled Gram matrices (``None`` if no pass ran).
     """
     xp = Fn.xp
     if _APPLIES * 2**3 > max_iter:
-        return None
+        return None, None
     # option cuda_graphs (PyTorch CUDA): the pass replayed as one graph; a copy of its state,
     # whose arrays the graph's next replay overwrites (all read within this call)
-    st = cuda_graph("kfoc-squaring", lambda a: _squaring_pass(_rebuilt(Fn, a[:-1]), a[-1]),
-                    [*Fn._arrays(), alpha0])
+    st = cuda_graph(("kfoc-squaring", _structure(Fn)),
+                    lambda a: _squaring_pass(_rebuilt(Fn, a[:-1]), a[-1]), [*Fn._arrays(), alpha0])
     st = _squaring_pass(Fn, alpha0) if st is None else st.copy()
     for target in (3, 6, 9):
         if _APPLIES * 2**target > max_iter:
-            return None
+            return None, st
         if target > st.level:
             _squaring_more(Fn, st, target - st.level)
-        # the final weighted Gram products are queued before the read (dropped if not converged)
-        L, R = Fn._combine("left", st.cL), Fn._combine("right", st.cR)
+        first = target == 3  # queue the final products before the read (dropped if it fails)
+        LR = (Fn._combine("left", st.cL), Fn._combine("right", st.cR)) if first else None
         th, rr, f2s, fP, fQ, fw = vals = host_vector(st.scalars)
         if not (all(math.isfinite(v) for v in vals) and th > 0):
-            return None
+            return None, st
         res = math.sqrt(max(rr, 0.0)) / th
         if res > tol:
             continue
+        L, R = LR if first else (Fn._combine("left", st.cL), Fn._combine("right", st.cR))
         unit = math.sqrt(fw * fw * fQ * fP)  # scaled → true units of σ
         its, s2 = _APPLIES * 2**st.level + 1, None
         if not f2s - th < th * (1 - math.sqrt(xp.finfo(Fn.dtype).eps)):
@@ -411,14 +416,27 @@ def _squaring(Fn: KronSum, alpha0, tol, max_iter):
                            apply_M=lambda a, Ma: ws * (SQs @ (ws * Ma)))
             s2, k = _deflated_top(space, st.x, st.Mx, th)
             s2, its = s2 * unit, its + k
-        return L, R, unit * math.sqrt(th), (), its, True, res, s2, "gram-squaring"
-    return None
+        return (L, R, unit * math.sqrt(th), (), its, True, res, s2, "gram-squaring"), st
+    return None, st
 
 
 def _rebuilt(Fn: KronSum, arrays: list) -> KronSum:
-    """``Fn`` over ``arrays`` (in the order of ``Fn._arrays()``)."""
+    """``Fn`` over ``arrays`` (in the order of ``Fn._arrays()``); a sum's own weights, the
+    concatenation of its parts', are concatenated again from the new parts."""
     it = iter(arrays)
-    return Fn._map(lambda _: next(it))
+
+    def rebuild(P: KronSum) -> KronSum:
+        if P.form == "sum":
+            return KronSum.concat(*(rebuild(Q) for Q in P.parts))
+        return P._map(lambda _: next(it))
+
+    return rebuild(Fn)
+
+
+def _structure(Fn: KronSum) -> tuple:
+    """The forms of ``Fn`` (a sum: of its parts), which with the arrays' layouts fix what the
+    squaring pass computes (part of its CUDA graph's key)."""
+    return tuple(P.form for P in Fn.parts) if Fn.form == "sum" else (Fn.form,)
 
 
 class _SquaringState:
@@ -507,7 +525,8 @@ def _squaring_finish(Fn: KronSum, st: _SquaringState) -> None:
     rr = xp.sum(r * (SPs @ r))
     sign = 1 - 2 * xp.astype(xp.sum(x * st.tl) < 0, x.dtype)
     st.cL = x * (sign / xp.sqrt(st.cP))
-    st.cR = beta * (sign / xp.sqrt(xp.maximum(th * st.cQ, tiny)))
+    # (√θ·√c_Q, not √(θ c_Q): the product may pass float32's range where σ₁ itself does not)
+    st.cR = beta * (sign / (xp.sqrt(xp.maximum(th, tiny)) * xp.sqrt(st.cQ)))
     st.scalars = xp.stack([th, rr, st.f2, st.cP, st.cQ, st.cw])
 
 

@@ -91,6 +91,25 @@ def test_squaring_float32_large_magnitudes(squaring):
     assert est.info.method == "kfoc/gram-squaring" and est.left.dtype == np.float32
     assert float(est.scale) == pytest.approx(float(ref.scale), rel=1e-4)
     assert abs(np.sum(est.left * ref.left)) == pytest.approx(1.0, abs=1e-4)
+    assert abs(np.sum(est.right * ref.right)) == pytest.approx(1.0, abs=1e-4)
+
+
+def test_squaring_float32_unit_factor_when_theta_times_scale_overflows(squaring):
+    """Nearly equal samples of magnitude 2²⁸ (inside the range that normalized() leaves as
+    is): θ ≈ K² in scaled units times c_Q = max‖a‖⁴ ≈ 5e35 passes float32's range, although
+    σ₁ ≈ 7e20 does not. R's normaliser is √θ·√c_Q; √(θ c_Q) gave R = 0 with no note."""
+    rng = np.random.default_rng(0)
+    K, m, n = 64, 16, 16
+    A = (2.0**28 * (rng.uniform(0.5, 1.0, n) + 0.02 * rng.standard_normal((K, n)))).astype(np.float32)
+    G = (1 + 0.05 * rng.standard_normal((K, m))).astype(np.float32)
+    assert np.abs(A).max() < 2**30
+    est = ks.kfoc(ks.KronSum.from_outer(G, A))
+    ref = ks.kfoc(ks.KronSum.from_outer(G.astype(float), A.astype(float)))
+    assert est.info.method == "kfoc/gram-squaring" and not est.info.notes
+    assert np.linalg.norm(est.left.astype(float)) == pytest.approx(1.0, rel=1e-5)
+    assert np.linalg.norm(est.right.astype(float)) == pytest.approx(1.0, rel=1e-5)
+    assert float(est.scale) == pytest.approx(float(ref.scale), rel=1e-4)
+    assert abs(np.sum(est.right * ref.right)) == pytest.approx(1.0, abs=1e-4)
 
 
 def test_gram_factors_are_symmetric_to_rounding_without_numba():
@@ -220,7 +239,8 @@ def test_squaring_queues_the_factors_before_its_one_read(squaring, monkeypatch):
     est = ks.kfoc(ks.KronSum.from_outer(G, A))
     assert est.info.method == "kfoc/gram-squaring"
     levels = {33: 1, 257: 2, 2049: 3}[est.info.iterations]
-    assert events == ["left", "right", "read"] * levels
+    # later checks (if any) read first and queue the products only after a converged read
+    assert events == ["left", "right", "read"] + ["read"] * (levels - 1) + ["left", "right"] * (levels > 1)
 
 
 def test_cuda_graphs_option_is_inert_off_cuda(squaring):
@@ -236,3 +256,18 @@ def test_cuda_graphs_option_is_inert_off_cuda(squaring):
         assert got.info.method == want.info.method == "kfoc/gram-squaring"
         np.testing.assert_array_equal(np.asarray(got.left), np.asarray(want.left))
     assert ks.clear_cuda_graphs() == 0
+
+
+def test_rebuilt_sum_over_new_arrays():
+    """The CUDA-graph route rebuilds the sum over its static copies: every part gets its own
+    arrays back, in ``_arrays()`` order, and the sum's weights are its parts' again."""
+    prev = ks.KronSum.from_kron(ks.Kron(np.eye(6), np.eye(7), 2.0))
+    G, A = random_inputs("outer", 30, 6, 7, seed=3)
+    F = prev + 0.5 * ks.KronSum.from_outer(G, A)
+    copies = [np.array(a) for a in F._arrays()]
+    Fr = kfoc_mod._rebuilt(F, copies)
+    assert Fr.form == "sum" and [P.form for P in Fr.parts] == ["terms", "outer"]
+    assert all(a is b for a, b in zip(Fr._arrays(), copies))
+    np.testing.assert_array_equal(Fr.weights, F.weights)
+    np.testing.assert_allclose(Fr.to_dense(), F.to_dense(), rtol=0, atol=0)
+    assert kfoc_mod._structure(F) == ("terms", "outer") and kfoc_mod._structure(prev) == ("terms",)
