@@ -53,20 +53,47 @@ class GPUEstimators:
         self.lib.sync()
 
 
+class GPUKfocCudaGraphs:
+    """``kfoc`` on the outer case with ``kronsum.config(cuda_graphs=True)`` (torch only; the
+    capture happens in setup)."""
+
+    timeout = 600
+
+    def setup(self):
+        self.lib = _lib("torch")
+        self.F = _sum(self.lib, "outer")
+        with ks.config(cuda_graphs=True):
+            ks.kfoc(self.F)
+        self.lib.sync()
+
+    def time_kfoc_cuda_graphs(self):
+        with ks.config(cuda_graphs=True):
+            ks.kfoc(self.F)
+        self.lib.sync()
+
+    def teardown(self):
+        ks.clear_cuda_graphs()
+
+
 class GPURatio:
-    params = (["cupy", "torch"],)
+    params = (["cupy", "torch", "torch+cuda_graphs"],)
     param_names = ["backend"]
     timeout = 600
 
     def setup(self, backend):
-        self.lib = _lib(backend)
+        self.lib = _lib(backend.split("+")[0])
         self.F = _sum(self.lib, "outer")
+        self.graphs = backend.endswith("+cuda_graphs")
 
     def track_kfoc_over_kfac(self, backend):
         from gpu_report import interleaved
 
-        times, _ = interleaved(self.lib, {"kfac": lambda: ks.kfac(self.F),
-                                          "kfoc": lambda: ks.kfoc(self.F)}, 20)
+        def kfoc():
+            with ks.config(cuda_graphs=self.graphs):
+                return ks.kfoc(self.F)
+
+        times, _ = interleaved(self.lib, {"kfac": lambda: ks.kfac(self.F), "kfoc": kfoc}, 20)
+        ks.clear_cuda_graphs()
         return times["kfoc"] / times["kfac"]
 
     track_kfoc_over_kfac.unit = "ratio"
