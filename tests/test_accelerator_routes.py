@@ -271,3 +271,26 @@ def test_rebuilt_sum_over_new_arrays():
     np.testing.assert_array_equal(Fr.weights, F.weights)
     np.testing.assert_allclose(Fr.to_dense(), F.to_dense(), rtol=0, atol=0)
     assert kfoc_mod._structure(F) == ("terms", "outer") and kfoc_mod._structure(prev) == ("terms",)
+
+
+def test_squaring_route_on_every_backend(backend):
+    """The squaring route's array-API code (``full``, ``maximum``, ``linalg.diagonal``, a
+    bool ``astype``, one stacked read) on each backend, forced on (it runs on accelerators
+    only): the NumPy answer for the outer and terms forms and a K-FOC_running sum."""
+    if backend.name == "dask":
+        pytest.skip("the Gram solver does not take Dask arrays (chunked along K)")
+    G, A = random_inputs("outer", 30, 6, 7, seed=2, kind="heavy")
+    L, R = random_inputs("terms", 5, 4, 3, seed=3)
+    cases = {"outer": lambda a: ks.KronSum.from_outer(a(G), a(A)),
+             "terms": lambda a: ks.KronSum.from_terms(a(L), a(R)),
+             "sum": lambda a: (ks.KronSum.from_outer(a(G), a(A))
+                               + ks.KronSum.from_kron(ks.kfac(ks.KronSum.from_outer(a(G), a(A)))))}
+    with pytest.MonkeyPatch.context() as mp, ks.config(use_numba=False, check_every=4,
+                                                      torch_cpu_via_numpy=False):
+        mp.setattr(kfoc_mod, "_use_squaring", lambda F: True)
+        for name, make in cases.items():
+            want = ks.kfoc(make(np.asarray), method="gram")
+            got = ks.kfoc(make(lambda x: backend.asarray(x, "float64")), method="gram")
+            assert got.info.method == want.info.method == "kfoc/gram-squaring", name
+            np.testing.assert_allclose(backend.to_numpy(got.to_dense()), want.to_dense(),
+                                       rtol=1e-10, atol=1e-12 * np.abs(want.to_dense()).max())
