@@ -156,8 +156,9 @@ def kfoc(
     (``kronsum.config(check_every=...)``) and, when ``10K² ≤ m² + n²``, replaces Lanczos by
     repeated squaring of the K×K operator (``info.method == "kfoc/gram-squaring"``; far fewer
     kernel launches, one host read when 32 power steps suffice; ``info.iterations`` counts
-    the power steps it stands for). For PyTorch CUDA tensors, ``kronsum.config(cuda_graphs=True)`` replays that route's
-    small kernels as one captured CUDA graph per input layout (see :func:`kronsum.get_config`).
+    the power steps it stands for). For PyTorch CUDA tensors,
+    ``kronsum.config(cuda_graphs=True)`` replays that route's small kernels as one captured
+    CUDA graph per input layout (see :func:`kronsum.get_config`).
 
     Cost: ``gram`` O(K²(m + n) + K³ + K(m² + n²)) for the outer form; ``lanczos`` and
     ``power`` O(K(m² + n²)) per application for outer/terms (conv: see
@@ -293,8 +294,7 @@ def _gram_solve(Fn: KronSum, init, seed, tol, max_iter):
         # the Gram matrices in float64 straight away (one pass each, no cast of a copy)
         SP, SQ = Fn._gram("left", float64=True), Fn._gram("right", float64=True)
         w64 = xp.astype(w, xp.float64, copy=False)
-        space = _Space(lambda a: w64 * (SQ @ (w64 * (SP @ a))), xp, metric=lambda a: SP @ a,
-                       apply_M=lambda a, Ma: w64 * (SQ @ (w64 * Ma)))
+        space = _gram_space(SP, SQ, w64, xp)
         alpha0 = xp.astype(alpha0, xp.float64)
         if not bool(space.norm(alpha0) > 0):
             alpha0 = w64
@@ -315,17 +315,12 @@ def _gram_solve(Fn: KronSum, init, seed, tol, max_iter):
         done, st = _squaring(Fn, alpha0, tol, max_iter)
         if done is not None:
             return done
-    if st is not None:  # Lanczos takes over: the scaled Gram matrices are at hand
-        SPs, SQs, ws, cP, cQ, cw = st.SPs, st.SQs, st.ws, st.cP, st.cQ, st.cw
-    else:
-        SP, SQ = Fn._gram("left"), Fn._gram("right")
-        # The operator multiplies four K-scale quantities (entries of S_P ~ ‖g‖⁴): in float32
-        # it overflows for large layers, so iterate with S_P, S_Q, w divided by their largest
-        # entries (device scalars, no host read); the eigenvector is the same.
-        cP, cQ, cw = (_safe(xp, xp.max(xp.abs(M))) for M in (SP, SQ, w))
-        SPs, SQs, ws = SP / cP, SQ / cQ, w / cw
-    space = _Space(lambda a: ws * (SQs @ (ws * (SPs @ a))), xp, metric=lambda a: SPs @ a,
-                   apply_M=lambda a, Ma: ws * (SQs @ (ws * Ma)))
+    if st is None:
+        st = _SquaringState()
+        _scaled_grams(Fn, st)
+    # Lanczos (after the squaring route if it ran: its scaled Gram matrices are at hand)
+    SPs, SQs, ws, cP, cQ, cw = st.SPs, st.SQs, st.ws, st.cP, st.cQ, st.cw
+    space = _gram_space(SPs, SQs, ws, xp)
     # a start with ‖L₀‖ = 0 (e.g. traceless terms) falls back to the weights, on the device;
     # if that is zero too, every term is zero (S_P = 0) and the solve returns a zero vector
     alpha0 = xp.where(space.norm(alpha0) > 0, alpha0, w)
@@ -411,10 +406,7 @@ def _squaring(Fn: KronSum, alpha0, tol, max_iter):
         its, s2 = _APPLIES * 2**st.level + 1, None
         if not f2s - th < th * (1 - math.sqrt(xp.finfo(Fn.dtype).eps)):
             # ‖F‖² − σ₁² cannot rule out σ₂ = σ₁: probe the deflated operator
-            SPs, SQs, ws = st.SPs, st.SQs, st.ws
-            space = _Space(lambda a: ws * (SQs @ (ws * (SPs @ a))), xp, metric=lambda a: SPs @ a,
-                           apply_M=lambda a, Ma: ws * (SQs @ (ws * Ma)))
-            s2, k = _deflated_top(space, st.x, st.Mx, th)
+            s2, k = _deflated_top(_gram_space(st.SPs, st.SQs, st.ws, xp), st.x, st.Mx, th)
             s2, its = s2 * unit, its + k
         return (L, R, unit * math.sqrt(th), (), its, True, res, s2, "gram-squaring"), st
     return None, st
@@ -440,7 +432,8 @@ def _structure(Fn: KronSum) -> tuple:
 
 
 class _SquaringState:
-    """The device arrays of the squaring route (see :func:`_squaring_pass`)."""
+    """The device arrays of the array-API Gram solver: the scaled Gram matrices
+    (:func:`_scaled_grams`) and the squaring route's state (:func:`_squaring_pass`)."""
 
     __slots__ = ("M", "level", "a0", "SPs", "SQs", "ws", "tl", "tiny", "f2", "cP", "cQ", "cw",
                  "x", "Mx", "cL", "cR", "scalars")
@@ -457,22 +450,13 @@ def _squaring_pass(Fn: KronSum, alpha0, squarings: int = 3) -> _SquaringState:
     transfer, shapes fixed by the inputs'): Gram matrices, ``M = B^(2^squarings)``, the
     answer for ``x ∝ M⁴α₀``: coefficients of the factors and scalars (:func:`_squaring_finish`).
 
-    The operator multiplies four K-scale quantities (entries of S_P ~ ‖g‖⁴): in float32 it
-    would overflow for large layers, so it is built from S_P, S_Q, w divided by their largest
-    entries (device scalars; the eigenvector is the same). Divisors are bounded below by the
-    smallest normal number, one kernel each (no clip: array-api-compat's clip costs ~0.3 ms a
-    call on CuPy): a zero operator gives θ = 0, which the caller reads.
+    A zero operator gives θ = 0, which the caller reads.
     """
     xp = Fn.xp
-    w = Fn.weights
     st = _SquaringState()
-    st.tiny = tiny = xp.full((), xp.finfo(w.dtype).smallest_normal, dtype=w.dtype,
-                             device=device_of(w))
-    SP, SQ = Fn._gram("left"), Fn._gram("right")
-    outer = Fn.form == "outer"  # Gram entries (g_kᵀg_l)² ≥ 0: no abs for their maxima
-    st.cP, st.cQ, st.cw = (xp.maximum(xp.max(S if outer and S is not w else xp.abs(S)), tiny)
-                           for S in (SP, SQ, w))
-    st.SPs, st.SQs, st.ws = SPs, SQs, ws = SP / st.cP, SQ / st.cQ, w / st.cw
+    _scaled_grams(Fn, st)
+    SPs, SQs, ws, tiny = st.SPs, st.SQs, st.ws, st.tiny
+    outer = Fn.form == "outer"
     a0 = alpha0 / xp.maximum(xp.max(xp.abs(alpha0)), tiny)  # a start's scale is free
     # a start with ‖L₀‖ = 0 (e.g. traceless terms) falls back to the weights
     st.a0 = xp.where(xp.sum(a0 * (SPs @ a0)) > 0, a0, ws)
@@ -482,6 +466,34 @@ def _squaring_pass(Fn: KronSum, alpha0, squarings: int = 3) -> _SquaringState:
     st.M, st.level = ((ws[:, None] * SQs) * ws[None, :]) @ SPs, 0
     _squaring_more(Fn, st, squarings)
     return st
+
+
+def _scaled_grams(Fn: KronSum, st: _SquaringState) -> None:
+    """``st.SPs, st.SQs, st.ws`` = S_P, S_Q, w over their largest magnitudes ``st.cP, st.cQ,
+    st.cw`` (device scalars, no host read), and ``st.tiny``, float's smallest normal number.
+
+    The Gram-space operator multiplies four K-scale quantities (entries of S_P ~ ‖g‖⁴): in
+    float32 it would overflow for large layers; scaled, its eigenvector is the same. Divisors
+    are bounded below by ``tiny``, one kernel each (no clip: array-api-compat's clip costs
+    ~0.3 ms a call on CuPy); the outer form's Gram entries (g_kᵀg_l)² need no ``abs``.
+    """
+    xp = Fn.xp
+    w = Fn.weights
+    st.tiny = tiny = xp.full((), xp.finfo(w.dtype).smallest_normal, dtype=w.dtype,
+                             device=device_of(w))
+    SP, SQ = Fn._gram("left"), Fn._gram("right")
+    if Fn.form != "outer":
+        SP_abs, SQ_abs = xp.abs(SP), xp.abs(SQ)
+    else:
+        SP_abs, SQ_abs = SP, SQ
+    st.cP, st.cQ, st.cw = (xp.maximum(xp.max(S), tiny) for S in (SP_abs, SQ_abs, xp.abs(w)))
+    st.SPs, st.SQs, st.ws = SP / st.cP, SQ / st.cQ, w / st.cw
+
+
+def _gram_space(SPs, SQs, ws, xp) -> _Space:
+    """The power step ``α ↦ W S_Q W S_P α`` on coefficient vectors, in the ``S_P`` metric."""
+    return _Space(lambda a: ws * (SQs @ (ws * (SPs @ a))), xp, metric=lambda a: SPs @ a,
+                  apply_M=lambda a, Ma: ws * (SQs @ (ws * Ma)))
 
 
 def _squaring_more(Fn: KronSum, st: _SquaringState, squarings: int) -> None:

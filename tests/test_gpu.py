@@ -14,12 +14,17 @@ from conftest import assert_same_backend, dense_F, make_sum, sums, svd_optimum
 from kronsum._compat import on_accelerator
 
 
+def _on_device(gpu_backend, form, arrays, w, dtype):
+    """The drawn sum with its arrays (and weights) on the GPU backend, in ``dtype``."""
+    return make_sum(form, [gpu_backend.asarray(a, dtype) for a in arrays],
+                    None if w is None else gpu_backend.asarray(w, dtype))
+
+
 @settings(max_examples=25)
 @given(case=sums())
 def test_kfoc_reaches_svd_optimum_on_gpu(gpu_backend, case):
     form, arrays, w = case
-    F = make_sum(form, [gpu_backend.asarray(a, "float64") for a in arrays],
-                 None if w is None else gpu_backend.asarray(w, "float64"))
+    F = _on_device(gpu_backend, form, arrays, w, "float64")
     assert on_accelerator(F.weights) and ks.get_config()["check_every"] is None
     opt, s = svd_optimum(dense_F(form, arrays, w), F.m, F.n)
     normF = float(np.sqrt(np.sum(s**2)))
@@ -35,8 +40,7 @@ def test_kfoc_reaches_svd_optimum_on_gpu(gpu_backend, case):
 @given(case=sums())
 def test_closed_forms_match_numpy_on_gpu(gpu_backend, case):
     form, arrays, w = case
-    F = make_sum(form, [gpu_backend.asarray(a, "float64") for a in arrays],
-                 None if w is None else gpu_backend.asarray(w, "float64"))
+    F = _on_device(gpu_backend, form, arrays, w, "float64")
     Fnp = make_sum(form, arrays, w)
     for name in ("kfac", "tkfac"):
         got, want = getattr(ks, name)(F), getattr(ks, name)(Fnp)
@@ -49,8 +53,7 @@ def test_closed_forms_match_numpy_on_gpu(gpu_backend, case):
 @given(case=sums(forms=("outer", "conv")))
 def test_float32_kfoc_on_gpu(gpu_backend, case):
     form, arrays, w = case
-    F = make_sum(form, [gpu_backend.asarray(a, "float32") for a in arrays],
-                 None if w is None else gpu_backend.asarray(w, "float32"))
+    F = _on_device(gpu_backend, form, arrays, w, "float32")
     opt, s = svd_optimum(dense_F(form, arrays, w), F.m, F.n)
     normF = float(np.sqrt(np.sum(s**2)))
     est = ks.kfoc(F)
@@ -181,8 +184,7 @@ def test_cuda_graph_route_reaches_svd_optimum(gpu_backend, case):
     import kronsum._kfoc as kfoc_mod
 
     form, arrays, w = case
-    F = make_sum(form, [gpu_backend.asarray(a, "float64") for a in arrays],
-                 None if w is None else gpu_backend.asarray(w, "float64"))
+    F = _on_device(gpu_backend, form, arrays, w, "float64")
     opt, s = svd_optimum(dense_F(form, arrays, w), F.m, F.n)
     normF = float(np.sqrt(np.sum(s**2)))
     ks.clear_cuda_graphs()
