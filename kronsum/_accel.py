@@ -58,20 +58,26 @@ def numba_kernels():
     return _numba_kernels
 
 
-def weighted_gram(V: Array, c: Array, xp: Any) -> Array:
-    """``Vᵀ diag(c) V`` for ``V`` (K, d) and ``c`` (K,): the weighted Gram product.
+def weighted_gram(V: Array, c: Array, xp: Any, alpha: Any = None) -> Array:
+    """``alpha · Vᵀ diag(c) V`` for ``V`` (K, d), ``c`` (K,) and a positive scalar ``alpha``
+    (a Python float or a 0-d array of ``V``'s dtype; default 1): the weighted Gram product.
 
     NumPy: ``Bᵀ B`` with ``B = sqrt(|c|) V`` over the rows of each sign, which NumPy hands
-    to BLAS ``syrk`` (equal weights, e.g. a mean: ``c₀ VᵀV`` without the scaled copy);
-    elsewhere one ``gemm``.
+    to BLAS ``syrk`` (equal weights, e.g. a mean: ``VᵀV`` scaled in place, without the scaled
+    copy of ``V``); elsewhere one ``gemm`` with ``alpha`` folded into ``c``.
     """
     if not is_numpy_namespace(xp):
-        return xp.matrix_transpose(V) @ (c[:, None] * V)
+        ca = c if alpha is None else c * alpha
+        return xp.matrix_transpose(V) @ (ca[:, None] * V)
     import numpy as np
 
     c0 = c[0] if c.shape[0] else 0
     if c0 > 0 and bool((c == c0).all()):  # equal weights (a mean): no scaled copy of V
-        return (V.T @ V) * c0
+        P = V.T @ V
+        P *= c0 if alpha is None else c0 * alpha
+        return P
+    if alpha is not None:
+        c = c * alpha
     pos = c > 0
     neg = c < 0
     if not neg.any():

@@ -5,7 +5,7 @@ from __future__ import annotations
 from ._accel import via_numpy_on_cpu, weighted_gram
 from ._compat import device_of, eye_like, materialize_all, trace
 from ._kron import Kron, KronInfo
-from ._sum import KronSum
+from ._sum import KronSum, _sum_over
 
 __all__ = ["kfac", "tkfac"]
 
@@ -16,8 +16,11 @@ def _new_kron(left, right, scale, info: KronInfo, xp) -> Kron:
     out = Kron.__new__(Kron)
     out._xp = xp
     out.left, out.right = left, right
-    out.scale = xp.astype(xp.reshape(scale, ()), left.dtype) if hasattr(scale, "shape") else \
-        xp.asarray(float(scale), dtype=left.dtype, device=device_of(left))
+    if not hasattr(scale, "shape"):
+        scale = xp.asarray(float(scale), dtype=left.dtype, device=device_of(left))
+    if scale.shape != ():
+        scale = xp.reshape(scale, ())
+    out.scale = scale if scale.dtype == left.dtype else xp.astype(scale, left.dtype)
     out.info = info
     return out
 
@@ -76,39 +79,33 @@ def kfac(F: KronSum) -> Kron:
     """
     F = _require_sum(F, "kfac")
     xp = F.xp
-    if F.form == "sum":  # pool the terms of all parts, each accumulated at its true scale
-        pieces = [_kfac_pieces(P) for P in F.parts]
-        SL = sum((p[0] for p in pieces[1:]), pieces[0][0])
-        SR = sum((p[1] for p in pieces[1:]), pieces[0][1])
-        sw = sum((p[2] for p in pieces[1:]), pieces[0][2])
-    else:
-        SL, SR, sw = _kfac_pieces(F)
+    # a sum pools the terms of all its parts, each accumulated at its true scale
+    normed = [P.normalized() for P in (F.parts if F.form == "sum" else (F,))]
+    sw = _sum_over([cw * xp.sum(Pn.weights) for Pn, (cw, _, _) in normed])
+    # 1/Σw folded into the products' scale, with no host read before them (GPU, Dask)
+    inv = 1.0 / xp.where(sw > 0, sw, xp.ones_like(sw))
+    pieces = [_kfac_pieces(Pn, (cw * cl) * inv, (cw * cr) * inv) for Pn, (cw, cl, cr) in normed]
+    SL = _sum_over([p[0] for p in pieces])
+    SR = _sum_over([p[1] for p in pieces])
     SL, SR, sw = materialize_all(SL, SR, sw)  # Dask: one pass, then plain small arrays
-    positive = bool(sw > 0)
-    inv = 1.0 / sw if positive else xp.ones_like(sw)
-    notes = () if positive else ("all weights are zero: the estimate is zero",)
-    return _new_kron(SL * inv, SR * inv, sw, KronInfo(method="kfac", notes=notes), xp)
+    notes = () if bool(sw > 0) else ("all weights are zero: the estimate is zero",)
+    return _new_kron(SL, SR, sw, KronInfo(method="kfac", notes=notes), xp)
 
 
-def _kfac_pieces(F: KronSum):
-    """``(Σ w L_k, Σ w R_k, Σ w)`` of one single-form sum (conv: ``Σ w G_kᵀG_k / T`` on the left)."""
-    xp = F.xp
-    Fn, (cw, cl, cr) = F.normalized()
+def _kfac_pieces(Fn: KronSum, aL, aR):
+    """``(aL Σ w L̃_k, aR Σ w R̃_k)`` of one single-form normalised sum (conv: ``Σ w G_kᵀG_k / T``
+    on the left); ``aL``, ``aR`` are positive scalars (floats or 0-d arrays)."""
+    xp = Fn.xp
     w = Fn.weights
     if Fn.form == "terms":
-        left = xp.tensordot(w, Fn.L, axes=1)
-        right = xp.tensordot(w, Fn.R, axes=1)
-    elif Fn.form == "outer":
-        left = weighted_gram(Fn.G, w, xp)
-        right = weighted_gram(Fn.A, w, xp)
-    else:
-        K, T, m = Fn.G.shape
-        n = Fn.A.shape[-1]
-        wt = xp.reshape(xp.broadcast_to(w[:, None], (K, T)), (K * T,))
-        left = weighted_gram(xp.reshape(Fn.G, (K * T, m)), wt, xp) / T
-        right = weighted_gram(xp.reshape(Fn.A, (K * T, n)), wt, xp)
-    cL, cR = cw * cl, cw * cr
-    return (left if cL == 1.0 else cL * left), (right if cR == 1.0 else cR * right), cw * xp.sum(w)
+        return aL * xp.tensordot(w, Fn.L, axes=1), aR * xp.tensordot(w, Fn.R, axes=1)
+    if Fn.form == "outer":
+        return weighted_gram(Fn.G, w, xp, aL), weighted_gram(Fn.A, w, xp, aR)
+    K, T, m = Fn.G.shape
+    n = Fn.A.shape[-1]
+    wt = xp.reshape(xp.broadcast_to(w[:, None], (K, T)), (K * T,))
+    return (weighted_gram(xp.reshape(Fn.G, (K * T, m)), wt, xp, aL / T),
+            weighted_gram(xp.reshape(Fn.A, (K * T, n)), wt, xp, aR))
 
 
 @via_numpy_on_cpu

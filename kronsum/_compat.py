@@ -30,6 +30,7 @@ __all__ = [
     "symmetrize",
     "on_accelerator",
     "host_floats",
+    "all_finite",
 ]
 
 #: Any array of an array-API compatible library.
@@ -168,6 +169,20 @@ def fro_norm(x: Array, xp: Any) -> Array:
 def fro_inner(x: Array, y: Array, xp: Any) -> Array:
     """Frobenius inner product ``<x, y> = sum(x * y)`` over the last two axes."""
     return xp.sum(x * y, axis=(-2, -1))
+
+
+def all_finite(xp: Any, x: Array) -> bool:
+    """Whether ``x`` holds no NaN or infinity (synchronises lazy and device arrays).
+
+    PyTorch: one sum screens. NaN and ±inf propagate through a sum, so a finite sum proves
+    every entry finite; only a sum that is not finite (NaN/inf present, or finite entries whose
+    sum overflows) is confirmed entry-wise. PyTorch's ``isfinite`` on the CPU costs about 30
+    times a sum. Elsewhere ``all(isfinite(x))``: NumPy's fastest pass, and NumPy-backed
+    namespaces would warn about the screen's ``inf − inf`` and overflow.
+    """
+    if array_api_compat.is_torch_namespace(xp):
+        return math.isfinite(float(xp.sum(x))) or bool(xp.all(xp.isfinite(x)))
+    return bool(xp.all(xp.isfinite(x)))
 
 
 def to_float(x: Array) -> float:

@@ -42,7 +42,7 @@ from typing import Any
 
 import numpy as np
 
-from ._compat import Array, device_of, fro_norm, is_array, is_dask_namespace, namespace, to_float
+from ._compat import Array, all_finite, device_of, fro_norm, is_array, is_dask_namespace, namespace, to_float
 from ._kron import Kron
 
 __all__ = ["DecompositionError", "KronInverse", "tkfac_damped_inverses"]
@@ -153,7 +153,7 @@ class _Eig:
     def _eigh(self, M: Array, side: str, shape: tuple, where: str, notes: list) -> tuple:
         xp = self.xp
         what = f"{side} factor of shape {shape} of the {where}"
-        if not bool(xp.all(xp.isfinite(M))):
+        if not all_finite(xp, M):
             raise DecompositionError(f"the {what} contains NaN or infinite values")
         Mt = xp.matrix_transpose(M)
         nrm = to_float(fro_norm(M, xp))
@@ -176,7 +176,7 @@ class _Eig:
             raise DecompositionError(
                 f"eigendecomposition of the {what} failed: {type(exc).__name__}: {exc}"
             ) from exc
-        if not (bool(xp.all(xp.isfinite(w))) and bool(xp.all(xp.isfinite(U)))):
+        if not (all_finite(xp, w) and all_finite(xp, U)):
             raise DecompositionError(
                 f"eigendecomposition of the {what} returned non-finite values"
             )

@@ -33,7 +33,7 @@ import numpy as np
 
 from ._accel import cuda_graph, numba_enabled, numba_kernels, via_numpy_on_cpu
 from ._closed_forms import _new_kron, _require_sum, kfac
-from ._compat import (Array, device_of, eye_like, fro_norm, host_floats, host_vector, is_dask_namespace,
+from ._compat import (Array, all_finite, device_of, eye_like, fro_norm, host_floats, host_vector, is_dask_namespace,
                       is_numpy_namespace, materialize, on_accelerator, symmetrize, to_float, trace)
 from ._config import get_config
 from ._kron import Kron, KronInfo
@@ -887,7 +887,7 @@ def _finish_pair(Fn: KronSum, L: Array, R: Array):
 def _require_finite(xp, value) -> None:
     """A NaN/inf iterate means non-finite statistics (passed with check_finite=False): say so
     rather than mistaking it for a zero sum."""
-    if not (math.isfinite(value) if isinstance(value, float) else bool(xp.all(xp.isfinite(value)))):
+    if not (math.isfinite(value) if isinstance(value, float) else all_finite(xp, value)):
         raise ValueError(
             "kfoc met non-finite values: the statistics contain NaN or infinity (the constructors' "
             "check_finite=True would have said which array) or their products overflow the dtype"

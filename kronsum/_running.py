@@ -39,7 +39,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from ._closed_forms import _new_kron, kfac, tkfac
-from ._compat import is_array, namespace
+from ._compat import Array, is_array, namespace
 from ._kfoc import choose_method, kfoc
 from ._kron import Kron, KronInfo
 from ._sum import KronSum
@@ -57,6 +57,32 @@ _STATE_KEYS = ("estimator", "decay", "update_every", "bias_correction", "step", 
 
 def _same_namespace(a: Any, b: Any) -> bool:
     return a is b or getattr(a, "__name__", None) == getattr(b, "__name__", object())
+
+
+def _mix(a: float, old: Array, b: float, new: Array, *, reuse_new: bool = False) -> Array:
+    """``a·old + b·new`` for ``a, b > 0``, in three passes with at most one new array.
+
+    The smaller weight is divided by the larger (a factor ≤ 1, so no overflow), e.g.
+    ``((b/a)·new + old)·a``, and the last two steps run in place on an array made here or, with
+    ``reuse_new=True`` (``new`` made by this update and held by nothing else), on ``new``
+    itself: no allocation at all when ``b ≤ a`` (an EMA's usual case). JAX and Dask, without
+    in-place operators, rebind instead. The plain expression makes three arrays; on the CPU a
+    fresh 1024×1024 float32 array can cost more in page faults than the arithmetic on it.
+    """
+    if reuse_new and b <= a:
+        new *= b / a
+        new += old
+        new *= a
+        return new
+    if reuse_new:
+        new += old * (a / b)
+        new *= b
+        return new
+    big, r, small = (old, b / a, new) if b <= a else (new, a / b, old)
+    out = small * r
+    out += big
+    out *= max(a, b)
+    return out
 
 
 class RunningEstimate:
@@ -342,8 +368,10 @@ class RunningEstimate:
             if a == 0.0:
                 left, right, scale = est.left, est.right, est.scale
             else:
-                left = a * self._left + b * est.left
-                right = a * self._right + b * est.right
+                # kfac's factors are fresh arrays of this call, held by nothing else: mix in place
+                own = name == "kfac"
+                left = _mix(a, self._left, b, est.left, reuse_new=own)
+                right = _mix(a, self._right, b, est.right, reuse_new=own)
                 scale = a * self._scale + b * est.scale
         self._xp = F.xp
         self._left, self._right, self._scale = left, right, scale

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any, Sequence
 
-from ._compat import Array, is_array, namespace, to_float
+from ._compat import Array, all_finite, is_array, namespace, to_float
 
 __all__ = ["check_array", "check_weights", "common_float_dtype", "check_finite_values",
            "check_dense_size", "DEFAULT_MAX_ELEMENTS"]
@@ -71,7 +71,7 @@ def common_float_dtype(xp: Any, arrays: Sequence[Array]) -> Any:
 
 def check_finite_values(xp: Any, x: Array, name: str) -> None:
     """``ValueError`` if ``x`` holds NaN or infinity (synchronises lazy/device arrays)."""
-    if not bool(xp.all(xp.isfinite(x))):
+    if not all_finite(xp, x):
         raise ValueError(
             f"{name} of shape {_shape_str(x)} contains NaN or infinite values; pass "
             "check_finite=False to skip this check"
@@ -101,9 +101,10 @@ def check_weights(
     w = xp.astype(w, dtype, copy=False)
     if check_finite:
         check_finite_values(xp, w, "weights")
-    if bool(xp.any(w < 0)):
+    smallest = to_float(xp.min(w))  # NaN passes here, as for w < 0; check_finite catches it
+    if smallest < 0:
         raise ValueError(
             f"weights must be non-negative (F = sum_k w_k L_k kron R_k is a weighted sum of "
-            f"curvature terms); the smallest is {to_float(xp.min(w))}. Fold signs into L_k."
+            f"curvature terms); the smallest is {smallest}. Fold signs into L_k."
         )
     return w

@@ -78,6 +78,25 @@ def test_weighted_gram_fast_path_matches_gemm():
 
     rng = np.random.default_rng(0)
     V = rng.standard_normal((50, 7))
-    for c in (rng.uniform(0, 1, 50), rng.standard_normal(50), np.zeros(50), -np.ones(50)):
+    for c in (rng.uniform(0, 1, 50), rng.standard_normal(50), np.zeros(50), -np.ones(50),
+              np.full(50, 0.02)):
         ref = V.T @ (c[:, None] * V)
         assert np.allclose(weighted_gram(V, c, np), ref, rtol=1e-12, atol=1e-12)
+        for alpha in (0.3, np.asarray(2.0**-40)):  # the scale kfac folds in (1/Σw, powers of 2)
+            got = weighted_gram(V, c, np, alpha)
+            assert np.allclose(got, alpha * ref, rtol=1e-12, atol=1e-12 * float(alpha))
+
+
+def test_weighted_gram_alpha_on_other_backends(backend):
+    """The ``alpha`` of the array-API path (folded into the weights) gives NumPy's numbers."""
+    from kronsum._accel import weighted_gram
+    from kronsum._compat import namespace
+
+    rng = np.random.default_rng(1)
+    V, c = rng.standard_normal((30, 5)), rng.uniform(0, 1, 30)
+    Vb, cb = backend.asarray(V, "float64"), backend.asarray(c, "float64")
+    xp = namespace(Vb)
+    alpha = xp.asarray(0.25, dtype=Vb.dtype)
+    got = backend.to_numpy(weighted_gram(Vb, cb, xp, alpha))
+    assert np.allclose(got, weighted_gram(V, c, np, 0.25), rtol=1e-12, atol=1e-14)
+    assert np.allclose(got, 0.25 * V.T @ (c[:, None] * V), rtol=1e-12, atol=1e-14)

@@ -472,3 +472,63 @@ def test_kfoc_running_knows_when_its_estimate_is_symmetric(method):
     assert restored._symmetric is None
     last = outer()
     np.testing.assert_allclose(restored.update(last).to_dense(), run.update(last).to_dense(), rtol=1e-12, atol=1e-14)
+
+
+# -- the in-place EMA ------------------------------------------------------------------------
+
+
+@given(st.floats(1e-6, 1.0), st.floats(1e-6, 1.0), st.booleans(), st.sampled_from(["float32", "float64"]),
+       st.floats(-30, 30))
+def test_mix_is_the_weighted_sum_and_leaves_old_alone(a, b, reuse, dtype, log_scale):
+    """``_mix(a, old, b, new)`` = ``a·old + b·new`` for any positive weights (either larger) and
+    entries of any scale; ``old`` is never written, ``new`` only with ``reuse_new=True``."""
+    from kronsum._running import _mix
+
+    rng = np.random.default_rng(0)
+    old = (rng.standard_normal((4, 4)) * 10.0**log_scale).astype(dtype)
+    new = (rng.standard_normal((4, 4)) * 10.0**log_scale).astype(dtype)
+    old0, new0 = old.copy(), new.copy()
+    got = _mix(a, old, b, new, reuse_new=reuse)
+    want = a * old0.astype(np.float64) + b * new0.astype(np.float64)
+    tol = 8 * np.finfo(dtype).eps * (a * np.abs(old0) + b * np.abs(new0))
+    assert got.dtype == np.dtype(dtype) and np.all(np.isfinite(got))
+    assert np.all(np.abs(got - want) <= tol)
+    assert np.array_equal(old, old0)
+    if not reuse:
+        assert np.array_equal(new, new0)
+    elif b <= a:  # no allocation: the result is new's memory
+        assert got is new
+
+
+def test_mix_does_not_overflow_for_lopsided_weights():
+    """The smaller weight is divided by the larger: entries near float32's limit and weights
+    1e-30 apart stay finite (``(a/b)·old`` with ``a ≫ b`` would overflow)."""
+    from kronsum._running import _mix
+
+    x = np.full((2, 2), 1e37, dtype=np.float32)
+    for a, b in ((1.0, 1e-30), (1e-30, 1.0)):
+        for reuse in (False, True):
+            got = _mix(a, x.copy(), b, x.copy(), reuse_new=reuse)
+            assert np.all(np.isfinite(got)) and np.allclose(got, (a + b) * 1e37, rtol=1e-6)
+
+
+@pytest.mark.parametrize("decay,bias_correction", [(0.9, False), (0.2, False), (0.9, True)])
+def test_updates_never_write_to_earlier_estimates_or_batches(backend, decay, bias_correction):
+    """The EMA mixes into the fresh factors of the batch estimate (kfac) or into one new array:
+    an estimate a caller kept, and every batch's statistics, hold the same numbers after later
+    updates (decays with the batch weight above and below the old one)."""
+    rng = np.random.default_rng(3)
+    raw = [(rng.standard_normal((6, 3)), rng.standard_normal((6, 4))) for _ in range(4)]
+    for name in ESTIMATORS:
+        run = ks.RunningEstimate(name, decay=decay, bias_correction=bias_correction)
+        kept, batches = [], []
+        for G, A in raw:
+            Gb, Ab = backend.asarray(G, "float64"), backend.asarray(A, "float64")
+            batches.append((Gb, Ab, G, A))
+            est = run.update(ks.KronSum.from_outer(Gb, Ab))
+            kept.append((est, [backend.to_numpy(x).copy() for x in (est.left, est.right, est.scale)]))
+        for est, copies in kept:
+            for x, c in zip((est.left, est.right, est.scale), copies):
+                assert np.array_equal(backend.to_numpy(x), c), name
+        for Gb, Ab, G, A in batches:
+            assert np.array_equal(backend.to_numpy(Gb), G) and np.array_equal(backend.to_numpy(Ab), A)

@@ -38,6 +38,29 @@ def test_non_finite(bad):
         ks.KronSum.from_outer(np.ones((3, 2)), np.ones((3, 2)), np.array([1.0, bad, 1.0]))
 
 
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_non_finite_on_every_backend(backend, dtype):
+    """The finiteness check (one sum as a screen off NumPy) catches NaN, ±inf and inf − inf,
+    and does not mistake finite entries whose sum overflows for non-finite ones."""
+    big = float(np.finfo(dtype).max) / 2
+    for bad in (np.nan, np.inf, -np.inf, "both"):
+        G = np.ones((4, 3))
+        if bad == "both":  # the sum is NaN, not inf
+            G[0, 0], G[2, 1] = np.inf, -np.inf
+        else:
+            G[1, 2] = bad
+        with pytest.raises(ValueError, match=r"G of shape \(4, 3\) contains NaN or infinite"):
+            ks.KronSum.from_outer(backend.asarray(G, dtype), backend.asarray(np.ones((4, 2)), dtype))
+    G = np.full((4, 3), big)  # every entry finite, their sum is not
+    F = ks.KronSum.from_outer(backend.asarray(G, dtype), backend.asarray(np.ones((4, 2)), dtype))
+    assert F.num_terms == 4
+    w = np.ones(4)
+    w[3] = np.nan
+    with pytest.raises(ValueError, match="weights"):
+        ks.KronSum.from_outer(backend.asarray(np.ones((4, 3)), dtype),
+                              backend.asarray(np.ones((4, 2)), dtype), backend.asarray(w, dtype))
+
+
 def test_dtypes():
     with pytest.raises(TypeError, match=r"G must have a real floating dtype.*integer"):
         ks.KronSum.from_outer(np.ones((3, 2), dtype=np.int64), np.ones((3, 2)))

@@ -57,6 +57,7 @@ except ImportError:  # pragma: no cover - depends on the environment
     torch = None  # type: ignore[assignment]
     nn = None  # type: ignore[assignment]
 
+from .._compat import all_finite, namespace
 from .._kron import Kron
 from .._sum import KronSum
 
@@ -216,7 +217,7 @@ def _output_grad_terms(kind, reduction, out, targets, fisher, n_samples, generat
 
 
 def _check_finite(name: str, x: Any, what: str) -> None:
-    if x.numel() and not bool(torch.isfinite(torch.stack(torch.aminmax(x))).all()):
+    if x.numel() and not all_finite(namespace(x), x):
         raise ValueError(f"layer {name!r}: its {what} hold NaN or inf")
 
 
@@ -270,7 +271,7 @@ def collect(
         the conv form. Ignored for 2-D inputs.
     check_finite : bool
         Raise ``ValueError`` when an input or output gradient of a layer holds NaN or inf
-        (one ``aminmax`` pass per array).
+        (one sum per array; an entry-wise check only when a sum is not finite).
 
     Returns
     -------
@@ -363,10 +364,7 @@ def collect(
             Gs = [g.reshape(g.shape[0], -1, g.shape[-1]) for g in grads[name]]
         G = Gs[0] if S == 1 else torch.cat(Gs)  # (S·N, T, out)
         if mod.bias is not None:  # one copy: the inputs and a last column of ones
-            Ab = A.new_empty(A.shape[:-1] + (A.shape[-1] + 1,))
-            Ab[..., :-1] = A
-            Ab[..., -1] = 1
-            A = Ab
+            A = _tF.pad(A, (0, 1), value=1.0)
         if S > 1:
             A = A.repeat(S, 1, 1)
         if check_finite:
