@@ -84,6 +84,24 @@ def _build(model_name, dtype_name):
     return model.to(dtype), X, y
 
 
+def stream_runner(ks, collect, model, loss, batches, estimator):
+    """The ``stream-<estimator>`` rows: per mini-batch ``collect`` + ``RunningEstimate.update``
+    per layer, with the package ``ks`` and its adapter's ``collect`` (an older version's in
+    ``experiments/stream_ab.py``)."""
+    import torch
+
+    def run():
+        gen = torch.Generator().manual_seed(0)
+        running = {}
+        for Xb, _ in batches:
+            for name, F in collect(model, loss, Xb, fisher="mc", generator=gen).items():
+                if name not in running:
+                    running[name] = ks.RunningEstimate(estimator, decay=0.95)
+                running[name].update(F)
+        return {name: r.estimate for name, r in running.items()}
+    return run
+
+
 def _runner(method, model, X, y):
     import torch
 
@@ -112,18 +130,7 @@ def _runner(method, model, X, y):
     if method == "kronsum-collect":
         return blocks
     if method.startswith("stream-"):
-        estimator = method.split("-", 1)[1]
-
-        def run():
-            gen = torch.Generator().manual_seed(0)
-            running = {}
-            for Xb, _ in batches:
-                for name, F in collect(model, loss, Xb, fisher="mc", generator=gen).items():
-                    if name not in running:
-                        running[name] = ks.RunningEstimate(estimator, decay=0.95)
-                    running[name].update(F)
-            return {name: r.estimate for name, r in running.items()}
-        return run
+        return stream_runner(ks, collect, model, loss, batches, method.split("-", 1)[1])
     if method == "kfoc-floor":
         def run():
             out = {}

@@ -27,20 +27,11 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 
 def stream(pkg, model, loss, batches, estimator):
-    ks = importlib.import_module(pkg)
-    collect = importlib.import_module(pkg + ".adapters.torch").collect
-    import torch
+    import adapter_torch_report as rep
 
-    def run():
-        gen = torch.Generator().manual_seed(0)
-        running = {}
-        for Xb, _ in batches:
-            for name, F in collect(model, loss, Xb, fisher="mc", generator=gen).items():
-                if name not in running:
-                    running[name] = ks.RunningEstimate(estimator, decay=0.95)
-                running[name].update(F)
-        return {name: r.estimate for name, r in running.items()}
-    return run
+    return rep.stream_runner(importlib.import_module(pkg),
+                             importlib.import_module(pkg + ".adapters.torch").collect,
+                             model, loss, batches, estimator)
 
 
 def main(argv=None):
