@@ -117,6 +117,14 @@ def _cpu_tensor(a):
     return torch.from_numpy(np.array(a))
 
 
+@functools.cache
+def _numpy_xp() -> Any:
+    """array-api-compat's NumPy namespace (looked up once: a lookup costs microseconds)."""
+    import numpy as np
+
+    return array_api_compat.array_namespace(np.empty(0))
+
+
 def via_numpy_on_cpu(fn: Callable) -> Callable:
     """Decorate an estimator ``fn(F, ...) -> Kron`` so that PyTorch CPU inputs run on NumPy.
 
@@ -138,11 +146,8 @@ def via_numpy_on_cpu(fn: Callable) -> Callable:
         arrays = F._arrays() + [a for K in krons.values() for a in (K.left, K.right, K.scale)]
         if not _torch_cpu_plain(arrays):
             return fn(F, *args, **kwargs)
-        import numpy as np
-        import torch
-
         to_np = (lambda t: t.numpy())
-        np_xp = array_api_compat.array_namespace(np.empty(0))
+        np_xp = _numpy_xp()
         kwargs = {k: (_map_kron(v, to_np, np_xp) if k in krons else v) for k, v in kwargs.items()}
         out = fn(F._map(to_np, np_xp), *args, **kwargs)
         return _map_kron(out, _cpu_tensor, F.xp)
