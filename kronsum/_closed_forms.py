@@ -16,11 +16,8 @@ def _new_kron(left, right, scale, info: KronInfo, xp) -> Kron:
     out = Kron.__new__(Kron)
     out._xp = xp
     out.left, out.right = left, right
-    if not hasattr(scale, "shape"):
-        scale = xp.asarray(float(scale), dtype=left.dtype, device=device_of(left))
-    if scale.shape != ():
-        scale = xp.reshape(scale, ())
-    out.scale = scale if scale.dtype == left.dtype else xp.astype(scale, left.dtype)
+    out.scale = xp.astype(xp.reshape(scale, ()), left.dtype) if hasattr(scale, "shape") else \
+        xp.asarray(float(scale), dtype=left.dtype, device=device_of(left))
     out.info = info
     return out
 
@@ -81,15 +78,19 @@ def kfac(F: KronSum) -> Kron:
     xp = F.xp
     # a sum pools the terms of all its parts, each accumulated at its true scale
     normed = [P.normalized() for P in (F.parts if F.form == "sum" else (F,))]
-    sw = _sum_over([cw * xp.sum(Pn.weights) for Pn, (cw, _, _) in normed])
-    # 1/Σw folded into the products' scale, with no host read before them (GPU, Dask)
+    # weights relative to the largest part's power of two c: Σw/c stays moderate, so the
+    # factors' scales cl·(cw/c)/(Σw/c) over- or underflow only where the factors do
+    c = max(cw for _, (cw, _, _) in normed)
+    rel = [(Pn, cw / c, cl, cr) for Pn, (cw, cl, cr) in normed]
+    sw = _sum_over([r * xp.sum(Pn.weights) for Pn, r, _, _ in rel])  # Σw / c
+    # 1/Σw folded into the products' scale: no pass over the factors after the products
     inv = 1.0 / xp.where(sw > 0, sw, xp.ones_like(sw))
-    pieces = [_kfac_pieces(Pn, (cw * cl) * inv, (cw * cr) * inv) for Pn, (cw, cl, cr) in normed]
+    pieces = [_kfac_pieces(Pn, (r * cl) * inv, (r * cr) * inv) for Pn, r, cl, cr in rel]
     SL = _sum_over([p[0] for p in pieces])
     SR = _sum_over([p[1] for p in pieces])
     SL, SR, sw = materialize_all(SL, SR, sw)  # Dask: one pass, then plain small arrays
     notes = () if bool(sw > 0) else ("all weights are zero: the estimate is zero",)
-    return _new_kron(SL, SR, sw, KronInfo(method="kfac", notes=notes), xp)
+    return _new_kron(SL, SR, sw * c, KronInfo(method="kfac", notes=notes), xp)
 
 
 def _kfac_pieces(Fn: KronSum, aL, aR):

@@ -7,6 +7,7 @@ and its shape. Nothing here writes to the caller's arrays.
 
 from __future__ import annotations
 
+import math
 from typing import Any, Sequence
 
 from ._compat import Array, all_finite, is_array, namespace, to_float
@@ -101,8 +102,8 @@ def check_weights(
     w = xp.astype(w, dtype, copy=False)
     if check_finite:
         check_finite_values(xp, w, "weights")
-    smallest = to_float(xp.min(w))  # NaN passes here, as for w < 0; check_finite catches it
-    if smallest < 0:
+    smallest = to_float(xp.min(w))  # NaN if w holds one (then ask w < 0 entry-wise)
+    if smallest < 0 or (math.isnan(smallest) and bool(xp.any(w < 0))):
         raise ValueError(
             f"weights must be non-negative (F = sum_k w_k L_k kron R_k is a weighted sum of "
             f"curvature terms); the smallest is {smallest}. Fold signs into L_k."

@@ -172,6 +172,37 @@ def test_extreme_scales_are_finite_and_correct(form, exponent):
 
 
 @pytest.mark.parametrize("form", FORMS)
+@pytest.mark.parametrize("w_exp,x_exp,dtype", [(150, 150, "float64"), (-200, -100, "float64"),
+                                               (-310, 0, "float64"), (300, -150, "float64"),
+                                               (30, 15, "float32"), (-30, -8, "float32")])
+def test_kfac_factors_at_extreme_weight_and_statistic_scales(form, w_exp, x_exp, dtype):
+    """K-FAC's factors are weighted means: weights scaled by 10^w_exp leave them unchanged and
+    statistics scaled by 10^x_exp scale them by a power of that, even where ``Σw`` times the
+    statistics' products leaves the dtype's range (F itself may not be representable), and a
+    sum whose parts' weights differ by that scale pools them at their true weights."""
+    arrays = random_inputs(form, 6, 3, 2, seed=5)
+    make = getattr(ks.KronSum, f"from_{form}")
+    w = np.random.default_rng(1).uniform(0.5, 1.0, 6)
+    sw, sx = 10.0**w_exp, 10.0**x_exp
+    Fs = make(*[(a * sx).astype(dtype) for a in arrays[:1]], *[a.astype(dtype) for a in arrays[1:]],
+              (w * sw).astype(dtype))
+    est = ks.kfac(Fs)
+    rtol = 1e-10 if dtype == "float64" else 1e-4
+    factor = sx if form == "terms" else sx * sx  # L_k scales by sx, g_k g_kᵀ by sx²
+    assert est.left.dtype == np.dtype(dtype) and np.all(np.isfinite(est.left)) and not est.info.notes
+    w_used = np.asarray(Fs.weights, dtype=np.float64) / sw  # the weights as the dtype holds them
+    ref = ks.kfac(make(*arrays, w_used))
+    assert np.allclose(est.left / factor, ref.left, rtol=rtol, atol=0)
+    assert np.allclose(est.right, ref.right, rtol=rtol, atol=0)
+    assert float(est.scale) / sw == pytest.approx(float(w_used.sum()), rel=rtol)
+    if dtype == "float64" and w_exp > 0:  # a sum: one part at weight scale sw, one at 1
+        S = ks.KronSum.concat(make(*arrays, w * sw), make(*arrays, w))
+        both = ks.kfac(S)
+        assert np.allclose(both.left, ref.left, rtol=1e-10) and np.allclose(both.right, ref.right, rtol=1e-10)
+        assert float(both.scale) == pytest.approx((sw + 1.0) * float(w.sum()), rel=1e-12)
+
+
+@pytest.mark.parametrize("form", FORMS)
 def test_zero_sum_gives_zero_never_nan(form):
     arrays = tuple(np.zeros_like(a) for a in random_inputs(form, 3, 2, 3, seed=0))
     F = getattr(ks.KronSum, f"from_{form}")(*arrays)

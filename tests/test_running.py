@@ -510,25 +510,39 @@ def test_mix_does_not_overflow_for_lopsided_weights():
         for reuse in (False, True):
             got = _mix(a, x.copy(), b, x.copy(), reuse_new=reuse)
             assert np.all(np.isfinite(got)) and np.allclose(got, (a + b) * 1e37, rtol=1e-6)
+    # equal weights: the intermediate is the result / max(a, b), finite below max(a, b)·max
+    y = np.full((2, 2), 1.6e38, dtype=np.float32)
+    for reuse in (False, True):
+        got = _mix(0.5, y.copy(), 0.5, y.copy(), reuse_new=reuse)
+        assert np.all(np.isfinite(got)) and np.allclose(got, 1.6e38, rtol=1e-6)
 
 
-@pytest.mark.parametrize("decay,bias_correction", [(0.9, False), (0.2, False), (0.9, True)])
-def test_updates_never_write_to_earlier_estimates_or_batches(backend, decay, bias_correction):
+# (0.9, False): b_t < a_t from the second update; (0.9, True): b_t > a_t at t = 2, then below
+@pytest.mark.parametrize("decay,bias_correction", [(0.9, False), (0.9, True)])
+@pytest.mark.parametrize("form", ["outer", "conv", "terms"])
+def test_updates_never_write_to_earlier_estimates_or_batches(backend, form, decay, bias_correction):
     """The EMA mixes into the fresh factors of the batch estimate (kfac) or into one new array:
-    an estimate a caller kept, and every batch's statistics, hold the same numbers after later
-    updates (decays with the batch weight above and below the old one)."""
+    an estimate a caller kept, and every batch's statistics and weights, hold the same numbers
+    after later updates (decays with the batch weight above and below the old one; unequal
+    weights, so that every branch of the weighted Gram product runs)."""
+    if backend.name == "dask" and (form, bias_correction) != ("outer", False):
+        pytest.skip("Dask arrays have no in-place operators (the mix rebinds): one case suffices")
     rng = np.random.default_rng(3)
-    raw = [(rng.standard_normal((6, 3)), rng.standard_normal((6, 4))) for _ in range(4)]
+    raw = [random_inputs(form, 6, 3, 4, T=2, seed=40 + i) + (rng.uniform(0.5, 2.0, 6),)
+           for i in range(4)]
+    make = getattr(ks.KronSum, f"from_{form}")
     for name in ESTIMATORS:
         run = ks.RunningEstimate(name, decay=decay, bias_correction=bias_correction)
         kept, batches = [], []
-        for G, A in raw:
-            Gb, Ab = backend.asarray(G, "float64"), backend.asarray(A, "float64")
-            batches.append((Gb, Ab, G, A))
-            est = run.update(ks.KronSum.from_outer(Gb, Ab))
+        for arrays in raw:
+            on = [backend.asarray(a, "float64") for a in arrays]
+            # copies: a backend may share the NumPy arrays' memory (torch.asarray does)
+            batches.append((on, [a.copy() for a in arrays]))
+            est = run.update(make(*on))
             kept.append((est, [backend.to_numpy(x).copy() for x in (est.left, est.right, est.scale)]))
         for est, copies in kept:
             for x, c in zip((est.left, est.right, est.scale), copies):
                 assert np.array_equal(backend.to_numpy(x), c), name
-        for Gb, Ab, G, A in batches:
-            assert np.array_equal(backend.to_numpy(Gb), G) and np.array_equal(backend.to_numpy(Ab), A)
+        for on, copies in batches:
+            for a, c in zip(on, copies):
+                assert np.array_equal(backend.to_numpy(a), c), name

@@ -40,7 +40,7 @@ def test_non_finite(bad):
 
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
 def test_non_finite_on_every_backend(backend, dtype):
-    """The finiteness check (one sum as a screen off NumPy) catches NaN, ±inf and inf − inf,
+    """The finiteness check (on PyTorch one sum as a screen) catches NaN, ±inf and inf − inf,
     and does not mistake finite entries whose sum overflows for non-finite ones."""
     big = float(np.finfo(dtype).max) / 2
     for bad in (np.nan, np.inf, -np.inf, "both"):
@@ -75,6 +75,10 @@ def test_dtypes():
 def test_negative_weights_refused():
     with pytest.raises(ValueError, match="non-negative"):
         ks.KronSum.from_outer(np.ones((2, 2)), np.ones((2, 2)), np.array([1.0, -1.0]))
+    # a NaN beside the negative weight (the NaN check skipped) does not hide it
+    with pytest.raises(ValueError, match="non-negative"):
+        ks.KronSum.from_outer(np.ones((3, 2)), np.ones((3, 2)), np.array([1.0, np.nan, -1.0]),
+                              check_finite=False)
 
 
 def test_mixed_precision_promotes():
