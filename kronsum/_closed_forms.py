@@ -12,12 +12,18 @@ __all__ = ["kfac", "tkfac"]
 
 def _new_kron(left, right, scale, info: KronInfo, xp) -> Kron:
     """A :class:`Kron` from factors the library computed itself (already checked, one dtype):
-    skips the constructor's validation, which costs as much as a small layer's estimate."""
+    skips the constructor's validation, which costs as much as a small layer's estimate, and
+    its copies (a 0-d ``scale`` of the right dtype is shared, as the factors are)."""
     out = Kron.__new__(Kron)
     out._xp = xp
     out.left, out.right = left, right
-    out.scale = xp.astype(xp.reshape(scale, ()), left.dtype) if hasattr(scale, "shape") else \
-        xp.asarray(float(scale), dtype=left.dtype, device=device_of(left))
+    if not hasattr(scale, "shape"):
+        scale = xp.asarray(float(scale), dtype=left.dtype, device=device_of(left))
+    if scale.shape != ():
+        scale = xp.reshape(scale, ())
+    # used as given, like left and right (in place, the library writes only arrays it has
+    # just made, e.g. kfac's factors in RunningEstimate's EMA)
+    out.scale = scale if scale.dtype == left.dtype else xp.astype(scale, left.dtype)
     out.info = info
     return out
 

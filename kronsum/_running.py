@@ -75,17 +75,12 @@ def _mix(a: float, old: Array, b: float, new: Array, *, reuse_new: bool = False)
     of the dtype's largest number (float32: above 1.7e38 at worst), where the plain expression
     would still be finite.
     """
-    if reuse_new and b <= a:
-        new *= b / a
-        new += old
-        new *= a
-        return new
-    if reuse_new:
-        new += old * (a / b)
-        new *= b
-        return new
     big, r, small = (old, b / a, new) if b <= a else (new, a / b, old)
-    out = small * r
+    if reuse_new and small is new:
+        out = small
+        out *= r
+    else:
+        out = small * r
     out += big
     out *= max(a, b)
     return out

@@ -72,7 +72,8 @@ class AdapterTorchRatio:
     def track_ratio(self, case, method):
         times = {"ours": [], "ref": []}
         with blas_threads(1):
-            self.ours(), self.ref()
+            self.ours()  # warm-up
+            self.ref()
             for _ in range(7):
                 for key, fn in (("ours", self.ours), ("ref", self.ref)):
                     t0 = time.perf_counter()
