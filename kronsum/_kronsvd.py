@@ -252,9 +252,12 @@ class KronSVD:
                      When the damped leading term ``D_1 = P ⊗ Q`` is a Kronecker product of
                      positive-definite factors (``damping_method="factored"``, or ``λ = 0`` with
                      ``L_1``, ``R_1`` positive definite), whiten by it: with ``P = X_P X_Pᵀ``,
-                     the eigendecomposition ``X_P⁻¹ L_2 X_P⁻ᵀ = E diag(μ) Eᵀ`` (same on the right,
+                     the eigendecomposition ``X_P⁻¹ L_2 X_P⁻ᵀ = E diag(μ) Eᴴ`` (same on the right,
                      ``ν``) makes ``A`` diagonal, ``1 + σ_2 μ_a ν_b``, in the basis
-                     ``(X_P⁻ᵀE) ⊗ (X_Q⁻ᵀF)``: exact, O(m³ + n³) once, O(mn(m + n)) per solve.
+                     ``(X_P⁻ᵀE) ⊗ (X_Q⁻ᵀF̄)``: exact, O(m³ + n³) once, O(mn(m + n)) per solve.
+                     A symmetric second factor has a real ``E``; an antisymmetric one (the
+                     conv form's second pair can be) a complex unitary ``E`` and imaginary
+                     ``μ``. Factors that are neither have no exact route.
                      ``σ_1 L_1 ⊗ R_1 + σ_2 L_2 ⊗ R_2 + λI`` with ``λ > 0`` has three Kronecker
                      terms, which cannot in general be diagonalised together: it is not exact.
         ``"cg"``     preconditioned conjugate gradients on ``A`` (applied as ``r`` Kronecker
@@ -282,6 +285,10 @@ class KronSVD:
             ``"kronsvd-solve/cg"``), ``iterations`` (CG iterations; 0 for exact), ``converged``,
             ``residual`` (the relative residual ``max ‖b − Ax‖/‖b‖`` over the right-hand sides,
             recomputed from the answer: one more product with A) and ``notes``.
+            ``converged`` holds only when that residual passes the check: every right-hand side
+            has ``‖b − Ax‖ ≤ max(tol·‖b‖, 10(m + n)·ε·(‖A‖‖x‖ + ‖b‖))`` (the exact routes too;
+            the rank-2 route is also checked once per damping on a random right-hand side
+            before it is used).
 
         Returns
         -------
@@ -327,19 +334,15 @@ class KronSVD:
             X = inv1.solve(V)
             if not return_info:
                 return X
-            res = self._residual(X, V, lam, damping_method, inv1)
-            return X, KronInfo(method="kronsvd-solve/exact", residual=res, notes=tuple(notes))
+            return X, self._checked_info(X, V, lam, damping_method, inv1, tol, notes)
         if method in ("auto", "exact") and r == 2:
-            ok, prep = self._exact2(lam, damping_method, inv1)
+            ok, prep = self._exact2(lam, damping_method, inv1, tol)
             if ok:
-                XU, XV, E, extra = prep
-                Y = (xp.matrix_transpose(XU) @ V @ XV) / E
-                X = XU @ Y @ xp.matrix_transpose(XV)
+                apply, extra = prep
+                X = apply(V)
                 if not return_info:
                     return X
-                res = self._residual(X, V, lam, damping_method, inv1)
-                return X, KronInfo(method="kronsvd-solve/exact", residual=res,
-                                   notes=tuple(notes + list(extra)))
+                return X, self._checked_info(X, V, lam, damping_method, inv1, tol, notes + list(extra))
             if method == "exact":
                 raise ValueError(f"no exact solve for this rank-2 matrix: {prep}")
             notes.append(f"exact rank-2 solve not available ({prep}): used CG")
@@ -391,16 +394,56 @@ class KronSVD:
             out = out + self.singular_values[i] * (self.lefts[i, ...] @ V @ xp.matrix_transpose(self.rights[i, ...]))
         return out
 
-    def _residual(self, X, B, lam, damping_method, inv1) -> float:
-        """``max ‖B − A X‖ / ‖B‖`` over the right-hand sides (0 for zero ones)."""
+    def _norm_bound(self, lam, damping_method, inv1) -> float:
+        """An upper bound of ``‖A‖₂``: the damped leading term's largest eigenvalue (or
+        ``σ_1 + λ``) plus ``Σ_{i≥2} σ_i`` (unit-Frobenius factors have spectral norm ≤ 1)."""
+        xp = self._xp
+        if inv1 is not None:
+            lead = to_float(xp.max(xp.abs(inv1.eigvals())))
+        else:
+            lead = to_float(self.singular_values[0]) + lam
+        return lead + sum(abs(to_float(self.singular_values[i])) for i in range(1, self.rank))
+
+    def _residual(self, X, B, lam, damping_method, inv1, tol) -> tuple[float, bool]:
+        """``(max ‖B − A X‖ / ‖B‖, ok)`` over the right-hand sides (0 for zero ones).
+
+        ``ok``: every right-hand side has ``‖B − AX‖ ≤ max(tol·‖B‖, c·ε·(‖A‖‖X‖ + ‖B‖))``,
+        the relative residual or a normwise backward error at rounding level
+        (``c = 10·(m + n)``): what a backward-stable solve reaches however ill-conditioned A
+        is, and what a solve of the wrong matrix does not.
+        """
         xp = self._xp
         Rm = B - self._matvec_damped(X, lam, damping_method, inv1)
         rn = xp.sqrt(xp.sum(Rm * Rm, axis=(-2, -1)))
         bn = xp.sqrt(xp.sum(B * B, axis=(-2, -1)))
-        return to_float(xp.max(rn / xp.where(bn > 0, bn, xp.ones_like(bn))))
+        xn = xp.sqrt(xp.sum(X * X, axis=(-2, -1)))
+        eps = float(xp.finfo(self.dtype).eps)
+        floor = 10 * (self.m + self.n) * eps * (self._norm_bound(lam, damping_method, inv1) * xn + bn)
+        ok = bool(xp.all(rn <= xp.maximum(tol * bn, floor)))
+        return to_float(xp.max(rn / xp.where(bn > 0, bn, xp.ones_like(bn)))), ok
 
-    def _exact2(self, lam, damping_method, inv1):
-        """Whitening by the damped leading term ``P ⊗ Q``: ``(ok, (X_P, X_Q, E, notes))`` or ``(False, reason)``."""
+    def _checked_info(self, X, V, lam, damping_method, inv1, tol, notes) -> KronInfo:
+        """The exact routes' diagnostics: ``converged`` only when the answer passes
+        :meth:`_residual`'s check (one more product with A)."""
+        res, ok = self._residual(X, V, lam, damping_method, inv1, tol)
+        if not ok:
+            notes = list(notes) + [f"the exact solve failed its residual check (relative residual "
+                                   f"{res:.3g}): the result is not a solution"]
+        return KronInfo(method="kronsvd-solve/exact", residual=res, converged=ok, notes=tuple(notes))
+
+    def _exact2(self, lam, damping_method, inv1, tol):
+        r"""The exact rank-2 solve by whitening with the damped leading term ``P ⊗ Q``.
+
+        Returns ``(True, (apply, notes))`` with ``apply(V) = A⁻¹V`` or ``(False, reason)``;
+        cached per ``(λ, damping_method)``. With ``P = W_P⁻ᵀW_P⁻¹`` (same for ``Q``),
+        ``A = (W_P ⊗ W_Q)⁻ᵀ (I + σ_2 C_P ⊗ C_Q) (W_P ⊗ W_Q)⁻¹`` for ``C_P = W_PᵀL_2W_P``,
+        ``C_Q = W_QᵀR_2W_Q``. A symmetric ``C`` is ``U diag(d) Uᵀ`` (real ``eigh``); an
+        antisymmetric one (the conv form's second pair can be) is ``U diag(−iν) Uᴴ`` from the
+        Hermitian ``eigh(iC)``. Then ``C_P Y C_Qᵀ = U_P (d_P d_Qᵀ ∘ U_PᴴYŪ_Q) U_Qᵀ`` and
+        ``A⁻¹`` is diagonal, ``1 + σ_2 d_P,a d_Q,b``, in that basis. Factors that are neither
+        (user-built terms) have no such diagonalisation: ``(False, reason)``. The route is
+        checked once on a random right-hand side (:meth:`_residual`) before it is used.
+        """
         key = ("exact2", lam, damping_method)
         if key in self._cache:
             return self._cache[key]
@@ -411,36 +454,67 @@ class KronSVD:
             out = (False, "λI added to two Kronecker terms is not simultaneously diagonalisable; "
                           "exact for damping=0 or damping_method='factored'")
         else:
-            if inv1.damped_left is not None:
-                p, q = inv1.damped_left, inv1.damped_right
-            else:  # λ = 0: D_1 = s L ⊗ R itself
-                p, q = inv1.scale * inv1.eigvals_left, inv1.eigvals_right
-            eps = float(xp.finfo(self.dtype).eps)
-            pmin, pmax = to_float(xp.min(p)), to_float(xp.max(p))
-            qmin, qmax = to_float(xp.min(q)), to_float(xp.max(q))
-            tiny = 10 * max(self.m, self.n) * eps
-            if not (pmin > tiny * pmax and qmin > tiny * qmax):
-                out = (False, "the damped leading term is singular (not positive definite)")
-            else:
-                WP = inv1.eigvecs_left / xp.sqrt(p)[None, :]
-                WQ = inv1.eigvecs_right / xp.sqrt(q)[None, :]
-                CP = symmetrize(xp.matrix_transpose(WP) @ self.lefts[1, ...] @ WP, xp)
-                CQ = symmetrize(xp.matrix_transpose(WQ) @ self.rights[1, ...] @ WQ, xp)
-                mu, EP = _eigh(CP, xp)
-                nu, EQ = _eigh(CQ, xp)
-                E = 1.0 + self.singular_values[1] * (mu[:, None] * nu[None, :])
-                amin = to_float(xp.min(xp.abs(E)))
-                amax = to_float(xp.max(xp.abs(E)))
-                notes = []
-                if not amin > tiny * amax:
-                    out = (False, "the damped rank-2 matrix is singular")
-                else:
-                    if to_float(xp.min(E)) < 0:
-                        notes.append("the damped rank-2 matrix is indefinite (the truncated sum is "
-                                     "not PSD): the solve is exact but not a descent direction")
-                    out = (True, (WP @ EP, WQ @ EQ, E, tuple(notes)))
+            out = self._whitened2(inv1)
+        if out[0]:
+            probe = xp.asarray(np.random.default_rng(0).standard_normal((self.m, self.n)),
+                               dtype=self.dtype, device=device_of(self.lefts))
+            res, ok = self._residual(out[1][0](probe), probe, lam, damping_method, inv1, tol)
+            if not ok:
+                out = (False, f"the whitened rank-2 solve failed its residual check on a random "
+                              f"right-hand side (relative residual {res:.3g})")
         self._cache[key] = out
         return out
+
+    def _whitened2(self, inv1):
+        """The diagonalisation of :meth:`_exact2`: ``(True, (apply, notes))`` or ``(False, reason)``."""
+        xp = self._xp
+        if inv1.damped_left is not None:
+            p, q = inv1.damped_left, inv1.damped_right
+        else:  # λ = 0: D_1 = s L ⊗ R itself
+            p, q = inv1.scale * inv1.eigvals_left, inv1.eigvals_right
+        eps = float(xp.finfo(self.dtype).eps)
+        pmin, pmax = to_float(xp.min(p)), to_float(xp.max(p))
+        qmin, qmax = to_float(xp.min(q)), to_float(xp.max(q))
+        tiny = 10 * max(self.m, self.n) * eps
+        if not (pmin > tiny * pmax and qmin > tiny * qmax):
+            return False, "the damped leading term is singular (not positive definite)"
+        parities = (_parity(self.lefts[1, ...], xp), _parity(self.rights[1, ...], xp))
+        if None in parities:
+            return False, ("the second term's factors are neither symmetric nor antisymmetric: "
+                           "no simultaneous diagonalisation")
+        WP = inv1.eigvecs_left / xp.sqrt(p)[None, :]
+        WQ = inv1.eigvecs_right / xp.sqrt(q)[None, :]
+        complex_ = "anti" in parities
+        (dP, UP), (dQ, UQ) = (
+            _eig_parity(xp.matrix_transpose(W) @ M @ W, parity, complex_, xp)
+            for W, M, parity in ((WP, self.lefts[1, ...], parities[0]),
+                                 (WQ, self.rights[1, ...], parities[1])))
+        E = 1.0 + self.singular_values[1] * (dP[:, None] * dQ[None, :])
+        absE = xp.abs(E)
+        if not to_float(xp.min(absE)) > tiny * to_float(xp.max(absE)):
+            return False, "the damped rank-2 matrix is singular"
+        notes = []
+        if parities[0] != parities[1]:
+            notes.append("the second term is antisymmetric (one factor symmetric, one "
+                         "antisymmetric): the damped rank-2 matrix is not symmetric")
+        elif to_float(xp.min(xp.real(E) if complex_ else E)) < 0:
+            notes.append("the damped rank-2 matrix is indefinite (the truncated sum is "
+                         "not PSD): the solve is exact but not a descent direction")
+        if complex_:
+            cdt = UP.dtype
+            XU, XV = _as(WP, cdt, xp) @ UP, _as(WQ, cdt, xp) @ xp.conj(UQ)
+            XUh, XVh = xp.conj(xp.matrix_transpose(XU)), xp.conj(xp.matrix_transpose(XV))
+
+            def apply(V):
+                Y = (XUh @ _as(V, cdt, xp) @ XV) / E
+                return xp.real(XU @ Y @ XVh)
+        else:
+            XU, XV = WP @ UP, WQ @ UQ
+
+            def apply(V):
+                Y = (xp.matrix_transpose(XU) @ V @ XV) / E
+                return XU @ Y @ xp.matrix_transpose(XV)
+        return True, (apply, tuple(notes))
 
     def _cg(self, B, lam, damping_method, inv1, tol, max_iter):
         """Preconditioned CG, batched over the leading axes of ``B`` (..., m, n)."""
@@ -493,8 +567,12 @@ class KronSVD:
             beta = xp.where(nz, rz_new / xp.where(nz, rz, xp.ones_like(rz)), xp.zeros_like(rz))
             P = materialize(Z + beta * P)
             rz = rz_new
-        true_res = self._residual(X, B, lam, damping_method, inv1)
-        if not conv:
+        true_res, ok = self._residual(X, B, lam, damping_method, inv1, tol)
+        if conv and not ok:  # the recurrence's residual drifted from the true one
+            conv = False
+            notes.append(f"CG's recurrence residual met tol but the recomputed one did not "
+                         f"(relative residual {true_res:.3g})")
+        elif not conv:
             notes.append(f"CG not converged: relative residual {true_res:.3g} > tol {tol:.3g} "
                          f"after {its} iterations")
         return X, its, conv, true_res, notes
@@ -505,6 +583,31 @@ def _eigh(M: Array, xp: Any):
         w, U = np.linalg.eigh(np.asarray(M.compute()))
         return xp.asarray(w), xp.asarray(U)
     return xp.linalg.eigh(M)
+
+
+def _as(x: Array, dtype: Any, xp: Any) -> Array:
+    return x if x.dtype == dtype else xp.astype(x, dtype)
+
+
+def _parity(M: Array, xp: Any) -> str | None:
+    """``"sym"`` or ``"anti"`` when ``M`` is symmetric or antisymmetric up to ``√ε·‖M‖``
+    (rounding in the factors; what is dropped is caught by the solve's residual check),
+    ``None`` otherwise."""
+    nS, nN = to_float(fro_norm(symmetrize(M, xp), xp)), to_float(fro_norm(_antisymmetrize(M, xp), xp))
+    tau = math.sqrt(float(xp.finfo(M.dtype).eps)) * (nS + nN)
+    return "sym" if nN <= tau else "anti" if nS <= tau else None
+
+
+def _eig_parity(C: Array, parity: str, complex_: bool, xp: Any):
+    """``(d, U)`` with ``C = U diag(d) Uᴴ``, ``U`` unitary: ``eigh`` of the symmetric part, or
+    ``d = −iν`` from the Hermitian ``eigh(iC)`` of the antisymmetric part; complex when
+    ``complex_``."""
+    cdt = xp.complex64 if C.dtype == xp.float32 else xp.complex128
+    if parity == "sym":
+        d, U = _eigh(symmetrize(C, xp), xp)
+        return (_as(d, cdt, xp), _as(U, cdt, xp)) if complex_ else (d, U)
+    nu, U = _eigh(_as(_antisymmetrize(C, xp), cdt, xp) * 1j, xp)
+    return _as(nu, cdt, xp) * (-1j), U
 
 
 # -- the solver ------------------------------------------------------------------------------

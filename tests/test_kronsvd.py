@@ -8,6 +8,7 @@ materialised terms (``conftest.dense_F``), ``np.kron`` for the approximations an
 import numpy as np
 import pytest
 from hypothesis import assume, given
+from hypothesis import strategies as st
 
 import kronsum as ks
 from conftest import assert_same_backend, dense_F, random_inputs, sums, svd_optimum
@@ -327,3 +328,173 @@ def test_backends(backend, form):
     X = B.solve(V, lam)
     dense = np.linalg.solve(ref.to_dense() + lam * np.eye(6), V_np.reshape(-1)).reshape(2, 3)
     np.testing.assert_allclose(backend.to_numpy(X), dense, rtol=1e-7, atol=1e-10)
+
+
+# -- damped solves: every route against a dense solve ------------------------------------------
+
+
+def _dense_damped(B, lam, damping_method, lead_only=False):
+    """The damped matrix ``A`` of ``KronSVD.solve`` built from the stored factors with ``np.kron``
+    (its damped leading term alone with ``lead_only``)."""
+    s = np.asarray(B.singular_values, dtype=float)
+    m, n = B.m, B.n
+    if damping_method == "exact":
+        lead = s[0] * np.kron(B.lefts[0], B.rights[0]) + lam * np.eye(m * n)
+    else:  # K-FAC's factored Tikhonov with π on the leading term
+        pi = np.sqrt((s[0] * np.trace(B.lefts[0]) / m) / (np.trace(B.rights[0]) / n)) if lam > 0 else 1.0
+        lead = np.kron(s[0] * B.lefts[0] + pi * np.sqrt(lam) * np.eye(m),
+                       B.rights[0] + np.sqrt(lam) / pi * np.eye(n))
+    if lead_only:
+        return lead
+    return lead + sum(s[i] * np.kron(B.lefts[i], B.rights[i]) for i in range(1, B.rank))
+
+
+def _backward_error(A, X, V):
+    """Normwise backward error ``‖v − Ax‖ / (‖A‖‖x‖ + ‖v‖)``, the largest over right-hand sides."""
+    x, v = X.reshape(-1, A.shape[0]), V.reshape(-1, A.shape[0])
+    nA = np.linalg.norm(A, 2)
+    return max(np.linalg.norm(vj - A @ xj) / (nA * np.linalg.norm(xj) + np.linalg.norm(vj))
+               for xj, vj in zip(x, v))
+
+
+def _check_solve(B, V, lam, damping_method, **kw):
+    """Solve; a ``converged`` answer must solve the dense system, an unconverged one say why."""
+    X, info = B.solve(V, lam, damping_method=damping_method, return_info=True, **kw)
+    assert X.shape == V.shape
+    A = _dense_damped(B, lam, damping_method)
+    res = max(np.linalg.norm(vj - A @ xj) / max(np.linalg.norm(vj), 1e-300)
+              for xj, vj in zip(X.reshape(-1, A.shape[0]), V.reshape(-1, A.shape[0])))
+    # the reported residual is the true one (up to the rounding of A·X, large when CG diverged)
+    scale = max(np.linalg.norm(A, 2) * np.linalg.norm(xj) / max(np.linalg.norm(vj), 1e-300)
+                for xj, vj in zip(X.reshape(-1, A.shape[0]), V.reshape(-1, A.shape[0])))
+    assert np.isclose(info.residual, res, rtol=1e-6, atol=1e-10 * max(scale, 1.0)), (info, res)
+    if info.converged:
+        assert _backward_error(A, X, V) < 1e-10, (info, _backward_error(A, X, V))
+    else:
+        assert info.notes, info
+    return X, info
+
+
+def _pd_lead(B, lam, damping_method) -> bool:
+    """Whether the damped leading term is symmetric positive definite (well away from singular)."""
+    L1, R1 = B.lefts[0], B.rights[0]
+    if not (np.allclose(L1, L1.T) and np.allclose(R1, R1.T)):
+        return False
+    if damping_method == "factored" and lam > 0 and (np.linalg.eigvalsh(L1).min() < -1e-12
+                                                      or np.linalg.eigvalsh(R1).min() < -1e-12):
+        return False
+    e = np.linalg.eigvalsh(_dense_damped(B, lam, damping_method, lead_only=True))
+    return e.min() > 1e-10 * e.max()
+
+
+@given(sums(), st.integers(1, 4), st.sampled_from([0.0, 1e-3, 1.0]), st.sampled_from(["exact", "factored"]),
+       st.integers(-6, 6))
+def test_solve_matches_dense_solve(case, rank, rel_damping, damping_method, exponent):
+    form, arrays, w = case
+    arrays = tuple(a * 10.0 ** exponent for a in arrays)
+    F = _make(form, arrays, w)
+    rank = min(rank, F.m * F.m, F.n * F.n)
+    B = ks.kronecker_svd(F, rank=rank)
+    lam = rel_damping * float(B.singular_values[0])
+    V = np.random.default_rng(rank).standard_normal((2, F.m, F.n))
+    try:
+        _check_solve(B, V, lam, damping_method)
+    except ValueError:  # a clear refusal only where the damped leading term cannot be inverted
+        assert (damping_method == "factored" or rank == 1) and not _pd_lead(B, lam, damping_method)
+
+
+def _unit(M):
+    return M / np.linalg.norm(M)
+
+
+@st.composite
+def rank2_with_parity(draw):
+    """A ``KronSVD`` of rank 2: a positive-definite leading pair and a second pair whose factors
+    are each symmetric or antisymmetric (the conv form's second pair can be antisymmetric)."""
+    m, n = draw(st.integers(2, 5)), draw(st.integers(2, 5))
+    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
+    parities = draw(st.sampled_from([("anti", "anti"), ("sym", "sym"), ("sym", "anti"), ("anti", "sym")]))
+
+    def spd(d):
+        X = rng.standard_normal((d, 2 * d))
+        return _unit(X @ X.T)
+
+    def second(d, parity):
+        X = rng.standard_normal((d, d))
+        return _unit(X - X.T if parity == "anti" else X + X.T)
+
+    s1 = 1.0
+    s2 = draw(st.floats(1e-3, 2.0))
+    return ks.KronSVD(np.array([s1, s2]), np.stack([spd(m), second(m, parities[0])]),
+                      np.stack([spd(n), second(n, parities[1])])), parities
+
+
+@given(rank2_with_parity(), st.sampled_from([0.0, 1e-2, 1.0]))
+def test_rank2_exact_solve_with_antisymmetric_second_pair(case, lam):
+    B, parities = case
+    V = np.random.default_rng(0).standard_normal((3, B.m, B.n))
+    for damping_method in ("exact", "factored") if lam == 0 else ("factored",):
+        A = _dense_damped(B, lam, damping_method)
+        s = np.linalg.svd(A, compute_uv=False)
+        assume(s[-1] > 1e-8 * s[0])  # a non-singular system
+        X, info = _check_solve(B, V, lam, damping_method)
+        assert info.method == "kronsvd-solve/exact" and info.converged, info
+        ref = np.linalg.solve(A, V.reshape(3, -1).T).T.reshape(V.shape)
+        np.testing.assert_allclose(X, ref, atol=1e-6 * np.abs(ref).max() * s[0] / s[-1] * 1e-6)
+
+
+def test_rank2_solve_conv_antisymmetric_pair_regression():
+    rng = np.random.default_rng(5)
+    F = ks.KronSum.from_conv(rng.standard_normal((4, 2, 2)), rng.standard_normal((4, 2, 3)))
+    B = ks.kronecker_svd(F, rank=2)
+    assert np.allclose(B.lefts[1], -B.lefts[1].T)  # the second pair is antisymmetric
+    V = np.ones((2, 3))
+    for lam, damping_method in ((0.0, "exact"), (0.0, "factored"), (1.0, "factored"), (1.0, "exact")):
+        X, info = _check_solve(B, V, lam, damping_method)
+        assert info.converged
+        ref = np.linalg.solve(_dense_damped(B, lam, damping_method), V.reshape(-1)).reshape(V.shape)
+        np.testing.assert_allclose(X, ref, rtol=1e-9, atol=1e-12 * np.abs(ref).max())
+    X = B.solve(V, 0.0, method="exact")  # the documented exact route, without diagnostics
+    np.testing.assert_allclose(X.reshape(-1), np.linalg.solve(B.to_dense(), V.reshape(-1)), rtol=1e-9)
+
+
+def test_rank2_general_second_pair_is_not_diagonalised():
+    rng = np.random.default_rng(3)
+    X1 = rng.standard_normal((3, 6))
+    L1 = _unit(X1 @ X1.T)
+    B = ks.KronSVD(np.array([1.0, 0.3]), np.stack([L1, _unit(rng.standard_normal((3, 3)))]),
+                   np.stack([L1, _unit(rng.standard_normal((3, 3)))]))
+    V = rng.standard_normal((3, 3))
+    with pytest.raises(ValueError, match="neither symmetric nor antisymmetric"):
+        B.solve(V, 0.0, method="exact")
+    X, info = _check_solve(B, V, 0.0, "exact")  # auto: CG, and the diagnostics say so
+    assert info.method == "kronsvd-solve/cg"
+    assert any("neither symmetric nor antisymmetric" in note for note in info.notes)
+
+
+def test_exact_route_reports_a_wrong_answer(monkeypatch):
+    # a solve route that returns a wrong answer must not be reported as converged
+    B = ks.kronecker_svd(_psd_case(), rank=1)
+    V = np.random.default_rng(0).standard_normal((3, 4))
+    inv = B.term(0).inverse(0.5)
+    monkeypatch.setattr(type(inv), "solve", lambda self, V: V)  # a wrong answer: A⁻¹V replaced by V
+    X, info = B.solve(V, 0.5, return_info=True)
+    assert not info.converged and any("residual check" in note for note in info.notes)
+
+
+def test_rank2_exact_solve_antisymmetric_pair_on_every_backend(backend):
+    # the complex diagonalisation of the antisymmetric pair, on each array library
+    rng = np.random.default_rng(5)
+    arrays = (rng.standard_normal((4, 2, 2)), rng.standard_normal((4, 2, 3)))
+    ref = ks.kronecker_svd(ks.KronSum.from_conv(*arrays), rank=2)
+    B = ks.KronSVD(*(backend.asarray(np.asarray(a), "float64")
+                     for a in (ref.singular_values, ref.lefts, ref.rights)))
+    V_np = rng.standard_normal((2, 2, 3))
+    for lam, damping_method in ((0.0, "exact"), (0.5, "factored")):
+        X, info = B.solve(backend.asarray(V_np, "float64"), lam, damping_method=damping_method,
+                          return_info=True)
+        assert_same_backend(X, B.lefts, B.lefts.dtype)
+        assert info.method == "kronsvd-solve/exact" and info.converged, info
+        A = _dense_damped(ref, lam, damping_method)
+        dense = np.linalg.solve(A, V_np.reshape(2, -1).T).T.reshape(V_np.shape)
+        np.testing.assert_allclose(backend.to_numpy(X), dense, rtol=1e-9, atol=1e-12)
