@@ -7,8 +7,11 @@ array-api-strict arrays all take the same code path and get arrays of their own 
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Iterator
 
 import array_api_compat
 from array_api_compat import is_array_api_obj
@@ -78,20 +81,23 @@ def host_floats(values: list) -> list[float]:
     """Python floats from a list of 0-d arrays (or floats) in one device-to-host transfer.
 
     On an accelerator the scalars are stacked on the device and copied once, so reading ``k``
-    iteration scalars costs one synchronisation instead of ``k``; elsewhere each is read with
-    :func:`to_float` (Dask: each a small computation over materialised inputs).
+    iteration scalars costs one synchronisation instead of ``k``; elsewhere each is converted in
+    turn (Dask: each a small computation over materialised inputs). Counted as one host read.
     """
-    pending = [v for v in values if not isinstance(v, (int, float))]
+    pending = [v for v in values if type(v) not in (int, float)]
     if len(pending) > 1 and on_accelerator(pending[0]):
         xp = array_api_compat.array_namespace(*pending)
         got = iter(host_vector(xp.stack([xp.reshape(v, ()) for v in pending])))
-        return [float(v) if isinstance(v, (int, float)) else float(next(got)) for v in values]
-    return [float(v) if isinstance(v, (int, float)) else to_float(v) for v in values]
+        return [float(v) if type(v) in (int, float) else float(next(got)) for v in values]
+    if pending:
+        count("host_reads")
+    return [float(v) for v in values]
 
 
 def host_vector(v: Array) -> list[float]:
     """The entries of a 1-d array as Python floats, in one device-to-host transfer (CuPy
     ``get``, torch ``tolist``, JAX/NumPy through ``np.asarray``; Dask: one ``compute``)."""
+    count("host_reads")
     if array_api_compat.is_cupy_array(v):
         return [float(t) for t in v.get().tolist()]
     if array_api_compat.is_torch_array(v):
@@ -186,8 +192,62 @@ def all_finite(xp: Any, x: Array) -> bool:
 
 
 def to_float(x: Array) -> float:
-    """A Python float from a 0-d array (this synchronises lazy and device arrays)."""
+    """A Python float from a 0-d array (this synchronises lazy and device arrays; counted as
+    one host read by :func:`counting`)."""
+    if type(x) not in (int, float):  # a NumPy scalar stands for a 0-d array read: counted
+        count("host_reads")
     return float(x)
+
+
+@dataclass
+class Counts:
+    """What a solve did, for :class:`kronsum.KronInfo`: ``host_reads`` (times it waited for an
+    array's values: each :func:`to_float`, :func:`host_vector` or batched :func:`host_floats`
+    of arrays counts once) and ``contractions`` (calls of ``KronSum.contract_left/right``)."""
+
+    host_reads: int = 0
+    contractions: int = 0
+
+
+_COUNTS: contextvars.ContextVar[Counts | None] = contextvars.ContextVar("kronsum_counts", default=None)
+
+
+@contextlib.contextmanager
+def counting() -> Iterator[Counts]:
+    """Count host reads and contractions inside the block (nested blocks add to the outer one)."""
+    outer, counts = _COUNTS.get(), Counts()
+    token = _COUNTS.set(counts)
+    try:
+        yield counts
+    finally:
+        _COUNTS.reset(token)
+        if outer is not None:
+            outer.host_reads += counts.host_reads
+            outer.contractions += counts.contractions
+
+
+def counted(fn):
+    """Decorate a solver returning an object with ``info`` (a :class:`kronsum.KronInfo`): its
+    ``host_reads`` and ``contractions`` are what the call did (nested solves included)."""
+    import dataclasses
+    import functools
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        with counting() as counts:
+            out = fn(*args, **kwargs)
+        out.info = dataclasses.replace(out.info, host_reads=counts.host_reads,
+                                       contractions=counts.contractions)
+        return out
+
+    return wrapper
+
+
+def count(what: str) -> None:
+    """Add one to the counter ``what`` of the innermost :func:`counting` block, if any."""
+    counts = _COUNTS.get()
+    if counts is not None:
+        setattr(counts, what, getattr(counts, what) + 1)
 
 
 def trace(x: Array, xp: Any) -> Array:

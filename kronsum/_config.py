@@ -17,7 +17,7 @@ _local = threading.local()
 def _defaults() -> dict:
     off = os.environ.get(_ENV_DISABLE_NUMBA, "").strip().lower() in ("1", "true", "yes", "on")
     return {"use_numba": not off, "check_every": None, "torch_cpu_via_numpy": True,
-            "cuda_graphs": False}
+            "cuda_graphs": False, "gram_squaring": None}
 
 
 def get_config() -> dict:
@@ -57,11 +57,19 @@ def get_config() -> dict:
         on every call. CuPy has no such route (it refuses cuBLAS calls during capture). See
         docs/benchmarks.md.
 
+    ``gram_squaring``
+        Whether :func:`kfoc`'s ``"gram"`` solver (without numba) computes ``B^(2^s) α₀`` by
+        repeated squaring of the K×K operator instead of running Lanczos
+        (``info.method == "kfoc/gram-squaring"``). ``None`` (default): on accelerators when
+        its K×K products cost at most two fifths of the final factors (``10K² ≤ m² + n²``),
+        where Lanczos's many small kernels are slow; ``True``: whenever the Gram solver
+        runs on the array-API path (for checking that route on the CPU); ``False``: never.
+
     Examples
     --------
     >>> import kronsum as ks
     >>> sorted(ks.get_config())
-    ['check_every', 'cuda_graphs', 'torch_cpu_via_numpy', 'use_numba']
+    ['check_every', 'cuda_graphs', 'gram_squaring', 'torch_cpu_via_numpy', 'use_numba']
     """
     if not hasattr(_local, "options"):
         _local.options = _defaults()
@@ -91,6 +99,9 @@ def set_config(**options) -> None:
             if value is not None and not (isinstance(value, int) and not isinstance(value, bool)
                                           and value >= 1):
                 raise ValueError(f"option check_every must be None or a positive integer, got {value!r}")
+        elif key == "gram_squaring":
+            if value is not None and not isinstance(value, bool):
+                raise TypeError(f"option gram_squaring must be None or a bool, got {type(value).__name__}")
         elif not isinstance(value, bool):
             raise TypeError(f"option {key} must be a bool, got {type(value).__name__}")
     current.update(options)

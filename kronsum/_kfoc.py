@@ -33,7 +33,7 @@ import numpy as np
 
 from ._accel import cuda_graph, numba_enabled, numba_kernels, via_numpy_on_cpu
 from ._closed_forms import _new_kron, _require_sum, kfac
-from ._compat import (Array, all_finite, device_of, eye_like, fro_norm, host_floats, host_vector, is_dask_namespace,
+from ._compat import (Array, all_finite, counted, device_of, eye_like, fro_norm, host_floats, host_vector, is_dask_namespace,
                       is_numpy_namespace, materialize, on_accelerator, symmetrize, to_float, trace)
 from ._config import get_config
 from ._kron import Kron, KronInfo
@@ -97,6 +97,7 @@ def choose_method(F: KronSum, method: str = "auto") -> str:
     return "gram" if (K <= 8192 and build <= 30 * K * (m * m + n * n)) else "lanczos"
 
 
+@counted
 @via_numpy_on_cpu
 def kfoc(
     F: KronSum,
@@ -356,8 +357,12 @@ def _gram_solve(Fn: KronSum, init, seed, tol, max_iter):
 
 
 def _use_squaring(Fn: KronSum) -> bool:
-    """The squaring route: arrays on an accelerator and its 4 K×K products (8K³ flops) at
-    most two fifths of the final weighted Gram products' 2K(m² + n²) (``10K² ≤ m² + n²``)."""
+    """The squaring route (option ``gram_squaring``; by default: arrays on an accelerator and
+    its 4 K×K products (8K³ flops) at most two fifths of the final weighted Gram products'
+    2K(m² + n²), ``10K² ≤ m² + n²``)."""
+    forced = get_config()["gram_squaring"]
+    if forced is not None:
+        return forced
     K = Fn.num_terms
     return on_accelerator(Fn.weights) and 10 * K * K <= Fn.m * Fn.m + Fn.n * Fn.n
 

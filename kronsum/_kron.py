@@ -33,6 +33,14 @@ class KronInfo:
         Final relative eigen-residual ``‖A Aᵀ u − θ u‖ / θ`` of the iterative solvers.
     notes : tuple of str
         Degenerate cases met on the way (zero sum, ``σ1 = σ2``, clipped values ...).
+    host_reads : int or None
+        How many times the solver waited for values of an array (a batched read of several
+        scalars counts once): on an accelerator each is a device synchronisation. Set by
+        :func:`kfoc` and :func:`kronecker_svd`; ``None`` elsewhere.
+    contractions : int or None
+        How many half-steps ``KronSum.contract_left`` / ``contract_right`` the solver ran
+        (an operator application is two; the finish and the start add theirs). Set by
+        :func:`kfoc` and :func:`kronecker_svd`; ``None`` elsewhere.
 
     Examples
     --------
@@ -53,6 +61,8 @@ class KronInfo:
     sigma2: float | None = None
     residual: float | None = None
     notes: tuple[str, ...] = field(default_factory=tuple)
+    host_reads: int | None = None
+    contractions: int | None = None
 
     @property
     def degenerate(self) -> bool:

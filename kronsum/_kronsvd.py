@@ -44,7 +44,7 @@ from typing import Any
 import numpy as np
 
 from ._closed_forms import _require_sum
-from ._compat import (Array, device_of, fro_norm, host_floats, is_array, is_dask_namespace, materialize, namespace,
+from ._compat import (Array, counted, device_of, fro_norm, host_floats, is_array, is_dask_namespace, materialize, namespace,
                       symmetrize, to_float, trace)
 from ._kfoc import _KRYLOV_DIM, _Space, _default_tol, _initial, _operator_space, choose_method
 from ._kron import Kron, KronInfo
@@ -613,6 +613,7 @@ def _eig_parity(C: Array, parity: str, complex_: bool, xp: Any):
 # -- the solver ------------------------------------------------------------------------------
 
 
+@counted
 def kronecker_svd(F: KronSum, rank: int = 1, *, method: str = "auto", tol: float | None = None,
                   max_iter: int | None = None, seed: int | None = None) -> KronSVD:
     r"""The best Kronecker-rank-r approximation ``Σ_{i≤r} σ_i L_i ⊗ R_i`` of F (Van Loan & Pitsianis).

@@ -21,7 +21,7 @@ import math
 from typing import Any
 
 from ._accel import weighted_gram
-from ._compat import Array, device_of, host_floats, is_dask_namespace, materialize, namespace, trace
+from ._compat import Array, count, device_of, host_floats, is_dask_namespace, materialize, namespace, trace
 from ._validation import (DEFAULT_MAX_ELEMENTS, check_array, check_dense_size, check_finite_values,
                           check_weights)
 
@@ -279,8 +279,12 @@ class KronSum:
         """
         if X is not None:
             self._check_square(X, "X", self.m)
+        count("contractions")
+        return self._contract_left(X)
+
+    def _contract_left(self, X: Array | None) -> Array:
         if self.form == "sum":
-            return _sum_over(P.contract_left(X) for P in self.parts)
+            return _sum_over(P._contract_left(X) for P in self.parts)
         if self.form == "conv":
             return self._conv_contract(X, self.G, self.A)
         c = self._traces("left") if X is None else self._inner("left", X)
@@ -293,8 +297,12 @@ class KronSum:
         """
         if Y is not None:
             self._check_square(Y, "Y", self.n)
+        count("contractions")
+        return self._contract_right(Y)
+
+    def _contract_right(self, Y: Array | None) -> Array:
         if self.form == "sum":
-            return _sum_over(P.contract_right(Y) for P in self.parts)
+            return _sum_over(P._contract_right(Y) for P in self.parts)
         if self.form == "conv":
             return self._conv_contract(Y, self.A, self.G)
         c = self._traces("right") if Y is None else self._inner("right", Y)

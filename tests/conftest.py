@@ -234,11 +234,14 @@ def svd_optimum(F_dense: np.ndarray, m: int, n: int) -> tuple[float, np.ndarray]
 
 
 def assert_same_backend(x, like, dtype=None):
-    """The result lives in the same namespace as ``like`` and has the expected dtype."""
+    """The result lives in the same namespace and on the same device as ``like`` and has the
+    expected dtype (the caller's array type comes back)."""
     import array_api_compat
 
-    assert array_api_compat.array_namespace(x) is array_api_compat.array_namespace(like) or \
-        type(array_api_compat.array_namespace(x)) is type(array_api_compat.array_namespace(like))
+    got, want = array_api_compat.array_namespace(x), array_api_compat.array_namespace(like)
+    assert got is want, f"result namespace {got.__name__} is not the input's {want.__name__}"
+    dx, dl = array_api_compat.device(x), array_api_compat.device(like)
+    assert dx == dl, f"result on device {dx!r}, input on {dl!r}"
     if dtype is not None:
         assert x.dtype == dtype, (x.dtype, dtype)
 

@@ -69,3 +69,18 @@ def test_reference_and_kron_methods_on_backend(backend, form):
     dense = backend.to_numpy(K.to_dense())
     assert np.allclose(backend.to_numpy(out).reshape(2, -1), backend.to_numpy(V).reshape(2, -1) @ dense.T)
     assert np.isclose(float(backend.to_numpy(K.trace())), np.trace(dense))
+
+
+def test_assert_same_backend_can_fail():
+    """The helper every backend test relies on rejects another library, device or dtype."""
+    torch = pytest.importorskip("torch")
+    x = np.ones(3)
+    assert_same_backend(x, np.zeros(2), np.float64)
+    with pytest.raises(AssertionError, match="namespace"):
+        assert_same_backend(torch.ones(3, dtype=torch.float64), x)
+    with pytest.raises(AssertionError, match="namespace"):
+        assert_same_backend(x, torch.ones(3))
+    with pytest.raises(AssertionError):
+        assert_same_backend(x, np.zeros(2), np.float32)
+    with pytest.raises(AssertionError, match="device"):
+        assert_same_backend(torch.ones(3), torch.ones(3, device="meta"))

@@ -6,6 +6,8 @@ import pytest
 import kronsum as ks
 from conftest import random_inputs
 
+pytestmark = pytest.mark.slow  # subprocesses, a cluster or a site build: `-m "not slow"` skips them
+
 da = pytest.importorskip("dask.array", reason="dask is not installed")
 distributed = pytest.importorskip("distributed", reason="distributed is not installed")
 

@@ -7,6 +7,8 @@ import sys
 
 import pytest
 
+pytestmark = pytest.mark.slow  # subprocesses, a cluster or a site build: `-m "not slow"` skips them
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 

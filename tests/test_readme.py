@@ -4,6 +4,10 @@ import pathlib
 import subprocess
 import sys
 
+import pytest
+
+pytestmark = pytest.mark.slow  # runs the README's code in a subprocess: `-m "not slow"` skips it
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 

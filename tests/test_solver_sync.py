@@ -57,29 +57,20 @@ def test_batched_reads_return_the_same_step(method, every):
 
 
 @pytest.mark.parametrize("method", ["lanczos", "power"])
-def test_batched_reads_synchronise_less(method, monkeypatch):
-    """Count the host reads: one per ``check_every`` steps (plus a few per restart)."""
+def test_batched_reads_synchronise_less(method):
+    """Count the host reads (``info.host_reads``): one per ``check_every`` steps (plus a few
+    per restart)."""
     G, A = random_inputs("conv", 40, 6, 8, T=4, seed=1, kind="gaussian")
     F = ks.KronSum.from_conv(G, A)
-    counts = {}
-
-    def counting(name, fn):
-        def wrapped(*args):
-            counts[name] = counts.get(name, 0) + 1
-            return fn(*args)
-        return wrapped
-
-    monkeypatch.setattr(kfoc_mod, "to_float", counting("to_float", kfoc_mod.to_float))
-    monkeypatch.setattr(kfoc_mod, "host_floats", counting("host_floats", kfoc_mod.host_floats))
     reads = {}
     for every in (1, 5):
-        counts.clear()
         est = _solve(F, method, every, tol=1e-13, max_iter=200)
-        reads[every] = (sum(counts.values()), est.info.iterations)
+        reads[every] = (est.info.host_reads, est.info.iterations)
     (r1, it1), (r5, it5) = reads[1], reads[5]
-    assert r1 >= 2 * it1  # unbatched: at least two scalar reads per application
+    assert r1 >= it1  # unbatched: at least one read per application
     cycles = math.ceil(it5 / kfoc_mod._KRYLOV_DIM)
-    assert r5 <= it5 / 5 + 4 * cycles + 8, (reads, counts)
+    assert r5 <= it5 / 5 + 4 * cycles + 8, reads
+    assert r5 < r1 / 2, reads
 
 
 def test_check_every_option_is_validated():
