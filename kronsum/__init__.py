@@ -14,7 +14,7 @@ from ._accel import clear_cuda_graphs
 from ._closed_forms import kfac, tkfac
 from ._config import config, get_config, set_config
 from ._error import AccuracyWarning, frobenius_error
-from ._kfoc import choose_method, kfoc
+from ._kfoc import MethodChoice, choose_method, kfoc
 from ._kronsvd import KronSVD, kronecker_svd
 from ._inverse import DecompositionError, KronInverse, tkfac_damped_inverses
 from ._kron import Kron, KronInfo
@@ -34,6 +34,7 @@ __all__ = [
     "KronSum",
     "RunningEstimate",
     "choose_method",
+    "MethodChoice",
     "clear_cuda_graphs",
     "config",
     "get_config",

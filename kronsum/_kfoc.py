@@ -27,6 +27,7 @@ change of σ would stop far too early, since σ's error is the square of the ang
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -51,16 +52,89 @@ def _default_tol(xp: Any, dtype: Any) -> float:
     return 1e-10 if xp.finfo(dtype).eps < 1e-12 else 1e-5
 
 
-def choose_method(F: KronSum, method: str = "auto") -> str:
+@dataclass(frozen=True)
+class MethodChoice:
+    """What :func:`choose_method` decided and why.
+
+    Attributes
+    ----------
+    method : str
+        ``"gram"``, ``"lanczos"`` or ``"power"``.
+    reason : str
+        Why, in words.
+    costs : dict
+        The cost model's estimates in seconds (one BLAS thread on the machine the constants
+        were measured on; only their ratio matters) per candidate solver, empty when the
+        choice was not a comparison of costs.
+    """
+
+    method: str
+    reason: str
+    costs: dict = field(default_factory=dict)
+
+
+# The cost model's constants, measured with one BLAS thread on a 2-core x86-64 VM (NumPy
+# 2.4, OpenBLAS, numba; see docs/kfoc.md): seconds per multiply-add in a Gram product or a
+# weighted Gram product (GEMM/syrk), per multiply-add in a contraction's thinner products,
+# per entry of a K×K matrix for what is memory-bound there (the Hadamard squares and
+# scaling, once, and two K×K matrix-vector products per Lanczos step), and per call.
+_SEC_PER_GEMM_MAC = 1.0e-10
+_SEC_PER_CONTRACTION_MAC = 1.5e-10
+_SEC_PER_GRAM_ENTRY = 8e-9
+_SEC_PER_GRAM_ENTRY_STEP = 1.6e-9
+_SEC_PER_CALL = 5e-5  # Python and dispatch per contraction, or per call of the Gram solver
+_SEC_PER_GRAM_STEP_CALL = 2e-5  # per Lanczos step on K-vectors outside the numba kernel
+_EXPECTED_APPLICATIONS = 10  # the median over the benchmark's data families is 6-9
+
+
+def _costs(F: KronSum) -> dict:
+    """Modelled seconds of the Gram and the Lanczos solver on ``F`` (outer/terms parts)."""
+    K, m, n = F.num_terms, F.m, F.n
+    parts = [(P.num_terms, P.form) for P in (F.parts if F.form == "sum" else (F,))]
+    # the two Gram matrices: outer × outer blocks from the statistics, the others from the terms
+    build = sum(Ki * Kj * ((m + n) if fi == fj == "outer" else (m * m + n * n))
+                for Ki, fi in parts for Kj, fj in parts) / 2
+    its = _EXPECTED_APPLICATIONS
+    finish = K * (m * m + n * n)  # the two weighted Gram products of the factors
+    gram = ((build + finish) * _SEC_PER_GEMM_MAC
+            + K * K * (_SEC_PER_GRAM_ENTRY + its * _SEC_PER_GRAM_ENTRY_STEP))
+    # a contraction: K quadratic forms on one side, one weighted Gram product on the other
+    contraction = K * (m * m + n * n) * 0.75
+    lanczos = (2 * its + 2) * contraction * _SEC_PER_CONTRACTION_MAC
+    if F.dtype == F.xp.float32:  # float32 halves the products; the numba Gram route is float64
+        lanczos /= 2
+        gram -= (build + finish) * _SEC_PER_GEMM_MAC / 2
+    gram += _SEC_PER_CALL + (0 if numba_enabled(F.xp, F.weights) else its * _SEC_PER_GRAM_STEP_CALL)
+    lanczos += (2 * its + 2) * _SEC_PER_CALL
+    return {"gram": gram, "lanczos": lanczos}
+
+
+def choose_method(F: KronSum, method: str = "auto", *, explain: bool = False) -> str | MethodChoice:
     """The solver :func:`kfoc` uses for ``F`` with ``method``; the rule of ``method="auto"``.
 
-    ``"gram"`` for the outer and terms forms, and sums whose parts all have those forms
-    (e.g. K-FOC_running's previous estimate plus a batch), when building the two K×K Gram
-    matrices, O(K²(m + n)) for outer and O(K²(m² + n²)) for terms (a sum: its blocks, the
-    mixed ones O(K_t K_o (m² + n²))), costs less than about 30 operator applications of
-    O(K(m² + n²)) each (outer: ``K(m + n) ≤ 30(m² + n²)``; terms: ``K ≤ 30``) and K ≤ 8192
-    (the Gram matrices take 2K² numbers); ``"lanczos"`` otherwise, for the conv form (alone
-    or in a sum), and for Dask arrays (chunked along K, where a K×K matrix does not pay).
+    ``"gram"`` for the outer and terms forms and sums whose parts all have those forms (e.g.
+    K-FOC_running's previous estimate plus a batch) when a cost model says it is cheaper than
+    ``"lanczos"``, and K ≤ 8192 (the Gram matrices take 2K² numbers); ``"lanczos"`` otherwise,
+    for the conv form (alone or in a sum) and for Dask arrays (chunked along K, where a K×K
+    matrix does not pay). A conv part of one position (T = 1) is an outer part here.
+
+    The cost model, with constants measured on a CPU (docs/kfoc.md) and about 10 operator
+    applications expected: the Gram solver costs its two Gram products (``K²(m + n)/2``
+    multiply-adds for outer, ``K²(m² + n²)/2`` for terms), the factors' two weighted Gram
+    products (``K(m² + n²)``), and a memory-bound pass per K×K entry, once and per Lanczos
+    step; Lanczos costs two contractions per application, each about ``0.75·K(m² + n²)``
+    multiply-adds in thinner products. Float32 inputs halve the products. The Gram
+    solver wins when K is not much larger than m and n; the K² passes make it lose for
+    K ≫ m + n (e.g. K = 2560 samples of a 10 × 129 layer).
+
+    Parameters
+    ----------
+    F : KronSum
+    method : {"auto", "gram", "lanczos", "power"}
+        A named method is checked (``"gram"`` needs the outer/terms forms and no Dask) and
+        returned as it is.
+    explain : bool
+        Return a :class:`MethodChoice` (method, reason, modelled costs) instead of the name.
 
     Examples
     --------
@@ -74,9 +148,21 @@ def choose_method(F: KronSum, method: str = "auto") -> str:
     >>> prev = ks.KronSum.from_kron(ks.Kron(np.eye(64), np.eye(64)))
     >>> ks.choose_method(prev + ks.KronSum.from_outer(rng.standard_normal((128, 64)), rng.standard_normal((128, 64))))
     'gram'
+    >>> one_position = ks.KronSum.from_conv(rng.standard_normal((64, 1, 512)), rng.standard_normal((64, 1, 512)))
+    >>> choice = ks.choose_method(one_position, explain=True)
+    >>> choice.method, choice.reason.endswith("(conv parts with T = 1 taken as outer)")
+    ('gram', True)
+    >>> ks.choose_method(ks.KronSum.from_outer(rng.standard_normal((2560, 10)), rng.standard_normal((2560, 129))))
+    'lanczos'
     """
+    choice = _choose(F, method)
+    return choice if explain else choice.method
+
+
+def _choose(F: KronSum, method: str) -> MethodChoice:
     if method not in _METHODS:
         raise ValueError(f"method must be one of {_METHODS}, got {method!r}")
+    F, given = F._outer_positions(), F
     if method == "gram":
         if not F._gram_able():
             raise ValueError(
@@ -85,16 +171,22 @@ def choose_method(F: KronSum, method: str = "auto") -> str:
             )
         if is_dask_namespace(F.xp):
             raise ValueError("method='gram' needs linalg.eigh, which Dask arrays lack; use 'lanczos'")
-        return method
+        return MethodChoice(method, "requested")
     if method != "auto":
-        return method
-    if not F._gram_able() or is_dask_namespace(F.xp):
-        return "lanczos"
-    K, m, n = F.num_terms, F.m, F.n
-    sizes = [(P.num_terms, P.form) for P in (F.parts if F.form == "sum" else (F,))]
-    build = sum(Ki * Kj * ((m + n) if fi == fj == "outer" else (m * m + n * n))
-                for Ki, fi in sizes for Kj, fj in sizes)
-    return "gram" if (K <= 8192 and build <= 30 * K * (m * m + n * n)) else "lanczos"
+        return MethodChoice(method, "requested")
+    if not F._gram_able():
+        return MethodChoice("lanczos", "the conv form (T > 1 positions) has no K-column rearrangement "
+                                       "for the Gram solver")
+    if is_dask_namespace(F.xp):
+        return MethodChoice("lanczos", "Dask arrays: chunked along K, a K×K Gram matrix does not pay")
+    costs = _costs(F)
+    note = " (conv parts with T = 1 taken as outer)" if F is not given else ""
+    text = f"modelled cost: gram {costs['gram']:.2g} s, lanczos {costs['lanczos']:.2g} s{note}"
+    if F.num_terms > 8192:
+        return MethodChoice("lanczos", f"K = {F.num_terms} > 8192: the Gram matrices would take 2K² "
+                                       f"numbers; {text}", costs)
+    best = "gram" if costs["gram"] <= costs["lanczos"] else "lanczos"
+    return MethodChoice(best, text, costs)
 
 
 @counted
@@ -177,7 +269,7 @@ def kfoc(
     >>> best.info.converged, kfoc(F, method="lanczos").info.method
     (True, 'kfoc/lanczos')
     """
-    F = _require_sum(F, "kfoc")
+    F = _require_sum(F, "kfoc")._outer_positions()  # T = 1 conv parts: outer parts, same F
     method = choose_method(F, method)
     xp = F.xp
     if tol is None:

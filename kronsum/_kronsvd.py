@@ -692,6 +692,7 @@ def kronecker_svd(F: KronSum, rank: int = 1, *, method: str = "auto", tol: float
     rank = int(rank)
     if method not in _METHODS:
         raise ValueError(f"method must be one of {_METHODS}, got {method!r}")
+    F = F._outer_positions()  # T = 1 conv parts: outer parts, the same F
     method = choose_method(F, method)
     xp = F.xp
     if tol is None:

@@ -521,6 +521,22 @@ class KronSum:
             return [a for P in self.parts for a in P._arrays()]
         return [a for a in (self.weights, self.L, self.R, self.G, self.A) if a is not None]
 
+    def _outer_positions(self) -> "KronSum":
+        """The same F with every conv part of one position (T = 1: a 1×1 output map, as in a
+        ResNet's last stage) as an outer part, ``Σ_k w_k g_k g_kᵀ ⊗ a_k a_kᵀ`` exactly (views
+        of the same arrays), so that the solvers for the outer form apply; ``self`` when there
+        is none."""
+        if self.form == "sum":
+            parts = tuple(P._outer_positions() for P in self.parts)
+            if all(p is q for p, q in zip(parts, self.parts)):
+                return self
+            return KronSum("sum", self.weights, symmetric=self.symmetric, _xp=self._xp, parts=parts)
+        if self.form != "conv" or self.G.shape[1] != 1:
+            return self
+        xp, K = self._xp, self.G.shape[0]
+        return KronSum("outer", self.weights, G=xp.reshape(self.G, (K, self.m)),
+                       A=xp.reshape(self.A, (K, self.n)), symmetric=True, _xp=xp)
+
     def _map(self, f, xp: Any = None) -> "KronSum":
         """The same sum with every input array replaced by ``f(array)`` (namespace ``xp``)."""
         xp = self._xp if xp is None else xp

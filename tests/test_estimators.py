@@ -283,3 +283,30 @@ def test_float64_accumulation_for_float32_inputs():
     assert np.allclose(dense, ref, atol=1e-5 * np.abs(ref).max())
     with pytest.raises(ValueError, match="precision"):
         ks.kfoc(F32, precision="double")
+
+
+def test_one_position_conv_is_solved_as_an_outer_block():
+    """A conv block with T = 1 (a 1×1 output map) is Σ w g gᵀ ⊗ a aᵀ: K-FOC takes the Gram
+    solver there (no contraction at all) and gives the outer form's answer."""
+    rng = np.random.default_rng(3)
+    G, A = rng.standard_normal((16, 1, 40)), rng.standard_normal((16, 1, 30))
+    conv = ks.KronSum.from_conv(G, A)
+    outer = ks.KronSum.from_outer(G[:, 0, :], A[:, 0, :])
+    choice = ks.choose_method(conv, explain=True)
+    assert choice.method == "gram" and "T = 1" in choice.reason and choice.costs["gram"] < choice.costs["lanczos"]
+    est, ref = ks.kfoc(conv), ks.kfoc(outer)
+    assert est.info.method.startswith("kfoc/gram") and est.info.contractions == 0
+    np.testing.assert_allclose(est.to_dense(), ref.to_dense(), rtol=1e-10, atol=1e-12 * float(ref.scale))
+    B = ks.kronecker_svd(conv, rank=2)
+    assert B.info.method == "kronsvd/gram"
+    np.testing.assert_allclose(B.singular_values, ks.kronecker_svd(outer, rank=2).singular_values, rtol=1e-10)
+
+
+@pytest.mark.parametrize("K, m, n, expected", [(128, 32, 32, "gram"), (256, 512, 512, "gram"),
+                                               (4096, 32, 32, "lanczos"), (2560, 10, 129, "lanczos")])
+def test_method_rule_follows_the_cost_model(K, m, n, expected):
+    """Gram when K is not much larger than m and n; Lanczos when its K×K passes dominate."""
+    F = ks.KronSum.from_outer(np.ones((K, m)), np.ones((K, n)))
+    choice = ks.choose_method(F, explain=True)
+    assert choice.method == expected and min(choice.costs, key=choice.costs.get) == expected, choice
+    assert ks.choose_method(F, "power", explain=True).reason == "requested"
