@@ -66,6 +66,15 @@ class MethodChoice:
         The cost model's estimates in seconds (one BLAS thread on the machine the constants
         were measured on; only their ratio matters) per candidate solver, empty when the
         choice was not a comparison of costs.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> import kronsum as ks
+    >>> F = ks.KronSum.from_outer(np.ones((4096, 8)), np.ones((4096, 8)))
+    >>> choice = ks.choose_method(F, explain=True)
+    >>> choice.method, choice.costs["lanczos"] < choice.costs["gram"]
+    ('lanczos', True)
     """
 
     method: str
