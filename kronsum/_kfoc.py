@@ -18,10 +18,13 @@ r"""K-FOC: the Frobenius-optimal single Kronecker product (Schnaus, Lee & Triebe
              ``L ← Σ_k w_k⟨R_k, R⟩L_k``. Kept as the reference; its error angle shrinks by
              ``(σ2/σ1)²`` per iteration, so Lanczos needs far fewer products on small gaps.
 
-Stopping rule (iterative solvers): the relative eigen-residual
-``‖𝓡𝓡ᵀu − θu‖ / θ ≤ tol`` of the normalised iterate ``u``. It bounds the angle to the optimum by
-``tol / (1 − σ2²/σ1²)``; the error in ``‖F − L⊗R‖`` is second order in that angle. A rule on the
-change of σ would stop far too early, since σ's error is the square of the angle's.
+Stopping rule (iterative solvers, :class:`_Stop`): by default, as soon as the error gap
+``(‖F − L⊗R‖ − optimal error)/‖F‖`` is bounded by ``accuracy`` (:mod:`kronsum._stopping`: Temple's
+inequality with ``‖F‖²`` on the Gram solver, certified, or with the second Ritz value, an
+estimate), or the relative eigen-residual ``‖𝓡𝓡ᵀu − θu‖ / θ ≤ tol`` of the normalised iterate
+``u``. The residual bounds the angle to the optimum by ``tol / (1 − σ2²/σ1²)``; the error is
+second order in that angle, which is why the error rule stops earlier. A rule on the change of
+σ would stop far too early, since σ's error is the square of the angle's.
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ from ._compat import (Array, all_finite, counted, device_of, eye_like, fro_norm,
                       is_numpy_namespace, materialize, on_accelerator, symmetrize, to_float, trace)
 from ._config import get_config
 from ._kron import Kron, KronInfo
+from ._stopping import gap_bound
 from ._sum import KronSum
 
 __all__ = ["kfoc"]
@@ -50,6 +54,31 @@ _APPLIES = 4  # products with B^(2^s) per check of the squaring route (32 steps 
 
 def _default_tol(xp: Any, dtype: Any) -> float:
     return 1e-10 if xp.finfo(dtype).eps < 1e-12 else 1e-5
+
+
+def _default_accuracy(xp: Any, dtype: Any) -> float:
+    return 1e-8 if xp.finfo(dtype).eps < 1e-12 else 1e-6
+
+
+@dataclass
+class _Stop:
+    """The iterative solvers' stopping rule, one for all of them: stop when the relative
+    eigen-residual is at most ``tol``, or when :func:`kronsum._stopping.gap_bound` bounds the
+    error gap by ``accuracy`` (``None``: the residual rule alone). ``f2`` is ``‖F‖²`` in the
+    solver's units when known (it certifies the bound). :meth:`met` records the bound of its
+    last call, which is the returned iterate's."""
+
+    tol: float
+    accuracy: float | None = None
+    f2: float | None = None
+    bound: float | None = None
+    certified: bool = False
+
+    def met(self, th1: float, res: float, th2: float | None = None, r2: float = 0.0) -> bool:
+        """Whether the Ritz pair ``(th1, relative residual res)`` stops the solver."""
+        self.bound, self.certified = gap_bound(
+            th1, res * th1, -1.0 if th2 is None else th2, r2, -1.0 if self.f2 is None else self.f2)
+        return res <= self.tol or (self.accuracy is not None and self.bound <= self.accuracy)
 
 
 @dataclass(frozen=True)
@@ -105,8 +134,9 @@ def _costs(F: KronSum) -> dict:
                 for Ki, fi in parts for Kj, fj in parts) / 2
     its = _EXPECTED_APPLICATIONS
     finish = K * (m * m + n * n)  # the two weighted Gram products of the factors
+    cached = min(1.0, 0.35 + 0.65 * K / 2000)  # K×K matrices within the caches cost less per entry
     gram = ((build + finish) * _SEC_PER_GEMM_MAC
-            + K * K * (_SEC_PER_GRAM_ENTRY + its * _SEC_PER_GRAM_ENTRY_STEP))
+            + K * K * cached * (_SEC_PER_GRAM_ENTRY + its * _SEC_PER_GRAM_ENTRY_STEP))
     # a contraction: K quadratic forms on one side, one weighted Gram product on the other
     contraction = K * (m * m + n * n) * 0.75
     lanczos = (2 * its + 2) * contraction * _SEC_PER_CONTRACTION_MAC
@@ -209,6 +239,7 @@ def kfoc(
     init: str | Kron = "tkfac",
     seed: int | None = None,
     precision: str = "input",
+    accuracy: float | None = None,
 ) -> Kron:
     r"""K-FOC: the Kronecker product ``σ₁ L ⊗ R`` nearest to F in Frobenius norm.
 
@@ -224,8 +255,19 @@ def kfoc(
     method : {"auto", "gram", "lanczos", "power"}
         Solver; see the module docstring and :func:`choose_method` for the ``"auto"`` rule.
     tol : float, optional
-        Relative eigen-residual at which the iterative solvers stop. Default 1e-10 for
-        float64, 1e-5 for float32. Ignored by ``"gram"``.
+        Relative eigen-residual ``‖𝓡𝓡ᵀu − θu‖/θ`` at which the iterative solvers stop.
+        Default 1e-10 for float64, 1e-5 for float32. Given without ``accuracy``, it is the
+        only rule (the behaviour of earlier versions).
+    accuracy : float, optional
+        Stop as soon as ``(‖F − F̂‖ − optimal error)/‖F‖ ≤ accuracy`` is bounded from the
+        solver's Ritz values (or the residual meets ``tol``). Default 1e-8 for float64, 1e-6
+        for float32, unless ``tol`` is given. The error is second order in the factors'
+        angle, so this stops well before a residual of 1e-10: the factors are then accurate
+        to about ``√accuracy``, the error to ``accuracy``. The bound is **certified** on the
+        Gram solver when K-FOC explains more than half of ``‖F‖²`` (it knows ``‖F‖²``
+        there) and an estimate otherwise: see ``info.error_gap_bound`` and
+        ``info.error_gap_certified``, and docs/kfoc.md for the inequalities. The power
+        method has no second Ritz value and stops on ``tol`` alone.
     max_iter : int, optional
         Most operator applications (each = both contractions, the cost of one iteration of
         the paper's Algorithm 1). Default 500 (``lanczos``), 5000 (``power``).
@@ -281,10 +323,15 @@ def kfoc(
     F = _require_sum(F, "kfoc")._outer_positions()  # T = 1 conv parts: outer parts, same F
     method = choose_method(F, method)
     xp = F.xp
+    if accuracy is None and tol is None:
+        accuracy = _default_accuracy(xp, F.dtype)
     if tol is None:
         tol = _default_tol(xp, F.dtype)
-    if not (isinstance(tol, (int, float)) and tol > 0):
+    if isinstance(tol, bool) or not (isinstance(tol, (int, float)) and tol > 0):
         raise ValueError(f"tol must be a positive number, got {tol!r}")
+    if accuracy is not None and (isinstance(accuracy, bool) or not (
+            isinstance(accuracy, (int, float)) and 0 < accuracy < math.inf)):
+        raise ValueError(f"accuracy must be a positive number, got {accuracy!r}")
     if max_iter is None:
         max_iter = 5000 if method == "power" else 500
     if not (isinstance(max_iter, int) and max_iter >= 1):
@@ -301,24 +348,29 @@ def kfoc(
         raise ValueError(f"precision must be 'input' or 'float64', got {precision!r}")
     if precision == "float64" and F.dtype != xp.float64:
         out = kfoc(F.astype(xp.float64), method=method, tol=tol, max_iter=max_iter,
-                   init=init, seed=seed)
+                   init=init, seed=seed, accuracy=accuracy)
         return _new_kron(xp.astype(out.left, F.dtype), xp.astype(out.right, F.dtype),
                          xp.astype(out.scale, F.dtype), out.info, xp)
     Fn, (cw, cl, cr) = F.normalized()
     Fn = Fn.persisted()  # Dask: inputs computed once, each iteration one map-reduce
     c = cw * (cl * cr)
+    stop = _Stop(float(tol), None if accuracy is None else float(accuracy))
     if method == "gram":
-        L, R, sigma, notes, its, conv, res, s2, method = _gram_solve(Fn, init, seed, tol, max_iter)
+        L, R, sigma, notes, its, conv, res, s2, method = _gram_solve(Fn, init, seed, stop, max_iter)
     else:
         side = "left" if Fn.m <= Fn.n else "right"
         x0 = _initial(Fn, init, seed, side)
         solver = _lanczos if method == "lanczos" else _power
         space = _operator_space(Fn, side, keep_aux=method == "lanczos" and _aux_fits(Fn, side))
-        x, its, conv, res, s2 = solver(space, x0, tol, max_iter)
+        x, its, conv, res, s2 = solver(space, x0, stop, max_iter)
         L, R, sigma, notes = _finish(Fn, x, side, space.result_aux)
-    info = dict(method=f"kfoc/{method}", iterations=its, converged=conv, residual=res)
+    if stop.bound is None:  # the solver met an invariant subspace (or a zero sum): exact
+        stop.bound, stop.certified = 0.0, True
+    info = dict(method=f"kfoc/{method}", iterations=its, converged=conv, residual=res,
+                error_gap_bound=stop.bound, error_gap_certified=stop.certified)
     if not conv:
-        notes = notes + (f"not converged: residual {res:.3g} > tol {tol:.3g} after {its} applications",)
+        rule = f"tol {tol:.3g}" + ("" if accuracy is None else f" or an error-gap bound ≤ {accuracy:.3g}")
+        notes = notes + (f"not converged: residual {res:.3g}, not below {rule} after {its} applications",)
     sig1 = to_float(sigma)
     if s2 is not None and sig1 > 0 and s2 >= sig1 * (1 - math.sqrt(xp.finfo(F.dtype).eps)):
         notes = notes + ("sigma1 == sigma2 to working precision: the optimum is not unique; "
@@ -372,7 +424,7 @@ class _Space:
         return self.xp.asarray(r, dtype=x.dtype, device=device_of(x))
 
 
-def _gram_solve(Fn: KronSum, init, seed, tol, max_iter):
+def _gram_solve(Fn: KronSum, init, seed, stop: _Stop, max_iter):
     """Exact K-FOC for the outer and terms forms, iterating on K-vectors of coefficients.
 
     ``L = Σ α_k L_k`` has ``‖L‖² = αᵀS_Pα`` and one step of the power method maps
@@ -404,7 +456,7 @@ def _gram_solve(Fn: KronSum, init, seed, tol, max_iter):
                 _require_finite(xp, SP)
                 _require_finite(xp, SQ)
                 return (*_zero_answer(Fn), 0, True, 0.0, 0.0, "gram[numba]")
-        alpha, its, conv, res, s2 = _lanczos_numba(space, SP, SQ, w64, alpha0, tol, max_iter,
+        alpha, its, conv, res, s2 = _lanczos_numba(space, SP, SQ, w64, alpha0, stop, max_iter,
                                                    xp.finfo(Fn.dtype).eps)
         dt = Fn.dtype
         beta = w64 * (SP @ alpha)
@@ -414,7 +466,7 @@ def _gram_solve(Fn: KronSum, init, seed, tol, max_iter):
 
     st = None
     if _use_squaring(Fn):
-        done, st = _squaring(Fn, alpha0, tol, max_iter)
+        done, st = _squaring(Fn, alpha0, stop, max_iter)
         if done is not None:
             return done
     if st is None:
@@ -426,16 +478,16 @@ def _gram_solve(Fn: KronSum, init, seed, tol, max_iter):
     # a start with ‖L₀‖ = 0 (e.g. traceless terms) falls back to the weights, on the device;
     # if that is zero too, every term is zero (S_P = 0) and the solve returns a zero vector
     alpha0 = xp.where(space.norm(alpha0) > 0, alpha0, w)
-    alpha, its, conv, res, s2 = _lanczos(space, alpha0, tol, max_iter)
+    # ‖F̃‖² in scaled units: it certifies the stop, and bounds σ₂ when the solver gave none
+    stop.f2 = to_float(xp.sum(ws * ((SPs * SQs) @ ws)))
+    alpha, its, conv, res, s2 = _lanczos(space, alpha0, stop, max_iter)
     kernel = "gram"
     # finish in coefficient space: ‖L‖² = αᵀS_Pα, R ∝ Σ β_k R_k with β = w∘S_Pα,
     # ‖R‖² = βᵀS_Qβ, tr L = Σ α_k tr L_k; one host read, then the two weighted Gram products
     MA = SPs @ alpha
     beta = ws * MA
-    # ‖F̃‖² in scaled units bounds σ₂ when the solver gave no estimate (read in the same transfer)
-    f2 = 0.0 if s2 is not None else xp.sum(ws * ((SPs * SQs) @ ws))
     vals = host_floats([xp.sum(alpha * MA), xp.sum(beta * (SQs @ beta)),
-                        xp.sum(alpha * Fn._traces("left")), f2, cP, cQ, cw])
+                        xp.sum(alpha * Fn._traces("left")), stop.f2, cP, cQ, cw])
     nls2, nrs2, tr, f2s, fP, fQ, fw = vals
     if not all(math.isfinite(v) for v in vals):
         _require_finite(xp, math.nan)
@@ -468,7 +520,7 @@ def _use_squaring(Fn: KronSum) -> bool:
     return on_accelerator(Fn.weights) and 10 * K * K <= Fn.m * Fn.m + Fn.n * Fn.n
 
 
-def _squaring(Fn: KronSum, alpha0, tol, max_iter):
+def _squaring(Fn: KronSum, alpha0, stop: _Stop, max_iter):
     """The power method by repeated squaring of the K×K operator ``B = W S_Q W S_P``, finished
     on the device before its first host read.
 
@@ -505,7 +557,8 @@ def _squaring(Fn: KronSum, alpha0, tol, max_iter):
         if not (all(math.isfinite(v) for v in vals) and th > 0):
             return None, st
         res = math.sqrt(max(rr, 0.0)) / th
-        if res > tol:
+        stop.f2 = f2s
+        if not stop.met(th, res):
             continue
         L, R = LR if first else (Fn._combine("left", st.cL), Fn._combine("right", st.cR))
         unit = math.sqrt(fw * fw * fQ * fP)  # scaled → true units of σ
@@ -701,7 +754,7 @@ def _check_every(x) -> int:
     return 4 if on_accelerator(x) else 1
 
 
-def _power(space: _Space, x, tol, max_iter):
+def _power(space: _Space, x, stop: _Stop, max_iter):
     """The paper's power method; stops on the relative eigen-residual.
 
     The scalars of each iteration stay on the device; they are read to the host (one
@@ -733,7 +786,7 @@ def _power(space: _Space, x, tol, max_iter):
             batch.append((x, y, ny, r))
             x = y
             it += 1
-            if sync_each and r <= tol:
+            if sync_each and stop.met(1.0, r):
                 return x, it, True, r, None
         if sync_each:
             res = batch[-1][3]
@@ -745,12 +798,12 @@ def _power(space: _Space, x, tol, max_iter):
             if not ny > 0:
                 return xb, it, True, 0.0, None
             res = r if math.isfinite(r) else math.inf
-            if res <= tol:  # applications counted as performed, the unused ones included
+            if stop.met(1.0, res):  # applications counted as performed, the unused ones included
                 return y, it, True, res, None
     return x, max_iter, False, res, None
 
 
-def _lanczos(space: _Space, x, tol, max_iter):
+def _lanczos(space: _Space, x, stop: _Stop, max_iter):
     """Restarted Lanczos with full reorthogonalisation for the top eigenpair of a PSD operator.
 
     Returns ``(x, applications, converged, residual, sqrt(second Ritz value))``. The (j × j)
@@ -845,12 +898,14 @@ def _lanczos(space: _Space, x, tol, max_iter):
                         return Q[0], n_apply + k, True, 0.0, s2
                     s2 = math.sqrt(max(float(theta[-2]), 0.0)) if i > 0 else None
                     res = float(bi * abs(S[-1, -1]) / th1)
-                    done = bool(res <= tol or breakdown or (i == j and n_apply >= max_iter))
+                    met = stop.met(th1, res, float(theta[-2]) if i > 0 else None,
+                                   float(bi * abs(S[-1, -2])) if i > 0 else 0.0)
+                    done = bool(met or breakdown or (i == j and n_apply >= max_iter))
                     if done or i == _KRYLOV_DIM - 1:
                         x, Mx = _ritz(space, Q[: i + 1], MQ[: i + 1], S[:, -1],
                                       AUX[: i + 1] if keep_aux else None)
                         if done:
-                            return x, n_apply, bool(res <= tol or breakdown), res, s2
+                            return x, n_apply, bool(met or breakdown), res, s2
                         break
                 else:
                     checked = j + 1
@@ -885,12 +940,16 @@ def _ritz(space: _Space, Q: list, MQ: list, coef, AUX: list | None = None) -> tu
     return materialize(x / nx), materialize(Mx / nx)
 
 
-def _lanczos_numba(space: _Space, SP, SQ, w, x0, tol, max_iter, eps):
+def _lanczos_numba(space: _Space, SP, SQ, w, x0, stop: _Stop, max_iter, eps):
     """:func:`_lanczos` for the Gram space, compiled: float64 NumPy arrays in and out; ``eps``
-    of the inputs' dtype (the breakdown threshold)."""
+    of the inputs' dtype (the breakdown threshold). Sets ``stop.f2`` (``wᵀ(S_P∘S_Q)w``, one
+    pass in the kernel) and the bound of the returned iterate."""
     kern = numba_kernels()
-    x, its, conv, res, s2 = kern.coef_lanczos(SP, SQ, w, x0, float(tol), int(max_iter), _KRYLOV_DIM,
-                                              float(eps))
+    stop.f2 = float(kern.weighted_hadamard_sum(SP, SQ, w))
+    acc = -1.0 if stop.accuracy is None else stop.accuracy
+    x, its, conv, res, s2, bound, certified = kern.coef_lanczos(
+        SP, SQ, w, x0, float(stop.tol), acc, stop.f2, int(max_iter), _KRYLOV_DIM, float(eps))
+    stop.bound, stop.certified = float(bound), bool(certified)
     if s2 < 0 and its == 1 and res == 0.0:  # invariant start vector: probe for a repeated sigma1
         s2, k = _deflated_top(space, x, space.M(x))
         its += k

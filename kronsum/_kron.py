@@ -33,6 +33,13 @@ class KronInfo:
         Final relative eigen-residual ``‖A Aᵀ u − θ u‖ / θ`` of the iterative solvers.
     notes : tuple of str
         Degenerate cases met on the way (zero sum, ``σ1 = σ2``, clipped values ...).
+    error_gap_bound : float or None
+        From :func:`kfoc`'s iterative solvers: an upper bound of
+        ``(‖F − F̂‖ − optimal error)/‖F‖`` at the returned iterate (the ``accuracy`` rule;
+        ``inf`` when nothing bounded it). ``None`` elsewhere.
+    error_gap_certified : bool or None
+        Whether that bound is proven (the Gram solver, when K-FOC explains more than half of
+        ``‖F‖²``) rather than estimated from the second Ritz value.
     host_reads : int or None
         How many times the solver waited for values of an array (a batched read of several
         scalars counts once): on an accelerator each is a device synchronisation. Set by
@@ -63,6 +70,8 @@ class KronInfo:
     notes: tuple[str, ...] = field(default_factory=tuple)
     host_reads: int | None = None
     contractions: int | None = None
+    error_gap_bound: float | None = None
+    error_gap_certified: bool | None = None
 
     @property
     def degenerate(self) -> bool:

@@ -14,13 +14,34 @@ import math
 import numpy as np
 from numba import njit
 
+from ._stopping import gap_bound
+
+
+_gap_bound = njit(cache=True, nogil=True)(gap_bound)
+
 
 @njit(cache=True, nogil=True)
-def coef_lanczos(SP, SQ, w, x0, tol, max_iter, kdim, eps):  # pragma: no cover - compiled
+def weighted_hadamard_sum(SP, SQ, w):  # pragma: no cover - compiled
+    """``wᵀ(S_P ∘ S_Q)w`` (``‖F‖²`` of the Gram space) in one pass, without a K×K temporary."""
+    K = SP.shape[0]
+    total = 0.0
+    for k in range(K):
+        row = 0.0
+        for j in range(K):
+            row += SP[k, j] * SQ[k, j] * w[j]
+        total += w[k] * row
+    return total
+
+
+@njit(cache=True, nogil=True)
+def coef_lanczos(SP, SQ, w, x0, tol, accuracy, f2, max_iter, kdim, eps):  # pragma: no cover - compiled
     """Top eigenpair of ``α ↦ W S_Q W S_P α`` in the ``S_P`` inner product.
 
-    Returns ``(alpha, applications, converged, residual, s2)``; ``s2 < 0`` means "unknown"
-    (and, with ``applications == 1`` and ``residual == 0``, an invariant start vector).
+    Stops as :class:`kronsum._kfoc._Stop` does: residual ≤ ``tol``, or the error-gap bound
+    :func:`kronsum._stopping.gap_bound` (with ``f2 = ‖F‖²``) ≤ ``accuracy`` (``< 0``: off).
+    Returns ``(alpha, applications, converged, residual, s2, bound, certified)``; ``s2 < 0``
+    means "unknown" (and, with ``applications == 1`` and ``residual == 0``, an invariant start
+    vector).
     """
     K = SP.shape[0]
     Mx = SP @ x0
@@ -60,13 +81,16 @@ def coef_lanczos(SP, SQ, w, x0, tol, max_iter, kdim, eps):  # pragma: no cover -
             theta, S = np.linalg.eigh(T)
             th1 = theta[j]
             if th1 <= 0.0:
-                return Q[0].copy(), n_apply, True, 0.0, 0.0
+                return Q[0].copy(), n_apply, True, 0.0, 0.0, 0.0, True
             breakdown = b <= 64.0 * eps * th1
             if j == 0 and breakdown:
-                return Q[0].copy(), n_apply, True, 0.0, -1.0
+                return Q[0].copy(), n_apply, True, 0.0, -1.0, 0.0, True
             s2 = math.sqrt(max(theta[j - 1], 0.0)) if j > 0 else -1.0
             res = b * abs(S[j, j]) / th1
-            done = res <= tol or breakdown or n_apply >= max_iter
+            bound, certified = _gap_bound(th1, res * th1, theta[j - 1] if j > 0 else -1.0,
+                                          b * abs(S[j, j - 1]) if j > 0 else 0.0, f2)
+            met = res <= tol or (accuracy >= 0.0 and bound <= accuracy)
+            done = met or breakdown or n_apply >= max_iter
             if done or j == kdim - 1:
                 coef = S[:, j].astype(SP.dtype)
                 x = coef @ Q[: j + 1]
@@ -75,7 +99,7 @@ def coef_lanczos(SP, SQ, w, x0, tol, max_iter, kdim, eps):  # pragma: no cover -
                 x = x / nx
                 Mx = Mx / nx
                 if done:
-                    return x, n_apply, (res <= tol) or breakdown, res, s2
+                    return x, n_apply, met or breakdown, res, s2, bound, certified
                 break
             Q[j + 1] = v / b
             MQ[j + 1] = Mv / b

