@@ -1,17 +1,18 @@
 """K-FOC's cost beside K-FAC's on every data family: the table of docs/benchmarks.md's
-"K-FOC against K-FAC by data family" section.
+"K-FOC against K-FAC on every data family" section.
 
     python benchmarks/kfoc_floor.py [--quick] [--rounds N] [--json FILE] [--cases a,b]
+                                    [--accuracy A]
 
 One process, one BLAS thread. For each case and data family (see ``benchmarks.common``:
 iid Gaussian, heavy-tailed, a small spectral gap σ2/σ1 ≈ 0.9, real-data statistics or
-correlated conv channels) ``kfac(F)`` and ``kfoc(F)`` (the default call) run interleaved,
-``--rounds`` rounds after a warm-up; the table gives the medians of CPU time
-(``time.process_time``, which other jobs on a shared machine do not inflate) and wall time,
-their ratios, the solver and operator applications K-FOC used, and ``|err − opt|/‖F‖``: how
-far K-FOC's error ``‖F − F̂‖`` is above the optimum (from a solve to tol 1e-13), which the
-targets require ≤ 1e-8. The conv rows add K-FOC's peak NumPy allocation (tracemalloc) over
-the inputs plus the factors.
+correlated conv channels) ``kfac(F)`` and ``kfoc(F)`` (the default call, or
+``kfoc(F, accuracy=A)``) run interleaved, ``--rounds`` rounds after a warm-up; the table gives
+the medians of CPU time (``time.process_time``, which other jobs on a shared machine do not
+inflate) and wall time, their ratios, the solver and operator applications K-FOC used, and
+``|err − opt|/‖F‖``: how far K-FOC's error ``‖F − F̂‖`` is above the optimum (from a solve to
+tol 1e-13), which the targets require ≤ 1e-8 (≤ A with ``--accuracy``). The conv rows add
+K-FOC's peak NumPy allocation (tracemalloc) over the inputs plus the factors.
 """
 
 from __future__ import annotations
@@ -77,7 +78,7 @@ def _gap(sums, ests):
     return worst
 
 
-def run(quick: bool, rounds: int, only=None):
+def run(quick: bool, rounds: int, only=None, accuracy=None):
     records = []
     with blas_threads(1):
         for name, (form, shape, dtype, target) in CASES.items():
@@ -91,11 +92,13 @@ def run(quick: bool, rounds: int, only=None):
                 except ImportError as exc:  # the digits family needs scikit-learn
                     print(f"skipped {name}/{family}: {exc}", file=sys.stderr)
                     continue
+                opts = {} if accuracy is None else {"accuracy": accuracy}
                 t = interleaved({"kfac": lambda: [ks.kfac(F) for F in sums],
-                                 "kfoc": lambda: [ks.kfoc(F) for F in sums]}, rounds)
-                ests = [ks.kfoc(F) for F in sums]
+                                 "kfoc": lambda: [ks.kfoc(F, **opts) for F in sums]}, rounds)
+                ests = [ks.kfoc(F, **opts) for F in sums]
                 rec = {
                     "case": name, "shape": list(shape), "dtype": dtype, "family": family,
+                    "accuracy": accuracy,
                     "target": target,
                     "kfac_cpu_s": t["kfac"]["cpu_s"], "kfoc_cpu_s": t["kfoc"]["cpu_s"],
                     "kfac_wall_s": t["kfac"]["wall_s"], "kfoc_wall_s": t["kfoc"]["wall_s"],
@@ -112,7 +115,7 @@ def run(quick: bool, rounds: int, only=None):
                     F = sums[0]
                     tracemalloc.start()
                     tracemalloc.reset_peak()
-                    ks.kfoc(F)
+                    ks.kfoc(F, **opts)
                     peak = tracemalloc.get_traced_memory()[1]
                     tracemalloc.stop()
                     m, n = F.m, F.n
@@ -143,6 +146,8 @@ def main(argv=None):
     ap.add_argument("--rounds", type=int, default=None, help="interleaved rounds (default 7, 3 quick)")
     ap.add_argument("--json", metavar="FILE", help="write the records as JSON")
     ap.add_argument("--cases", default=None, help=f"comma-separated subset of {', '.join(CASES)}")
+    ap.add_argument("--accuracy", type=float, default=None,
+                    help="kfoc(F, accuracy=...) instead of the default call (e.g. 1e-4, an optimiser's needs)")
     args = ap.parse_args(argv)
     only = None if args.cases is None else set(args.cases.split(","))
     if only and not only <= set(CASES):
@@ -151,7 +156,7 @@ def main(argv=None):
     print(f"kronsum {ks.__version__} | numpy {np.__version__} | {platform.processor() or platform.machine()} "
           f"| {os.cpu_count()} cores | 1 BLAS thread | numba: {ks._accel._numba_importable()} | {rounds} rounds")
     print(HEADER)
-    records = run(args.quick, rounds, only)
+    records = run(args.quick, rounds, only, args.accuracy)
     if args.json:
         with open(args.json, "w", encoding="utf-8") as fh:
             json.dump(records, fh, indent=1)

@@ -50,7 +50,7 @@ __all__ = ["RunningEstimate", "ESTIMATORS"]
 #: The estimator names :class:`RunningEstimate` accepts.
 ESTIMATORS = ("kfac", "tkfac", "kfoc_approx", "kfoc_running")
 
-_KFOC_OPTIONS = ("method", "tol", "max_iter", "precision", "seed")
+_KFOC_OPTIONS = ("method", "accuracy", "tol", "max_iter", "precision", "seed")
 _STATE_KEYS = ("estimator", "decay", "update_every", "bias_correction", "step", "num_updates",
                "left", "right", "scale")
 
@@ -135,8 +135,9 @@ class RunningEstimate:
         batches; they differ in the weight of the first one (``decayᵗ⁻¹`` without correction,
         ``(1 − decay) decayᵗ⁻¹/(1 − decayᵗ)`` with it).
     kfoc_options : dict, optional
-        Passed to :func:`kfoc` (keys ``method``, ``tol``, ``max_iter``, ``precision``,
-        ``seed``; not ``init``). For ``"kfoc_running"`` the combined sum has form ``"sum"``:
+        Passed to :func:`kfoc` (keys ``method``, ``accuracy``, ``tol``, ``max_iter``,
+        ``precision``, ``seed``; not ``init``): by default each solve stops within
+        ``1e-8·‖F‖`` of the optimal error of its sum (float64; see :func:`kfoc`). For ``"kfoc_running"`` the combined sum has form ``"sum"``:
         ``"auto"`` follows :func:`choose_method` on it, and ``"gram"`` means ``"lanczos"``
         when the batch has the conv form (the first batch, which is solved alone, uses the
         method as given).

@@ -99,3 +99,17 @@ def test_adapter_report_runners_all_run():
     b = rep._runner("kronsum-kfoc-torch", model, X, y)()
     for name in a:
         assert (a[name].to_dense() - b[name].to_dense()).abs().max() <= 1e-8 * b[name].to_dense().abs().max()
+
+
+def test_kfoc_vs_peers_runs_on_a_few_samples(tmp_path):
+    """benchmarks/kfoc_vs_peers.py on 16 digits images: every layer, every method at the optimum."""
+    pytest.importorskip("torch")
+    pytest.importorskip("sklearn")
+    out = tmp_path / "peers.json"
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "kfoc_vs_peers.py"), "--samples", "16",
+                           "--rounds", "1", "--json", str(out)], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    records = json.loads(out.read_text())
+    assert len(records) == 7  # 4 MLP and 3 CNN layers
+    for r in records:
+        assert r["kfoc_gap"] <= 1e-8 and r["authors-power_gap"] <= 1e-6 and r["scipy-svds_gap"] <= 1e-8, r
