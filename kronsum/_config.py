@@ -17,7 +17,7 @@ _local = threading.local()
 def _defaults() -> dict:
     off = os.environ.get(_ENV_DISABLE_NUMBA, "").strip().lower() in ("1", "true", "yes", "on")
     return {"use_numba": not off, "check_every": None, "torch_cpu_via_numpy": True,
-            "cuda_graphs": False, "gram_squaring": None}
+            "cuda_graphs": False, "gram_squaring": None, "mixed_precision": True}
 
 
 def get_config() -> dict:
@@ -65,11 +65,17 @@ def get_config() -> dict:
         where Lanczos's many small kernels are slow; ``True``: whenever the Gram solver
         runs on the array-API path (for checking that route on the CPU); ``False``: never.
 
+    ``mixed_precision``
+        Whether :func:`kfoc`'s Lanczos solver on the contractions iterates in float32 for
+        float64 inputs under the ``accuracy`` rule, then checks and finishes the answer in
+        float64 (continuing in float64 when the check fails). Default ``True``; costs a
+        float32 copy of the inputs (half their memory) for the solve.
+
     Examples
     --------
     >>> import kronsum as ks
     >>> sorted(ks.get_config())
-    ['check_every', 'cuda_graphs', 'gram_squaring', 'torch_cpu_via_numpy', 'use_numba']
+    ['check_every', 'cuda_graphs', 'gram_squaring', 'mixed_precision', 'torch_cpu_via_numpy', 'use_numba']
     """
     if not hasattr(_local, "options"):
         _local.options = _defaults()

@@ -73,9 +73,12 @@ class _Stop:
     f2: float | None = None
     bound: float | None = None
     certified: bool = False
+    th2: float | None = None  # the second Ritz value and its residual at the last call
+    r2: float = 0.0
 
     def met(self, th1: float, res: float, th2: float | None = None, r2: float = 0.0) -> bool:
         """Whether the Ritz pair ``(th1, relative residual res)`` stops the solver."""
+        self.th2, self.r2 = th2, r2
         self.bound, self.certified = gap_bound(
             th1, res * th1, -1.0 if th2 is None else th2, r2, -1.0 if self.f2 is None else self.f2)
         return res <= self.tol or (self.accuracy is not None and self.bound <= self.accuracy)
@@ -359,11 +362,15 @@ def kfoc(
         L, R, sigma, notes, its, conv, res, s2, method = _gram_solve(Fn, init, seed, stop, max_iter)
     else:
         side = "left" if Fn.m <= Fn.n else "right"
-        x0 = _initial(Fn, init, seed, side)
-        solver = _lanczos if method == "lanczos" else _power
-        space = _operator_space(Fn, side, keep_aux=method == "lanczos" and _aux_fits(Fn, side))
-        x, its, conv, res, s2 = solver(space, x0, stop, max_iter)
-        L, R, sigma, notes = _finish(Fn, x, side, space.result_aux)
+        if method == "lanczos" and _mixed_precision(Fn, stop):
+            L, R, sigma, notes, its, conv, res, s2 = _lanczos_mixed(Fn, init, seed, side, stop, max_iter)
+            method = "lanczos[float32]"
+        else:
+            x0 = _initial(Fn, init, seed, side)
+            solver = _lanczos if method == "lanczos" else _power
+            space = _operator_space(Fn, side, keep_aux=method == "lanczos" and _aux_fits(Fn, side))
+            x, its, conv, res, s2 = solver(space, x0, stop, max_iter)
+            L, R, sigma, notes = _finish(Fn, x, side, space.result_aux)
     if stop.bound is None:  # the solver met an invariant subspace (or a zero sum): exact
         stop.bound, stop.certified = 0.0, True
     info = dict(method=f"kfoc/{method}", iterations=its, converged=conv, residual=res,
@@ -718,6 +725,48 @@ def _operator_space(Fn: KronSum, side: str, keep_aux: bool = False) -> _Space:
                   apply_aux=apply_aux if keep_aux else None)
 
 
+def _mixed_precision(Fn: KronSum, stop: _Stop) -> bool:
+    """Whether Lanczos on the contractions iterates in float32 (:func:`_lanczos_mixed`):
+    float64 inputs under the accuracy rule, contractions of at least 2²³ multiply-adds
+    (below, the copy and the float64 check cost more than the float32 steps save), not Dask
+    (whose contractions are bound by the map-reduce, not the arithmetic)."""
+    xp = Fn.xp
+    large = Fn.num_terms * Fn.num_positions * (Fn.m * Fn.m + Fn.n * Fn.n) >= 1 << 23
+    return (large and stop.accuracy is not None and Fn.dtype == xp.float64
+            and not is_dask_namespace(xp) and get_config()["mixed_precision"])
+
+
+def _lanczos_mixed(Fn: KronSum, init, seed, side: str, stop: _Stop, max_iter: int):
+    """Lanczos in float32 on float64 inputs, then checked and finished in float64.
+
+    The float32 iterations cost about half of float64 ones. Their answer ``x`` is then
+    applied once in float64: the Rayleigh quotient and residual of ``x`` in float64 with the
+    float32 solve's second Ritz pair give the error-gap bound (:class:`_Stop`), and the
+    application's half-step image finishes the factors. If the bound misses ``accuracy`` (a
+    tiny gap, or an F that is nearly one Kronecker product, where float32 cannot resolve the
+    optimum), float64 Lanczos continues from ``x``. Returns ``_finish``'s ``(L, R, σ, notes)``
+    and ``(iterations, converged, residual, σ₂)``. Memory: a float32 copy of the inputs.
+    """
+    xp = Fn.xp
+    F32 = Fn.astype(xp.float32)
+    stop32 = _Stop(max(stop.tol, _default_tol(xp, xp.float32)), stop.accuracy)
+    x0 = _initial(F32, init, seed, side)  # a Kron warm start is cast to float32 there
+    x32, its, _, _, s2 = _lanczos(_operator_space(F32, side), x0, stop32, max_iter)
+    x = xp.astype(x32, xp.float64)
+    space = _operator_space(Fn, side, keep_aux=True)
+    x = materialize(x / space.norm(x))
+    Ax, half = space.apply_aux(x)
+    its += 1
+    th, rr = host_floats([xp.sum(x * Ax), xp.sum((Ax - xp.sum(x * Ax) * x) ** 2)])
+    res = math.sqrt(max(rr, 0.0)) / th if th > 0 else 0.0
+    if th > 0 and not stop.met(th, res, stop32.th2, stop32.r2) and its < max_iter:
+        space = _operator_space(Fn, side, keep_aux=_aux_fits(Fn, side))
+        x, more, conv, res, s2 = _lanczos(space, x, stop, max_iter - its)
+        return (*_finish(Fn, x, side, space.result_aux), its + more, conv, res, s2)
+    conv = th <= 0 or stop.bound <= stop.accuracy or res <= stop.tol
+    return (*_finish(Fn, x, side, half, Ax), its, conv, res, s2)
+
+
 def _aux_fits(Fn: KronSum, side: str) -> bool:
     """Whether keeping one half-step image per Lanczos vector (``_KRYLOV_DIM + 1`` matrices of
     the other factor's size) costs at most the inputs' own size (or 2²² numbers)."""
@@ -1000,13 +1049,14 @@ def _deflated_top(space: _Space, x, Mx, theta1: float | None = None, steps: int 
     return math.sqrt(max(float(np.linalg.eigvalsh(T)[-1]), 0.0)), k
 
 
-def _finish(Fn: KronSum, x: Array, side: str, aux: Array | None = None):
+def _finish(Fn: KronSum, x: Array, side: str, aux: Array | None = None, image: Array | None = None):
     """Factors from the converged iterate: ``L`` (unit), ``R = 𝓡ᵀvec(L)/σ``, ``σ = ‖𝓡ᵀvec L‖``.
 
     ``aux`` is the solver's half-step image of ``x`` (``contract_left(x)`` for side="left",
     ``contract_right(x)`` for side="right"), which replaces one contraction: by linearity,
     and for symmetric F the image of ``x``'s antisymmetric rounding is antisymmetric and
-    removed by the symmetrisation of ``R`` below.
+    removed by the symmetrisation of ``R`` below. ``image`` (side="right", with ``aux``) is
+    the full application ``contract_left(aux)``, which replaces the last contraction too.
     """
     xp = Fn.xp
     L = x if side == "left" else (Fn.contract_right(x) if aux is None else aux)
@@ -1020,7 +1070,12 @@ def _finish(Fn: KronSum, x: Array, side: str, aux: Array | None = None):
     sign = 1.0
     if to_float(trace(L, xp)) < 0:
         L, sign = materialize(-L), -1.0
-    v = aux * (sign / nl) if (side == "left" and aux is not None) else Fn.contract_left(L)
+    if aux is not None and side == "left":
+        v = aux * (sign / nl)
+    elif aux is not None and image is not None:
+        v = image * (sign / nl)
+    else:
+        v = Fn.contract_left(L)
     if Fn.symmetric:
         v = symmetrize(v, xp)
     v = materialize(v)
