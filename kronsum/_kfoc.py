@@ -727,11 +727,11 @@ def _operator_space(Fn: KronSum, side: str, keep_aux: bool = False) -> _Space:
 
 def _mixed_precision(Fn: KronSum, stop: _Stop) -> bool:
     """Whether Lanczos on the contractions iterates in float32 (:func:`_lanczos_mixed`):
-    float64 inputs under the accuracy rule, contractions of at least 2²³ multiply-adds
+    float64 inputs under the accuracy rule, contractions of at least 2²⁶ multiply-adds
     (below, the copy and the float64 check cost more than the float32 steps save), not Dask
     (whose contractions are bound by the map-reduce, not the arithmetic)."""
     xp = Fn.xp
-    large = Fn.num_terms * Fn.num_positions * (Fn.m * Fn.m + Fn.n * Fn.n) >= 1 << 23
+    large = Fn.num_terms * Fn.num_positions * (Fn.m * Fn.m + Fn.n * Fn.n) >= 1 << 26
     return (large and stop.accuracy is not None and Fn.dtype == xp.float64
             and not is_dask_namespace(xp) and get_config()["mixed_precision"])
 
