@@ -84,12 +84,12 @@ def host_floats(values: list) -> list[float]:
     iteration scalars costs one synchronisation instead of ``k``; elsewhere each is converted in
     turn (Dask: each a small computation over materialised inputs). Counted as one host read.
     """
-    pending = [v for v in values if type(v) not in (int, float)]
+    pending = [v for v in values if not isinstance(v, (int, float))]  # NumPy scalars are floats
     if len(pending) > 1 and on_accelerator(pending[0]):
         xp = array_api_compat.array_namespace(*pending)
         got = iter(host_vector(xp.stack([xp.reshape(v, ()) for v in pending])))
-        return [float(v) if type(v) in (int, float) else float(next(got)) for v in values]
-    if pending:
+        return [float(v) if isinstance(v, (int, float)) else float(next(got)) for v in values]
+    if any(type(v) not in (int, float) for v in values):  # a NumPy scalar stands for a read
         count("host_reads")
     return [float(v) for v in values]
 

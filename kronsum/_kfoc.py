@@ -30,7 +30,7 @@ second order in that angle, which is why the error rule stops earlier. A rule on
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -71,6 +71,7 @@ class _Stop:
     tol: float
     accuracy: float | None = None
     f2: float | None = None
+    f2_err: float = 0.0  # a bound of f2's rounding error
     bound: float | None = None
     certified: bool = False
     th2: float | None = None  # the second Ritz value and its residual at the last call
@@ -80,7 +81,8 @@ class _Stop:
         """Whether the Ritz pair ``(th1, relative residual res)`` stops the solver."""
         self.th2, self.r2 = th2, r2
         self.bound, self.certified = gap_bound(
-            th1, res * th1, -1.0 if th2 is None else th2, r2, -1.0 if self.f2 is None else self.f2)
+            th1, res * th1, -1.0 if th2 is None else th2, r2, -1.0 if self.f2 is None else self.f2,
+            self.f2_err)
         return res <= self.tol or (self.accuracy is not None and self.bound <= self.accuracy)
 
 
@@ -260,7 +262,7 @@ def kfoc(
     tol : float, optional
         Relative eigen-residual ``‖𝓡𝓡ᵀu − θu‖/θ`` at which the iterative solvers stop.
         Default 1e-10 for float64, 1e-5 for float32. Given without ``accuracy``, it is the
-        only rule (the behaviour of earlier versions).
+        only rule.
     accuracy : float, optional
         Stop as soon as ``(‖F − F̂‖ − optimal error)/‖F‖ ≤ accuracy`` is bounded from the
         solver's Ritz values (or the residual meets ``tol``). Default 1e-8 for float64, 1e-6
@@ -358,6 +360,7 @@ def kfoc(
     Fn = Fn.persisted()  # Dask: inputs computed once, each iteration one map-reduce
     c = cw * (cl * cr)
     stop = _Stop(float(tol), None if accuracy is None else float(accuracy))
+    requested = method
     if method == "gram":
         L, R, sigma, notes, its, conv, res, s2, method = _gram_solve(Fn, init, seed, stop, max_iter)
     else:
@@ -371,14 +374,28 @@ def kfoc(
             space = _operator_space(Fn, side, keep_aux=method == "lanczos" and _aux_fits(Fn, side))
             x, its, conv, res, s2 = solver(space, x0, stop, max_iter)
             L, R, sigma, notes = _finish(Fn, x, side, space.result_aux)
-    if stop.bound is None:  # the solver met an invariant subspace (or a zero sum): exact
-        stop.bound, stop.certified = 0.0, True
+    sig1 = to_float(sigma)
+    # a start that is an eigenvector of a smaller singular value (Krylov then sees nothing
+    # else; the deflated probe finds the larger one) or orthogonal to the optimum (a zero
+    # answer from a non-zero sum): solve again from a random start
+    wrong = s2 is not None and s2 > sig1 * (1 + 1e-6)
+    if (wrong or not sig1 > 0) and init != "random":
+        why = (f"the start was an eigenvector of a smaller singular value ({sig1 * c:.6g}; the "
+               f"deflated probe found {s2 * c:.6g})" if wrong else "the start gave a zero estimate")
+        out = kfoc(F, method=requested, tol=tol, max_iter=max_iter, init="random",
+                   seed=0 if seed is None else seed, precision=precision, accuracy=accuracy)
+        if float(out.scale) > 0 or wrong:
+            out.info = replace(out.info, notes=out.info.notes + (f"{why}: solved again from a random start",))
+            return out
+    if stop.bound is None:
+        # the solver stopped at an invariant subspace (or a zero sum) without a bound: the
+        # residual is 0, and Temple's inequality with the probe's σ₂ (an estimate) bounds the gap
+        stop.met(sig1 * sig1, 0.0, None if s2 is None else s2 * s2)
     info = dict(method=f"kfoc/{method}", iterations=its, converged=conv, residual=res,
                 error_gap_bound=stop.bound, error_gap_certified=stop.certified)
     if not conv:
         rule = f"tol {tol:.3g}" + ("" if accuracy is None else f" or an error-gap bound ≤ {accuracy:.3g}")
         notes = notes + (f"not converged: residual {res:.3g}, not below {rule} after {its} applications",)
-    sig1 = to_float(sigma)
     if s2 is not None and sig1 > 0 and s2 >= sig1 * (1 - math.sqrt(xp.finfo(F.dtype).eps)):
         notes = notes + ("sigma1 == sigma2 to working precision: the optimum is not unique; "
                          "one optimal pair is returned",)
@@ -487,6 +504,7 @@ def _gram_solve(Fn: KronSum, init, seed, stop: _Stop, max_iter):
     alpha0 = xp.where(space.norm(alpha0) > 0, alpha0, w)
     # ‖F̃‖² in scaled units: it certifies the stop, and bounds σ₂ when the solver gave none
     stop.f2 = to_float(xp.sum(ws * ((SPs * SQs) @ ws)))
+    stop.f2_err = Fn.num_terms * float(xp.finfo(Fn.dtype).eps) * abs(stop.f2)
     alpha, its, conv, res, s2 = _lanczos(space, alpha0, stop, max_iter)
     kernel = "gram"
     # finish in coefficient space: ‖L‖² = αᵀS_Pα, R ∝ Σ β_k R_k with β = w∘S_Pα,
@@ -564,7 +582,7 @@ def _squaring(Fn: KronSum, alpha0, stop: _Stop, max_iter):
         if not (all(math.isfinite(v) for v in vals) and th > 0):
             return None, st
         res = math.sqrt(max(rr, 0.0)) / th
-        stop.f2 = f2s
+        stop.f2, stop.f2_err = f2s, Fn.num_terms * float(xp.finfo(Fn.dtype).eps) * abs(f2s)
         if not stop.met(th, res):
             continue
         L, R = LR if first else (Fn._combine("left", st.cL), Fn._combine("right", st.cR))
@@ -836,7 +854,7 @@ def _power(space: _Space, x, stop: _Stop, max_iter):
             x = y
             it += 1
             if sync_each and stop.met(1.0, r):
-                return x, it, True, r, None
+                return x, it, True, r, _invariant_probe(space, x, it, r)
         if sync_each:
             res = batch[-1][3]
             continue
@@ -848,8 +866,18 @@ def _power(space: _Space, x, stop: _Stop, max_iter):
                 return xb, it, True, 0.0, None
             res = r if math.isfinite(r) else math.inf
             if stop.met(1.0, res):  # applications counted as performed, the unused ones included
-                return y, it, True, res, None
+                return y, it, True, res, _invariant_probe(space, y, it - len(batch) + i + 1, res)
     return x, max_iter, False, res, None
+
+
+def _invariant_probe(space: _Space, x, its: int, res: float) -> float | None:
+    """σ₂ from the deflated probe when the power method's start was already an eigenvector
+    (converged at the first iteration with a residual at rounding level), else ``None``: an
+    eigenvector of a smaller singular value then shows as σ₂ > σ₁ and kfoc solves again."""
+    eps = float(space.xp.finfo(x.dtype).eps)
+    if its != 1 or res > 64 * eps:
+        return None
+    return _deflated_top(space, x, space.M(x))[0]
 
 
 def _lanczos(space: _Space, x, stop: _Stop, max_iter):
@@ -868,6 +896,7 @@ def _lanczos(space: _Space, x, stop: _Stop, max_iter):
     n_apply = 0
     res = math.inf
     s2 = None
+    stop.bound = None  # an exit without a check leaves the bound to kfoc
     eps = float(xp.finfo(x.dtype).eps)
     Mx = space.M(x)
     nx = space.norm(x, Mx)
@@ -995,13 +1024,17 @@ def _lanczos_numba(space: _Space, SP, SQ, w, x0, stop: _Stop, max_iter, eps):
     pass in the kernel) and the bound of the returned iterate."""
     kern = numba_kernels()
     stop.f2 = float(kern.weighted_hadamard_sum(SP, SQ, w))
+    # the Gram matrices and the sum are float64, from inputs of precision eps
+    stop.f2_err = SP.shape[0] * max(float(eps), float(np.finfo(np.float64).eps)) * abs(stop.f2)
     acc = -1.0 if stop.accuracy is None else stop.accuracy
     x, its, conv, res, s2, bound, certified = kern.coef_lanczos(
-        SP, SQ, w, x0, float(stop.tol), acc, stop.f2, int(max_iter), _KRYLOV_DIM, float(eps))
+        SP, SQ, w, x0, float(stop.tol), acc, stop.f2, stop.f2_err, int(max_iter), _KRYLOV_DIM,
+        float(eps))
     stop.bound, stop.certified = float(bound), bool(certified)
     if s2 < 0 and its == 1 and res == 0.0:  # invariant start vector: probe for a repeated sigma1
         s2, k = _deflated_top(space, x, space.M(x))
         its += k
+        stop.bound = None  # kfoc bounds the gap with the probe's σ₂
     return x, int(its), bool(conv), float(res), (None if s2 < 0 else float(s2))
 
 

@@ -16,7 +16,8 @@ finished from ``u`` has ``‖F − F̂‖² = ‖F‖² − θ_1`` against the o
 bound of ``‖F − F̂‖ + opt``. When ``‖F‖²`` is known (the Gram solver has it at the cost of one
 pass over its K×K matrices) ``μ = ‖F‖² − θ_1 ≥ ‖F‖² − λ_1 ≥ λ_2`` is a proven bound as soon as
 ``θ_1 > ‖F‖²/2`` (K-FOC explains more than half of ``‖F‖²``), and ``e_- = ‖F − F̂‖`` is known:
-the bound is then **certified**. Otherwise ``μ = θ_2 + r_2`` (an eigenvalue lies within ``r_2`` of
+the bound is then **certified** (in exact arithmetic, for the solver's residual; ``f2``'s
+rounding is allowed for, the Lanczos recurrence's residual estimate is taken as it is). Otherwise ``μ = θ_2 + r_2`` (an eigenvalue lies within ``r_2`` of
 ``θ_2``, and ``θ_2 ≤ λ_2`` by interlacing; that this eigenvalue is ``λ_2`` is what the Krylov
 space suggests, not a proof) and ``e_- = 2√θ_2 ≤ 2·opt``, ``‖F‖² ≥ θ_1 + θ_2``: an **estimate**.
 
@@ -34,20 +35,24 @@ import math
 ESTIMATE_SAFETY = 4.0
 
 
-def gap_bound(th1: float, r1: float, th2: float, r2: float, f2: float) -> tuple[float, bool]:
+def gap_bound(th1: float, r1: float, th2: float, r2: float, f2: float,
+              f2_err: float = 0.0) -> tuple[float, bool]:
     """``(bound, certified)``: an upper bound of ``(‖F − F̂‖ − optimal error)/‖F‖``.
 
     ``th1``, ``r1``: the top Ritz value and its absolute residual; ``th2``, ``r2``: the second
     Ritz value and its residual (``th2 < 0``: unknown); ``f2``: ``‖F‖²`` in the same units
-    (``< 0``: unknown). ``certified`` when the bound rests on ``f2`` alone (see the module
-    docstring). ``inf`` when nothing bounds ``λ_2`` below ``θ_1``; 0 for a zero operator.
+    (``< 0``: unknown), ``f2_err`` a bound of its rounding error (it widens ``μ`` and narrows
+    ``‖F − F̂‖`` by that much, so that a nearly exact Kronecker product, where ``f2 − θ_1``
+    cancels, is not certified on rounding noise). ``certified`` when the bound rests on
+    ``f2`` alone (see the module docstring). ``inf`` when nothing bounds ``λ_2`` below
+    ``θ_1``; 0 for a zero operator (certified when ``f2 = 0`` says the sum is zero).
     """
     if not th1 > 0.0:
-        return 0.0, True
+        return 0.0, f2 == 0.0
     certified = False
     mu = math.inf
-    if f2 >= 0.0 and f2 - th1 < th1:
-        mu = max(f2 - th1, 0.0)
+    if f2 >= 0.0 and f2 + f2_err - th1 < th1:
+        mu = max(f2 + f2_err - th1, 0.0)
         certified = True
     elif th2 >= 0.0:
         mu = th2 + r2
@@ -56,8 +61,8 @@ def gap_bound(th1: float, r1: float, th2: float, r2: float, f2: float) -> tuple[
         return math.inf, False
     dl = r1 * r1 / d
     if f2 >= 0.0:
-        nf2 = max(f2, th1)
-        lower = math.sqrt(max(f2 - th1, 0.0))
+        nf2 = max(f2 - f2_err, th1)
+        lower = math.sqrt(max(f2 - f2_err - th1, 0.0))
     else:
         nf2 = th1 + max(th2, 0.0)
         lower = 2.0 * math.sqrt(max(th2, 0.0))
