@@ -483,7 +483,18 @@ def _gram_solve(Fn: KronSum, init, seed, stop: _Stop, max_iter):
         alpha, its, conv, res, s2 = _lanczos_numba(space, SP, SQ, w64, alpha0, stop, max_iter,
                                                    xp.finfo(Fn.dtype).eps)
         dt = Fn.dtype
-        beta = w64 * (SP @ alpha)
+        MA = SP @ alpha
+        beta = w64 * MA
+        # norms and sign in coefficient space (‖L‖² = αᵀS_Pα, ‖R‖² = βᵀS_Qβ, tr L = Σ α_k tr L_k):
+        # the weighted Gram products then give unit factors, with no pass over their results
+        nls2, nrs2, tr = (float(v) for v in (alpha @ MA, beta @ (SQ @ beta),
+                                             alpha @ xp.astype(Fn._traces("left"), xp.float64)))
+        if math.isfinite(nls2 * nrs2 * tr) and nls2 > 0 and nrs2 > 0:
+            sign = -1.0 if tr < 0 else 1.0
+            nls, nrs = math.sqrt(nls2), math.sqrt(nrs2)
+            L = Fn._combine("left", xp.astype(alpha * (sign / nls), dt))
+            R = Fn._combine("right", xp.astype(beta * (sign / nrs), dt))
+            return L, R, nrs / nls, (), its, conv, res, s2, "gram[numba]"
         L, R, sigma, notes = _finish_pair(Fn, Fn._combine("left", xp.astype(alpha, dt)),
                                           Fn._combine("right", xp.astype(beta, dt)))
         return L, R, sigma, notes, its, conv, res, s2, "gram[numba]"
