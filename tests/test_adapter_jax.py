@@ -158,3 +158,32 @@ def test_errors():
 
     with pytest.raises(RuntimeError, match="twice"):
         collect(twice, jnp.eye(3), jnp.ones((2, 3)))
+
+
+# -- bad targets and batches: clear errors, no silent wrong answer ------------------------------
+
+
+def _dense_apply(params, x, tape):
+    return tape.dense("fc", x, params["w"], params["b"])
+
+
+@pytest.mark.parametrize("targets, match", [
+    ([0, 1, -1, 2], r"\[0, 3\); got -1"),
+    ([0, 1, 3, 2], r"\[0, 3\); got 3"),
+    ([0, 1, 2], r"shape \(4,\)"),
+    ([0.0, 1.0, 2.0, 0.0], "integer class indices"),
+])
+def test_bad_class_targets_raise(targets, match):
+    params = {"w": jnp.ones((5, 3)) / 5, "b": jnp.zeros(3)}
+    X = jnp.ones((4, 5))
+    with pytest.raises(ValueError, match=match):
+        collect(_dense_apply, params, X, jnp.asarray(targets), fisher="empirical")
+
+
+def test_bad_mse_targets_and_empty_batch_raise():
+    params = {"w": jnp.ones((5, 3)) / 5, "b": jnp.zeros(3)}
+    X = jnp.ones((4, 5))
+    with pytest.raises(ValueError, match=r"output's shape \(4, 3\)"):
+        collect(_dense_apply, params, X, jnp.zeros((3, 3)), loss="mse", fisher="empirical")
+    with pytest.raises(ValueError, match="empty batch"):
+        collect(_dense_apply, params, X[:0], fisher="mc")

@@ -172,8 +172,8 @@ def test_dtype_layers_and_errors():
     with pytest.raises(ValueError, match="fisher"):
         kt.collect(model, nn.CrossEntropyLoss(), X.float(), fisher="type-2")
     grouped = nn.Sequential(nn.Conv2d(2, 4, 3, groups=2), nn.Flatten())
-    with pytest.raises(NotImplementedError, match="groups=2"):
-        kt.collect(grouped, nn.MSELoss(), torch.randn(2, 2, 5, 5))
+    blocks = kt.collect(grouped, nn.MSELoss(), torch.randn(2, 2, 5, 5))
+    assert {k: (F.m, F.n) for k, F in blocks.items()} == {"0[0]": (2, 10), "0[1]": (2, 10)}
 
 
 # -- precondition ----------------------------------------------------------------------------

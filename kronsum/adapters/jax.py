@@ -45,6 +45,8 @@ from __future__ import annotations
 import math
 from typing import Any, Callable
 
+import numpy as np
+
 try:  # importable without JAX (for its docs); its functions need it
     import jax
     import jax.numpy as jnp
@@ -174,6 +176,29 @@ def _output_grad_terms(loss, f, targets, fisher, n_samples, key):
     return V, 2.0 * c * jnp.ones((D, N), f.dtype)
 
 
+def _check_targets(loss: str, targets: Any, out_shape: tuple) -> None:
+    """Class indices ``(N,)`` in ``[0, C)`` or regression targets of the output's shape."""
+    y = np.asarray(targets)
+    N = out_shape[0]
+    if loss == "cross_entropy":
+        if y.dtype.kind not in "iu":
+            raise ValueError(
+                f"cross_entropy: targets must be integer class indices, got dtype {y.dtype}"
+            )
+        if y.shape != (N,):
+            raise ValueError(f"cross_entropy: targets must have shape ({N},), got {y.shape}")
+        C = out_shape[1]
+        bad = (y < 0) | (y >= C)
+        if bad.any():
+            raise ValueError(
+                f"cross_entropy: targets must be class indices in [0, {C}); got {int(y[bad][0])}"
+            )
+    elif y.size != math.prod(out_shape) or y.ndim == 0 or y.shape[0] != N:
+        raise ValueError(f"mse: targets must have the output's shape {out_shape}, got {y.shape}")
+    elif y.dtype.kind not in "fiu":
+        raise ValueError(f"mse: targets must be real numbers, got dtype {y.dtype}")
+
+
 def _statistics_impl(apply, loss, fisher, n_samples, params, inputs, targets, key):
     """Inputs (per layer) and output gradients (per layer, per term) and the term weights."""
     shape_tape = _ShapeTape()
@@ -282,10 +307,18 @@ def collect(
     if fisher == "mc" and (int(n_samples) != n_samples or n_samples < 1):
         raise ValueError(f"n_samples must be a positive integer, got {n_samples!r}")
 
+    N = int(jnp.shape(inputs)[0]) if jnp.ndim(inputs) else None
+    if N == 0:
+        raise ValueError(f"inputs: an empty batch (shape {tuple(jnp.shape(inputs))})")
     shape_tape = _ShapeTape()
     shape_tape.out_shape = jax.eval_shape(lambda p, x: apply(p, x, shape_tape), params, inputs).shape
     if not shape_tape.shapes:
         raise ValueError("apply called no tape.dense / tape.conv2d layer")
+    out_shape = tuple(shape_tape.out_shape)
+    if loss == "cross_entropy" and len(out_shape) != 2:
+        raise ValueError(f"cross_entropy: the model output must be (N, C), got {out_shape}")
+    if targets is not None:
+        _check_targets(loss, targets, out_shape)
     key = jax.random.PRNGKey(0) if key is None else key
     acts, grads, w = _statistics(apply, loss, fisher, int(n_samples), params, inputs, targets, key)
 

@@ -46,8 +46,9 @@ Examples
 
 from __future__ import annotations
 
-import math
-from typing import Any, Iterable, Mapping
+import warnings
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable, Mapping
 
 try:  # the adapter is importable (for its docs) without torch; its functions are not usable
     import torch
@@ -60,8 +61,20 @@ except ImportError:  # pragma: no cover - depends on the environment
 from .._compat import all_finite, namespace
 from .._kron import Kron
 from .._sum import KronSum
+from ._torch_layers import (
+    Capture,
+    custom_rule,
+    register_rule,
+    rule_for,
+    uncovered_reason,
+    unregister_types,
+)
+from ._torch_losses import loss_spec, output_grad_terms
 
-__all__ = ["FISHER_TYPES", "collect", "precondition", "supported_layers"]
+__all__ = [
+    "FISHER_TYPES", "Coverage", "UncoveredParametersWarning", "collect", "coverage", "precondition",
+    "register_layer", "supported_layers", "unregister_layer",
+]
 
 #: The Fisher types :func:`collect` knows.
 FISHER_TYPES = ("mc", "empirical", "exact")
@@ -78,40 +91,110 @@ def _require_torch() -> None:
 # -- layers --------------------------------------------------------------------------------
 
 
-def _conv_padding(mod: Any) -> tuple[int, int]:
-    p = mod.padding
-    if isinstance(p, str):
-        if p == "valid":
-            return (0, 0)
-        pads = []
-        for k, d in zip(mod.kernel_size, mod.dilation):
-            total = d * (k - 1)
-            if total % 2:
-                raise ValueError(
-                    "padding='same' with an even effective kernel size pads asymmetrically, "
-                    "which unfold cannot express; use explicit padding"
-                )
-            pads.append(total // 2)
-        return (pads[0], pads[1])
-    return (int(p[0]), int(p[1]))
+class UncoveredParametersWarning(UserWarning):
+    """:func:`collect` leaves trainable parameters without a block (see :func:`coverage`)."""
 
 
-def _check_conv(name: str, mod: Any) -> None:
-    if mod.groups != 1:
-        raise NotImplementedError(
-            f"layer {name!r}: Conv2d with groups={mod.groups} is not supported (its weight is "
-            "block-diagonal across groups, so its block is not one Kronecker product of the "
-            "unfolded input); leave it out with `layers=[...]`"
-        )
-    _conv_padding(mod)
+@dataclass(frozen=True)
+class Coverage:
+    """Which trainable parameters of a model get a block, and why the others do not.
+
+    Attributes
+    ----------
+    layers : dict of str to torch.nn.Module
+        The covered modules, ``{name: module}`` in ``model.named_modules()`` order.
+    covered : dict of str to str
+        ``{parameter name: covering module name}``.
+    uncovered : dict of str to str
+        ``{parameter name: reason}`` for every other trainable parameter.
+    fraction : float
+        Share of the trainable parameters' entries that are covered.
+    """
+
+    layers: dict
+    covered: dict
+    uncovered: dict
+    fraction: float
+
+
+def _rule_params(mod: Any, paths: tuple) -> list:
+    """The trainable parameters among ``paths`` (relative to ``mod``)."""
+    out = []
+    for path in paths:
+        try:
+            p = mod.get_parameter(path)
+        except AttributeError:
+            continue
+        if p.requires_grad:
+            out.append(p)
+    return out
+
+
+def coverage(model: Any, layers: Iterable[str] | None = None) -> Coverage:
+    """The layers :func:`collect` covers and the trainable parameters it leaves out, with reasons.
+
+    Covered module types: ``nn.Linear``, ``nn.Conv1d/2d/3d`` (any groups), ``nn.Embedding``,
+    ``nn.MultiheadAttention`` and types added with :func:`register_layer`; every one with a
+    trainable weight, or exactly those named in ``layers`` (``KeyError`` for a name that is not
+    a covered layer). Parameters of other modules (normalisation layers, attention's
+    ``bias_k``/``bias_v``, ...) are listed in ``uncovered`` with the reason.
+
+    Examples
+    --------
+    >>> import pytest; torch = pytest.importorskip("torch")
+    >>> from torch import nn
+    >>> from kronsum.adapters.torch import coverage
+    >>> model = nn.Sequential(nn.Linear(4, 8), nn.LayerNorm(8), nn.Linear(8, 2))
+    >>> cov = coverage(model)
+    >>> list(cov.layers), cov.uncovered["1.weight"]
+    (['0', '2'], 'normalisation affine parameters have no Kronecker block')
+    >>> round(cov.fraction, 3)
+    0.784
+    """
+    _require_torch()
+    wanted = None if layers is None else list(layers)
+    candidates: dict[str, Any] = {}  # every module a rule covers (not inside another one)
+    for name, mod in model.named_modules():
+        if any(name.startswith(o + ".") or (o == "" and name) for o in candidates):
+            continue
+        rule = rule_for(mod)
+        if rule is not None and _rule_params(mod, rule.params):
+            candidates[name] = mod
+    if wanted is None:
+        found = candidates
+    else:
+        missing = [n for n in wanted if n not in candidates]
+        if missing:
+            raise KeyError(f"not a layer kronsum covers: {missing}")
+        found = {n: m for n, m in candidates.items() if n in wanted}
+    covered: dict[str, str] = {}
+    for name, mod in found.items():
+        for spec in rule_for(mod).specs(name, mod):
+            for p in (spec.weight, spec.bias):
+                if p is not None:
+                    covered[p] = name
+    uncovered: dict[str, str] = {}
+    total = kept = 0
+    for pname, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        total += p.numel()
+        if pname in covered:
+            kept += p.numel()
+            continue
+        owner = next((n for n in candidates if n == "" or pname.startswith(n + ".")), None)
+        mname = pname.rsplit(".", 1)[0] if "." in pname else ""
+        if owner is not None and owner not in found:
+            uncovered[pname] = "its layer is not in `layers=`"
+        elif owner is not None:
+            uncovered[pname] = f"{type(candidates[owner]).__name__}.{pname[len(owner):].lstrip('.')} has no Kronecker block"
+        else:
+            uncovered[pname] = uncovered_reason(model.get_submodule(mname))
+    return Coverage(found, covered, uncovered, kept / total if total else 1.0)
 
 
 def supported_layers(model: Any, layers: Iterable[str] | None = None) -> dict[str, Any]:
-    """The layers :func:`collect` covers: ``{name: module}`` in ``model.named_modules()`` order.
-
-    Every ``nn.Linear`` and ``nn.Conv2d`` whose weight requires a gradient, or exactly those
-    named in ``layers`` (``KeyError`` for a name that is not a supported layer). A grouped
-    convolution raises ``NotImplementedError``.
+    """The layers :func:`collect` covers: ``{name: module}`` (``coverage(model, layers).layers``).
 
     Examples
     --------
@@ -122,98 +205,52 @@ def supported_layers(model: Any, layers: Iterable[str] | None = None) -> dict[st
     >>> list(supported_layers(model))
     ['0', '3']
     """
-    _require_torch()
-    wanted = None if layers is None else list(layers)
-    found: dict[str, Any] = {}
-    for name, mod in model.named_modules():
-        if not isinstance(mod, (nn.Linear, nn.Conv2d)):
-            continue
-        if wanted is None and not mod.weight.requires_grad:
-            continue
-        if wanted is not None and name not in wanted:
-            continue
-        if isinstance(mod, nn.Conv2d):
-            _check_conv(name, mod)
-        found[name] = mod
-    if wanted is not None:
-        missing = [n for n in wanted if n not in found]
-        if missing:
-            raise KeyError(f"not a Linear or Conv2d layer of the model: {missing}")
-    return found
+    return coverage(model, layers).layers
 
 
-def _unfold(mod: Any, x: Any) -> Any:
-    """Patches of a Conv2d input: (N, T, in·kh·kw), channel-major like ``weight.reshape(out, -1)``."""
-    padding = _conv_padding(mod)
-    if mod.padding_mode != "zeros" and any(padding):
-        x = _tF.pad(x, mod._reversed_padding_repeated_twice, mode=mod.padding_mode)
-        padding = (0, 0)
-    cols = _tF.unfold(x, mod.kernel_size, dilation=mod.dilation, padding=padding, stride=mod.stride)
-    return cols.transpose(1, 2)
+def register_layer(module_type: Any, inputs: Callable[[Any, tuple, Any], Any]) -> None:
+    r"""Cover a custom layer ``y[n, t] = W a[n, t] (+ b)`` by giving its per-sample inputs.
+
+    Parameters
+    ----------
+    module_type : type or tuple of types
+        Modules with a ``weight`` parameter (viewed ``(m, n)``, ``m`` the output size) and
+        optionally a ``bias`` (``m``). Registered types take precedence over the built-in rules;
+        registering a type again replaces its rule; :func:`unregister_layer` removes it.
+    inputs : callable
+        ``inputs(module, args, output) -> A``: the inputs of the weight, ``(N, T, n)`` — ``N``
+        samples, ``T`` positions (1 for a plain map) — from the forward call's positional
+        arguments ``args`` and its ``output`` ``(N, ..., m)``, whose gradient (viewed
+        ``(N, T, m)``) is taken as the output gradient.
+
+    Examples
+    --------
+    >>> import pytest; torch = pytest.importorskip("torch")
+    >>> from torch import nn
+    >>> from kronsum.adapters.torch import collect, register_layer, unregister_layer
+    >>> class Scaled(nn.Module):                      # y = W (2x)
+    ...     def __init__(self):
+    ...         super().__init__()
+    ...         self.weight = nn.Parameter(torch.randn(3, 4))
+    ...     def forward(self, x):
+    ...         return (2 * x) @ self.weight.T
+    >>> register_layer(Scaled, lambda mod, args, out: 2 * args[0])
+    >>> F = collect(Scaled(), nn.MSELoss(), torch.randn(5, 4), fisher="exact")[""]
+    >>> F.m, F.n
+    (3, 4)
+    >>> unregister_layer(Scaled)
+    """
+    types = module_type if isinstance(module_type, tuple) else (module_type,)
+    unregister_types(types)
+    register_rule(custom_rule(types, inputs))
 
 
-# -- loss ----------------------------------------------------------------------------------
+def unregister_layer(module_type: Any) -> None:
+    """Remove a rule added with :func:`register_layer`."""
+    unregister_types(module_type if isinstance(module_type, tuple) else (module_type,))
 
 
-def _loss_kind(loss_fn: Any) -> tuple[str, str]:
-    if isinstance(loss_fn, nn.CrossEntropyLoss):
-        if loss_fn.weight is not None or loss_fn.label_smoothing != 0.0:
-            raise NotImplementedError(
-                "CrossEntropyLoss with class weights or label smoothing is not a plain "
-                "negative log-likelihood; its Fisher is not supported"
-            )
-        kind = "ce"
-    elif isinstance(loss_fn, nn.MSELoss):
-        kind = "mse"
-    else:
-        raise TypeError(
-            f"loss_fn must be torch.nn.CrossEntropyLoss or torch.nn.MSELoss, got "
-            f"{type(loss_fn).__name__}"
-        )
-    if loss_fn.reduction not in ("sum", "mean"):
-        raise ValueError(f"the loss's reduction must be 'sum' or 'mean', got {loss_fn.reduction!r}")
-    return kind, loss_fn.reduction
-
-
-def _output_grad_terms(kind, reduction, out, targets, fisher, n_samples, generator):
-    """``[(V_s, w_s)]``: output gradients ``∇_f ℓ`` (N, D) and their weights (N,) per backward."""
-    f = out.detach().reshape(out.shape[0], -1)
-    N, D = f.shape
-    c = 1.0 if reduction == "sum" else 1.0 / (N if kind == "ce" else N * D)
-    ones = torch.ones(N, dtype=f.dtype, device=f.device)
-    terms = []
-    if kind == "ce":
-        if out.ndim != 2:
-            raise ValueError(f"CrossEntropyLoss: the model output must be (N, C), got {tuple(out.shape)}")
-        p = torch.softmax(f, dim=1)
-        eye = torch.eye(D, dtype=f.dtype, device=f.device)
-        if fisher == "empirical":
-            y = torch.as_tensor(targets, device=f.device)
-            if y.shape != (N,) or y.is_floating_point():
-                raise ValueError("CrossEntropyLoss: targets must be class indices of shape (N,)")
-            terms.append((p - eye[y], c * ones))
-        elif fisher == "mc":
-            for _ in range(n_samples):
-                y = torch.multinomial(p, 1, generator=generator).squeeze(-1)
-                terms.append((p - eye[y], (c / n_samples) * ones))
-        else:  # exact: Hessian diag(p) − p pᵀ = Σ_j p_j (e_j − p)(e_j − p)ᵀ
-            for j in range(D):
-                terms.append((p - eye[j], c * p[:, j]))
-    else:
-        if fisher == "empirical":
-            y = torch.as_tensor(targets, dtype=f.dtype, device=f.device).reshape(N, -1)
-            if y.shape != f.shape:
-                raise ValueError(f"MSELoss: targets must have the output's shape {tuple(out.shape)}")
-            terms.append((2.0 * (f - y), c * ones))
-        elif fisher == "mc":  # y ~ N(f, I/2): ∇ℓ = 2(f − y) = −√2 ε
-            for _ in range(n_samples):
-                eps = torch.randn(f.shape, dtype=f.dtype, device=f.device, generator=generator)
-                terms.append((math.sqrt(2.0) * eps, (c / n_samples) * ones))
-        else:  # exact: Hessian 2I = Σ_j 2 e_j e_jᵀ
-            eye = torch.eye(D, dtype=f.dtype, device=f.device)
-            for j in range(D):
-                terms.append((eye[j].expand(N, D), 2.0 * c * ones))
-    return terms
+# -- collect -------------------------------------------------------------------------------
 
 
 def _check_finite(name: str, x: Any, what: str) -> None:
@@ -221,7 +258,9 @@ def _check_finite(name: str, x: Any, what: str) -> None:
         raise ValueError(f"layer {name!r}: its {what} hold NaN or inf")
 
 
-# -- collect -------------------------------------------------------------------------------
+def _batch_size(inputs: Any) -> int | None:
+    shape = getattr(inputs, "shape", None)
+    return None if shape is None or len(shape) == 0 else int(shape[0])
 
 
 def collect(
@@ -235,6 +274,7 @@ def collect(
     generator: Any = None,
     layers: Iterable[str] | None = None,
     weight_sharing: str = "expand",
+    class_dim: int = 1,
     check_finite: bool = True,
 ) -> dict[str, KronSum]:
     r"""Per-layer Fisher blocks of ``loss_fn(model(inputs), targets)`` as ``{name: KronSum}``.
@@ -242,51 +282,73 @@ def collect(
     Parameters
     ----------
     model : torch.nn.Module
-        Called once as ``model(inputs)``; its output is ``(N, C)`` logits for cross-entropy or
-        ``(N, ...)`` predictions for MSE. Train/eval mode is left as it is.
+        Called once as ``model(inputs)``; its output is ``(N, C, ...)`` logits for
+        cross-entropy (``(N, ..., C)`` with ``class_dim=-1``) or ``(N, ...)`` predictions for MSE.
+        Train/eval mode is left as it is (a train-mode BatchNorm couples the samples: warned).
     loss_fn : torch.nn.CrossEntropyLoss or torch.nn.MSELoss
         With ``reduction="sum"`` or ``"mean"``; the reduction sets the weights (module docstring).
+        Cross-entropy's ``ignore_index`` drops those targets' positions (when targets are given).
     inputs : tensor
-        One batch, ``N`` samples.
+        One batch, ``N ≥ 1`` samples.
     targets : tensor, optional
-        Class indices ``(N,)`` or regression targets; needed only for ``fisher="empirical"``.
+        Class indices (the output's shape without the class axis, integer, in ``[0, C)`` or
+        ``ignore_index``) or regression targets (the output's shape); needed for
+        ``fisher="empirical"``, used by the other types only for ``ignore_index``.
     fisher : {"mc", "empirical", "exact"}
         ``"mc"``: ``n_samples`` labels drawn from the model's predictive distribution (weights
-        ``1/n_samples``). ``"empirical"``: the given labels. ``"exact"``: every class weighted by
-        its predicted probability (cross-entropy), every output with the Hessian ``2I`` (MSE) —
-        the exact Fisher (= generalised Gauss-Newton) block.
+        ``1/n_samples``), independently per position. ``"empirical"``: the given labels.
+        ``"exact"``: every class weighted by its predicted probability (cross-entropy; with
+        ``P > 1`` positions one backward pass per class and position), every output with the
+        Hessian ``2I`` (MSE) — the exact Fisher (= generalised Gauss-Newton) block.
     n_samples : int
         Monte-Carlo samples per input for ``fisher="mc"``.
     generator : torch.Generator, optional
         Random source of ``fisher="mc"``.
     layers : iterable of str, optional
-        Names (as in ``model.named_modules()``) of the layers to cover; default every
-        ``nn.Linear`` and ``nn.Conv2d`` whose weight requires a gradient.
+        Names (as in ``model.named_modules()``) of the layers to cover; default every covered
+        layer (see :func:`coverage`) whose weight requires a gradient. Trainable parameters left
+        without a block for another reason than ``layers=`` raise an
+        :class:`UncoveredParametersWarning` naming them.
     weight_sharing : {"expand", "sample"}
-        For an ``nn.Linear`` applied to inputs ``(N, ..., d)``: ``"expand"`` (default) flattens the
-        extra axes into the batch, one outer-form term per position (exact when every position is
-        its own loss term, as for a position-wise network); ``"sample"`` keeps them as the
-        positions of the conv form, one term ``vec(∇W_n)vec(∇W_n)ᵀ`` per sample, the exact
-        per-sample Fisher. Both give the same :func:`~kronsum.kfac`. Conv2d layers always use
-        the conv form. Ignored for 2-D inputs.
+        For a Linear, Embedding or attention projection applied to inputs ``(N, ..., d)``:
+        ``"expand"`` (default) flattens the extra axes into the batch, one outer-form term per
+        position (K-FAC-expand; exact when every position is its own loss term, as for a
+        position-wise network); ``"sample"`` keeps them as the positions of the conv form, one
+        term ``vec(∇W_n)vec(∇W_n)ᵀ`` per sample, the exact per-sample Fisher. Both give the same
+        :func:`~kronsum.kfac`. Convolutions always use the conv form.
+    class_dim : int
+        The axis of the model output that holds the classes (cross-entropy): ``1`` as
+        ``CrossEntropyLoss`` expects, ``-1`` for ``(N, ..., C)`` logits such as a language
+        model's ``(N, T, C)``.
     check_finite : bool
-        Raise ``ValueError`` when an input or output gradient of a layer holds NaN or inf
-        (one sum per array; an entry-wise check only when a sum is not finite).
+        Raise ``ValueError`` when the model output, an input or an output gradient of a layer
+        holds NaN or inf (one sum per array; an entry-wise check only when a sum is not finite).
 
     Returns
     -------
     dict of str to KronSum
-        ``from_outer`` (Linear) or ``from_conv`` (Conv2d, and Linear with ``"sample"``), with
-        ``m = out_features`` / ``out_channels`` and ``n = in_features`` / ``in·kh·kw``, plus one
-        for a bias; ``num_terms`` is ``N`` times the number of backward passes (times the
-        positions for ``"expand"``). Tensors on the model's device, in its dtype.
+        ``from_outer`` (expand) or ``from_conv`` (convolutions, and ``"sample"``), with
+        ``m`` the output size and ``n`` the input size (``in/groups·∏k`` for a convolution) plus
+        one for a bias. Keys are the layers' names; a grouped convolution gives ``"name[g]"``
+        per group, an attention layer ``"name.in_proj"`` (or ``".in_proj[q|k|v]"``,
+        ``".q_proj"``…) and ``"name.out_proj"`` (module ``kronsum.adapters._torch_layers``
+        describes each rule). ``num_terms`` is ``N`` times the number of backward passes (times
+        the positions for ``"expand"``). Tensors on the model's device, in its dtype.
+
+    Raises
+    ------
+    ValueError
+        Bad options, an empty batch, targets of the wrong shape, dtype or range, a model output
+        that is not ``N`` rows, NaN/inf (``check_finite``).
+    RuntimeError
+        A covered layer that ran twice in one forward pass, or not at all.
 
     Notes
     -----
     Cost: one forward pass, then one backward pass per gradient term (1 for ``"empirical"``,
-    ``n_samples`` for ``"mc"``, ``C`` for ``"exact"``) that stops at the first covered layer and
-    computes no weight gradient. The inputs are kept once per backward pass (repeated for the
-    ``K = N·passes`` terms). A layer called twice in one forward pass raises ``RuntimeError``.
+    ``n_samples`` for ``"mc"``, ``C`` for ``"exact"`` — ``C·P`` with ``P`` positions of
+    cross-entropy, ``D`` output entries for MSE) that computes no weight gradient. The inputs are
+    kept once per layer (repeated for the ``K = N·passes`` terms).
 
     Examples
     --------
@@ -303,81 +365,120 @@ def collect(
         raise ValueError(f"fisher must be one of {FISHER_TYPES}, got {fisher!r}")
     if weight_sharing not in _SHARING:
         raise ValueError(f"weight_sharing must be one of {_SHARING}, got {weight_sharing!r}")
-    if fisher == "mc" and (int(n_samples) != n_samples or n_samples < 1):
+    if fisher == "mc" and (isinstance(n_samples, bool) or not isinstance(n_samples, int)
+                           or n_samples < 1):
         raise ValueError(f"n_samples must be a positive integer, got {n_samples!r}")
     if fisher == "empirical" and targets is None:
         raise ValueError("fisher='empirical' needs the targets")
-    kind, reduction = _loss_kind(loss_fn)
-    mods = supported_layers(model, layers)
+    if isinstance(class_dim, bool) or not isinstance(class_dim, int):
+        raise TypeError(f"class_dim must be an int, got {class_dim!r}")
+    spec = loss_spec(loss_fn)
+    N = _batch_size(inputs)
+    if N == 0:
+        raise ValueError(f"inputs: an empty batch (shape {tuple(inputs.shape)})")
+    cov = coverage(model, layers)
+    mods = cov.layers
     if not mods:
-        raise ValueError("the model has no Linear or Conv2d layer to cover")
+        raise ValueError("the model has no layer kronsum covers (see kronsum.adapters.torch.coverage)")
+    others = {p: why for p, why in cov.uncovered.items() if why != "its layer is not in `layers=`"}
+    if others:
+        warnings.warn(
+            "collect: trainable parameters without a Fisher block: "
+            + "; ".join(f"{p} ({why})" for p, why in others.items()),
+            UncoveredParametersWarning, stacklevel=2,
+        )
+    if any(isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training for m in model.modules()):
+        warnings.warn(
+            "collect: a BatchNorm layer is in train mode, so each sample's output depends on the "
+            "whole batch; the blocks treat the samples as independent (call model.eval() for "
+            "per-sample statistics)", UserWarning, stacklevel=2,
+        )
 
-    records: dict[str, tuple[Any, Any]] = {}
+    captures: list[Capture] = []
+    seen: set[str] = set()
+    ran: set[str] = set()
 
-    def make_hook(name):
-        def hook(mod, args, output):
-            if name in records:
-                raise RuntimeError(
-                    f"layer {name!r} ran twice in one forward pass; a layer reused within a pass "
-                    "is not supported"
-                )
-            eps = torch.zeros_like(output, requires_grad=True)
-            records[name] = (args[0].detach(), eps)
-            return output + eps
+    def record(cap: Capture) -> None:
+        if cap.spec.key in seen:
+            raise RuntimeError(
+                f"layer {cap.spec.module!r} ran twice in one forward pass; a layer reused within "
+                "a pass is not supported"
+            )
+        seen.add(cap.spec.key)
+        ran.add(cap.spec.module)
+        captures.append(cap)
 
-        return hook
-
-    handles = [mod.register_forward_hook(make_hook(name)) for name, mod in mods.items()]
+    handles = []
     try:
+        for name, mod in mods.items():
+            handles += rule_for(mod).install(name, mod, record)
         with torch.enable_grad():
             out = model(inputs)
     finally:
         for h in handles:
             h.remove()
-    not_run = [name for name in mods if name not in records]
+    not_run = [name for name in mods if name not in ran]
     if not_run:
         raise RuntimeError(f"layers not called in the forward pass: {not_run}")
+    if N is not None and (out.ndim == 0 or out.shape[0] != N):
+        raise ValueError(
+            f"the model output has shape {tuple(out.shape)} for a batch of {N} inputs; its first "
+            "axis must be the batch (for (N, T, C) logits pass class_dim=-1 instead of flattening)"
+        )
+    if targets is not None:
+        ny = _batch_size(torch.as_tensor(targets))
+        if ny != out.shape[0]:
+            raise ValueError(
+                f"targets: {ny} rows for a batch of {out.shape[0]} inputs (shape "
+                f"{tuple(torch.as_tensor(targets).shape)})"
+            )
 
-    names = list(mods)
-    perturbations = [records[name][1] for name in names]
-    terms = _output_grad_terms(kind, reduction, out, targets, fisher, n_samples, generator)
-    grads: dict[str, list[Any]] = {name: [] for name in names}
+    eps_list: list[Any] = []
+    for cap in captures:
+        if not any(cap.eps is e for e in eps_list):
+            eps_list.append(cap.eps)
+    terms = output_grad_terms(spec, out, targets, fisher, n_samples, generator, class_dim,
+                              check_finite)
+    grads: list[list[Any]] = [[] for _ in eps_list]
     for s, (V, _) in enumerate(terms):
         gs = torch.autograd.grad(
-            out, perturbations, grad_outputs=V.reshape(out.shape).to(out.dtype),
+            out, eps_list, grad_outputs=V.to(out.dtype),
             retain_graph=s < len(terms) - 1, allow_unused=True,
         )
-        for name, g, eps in zip(names, gs, perturbations):
-            grads[name].append(torch.zeros_like(eps) if g is None else g)
-    del out, perturbations
-    w = torch.cat([wt for _, wt in terms])
+        for i, (g, eps) in enumerate(zip(gs, eps_list)):
+            grads[i].append(torch.zeros_like(eps) if g is None else g)
+    del out
+    w_pass = [wt for _, wt in terms]
     S = len(terms)
 
     result: dict[str, KronSum] = {}
-    for name, mod in mods.items():
-        x = records[name][0]
-        if isinstance(mod, nn.Conv2d):
-            A = _unfold(mod, x)  # (N, T, in·kh·kw)
-            Gs = [g.flatten(2).transpose(1, 2) for g in grads[name]]  # (N, T, out) each
-        else:
-            A = x.reshape(x.shape[0], -1, x.shape[-1])  # (N, T, in)
-            Gs = [g.reshape(g.shape[0], -1, g.shape[-1]) for g in grads[name]]
-        G = Gs[0] if S == 1 else torch.cat(Gs)  # (S·N, T, out)
-        if mod.bias is not None:  # one copy: the inputs and a last column of ones
-            A = _tF.pad(A, (0, 1), value=1.0)
-        if S > 1:
-            A = A.repeat(S, 1, 1)
+    for cap in captures:
+        i = next(j for j, e in enumerate(eps_list) if e is cap.eps)
+        Gs = [cap.to_G(g) for g in grads[i]]
+        G = Gs[0] if S == 1 else torch.cat(Gs)  # (S·B, T, m)
+        A = cap.A if S == 1 else cap.A.repeat(S, 1, 1)
+        key = cap.spec.key
+        if A.shape[:2] != G.shape[:2]:
+            raise ValueError(
+                f"layer {key!r}: inputs of shape {tuple(cap.A.shape)} do not match its output "
+                f"gradients {tuple(Gs[0].shape)} (samples, positions)"
+            )
         if check_finite:
-            _check_finite(name, x, "inputs")
-            _check_finite(name, G, "output gradients")
-        wl = w.to(dtype=A.dtype)
-        T = A.shape[1]
-        if isinstance(mod, nn.Conv2d) or (weight_sharing == "sample" and x.ndim > 2):
-            result[name] = KronSum.from_conv(G, A, wl, check_finite=False)
+            _check_finite(key, cap.A, "inputs")
+            _check_finite(key, G, "output gradients")
+        B, T = cap.A.shape[:2]  # B = N unless the layer's first axis is not the batch
+        sample = cap.conv or (weight_sharing == "sample" and T > 1)
+        if sample and B != N:
+            raise ValueError(
+                f"layer {key!r}: its input's first axis has {B} entries for a batch of {N}; "
+                "per-sample blocks (weight_sharing='sample') need batch-first layers"
+            )
+        reps = B if sample else B * T
+        wl = torch.cat([torch.full((reps,), wt, dtype=A.dtype, device=A.device) for wt in w_pass])
+        if sample:
+            result[key] = KronSum.from_conv(G, A, wl, check_finite=False)
         else:
-            if T > 1:
-                wl = wl.repeat_interleave(T)
-            result[name] = KronSum.from_outer(
+            result[key] = KronSum.from_outer(
                 G.reshape(-1, G.shape[-1]), A.reshape(-1, A.shape[-1]), wl, check_finite=False
             )
     return result
@@ -406,10 +507,12 @@ def precondition(model: Any, estimates: Mapping[str, Kron], damping: float, *,
                  method: str = "exact") -> None:
     r"""Replace each covered layer's gradient by ``(scale·L ⊗ R + λI)⁻¹ vec(∇W)``, in place.
 
-    For every ``name, est`` in ``estimates`` the layer ``model.get_submodule(name)`` has its
-    weight gradient viewed ``(out, in·kh·kw)``, with ``bias.grad`` as an extra last column when
-    the layer has a bias, solved against the damped Kronecker product and written back to
-    ``weight.grad`` and ``bias.grad``. Parameters of layers not in ``estimates`` are untouched.
+    For every ``name, est`` in ``estimates`` (``name`` a key of :func:`collect`'s result) the
+    block's weight gradient is viewed ``(m, n)`` as there — e.g. ``(out, in·kh·kw)`` — with the
+    bias gradient as an extra last column when the layer has a bias, solved against the damped
+    Kronecker product and written back to the gradients of those entries. Everything is checked
+    and solved before the first gradient is written, so an error leaves every gradient as it
+    was. Parameters of blocks not in ``estimates`` are untouched.
 
     Parameters
     ----------
@@ -437,32 +540,63 @@ def precondition(model: Any, estimates: Mapping[str, Kron], damping: float, *,
     (torch.Size([2, 3]), torch.Size([2]))
     """
     _require_torch()
+    specs = _specs_by_key(model)
+    jobs = []  # everything checked before any gradient is written
     for name, est in estimates.items():
         if not isinstance(est, Kron):
             raise TypeError(
                 f"estimates[{name!r}] must be a Kron (e.g. kronsum.kfac(F)), got {type(est).__name__}"
             )
-        mod = model.get_submodule(name)
-        W, b = mod.weight, getattr(mod, "bias", None)
+        if name not in specs:
+            raise KeyError(f"estimates[{name!r}]: not a block of the model (see collect's keys)")
+        spec = specs[name]
+        W = model.get_parameter(spec.weight)
+        b = None if spec.bias is None else model.get_parameter(spec.bias)
         if W.grad is None:
             raise ValueError(f"layer {name!r} has no weight.grad: call loss.backward() first")
-        gw = W.grad.reshape(W.shape[0], -1)
-        cols = gw.shape[1]
-        if b is not None:
-            gb = b.grad if b.grad is not None else torch.zeros_like(b)
-            V = torch.cat([gw, gb.reshape(-1, 1)], dim=1)
-        else:
-            V = gw
+        V = _block_matrix(spec, W.grad, None if b is None else b.grad, b)
         if (est.m, est.n) != tuple(V.shape):
             raise ValueError(
                 f"layer {name!r}: the estimate is for a ({est.m}, {est.n}) weight, the gradient "
                 f"(with bias column) is {tuple(V.shape)}"
             )
-        P = _solve(est, V.to(est.dtype), damping, method)
-        with torch.no_grad():
-            W.grad.copy_(P[:, :cols].reshape(W.shape))
-            if b is not None:
-                if b.grad is None:
-                    b.grad = P[:, cols].clone().to(b.dtype)
-                else:
-                    b.grad.copy_(P[:, cols])
+        jobs.append((spec, est, W, b, V))
+    results = [_solve(est, V.to(est.dtype), damping, method) for _, est, _, _, V in jobs]
+    with torch.no_grad():
+        for (spec, est, W, b, V), P in zip(jobs, results):
+            _write_block(spec, P, W, b)
+
+
+def _specs_by_key(model: Any) -> dict:
+    """Every block key a covered module can give, with its :class:`BlockSpec`."""
+    out = {}
+    for name, mod in coverage(model).layers.items():
+        for spec in rule_for(mod).specs(name, mod):
+            out[spec.key] = spec
+    return out
+
+
+def _block_matrix(spec: Any, gW: Any, gb: Any, b: Any) -> Any:
+    """The block's ``(m, n)`` gradient matrix: weight rows (transposed if so), bias last column."""
+    r0, r1 = spec.rows or (0, gW.shape[0])
+    M = gW.T if spec.transpose else gW[r0:r1]
+    M = M.reshape(M.shape[0], -1)
+    if b is None:
+        return M
+    b0, b1 = spec.bias_slice() or (0, b.shape[0])
+    gb = torch.zeros_like(b) if gb is None else gb
+    return torch.cat([M, gb[b0:b1].reshape(-1, 1).to(M.dtype)], dim=1)
+
+
+def _write_block(spec: Any, P: Any, W: Any, b: Any) -> None:
+    r0, r1 = spec.rows or (0, W.shape[0])
+    cols = P.shape[1] - (b is not None)
+    if spec.transpose:
+        W.grad.copy_(P[:, :cols].T)
+    else:
+        W.grad[r0:r1].copy_(P[:, :cols].reshape(W.grad[r0:r1].shape))
+    if b is not None:
+        b0, b1 = spec.bias_slice() or (0, b.shape[0])
+        if b.grad is None:
+            b.grad = torch.zeros_like(b)
+        b.grad[b0:b1].copy_(P[:, cols])

@@ -1,0 +1,173 @@
+r"""The losses the PyTorch adapter knows: output gradients and weights of each backward pass.
+
+A loss of the model output ``f`` (``N`` samples, each with ``P`` positions of ``D`` outputs) is a
+sum of negative log-likelihoods ``ℓ_{n,t}``; its Fisher is ``Σ_s w_s Σ_n ∇_θ(v_{s,n}ᵀ f_n)
+∇_θ(v_{s,n}ᵀ f_n)ᵀ`` over *terms* ``s``, each one backward pass with output gradients ``v_s``
+(same shape as ``f``) and one weight ``w_s`` for all samples (so that a layer whose first axis
+is not the batch, e.g. a sequence-first one, still gets the right weights):
+
+* cross-entropy: ``"empirical"`` ``v = p − e_y`` (the given labels); ``"mc"`` the same with labels
+  drawn from ``p`` independently per sample and position; ``"exact"`` one term per class ``j``
+  with ``v = √p_j (p − e_j)`` (``P = 1``), and with several positions one term per class and
+  position, ``v = √p_{t,j}(p_t − e_j)`` at position ``t`` and zero elsewhere — the positions' Hessians
+  ``diag(p_t) − p_t p_tᵀ`` stay separate, so the block is exact for any network, at ``C·P``
+  backward passes. Targets equal to ``ignore_index`` drop their position (all types); ``"mean"``
+  divides by the number of positions kept, as PyTorch does.
+* MSE (``ℓ = ‖f − y‖²``, the Gaussian ``N(f, I/2)`` up to a constant): ``"empirical"``
+  ``v = 2(f − y)``; ``"mc"`` ``v = √2 ε``; ``"exact"`` one term per output entry with weight 2
+  (the Hessian ``2I``); ``"mean"`` divides by ``N·D``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+try:
+    import torch
+    from torch import nn
+except ImportError:  # pragma: no cover - depends on the environment
+    torch = None  # type: ignore[assignment]
+    nn = None  # type: ignore[assignment]
+
+from .._compat import all_finite, namespace
+
+
+@dataclass(frozen=True)
+class LossSpec:
+    kind: str  # "ce" or "mse"
+    reduction: str  # "sum" or "mean"
+    ignore_index: int | None = None
+
+
+def loss_spec(loss_fn: Any) -> LossSpec:
+    """The kind and reduction of ``loss_fn``; ``TypeError``/``ValueError``/``NotImplementedError``
+    for a loss that is not a plain negative log-likelihood kronsum knows."""
+    if isinstance(loss_fn, nn.CrossEntropyLoss):
+        if loss_fn.weight is not None or loss_fn.label_smoothing != 0.0:
+            raise NotImplementedError(
+                "CrossEntropyLoss with class weights or label smoothing is not a plain "
+                "negative log-likelihood; its Fisher is not supported"
+            )
+        kind, ignore = "ce", loss_fn.ignore_index
+    elif isinstance(loss_fn, nn.MSELoss):
+        kind, ignore = "mse", None
+    else:
+        raise TypeError(
+            f"loss_fn must be torch.nn.CrossEntropyLoss or torch.nn.MSELoss, got "
+            f"{type(loss_fn).__name__}"
+        )
+    if loss_fn.reduction not in ("sum", "mean"):
+        raise ValueError(f"the loss's reduction must be 'sum' or 'mean', got {loss_fn.reduction!r}")
+    return LossSpec(kind, loss_fn.reduction, ignore)
+
+
+def _class_targets(targets: Any, shape: tuple, C: int, ignore: int, device: Any,
+                   class_dim: int) -> Any:
+    """``targets`` as a ``(N, P)`` int64 tensor after checking dtype, shape and range."""
+    y = torch.as_tensor(targets, device=device)
+    if y.is_floating_point() or y.is_complex() or y.dtype == torch.bool:
+        raise ValueError(
+            f"CrossEntropyLoss: targets must be integer class indices, got dtype {y.dtype} "
+            "(class probabilities are not supported)"
+        )
+    if tuple(y.shape) != shape:
+        raise ValueError(
+            f"CrossEntropyLoss: targets must have shape {shape} (the output without its class "
+            f"axis, class_dim={class_dim}), got {tuple(y.shape)}"
+        )
+    y = y.reshape(shape[0], -1).to(torch.int64)
+    bad = ((y < 0) | (y >= C)) & (y != ignore)
+    if bool(bad.any()):
+        value = int(y[bad][0])
+        raise ValueError(
+            f"CrossEntropyLoss: targets must be class indices in [0, {C}) or ignore_index="
+            f"{ignore}; got {value}"
+        )
+    return y
+
+
+def output_grad_terms(spec: LossSpec, out: Any, targets: Any, fisher: str, n_samples: int,
+                      generator: Any, class_dim: int, check_finite: bool) -> list:
+    """``[(v_s, w_s)]``: output gradients shaped like ``out`` and each term's weight (a float)."""
+    f = out.detach()
+    N = f.shape[0]
+    if check_finite and f.numel() and not all_finite(namespace(f), f):
+        raise ValueError("the model's outputs hold NaN or inf")
+    if spec.kind == "mse":
+        return _mse_terms(spec, f, targets, fisher, n_samples, generator)
+    if f.ndim < 2:
+        raise ValueError(
+            f"CrossEntropyLoss: the model output must be (N, C) or (N, C, ...) logits, got "
+            f"{tuple(f.shape)}"
+        )
+    cd = class_dim % f.ndim
+    if cd == 0:
+        raise ValueError("class_dim must not be the batch axis 0")
+    fc = torch.movedim(f, cd, -1)  # (N, ..., C)
+    pos_shape = tuple(fc.shape[:-1])
+    C = fc.shape[-1]
+    fc = fc.reshape(N, -1, C)  # (N, P, C)
+    P = fc.shape[1]
+    keep = torch.ones(N, P, dtype=f.dtype, device=f.device)
+    y = None
+    if targets is not None:
+        y = _class_targets(targets, pos_shape, C, spec.ignore_index, f.device, class_dim)
+        keep = (y != spec.ignore_index).to(f.dtype)
+        y = torch.where(y == spec.ignore_index, torch.zeros_like(y), y)
+    kept = float(keep.sum())
+    if kept == 0:
+        raise ValueError("CrossEntropyLoss: every target equals ignore_index; the loss is empty")
+    c = 1.0 if spec.reduction == "sum" else 1.0 / kept
+    p = torch.softmax(fc, dim=-1)
+    eye = torch.eye(C, dtype=f.dtype, device=f.device)
+
+    def back(V):  # (N, P, C) -> out's layout
+        return torch.movedim(V.reshape(pos_shape + (C,)), -1, cd)
+
+    terms = []
+    if fisher == "empirical":
+        terms.append((back((p - eye[y]) * keep[..., None]), c))
+    elif fisher == "mc":
+        for _ in range(n_samples):
+            draw = torch.multinomial(p.reshape(-1, C), 1, generator=generator).reshape(N, P)
+            terms.append((back((p - eye[draw]) * keep[..., None]), c / n_samples))
+    elif P == 1:  # exact, Hessian diag(p) − p pᵀ = Σ_j p_j (e_j − p)(e_j − p)ᵀ
+        for j in range(C):
+            terms.append((back(torch.sqrt(p[..., j:j + 1] * keep[..., None]) * (p - eye[j])), c))
+    else:  # exact, one pass per class and position
+        for t in range(P):
+            for j in range(C):
+                V = torch.zeros_like(p)
+                V[:, t] = torch.sqrt(p[:, t, j] * keep[:, t])[:, None] * (p[:, t] - eye[j])
+                terms.append((back(V), c))
+    return terms
+
+
+def _mse_terms(spec, f, targets, fisher, n_samples, generator):
+    N = f.shape[0]
+    D = math.prod(f.shape[1:])
+    c = 1.0 if spec.reduction == "sum" else 1.0 / (N * D)
+    terms = []
+    if fisher == "empirical":
+        y = torch.as_tensor(targets, device=f.device)
+        if tuple(y.shape) != tuple(f.shape) and (y.numel() != f.numel() or y.ndim == 0
+                                                 or y.shape[0] != N):
+            raise ValueError(
+                f"MSELoss: targets must have the output's shape {tuple(f.shape)}, got "
+                f"{tuple(y.shape)}"
+            )
+        if not (y.is_floating_point() or y.dtype in (torch.int32, torch.int64)):
+            raise ValueError(f"MSELoss: targets must be real numbers, got dtype {y.dtype}")
+        y = y.to(f.dtype).reshape(f.shape)
+        terms.append((2.0 * (f - y), c))
+    elif fisher == "mc":  # y ~ N(f, I/2): ∇ℓ = 2(f − y) = −√2 ε
+        for _ in range(n_samples):
+            eps = torch.randn(f.shape, dtype=f.dtype, device=f.device, generator=generator)
+            terms.append((math.sqrt(2.0) * eps, c / n_samples))
+    else:  # exact: Hessian 2I = Σ_j 2 e_j e_jᵀ
+        eye = torch.eye(D, dtype=f.dtype, device=f.device)
+        for j in range(D):
+            terms.append((eye[j].expand(N, D).reshape(f.shape), 2.0 * c))
+    return terms
