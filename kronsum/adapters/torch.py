@@ -246,7 +246,25 @@ def register_layer(module_type: Any, inputs: Callable[[Any, tuple, Any], Any]) -
 
 
 def unregister_layer(module_type: Any) -> None:
-    """Remove a rule added with :func:`register_layer`."""
+    """Remove a rule added with :func:`register_layer` (nothing happens for another type).
+
+    Examples
+    --------
+    >>> import pytest; torch = pytest.importorskip("torch")
+    >>> from kronsum.adapters.torch import coverage, register_layer, unregister_layer
+    >>> class Lin(torch.nn.Module):
+    ...     def __init__(self):
+    ...         super().__init__()
+    ...         self.weight = torch.nn.Parameter(torch.ones(2, 3))
+    ...     def forward(self, x):
+    ...         return x @ self.weight.T
+    >>> register_layer(Lin, lambda mod, args, out: args[0])
+    >>> list(coverage(Lin()).layers)
+    ['']
+    >>> unregister_layer(Lin)
+    >>> list(coverage(Lin()).layers)
+    []
+    """
     unregister_types(module_type if isinstance(module_type, tuple) else (module_type,))
 
 
