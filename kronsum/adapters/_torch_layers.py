@@ -437,5 +437,5 @@ def uncovered_reason(mod: Any) -> str:
     for prefix, why in _UNCOVERED_REASONS:
         if kind.startswith(prefix):
             return why
-    return f"{kind} is not a layer kronsum covers (register a rule with register_layer)"
+    return f"a parameter of {kind}, which has no layer rule (register_layer adds one)"
 
