@@ -497,3 +497,62 @@ def test_class_axis_one_with_positions_matches_class_dim_minus_one():
     b = _quiet_collect(Channels(), nn.CrossEntropyLoss(), X, y, fisher="exact")
     for key in a:
         _close(a[key].to_dense(), b["lm." + key].to_dense())
+
+
+# -- K-FAC-reduce -----------------------------------------------------------------------------
+
+
+class PooledClassifier(nn.Module):
+    """A sequence classifier: position-wise Linear, mean over positions, Linear head."""
+
+    def __init__(self):
+        super().__init__()
+        self.proj = nn.Linear(4, 5)
+        self.head = nn.Linear(5, 3)
+
+    def forward(self, x):  # (N, T, 4)
+        return self.head(torch.tanh(self.proj(x)).mean(1))
+
+
+def test_reduce_is_exact_for_position_independent_inputs_and_matches_definition():
+    torch.manual_seed(8)
+    model = PooledClassifier().to(DT)
+    X = torch.randn(6, 1, 4, dtype=DT).expand(6, 3, 4).contiguous()  # same input at every position
+    y = torch.randint(0, 3, (6,))
+    loss = nn.CrossEntropyLoss(reduction="sum")
+    red = kt.collect(model, loss, X, y, fisher="exact", weight_sharing="reduce")
+    ref = exact_blocks(model, X, {"proj": dict(W="proj.weight", b="proj.bias")},
+                       hessians=_ce_hessians(model(X), None, 1, -100, "sum"))
+    assert red["proj"].form == "outer" and red["proj"].num_terms == 6 * 3  # N per class pass
+    _close(red["proj"].to_dense(), ref["proj"])
+    # different inputs per position: Σ_n (Σ_t g_t)(Σ_t g_t)ᵀ ⊗ ā āᵀ, not the exact block
+    X = torch.randn(6, 3, 4, dtype=DT)
+    red = kt.collect(model, loss, X, y, fisher="empirical", weight_sharing="reduce")["proj"]
+    smp = kt.collect(model, loss, X, y, fisher="empirical", weight_sharing="sample")["proj"]
+    G = smp.G.sum(1)
+    A = smp.A.mean(1)
+    want = sum(torch.kron(torch.outer(g, g), torch.outer(a, a)) for g, a in zip(G, A))
+    _close(red.to_dense(), want)
+
+
+@pytest.mark.parametrize("model_name", ["pooled", "conv"])
+def test_reduce_kfac_equals_curvlinops(model_name):
+    curvlinops = pytest.importorskip("curvlinops", reason="curvlinops-for-pytorch is not installed")
+    torch.manual_seed(9)
+    if model_name == "pooled":
+        model = PooledClassifier().to(DT)
+        X = torch.randn(6, 3, 4, dtype=DT)
+    else:
+        model = nn.Sequential(nn.Conv2d(2, 3, 3, padding=1), nn.Tanh(), nn.Flatten(),
+                              nn.Linear(3 * 4 * 4, 3)).to(DT)
+        X = torch.randn(6, 2, 4, 4, dtype=DT)
+    y = torch.randint(0, 3, (6,))
+    loss = nn.CrossEntropyLoss()
+    op = curvlinops.KFACLinearOperator(
+        model, loss, list(model.parameters()), [(X, y)], fisher_type="type-2",
+        kfac_approx="reduce", separate_weight_and_bias=False, check_deterministic=False)
+    op.compute_kronecker_factors()
+    blocks = kt.collect(model, loss, X, y, fisher="exact", weight_sharing="reduce")
+    for name, F in blocks.items():
+        A, B = op._input_covariances[name], op._gradient_covariances[name]
+        _close(ks.kfac(F).to_dense(), torch.kron(B, A))

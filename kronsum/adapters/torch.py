@@ -78,7 +78,7 @@ __all__ = [
 
 #: The Fisher types :func:`collect` knows.
 FISHER_TYPES = ("mc", "empirical", "exact")
-_SHARING = ("expand", "sample")
+_SHARING = ("expand", "sample", "reduce")
 
 
 def _require_torch() -> None:
@@ -327,13 +327,16 @@ def collect(
         layer (see :func:`coverage`) whose weight requires a gradient. Trainable parameters left
         without a block for another reason than ``layers=`` raise an
         :class:`UncoveredParametersWarning` naming them.
-    weight_sharing : {"expand", "sample"}
+    weight_sharing : {"expand", "sample", "reduce"}
         For a Linear, Embedding or attention projection applied to inputs ``(N, ..., d)``:
         ``"expand"`` (default) flattens the extra axes into the batch, one outer-form term per
-        position (K-FAC-expand; exact when every position is its own loss term, as for a
-        position-wise network); ``"sample"`` keeps them as the positions of the conv form, one
+        position (K-FAC-expand); ``"sample"`` keeps them as the positions of the conv form, one
         term ``vec(∇W_n)vec(∇W_n)ᵀ`` per sample, the exact per-sample Fisher. Both give the same
-        :func:`~kronsum.kfac`. Convolutions always use the conv form.
+        :func:`~kronsum.kfac`; convolutions use the conv form for both. ``"reduce"``
+        (K-FAC-reduce, Eschenhagen et al. 2023; also for convolutions): one outer-form term per
+        sample, ``ĝ_n = Σ_t g_{n,t}`` ⊗ ``ā_n = mean_t a_{n,t}``, which replaces each sample's
+        gradient ``Σ_t g_t a_tᵀ`` by ``T·ḡ āᵀ`` — exact when the inputs (or the output
+        gradients) are the same at every position, as after a mean-pooling head.
     class_dim : int
         The axis of the model output that holds the classes (cross-entropy): ``1`` as
         ``CrossEntropyLoss`` expects, ``-1`` for ``(N, ..., C)`` logits such as a language
@@ -485,12 +488,16 @@ def collect(
             _check_finite(key, cap.A, "inputs")
             _check_finite(key, G, "output gradients")
         B, T = cap.A.shape[:2]  # B = N unless the layer's first axis is not the batch
-        sample = cap.conv or (weight_sharing == "sample" and T > 1)
-        if sample and B != N:
+        reduce = weight_sharing == "reduce" and (cap.conv or T > 1)
+        sample = not reduce and (cap.conv or (weight_sharing == "sample" and T > 1))
+        if (sample or reduce) and B != N:
             raise ValueError(
                 f"layer {key!r}: its input's first axis has {B} entries for a batch of {N}; "
-                "per-sample blocks (weight_sharing='sample') need batch-first layers"
+                f"weight_sharing={weight_sharing!r} needs batch-first layers"
             )
+        if reduce:  # K-FAC-reduce: per sample, summed output gradients ⊗ mean inputs
+            G, A = G.sum(dim=1, keepdim=True), A.mean(dim=1, keepdim=True)
+            T = 1
         reps = B if sample else B * T
         wl = torch.cat([torch.full((reps,), wt, dtype=A.dtype, device=A.device) for wt in w_pass])
         if sample:
