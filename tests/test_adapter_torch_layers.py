@@ -556,3 +556,36 @@ def test_reduce_kfac_equals_curvlinops(model_name):
     for name, F in blocks.items():
         A, B = op._input_covariances[name], op._gradient_covariances[name]
         _close(ks.kfac(F).to_dense(), torch.kron(B, A))
+
+
+# -- binary cross-entropy ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("reduction", ["sum", "mean"])
+@pytest.mark.parametrize("fisher", ["exact", "empirical"])
+def test_bce_with_logits_equals_exact_fisher(fisher, reduction):
+    torch.manual_seed(10)
+    model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3)).to(DT)
+    X = torch.randn(6, 4, dtype=DT)
+    y = torch.rand(6, 3, dtype=DT).round()
+    loss = nn.BCEWithLogitsLoss(reduction=reduction)
+    blocks = kt.collect(model, loss, X, y, fisher=fisher)
+    keys = {k: dict(W=f"{k}.weight", b=f"{k}.bias") for k in ("0", "2")}
+    c = 1.0 if reduction == "sum" else 1.0 / 18
+    s = torch.sigmoid(model(X).detach())
+    if fisher == "exact":
+        ref = exact_blocks(model, X, keys, hessians=[c * torch.diag(p * (1 - p)) for p in s])
+    else:
+        ref = exact_blocks(model, X, keys, grads=[np.sqrt(c) * (p - t) for p, t in zip(s, y)])
+    for key in keys:
+        _close(blocks[key].to_dense(), ref[key])
+    g = torch.Generator().manual_seed(0)
+    mc = kt.collect(model, loss, X, fisher="mc", n_samples=3000, generator=g)
+    ex = kt.collect(model, loss, X, fisher="exact")
+    for key in keys:
+        D, E = mc[key].to_dense(), ex[key].to_dense()
+        assert float(torch.linalg.norm(D - E) / torch.linalg.norm(E)) < 0.1
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        kt.collect(model, loss, X, 2 * y, fisher="empirical")
+    with pytest.raises(NotImplementedError, match="pos_weight"):
+        kt.collect(model, nn.BCEWithLogitsLoss(pos_weight=torch.ones(3, dtype=DT)), X, y)

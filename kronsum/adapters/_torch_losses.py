@@ -13,6 +13,10 @@ is not the batch, e.g. a sequence-first one, still gets the right weights):
   ``diag(p_t) − p_t p_tᵀ`` stay separate, so the block is exact for any network, at ``C·P``
   backward passes. Targets equal to ``ignore_index`` drop their position (all types); ``"mean"``
   divides by the number of positions kept, as PyTorch does.
+* binary cross-entropy with logits (``ℓ = −Σ_j y_j log σ(f_j) + (1 − y_j) log(1 − σ(f_j))``,
+  independent Bernoulli outputs): ``"empirical"`` ``v = σ(f) − y``; ``"mc"`` the same with
+  ``y ~ Bernoulli(σ(f))``; ``"exact"`` one term per output entry ``j`` with
+  ``v = √(σ_j(1 − σ_j)) e_j`` (the Hessian ``diag(σ(1 − σ))``); ``"mean"`` divides by ``N·D``.
 * MSE (``ℓ = ‖f − y‖²``, the Gaussian ``N(f, I/2)`` up to a constant): ``"empirical"``
   ``v = 2(f − y)``; ``"mc"`` ``v = √2 ε``; ``"exact"`` one term per output entry with weight 2
   (the Hessian ``2I``); ``"mean"`` divides by ``N·D``.
@@ -53,10 +57,17 @@ def loss_spec(loss_fn: Any) -> LossSpec:
         kind, ignore = "ce", loss_fn.ignore_index
     elif isinstance(loss_fn, nn.MSELoss):
         kind, ignore = "mse", None
+    elif isinstance(loss_fn, nn.BCEWithLogitsLoss):
+        if loss_fn.weight is not None or loss_fn.pos_weight is not None:
+            raise NotImplementedError(
+                "BCEWithLogitsLoss with weight or pos_weight is not a plain negative "
+                "log-likelihood; its Fisher is not supported"
+            )
+        kind, ignore = "bce", None
     else:
         raise TypeError(
-            f"loss_fn must be torch.nn.CrossEntropyLoss or torch.nn.MSELoss, got "
-            f"{type(loss_fn).__name__}"
+            f"loss_fn must be torch.nn.CrossEntropyLoss, torch.nn.MSELoss or "
+            f"torch.nn.BCEWithLogitsLoss, got {type(loss_fn).__name__}"
         )
     if loss_fn.reduction not in ("sum", "mean"):
         raise ValueError(f"the loss's reduction must be 'sum' or 'mean', got {loss_fn.reduction!r}")
@@ -95,8 +106,8 @@ def output_grad_terms(spec: LossSpec, out: Any, targets: Any, fisher: str, n_sam
     N = f.shape[0]
     if check_finite and f.numel() and not all_finite(namespace(f), f):
         raise ValueError("the model's outputs hold NaN or inf")
-    if spec.kind == "mse":
-        return _mse_terms(spec, f, targets, fisher, n_samples, generator)
+    if spec.kind != "ce":
+        return _elementwise_terms(spec, f, targets, fisher, n_samples, generator)
     if f.ndim < 2:
         raise ValueError(
             f"CrossEntropyLoss: the model output must be (N, C) or (N, C, ...) logits, got "
@@ -145,29 +156,40 @@ def output_grad_terms(spec: LossSpec, out: Any, targets: Any, fisher: str, n_sam
     return terms
 
 
-def _mse_terms(spec, f, targets, fisher, n_samples, generator):
+def _elementwise_terms(spec, f, targets, fisher, n_samples, generator):
+    """MSE and binary cross-entropy: every output entry is its own likelihood."""
     N = f.shape[0]
     D = math.prod(f.shape[1:])
     c = 1.0 if spec.reduction == "sum" else 1.0 / (N * D)
+    name = "MSELoss" if spec.kind == "mse" else "BCEWithLogitsLoss"
+    mean = f if spec.kind == "mse" else torch.sigmoid(f)
     terms = []
     if fisher == "empirical":
         y = torch.as_tensor(targets, device=f.device)
         if tuple(y.shape) != tuple(f.shape) and (y.numel() != f.numel() or y.ndim == 0
                                                  or y.shape[0] != N):
             raise ValueError(
-                f"MSELoss: targets must have the output's shape {tuple(f.shape)}, got "
+                f"{name}: targets must have the output's shape {tuple(f.shape)}, got "
                 f"{tuple(y.shape)}"
             )
-        if not (y.is_floating_point() or y.dtype in (torch.int32, torch.int64)):
-            raise ValueError(f"MSELoss: targets must be real numbers, got dtype {y.dtype}")
+        if not (y.is_floating_point() or y.dtype in (torch.int32, torch.int64, torch.bool)):
+            raise ValueError(f"{name}: targets must be real numbers, got dtype {y.dtype}")
         y = y.to(f.dtype).reshape(f.shape)
-        terms.append((2.0 * (f - y), c))
-    elif fisher == "mc":  # y ~ N(f, I/2): ∇ℓ = 2(f − y) = −√2 ε
+        if spec.kind == "bce" and bool(((y < 0) | (y > 1)).any()):
+            raise ValueError(f"{name}: targets must lie in [0, 1]")
+        terms.append(((2.0 if spec.kind == "mse" else 1.0) * (mean - y), c))
+    elif fisher == "mc":
         for _ in range(n_samples):
-            eps = torch.randn(f.shape, dtype=f.dtype, device=f.device, generator=generator)
-            terms.append((math.sqrt(2.0) * eps, c / n_samples))
-    else:  # exact: Hessian 2I = Σ_j 2 e_j e_jᵀ
-        eye = torch.eye(D, dtype=f.dtype, device=f.device)
+            if spec.kind == "mse":  # y ~ N(f, I/2): ∇ℓ = 2(f − y) = −√2 ε
+                eps = torch.randn(f.shape, dtype=f.dtype, device=f.device, generator=generator)
+                terms.append((math.sqrt(2.0) * eps, c / n_samples))
+            else:
+                y = torch.bernoulli(mean, generator=generator)
+                terms.append((mean - y, c / n_samples))
+    else:  # exact: Hessian 2I (MSE) or diag(σ(1 − σ)) (BCE), one entry per pass
+        flat = mean.reshape(N, D)
         for j in range(D):
-            terms.append((eye[j].expand(N, D).reshape(f.shape), 2.0 * c))
+            V = torch.zeros_like(flat)
+            V[:, j] = math.sqrt(2.0) if spec.kind == "mse" else torch.sqrt(flat[:, j] * (1 - flat[:, j]))
+            terms.append((V.reshape(f.shape), c))
     return terms

@@ -303,8 +303,9 @@ def collect(
         Called once as ``model(inputs)``; its output is ``(N, C, ...)`` logits for
         cross-entropy (``(N, ..., C)`` with ``class_dim=-1``) or ``(N, ...)`` predictions for MSE.
         Train/eval mode is left as it is (a train-mode BatchNorm couples the samples: warned).
-    loss_fn : torch.nn.CrossEntropyLoss or torch.nn.MSELoss
+    loss_fn : torch.nn.CrossEntropyLoss, torch.nn.MSELoss or torch.nn.BCEWithLogitsLoss
         With ``reduction="sum"`` or ``"mean"``; the reduction sets the weights (module docstring).
+        No class weights, ``pos_weight`` or label smoothing (``NotImplementedError``).
         Cross-entropy's ``ignore_index`` drops those targets' positions (when targets are given).
     inputs : tensor
         One batch, ``N ≥ 1`` samples.
