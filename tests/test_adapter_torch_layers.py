@@ -43,11 +43,13 @@ def _jacobians(model, X):
     return out
 
 
-def _rows(J, W, b=None, rows=None, brows=None, transpose=False):
+def _rows(J, W, b=None, rows=None, brows=None, transpose=False, vector=False):
     """(D, m·n): the Jacobian of a block matrix (weight rows, bias last column), row-major."""
     JW = J[W]
     D = JW.shape[0]
-    if transpose:
+    if vector:
+        M = JW.reshape(D, -1, 1)
+    elif transpose:
         M = JW.transpose(1, 2)
     else:
         M = JW if rows is None else JW[:, rows[0]:rows[1]]
@@ -149,6 +151,8 @@ def _keys_lm(prefix=""):
         f"{b}.self_attn.out_proj": dict(W=f"{b}.self_attn.out_proj.weight", b=f"{b}.self_attn.out_proj.bias"),
         f"{b}.linear1": dict(W=f"{b}.linear1.weight", b=f"{b}.linear1.bias"),
         f"{b}.linear2": dict(W=f"{b}.linear2.weight", b=f"{b}.linear2.bias"),
+        f"{b}.norm1": dict(W=f"{b}.norm1.weight", b=f"{b}.norm1.bias", vector=True),
+        f"{b}.norm2": dict(W=f"{b}.norm2.weight", b=f"{b}.norm2.bias", vector=True),
         "head": dict(W="head.weight", b="head.bias"),
     }
 
@@ -179,7 +183,7 @@ def test_transformer_lm_blocks_equal_exact_fisher(fisher, reduction):
     loss = nn.CrossEntropyLoss(reduction=reduction)
     blocks = _quiet_collect(model, loss, X, y, fisher=fisher, class_dim=-1, weight_sharing="sample")
     keys = _keys_lm()
-    assert list(blocks) == list(keys)
+    assert sorted(blocks) == sorted(keys)
     logits = model(X).detach()
     if fisher == "exact":
         ref = exact_blocks(model, X, keys, hessians=_ce_hessians(logits, y, 2, -100, reduction))
@@ -194,6 +198,7 @@ def test_transformer_lm_blocks_equal_exact_fisher(fisher, reduction):
     for key, F in blocks.items():
         assert F.form == "conv"
         _close(F.to_dense(), ref[key])
+    assert kt.coverage(model).uncovered == {}
 
 
 def test_transformer_expand_and_sample_share_kfac_and_mc_converges():
@@ -204,7 +209,7 @@ def test_transformer_expand_and_sample_share_kfac_and_mc_converges():
     sample = _quiet_collect(model, loss, X, y, fisher="empirical", class_dim=-1, weight_sharing="sample")
     expand = _quiet_collect(model, loss, X, y, fisher="empirical", class_dim=-1)
     for key in sample:
-        assert expand[key].form == "outer"
+        assert expand[key].form == ("conv" if "norm" in key else "outer")
         _close(ks.kfac(sample[key]).to_dense(), ks.kfac(expand[key]).to_dense())
     g = torch.Generator().manual_seed(1)
     mc = _quiet_collect(model, loss, X, y, fisher="mc", n_samples=600, generator=g, class_dim=-1,
@@ -382,15 +387,15 @@ def test_coverage_reports_every_uncovered_parameter():
     model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.ConvTranspose1d(1, 1, 2),
                           nn.Linear(5, 2))
     cov = kt.coverage(model)
-    assert list(cov.layers) == ["0", "3"]
-    assert set(cov.uncovered) == {"1.weight", "1.bias", "2.weight", "2.bias"}
+    assert list(cov.layers) == ["0", "1", "3"]
+    assert set(cov.uncovered) == {"2.weight", "2.bias"}
     assert "transposed" in cov.uncovered["2.weight"]
-    n_cov = 3 * 4 + 4 + 5 * 2 + 2
-    assert cov.fraction == pytest.approx(n_cov / (n_cov + 8 + 3))
+    n_cov = 3 * 4 + 4 + 8 + 5 * 2 + 2
+    assert cov.fraction == pytest.approx(n_cov / (n_cov + 3))
     cov0 = kt.coverage(model, layers=["0"])
     assert cov0.uncovered["3.weight"] == "its layer is not in `layers=`"
     with pytest.raises(KeyError, match="not a layer"):
-        kt.coverage(model, layers=["1"])
+        kt.coverage(model, layers=["2"])
 
 
 def test_train_mode_batchnorm_warns():
@@ -589,3 +594,68 @@ def test_bce_with_logits_equals_exact_fisher(fisher, reduction):
         kt.collect(model, loss, X, 2 * y, fisher="empirical")
     with pytest.raises(NotImplementedError, match="pos_weight"):
         kt.collect(model, nn.BCEWithLogitsLoss(pos_weight=torch.ones(3, dtype=DT)), X, y)
+
+
+# -- normalisation layers ------------------------------------------------------------------------
+
+
+class Norms(nn.Module):
+    def __init__(self, bias=True):
+        super().__init__()
+        self.conv = nn.Conv2d(2, 4, 3, padding=1)
+        self.bn = nn.BatchNorm2d(4)
+        self.gn = nn.GroupNorm(2, 4)
+        self.inorm = nn.InstanceNorm2d(4, affine=True)
+        self.lin = nn.Linear(4 * 3 * 3, 6)
+        self.ln = nn.LayerNorm(6, bias=bias)
+        self.rms = nn.RMSNorm([3, 2])
+        self.head = nn.Linear(6, 3)
+
+    def forward(self, x):
+        h = self.inorm(self.gn(torch.tanh(self.bn(self.conv(x)))))
+        h = self.ln(self.lin(h.flatten(1)))
+        return self.head(torch.tanh(self.rms(h.reshape(-1, 3, 2)).reshape(-1, 6)))
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_normalisation_affine_blocks_equal_exact_fisher(bias):
+    torch.manual_seed(11)
+    model = Norms(bias).to(DT)
+    with torch.no_grad():  # non-trivial running statistics and affine parameters
+        model.bn.running_mean.uniform_(-1, 1)
+        model.bn.running_var.uniform_(0.5, 2)
+        for m in (model.bn, model.gn, model.inorm, model.ln, model.rms):  # noqa: B007
+            m.weight.uniform_(0.5, 1.5)
+            if getattr(m, "bias", None) is not None:
+                m.bias.uniform_(-0.5, 0.5)
+    model.eval()
+    X = torch.randn(5, 2, 3, 3, dtype=DT)
+    y = torch.randint(0, 3, (5,))
+    blocks = kt.collect(model, nn.CrossEntropyLoss(), X, y, fisher="exact")
+    keys = {}
+    for name in ("bn", "gn", "inorm", "ln", "rms"):
+        mod = model.get_submodule(name)
+        has_b = getattr(mod, "bias", None) is not None
+        keys[name] = dict(W=f"{name}.weight", b=f"{name}.bias" if has_b else None, vector=True)
+    Js = _jacobians(model, X)
+    H = _ce_hessians(model(X), None, 1, -100, "mean")
+    for name, how in keys.items():
+        F = blocks[name]
+        assert F.form == "conv" and F.n == (2 if how["b"] else 1)
+        ref = 0
+        for J, Hn in zip(Js, H):
+            cols = [J[how["W"]].reshape(J[how["W"]].shape[0], -1, 1)]
+            if how["b"]:
+                cols.append(J[how["b"]].reshape(J[how["b"]].shape[0], -1, 1))
+            R = torch.cat(cols, 2).reshape(cols[0].shape[0], -1)
+            ref = ref + R.T @ Hn @ R
+        _close(F.to_dense(), ref)
+    assert kt.coverage(model).uncovered == {}
+    # precondition writes [γ β] back
+    nn.functional.cross_entropy(model(X), y).backward()
+    g = torch.stack([model.ln.weight.grad] + ([model.ln.bias.grad] if bias else []), 1)
+    est = ks.kfac(blocks["ln"])
+    kt.precondition(model, {"ln": est}, damping=0.3)
+    want = torch.linalg.solve(est.to_dense() + 0.3 * torch.eye(est.m * est.n, dtype=DT), g.reshape(-1))
+    got = torch.stack([model.ln.weight.grad] + ([model.ln.bias.grad] if bias else []), 1)
+    _close(got.reshape(-1), want, rtol=1e-9)

@@ -20,6 +20,13 @@ Rules by module type (first match in :data:`_RULES`, user rules first):
 * ``nn.Embedding``: the weight ``(num, dim)`` is the transpose of a linear map of one-hot inputs,
   so its block is for ``Wᵀ`` (``dim × num``): output gradients ⊗ one-hot indices (the
   ``padding_idx`` row gets no gradient, so its one-hot column is zero). ``num × num`` factors.
+* Normalisation layers with affine parameters (``LayerNorm``, ``BatchNorm1d/2d/3d``,
+  ``GroupNorm``, ``InstanceNorm1d/2d/3d``, ``RMSNorm``): ``y = γ ∘ x̂ + β`` per channel ``c``
+  (``x̂`` the normalised input), so the per-sample gradient of ``W = [γ β]`` (``C × 2``) is
+  ``[Σ_t g_t ∘ x̂_t, Σ_t g_t] = G_nᵀ A_n`` with ``G_n`` the two rows ``Σ_t g_t ∘ x̂_t`` and
+  ``Σ_t g_t`` and ``A_n = I₂``: an exact conv-form block with two "positions" (one column and
+  ``A_n = 1`` without ``β``). ``x̂`` is recomputed with the layer's own statistics (running
+  ones for an eval-mode BatchNorm; the batch's in train mode, where the samples are coupled).
 * ``nn.MultiheadAttention``: the projections are computed as explicit linear maps (the module's
   own function is replaced during the pass by an equal one with perturbations). The out
   projection is ``"{name}.out_proj"``. A packed in-projection (``in_proj_weight``, ``3E × E``) fed
@@ -61,6 +68,7 @@ class BlockSpec:
     rows: tuple[int, int] | None = None
     transpose: bool = False
     bias_rows: tuple[int, int] | None = None
+    vector: bool = False  # the weight is a vector viewed as one column (m, 1)
 
     def bias_slice(self) -> tuple[int, int] | None:
         return self.bias_rows if self.bias_rows is not None else self.rows
@@ -75,6 +83,7 @@ class Capture:
     eps: Any
     to_G: Callable[[Any], Any]  # gradient of eps -> (N, T, m)
     conv: bool  # True: always the conv form (per-sample matrices), False: expand or sample
+    exact: bool = False  # the positions are not weight sharing: always the conv form, never reduced
 
 
 @dataclass
@@ -237,6 +246,64 @@ def _embedding_install(name, mod, record):
     return [mod.register_forward_hook(hook)]
 
 
+# -- normalisation layers ---------------------------------------------------------------------
+
+
+def _norm_specs(name, mod):
+    bias = _join(name, "bias") if _trainable(mod, "bias") else None
+    return [BlockSpec(name, name, _join(name, "weight"), bias, vector=True)]
+
+
+def _normalised(mod: Any, x: Any) -> tuple[Any, int]:
+    """``(x̂, channel axis)``: the layer's input normalised as the layer does, before its affine map."""
+    if isinstance(mod, nn.LayerNorm):
+        return _tF.layer_norm(x, mod.normalized_shape, None, None, mod.eps), -1
+    if isinstance(mod, nn.GroupNorm):
+        return _tF.group_norm(x, mod.num_groups, None, None, mod.eps), 1
+    if isinstance(mod, nn.modules.batchnorm._BatchNorm):
+        running = not mod.training and mod.track_running_stats
+        return _tF.batch_norm(x, mod.running_mean if running else None,
+                              mod.running_var if running else None, None, None,
+                              not running, 0.0, mod.eps), 1
+    if isinstance(mod, nn.modules.instancenorm._InstanceNorm):
+        running = not mod.training and mod.track_running_stats
+        return _tF.instance_norm(x, mod.running_mean if running else None,
+                                 mod.running_var if running else None, None, None,
+                                 not running, 0.0, mod.eps), 1
+    # RMSNorm
+    return _tF.rms_norm(x, mod.normalized_shape, None, mod.eps), -1
+
+
+def _norm_install(name, mod, record):
+    spec = _norm_specs(name, mod)[0]
+
+    def hook(m, args, out):
+        x = args[0]
+        with torch.no_grad():
+            xh, axis = _normalised(m, x.detach())
+        eps = torch.zeros_like(out, requires_grad=True)
+        N = x.shape[0]
+        if axis == -1:  # LayerNorm/RMSNorm: the parameters' shape is the trailing axes
+            C = m.weight.numel()
+            xh2 = xh.reshape(N, -1, C)
+        else:
+            C = xh.shape[1]
+            xh2 = xh.reshape(N, C, -1).transpose(1, 2)
+        has_bias = spec.bias is not None
+        A = torch.eye(2 if has_bias else 1, dtype=out.dtype, device=out.device)
+        A = A.expand(N, -1, -1).contiguous()
+
+        def to_G(g):
+            g2 = g.reshape(N, -1, C) if axis == -1 else g.reshape(N, C, -1).transpose(1, 2)
+            rows = [(g2 * xh2).sum(1)] + ([g2.sum(1)] if has_bias else [])
+            return torch.stack(rows, dim=1)  # (N, 1 or 2, C)
+
+        record(Capture(spec, A, eps, to_G, conv=True, exact=True))
+        return out + eps
+
+    return [mod.register_forward_hook(hook)]
+
+
 # -- MultiheadAttention ----------------------------------------------------------------------
 
 
@@ -368,10 +435,17 @@ def _rules() -> list:
         LayerRule((nn.Linear,), _linear_specs, _linear_install),
         LayerRule((nn.Conv1d, nn.Conv2d, nn.Conv3d), _conv_specs, _conv_install),
         LayerRule((nn.Embedding,), _embedding_specs, _embedding_install, params=("weight",)),
+        LayerRule(_norm_types(), _norm_specs, _norm_install),
         LayerRule((nn.MultiheadAttention,), _mha_specs, _mha_install,
                   params=("in_proj_weight", "q_proj_weight", "k_proj_weight", "v_proj_weight",
                           "in_proj_bias", "out_proj.weight", "out_proj.bias")),
     ]
+
+
+def _norm_types() -> tuple:
+    types = (nn.LayerNorm, nn.GroupNorm, nn.modules.batchnorm._BatchNorm,
+             nn.modules.instancenorm._InstanceNorm)
+    return types + ((nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ())
 
 
 _USER_RULES: list = []
@@ -424,11 +498,6 @@ def unregister_types(types: tuple) -> None:
 
 _UNCOVERED_REASONS = (
     ("ConvTranspose", "transposed convolutions are not covered"),
-    ("BatchNorm", "normalisation affine parameters have no Kronecker block"),
-    ("LayerNorm", "normalisation affine parameters have no Kronecker block"),
-    ("GroupNorm", "normalisation affine parameters have no Kronecker block"),
-    ("InstanceNorm", "normalisation affine parameters have no Kronecker block"),
-    ("RMSNorm", "normalisation affine parameters have no Kronecker block"),
 )
 
 

@@ -134,9 +134,11 @@ def coverage(model: Any, layers: Iterable[str] | None = None) -> Coverage:
     """The layers :func:`collect` covers and the trainable parameters it leaves out, with reasons.
 
     Covered module types: ``nn.Linear``, ``nn.Conv1d/2d/3d`` (any groups), ``nn.Embedding``,
-    ``nn.MultiheadAttention`` and types added with :func:`register_layer`; every one with a
-    trainable weight, or exactly those named in ``layers`` (``KeyError`` for a name that is not
-    a covered layer). Parameters of other modules (normalisation layers, attention's
+    ``nn.MultiheadAttention``, the affine parameters of ``LayerNorm``, ``BatchNorm``,
+    ``GroupNorm``, ``InstanceNorm`` and ``RMSNorm``, and types added with
+    :func:`register_layer`; every one with a trainable weight, or exactly those named in
+    ``layers`` (``KeyError`` for a name that is not a covered layer). Parameters of other
+    modules (``ConvTranspose``, ``PReLU``, bare parameters such as a class token, attention's
     ``bias_k``/``bias_v``, ...) are listed in ``uncovered`` with the reason.
 
     Examples
@@ -144,12 +146,12 @@ def coverage(model: Any, layers: Iterable[str] | None = None) -> Coverage:
     >>> import pytest; torch = pytest.importorskip("torch")
     >>> from torch import nn
     >>> from kronsum.adapters.torch import coverage
-    >>> model = nn.Sequential(nn.Linear(4, 8), nn.LayerNorm(8), nn.Linear(8, 2))
+    >>> model = nn.Sequential(nn.Linear(4, 8), nn.LayerNorm(8), nn.PReLU(), nn.Linear(8, 2))
     >>> cov = coverage(model)
-    >>> list(cov.layers), cov.uncovered["1.weight"]
-    (['0', '2'], 'normalisation affine parameters have no Kronecker block')
+    >>> list(cov.layers), cov.uncovered
+    (['0', '1', '3'], {'2.weight': 'a parameter of PReLU, which has no layer rule (register_layer adds one)'})
     >>> round(cov.fraction, 3)
-    0.784
+    0.987
     """
     _require_torch()
     wanted = None if layers is None else list(layers)
@@ -489,7 +491,7 @@ def collect(
             _check_finite(key, cap.A, "inputs")
             _check_finite(key, G, "output gradients")
         B, T = cap.A.shape[:2]  # B = N unless the layer's first axis is not the batch
-        reduce = weight_sharing == "reduce" and (cap.conv or T > 1)
+        reduce = weight_sharing == "reduce" and not cap.exact and (cap.conv or T > 1)
         sample = not reduce and (cap.conv or (weight_sharing == "sample" and T > 1))
         if (sample or reduce) and B != N:
             raise ValueError(
@@ -606,7 +608,7 @@ def _block_matrix(spec: Any, gW: Any, gb: Any, b: Any) -> Any:
     """The block's ``(m, n)`` gradient matrix: weight rows (transposed if so), bias last column."""
     r0, r1 = spec.rows or (0, gW.shape[0])
     M = gW.T if spec.transpose else gW[r0:r1]
-    M = M.reshape(M.shape[0], -1)
+    M = M.reshape(-1, 1) if spec.vector else M.reshape(M.shape[0], -1)
     if b is None:
         return M
     b0, b1 = spec.bias_slice() or (0, b.shape[0])
@@ -619,6 +621,8 @@ def _write_block(spec: Any, P: Any, W: Any, b: Any) -> None:
     cols = P.shape[1] - (b is not None)
     if spec.transpose:
         W.grad.copy_(P[:, :cols].T)
+    elif spec.vector:
+        W.grad.copy_(P[:, 0].reshape(W.shape))
     else:
         W.grad[r0:r1].copy_(P[:, :cols].reshape(W.grad[r0:r1].shape))
     if b is not None:
