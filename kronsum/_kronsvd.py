@@ -46,7 +46,8 @@ import numpy as np
 from ._closed_forms import _require_sum
 from ._compat import (Array, counted, device_of, fro_norm, host_floats, is_array, is_dask_namespace, materialize, namespace,
                       symmetrize, to_float, trace)
-from ._kfoc import _KRYLOV_DIM, _Space, _default_tol, _initial, _operator_space, choose_method
+from ._eigen import KRYLOV_DIM, GramSpace, block_lanczos, contraction_space, default_tol, negative
+from ._kfoc import _initial, choose_method
 from ._kron import Kron, KronInfo
 from ._sum import KronSum
 
@@ -317,7 +318,7 @@ class KronSVD:
             raise ValueError(f"damping_method must be one of {_DAMPINGS}, got {damping_method!r}")
         xp = self._xp
         if tol is None:
-            tol = _default_tol(xp, self.dtype)
+            tol = default_tol(xp, self.dtype)
         if not (isinstance(tol, (int, float)) and not isinstance(tol, bool) and tol > 0):
             raise ValueError(f"tol must be a positive number, got {tol!r}")
         if max_iter is None:
@@ -698,7 +699,7 @@ def kronecker_svd(F: KronSum, rank: int = 1, *, method: str = "auto", tol: float
     method = choose_method(F, method)
     xp = F.xp
     if tol is None:
-        tol = _default_tol(xp, F.dtype)
+        tol = default_tol(xp, F.dtype)
     if isinstance(tol, bool) or not (isinstance(tol, (int, float)) and tol > 0):
         raise ValueError(f"tol must be a positive number, got {tol!r}")
     if max_iter is None:
@@ -712,11 +713,11 @@ def kronecker_svd(F: KronSum, rank: int = 1, *, method: str = "auto", tol: float
     c = cw * (cl * cr)
     dtype, dev = Fn.dtype, Fn.device
     w = Fn.weights
-    SP = None
+    unit_terms = None  # the Gram solver's (1/‖L_k‖, 1/‖R_k‖)
     kind = _range_kind(Fn)
     if method == "gram":
         SP, SQ = Fn._gram("left"), Fn._gram("right")
-        f2 = xp.sum((w @ (SP * SQ)) * w)
+        f2 = GramSpace(SP, SQ, w, xp).f2()
         # equilibrate: coefficients of the unit terms L_k/‖L_k‖, R_k/‖R_k‖, so that the metric is
         # a correlation matrix (unit diagonal) and the per-sample magnitudes, which are
         # heavy-tailed, sit in the weights w̃_k = w_k‖L_k‖‖R_k‖ (zero terms drop out)
@@ -728,8 +729,7 @@ def kronecker_svd(F: KronSum, rank: int = 1, *, method: str = "auto", tol: float
         SPt = materialize(SP * dl[:, None] * dl[None, :])
         SQt = materialize(SQ * dr[:, None] * dr[None, :])
         wt = w * nl * nr
-        space = _Space(lambda a: wt * (SQt @ (wt * (SPt @ a))), xp, metric=lambda a: SPt @ a,
-                       apply_M=lambda a, Ma: wt * (SQt @ (wt * Ma)))
+        space = GramSpace(SPt, SQt, wt, xp)
         x0 = wt * (Fn._traces("right") * dr)
         K = Fn.num_terms
 
@@ -737,13 +737,13 @@ def kronecker_svd(F: KronSum, rank: int = 1, *, method: str = "auto", tol: float
             return xp.asarray(rng.standard_normal(K), dtype=dtype, device=dev)
 
         side = "gram"
-        SP = (SPt, dl, dr, wt)
+        unit_terms = (dl, dr)
 
         def floor(a):  # rounding floor of an S̃_P-norm: sqrt(eps·‖S̃_P‖)·‖α‖₂, ‖S̃_P‖ ≥ 1
             return to_float(xp.sqrt(xp.sum(a * a)))
     else:
         side = "left" if m <= n else "right"
-        space = _operator_space(Fn, side)
+        space = contraction_space(Fn, side)
         x0 = _initial(Fn, "tkfac", None, side)
         d = m if side == "left" else n
 
@@ -757,10 +757,10 @@ def kronecker_svd(F: KronSum, rank: int = 1, *, method: str = "auto", tol: float
         floor = None
     f2 = max(to_float(f2), 0.0)
     starts = [x0] + [draw() for _ in range(rank - 1)]
-    max_dim = max(_KRYLOV_DIM, 4 * rank)
-    thetas, vecs, its, conv, res, theta_next, exhausted = _top_eigenpairs(
-        space, starts, rank, tol, max_iter, draw, max_dim, floor)
-    Ls, Rs, sig, pad_notes = _assemble(Fn, side, vecs, rank, rng, SP, kind)
+    max_dim = max(KRYLOV_DIM, 4 * rank)
+    top = block_lanczos(space, starts, rank, tol, max_iter, draw, max_dim, floor)
+    its, conv, res, theta_next = top.iterations, top.converged, top.residual, top.theta_next
+    Ls, Rs, sig, pad_notes = _assemble(Fn, side, space, top.vectors, rank, rng, unit_terms, kind)
     sig_host = [to_float(s) for s in sig]
     notes = list(pad_notes)
     eps = float(xp.finfo(dtype).eps)
@@ -787,126 +787,6 @@ def kronecker_svd(F: KronSum, rank: int = 1, *, method: str = "auto", tol: float
     return KronSVD(sv, xp.stack(Ls), xp.stack(Rs), info=info, total_norm=math.sqrt(f2) * c)
 
 
-def _top_eigenpairs(space: _Space, starts, r: int, tol: float, max_iter: int, draw, max_dim: int,
-                    floor=None):
-    """Top ``r`` eigenpairs of the PSD operator of ``space``: block Lanczos with thick restarts.
-
-    The basis is kept with the operator's images ``A q``; the projection ``T = Qᵀ M A Q`` grows
-    a column per new vector (full reorthogonalisation, twice), the Ritz pairs of the top r give
-    the next block (their residuals, which span the block Krylov extension), and when the basis
-    would exceed ``max_dim`` it is restarted to the top ``max_dim // 2`` Ritz vectors. When no new
-    direction remains (an invariant subspace) random vectors are tried; if they too lie in the
-    basis, the space is exhausted and the Ritz pairs are exact.
-
-    ``floor(v)``, for a metric space, is the size ``‖v‖_M`` cannot be told from rounding below
-    (``sqrt(‖S_P‖)·‖v‖₂``): a new vector is kept only when its metric norm is well above it, so
-    that directions in (or next to) the null space of a singular metric are not normalised into
-    noise.
-
-    Returns ``(thetas, vectors, applications, converged, residual, theta_{r+1} or None, exhausted)``.
-    """
-    xp = space.xp
-    ref = starts[0]
-    eps = float(xp.finfo(ref.dtype).eps)
-    drop = 100 * math.sqrt(eps)
-    rfloor = 1e3 * eps / tol
-    Q: list = []
-    MQ: list = []
-    AQ: list = []
-    T = np.zeros((0, 0))
-    n_apply = 0
-
-    def add(cands) -> int:
-        nonlocal T, n_apply
-        added = 0
-        for v in cands:
-            Mv = space.M(v)
-            n0 = to_float(space.norm(v, Mv))
-            if not (n0 > 0 and math.isfinite(n0)):
-                continue
-            v = v / n0
-            for _ in range(2):
-                for q, mq in zip(Q, MQ):
-                    v = v - space.dot(v, mq) * q
-            Mv = space.M(v)
-            nv = to_float(space.norm(v, Mv))
-            if not nv > drop or (floor is not None and not nv > drop * floor(v)):
-                continue
-            v, Mv = materialize(v / nv), materialize(Mv / nv)
-            Av = space.apply_M(v, Mv)
-            n_apply += 1
-            col = host_floats([space.dot(Av, mq) for mq in MQ] + [space.dot(Av, Mv)])  # one read
-            k = len(Q)
-            T2 = np.zeros((k + 1, k + 1))
-            T2[:k, :k] = T
-            T2[:k, k] = T2[k, :k] = col[:k]
-            T2[k, k] = col[k]
-            T = T2
-            Q.append(v)
-            MQ.append(Mv)
-            AQ.append(Av)
-            added += 1
-        return added
-
-    def combos(vecs, C):
-        shape = tuple(vecs[0].shape)
-        V = xp.reshape(xp.stack(vecs), (len(vecs), -1))
-        Cx = xp.asarray(np.ascontiguousarray(C.T), dtype=V.dtype, device=device_of(V))
-        out = materialize(Cx @ V)
-        return [xp.reshape(out[i, ...], shape) for i in range(C.shape[1])]
-
-    add(starts)
-    exhausted = False
-    probes = 0  # Lanczos steps spent estimating θ_{r+1} after convergence (at most 4)
-    zero_tries = 0
-    while True:
-        k = len(Q)
-        if k == 0 or not float(np.max(np.abs(np.diag(T)), initial=0.0)) > 0:
-            # the operator vanishes on the basis: try random directions once, else F is zero
-            if zero_tries == 0 and not exhausted:
-                zero_tries += 1
-                add([draw() for _ in range(max(1, r))])
-                continue
-            S = np.eye(k)
-            p = min(k, r)
-            return [0.0] * p, (combos(Q, S[:, :p]) if p else []), n_apply, True, 0.0, 0.0, True
-        theta, S = np.linalg.eigh((T + T.T) / 2)
-        theta, S = theta[::-1], S[:, ::-1]
-        p = min(k, r)
-        top = min(k, r + 1)
-        th_ref = max(float(theta[0]), 0.0)
-        X = combos(Q, S[:, :top])
-        AX = combos(AQ, S[:, :top])
-        resid = [AX[i] - float(theta[i]) * X[i] for i in range(top)]
-        # per pair, relative to its own eigenvalue (σ_i is then accurate to about tol² relative,
-        # even for σ_i ≪ σ_1), down to the rounding floor ~ε·θ_1 that no iteration can pass
-        res = [to_float(space.norm(resid[i])) / max(float(theta[i]), rfloor * th_ref)
-               for i in range(p)]
-        conv = [x <= tol for x in res]
-        done = exhausted or (k >= r and all(conv))
-        if done and not exhausted and (k == r or probes > 0) and probes < 4 and n_apply < max_iter:
-            # converged, but no estimate of θ_{r+1} yet: a few Lanczos steps on the complement
-            probes += 1
-            cand = draw() if k == r else resid[r]
-            if add([cand]) == 0:
-                exhausted = True
-            continue
-        if done or n_apply >= max_iter:
-            theta_next = float(theta[r]) if k > r else (0.0 if exhausted else None)
-            return ([float(t) for t in theta[:p]], X[:p], n_apply, bool(done),
-                    max(res) if res else 0.0, theta_next, exhausted)
-        cands = [resid[i] for i in range(p) if not conv[i]]
-        if k + len(cands) > max_dim:  # thick restart to the top Ritz vectors
-            keep = min(k, max(p, max_dim // 2))
-            Sk = S[:, :keep]
-            Q, MQ, AQ = combos(Q, Sk), combos(MQ, Sk), combos(AQ, Sk)
-            T = np.diag(theta[:keep])
-        added = add(cands) if cands else 0
-        if added == 0:
-            if add([draw() for _ in range(max(1, r - k))]) == 0:
-                exhausted = True
-
-
 def _range_kind(F: KronSum) -> str:
     """``"sym"`` when every term is symmetric (the ranges of 𝓡 and 𝓡ᵀ hold symmetric matrices
     only), ``"parity"`` when F is symmetric but its terms are not (conv: singular vectors are
@@ -923,26 +803,28 @@ def _range_kind(F: KronSum) -> str:
     return "sym" if F.symmetric else "none"
 
 
-def _assemble(Fn: KronSum, side: str, vecs, rank: int, rng, SP, kind: str):
+def _assemble(Fn: KronSum, side: str, space, vecs, rank: int, rng, unit_terms, kind: str):
     """Factors, singular values and signs from the basis-side Ritz vectors.
 
-    The basis-side matrices are orthonormalised in the factor space and a last Rayleigh–Ritz
+    Each vector ``v`` of the solver's space gives a basis-side matrix ``B`` (``v`` itself, or
+    ``Σ_k v_k L_k/‖L_k‖`` for the Gram space, ``unit_terms = (1/‖L_k‖, 1/‖R_k‖)``) and the
+    other side ``𝓡ᵀB`` from the space's half-step (:meth:`kronsum._eigen.Space.half`). The
+    basis-side matrices are orthonormalised in the factor space and a last Rayleigh–Ritz
     step, the SVD of the small projection ``𝓡ᵀ[B_1 … B_k]``, gives the singular values
     ``σ_i = ‖𝓡ᵀB_i‖`` and rotates the pairs (per parity class for symmetric F whose terms are
-    not symmetric: symmetric and antisymmetric singular vectors never mix).
+    not symmetric: symmetric and antisymmetric singular vectors never mix). Signs follow
+    :func:`kronsum._eigen.negative`.
     """
     xp = Fn.xp
     eps = float(xp.finfo(Fn.dtype).eps)
     Bs, Os = [], []
     for v in vecs:
         if side == "gram":
-            SPt, dl, dr, wt = SP
+            dl, dr = unit_terms
             B = Fn._combine("left", v * dl)
-            O = Fn._combine("right", dr * (wt * (SPt @ v)))
-        elif side == "left":
-            B, O = v, Fn.contract_left(v)
+            O = Fn._combine("right", dr * space.half(v))
         else:
-            B, O = v, Fn.contract_right(v)
+            B, O = v, space.half(v)
         Bs.append(B)
         Os.append(O)
     classes: dict = {}
@@ -1039,15 +921,8 @@ def _assemble(Fn: KronSum, side: str, vecs, rank: int, rng, SP, kind: str):
     else:
         Ls, Rs = other, basis
     for i in range(rank):
-        L = Ls[i]
-        if i == 0:
-            neg = to_float(trace(L, xp)) < 0
-        else:
-            flat = xp.reshape(L, (-1,))
-            j = int(to_float(xp.argmax(xp.abs(flat))))
-            neg = to_float(flat[j]) < 0
-        if neg:
-            Ls[i], Rs[i] = -L, -Rs[i]
+        if negative(Ls[i], xp, first=i == 0):
+            Ls[i], Rs[i] = -Ls[i], -Rs[i]
     return Ls, Rs, sig, tuple(notes)
 
 
