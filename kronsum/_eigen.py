@@ -271,6 +271,20 @@ def _safe(xp, v):
     return xp.where(v > 0, v, xp.ones_like(v))
 
 
+def _orthogonalize(space: Space, v, Q: list, MQ: list):
+    """``v`` less its components along the ``M``-orthonormal ``Q`` (``MQ`` their metric
+    images): classical Gram–Schmidt, twice (enough for full reorthogonalisation)."""
+    for _ in range(2):
+        for q, mq in zip(Q, MQ):
+            v = v - space.dot(v, mq) * q
+    return v
+
+
+def _tridiagonal(alphas: list, betas: list) -> np.ndarray:
+    """The Lanczos projection: ``alphas`` on the diagonal, ``betas`` (one fewer) beside it."""
+    return np.diag(alphas) + np.diag(betas, 1) + np.diag(betas, -1)
+
+
 def power(space: Space, x, stop: Stop, max_iter) -> EigenResult:
     """The paper's power method; stops on the relative eigen-residual.
 
@@ -393,9 +407,7 @@ def lanczos(space: Space, x, stop: Stop, max_iter) -> EigenResult:
                 w = w - a * Q[j]
                 if j > 0:
                     w = w - betas[-1] * Q[j - 1]
-                for _ in range(2):
-                    for q, mq in zip(Q, MQ):
-                        w = w - space.dot(w, mq) * q
+                w = _orthogonalize(space, w, Q, MQ)
             w = materialize(w)
             Mw = materialize(space.M(w))
             b = space.norm(w, Mw)
@@ -411,7 +423,7 @@ def lanczos(space: Space, x, stop: Stop, max_iter) -> EigenResult:
                 for i in range(checked, j + 1):
                     if not (math.isfinite(alphas[i]) and math.isfinite(betas[i])):
                         require_finite(xp, math.nan)
-                    T = np.diag(alphas[: i + 1]) + np.diag(betas[:i], 1) + np.diag(betas[:i], -1)
+                    T = _tridiagonal(alphas[: i + 1], betas[:i])
                     theta, S = np.linalg.eigh(T)
                     th1 = float(theta[-1])
                     if th1 <= 0:
@@ -521,9 +533,7 @@ def deflated_top(space: Space, x, Mx, theta1: float | None = None, steps: int = 
     for _ in range(steps):
         w = space.apply(Q[-1])
         a = to_float(space.dot(w, MQ[-1]))
-        for _ in range(2):
-            for v, mv in zip(Q, MQ):
-                w = w - space.dot(w, mv) * v
+        w = _orthogonalize(space, w, Q, MQ)
         Mw = space.M(w)
         b = to_float(space.norm(w, Mw))
         alphas.append(a)
@@ -533,7 +543,7 @@ def deflated_top(space: Space, x, Mx, theta1: float | None = None, steps: int = 
         Q.append(w / b)
         MQ.append(Mw / b)
     k = len(alphas)
-    T = np.diag(alphas) + np.diag(betas[: k - 1], 1) + np.diag(betas[: k - 1], -1)
+    T = _tridiagonal(alphas, betas[: k - 1])
     return math.sqrt(max(float(np.linalg.eigvalsh(T)[-1]), 0.0)), k
 
 
@@ -576,10 +586,7 @@ def block_lanczos(space: Space, starts, r: int, tol: float, max_iter: int, draw,
             n0 = to_float(space.norm(v, Mv))
             if not (n0 > 0 and math.isfinite(n0)):
                 continue
-            v = v / n0
-            for _ in range(2):
-                for q, mq in zip(Q, MQ):
-                    v = v - space.dot(v, mq) * q
+            v = _orthogonalize(space, v / n0, Q, MQ)
             Mv = space.M(v)
             nv = to_float(space.norm(v, Mv))
             if not nv > drop or (floor is not None and not nv > drop * floor(v)):
@@ -687,7 +694,7 @@ def gram_solve(Fn, alpha0, stop: Stop, max_iter: int) -> Solution:
                 require_finite(xp, SQ)
                 return Solution(zero_answer(Fn), EigenResult(None, 0, True, 0.0, 0.0), "gram[numba]")
         eig = _numba_lanczos(space, alpha0, stop, max_iter, xp.finfo(Fn.dtype).eps)
-        return finish_coef(Fn, space, eig, stop, "gram[numba]")
+        return finish_coef(Fn, space, eig, stop, "gram[numba]", on_host=True)
 
     st = None
     if use_squaring(Fn):
@@ -988,7 +995,7 @@ def finish(Fn, side: str, eig: EigenResult) -> Factors:
 
 
 def finish_coef(Fn, space: GramSpace, eig: EigenResult, stop: Stop, route: str,
-                scales=(1.0, 1.0, 1.0)) -> Solution:
+                scales=(1.0, 1.0, 1.0), on_host: bool = False) -> Solution:
     """Factors from a Gram-space iterate ``α = eig.x``, in coefficient space, and σ₂.
 
     ``‖L‖² = αᵀS_Pα``, ``R ∝ Σ β_k R_k`` with ``β = W S_P α`` (:meth:`GramSpace.half`),
@@ -998,7 +1005,8 @@ def finish_coef(Fn, space: GramSpace, eig: EigenResult, stop: Stop, route: str,
     divided by (read in the same transfer). When the solver gave no σ₂ and ``‖F‖² − σ₁²``
     cannot rule out σ₂ = σ₁, the deflated probe estimates it. Quadratic forms beyond the
     range of the space's dtype finish in factor space (:func:`finish`); non-finite values
-    raise.
+    raise. ``on_host``: the space's arrays are NumPy arrays the caller computed on the host
+    (the numba route), converted rather than counted as host reads.
     """
     xp = Fn.xp
     dt = Fn.dtype
@@ -1006,8 +1014,8 @@ def finish_coef(Fn, space: GramSpace, eig: EigenResult, stop: Stop, route: str,
     MA = space.SP @ alpha
     beta = space.half(alpha, MA)
     tl = xp.astype(Fn._traces("left"), alpha.dtype, copy=False)
-    vals = host_floats([xp.sum(alpha * MA), xp.sum(beta * (space.SQ @ beta)), xp.sum(alpha * tl),
-                        *scales])
+    vals = [alpha @ MA, beta @ (space.SQ @ beta), alpha @ tl, *scales]
+    vals = [float(v) for v in vals] if on_host else host_floats(vals)
     nls2, nrs2, tr, fP, fQ, fw = vals
     if not math.isfinite(nls2 * nrs2 * tr):
         if not all(math.isfinite(v) for v in (fP, fQ, fw)):

@@ -272,3 +272,46 @@ def test_squaring_route_on_every_backend(backend):
             assert got.info.method == want.info.method == "kfoc/gram-squaring", name
             np.testing.assert_allclose(backend.to_numpy(got.to_dense()), want.to_dense(),
                                        rtol=1e-10, atol=1e-12 * np.abs(want.to_dense()).max())
+
+
+ROUTES = {"plain": dict(use_numba=False, gram_squaring=False),
+          "numba": dict(use_numba=True, gram_squaring=False),
+          "squaring": dict(use_numba=False, gram_squaring=True)}
+
+
+@pytest.mark.parametrize("form", ["outer", "terms"])
+@pytest.mark.parametrize("seed", range(3))
+def test_accelerators_agree_with_the_plain_path(form, seed):
+    """Each accelerator behind the Gram solve (the numba kernel; the squaring route, forced on
+    the CPU) gives the plain array-API Lanczos's answer for kfoc; kronecker_svd of rank 2 and 3
+    gives the same answer under every switch (SVD ground truth), and its first term is kfoc's."""
+    pytest.importorskip("numba")
+    arrays = random_inputs(form, 30, 5, 6, seed=seed, kind="heavy")
+    F = getattr(ks.KronSum, f"from_{form}")(*arrays)
+    s = np.linalg.svd(F.rearranged(), compute_uv=False)
+    est = {}
+    for name, opts in ROUTES.items():
+        with ks.config(**opts):
+            est[name] = ks.kfoc(F, method="gram", tol=1e-10)  # the residual rule: factors compared
+    assert {name: e.info.method for name, e in est.items()} == {
+        "plain": "kfoc/gram", "numba": "kfoc/gram[numba]", "squaring": "kfoc/gram-squaring"}
+    # the eigenvector's sensitivity to rounding and to the residual grows as 1/(1 - σ₂²/σ₁²)
+    gap = 1 - (s[1] / s[0]) ** 2
+    ref = est["plain"].to_dense()
+    tol = 1e-8 / max(gap, 1e-3)
+    for name, e in est.items():
+        assert e.info.converged, name
+        assert float(e.scale) == pytest.approx(s[0], rel=1e-10), name
+        np.testing.assert_allclose(e.to_dense(), ref, rtol=0, atol=tol * np.abs(ref).max(), err_msg=name)
+    for rank in (2, 3):
+        outs = {}
+        for name, opts in ROUTES.items():
+            with ks.config(**opts):
+                outs[name] = ks.kronecker_svd(F, rank, method="gram")
+        want = outs["plain"].to_dense()
+        for name, B in outs.items():
+            assert B.info.converged and B.info.method == "kronsvd/gram", name
+            np.testing.assert_allclose(B.singular_values, s[:rank], rtol=1e-9, err_msg=name)
+            np.testing.assert_allclose(B.to_dense(), want, rtol=0, atol=1e-9 * np.abs(want).max(), err_msg=name)
+            np.testing.assert_allclose(B.term(0).to_dense(), ref, rtol=0, atol=tol * np.abs(ref).max(),
+                                       err_msg=name)
