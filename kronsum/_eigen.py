@@ -550,7 +550,7 @@ def deflated_top(space: Space, x, Mx, theta1: float | None = None, steps: int = 
 # -- the block solver (rank r) ------------------------------------------------------------------
 
 
-def block_lanczos(space: Space, starts, r: int, tol: float, max_iter: int, draw, max_dim: int,
+def block_lanczos(space: Space, starts, r: int, stop: Stop, max_iter: int, draw, max_dim: int,
                   floor=None) -> BlockResult:
     """Top ``r`` eigenpairs of the PSD operator of ``space``: block Lanczos with thick restarts.
 
@@ -559,8 +559,9 @@ def block_lanczos(space: Space, starts, r: int, tol: float, max_iter: int, draw,
     the next block (their residuals, which span the block Krylov extension), and when the basis
     would exceed ``max_dim`` it is restarted to the top ``max_dim // 2`` Ritz vectors. When no new
     direction remains (an invariant subspace) random vectors (``draw()``) are tried; if they too
-    lie in the basis, the space is exhausted and the Ritz pairs are exact. Stops when every one
-    of the top r pairs has a residual ``≤ tol · max(θ_i, 1e3·ε·θ_1/tol)``.
+    lie in the basis, the space is exhausted and the Ritz pairs are exact. Stops when
+    :meth:`Stop.met` holds for every one of the top r pairs, each residual taken relative to
+    ``max(θ_i, 1e3·ε·θ_1/tol)`` (``stop.accuracy`` is for a single pair and left ``None`` here).
 
     ``floor(v)``, for a metric space, is the size ``‖v‖_M`` cannot be told from rounding below
     (``sqrt(‖S_P‖)·‖v‖₂``): a new vector is kept only when its metric norm is well above it, so
@@ -571,7 +572,7 @@ def block_lanczos(space: Space, starts, r: int, tol: float, max_iter: int, draw,
     ref = starts[0]
     eps = float(xp.finfo(ref.dtype).eps)
     drop = 100 * math.sqrt(eps)
-    rfloor = 1e3 * eps / tol
+    rfloor = 1e3 * eps / stop.tol
     Q: list = []
     MQ: list = []
     AQ: list = []
@@ -642,7 +643,7 @@ def block_lanczos(space: Space, starts, r: int, tol: float, max_iter: int, draw,
         # even for σ_i ≪ σ_1), down to the rounding floor ~ε·θ_1 that no iteration can pass
         res = [to_float(space.norm(resid[i])) / max(float(theta[i]), rfloor * th_ref)
                for i in range(p)]
-        conv = [x <= tol for x in res]
+        conv = [stop.met(float(theta[i]), res[i]) for i in range(p)]
         done = exhausted or (k >= r and all(conv))
         if done and not exhausted and (k == r or probes > 0) and probes < 4 and n_apply < max_iter:
             # converged, but no estimate of θ_{r+1} yet: a few Lanczos steps on the complement

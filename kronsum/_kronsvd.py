@@ -46,7 +46,7 @@ import numpy as np
 from ._closed_forms import _require_sum
 from ._compat import (Array, counted, device_of, fro_norm, host_floats, is_array, is_dask_namespace, materialize, namespace,
                       symmetrize, to_float, trace)
-from ._eigen import KRYLOV_DIM, GramSpace, block_lanczos, contraction_space, default_tol, negative
+from ._eigen import KRYLOV_DIM, GramSpace, Stop, block_lanczos, contraction_space, default_tol, negative
 from ._kfoc import _initial, choose_method
 from ._kron import Kron, KronInfo
 from ._sum import KronSum
@@ -758,7 +758,7 @@ def kronecker_svd(F: KronSum, rank: int = 1, *, method: str = "auto", tol: float
     f2 = max(to_float(f2), 0.0)
     starts = [x0] + [draw() for _ in range(rank - 1)]
     max_dim = max(KRYLOV_DIM, 4 * rank)
-    top = block_lanczos(space, starts, rank, tol, max_iter, draw, max_dim, floor)
+    top = block_lanczos(space, starts, rank, Stop(float(tol)), max_iter, draw, max_dim, floor)
     its, conv, res, theta_next = top.iterations, top.converged, top.residual, top.theta_next
     Ls, Rs, sig, pad_notes = _assemble(Fn, side, space, top.vectors, rank, rng, unit_terms, kind)
     sig_host = [to_float(s) for s in sig]
