@@ -44,9 +44,10 @@ from typing import Any
 import numpy as np
 
 from ._closed_forms import _require_sum
-from ._compat import (Array, counted, device_of, fro_norm, host_floats, is_array, is_dask_namespace, materialize, namespace,
+from ._compat import (Array, counted, device_of, fro_norm, is_array, is_dask_namespace, materialize, namespace,
                       symmetrize, to_float, trace)
-from ._eigen import KRYLOV_DIM, GramSpace, Stop, block_lanczos, contraction_space, default_tol, negative
+from ._eigen import (KRYLOV_DIM, GramSpace, Stop, antisymmetrize, block_lanczos, contraction_space, default_tol,
+                     finish_block)
 from ._kfoc import _initial, choose_method
 from ._kron import Kron, KronInfo
 from ._sum import KronSum
@@ -596,7 +597,7 @@ def _parity(M: Array, xp: Any) -> str | None:
     """``"sym"`` or ``"anti"`` when ``M`` is symmetric or antisymmetric up to ``√ε·‖M‖``
     (rounding in the factors; what is dropped is caught by the solve's residual check),
     ``None`` otherwise."""
-    nS, nN = to_float(fro_norm(symmetrize(M, xp), xp)), to_float(fro_norm(_antisymmetrize(M, xp), xp))
+    nS, nN = to_float(fro_norm(symmetrize(M, xp), xp)), to_float(fro_norm(antisymmetrize(M, xp), xp))
     tau = math.sqrt(float(xp.finfo(M.dtype).eps)) * (nS + nN)
     return "sym" if nN <= tau else "anti" if nS <= tau else None
 
@@ -609,7 +610,7 @@ def _eig_parity(C: Array, parity: str, complex_: bool, xp: Any):
     if parity == "sym":
         d, U = _eigh(symmetrize(C, xp), xp)
         return (_as(d, cdt, xp), _as(U, cdt, xp)) if complex_ else (d, U)
-    nu, U = _eigh(_as(_antisymmetrize(C, xp), cdt, xp) * 1j, xp)
+    nu, U = _eigh(_as(antisymmetrize(C, xp), cdt, xp) * 1j, xp)
     return _as(nu, cdt, xp) * (-1j), U
 
 
@@ -760,7 +761,7 @@ def kronecker_svd(F: KronSum, rank: int = 1, *, method: str = "auto", tol: float
     max_dim = max(KRYLOV_DIM, 4 * rank)
     top = block_lanczos(space, starts, rank, Stop(float(tol)), max_iter, draw, max_dim, floor)
     its, conv, res, theta_next = top.iterations, top.converged, top.residual, top.theta_next
-    Ls, Rs, sig, pad_notes = _assemble(Fn, side, space, top.vectors, rank, rng, unit_terms, kind)
+    Ls, Rs, sig, pad_notes = finish_block(Fn, side, space, top.vectors, rank, rng, unit_terms, kind)
     sig_host = [to_float(s) for s in sig]
     notes = list(pad_notes)
     eps = float(xp.finfo(dtype).eps)
@@ -801,160 +802,3 @@ def _range_kind(F: KronSum) -> str:
     if F.form == "conv":
         return "parity"
     return "sym" if F.symmetric else "none"
-
-
-def _assemble(Fn: KronSum, side: str, space, vecs, rank: int, rng, unit_terms, kind: str):
-    """Factors, singular values and signs from the basis-side Ritz vectors.
-
-    Each vector ``v`` of the solver's space gives a basis-side matrix ``B`` (``v`` itself, or
-    ``Σ_k v_k L_k/‖L_k‖`` for the Gram space, ``unit_terms = (1/‖L_k‖, 1/‖R_k‖)``) and the
-    other side ``𝓡ᵀB`` from the space's half-step (:meth:`kronsum._eigen.Space.half`). The
-    basis-side matrices are orthonormalised in the factor space and a last Rayleigh–Ritz
-    step, the SVD of the small projection ``𝓡ᵀ[B_1 … B_k]``, gives the singular values
-    ``σ_i = ‖𝓡ᵀB_i‖`` and rotates the pairs (per parity class for symmetric F whose terms are
-    not symmetric: symmetric and antisymmetric singular vectors never mix). Signs follow
-    :func:`kronsum._eigen.negative`.
-    """
-    xp = Fn.xp
-    eps = float(xp.finfo(Fn.dtype).eps)
-    Bs, Os = [], []
-    for v in vecs:
-        if side == "gram":
-            dl, dr = unit_terms
-            B = Fn._combine("left", v * dl)
-            O = Fn._combine("right", dr * space.half(v))
-        else:
-            B, O = v, space.half(v)
-        Bs.append(B)
-        Os.append(O)
-    classes: dict = {}
-    for B, O in zip(Bs, Os):
-        if kind == "sym":
-            B, O, cls = symmetrize(B, xp), symmetrize(O, xp), 0
-        elif kind == "parity":
-            Bsym, Banti = symmetrize(B, xp), _antisymmetrize(B, xp)  # each exact in floating point
-            if to_float(fro_norm(Bsym, xp)) >= to_float(fro_norm(Banti, xp)):
-                B, O, cls = Bsym, symmetrize(O, xp), 0
-            else:
-                B, O, cls = Banti, _antisymmetrize(O, xp), 1
-        else:
-            cls = 0
-        classes.setdefault(cls, []).append((B, O))
-    basis, other, sig = [], [], []
-    for pairs in classes.values():
-        # orthonormalise the basis side (twice), carrying the other side along linearly
-        QB, QO = [], []
-        for B, O in pairs:
-            nb0 = to_float(fro_norm(B, xp))
-            if not nb0 > 0:
-                continue
-            B, O = B / nb0, O / nb0
-            for _ in range(2):
-                for qb, qo in zip(QB, QO):
-                    c = xp.sum(B * qb)
-                    B, O = B - c * qb, O - c * qo
-            nb = to_float(fro_norm(B, xp))
-            if nb > 1e3 * eps:
-                QB.append(B / nb)
-                QO.append(O / nb)
-        if not QB:
-            continue
-        k = len(QB)
-        G = np.array(host_floats([xp.sum(QO[i] * QO[j]) for i in range(k) for j in range(k)])).reshape(k, k)
-        theta, S = np.linalg.eigh((G + G.T) / 2)
-        S = S[:, ::-1]
-        for j in range(k):
-            col = [float(c) for c in S[:, j]]
-            B = col[0] * QB[0]
-            O = col[0] * QO[0]
-            for cj, qb, qo in zip(col[1:], QB[1:], QO[1:]):
-                B, O = B + cj * qb, O + cj * qo
-            B = B / fro_norm(B, xp)
-            no = fro_norm(O, xp)
-            basis.append(B)
-            sig.append(no)
-            other.append(O / no if bool(no > 0) else None)
-    order = sorted(range(len(basis)), key=lambda i: -to_float(sig[i]))[:rank]
-    basis = [basis[i] for i in order]
-    other = [other[i] for i in order]
-    sig = [sig[i] for i in order]
-    sym_pad = kind in ("sym", "parity")
-    notes = []
-    # the other side, in σ-descending order, made exactly orthonormal: for small σ_i its
-    # direction carries an error ~ ε σ₁/σ_i, so the correction moves σ_i L_i ⊗ R_i by ~ε σ₁ only;
-    # a direction lost in rounding (σ_i at the level of ε σ₁) becomes a σ = 0 term
-    zero = xp.zeros((), dtype=Fn.dtype, device=Fn.device)
-    kept: list = []
-    for i, O in enumerate(other):
-        if O is None:
-            continue
-        for _ in range(2):
-            for q in kept:
-                O = O - xp.sum(O * q) * q
-        no = to_float(fro_norm(O, xp))
-        if no > 1e-3:
-            other[i] = O / no
-            kept.append(other[i])
-        else:
-            other[i], sig[i] = None, zero
-    order = sorted(range(len(basis)), key=lambda i: (other[i] is None, -to_float(sig[i])))
-    basis = [basis[i] for i in order]
-    other = [other[i] for i in order]
-    sig = [sig[i] for i in order]
-    found = len(basis)
-    dB = Fn.m if side in ("gram", "left") else Fn.n
-    dO = Fn.n if side in ("gram", "left") else Fn.m
-    if found < rank:
-        basis = basis + _complete(basis, rank - found, dB, sym_pad, rng, xp, Fn.weights)
-        other = other + [None] * (rank - found)
-        sig = sig + [zero] * (rank - found)
-    nonzero = sum(1 for o in other if o is not None)
-    if nonzero < rank:
-        notes.append(f"the rearrangement has rank {nonzero} < {rank}: terms {nonzero + 1}..{rank} "
-                     "have sigma = 0 and arbitrary orthonormal factors")
-        fill = iter(_complete([o for o in other if o is not None], rank - nonzero, dO, sym_pad, rng,
-                              xp, Fn.weights))
-        other = [o if o is not None else next(fill) for o in other]
-        sig = [s if o is not None else zero for s, o in zip(sig, other)]
-    if side in ("gram", "left"):
-        Ls, Rs = basis, other
-    else:
-        Ls, Rs = other, basis
-    for i in range(rank):
-        if negative(Ls[i], xp, first=i == 0):
-            Ls[i], Rs[i] = -Ls[i], -Rs[i]
-    return Ls, Rs, sig, tuple(notes)
-
-
-def _antisymmetrize(x: Array, xp: Any) -> Array:
-    """``(x − xᵀ) / 2``: exactly antisymmetric in floating point (``x − sym(x)`` is not)."""
-    return (x - xp.matrix_transpose(x)) / 2
-
-
-def _complete(found, count: int, d: int, symmetric: bool, rng, xp, ref):
-    """``count`` unit (d, d) matrices orthonormal to ``found`` and each other.
-
-    With ``symmetric``, symmetric candidates are tried first, then antisymmetric ones (the two
-    together span every (d, d) matrix), so that symmetric sums get factors of a definite parity.
-    """
-    out: list = []
-    tries = 0
-    while len(out) < count:
-        tries += 1
-        if tries > 60 * (count + 1):  # pragma: no cover - a random draw never fails this often
-            raise RuntimeError("could not complete an orthonormal set of factors")
-        Z = rng.standard_normal((d, d))
-        if symmetric:
-            Z = Z + Z.T if tries % 6 < 3 else Z - Z.T
-        nz = np.linalg.norm(Z)
-        if not nz > 0:
-            continue
-        v = xp.asarray(Z / nz, dtype=ref.dtype, device=device_of(ref))
-        for _ in range(2):
-            for q in list(found) + out:
-                v = v - xp.sum(v * q) * q
-        nv = fro_norm(v, xp)
-        if to_float(nv) > 1e-4:
-            out.append(materialize(v / nv))
-            tries = 0
-    return out
