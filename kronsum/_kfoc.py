@@ -36,8 +36,10 @@ from ._accel import numba_enabled, via_numpy_on_cpu
 from ._closed_forms import _new_kron, _require_sum, kfac
 from ._compat import Array, counted, eye_like, fro_norm, is_dask_namespace, to_float
 from ._config import get_config
-from ._eigen import (Solution, Stop, aux_fits, contraction_space, default_accuracy, default_tol, finish,
-                     gram_solve, lanczos, lanczos_two_precision, power, random_like)
+from ._eigen import (Solution, Stop, aux_fits, contraction_space, finish, gram_solve, lanczos, lanczos_two_precision,
+                     power, random_like)
+from ._eigen import default_accuracy as _default_accuracy
+from ._eigen import default_tol as _default_tol
 from ._kron import Kron, KronInfo
 from ._sum import KronSum
 
@@ -288,9 +290,9 @@ def kfoc(
     method = choose_method(F, method)
     xp = F.xp
     if accuracy is None and tol is None:
-        accuracy = default_accuracy(xp, F.dtype)
+        accuracy = _default_accuracy(xp, F.dtype)
     if tol is None:
-        tol = default_tol(xp, F.dtype)
+        tol = _default_tol(xp, F.dtype)
     if isinstance(tol, bool) or not (isinstance(tol, (int, float)) and tol > 0):
         raise ValueError(f"tol must be a positive number, got {tol!r}")
     if accuracy is not None and (isinstance(accuracy, bool) or not (

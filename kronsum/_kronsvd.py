@@ -46,8 +46,8 @@ import numpy as np
 from ._closed_forms import _require_sum
 from ._compat import (Array, counted, device_of, fro_norm, is_array, is_dask_namespace, materialize, namespace,
                       symmetrize, to_float, trace)
-from ._eigen import (KRYLOV_DIM, GramSpace, Stop, antisymmetrize, block_lanczos, contraction_space, default_tol,
-                     finish_block)
+from ._eigen import KRYLOV_DIM, GramSpace, Stop, antisymmetrize, block_lanczos, contraction_space, finish_block
+from ._eigen import default_tol as _default_tol
 from ._kfoc import _initial, choose_method
 from ._kron import Kron, KronInfo
 from ._sum import KronSum
@@ -319,7 +319,7 @@ class KronSVD:
             raise ValueError(f"damping_method must be one of {_DAMPINGS}, got {damping_method!r}")
         xp = self._xp
         if tol is None:
-            tol = default_tol(xp, self.dtype)
+            tol = _default_tol(xp, self.dtype)
         if not (isinstance(tol, (int, float)) and not isinstance(tol, bool) and tol > 0):
             raise ValueError(f"tol must be a positive number, got {tol!r}")
         if max_iter is None:
@@ -700,7 +700,7 @@ def kronecker_svd(F: KronSum, rank: int = 1, *, method: str = "auto", tol: float
     method = choose_method(F, method)
     xp = F.xp
     if tol is None:
-        tol = default_tol(xp, F.dtype)
+        tol = _default_tol(xp, F.dtype)
     if isinstance(tol, bool) or not (isinstance(tol, (int, float)) and tol > 0):
         raise ValueError(f"tol must be a positive number, got {tol!r}")
     if max_iter is None:
