@@ -162,9 +162,11 @@ class Space:
 
     Vectors are arrays of any shape (``(d, d)`` factors or ``(K,)`` coefficient vectors); the
     inner product is ``⟨x, y⟩ = Σ x ∘ M(y)`` with ``M`` the metric (identity when ``None``).
-    ``apply_aux(x) -> (apply(x), half(x))``, when given, also returns the half-step image
-    ``half(x)`` (linear in ``x``): Lanczos then keeps one per basis vector and returns the
-    answer's in :attr:`EigenResult.aux`, which saves the finish a contraction.
+    ``half(x, Mx=None)`` is the half-step image of ``x``, linear in ``x``: the other factor
+    (``𝓡ᵀvec x`` for a left factor, or its coefficients in the Gram space), so that the
+    operator is a second half-step after it. ``apply_aux(x) -> (apply(x), half(x))``, when
+    given, returns both from one pass: Lanczos then keeps one half-step image per basis vector
+    and returns the answer's in :attr:`EigenResult.aux`, which saves the finish a contraction.
     """
 
     def __init__(self, apply, xp, metric=None, apply_M=None, safe_norm=False, apply_aux=None,
