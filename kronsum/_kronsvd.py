@@ -44,9 +44,11 @@ from typing import Any
 import numpy as np
 
 from ._closed_forms import _require_sum
-from ._compat import (Array, counted, device_of, fro_norm, host_floats, is_array, is_dask_namespace, materialize, namespace,
+from ._compat import (Array, counted, device_of, fro_norm, is_array, is_dask_namespace, materialize, namespace,
                       symmetrize, to_float, trace)
-from ._kfoc import _KRYLOV_DIM, _Space, _default_tol, _initial, _operator_space, choose_method
+from ._eigen import KRYLOV_DIM, GramSpace, Stop, antisymmetrize, block_lanczos, contraction_space, finish_block
+from ._eigen import default_tol as _default_tol
+from ._kfoc import _initial, choose_method
 from ._kron import Kron, KronInfo
 from ._sum import KronSum
 
@@ -595,7 +597,7 @@ def _parity(M: Array, xp: Any) -> str | None:
     """``"sym"`` or ``"anti"`` when ``M`` is symmetric or antisymmetric up to ``√ε·‖M‖``
     (rounding in the factors; what is dropped is caught by the solve's residual check),
     ``None`` otherwise."""
-    nS, nN = to_float(fro_norm(symmetrize(M, xp), xp)), to_float(fro_norm(_antisymmetrize(M, xp), xp))
+    nS, nN = to_float(fro_norm(symmetrize(M, xp), xp)), to_float(fro_norm(antisymmetrize(M, xp), xp))
     tau = math.sqrt(float(xp.finfo(M.dtype).eps)) * (nS + nN)
     return "sym" if nN <= tau else "anti" if nS <= tau else None
 
@@ -608,7 +610,7 @@ def _eig_parity(C: Array, parity: str, complex_: bool, xp: Any):
     if parity == "sym":
         d, U = _eigh(symmetrize(C, xp), xp)
         return (_as(d, cdt, xp), _as(U, cdt, xp)) if complex_ else (d, U)
-    nu, U = _eigh(_as(_antisymmetrize(C, xp), cdt, xp) * 1j, xp)
+    nu, U = _eigh(_as(antisymmetrize(C, xp), cdt, xp) * 1j, xp)
     return _as(nu, cdt, xp) * (-1j), U
 
 
@@ -712,11 +714,11 @@ def kronecker_svd(F: KronSum, rank: int = 1, *, method: str = "auto", tol: float
     c = cw * (cl * cr)
     dtype, dev = Fn.dtype, Fn.device
     w = Fn.weights
-    SP = None
+    unit_terms = None  # the Gram solver's (1/‖L_k‖, 1/‖R_k‖)
     kind = _range_kind(Fn)
     if method == "gram":
         SP, SQ = Fn._gram("left"), Fn._gram("right")
-        f2 = xp.sum((w @ (SP * SQ)) * w)
+        f2 = GramSpace(SP, SQ, w, xp).f2()
         # equilibrate: coefficients of the unit terms L_k/‖L_k‖, R_k/‖R_k‖, so that the metric is
         # a correlation matrix (unit diagonal) and the per-sample magnitudes, which are
         # heavy-tailed, sit in the weights w̃_k = w_k‖L_k‖‖R_k‖ (zero terms drop out)
@@ -728,8 +730,7 @@ def kronecker_svd(F: KronSum, rank: int = 1, *, method: str = "auto", tol: float
         SPt = materialize(SP * dl[:, None] * dl[None, :])
         SQt = materialize(SQ * dr[:, None] * dr[None, :])
         wt = w * nl * nr
-        space = _Space(lambda a: wt * (SQt @ (wt * (SPt @ a))), xp, metric=lambda a: SPt @ a,
-                       apply_M=lambda a, Ma: wt * (SQt @ (wt * Ma)))
+        space = GramSpace(SPt, SQt, wt, xp)
         x0 = wt * (Fn._traces("right") * dr)
         K = Fn.num_terms
 
@@ -737,13 +738,13 @@ def kronecker_svd(F: KronSum, rank: int = 1, *, method: str = "auto", tol: float
             return xp.asarray(rng.standard_normal(K), dtype=dtype, device=dev)
 
         side = "gram"
-        SP = (SPt, dl, dr, wt)
+        unit_terms = (dl, dr)
 
         def floor(a):  # rounding floor of an S̃_P-norm: sqrt(eps·‖S̃_P‖)·‖α‖₂, ‖S̃_P‖ ≥ 1
             return to_float(xp.sqrt(xp.sum(a * a)))
     else:
         side = "left" if m <= n else "right"
-        space = _operator_space(Fn, side)
+        space = contraction_space(Fn, side)
         x0 = _initial(Fn, "tkfac", None, side)
         d = m if side == "left" else n
 
@@ -757,10 +758,10 @@ def kronecker_svd(F: KronSum, rank: int = 1, *, method: str = "auto", tol: float
         floor = None
     f2 = max(to_float(f2), 0.0)
     starts = [x0] + [draw() for _ in range(rank - 1)]
-    max_dim = max(_KRYLOV_DIM, 4 * rank)
-    thetas, vecs, its, conv, res, theta_next, exhausted = _top_eigenpairs(
-        space, starts, rank, tol, max_iter, draw, max_dim, floor)
-    Ls, Rs, sig, pad_notes = _assemble(Fn, side, vecs, rank, rng, SP, kind)
+    max_dim = max(KRYLOV_DIM, 4 * rank)
+    top = block_lanczos(space, starts, rank, Stop(float(tol)), max_iter, draw, max_dim, floor)
+    its, conv, res, theta_next = top.iterations, top.converged, top.residual, top.theta_next
+    Ls, Rs, sig, pad_notes = finish_block(Fn, side, space, top.vectors, rank, rng, unit_terms, kind)
     sig_host = [to_float(s) for s in sig]
     notes = list(pad_notes)
     eps = float(xp.finfo(dtype).eps)
@@ -787,126 +788,6 @@ def kronecker_svd(F: KronSum, rank: int = 1, *, method: str = "auto", tol: float
     return KronSVD(sv, xp.stack(Ls), xp.stack(Rs), info=info, total_norm=math.sqrt(f2) * c)
 
 
-def _top_eigenpairs(space: _Space, starts, r: int, tol: float, max_iter: int, draw, max_dim: int,
-                    floor=None):
-    """Top ``r`` eigenpairs of the PSD operator of ``space``: block Lanczos with thick restarts.
-
-    The basis is kept with the operator's images ``A q``; the projection ``T = Qᵀ M A Q`` grows
-    a column per new vector (full reorthogonalisation, twice), the Ritz pairs of the top r give
-    the next block (their residuals, which span the block Krylov extension), and when the basis
-    would exceed ``max_dim`` it is restarted to the top ``max_dim // 2`` Ritz vectors. When no new
-    direction remains (an invariant subspace) random vectors are tried; if they too lie in the
-    basis, the space is exhausted and the Ritz pairs are exact.
-
-    ``floor(v)``, for a metric space, is the size ``‖v‖_M`` cannot be told from rounding below
-    (``sqrt(‖S_P‖)·‖v‖₂``): a new vector is kept only when its metric norm is well above it, so
-    that directions in (or next to) the null space of a singular metric are not normalised into
-    noise.
-
-    Returns ``(thetas, vectors, applications, converged, residual, theta_{r+1} or None, exhausted)``.
-    """
-    xp = space.xp
-    ref = starts[0]
-    eps = float(xp.finfo(ref.dtype).eps)
-    drop = 100 * math.sqrt(eps)
-    rfloor = 1e3 * eps / tol
-    Q: list = []
-    MQ: list = []
-    AQ: list = []
-    T = np.zeros((0, 0))
-    n_apply = 0
-
-    def add(cands) -> int:
-        nonlocal T, n_apply
-        added = 0
-        for v in cands:
-            Mv = space.M(v)
-            n0 = to_float(space.norm(v, Mv))
-            if not (n0 > 0 and math.isfinite(n0)):
-                continue
-            v = v / n0
-            for _ in range(2):
-                for q, mq in zip(Q, MQ):
-                    v = v - space.dot(v, mq) * q
-            Mv = space.M(v)
-            nv = to_float(space.norm(v, Mv))
-            if not nv > drop or (floor is not None and not nv > drop * floor(v)):
-                continue
-            v, Mv = materialize(v / nv), materialize(Mv / nv)
-            Av = space.apply_M(v, Mv)
-            n_apply += 1
-            col = host_floats([space.dot(Av, mq) for mq in MQ] + [space.dot(Av, Mv)])  # one read
-            k = len(Q)
-            T2 = np.zeros((k + 1, k + 1))
-            T2[:k, :k] = T
-            T2[:k, k] = T2[k, :k] = col[:k]
-            T2[k, k] = col[k]
-            T = T2
-            Q.append(v)
-            MQ.append(Mv)
-            AQ.append(Av)
-            added += 1
-        return added
-
-    def combos(vecs, C):
-        shape = tuple(vecs[0].shape)
-        V = xp.reshape(xp.stack(vecs), (len(vecs), -1))
-        Cx = xp.asarray(np.ascontiguousarray(C.T), dtype=V.dtype, device=device_of(V))
-        out = materialize(Cx @ V)
-        return [xp.reshape(out[i, ...], shape) for i in range(C.shape[1])]
-
-    add(starts)
-    exhausted = False
-    probes = 0  # Lanczos steps spent estimating θ_{r+1} after convergence (at most 4)
-    zero_tries = 0
-    while True:
-        k = len(Q)
-        if k == 0 or not float(np.max(np.abs(np.diag(T)), initial=0.0)) > 0:
-            # the operator vanishes on the basis: try random directions once, else F is zero
-            if zero_tries == 0 and not exhausted:
-                zero_tries += 1
-                add([draw() for _ in range(max(1, r))])
-                continue
-            S = np.eye(k)
-            p = min(k, r)
-            return [0.0] * p, (combos(Q, S[:, :p]) if p else []), n_apply, True, 0.0, 0.0, True
-        theta, S = np.linalg.eigh((T + T.T) / 2)
-        theta, S = theta[::-1], S[:, ::-1]
-        p = min(k, r)
-        top = min(k, r + 1)
-        th_ref = max(float(theta[0]), 0.0)
-        X = combos(Q, S[:, :top])
-        AX = combos(AQ, S[:, :top])
-        resid = [AX[i] - float(theta[i]) * X[i] for i in range(top)]
-        # per pair, relative to its own eigenvalue (σ_i is then accurate to about tol² relative,
-        # even for σ_i ≪ σ_1), down to the rounding floor ~ε·θ_1 that no iteration can pass
-        res = [to_float(space.norm(resid[i])) / max(float(theta[i]), rfloor * th_ref)
-               for i in range(p)]
-        conv = [x <= tol for x in res]
-        done = exhausted or (k >= r and all(conv))
-        if done and not exhausted and (k == r or probes > 0) and probes < 4 and n_apply < max_iter:
-            # converged, but no estimate of θ_{r+1} yet: a few Lanczos steps on the complement
-            probes += 1
-            cand = draw() if k == r else resid[r]
-            if add([cand]) == 0:
-                exhausted = True
-            continue
-        if done or n_apply >= max_iter:
-            theta_next = float(theta[r]) if k > r else (0.0 if exhausted else None)
-            return ([float(t) for t in theta[:p]], X[:p], n_apply, bool(done),
-                    max(res) if res else 0.0, theta_next, exhausted)
-        cands = [resid[i] for i in range(p) if not conv[i]]
-        if k + len(cands) > max_dim:  # thick restart to the top Ritz vectors
-            keep = min(k, max(p, max_dim // 2))
-            Sk = S[:, :keep]
-            Q, MQ, AQ = combos(Q, Sk), combos(MQ, Sk), combos(AQ, Sk)
-            T = np.diag(theta[:keep])
-        added = add(cands) if cands else 0
-        if added == 0:
-            if add([draw() for _ in range(max(1, r - k))]) == 0:
-                exhausted = True
-
-
 def _range_kind(F: KronSum) -> str:
     """``"sym"`` when every term is symmetric (the ranges of 𝓡 and 𝓡ᵀ hold symmetric matrices
     only), ``"parity"`` when F is symmetric but its terms are not (conv: singular vectors are
@@ -921,165 +802,3 @@ def _range_kind(F: KronSum) -> str:
     if F.form == "conv":
         return "parity"
     return "sym" if F.symmetric else "none"
-
-
-def _assemble(Fn: KronSum, side: str, vecs, rank: int, rng, SP, kind: str):
-    """Factors, singular values and signs from the basis-side Ritz vectors.
-
-    The basis-side matrices are orthonormalised in the factor space and a last Rayleigh–Ritz
-    step, the SVD of the small projection ``𝓡ᵀ[B_1 … B_k]``, gives the singular values
-    ``σ_i = ‖𝓡ᵀB_i‖`` and rotates the pairs (per parity class for symmetric F whose terms are
-    not symmetric: symmetric and antisymmetric singular vectors never mix).
-    """
-    xp = Fn.xp
-    eps = float(xp.finfo(Fn.dtype).eps)
-    Bs, Os = [], []
-    for v in vecs:
-        if side == "gram":
-            SPt, dl, dr, wt = SP
-            B = Fn._combine("left", v * dl)
-            O = Fn._combine("right", dr * (wt * (SPt @ v)))
-        elif side == "left":
-            B, O = v, Fn.contract_left(v)
-        else:
-            B, O = v, Fn.contract_right(v)
-        Bs.append(B)
-        Os.append(O)
-    classes: dict = {}
-    for B, O in zip(Bs, Os):
-        if kind == "sym":
-            B, O, cls = symmetrize(B, xp), symmetrize(O, xp), 0
-        elif kind == "parity":
-            Bsym, Banti = symmetrize(B, xp), _antisymmetrize(B, xp)  # each exact in floating point
-            if to_float(fro_norm(Bsym, xp)) >= to_float(fro_norm(Banti, xp)):
-                B, O, cls = Bsym, symmetrize(O, xp), 0
-            else:
-                B, O, cls = Banti, _antisymmetrize(O, xp), 1
-        else:
-            cls = 0
-        classes.setdefault(cls, []).append((B, O))
-    basis, other, sig = [], [], []
-    for pairs in classes.values():
-        # orthonormalise the basis side (twice), carrying the other side along linearly
-        QB, QO = [], []
-        for B, O in pairs:
-            nb0 = to_float(fro_norm(B, xp))
-            if not nb0 > 0:
-                continue
-            B, O = B / nb0, O / nb0
-            for _ in range(2):
-                for qb, qo in zip(QB, QO):
-                    c = xp.sum(B * qb)
-                    B, O = B - c * qb, O - c * qo
-            nb = to_float(fro_norm(B, xp))
-            if nb > 1e3 * eps:
-                QB.append(B / nb)
-                QO.append(O / nb)
-        if not QB:
-            continue
-        k = len(QB)
-        G = np.array(host_floats([xp.sum(QO[i] * QO[j]) for i in range(k) for j in range(k)])).reshape(k, k)
-        theta, S = np.linalg.eigh((G + G.T) / 2)
-        S = S[:, ::-1]
-        for j in range(k):
-            col = [float(c) for c in S[:, j]]
-            B = col[0] * QB[0]
-            O = col[0] * QO[0]
-            for cj, qb, qo in zip(col[1:], QB[1:], QO[1:]):
-                B, O = B + cj * qb, O + cj * qo
-            B = B / fro_norm(B, xp)
-            no = fro_norm(O, xp)
-            basis.append(B)
-            sig.append(no)
-            other.append(O / no if bool(no > 0) else None)
-    order = sorted(range(len(basis)), key=lambda i: -to_float(sig[i]))[:rank]
-    basis = [basis[i] for i in order]
-    other = [other[i] for i in order]
-    sig = [sig[i] for i in order]
-    sym_pad = kind in ("sym", "parity")
-    notes = []
-    # the other side, in σ-descending order, made exactly orthonormal: for small σ_i its
-    # direction carries an error ~ ε σ₁/σ_i, so the correction moves σ_i L_i ⊗ R_i by ~ε σ₁ only;
-    # a direction lost in rounding (σ_i at the level of ε σ₁) becomes a σ = 0 term
-    zero = xp.zeros((), dtype=Fn.dtype, device=Fn.device)
-    kept: list = []
-    for i, O in enumerate(other):
-        if O is None:
-            continue
-        for _ in range(2):
-            for q in kept:
-                O = O - xp.sum(O * q) * q
-        no = to_float(fro_norm(O, xp))
-        if no > 1e-3:
-            other[i] = O / no
-            kept.append(other[i])
-        else:
-            other[i], sig[i] = None, zero
-    order = sorted(range(len(basis)), key=lambda i: (other[i] is None, -to_float(sig[i])))
-    basis = [basis[i] for i in order]
-    other = [other[i] for i in order]
-    sig = [sig[i] for i in order]
-    found = len(basis)
-    dB = Fn.m if side in ("gram", "left") else Fn.n
-    dO = Fn.n if side in ("gram", "left") else Fn.m
-    if found < rank:
-        basis = basis + _complete(basis, rank - found, dB, sym_pad, rng, xp, Fn.weights)
-        other = other + [None] * (rank - found)
-        sig = sig + [zero] * (rank - found)
-    nonzero = sum(1 for o in other if o is not None)
-    if nonzero < rank:
-        notes.append(f"the rearrangement has rank {nonzero} < {rank}: terms {nonzero + 1}..{rank} "
-                     "have sigma = 0 and arbitrary orthonormal factors")
-        fill = iter(_complete([o for o in other if o is not None], rank - nonzero, dO, sym_pad, rng,
-                              xp, Fn.weights))
-        other = [o if o is not None else next(fill) for o in other]
-        sig = [s if o is not None else zero for s, o in zip(sig, other)]
-    if side in ("gram", "left"):
-        Ls, Rs = basis, other
-    else:
-        Ls, Rs = other, basis
-    for i in range(rank):
-        L = Ls[i]
-        if i == 0:
-            neg = to_float(trace(L, xp)) < 0
-        else:
-            flat = xp.reshape(L, (-1,))
-            j = int(to_float(xp.argmax(xp.abs(flat))))
-            neg = to_float(flat[j]) < 0
-        if neg:
-            Ls[i], Rs[i] = -L, -Rs[i]
-    return Ls, Rs, sig, tuple(notes)
-
-
-def _antisymmetrize(x: Array, xp: Any) -> Array:
-    """``(x − xᵀ) / 2``: exactly antisymmetric in floating point (``x − sym(x)`` is not)."""
-    return (x - xp.matrix_transpose(x)) / 2
-
-
-def _complete(found, count: int, d: int, symmetric: bool, rng, xp, ref):
-    """``count`` unit (d, d) matrices orthonormal to ``found`` and each other.
-
-    With ``symmetric``, symmetric candidates are tried first, then antisymmetric ones (the two
-    together span every (d, d) matrix), so that symmetric sums get factors of a definite parity.
-    """
-    out: list = []
-    tries = 0
-    while len(out) < count:
-        tries += 1
-        if tries > 60 * (count + 1):  # pragma: no cover - a random draw never fails this often
-            raise RuntimeError("could not complete an orthonormal set of factors")
-        Z = rng.standard_normal((d, d))
-        if symmetric:
-            Z = Z + Z.T if tries % 6 < 3 else Z - Z.T
-        nz = np.linalg.norm(Z)
-        if not nz > 0:
-            continue
-        v = xp.asarray(Z / nz, dtype=ref.dtype, device=device_of(ref))
-        for _ in range(2):
-            for q in list(found) + out:
-                v = v - xp.sum(v * q) * q
-        nv = fro_norm(v, xp)
-        if to_float(nv) > 1e-4:
-            out.append(materialize(v / nv))
-            tries = 0
-    return out

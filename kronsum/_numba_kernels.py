@@ -2,7 +2,7 @@
 
 ``coef_lanczos`` is the whole K-FOC Gram solve after the two K×K Gram matrices: Lanczos in
 coefficient space with the ``S_P`` metric, identical in arithmetic to the array-API path in
-:mod:`kronsum._kfoc` but without the Python overhead per step, which dominates for small
+:mod:`kronsum._eigen` but without the Python overhead per step, which dominates for small
 layers (K ≲ 256, m, n ≲ 64). ``nogil=True`` so threads can solve layers concurrently;
 ``cache=True`` so the compilation (about a second) is paid once per machine; no fastmath.
 """
@@ -37,7 +37,7 @@ def weighted_hadamard_sum(SP, SQ, w):  # pragma: no cover - compiled
 def coef_lanczos(SP, SQ, w, x0, tol, accuracy, f2, f2_err, max_iter, kdim, eps):  # pragma: no cover - compiled
     """Top eigenpair of ``α ↦ W S_Q W S_P α`` in the ``S_P`` inner product.
 
-    Stops as :class:`kronsum._kfoc._Stop` does: residual ≤ ``tol``, or the error-gap bound
+    Stops as :class:`kronsum._eigen.Stop` does: residual ≤ ``tol``, or the error-gap bound
     :func:`kronsum._stopping.gap_bound` (with ``f2 = ‖F‖²`` and its rounding bound
     ``f2_err``) ≤ ``accuracy`` (``< 0``: off).
     Returns ``(alpha, applications, converged, residual, s2, bound, certified)``; ``s2 < 0``

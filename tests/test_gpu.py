@@ -181,15 +181,13 @@ def test_cuda_graph_capture_failure_warns_once_and_runs_eagerly(gpu_backend):
 def test_cuda_graph_route_reaches_svd_optimum(gpu_backend, case):
     """Hypothesis cases on the graph route (forced: the drawn K is rarely small beside m, n)."""
     _torch_cuda_only(gpu_backend)
-    import kronsum._kfoc as kfoc_mod
 
     form, arrays, w = case
     F = _on_device(gpu_backend, form, arrays, w, "float64")
     opt, s = svd_optimum(dense_F(form, arrays, w), F.m, F.n)
     normF = float(np.sqrt(np.sum(s**2)))
     ks.clear_cuda_graphs()
-    with pytest.MonkeyPatch.context() as mp, ks.config(cuda_graphs=True):
-        mp.setattr(kfoc_mod, "_use_squaring", lambda F: True)
+    with ks.config(cuda_graphs=True, gram_squaring=True):
         for _ in range(2):  # the capture, then a replay
             est = ks.kfoc(F, method="gram")
             assert est.info.method in ("kfoc/gram-squaring", "kfoc/gram")  # gram: Lanczos took over

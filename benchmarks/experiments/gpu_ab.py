@@ -42,11 +42,11 @@ def _graphs(F):
 
 def variants_torch(lib, F):
     """Phases of the squaring route, and the route with the option ``cuda_graphs``."""
-    from kronsum import _kfoc
+    from kronsum import _eigen
 
     def norm_pass():  # F.normalized() and the squaring pass, its products and its read
         Fn, _ = F.normalized()
-        st = _kfoc._squaring_pass(Fn, Fn.weights * Fn._traces("right"))
+        st = _eigen.squaring_pass(Fn, Fn.weights * Fn._traces("right"))
         L, R = Fn._combine("left", st.cL), Fn._combine("right", st.cR)
         return L, R, st.scalars.tolist()
 

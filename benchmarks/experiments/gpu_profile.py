@@ -12,7 +12,7 @@ import sys
 import time
 
 import kronsum as ks
-from kronsum import _kfoc
+from kronsum import _eigen
 from kronsum._accel import weighted_gram
 
 sys.path.insert(0, __file__.rsplit("/", 2)[0])
@@ -49,20 +49,19 @@ def main(name):
         "tkfac": lambda: ks.tkfac(F),
         "_gram('left')": lambda: Fn._gram("left"),
         "SP @ alpha (K-vector)": lambda: SP @ w,
-        "_gram_solve (incl. finish)": lambda: _kfoc._gram_solve(Fn, "tkfac", None, 1e-5, 500),
+        "gram_solve (incl. finish)": lambda: _eigen.gram_solve(Fn, Fn.weights * Fn._traces("right"),
+                                                               _eigen.Stop(1e-5), 500),
         "kfoc": lambda: ks.kfoc(F),
     }
     for k, fn in rows.items():
         print(f"[{name}] {k:28s} {med(lib, fn):9.3f} ms", flush=True)
-    out = _kfoc._gram_solve(Fn, "tkfac", None, 1e-5, 500)
-    print(f"[{name}] route {out[-1]}, applications {out[4]}, sigma2 {out[7]}")
+    out = _eigen.gram_solve(Fn, Fn.weights * Fn._traces("right"), _eigen.Stop(1e-5), 500)
+    print(f"[{name}] route {out.route}, applications {out.eig.iterations}, sigma2 {out.eig.sigma2}")
     with ks.config(check_every=1):
         print(f"[{name}] kfoc check_every=1 {med(lib, lambda: ks.kfoc(F)):9.3f} ms")
-    _kfoc_use = _kfoc._use_squaring
-    _kfoc._use_squaring = lambda F: False
-    print(f"[{name}] kfoc (Lanczos route) {med(lib, lambda: ks.kfoc(F)):9.3f} ms, "
-          f"{ks.kfoc(F).info.iterations} applications")
-    _kfoc._use_squaring = _kfoc_use
+    with ks.config(gram_squaring=False):
+        print(f"[{name}] kfoc (Lanczos route) {med(lib, lambda: ks.kfoc(F)):9.3f} ms, "
+              f"{ks.kfoc(F).info.iterations} applications")
     import cProfile
     import pstats
 

@@ -1,0 +1,1229 @@
+r"""The eigensolver core: top eigenpairs of a symmetric PSD operator, and factors from them.
+
+Every solver of :func:`kronsum.kfoc` and :func:`kronsum.kronecker_svd` is one of the routines
+here, on one of two operator spaces (:class:`Space`):
+
+* the contractions (:func:`contraction_space`): ``X ↦ 𝓡𝓡ᵀX`` on ``(m, m)`` factors (or
+  ``𝓡ᵀ𝓡`` on ``(n, n)`` ones) through :meth:`KronSum.contract_left` and
+  :meth:`KronSum.contract_right`; any form, any backend;
+* the Gram space (:class:`GramSpace`, the one definition of the Gram operator): coefficient
+  K-vectors ``α`` of ``L = Σ_k α_k L_k``, the operator ``α ↦ W S_Q W S_P α``, self-adjoint in
+  the ``S_P`` inner product (``S_P = [⟨L_k, L_l⟩]``, ``S_Q = [⟨R_k, R_l⟩]``).
+
+Solvers (block size 1 for K-FOC, r for the Kronecker SVD):
+
+``lanczos``            restarted Lanczos with full reorthogonalisation (K-FOC's solver);
+                       :func:`lanczos_two_precision` runs it in a lower precision first and
+                       checks (and, if need be, continues) in the working one;
+``power``              the power method (the paper's Algorithm 1, kept as the reference);
+``deflated_top``       a few Lanczos steps on the operator deflated by a converged vector:
+                       σ₂ when the solver itself saw none;
+``block_lanczos``      block Lanczos with thick restarts for the top r pairs.
+
+All iterative K-FOC solvers stop by one rule, :class:`Stop` (residual, or the error-gap bound
+of :func:`kronsum._stopping.gap_bound`), and return an :class:`EigenResult`.
+
+The Gram solve has one dispatch point, :func:`gram_solve`, which picks an accelerator where it
+applies and the array-API Lanczos otherwise; every accelerator gives the array-API path's answer
+(to rounding; the tests compare them):
+
+* numba (NumPy on the CPU): the whole coefficient-space Lanczos as one compiled kernel
+  (:func:`kronsum._numba_kernels.coef_lanczos`, the same arithmetic and stopping rule);
+* repeated squaring (accelerators with K small beside m and n, or option ``gram_squaring``):
+  the power method as ``B^(2^s)α₀`` by squaring the K×K operator, optionally replayed as a
+  CUDA graph (option ``cuda_graphs``).
+
+Factors are finished by :func:`finish` (a factor-space iterate), :func:`finish_coef` (a
+Gram-space iterate) and :func:`finish_block` (the r Ritz vectors of the block solver: a last
+Rayleigh–Ritz step in the factor space); all apply the library's sign rule (:func:`negative`):
+``tr L ≥ 0`` for the first pair. The squaring route finishes on the device
+(:func:`_squaring_finish`, the same formulas as :func:`finish_coef` without a host read).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import numpy as np
+
+from ._accel import cuda_graph, numba_enabled, numba_kernels
+from ._compat import (Array, all_finite, device_of, eye_like, fro_norm, host_floats, host_vector,
+                      is_dask_namespace, materialize, on_accelerator, symmetrize, to_float, trace)
+from ._config import get_config
+from ._stopping import gap_bound
+
+KRYLOV_DIM = 20  # Lanczos basis size before a restart
+APPLIES = 4  # products with B^(2^s) per check of the squaring route (32 steps after 3 squarings)
+
+
+def default_tol(xp: Any, dtype: Any) -> float:
+    """The default relative eigen-residual: 1e-10 (float64), 1e-5 (float32 and below)."""
+    return 1e-10 if xp.finfo(dtype).eps < 1e-12 else 1e-5
+
+
+def default_accuracy(xp: Any, dtype: Any) -> float:
+    """The default error-gap accuracy: 1e-8 (float64), 1e-6 (float32 and below)."""
+    return 1e-8 if xp.finfo(dtype).eps < 1e-12 else 1e-6
+
+
+# -- the stopping rule and the results ---------------------------------------------------------
+
+
+@dataclass
+class Stop:
+    """The iterative solvers' stopping rule, one for all of them: stop when the relative
+    eigen-residual is at most ``tol``, or when :func:`kronsum._stopping.gap_bound` bounds the
+    error gap by ``accuracy`` (``None``: the residual rule alone). ``f2`` is ``‖F‖²`` in the
+    solver's units when known (it certifies the bound). :meth:`met` records the bound of its
+    last call, which is the returned iterate's."""
+
+    tol: float
+    accuracy: float | None = None
+    f2: float | None = None
+    f2_err: float = 0.0  # a bound of f2's rounding error
+    bound: float | None = None
+    certified: bool = False
+    th2: float | None = None  # the second Ritz value and its residual at the last call
+    r2: float = 0.0
+
+    def met(self, th1: float, res: float, th2: float | None = None, r2: float = 0.0) -> bool:
+        """Whether the Ritz pair ``(th1, relative residual res)`` stops the solver."""
+        self.th2, self.r2 = th2, r2
+        self.bound, self.certified = gap_bound(
+            th1, res * th1, -1.0 if th2 is None else th2, r2, -1.0 if self.f2 is None else self.f2,
+            self.f2_err)
+        return res <= self.tol or (self.accuracy is not None and self.bound <= self.accuracy)
+
+
+@dataclass
+class EigenResult:
+    """A single-vector solver's answer.
+
+    ``x``: the unit iterate (in the space's metric); ``iterations``: operator applications
+    (probes included); ``converged``; ``residual``: the relative eigen-residual of ``x``;
+    ``sigma2``: ``√θ₂`` (θ₂ the second Ritz value, or the deflated probe's), ``None`` when
+    unknown; ``aux``: the half-step image of ``x`` when the space keeps them; ``image``: the
+    full application of ``x`` when at hand (it replaces the finish's last contraction).
+    """
+
+    x: Array
+    iterations: int
+    converged: bool
+    residual: float
+    sigma2: float | None
+    aux: Array | None = None
+    image: Array | None = None
+
+
+@dataclass
+class BlockResult:
+    """:func:`block_lanczos`'s answer: the top ``p ≤ r`` Ritz values and vectors, operator
+    applications, convergence, the largest relative residual of the top pairs, θ_{r+1}
+    (``None`` when unknown) and whether the Krylov space was exhausted (the pairs are exact)."""
+
+    thetas: list
+    vectors: list
+    iterations: int
+    converged: bool
+    residual: float
+    theta_next: float | None
+    exhausted: bool
+
+
+@dataclass
+class Factors:
+    """Finished factors: unit-Frobenius ``left`` (m, m) and ``right`` (n, n) with the sign rule
+    applied, ``sigma`` (0-d array or float, in the solved operator's units) and notes."""
+
+    left: Array
+    right: Array
+    sigma: Any
+    notes: tuple = ()
+
+
+@dataclass
+class Solution:
+    """A finished K-FOC solve: the factors, the solver's :class:`EigenResult` (``x`` may be
+    ``None`` where only the factors were kept) and the route taken (``"gram"``,
+    ``"gram[numba]"``, ``"gram-squaring"``, ``"lanczos"``, ``"lanczos[float32]"``, ``"power"``)."""
+
+    factors: Factors
+    eig: EigenResult
+    route: str
+
+
+# -- operator spaces ------------------------------------------------------------------------------
+
+
+class Space:
+    """A vector space for the iterative solvers: the operator and, optionally, a metric.
+
+    Vectors are arrays of any shape (``(d, d)`` factors or ``(K,)`` coefficient vectors); the
+    inner product is ``⟨x, y⟩ = Σ x ∘ M(y)`` with ``M`` the metric (identity when ``None``).
+    ``half(x, Mx=None)`` is the half-step image of ``x``, linear in ``x``: the other factor
+    (``𝓡ᵀvec x`` for a left factor, or its coefficients in the Gram space), so that the
+    operator is a second half-step after it. ``apply_aux(x) -> (apply(x), half(x))``, when
+    given, returns both from one pass: Lanczos then keeps one half-step image per basis vector
+    and returns the answer's in :attr:`EigenResult.aux`, which saves the finish a contraction.
+    """
+
+    def __init__(self, apply, xp, metric=None, apply_M=None, safe_norm=False, apply_aux=None,
+                 half=None):
+        # every product is materialised: on Dask each step is then one map-reduce over the
+        # persisted inputs rather than a graph re-running all earlier steps
+        self.apply = None if apply is None else (lambda x: materialize(apply(x)))
+        self.apply_aux = None if apply_aux is None else (
+            lambda x: tuple(materialize(v) for v in apply_aux(x)))
+        self.half = half
+        self.xp, self.metric, self.safe_norm = xp, metric, safe_norm
+        self._apply_M = None if apply_M is None else (lambda x, Mx: materialize(apply_M(x, Mx)))
+
+    def apply_M(self, x, Mx):
+        """``apply(x)`` when ``Mx = M(x)`` is at hand (saves a product for the Gram space)."""
+        return self.apply(x) if self._apply_M is None else self._apply_M(x, Mx)
+
+    def M(self, x):
+        return x if self.metric is None else self.metric(x)
+
+    def dot(self, x, My):
+        return self.xp.sum(x * My)
+
+    def norm(self, x, Mx=None):
+        if self.safe_norm and self.metric is None:
+            return fro_norm(x, self.xp)  # scaled by max|x| first: no overflow in the squares
+        v = self.dot(x, self.M(x) if Mx is None else Mx)
+        return self.xp.sqrt(self.xp.where(v > 0, v, self.xp.zeros_like(v)))
+
+    def random_like(self, x, seed, symmetric):
+        return random_like(x, seed, symmetric, self.xp)
+
+
+class GramSpace(Space):
+    """The Gram operator ``B = W S_Q W S_P`` on coefficient K-vectors, in the ``S_P`` metric:
+    its one definition (K-FOC's Gram solver and its squaring route, the Kronecker SVD; the
+    numba kernel compiles the same products).
+
+    ``L = Σ_k α_k L_k`` has ``‖L‖² = αᵀS_Pα``; :meth:`half` gives the coefficients
+    ``β = W S_P α`` of ``R ∝ 𝓡ᵀvec L = Σ_k β_k R_k``, and ``Bα = W S_Q β``.
+    """
+
+    def __init__(self, SP, SQ, w, xp):
+        self.SP, self.SQ, self.w = SP, SQ, w
+        super().__init__(lambda a: w * (SQ @ (w * (SP @ a))), xp, metric=lambda a: SP @ a,
+                         apply_M=lambda a, Ma: w * (SQ @ (w * Ma)),
+                         half=lambda a, Ma=None: w * (SP @ a if Ma is None else Ma))
+
+    def f2(self) -> Array:
+        """``wᵀ(S_P ∘ S_Q)w = ‖F‖²`` (0-d array) in the space's units."""
+        return self.xp.sum(self.w * ((self.SP * self.SQ) @ self.w))
+
+    def matrix(self) -> Array:
+        """``B = W S_Q W S_P`` as a K×K matrix (the squaring route)."""
+        w = self.w
+        return ((w[:, None] * self.SQ) * w[None, :]) @ self.SP
+
+
+def contraction_space(Fn, side: str, keep_aux: bool = False) -> Space:
+    """``𝓡𝓡ᵀ`` on (m, m) factors (side="left") or ``𝓡ᵀ𝓡`` on (n, n) ones, through the two
+    contractions of ``Fn``. ``half`` is the first contraction (``contract_left`` for
+    side="left"): the other factor of an iterate. ``keep_aux``: Lanczos keeps that half-step
+    image per basis vector, so the finish reads the other factor off the basis instead of
+    contracting once more."""
+    # below float64 the iterates' entries reach σ₁² and their squares overflow: safe norms
+    safe = Fn.xp.finfo(Fn.dtype).bits < 64
+    first, second = ((Fn.contract_left, Fn.contract_right) if side == "left"
+                     else (Fn.contract_right, Fn.contract_left))
+
+    def apply_aux(X):
+        Y = materialize(first(X))
+        return second(Y), Y
+
+    return Space(lambda X: second(first(X)), Fn.xp, safe_norm=safe,
+                 apply_aux=apply_aux if keep_aux else None, half=lambda X, _=None: first(X))
+
+
+def aux_fits(Fn, side: str) -> bool:
+    """Whether keeping one half-step image per Lanczos vector (``KRYLOV_DIM + 1`` matrices of
+    the other factor's size) costs at most the inputs' own size (or 2²² numbers)."""
+    d = Fn.n if side == "left" else Fn.m
+    inputs = sum(math.prod(a.shape) for a in Fn._arrays())
+    return (KRYLOV_DIM + 1) * d * d <= max(1 << 22, inputs)
+
+
+def random_like(x, seed, symmetric, xp):
+    """A standard normal array of ``x``'s shape, dtype and device (``symmetric``: ``Z + Zᵀ``)."""
+    r = np.random.default_rng(seed).standard_normal(tuple(x.shape))
+    if symmetric and r.ndim == 2:
+        r = r + r.T
+    return xp.asarray(r, dtype=x.dtype, device=device_of(x))
+
+
+# -- single-vector solvers -------------------------------------------------------------------------
+
+
+def check_every(x) -> int:
+    """Iterations between host reads of the convergence scalars (see :func:`kronsum.get_config`)."""
+    k = get_config()["check_every"]
+    if k is not None:
+        return k
+    return 4 if on_accelerator(x) else 1
+
+
+def _safe(xp, v):
+    """``v`` with zero replaced by one (a device-side guard for a divisor read later)."""
+    return xp.where(v > 0, v, xp.ones_like(v))
+
+
+def _orthogonalize(space: Space, v, Q: list, MQ: list):
+    """``v`` less its components along the ``M``-orthonormal ``Q`` (``MQ`` their metric
+    images): classical Gram–Schmidt, twice (enough for full reorthogonalisation)."""
+    for _ in range(2):
+        for q, mq in zip(Q, MQ):
+            v = v - space.dot(v, mq) * q
+    return v
+
+
+def _tridiagonal(alphas: list, betas: list) -> np.ndarray:
+    """The Lanczos projection: ``alphas`` on the diagonal, ``betas`` (one fewer) beside it."""
+    return np.diag(alphas) + np.diag(betas, 1) + np.diag(betas, -1)
+
+
+def power(space: Space, x, stop: Stop, max_iter) -> EigenResult:
+    """The paper's power method; stops on the relative eigen-residual.
+
+    The scalars of each iteration stay on the device; they are read to the host (one
+    transfer) every ``check_every`` iterations and the first iteration that met the rule is
+    returned, so batching the reads changes the cost, not the answer.
+    """
+    every = check_every(x)
+    sync_each = every == 1
+    x = materialize(x / to_float(space.norm(x)))
+    res = math.inf
+    it = 0
+    while it < max_iter:
+        batch = []  # (x_before, y_normalised, ‖y‖, residual) per iteration, device scalars
+        for _ in range(min(every, max_iter - it)):
+            y = space.apply(x)
+            ny = space.norm(y)
+            if sync_each:  # CPU / Dask: scalars read as floats at once (no re-submitted keys)
+                ny = to_float(ny)
+                require_finite(space.xp, ny)
+                if not ny > 0:
+                    return EigenResult(x, it + 1, True, 0.0, None)
+            y = materialize(y / (ny if sync_each else _safe(space.xp, ny)))
+            c = space.dot(y, space.M(x))
+            if sync_each:
+                c = to_float(c)
+                r = to_float(space.norm(y - c * x)) / abs(c) if c != 0 else math.inf
+            else:
+                r = space.norm(y - c * x) / _safe(space.xp, space.xp.abs(c))
+            batch.append((x, y, ny, r))
+            x = y
+            it += 1
+            if sync_each and stop.met(1.0, r):
+                return EigenResult(x, it, True, r, _invariant_probe(space, x, it, r))
+        if sync_each:
+            res = batch[-1][3]
+            continue
+        vals = host_floats([v for b in batch for v in (b[2], b[3])])
+        for i, (xb, y, _, _) in enumerate(batch):
+            ny, r = vals[2 * i], vals[2 * i + 1]
+            require_finite(space.xp, ny)
+            if not ny > 0:
+                return EigenResult(xb, it, True, 0.0, None)
+            res = r if math.isfinite(r) else math.inf
+            if stop.met(1.0, res):  # applications counted as performed, the unused ones included
+                return EigenResult(y, it, True, res,
+                                   _invariant_probe(space, y, it - len(batch) + i + 1, res))
+    return EigenResult(x, max_iter, False, res, None)
+
+
+def _invariant_probe(space: Space, x, its: int, res: float) -> float | None:
+    """σ₂ from the deflated probe when the power method's start was already an eigenvector
+    (converged at the first iteration with a residual at rounding level), else ``None``: an
+    eigenvector of a smaller singular value then shows as σ₂ > σ₁ and kfoc solves again."""
+    eps = float(space.xp.finfo(x.dtype).eps)
+    if its != 1 or res > 64 * eps:
+        return None
+    return deflated_top(space, x, space.M(x))[0]
+
+
+def lanczos(space: Space, x, stop: Stop, max_iter) -> EigenResult:
+    """Restarted Lanczos with full reorthogonalisation for the top eigenpair of a PSD operator.
+
+    The (j × j) tridiagonal projection is solved on the host with NumPy: only its 2j scalars,
+    which the convergence check reads anyway, leave the device. With ``check_every = c > 1``
+    (accelerators) the recurrence runs c steps on device scalars between reads, and the
+    first step that met the rule is the one returned (up to c − 1 applications are wasted).
+    On 1-D (coefficient) vectors the reorthogonalisation is two block products. A start that
+    spans an invariant subspace is probed (:func:`deflated_top`) for σ₂. ``stop.bound`` is
+    left ``None`` when the solver exits without a check (a zero operator or such a start).
+    """
+    xp = space.xp
+    every = check_every(x)
+    sync_each = every == 1
+    n_apply = 0
+    res = math.inf
+    s2 = None
+    stop.bound = None  # an exit without a check leaves the bound to the caller
+    eps = float(xp.finfo(x.dtype).eps)
+    Mx = space.M(x)
+    nx = space.norm(x, Mx)
+    if sync_each:
+        nx = to_float(nx)
+        if not nx > 0:
+            return EigenResult(x, 0, True, 0.0, 0.0)
+    else:  # a zero start stays zero: the first check sees theta = 0 and returns it
+        nx = _safe(xp, nx)
+    x, Mx = materialize(x / nx), materialize(Mx / nx)
+    block = x.ndim == 1 and not is_dask_namespace(xp)
+    keep_aux = space.apply_aux is not None and not block
+    while True:
+        Q, MQ = [x], [Mx]
+        AUX: list = []  # half-step images of Q's vectors (keep_aux)
+        alphas: list = []  # floats, or device scalars not yet read
+        betas: list = []
+        checked = 0  # steps whose scalars have been read and tested
+        for j in range(KRYLOV_DIM):
+            if keep_aux:
+                w, aux = space.apply_aux(Q[j])
+                AUX.append(aux)
+            else:
+                w = space.apply_M(Q[j], MQ[j])
+            n_apply += 1
+            if block:
+                # coefficient vectors: the three-term recurrence and the full
+                # reorthogonalisation as two block Gram-Schmidt passes against all of Q
+                # (twice is enough); α_j is the coefficient on q_j
+                Qs, MQs = xp.stack(Q), xp.stack(MQ)
+                c1 = MQs @ w
+                w = w - c1 @ Qs
+                c2 = MQs @ w
+                w = w - c2 @ Qs
+                a = c1[j] + c2[j]
+                if sync_each:
+                    a = to_float(a)
+            else:
+                a = space.dot(w, MQ[j])
+                if sync_each:
+                    a = to_float(a)
+                w = w - a * Q[j]
+                if j > 0:
+                    w = w - betas[-1] * Q[j - 1]
+                w = _orthogonalize(space, w, Q, MQ)
+            w = materialize(w)
+            Mw = materialize(space.M(w))
+            b = space.norm(w, Mw)
+            if sync_each:
+                b = to_float(b)
+            alphas.append(a)
+            betas.append(b)
+            last = j == KRYLOV_DIM - 1 or n_apply >= max_iter
+            if sync_each or last or (j + 1 - checked) >= every:
+                vals = host_floats(alphas[checked:] + betas[checked:])
+                npend = len(alphas) - checked
+                alphas[checked:], betas[checked:] = vals[:npend], vals[npend:]
+                for i in range(checked, j + 1):
+                    if not (math.isfinite(alphas[i]) and math.isfinite(betas[i])):
+                        require_finite(xp, math.nan)
+                    T = _tridiagonal(alphas[: i + 1], betas[:i])
+                    theta, S = np.linalg.eigh(T)
+                    th1 = float(theta[-1])
+                    if th1 <= 0:
+                        return EigenResult(Q[0], n_apply, True, 0.0, 0.0, AUX[0] if AUX else None)
+                    bi = betas[i]
+                    breakdown = bi <= 64 * eps * th1
+                    if i == 0 and breakdown:
+                        # the start vector spans an invariant subspace: Krylov sees no second
+                        # value, so probe the deflated operator to learn whether sigma1 repeats
+                        s2, k = deflated_top(space, Q[0], MQ[0], th1)
+                        return EigenResult(Q[0], n_apply + k, True, 0.0, s2, AUX[0] if AUX else None)
+                    s2 = math.sqrt(max(float(theta[-2]), 0.0)) if i > 0 else None
+                    res = float(bi * abs(S[-1, -1]) / th1)
+                    met = stop.met(th1, res, float(theta[-2]) if i > 0 else None,
+                                   float(bi * abs(S[-1, -2])) if i > 0 else 0.0)
+                    done = bool(met or breakdown or (i == j and n_apply >= max_iter))
+                    if done or i == KRYLOV_DIM - 1:
+                        x, Mx, aux = _ritz(space, Q[: i + 1], MQ[: i + 1], S[:, -1],
+                                           AUX[: i + 1] if keep_aux else None)
+                        if done:
+                            return EigenResult(x, n_apply, bool(met or breakdown), res, s2, aux)
+                        break
+                else:
+                    checked = j + 1
+                    Q.append(materialize(w / b))
+                    MQ.append(materialize(Mw / b))
+                    continue
+                break  # restart from the Ritz vector
+            b = _safe(xp, b)  # b = 0 is a breakdown the next read catches: no 0/0 meanwhile
+            Q.append(materialize(w / b))
+            MQ.append(materialize(Mw / b))
+
+
+def _ritz(space: Space, Q: list, MQ: list, coef, AUX: list | None = None) -> tuple:
+    """``(x, M x, aux)``: the normalised Ritz vector ``Σ c_j q_j``, its image under the metric
+    and, with ``AUX`` (the half-step images of the ``q_j``), the image of ``x`` by the same
+    combination (else ``None``)."""
+    coef = [float(c) for c in coef]
+    x, Mx = coef[0] * Q[0], coef[0] * MQ[0]
+    for cj, q, mq in zip(coef[1:], Q[1:], MQ[1:]):
+        x, Mx = x + cj * q, Mx + cj * mq
+    nx = to_float(space.norm(x, Mx))
+    aux = None
+    if AUX:
+        aux = coef[0] * AUX[0]
+        for cj, a in zip(coef[1:], AUX[1:len(coef)]):
+            aux = aux + cj * a
+        aux = materialize(aux / nx)
+    return materialize(x / nx), materialize(Mx / nx), aux
+
+
+def lanczos_two_precision(low: Space, x0, high: Space, resume: Callable[[], Space], dtype,
+                          stop: Stop, max_iter: int) -> EigenResult:
+    """:func:`lanczos` on ``low`` (the operator in a lower precision, e.g. float32), checked
+    and finished on ``high`` (the working precision, with ``apply_aux``).
+
+    The low-precision answer is cast to ``dtype`` and applied once on ``high``: its Rayleigh
+    quotient and residual there, with the low solve's second Ritz pair, give the error-gap
+    bound (:class:`Stop`), and the application's half-step image and image finish the factors
+    (:attr:`EigenResult.aux`, :attr:`EigenResult.image`). If the bound misses ``accuracy`` (a
+    tiny gap, or an operator low precision cannot resolve), Lanczos continues from there on
+    ``resume()`` (the working-precision space to iterate on).
+    """
+    xp = high.xp
+    stop_low = Stop(max(stop.tol, default_tol(xp, x0.dtype)), stop.accuracy)
+    lo = lanczos(low, x0, stop_low, max_iter)
+    x = xp.astype(lo.x, dtype)
+    x = materialize(x / high.norm(x))
+    Ax, half = high.apply_aux(x)
+    its = lo.iterations + 1
+    th, rr = host_floats([xp.sum(x * Ax), xp.sum((Ax - xp.sum(x * Ax) * x) ** 2)])
+    res = math.sqrt(max(rr, 0.0)) / th if th > 0 else 0.0
+    if th > 0 and not stop.met(th, res, stop_low.th2, stop_low.r2) and its < max_iter:
+        out = lanczos(resume(), x, stop, max_iter - its)
+        out.iterations += its
+        return out
+    conv = th <= 0 or stop.bound <= stop.accuracy or res <= stop.tol
+    return EigenResult(x, its, conv, res, lo.sigma2, half, Ax)
+
+
+def deflated_top(space: Space, x, Mx, theta1: float | None = None, steps: int = 4):
+    """``(σ, k)``: sqrt of the top eigenvalue of the operator deflated by ``x``, by ``k ≤ steps``
+    Lanczos steps (operator applications).
+
+    ``theta1`` is the operator's top eigenvalue (σ₁² in the space's units; computed as the
+    Rayleigh quotient of ``x`` when ``None``): rounding noise in a step comes at that scale,
+    so a step whose remainder is within ``64 ε θ₁`` has exhausted the Krylov space (the
+    deflated operator may be rank-deficient) and ends the probe rather than being normalised
+    into a spurious direction. The Ritz value is never above the true one.
+    """
+    dim = math.prod(x.shape)
+    if dim == 1:
+        return 0.0, 0
+    steps = min(steps, dim - 1)  # the deflated space has dim − 1 dimensions at most
+    eps = float(space.xp.finfo(x.dtype).eps)
+    if theta1 is None:
+        theta1 = to_float(space.dot(space.apply(x), Mx))
+    floor = 64 * eps * abs(theta1)
+    q = space.random_like(x, 0, symmetric=True)
+    q = q - space.dot(q, Mx) * x
+    nq = space.norm(q)
+    if not bool(nq > 0):
+        return 0.0, 0
+    q = q / nq
+    Q, MQ = [x, q], [Mx, space.M(q)]
+    alphas, betas = [], []
+    for _ in range(steps):
+        w = space.apply(Q[-1])
+        a = to_float(space.dot(w, MQ[-1]))
+        w = _orthogonalize(space, w, Q, MQ)
+        Mw = space.M(w)
+        b = to_float(space.norm(w, Mw))
+        alphas.append(a)
+        betas.append(b)
+        if b <= floor or b <= 1e-300:  # exhausted: the remainder is rounding noise
+            break
+        Q.append(w / b)
+        MQ.append(Mw / b)
+    k = len(alphas)
+    T = _tridiagonal(alphas, betas[: k - 1])
+    return math.sqrt(max(float(np.linalg.eigvalsh(T)[-1]), 0.0)), k
+
+
+# -- the block solver (rank r) ------------------------------------------------------------------
+
+
+def block_lanczos(space: Space, starts, r: int, stop: Stop, max_iter: int, draw, max_dim: int,
+                  floor=None) -> BlockResult:
+    """Top ``r`` eigenpairs of the PSD operator of ``space``: block Lanczos with thick restarts.
+
+    The basis is kept with the operator's images ``A q``; the projection ``T = Qᵀ M A Q`` grows
+    a column per new vector (full reorthogonalisation, twice), the Ritz pairs of the top r give
+    the next block (their residuals, which span the block Krylov extension), and when the basis
+    would exceed ``max_dim`` it is restarted to the top ``max_dim // 2`` Ritz vectors. When no new
+    direction remains (an invariant subspace) random vectors (``draw()``) are tried; if they too
+    lie in the basis, the space is exhausted and the Ritz pairs are exact. Stops when
+    :meth:`Stop.met` holds for every one of the top r pairs, each residual taken relative to
+    ``max(θ_i, 1e3·ε·θ_1/tol)`` (``stop.accuracy`` is for a single pair and left ``None`` here).
+
+    ``floor(v)``, for a metric space, is the size ``‖v‖_M`` cannot be told from rounding below
+    (``sqrt(‖S_P‖)·‖v‖₂``): a new vector is kept only when its metric norm is well above it, so
+    that directions in (or next to) the null space of a singular metric are not normalised into
+    noise.
+    """
+    xp = space.xp
+    ref = starts[0]
+    eps = float(xp.finfo(ref.dtype).eps)
+    drop = 100 * math.sqrt(eps)
+    rfloor = 1e3 * eps / stop.tol
+    Q: list = []
+    MQ: list = []
+    AQ: list = []
+    T = np.zeros((0, 0))
+    n_apply = 0
+
+    def add(cands) -> int:
+        nonlocal T, n_apply
+        added = 0
+        for v in cands:
+            Mv = space.M(v)
+            n0 = to_float(space.norm(v, Mv))
+            if not (n0 > 0 and math.isfinite(n0)):
+                continue
+            v = _orthogonalize(space, v / n0, Q, MQ)
+            Mv = space.M(v)
+            nv = to_float(space.norm(v, Mv))
+            if not nv > drop or (floor is not None and not nv > drop * floor(v)):
+                continue
+            v, Mv = materialize(v / nv), materialize(Mv / nv)
+            Av = space.apply_M(v, Mv)
+            n_apply += 1
+            col = host_floats([space.dot(Av, mq) for mq in MQ] + [space.dot(Av, Mv)])  # one read
+            k = len(Q)
+            T2 = np.zeros((k + 1, k + 1))
+            T2[:k, :k] = T
+            T2[:k, k] = T2[k, :k] = col[:k]
+            T2[k, k] = col[k]
+            T = T2
+            Q.append(v)
+            MQ.append(Mv)
+            AQ.append(Av)
+            added += 1
+        return added
+
+    def combos(vecs, C):
+        shape = tuple(vecs[0].shape)
+        V = xp.reshape(xp.stack(vecs), (len(vecs), -1))
+        Cx = xp.asarray(np.ascontiguousarray(C.T), dtype=V.dtype, device=device_of(V))
+        out = materialize(Cx @ V)
+        return [xp.reshape(out[i, ...], shape) for i in range(C.shape[1])]
+
+    add(starts)
+    exhausted = False
+    probes = 0  # Lanczos steps spent estimating θ_{r+1} after convergence (at most 4)
+    zero_tries = 0
+    while True:
+        k = len(Q)
+        if k == 0 or not float(np.max(np.abs(np.diag(T)), initial=0.0)) > 0:
+            # the operator vanishes on the basis: try random directions once, else F is zero
+            if zero_tries == 0 and not exhausted:
+                zero_tries += 1
+                add([draw() for _ in range(max(1, r))])
+                continue
+            S = np.eye(k)
+            p = min(k, r)
+            return BlockResult([0.0] * p, (combos(Q, S[:, :p]) if p else []), n_apply, True, 0.0,
+                               0.0, True)
+        theta, S = np.linalg.eigh((T + T.T) / 2)
+        theta, S = theta[::-1], S[:, ::-1]
+        p = min(k, r)
+        top = min(k, r + 1)
+        th_ref = max(float(theta[0]), 0.0)
+        X = combos(Q, S[:, :top])
+        AX = combos(AQ, S[:, :top])
+        resid = [AX[i] - float(theta[i]) * X[i] for i in range(top)]
+        # per pair, relative to its own eigenvalue (σ_i is then accurate to about tol² relative,
+        # even for σ_i ≪ σ_1), down to the rounding floor ~ε·θ_1 that no iteration can pass
+        res = [to_float(space.norm(resid[i])) / max(float(theta[i]), rfloor * th_ref)
+               for i in range(p)]
+        conv = [stop.met(float(theta[i]), res[i]) for i in range(p)]
+        done = exhausted or (k >= r and all(conv))
+        if done and not exhausted and (k == r or probes > 0) and probes < 4 and n_apply < max_iter:
+            # converged, but no estimate of θ_{r+1} yet: a few Lanczos steps on the complement
+            probes += 1
+            cand = draw() if k == r else resid[r]
+            if add([cand]) == 0:
+                exhausted = True
+            continue
+        if done or n_apply >= max_iter:
+            theta_next = float(theta[r]) if k > r else (0.0 if exhausted else None)
+            return BlockResult([float(t) for t in theta[:p]], X[:p], n_apply, bool(done),
+                               max(res) if res else 0.0, theta_next, exhausted)
+        cands = [resid[i] for i in range(p) if not conv[i]]
+        if k + len(cands) > max_dim:  # thick restart to the top Ritz vectors
+            keep = min(k, max(p, max_dim // 2))
+            Sk = S[:, :keep]
+            Q, MQ, AQ = combos(Q, Sk), combos(MQ, Sk), combos(AQ, Sk)
+            T = np.diag(theta[:keep])
+        added = add(cands) if cands else 0
+        if added == 0:
+            if add([draw() for _ in range(max(1, r - k))]) == 0:
+                exhausted = True
+
+
+# -- the Gram solve: one dispatch point for its accelerators ------------------------------------
+
+
+def gram_solve(Fn, alpha0, stop: Stop, max_iter: int) -> Solution:
+    """K-FOC's top eigenpair in the Gram space of ``Fn`` (outer/terms forms and sums of them)
+    from the start coefficients ``alpha0``, finished into factors.
+
+    The dispatch point of the accelerators: the numba kernel (NumPy, option ``use_numba``),
+    else the squaring route (:func:`use_squaring`), which hands over to the array-API Lanczos
+    when 32 (256, 2048) power steps do not meet the rule; all three stop by ``stop`` and
+    finish with the sign rule. ``Solution.route``: ``"gram[numba]"``, ``"gram-squaring"`` or
+    ``"gram"``.
+    """
+    xp = Fn.xp
+    w = Fn.weights
+    if numba_enabled(xp, w):  # float64 arithmetic inside the kernel: no range concern
+        # the Gram matrices in float64 straight away (one pass each, no cast of a copy)
+        SP, SQ = Fn._gram("left", float64=True), Fn._gram("right", float64=True)
+        space = GramSpace(SP, SQ, xp.astype(w, xp.float64, copy=False), xp)
+        alpha0 = xp.astype(alpha0, xp.float64)
+        if not bool(space.norm(alpha0) > 0):
+            alpha0 = space.w
+            if not bool(space.norm(alpha0) > 0):  # every term is zero (S_P = 0) or NaN
+                require_finite(xp, SP)
+                require_finite(xp, SQ)
+                return Solution(zero_answer(Fn), EigenResult(None, 0, True, 0.0, 0.0), "gram[numba]")
+        eig = _numba_lanczos(space, alpha0, stop, max_iter, xp.finfo(Fn.dtype).eps)
+        return finish_coef(Fn, space, eig, stop, "gram[numba]", on_host=True)
+
+    st = None
+    if use_squaring(Fn):
+        done, st = _squaring(Fn, alpha0, stop, max_iter)
+        if done is not None:
+            return done
+    if st is None:
+        st = _SquaringState()
+        _scaled_grams(Fn, st)
+    # Lanczos (after the squaring route if it ran: its scaled Gram matrices are at hand)
+    space = GramSpace(st.SPs, st.SQs, st.ws, xp)
+    # a start with ‖L₀‖ = 0 (e.g. traceless terms) falls back to the weights, on the device;
+    # if that is zero too, every term is zero (S_P = 0) and the solve returns a zero vector
+    alpha0 = xp.where(space.norm(alpha0) > 0, alpha0, w)
+    # ‖F̃‖² in scaled units: it certifies the stop, and bounds σ₂ when the solver gave none
+    stop.f2 = to_float(space.f2())
+    stop.f2_err = Fn.num_terms * float(xp.finfo(Fn.dtype).eps) * abs(stop.f2)
+    eig = lanczos(space, alpha0, stop, max_iter)
+    return finish_coef(Fn, space, eig, stop, "gram", (st.cP, st.cQ, st.cw))
+
+
+def _numba_lanczos(space: GramSpace, x0, stop: Stop, max_iter, eps) -> EigenResult:
+    """:func:`lanczos` on a float64 NumPy :class:`GramSpace`, as the compiled kernel
+    :func:`kronsum._numba_kernels.coef_lanczos` (same recurrence, same :class:`Stop` rule);
+    ``eps`` of the inputs' dtype (the breakdown threshold). Sets ``stop.f2``
+    (``wᵀ(S_P∘S_Q)w``, one pass in the kernel) and the bound of the returned iterate."""
+    kern = numba_kernels()
+    SP, SQ, w = space.SP, space.SQ, space.w
+    stop.f2 = float(kern.weighted_hadamard_sum(SP, SQ, w))
+    # the Gram matrices and the sum are float64, from inputs of precision eps
+    stop.f2_err = SP.shape[0] * max(float(eps), float(np.finfo(np.float64).eps)) * abs(stop.f2)
+    acc = -1.0 if stop.accuracy is None else stop.accuracy
+    x, its, conv, res, s2, bound, certified = kern.coef_lanczos(
+        SP, SQ, w, x0, float(stop.tol), acc, stop.f2, stop.f2_err, int(max_iter), KRYLOV_DIM,
+        float(eps))
+    stop.bound, stop.certified = float(bound), bool(certified)
+    if s2 < 0 and its == 1 and res == 0.0:  # invariant start vector: probe for a repeated sigma1
+        s2, k = deflated_top(space, x, space.M(x))
+        its += k
+        stop.bound = None  # the caller bounds the gap with the probe's σ₂
+    return EigenResult(x, int(its), bool(conv), float(res), None if s2 < 0 else float(s2))
+
+
+def _probe_unless_proven(space: Space, x, Mx, th: float, f2: float, eps: float):
+    """``(σ₂ or None, applications)`` after a solve that gave no second Ritz value: ``‖F‖² − θ``
+    bounds σ₂² and proves σ₂ < σ₁ when it is below ``θ(1 − √ε)``; otherwise the deflated probe
+    (:func:`deflated_top`) estimates σ₂ (in the space's units)."""
+    if f2 - th < th * (1 - math.sqrt(eps)):
+        return None, 0
+    return deflated_top(space, x, Mx, th)
+
+
+def use_squaring(Fn) -> bool:
+    """The squaring route (option ``gram_squaring``; by default: arrays on an accelerator and
+    its 4 K×K products (8K³ flops) at most two fifths of the final weighted Gram products'
+    2K(m² + n²), ``10K² ≤ m² + n²``)."""
+    forced = get_config()["gram_squaring"]
+    if forced is not None:
+        return forced
+    K = Fn.num_terms
+    return on_accelerator(Fn.weights) and 10 * K * K <= Fn.m * Fn.m + Fn.n * Fn.n
+
+
+def _squaring(Fn, alpha0, stop: Stop, max_iter):
+    """The power method by repeated squaring of the K×K operator ``B = W S_Q W S_P``, finished
+    on the device before its first host read.
+
+    For accelerators with K small beside m and n: every Lanczos step is a dozen tiny kernels,
+    each a launch and a Python dispatch, while ``M = B^(2^s)`` costs s GEMMs of 2K³ flops and
+    ``x = M⁴α₀`` four matrix-vector products more (four products stand in for the last two
+    squarings at a few percent of their cost). After 3, 6 and 9 squarings (32, 256, 2048 power
+    steps) :func:`_squaring_finish` queues the answer for ``x`` and its checks without a
+    read, then the scalars are read. At the first check the two final weighted Gram products
+    are queued before that read: when 32 steps meet ``tol`` (the usual case) the device never
+    waits on the host between the Gram matrices and the factors (:func:`squaring_pass`, the
+    part up to the first read, has no host read at all); when they do not, that pair of
+    products is dropped (one pair at most: later checks read first). Returns
+    ``(Solution, state)``, the solution ``None`` when ``tol`` is not met (or ``max_iter`` caps
+    the steps) or anything is not finite (a zero operator included): then Lanczos takes over,
+    on the state's scaled Gram matrices (``None`` if no pass ran).
+    """
+    xp = Fn.xp
+    if APPLIES * 2**3 > max_iter:
+        return None, None
+    # option cuda_graphs (PyTorch CUDA): the pass replayed as one graph; a copy of its state,
+    # whose arrays the graph's next replay overwrites (all read within this call)
+    st = cuda_graph(("kfoc-squaring", structure(Fn)),
+                    lambda a: squaring_pass(rebuilt(Fn, a[:-1]), a[-1]), [*Fn._arrays(), alpha0])
+    st = squaring_pass(Fn, alpha0) if st is None else st.copy()
+    for target in (3, 6, 9):
+        if APPLIES * 2**target > max_iter:
+            return None, st
+        if target > st.level:
+            squaring_more(Fn, st, target - st.level)
+        first = target == 3  # queue the final products before the read (dropped if it fails)
+        LR = (Fn._combine("left", st.cL), Fn._combine("right", st.cR)) if first else None
+        th, rr, f2s, fP, fQ, fw = vals = host_vector(st.scalars)
+        if not (all(math.isfinite(v) for v in vals) and th > 0):
+            return None, st
+        res = math.sqrt(max(rr, 0.0)) / th
+        stop.f2, stop.f2_err = f2s, Fn.num_terms * float(xp.finfo(Fn.dtype).eps) * abs(f2s)
+        if not stop.met(th, res):
+            continue
+        L, R = LR if first else (Fn._combine("left", st.cL), Fn._combine("right", st.cR))
+        unit = math.sqrt(fw * fw * fQ * fP)  # scaled → true units of σ
+        its = APPLIES * 2**st.level + 1
+        s2, k = _probe_unless_proven(GramSpace(st.SPs, st.SQs, st.ws, xp), st.x, st.Mx, th, f2s,
+                                     float(xp.finfo(Fn.dtype).eps))
+        eig = EigenResult(st.x, its + k, True, res, None if s2 is None else s2 * unit)
+        return Solution(Factors(L, R, unit * math.sqrt(th)), eig, "gram-squaring"), st
+    return None, st
+
+
+def rebuilt(Fn, arrays: list):
+    """``Fn`` over ``arrays`` (in the order of ``Fn._arrays()``); a sum's own weights, the
+    concatenation of its parts', are concatenated again from the new parts."""
+    from ._sum import KronSum
+
+    it = iter(arrays)
+
+    def rebuild(P):
+        if P.form == "sum":
+            return KronSum.concat(*(rebuild(Q) for Q in P.parts))
+        return P._map(lambda _: next(it))
+
+    return rebuild(Fn)
+
+
+def structure(Fn) -> tuple:
+    """The forms of ``Fn`` (a sum: of its parts), which with the arrays' layouts fix what the
+    squaring pass computes (part of its CUDA graph's key)."""
+    return tuple(P.form for P in Fn.parts) if Fn.form == "sum" else (Fn.form,)
+
+
+class _SquaringState:
+    """The device arrays of the array-API Gram solver: the scaled Gram matrices
+    (:func:`_scaled_grams`) and the squaring route's state (:func:`squaring_pass`)."""
+
+    __slots__ = ("M", "level", "a0", "SPs", "SQs", "ws", "tl", "tiny", "f2", "cP", "cQ", "cw",
+                 "x", "Mx", "cL", "cR", "scalars")
+
+    def copy(self) -> "_SquaringState":
+        out = _SquaringState()
+        for k in self.__slots__:
+            setattr(out, k, getattr(self, k))
+        return out
+
+
+def squaring_pass(Fn, alpha0, squarings: int = 3) -> _SquaringState:
+    """The squaring route up to its first host read, as device work only (no read, no
+    transfer, shapes fixed by the inputs'): Gram matrices, ``M = B^(2^squarings)``, the
+    answer for ``x ∝ M⁴α₀``: coefficients of the factors and scalars (:func:`_squaring_finish`).
+
+    A zero operator gives θ = 0, which the caller reads.
+    """
+    xp = Fn.xp
+    st = _SquaringState()
+    _scaled_grams(Fn, st)
+    space = GramSpace(st.SPs, st.SQs, st.ws, xp)
+    outer = Fn.form == "outer"
+    a0 = alpha0 / xp.maximum(xp.max(xp.abs(alpha0)), st.tiny)  # a start's scale is free
+    # a start with ‖L₀‖ = 0 (e.g. traceless terms) falls back to the weights
+    st.a0 = xp.where(xp.sum(a0 * (st.SPs @ a0)) > 0, a0, st.ws)
+    # the sign of tr L = Σ x_k tr L_k; outer: tr(g gᵀ) = ‖g‖² = S_P[k, k]^½ (no pass over G)
+    st.tl = xp.sqrt(xp.linalg.diagonal(st.SPs)) if outer else Fn._traces("left")
+    st.f2 = space.f2()  # ‖F̃‖² in scaled units: bounds σ₂
+    st.M, st.level = space.matrix(), 0
+    squaring_more(Fn, st, squarings)
+    return st
+
+
+def _scaled_grams(Fn, st: _SquaringState) -> None:
+    """``st.SPs, st.SQs, st.ws`` = S_P, S_Q, w over their largest magnitudes ``st.cP, st.cQ,
+    st.cw`` (device scalars, no host read), and ``st.tiny``, float's smallest normal number.
+
+    The Gram-space operator multiplies four K-scale quantities (entries of S_P ~ ‖g‖⁴): in
+    float32 it would overflow for large layers; scaled, its eigenvector is the same. Divisors
+    are bounded below by ``tiny``, one kernel each (no clip: array-api-compat's clip costs
+    ~0.3 ms a call on CuPy); the outer form's Gram entries (g_kᵀg_l)² need no ``abs``.
+    """
+    xp = Fn.xp
+    w = Fn.weights
+    st.tiny = tiny = xp.full((), xp.finfo(w.dtype).smallest_normal, dtype=w.dtype,
+                             device=device_of(w))
+    SP, SQ = Fn._gram("left"), Fn._gram("right")
+    if Fn.form != "outer":
+        SP_abs, SQ_abs = xp.abs(SP), xp.abs(SQ)
+    else:
+        SP_abs, SQ_abs = SP, SQ
+    st.cP, st.cQ, st.cw = (xp.maximum(xp.max(S), tiny) for S in (SP_abs, SQ_abs, xp.abs(w)))
+    st.SPs, st.SQs, st.ws = SP / st.cP, SQ / st.cQ, w / st.cw
+
+
+def squaring_more(Fn, st: _SquaringState, squarings: int) -> None:
+    """``squarings`` more squarings of ``st.M`` (rescaled to a largest entry of 1), then
+    :func:`_squaring_finish`."""
+    xp = Fn.xp
+    M = st.M
+    for _ in range(squarings):
+        M = M @ M
+        M = M / xp.maximum(xp.max(xp.abs(M)), st.tiny)
+    st.M, st.level = M, st.level + squarings
+    _squaring_finish(Fn, st)
+
+
+def _squaring_finish(Fn, st: _SquaringState) -> None:
+    """Queue everything the answer for ``x ∝ M⁴a₀`` needs, without a host read.
+
+    :func:`finish_coef` on the device: it cannot serve here, since it reads its norms and
+    sign to the host before it forms the factors, and this route queues the factors' products
+    before its one read (and, with option ``cuda_graphs``, captures all of it as a graph).
+
+    (``M`` and ``a₀`` have largest entries of 1, so ``|M⁴a₀| ≤ K⁴`` entrywise, within float32
+    for K < 2³¹; ``x`` is rescaled to a largest entry of 1 before its quadratic forms.)
+
+    ``x`` is normalised to ``xᵀS_Px = 1`` (so ``‖L‖ = 1`` in scaled units); ``β = W S_P x``;
+    the Rayleigh quotient ``θ = βᵀS_Qβ`` is σ₁² in scaled units; the metric residual
+    ``‖Bx − θx‖²_{S_P}`` with ``Bx = W S_Q β``; the sign of ``tr L``; the coefficients of
+    ``L = Σ_k cL_k L_k`` and ``R = Σ_k cR_k R_k``, both of unit norm. Sets ``st.x``, ``st.Mx``
+    (``S_P x``), ``st.cL``, ``st.cR`` and ``st.scalars = [θ, residual², ‖F̃‖², c_P, c_Q, c_w]``,
+    stacked for one transfer.
+    """
+    xp = Fn.xp
+    SPs, ws, tiny = st.SPs, st.ws, st.tiny
+    x = st.a0
+    for _ in range(APPLIES):
+        x = st.M @ x
+    x = x / xp.maximum(xp.max(xp.abs(x)), tiny)
+    Mx = SPs @ x
+    nx = xp.sqrt(xp.maximum(xp.sum(x * Mx), tiny))
+    st.x, st.Mx = x, Mx = x / nx, Mx / nx
+    beta = ws * Mx
+    Qb = st.SQs @ beta
+    th = xp.sum(beta * Qb)
+    r = ws * Qb - th * x  # B x − θ x
+    rr = xp.sum(r * (SPs @ r))
+    sign = 1 - 2 * xp.astype(xp.sum(x * st.tl) < 0, x.dtype)
+    st.cL = x * (sign / xp.sqrt(st.cP))
+    # (√θ·√c_Q, not √(θ c_Q): the product may pass float32's range where σ₁ itself does not)
+    st.cR = beta * (sign / (xp.sqrt(xp.maximum(th, tiny)) * xp.sqrt(st.cQ)))
+    st.scalars = xp.stack([th, rr, st.f2, st.cP, st.cQ, st.cw])
+
+
+# -- finishing: factors from eigenvectors ----------------------------------------------------------
+
+
+def negative(L, xp, first: bool = True) -> bool:
+    """The sign rule of every returned factor pair ``(L, R)``, flipped together when ``True``:
+    the first (K-FOC's) pair has ``tr L ≥ 0``; later pairs of a Kronecker SVD have the entry of
+    largest magnitude of ``L`` positive (the first in row-major order on exact ties)."""
+    if first:
+        return to_float(trace(L, xp)) < 0
+    flat = xp.reshape(L, (-1,))
+    j = int(to_float(xp.argmax(xp.abs(flat))))
+    return to_float(flat[j]) < 0
+
+
+def finish(Fn, side: str, eig: EigenResult) -> Factors:
+    """Factors from a factor-space iterate ``eig.x``: ``L`` (unit), ``R = 𝓡ᵀvec(L)/σ``,
+    ``σ = ‖𝓡ᵀvec L‖``, with the sign rule.
+
+    ``side`` says which factor ``eig.x`` is (``"left"``: ``L``; ``"right"``: ``R``, and ``L``
+    is its half-step image). ``eig.aux``, the solver's half-step image of ``x``
+    (``contract_left(x)`` for side="left", ``contract_right(x)`` for side="right"), replaces
+    one contraction: by linearity, and for symmetric F the image of ``x``'s antisymmetric
+    rounding is antisymmetric and removed by the symmetrisation of ``R`` below.
+    ``eig.image`` (side="right", with ``aux``) is the full application ``contract_left(aux)``,
+    which replaces the last contraction too. The side="left" form with ``aux`` also finishes
+    an unnormalised pair ``(L, R ∝ 𝓡ᵀvec L)``: ``σ = ‖R‖/‖L‖``.
+    """
+    xp = Fn.xp
+    x, aux, image = eig.x, eig.aux, eig.image
+    L = x if side == "left" else (Fn.contract_right(x) if aux is None else aux)
+    if Fn.symmetric:
+        L = symmetrize(L, xp)
+    nl = to_float(fro_norm(L, xp))
+    require_finite(xp, nl)
+    if not nl > 0:
+        return zero_answer(Fn)
+    L = materialize(L / nl)
+    sign = 1.0
+    if negative(L, xp):
+        L, sign = materialize(-L), -1.0
+    if aux is not None and side == "left":
+        v = aux * (sign / nl)
+    elif aux is not None and image is not None:
+        v = image * (sign / nl)
+    else:
+        v = Fn.contract_left(L)
+    if Fn.symmetric:
+        v = symmetrize(v, xp)
+    v = materialize(v)
+    sigma = to_float(fro_norm(v, xp))
+    require_finite(xp, sigma)
+    if not sigma > 0:
+        return zero_answer(Fn)
+    return Factors(L, materialize(v / sigma), sigma)
+
+
+def finish_coef(Fn, space: GramSpace, eig: EigenResult, stop: Stop, route: str,
+                scales=(1.0, 1.0, 1.0), on_host: bool = False) -> Solution:
+    """Factors from a Gram-space iterate ``α = eig.x``, in coefficient space, and σ₂.
+
+    ``‖L‖² = αᵀS_Pα``, ``R ∝ Σ β_k R_k`` with ``β = W S_P α`` (:meth:`GramSpace.half`),
+    ``‖R‖² = βᵀS_Qβ``, ``tr L = Σ α_k tr L_k``: one host read, then the two weighted Gram
+    products give unit factors with the sign rule, without a pass over them. ``scales``
+    ``(c_P, c_Q, c_w)`` are the largest magnitudes the space's ``S_P``, ``S_Q``, ``w`` were
+    divided by (read in the same transfer). When the solver gave no σ₂ and ``‖F‖² − σ₁²``
+    cannot rule out σ₂ = σ₁, the deflated probe estimates it. Quadratic forms beyond the
+    range of the space's dtype finish in factor space (:func:`finish`); non-finite values
+    raise. ``on_host``: the space's arrays are NumPy arrays the caller computed on the host
+    (the numba route), converted rather than counted as host reads.
+    """
+    xp = Fn.xp
+    dt = Fn.dtype
+    alpha = eig.x
+    MA = space.SP @ alpha
+    beta = space.half(alpha, MA)
+    tl = xp.astype(Fn._traces("left"), alpha.dtype, copy=False)
+    vals = [alpha @ MA, beta @ (space.SQ @ beta), alpha @ tl, *scales]
+    vals = [float(v) for v in vals] if on_host else host_floats(vals)
+    nls2, nrs2, tr, fP, fQ, fw = vals
+    if not math.isfinite(nls2 * nrs2 * tr):
+        if not all(math.isfinite(v) for v in (fP, fQ, fw)):
+            require_finite(xp, math.nan)
+        # σ₁² beyond the range: the factor-space finish with its overflow-safe norms
+        fac = finish(Fn, "left", EigenResult(Fn._combine("left", xp.astype(alpha, dt, copy=False)),
+                                             0, True, 0.0, None,
+                                             aux=Fn._combine("right", xp.astype(beta, dt, copy=False))))
+        fac.sigma = fac.sigma * (fw * fP)  # R's coefficients are β / (c_w c_P)
+        return Solution(fac, eig, route)
+    if not (nls2 > 0 and nrs2 > 0):
+        return Solution(zero_answer(Fn), EigenResult(alpha, eig.iterations, True, 0.0, 0.0), route)
+    sign = -1.0 if tr < 0 else 1.0
+    nls, nrs = math.sqrt(nls2), math.sqrt(nrs2)
+    unit = math.sqrt(fw * fw * fQ * fP)  # scaled → true units of σ
+    if eig.sigma2 is not None:
+        eig.sigma2 = eig.sigma2 * unit
+    elif stop.f2 is not None:
+        x = alpha / nls
+        s2, k = _probe_unless_proven(space, x, space.M(x), nrs2 / nls2, stop.f2,
+                                     float(xp.finfo(dt).eps))
+        if s2 is not None:
+            eig.sigma2, eig.iterations = s2 * unit, eig.iterations + k
+    L = Fn._combine("left", xp.astype(alpha * (sign / (nls * math.sqrt(fP))), dt, copy=False))
+    R = Fn._combine("right", xp.astype(beta * (sign / (nrs * math.sqrt(fQ))), dt, copy=False))
+    return Solution(Factors(L, R, unit * nrs / nls), eig, route)
+
+
+def finish_block(Fn, side: str, space: Space, vecs, rank: int, rng, unit_terms, kind: str):
+    """``(lefts, rights, sigmas, notes)``: the rank-r finish, factors, singular values and
+    signs from :func:`block_lanczos`'s basis-side Ritz vectors ``vecs`` (``side``: ``"gram"``,
+    ``"left"`` or ``"right"``, the factor they stand for).
+
+    Each vector ``v`` of the solver's space gives a basis-side matrix ``B`` (``v`` itself, or
+    ``Σ_k v_k L_k/‖L_k‖`` for the Gram space, ``unit_terms = (1/‖L_k‖, 1/‖R_k‖)``) and the
+    other side ``𝓡ᵀB`` from the space's half-step (:meth:`kronsum._eigen.Space.half`). The
+    basis-side matrices are orthonormalised in the factor space and a last Rayleigh–Ritz
+    step, the SVD of the small projection ``𝓡ᵀ[B_1 … B_k]``, gives the singular values
+    ``σ_i = ‖𝓡ᵀB_i‖`` and rotates the pairs (per parity class for symmetric F whose terms are
+    not symmetric: symmetric and antisymmetric singular vectors never mix). Signs follow
+    :func:`kronsum._eigen.negative`.
+    """
+    xp = Fn.xp
+    eps = float(xp.finfo(Fn.dtype).eps)
+    Bs, Os = [], []
+    for v in vecs:
+        if side == "gram":
+            dl, dr = unit_terms
+            B = Fn._combine("left", v * dl)
+            O = Fn._combine("right", dr * space.half(v))
+        else:
+            B, O = v, space.half(v)
+        Bs.append(B)
+        Os.append(O)
+    classes: dict = {}
+    for B, O in zip(Bs, Os):
+        if kind == "sym":
+            B, O, cls = symmetrize(B, xp), symmetrize(O, xp), 0
+        elif kind == "parity":
+            Bsym, Banti = symmetrize(B, xp), antisymmetrize(B, xp)  # each exact in floating point
+            if to_float(fro_norm(Bsym, xp)) >= to_float(fro_norm(Banti, xp)):
+                B, O, cls = Bsym, symmetrize(O, xp), 0
+            else:
+                B, O, cls = Banti, antisymmetrize(O, xp), 1
+        else:
+            cls = 0
+        classes.setdefault(cls, []).append((B, O))
+    basis, other, sig = [], [], []
+    for pairs in classes.values():
+        # orthonormalise the basis side (twice), carrying the other side along linearly
+        QB, QO = [], []
+        for B, O in pairs:
+            nb0 = to_float(fro_norm(B, xp))
+            if not nb0 > 0:
+                continue
+            B, O = B / nb0, O / nb0
+            for _ in range(2):
+                for qb, qo in zip(QB, QO):
+                    c = xp.sum(B * qb)
+                    B, O = B - c * qb, O - c * qo
+            nb = to_float(fro_norm(B, xp))
+            if nb > 1e3 * eps:
+                QB.append(B / nb)
+                QO.append(O / nb)
+        if not QB:
+            continue
+        k = len(QB)
+        G = np.array(host_floats([xp.sum(QO[i] * QO[j]) for i in range(k) for j in range(k)])).reshape(k, k)
+        theta, S = np.linalg.eigh((G + G.T) / 2)
+        S = S[:, ::-1]
+        for j in range(k):
+            col = [float(c) for c in S[:, j]]
+            B = col[0] * QB[0]
+            O = col[0] * QO[0]
+            for cj, qb, qo in zip(col[1:], QB[1:], QO[1:]):
+                B, O = B + cj * qb, O + cj * qo
+            B = B / fro_norm(B, xp)
+            no = fro_norm(O, xp)
+            basis.append(B)
+            sig.append(no)
+            other.append(O / no if bool(no > 0) else None)
+    order = sorted(range(len(basis)), key=lambda i: -to_float(sig[i]))[:rank]
+    basis = [basis[i] for i in order]
+    other = [other[i] for i in order]
+    sig = [sig[i] for i in order]
+    sym_pad = kind in ("sym", "parity")
+    notes = []
+    # the other side, in σ-descending order, made exactly orthonormal: for small σ_i its
+    # direction carries an error ~ ε σ₁/σ_i, so the correction moves σ_i L_i ⊗ R_i by ~ε σ₁ only;
+    # a direction lost in rounding (σ_i at the level of ε σ₁) becomes a σ = 0 term
+    zero = xp.zeros((), dtype=Fn.dtype, device=Fn.device)
+    kept: list = []
+    for i, O in enumerate(other):
+        if O is None:
+            continue
+        for _ in range(2):
+            for q in kept:
+                O = O - xp.sum(O * q) * q
+        no = to_float(fro_norm(O, xp))
+        if no > 1e-3:
+            other[i] = O / no
+            kept.append(other[i])
+        else:
+            other[i], sig[i] = None, zero
+    order = sorted(range(len(basis)), key=lambda i: (other[i] is None, -to_float(sig[i])))
+    basis = [basis[i] for i in order]
+    other = [other[i] for i in order]
+    sig = [sig[i] for i in order]
+    found = len(basis)
+    dB = Fn.m if side in ("gram", "left") else Fn.n
+    dO = Fn.n if side in ("gram", "left") else Fn.m
+    if found < rank:
+        basis = basis + _complete(basis, rank - found, dB, sym_pad, rng, xp, Fn.weights)
+        other = other + [None] * (rank - found)
+        sig = sig + [zero] * (rank - found)
+    nonzero = sum(1 for o in other if o is not None)
+    if nonzero < rank:
+        notes.append(f"the rearrangement has rank {nonzero} < {rank}: terms {nonzero + 1}..{rank} "
+                     "have sigma = 0 and arbitrary orthonormal factors")
+        fill = iter(_complete([o for o in other if o is not None], rank - nonzero, dO, sym_pad, rng,
+                              xp, Fn.weights))
+        other = [o if o is not None else next(fill) for o in other]
+        sig = [s if o is not None else zero for s, o in zip(sig, other)]
+    if side in ("gram", "left"):
+        Ls, Rs = basis, other
+    else:
+        Ls, Rs = other, basis
+    for i in range(rank):
+        if negative(Ls[i], xp, first=i == 0):
+            Ls[i], Rs[i] = -Ls[i], -Rs[i]
+    return Ls, Rs, sig, tuple(notes)
+
+
+def antisymmetrize(x: Array, xp: Any) -> Array:
+    """``(x − xᵀ) / 2``: exactly antisymmetric in floating point (``x − sym(x)`` is not)."""
+    return (x - xp.matrix_transpose(x)) / 2
+
+
+def _complete(found, count: int, d: int, symmetric: bool, rng, xp, ref):
+    """``count`` unit (d, d) matrices orthonormal to ``found`` and each other.
+
+    With ``symmetric``, symmetric candidates are tried first, then antisymmetric ones (the two
+    together span every (d, d) matrix), so that symmetric sums get factors of a definite parity.
+    """
+    out: list = []
+    tries = 0
+    while len(out) < count:
+        tries += 1
+        if tries > 60 * (count + 1):  # pragma: no cover - a random draw never fails this often
+            raise RuntimeError("could not complete an orthonormal set of factors")
+        Z = rng.standard_normal((d, d))
+        if symmetric:
+            Z = Z + Z.T if tries % 6 < 3 else Z - Z.T
+        nz = np.linalg.norm(Z)
+        if not nz > 0:
+            continue
+        v = xp.asarray(Z / nz, dtype=ref.dtype, device=device_of(ref))
+        for _ in range(2):
+            for q in list(found) + out:
+                v = v - xp.sum(v * q) * q
+        nv = fro_norm(v, xp)
+        if to_float(nv) > 1e-4:
+            out.append(materialize(v / nv))
+            tries = 0
+    return out
+
+
+def require_finite(xp, value) -> None:
+    """A NaN/inf iterate means non-finite statistics (passed with check_finite=False): say so
+    rather than mistaking it for a zero sum."""
+    if not (math.isfinite(value) if isinstance(value, float) else all_finite(xp, value)):
+        raise ValueError(
+            "kfoc met non-finite values: the statistics contain NaN or infinity (the constructors' "
+            "check_finite=True would have said which array) or their products overflow the dtype"
+        )
+
+
+def zero_answer(Fn) -> Factors:
+    """The answer for a zero sum: identity-shaped unit factors, ``σ = 0``, and a note."""
+    xp = Fn.xp
+    Il = eye_like(Fn.m, Fn.weights, xp)
+    Ir = eye_like(Fn.n, Fn.weights, xp)
+    zero = xp.zeros((), dtype=Fn.dtype, device=device_of(Fn.weights))
+    return Factors(Il / math.sqrt(Fn.m), Ir / math.sqrt(Fn.n), zero,
+                   ("zero sum (sigma1 = 0): the estimate is zero",))
