@@ -8,7 +8,10 @@ here, on one of two operator spaces (:class:`Space`):
   :meth:`KronSum.contract_right`; any form, any backend;
 * the Gram space (:class:`GramSpace`, the one definition of the Gram operator): coefficient
   K-vectors ``α`` of ``L = Σ_k α_k L_k``, the operator ``α ↦ W S_Q W S_P α``, self-adjoint in
-  the ``S_P`` inner product (``S_P = [⟨L_k, L_l⟩]``, ``S_Q = [⟨R_k, R_l⟩]``).
+  the ``S_P`` inner product (``S_P = [⟨L_k, L_l⟩]``, ``S_Q = [⟨R_k, R_l⟩]``);
+* the conv form's Gram space (:class:`ConvGramSpace`): per-sample ``T × T`` coefficient
+  matrices ``C_k`` of ``L = Σ_k G_kᵀ C_k G_k``, the same operator with the ``KT × KT`` Gram
+  matrices of the positions (:func:`conv_gram_solve`).
 
 Solvers (block size 1 for K-FOC, r for the Kronecker SVD):
 
@@ -48,7 +51,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from ._accel import cuda_graph, numba_enabled, numba_kernels
+from ._accel import cuda_graph, numba_enabled, numba_kernels, weighted_gram
 from ._compat import (Array, all_finite, device_of, eye_like, fro_norm, host_floats, host_vector,
                       is_dask_namespace, materialize, on_accelerator, symmetrize, to_float, trace)
 from ._config import get_config
@@ -223,6 +226,58 @@ class GramSpace(Space):
         """``B = W S_Q W S_P`` as a K×K matrix (the squaring route)."""
         w = self.w
         return ((w[:, None] * self.SQ) * w[None, :]) @ self.SP
+
+
+class ConvGramSpace(Space):
+    """The Gram operator of the conv form on per-sample ``T × T`` coefficient matrices.
+
+    ``L = Σ_k G_kᵀ C_k G_k`` (``C_k`` symmetric, the K matrices flattened into one vector of
+    ``K·T²`` numbers) has ``‖L‖² = ⟨C, 𝒢C⟩`` with ``𝒢(C)_k = Σ_j S^G_{kj} C_j S^G_{jk}``, where
+    ``S^G = G Gᵀ`` is the ``KT × KT`` Gram matrix of the positions' output gradients (``S^A``
+    of the inputs likewise). :meth:`half` gives ``D = W𝒢C``, the coefficients of
+    ``R ∝ 𝓡ᵀvec L = Σ_k A_kᵀ D_k A_k``, and one power step is ``C ↦ W 𝒜 W 𝒢 C``, self-adjoint
+    in the ``𝒢`` metric. Each product costs ``2K²T³`` multiply-adds: cheap when ``K·T`` is
+    small beside ``m`` and ``n`` (the deep layers of a CNN at a few positions).
+    """
+
+    def __init__(self, SG, SA, w, K, T, xp):
+        self.SG, self.SA, self.K, self.T = SG, SA, K, T
+        self.wv = xp.reshape(xp.broadcast_to(w[:, None], (K, T * T)), (K * T * T,))
+        wv = self.wv
+        super().__init__(lambda c: wv * self.op(SA, wv * self.op(SG, c)), xp,
+                         metric=lambda c: self.op(SG, c),
+                         apply_M=lambda c, Mc: wv * self.op(SA, wv * Mc),
+                         half=lambda c, Mc=None: wv * (self.op(SG, c) if Mc is None else Mc))
+
+    def op(self, S, c):
+        """``(Σ_j S_kj C_j S_kjᵀ)_k`` for the flat coefficients ``c`` (block products only)."""
+        xp, K, T = self.xp, self.K, self.T
+        C = xp.reshape(c, (K, T, T))
+        Sj = xp.permute_dims(xp.reshape(S, (K * T, K, T)), (1, 0, 2))  # (K_j, KT, T)
+        Y = xp.permute_dims(Sj @ C, (1, 0, 2))  # (KT, K_j, T): S[:, block j] C_j
+        Y = xp.reshape(Y, (K, T, K * T))
+        out = Y @ xp.matrix_transpose(xp.reshape(S, (K, T, K * T)))
+        return xp.reshape(out, (K * T * T,))
+
+    def f2(self) -> Array:
+        """``‖F‖² = Σ_kj w_k w_j ⟨S^G_kj, S^A_kj⟩²`` (0-d array) in the space's units."""
+        xp, K, T = self.xp, self.K, self.T
+        P = xp.sum(xp.reshape(self.SG * self.SA, (K, T, K, T)), axis=(1, 3))  # (K, K)
+        w = self.wv[::T * T]
+        return xp.sum(w * ((P * P) @ w))
+
+    def start(self, which: str, w, R0=None, A=None) -> Array:
+        """Start coefficients: ``"tkfac"`` (``C_k = w_k S^A_kk``, the half-step from ``R = I``),
+        ``"kfac"`` (``C_k = w_k I``) or from a right factor ``R0`` (``C_k = w_k A_k R0 A_kᵀ``)."""
+        xp, K, T = self.xp, self.K, self.T
+        if R0 is not None:
+            C = A @ R0 @ xp.matrix_transpose(A)
+        elif which == "kfac":
+            C = xp.broadcast_to(eye_like(T, w, xp)[None], (K, T, T))
+        else:  # the diagonal blocks S^A_kk = A_k A_kᵀ
+            C = A @ xp.matrix_transpose(A)
+        return xp.reshape(w[:, None, None] * C, (K * T * T,))
+
 
 
 def contraction_space(Fn, side: str, keep_aux: bool = False) -> Space:
@@ -720,6 +775,77 @@ def gram_solve(Fn, alpha0, stop: Stop, max_iter: int) -> Solution:
     stop.f2_err = Fn.num_terms * float(xp.finfo(Fn.dtype).eps) * abs(stop.f2)
     eig = lanczos(space, alpha0, stop, max_iter)
     return finish_coef(Fn, space, eig, stop, "gram", (st.cP, st.cQ, st.cw))
+
+
+def conv_gram_solve(Fn, start: str | Array, stop: Stop, max_iter: int, seed=None) -> Solution:
+    """K-FOC's top eigenpair of a conv-form ``Fn`` in its :class:`ConvGramSpace` (``K·T`` Gram
+    matrices of both sides), finished into factors by weighted Gram products; ``start`` is
+    ``"tkfac"``, ``"kfac"``, ``"random"`` (with ``seed``) or a right factor ``R0`` (an array).
+    Route ``"gram"``."""
+    xp = Fn.xp
+    K, T, m, n = Fn.num_terms, Fn.num_positions, Fn.m, Fn.n
+    G, A, w = Fn.G, Fn.A, Fn.weights
+    Gf, Af = xp.reshape(G, (K * T, m)), xp.reshape(A, (K * T, n))
+    SG = materialize(Gf @ xp.matrix_transpose(Gf))
+    SA = materialize(Af @ xp.matrix_transpose(Af))
+    space = ConvGramSpace(SG, SA, w, K, T, xp)
+    if isinstance(start, str) and start == "random":
+        c0 = space.random_like(xp.zeros((K, T, T), dtype=Fn.dtype), seed, False)
+        c0 = xp.reshape(c0 + xp.matrix_transpose(c0), (K * T * T,))
+    elif isinstance(start, str):
+        c0 = space.start(start, w, A=A)
+    else:
+        c0 = space.start("", w, R0=start, A=A)
+    if not bool(space.norm(c0) > 0):
+        c0 = space.start("kfac", w)
+        if not bool(space.norm(c0) > 0):  # every term is zero or NaN
+            require_finite(xp, SG)
+            require_finite(xp, SA)
+            return Solution(zero_answer(Fn), EigenResult(None, 0, True, 0.0, 0.0), "gram")
+    stop.f2 = to_float(space.f2())
+    stop.f2_err = K * T * T * float(xp.finfo(Fn.dtype).eps) * abs(stop.f2)
+    eig = lanczos(space, c0, stop, max_iter)
+    return _finish_conv_coef(Fn, space, eig, stop)
+
+
+def _finish_conv_coef(Fn, space: ConvGramSpace, eig: EigenResult, stop: Stop) -> Solution:
+    """Factors from a :class:`ConvGramSpace` iterate ``C``, in coefficient space: ``‖L‖² =
+    ⟨C, 𝒢C⟩``, ``D = W𝒢C``, ``‖R‖² = ⟨D, 𝒜D⟩``, ``tr L = Σ_k ⟨C_k, S^G_kk⟩``; then
+    ``L = Σ_k G_kᵀ C_k G_k`` and ``R = Σ_k A_kᵀ D_k A_k`` as weighted Gram products of the
+    eigenvectors of the ``T × T`` blocks (signed weights: BLAS ``syrk`` on NumPy), with the
+    sign rule."""
+    xp = Fn.xp
+    K, T = space.K, space.T
+    c = eig.x
+    MC = space.M(c)
+    D = space.half(c, MC)
+    diag = Fn.G @ xp.matrix_transpose(Fn.G)  # the diagonal blocks S^G_kk = G_k G_kᵀ
+    nls2, nrs2, tr = host_floats([xp.sum(c * MC), xp.sum(D * space.op(space.SA, D)),
+                                  xp.sum(xp.reshape(c, (K, T, T)) * diag)])
+    if not all(math.isfinite(v) for v in (nls2, nrs2, tr)):
+        require_finite(xp, math.nan)
+    if not (nls2 > 0 and nrs2 > 0):
+        return Solution(zero_answer(Fn), EigenResult(c, eig.iterations, True, 0.0, 0.0), "gram")
+    if eig.sigma2 is None and stop.f2 is not None:
+        nl = math.sqrt(nls2)
+        s2, k = _probe_unless_proven(space, c / nl, MC / nl, nrs2 / nls2, stop.f2,
+                                     float(xp.finfo(Fn.dtype).eps))
+        if s2 is not None:
+            eig.sigma2, eig.iterations = s2, eig.iterations + k
+    sign = -1.0 if tr < 0 else 1.0
+    nls, nrs = math.sqrt(nls2), math.sqrt(nrs2)
+    L = _blocks_gram(xp.reshape(c, (K, T, T)), Fn.G, sign / nls, xp)
+    R = _blocks_gram(xp.reshape(D, (K, T, T)), Fn.A, sign / nrs, xp)
+    return Solution(Factors(symmetrize(L, xp), symmetrize(R, xp), nrs / nls), eig, "gram")
+
+
+def _blocks_gram(C, V, scale: float, xp) -> Array:
+    """``scale · Σ_k V_kᵀ C_k V_k`` for symmetric ``C`` (K, T, T) and ``V`` (K, T, d): the
+    eigenvectors of each ``C_k`` turn it into one weighted Gram product over ``K·T`` rows."""
+    K, T, d = V.shape
+    lam, U = xp.linalg.eigh(C)
+    rows = xp.reshape(xp.matrix_transpose(U) @ V, (K * T, d))  # u_kiᵀ V_k
+    return weighted_gram(rows, xp.reshape(lam, (K * T,)) * scale, xp)
 
 
 def _numba_lanczos(space: GramSpace, x0, stop: Stop, max_iter, eps) -> EigenResult:

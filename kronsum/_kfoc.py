@@ -36,7 +36,7 @@ from ._accel import numba_enabled, via_numpy_on_cpu
 from ._closed_forms import _new_kron, _require_sum, kfac
 from ._compat import Array, counted, eye_like, fro_norm, is_dask_namespace, to_float
 from ._config import get_config
-from ._eigen import (Solution, Stop, aux_fits, contraction_space, finish, gram_solve, lanczos, lanczos_two_precision,
+from ._eigen import (Solution, Stop, aux_fits, contraction_space, conv_gram_solve, finish, gram_solve, lanczos, lanczos_two_precision,
                      power, random_like)
 from ._eigen import default_accuracy as _default_accuracy
 from ._eigen import default_tol as _default_tol
@@ -88,11 +88,16 @@ _SEC_PER_GRAM_ENTRY = 8e-9
 _SEC_PER_GRAM_ENTRY_STEP = 1.6e-9
 _SEC_PER_CALL = 5e-5  # Python and dispatch per contraction, or per call of the Gram solver
 _SEC_PER_GRAM_STEP_CALL = 2e-5  # per Lanczos step on K-vectors outside the numba kernel
+_SEC_PER_BLOCK_MAC = 2e-10  # per multiply-add of the conv Gram space's batched T×T products
+_CONV_GRAM_MAX_ROWS = 8192  # K·T above which the conv form's KT×KT Gram matrices do not pay
 _EXPECTED_APPLICATIONS = 10  # the median over the benchmark's data families is 6-9
 
 
 def _costs(F: KronSum) -> dict:
-    """Modelled seconds of the Gram and the Lanczos solver on ``F`` (outer/terms parts)."""
+    """Modelled seconds of the Gram and the Lanczos solver on ``F`` (outer/terms parts, or the
+    conv form)."""
+    if F.form == "conv":
+        return _conv_costs(F)
     K, m, n = F.num_terms, F.m, F.n
     parts = [(P.num_terms, P.form) for P in (F.parts if F.form == "sum" else (F,))]
     # the two Gram matrices: outer × outer blocks from the statistics, the others from the terms
@@ -114,14 +119,38 @@ def _costs(F: KronSum) -> dict:
     return {"gram": gram, "lanczos": lanczos}
 
 
+def _conv_costs(F: KronSum) -> dict:
+    """The conv form: the Gram solver on per-sample ``T × T`` coefficients (its two ``KT × KT``
+    Gram matrices, two batched block products of ``K²T³`` per application, two weighted Gram
+    products of ``KT`` rows to finish) against Lanczos on the contractions (each the cheaper of
+    the per-position and per-sample associations of :meth:`KronSum.contract_left`)."""
+    K, T, m, n = F.num_terms, F.num_positions, F.m, F.n
+    its = _EXPECTED_APPLICATIONS
+    rows = K * T
+    gram = ((rows * rows * (m + n) / 2 + rows * (m * m + n * n) / 2) * _SEC_PER_GEMM_MAC
+            + (its + 2) * 4 * K * K * T ** 3 * _SEC_PER_BLOCK_MAC + (its + 2) * 2 * _SEC_PER_CALL)
+
+    def contraction(p, q):  # Σ_k Y_kᵀ M Y_k from side p to side q, the cheaper association
+        return K * min(T * p * p + T * T * (p + q) + T * q * q, T * p * q + p * p * q + p * q * q)
+
+    lanczos = (its + 1) * (contraction(m, n) + contraction(n, m)) * _SEC_PER_CONTRACTION_MAC
+    if F.dtype == F.xp.float32 or K * T * (m * m + n * n) >= 1 << 26:  # float32 iterations
+        lanczos /= 2
+    lanczos += (2 * its + 2) * _SEC_PER_CALL
+    return {"gram": gram, "lanczos": lanczos}
+
+
 def choose_method(F: KronSum, method: str = "auto", *, explain: bool = False) -> str | MethodChoice:
     """The solver :func:`kfoc` uses for ``F`` with ``method``; the rule of ``method="auto"``.
 
     ``"gram"`` for the outer and terms forms and sums whose parts all have those forms (e.g.
     K-FOC_running's previous estimate plus a batch) when a cost model says it is cheaper than
-    ``"lanczos"``, and K ≤ 8192 (the Gram matrices take 2K² numbers); ``"lanczos"`` otherwise,
-    for the conv form (alone or in a sum) and for Dask arrays (chunked along K, where a K×K
-    matrix does not pay). A conv part of one position (T = 1) is an outer part here.
+    ``"lanczos"``, and K ≤ 8192 (the Gram matrices take 2K² numbers); for the conv form the
+    same comparison with its Gram solver on per-sample ``T × T`` coefficients (``K·T ≤ 8192``:
+    few samples and positions beside the layer's sizes, as in a CNN's deep layers);
+    ``"lanczos"`` otherwise, for a sum with conv parts and for Dask arrays (chunked along K,
+    where a K×K matrix does not pay). A conv part of one position (T = 1) is an outer part
+    here.
 
     The cost model, with constants measured on a CPU (docs/kfoc.md) and about 10 operator
     applications expected: the Gram solver costs its two Gram products (``K²(m + n)/2``
@@ -168,26 +197,30 @@ def _choose(F: KronSum, method: str) -> MethodChoice:
     if method not in _METHODS:
         raise ValueError(f"method must be one of {_METHODS}, got {method!r}")
     F, given = F._outer_positions(), F
+    conv = F.form == "conv"
     if method == "gram":
-        if not F._gram_able():
+        if not (F._gram_able() or conv):
             raise ValueError(
-                "method='gram' needs the outer or terms form, or a sum of such parts (a K-column "
-                "rearrangement); use 'lanczos' for the conv form"
+                "method='gram' needs the outer, terms or conv form, or a sum of outer/terms "
+                "parts; use 'lanczos' for a sum with conv parts"
             )
         if is_dask_namespace(F.xp):
             raise ValueError("method='gram' needs linalg.eigh, which Dask arrays lack; use 'lanczos'")
         return MethodChoice(method, "requested")
     if method != "auto":
         return MethodChoice(method, "requested")
-    if not F._gram_able():
-        return MethodChoice("lanczos", "the conv form (T > 1 positions) has no K-column rearrangement "
-                                       "for the Gram solver")
+    if not (F._gram_able() or conv):
+        return MethodChoice("lanczos", "a sum with conv parts (T > 1 positions) has no Gram solver")
     if is_dask_namespace(F.xp):
         return MethodChoice("lanczos", "Dask arrays: chunked along K, a K×K Gram matrix does not pay")
     costs = _costs(F)
     note = " (conv parts with T = 1 taken as outer)" if F is not given else ""
     text = f"modelled cost: gram {costs['gram']:.2g} s, lanczos {costs['lanczos']:.2g} s{note}"
-    if F.num_terms > 8192:
+    if conv and F.num_terms * F.num_positions > _CONV_GRAM_MAX_ROWS:
+        return MethodChoice("lanczos", f"K·T = {F.num_terms * F.num_positions} > "
+                                       f"{_CONV_GRAM_MAX_ROWS}: the conv form's Gram matrices would "
+                                       f"take 2(KT)² numbers; {text}", costs)
+    if not conv and F.num_terms > 8192:
         return MethodChoice("lanczos", f"K = {F.num_terms} > 8192: the Gram matrices would take 2K² "
                                        f"numbers; {text}", costs)
     best = "gram" if costs["gram"] <= costs["lanczos"] else "lanczos"
@@ -270,7 +303,8 @@ def kfoc(
     ``kronsum.config(cuda_graphs=True)`` replays that route's small kernels as one captured
     CUDA graph per input layout (see :func:`kronsum.get_config`).
 
-    Cost: ``gram`` O(K²(m + n) + K³ + K(m² + n²)) for the outer form; ``lanczos`` and
+    Cost: ``gram`` O(K²(m + n) + K³ + K(m² + n²)) for the outer form, O((KT)²(m + n) +
+    K²T³ per application + KT(m² + n²)) for the conv form; ``lanczos`` and
     ``power`` O(K(m² + n²)) per application for outer/terms (conv: see
     :meth:`KronSum.contract_left`), typically 10–30 applications with Lanczos.
 
@@ -322,7 +356,9 @@ def kfoc(
     c = cw * (cl * cr)
     stop = Stop(float(tol), None if accuracy is None else float(accuracy))
     requested = method
-    if method == "gram":
+    if method == "gram" and Fn.form == "conv":
+        sol = conv_gram_solve(Fn, _conv_gram_start(Fn, init), stop, max_iter, seed)
+    elif method == "gram":
         sol = gram_solve(Fn, _gram_start(Fn, init, seed), stop, max_iter)
     else:
         sol = _solve_factors(Fn, method, init, seed, stop, max_iter)
@@ -408,6 +444,14 @@ def _gram_start(Fn: KronSum, init, seed) -> Array:
     else:  # "tkfac" and "identity" coincide after the half-step into coefficient space
         R0 = None
     return w * (Fn._traces("right") if R0 is None else Fn._inner("right", R0))
+
+
+def _conv_gram_start(Fn: KronSum, init):
+    """The conv Gram solver's start: ``"tkfac"`` (and ``"identity"``, equal after the half-step),
+    ``"kfac"``, ``"random"``, or a :class:`Kron`'s right factor."""
+    if isinstance(init, Kron):
+        return Fn.xp.astype(Fn.xp.asarray(init.right), Fn.dtype)
+    return "tkfac" if init == "identity" else init
 
 
 def _initial(Fn: KronSum, init, seed, side: str) -> Array:

@@ -91,7 +91,7 @@ def test_estimator_argument_errors():
     with pytest.raises(ValueError, match="method"):
         ks.kfoc(F, method="svd")
     with pytest.raises(ValueError, match="gram.*conv"):
-        ks.kfoc(F, method="gram")
+        ks.kfoc(F + ks.KronSum.from_outer(np.ones((2, 2)), np.ones((2, 2))), method="gram")
     with pytest.raises(ValueError, match="tol"):
         ks.kfoc(F, tol=-1.0)
     with pytest.raises(ValueError, match="max_iter"):
