@@ -638,7 +638,8 @@ def kronecker_svd(F: KronSum, rank: int = 1, *, method: str = "auto", tol: float
         ``"gram"`` (outer and terms forms): block Lanczos on K-vectors of coefficients in the
         ``S_P`` inner product, after the two K×K Gram matrices. ``"lanczos"``: block Lanczos on
         ``(d, d)`` matrices through the contractions, ``d = min(m, n)`` (any form, any
-        backend). ``"auto"`` follows :func:`kronsum.choose_method` (``"lanczos"`` where it picks the conv form's Gram solver, which has no rank-r version).
+        backend). ``"auto"`` follows :func:`kronsum.choose_method` (``"lanczos"`` where it
+        picks the conv form's Gram solver, which has no rank-r version).
     tol : float, optional
         Stop when each of the top r Ritz pairs has ``‖𝓡𝓡ᵀu_i − θ_i u_i‖ ≤ tol·θ_i`` (or is at
         the rounding floor ``1e3·ε·θ_1``), ``θ_i = σ_i²``. Default 1e-10 (float64), 1e-5
