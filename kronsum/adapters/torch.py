@@ -72,8 +72,8 @@ from ._torch_layers import (
 from ._torch_losses import loss_spec, output_grad_terms
 
 __all__ = [
-    "FISHER_TYPES", "Coverage", "UncoveredParametersWarning", "collect", "coverage", "precondition",
-    "register_layer", "supported_layers", "unregister_layer",
+    "FISHER_TYPES", "Coverage", "Preconditioner", "UncoveredParametersWarning", "collect",
+    "coverage", "precondition", "register_layer", "supported_layers", "unregister_layer",
 ]
 
 #: The Fisher types :func:`collect` knows.
@@ -630,3 +630,6 @@ def _write_block(spec: Any, P: Any, W: Any, b: Any) -> None:
         if b.grad is None:
             b.grad = torch.zeros_like(b)
         b.grad[b0:b1].copy_(P[:, cols])
+
+
+from ._torch_precond import Preconditioner  # noqa: E402  (it uses the functions above)

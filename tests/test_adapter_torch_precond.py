@@ -1,0 +1,157 @@
+"""The PyTorch Preconditioner: refreshes, damped solves against dense references, KL clipping,
+damping schedules, checkpoints and errors, with torch.optim optimisers."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch", reason="the PyTorch adapter needs torch")
+
+from torch import nn  # noqa: E402
+
+import kronsum as ks  # noqa: E402
+from kronsum.adapters import torch as kt  # noqa: E402
+
+DT = torch.float64
+
+
+def _setup(seed=0):
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(5, 6), nn.Tanh(), nn.Linear(6, 3)).to(DT)
+    g = torch.Generator().manual_seed(seed)
+    X = torch.randn(16, 5, generator=g, dtype=DT)
+    y = torch.randint(0, 3, (16,), generator=g)
+    return model, X, y
+
+
+def _grads(model):
+    return {k: p.grad.clone() for k, p in model.named_parameters()}
+
+
+def _block(model, name, grads):
+    return torch.cat([grads[f"{name}.weight"], grads[f"{name}.bias"][:, None]], 1)
+
+
+@pytest.mark.parametrize("estimator", ["kfac", "kfoc_running"])
+def test_first_step_is_the_damped_solve_of_the_batch_estimate(estimator):
+    model, X, y = _setup()
+    loss_fn = nn.CrossEntropyLoss()
+    pre = kt.Preconditioner(model, loss_fn, estimator=estimator, fisher="empirical", damping=0.1)
+    blocks = kt.collect(model, loss_fn, X, y, fisher="empirical")
+    est = {k: ks.kfac(F) if estimator == "kfac" else ks.kfoc(F) for k, F in blocks.items()}
+    loss_fn(model(X), y).backward()
+    before = _grads(model)
+    pre.step(X, y)
+    after = _grads(model)
+    for name, e in est.items():
+        V = _block(model, name, before)
+        want = torch.linalg.solve(e.to_dense() + 0.1 * torch.eye(e.m * e.n, dtype=DT), V.reshape(-1))
+        got = _block(model, name, after).reshape(-1)
+        np.testing.assert_allclose(got.numpy(), want.numpy(), rtol=1e-7, atol=1e-9 * float(want.abs().max()))
+
+
+def test_refreshes_follow_update_every_and_inverses_are_reused():
+    model, X, y = _setup(1)
+    loss_fn = nn.CrossEntropyLoss()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    pre = kt.Preconditioner(model, loss_fn, estimator="kfac", update_every=3, damping=1e-2)
+    seen = []
+    for step in range(7):
+        opt.zero_grad()
+        loss_fn(model(X), y).backward()
+        seen.append(pre.due())
+        pre.step(X if pre.due() else None, y)  # the batch only where a refresh is due
+        opt.step()
+    assert seen == [True, False, False, True, False, False, True]
+    assert pre.steps == 7 and pre.refreshes == 3
+    assert all(r.num_updates == 3 for r in pre._running.values())
+    with pytest.raises(ValueError, match="pass the batch"):
+        pre.steps = 9
+        loss_fn(model(X), y).backward()
+        pre.step()
+
+
+def test_training_with_adam_and_a_damping_schedule_reduces_the_loss():
+    model, X, y = _setup(2)
+    loss_fn = nn.CrossEntropyLoss()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    lams = []
+    pre = kt.Preconditioner(model, loss_fn, estimator="kfoc_running", update_every=2,
+                            damping=lambda t: lams.append(t) or 1e-1 / (1 + t))
+    losses = []
+    for _ in range(30):
+        opt.zero_grad()
+        loss = loss_fn(model(X), y)
+        loss.backward()
+        pre.step(X, y)
+        opt.step()
+        losses.append(loss.item())
+    assert lams == list(range(30)) and all(np.isfinite(losses))
+    assert losses[-1] < 0.8 * losses[0]
+
+
+def test_kl_clipping_bounds_the_step():
+    model, X, y = _setup(3)
+    loss_fn = nn.CrossEntropyLoss(reduction="sum")
+    pre = kt.Preconditioner(model, loss_fn, estimator="kfac", damping=1e-3, kl_clip=1e-3)
+    loss_fn(model(X), y).backward()
+    before = _grads(model)
+    with pytest.raises(ValueError, match="learning rate"):
+        pre.step(X, y)
+    pre.step(X, y, lr=1.0)
+    after = _grads(model)
+    nu = pre.last_scale
+    assert 0 < nu < 1
+    # lr²·⟨νP∇, ∇⟩·ν = kl_clip: the clipped step's predicted KL sits at the bound
+    quad = sum(float((after[k] * before[k]).sum()) for k in before) / nu
+    assert quad * nu * nu == pytest.approx(1e-3, rel=1e-9)
+
+
+def test_state_dict_round_trip_gives_the_same_step():
+    model, X, y = _setup(4)
+    loss_fn = nn.CrossEntropyLoss()
+    pre = kt.Preconditioner(model, loss_fn, estimator="kfoc_approx", update_every=5, damping=0.05)
+    loss_fn(model(X), y).backward()
+    pre.step(X, y)
+    state = pre.state_dict()
+    model.zero_grad()
+    loss_fn(model(X), y).backward()
+    g0 = _grads(model)
+    pre.step()
+    want = _grads(model)
+    other = kt.Preconditioner(model, loss_fn, estimator="kfoc_approx", update_every=5, damping=0.05)
+    other.load_state_dict(state)
+    for k, p in model.named_parameters():
+        p.grad.copy_(g0[k])
+    other.step()
+    for k, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, want[k], rtol=1e-12, atol=0)
+    with pytest.raises(ValueError, match="estimator"):
+        kt.Preconditioner(model, loss_fn, estimator="kfac").load_state_dict(state)
+
+
+def test_errors_are_clear_and_leave_gradients_alone():
+    model, X, y = _setup(5)
+    loss_fn = nn.CrossEntropyLoss()
+    for kw, match in ((dict(estimator="svd"), "estimator"), (dict(fisher="type-2"), "fisher"),
+                      (dict(update_every=0), "update_every"), (dict(damping=-1.0), "damping"),
+                      (dict(damping_method="ridge"), "damping_method"), (dict(kl_clip=0.0), "kl_clip")):
+        with pytest.raises(ValueError, match=match):
+            kt.Preconditioner(model, loss_fn, **kw)
+    with pytest.raises(TypeError, match="loss_fn"):
+        kt.Preconditioner(model, nn.L1Loss())
+    pre = kt.Preconditioner(model, loss_fn, fisher="empirical")
+    Xn = X.clone()
+    Xn[0, 0] = float("nan")
+    loss_fn(model(X), y).backward()
+    before = _grads(model)
+    with pytest.raises(ValueError, match="NaN or inf"):
+        pre.step(Xn, y)
+    assert pre.steps == 0 and pre.refreshes == 0
+    for k, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, before[k], rtol=0, atol=0)
+    pre.step(X, y)
+    model[0].weight.grad[0, 0] = float("inf")
+    with pytest.raises(ValueError, match="NaN or inf"):
+        pre.step()
