@@ -113,7 +113,7 @@ def build_parser(prog: str = "python -m kronsum demo") -> argparse.ArgumentParse
     p.add_argument("--threads", type=int, default=1, metavar="N",
                    help="CPU threads for torch and BLAS (default 1: the blocks are small, and "
                         "one thread is fastest and steadiest on a shared machine)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars (there are none when stderr is not a terminal)")
     return p
 
 
@@ -285,6 +285,7 @@ def fisher_study(net: str, X: Any, y: Any, cfg: Config, sync: Callable[[], None]
                             "errors": {k: rec[k] for k in ests}}
             model.train()
             bar.set_postfix_str(f"loss {loss:.3f}")
+            bar.unpause()  # the rate (and the ETA) counts SGD steps, not the Fisher checkpoints
         if step == last:
             break
         if pos + cfg.batch_size > len(perm):
@@ -546,7 +547,8 @@ def _run(args: argparse.Namespace) -> int:
         return 2
     device = torch.device(args.device)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    progress = not args.no_progress
+    # bars only on a terminal: in a log file their carriage returns are noise
+    progress = not args.no_progress and sys.stderr.isatty()
     os.makedirs(args.out, exist_ok=True)
     X, y = load_data(device)
 
