@@ -306,3 +306,47 @@ def test_inputs_are_not_modified(form):
         np.testing.assert_array_equal(a, b)
     for a, b in ((est.U, U), (est.V, V), (est.S, S), (X, np.ones((3, 4)))):
         np.testing.assert_array_equal(a, b)
+
+
+# -- curvlinops ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("loss_name", ["ce-sum", "ce-mean", "mse-sum", "mse-mean"])
+def test_equals_curvlinops_ekfac(loss_name):
+    """The K-FAC-basis result equals curvlinops' ``EKFACLinearOperator`` (type-2 Fisher) on an MLP.
+
+    curvlinops holds per layer the eigenvectors ``Q_g`` (gradient side), ``Q_a`` (input side,
+    bias column appended) and the corrected eigenvalues ``E`` (out, in) of the weight matrix;
+    its block acts on a weight ``W`` as ``Q_g ((Q_gᵀ W Q_a) ∘ E) Q_aᵀ``, which in row-major vec
+    is ``kron(Q_g, Q_a) diag(vec E) kron(Q_g, Q_a)ᵀ``: the same form as an EigenKron.
+    Compared as dense matrices (eigenvectors are defined up to signs and within null spaces).
+    """
+    curvlinops = pytest.importorskip("curvlinops", reason="curvlinops-for-pytorch is not installed")
+    torch = pytest.importorskip("torch")
+    from kronsum.adapters import torch as kt
+    from test_adapter_torch import LOSSES, _data, _mlp
+
+    model = _mlp()
+    X, y_cls, y_reg = _data("mlp", n=8)
+    y = y_cls if loss_name.startswith("ce") else y_reg
+    loss = LOSSES[loss_name]()
+    op = curvlinops.EKFACLinearOperator(
+        model, loss, list(model.parameters()), [(X, y)], fisher_type="type-2",
+        separate_weight_and_bias=False, check_deterministic=False,
+    )
+    op.compute_eigenvalue_correction()
+    blocks = kt.collect(model, loss, X, y, fisher="exact")
+    assert len(blocks) == 3
+    for name, F in blocks.items():
+        Qg = op._gradient_covariances_eigenvectors[name]
+        Qa = op._input_covariances_eigenvectors[name]
+        E = op._corrected_eigenvalues[name]
+        if isinstance(E, dict):  # a layer without bias: {position of the weight: E}
+            (E,) = E.values()
+        W = torch.kron(Qg, Qa)
+        ref = W @ torch.diag(E.reshape(-1)) @ W.T
+        est = ks.ekfac(F)
+        assert est.S.shape == E.shape
+        got = est.to_dense()
+        np.testing.assert_allclose(got.numpy(), ref.numpy(), rtol=1e-9,
+                                   atol=1e-10 * float(ref.abs().max()))
