@@ -350,3 +350,100 @@ def test_equals_curvlinops_ekfac(loss_name):
         got = est.to_dense()
         np.testing.assert_allclose(got.numpy(), ref.numpy(), rtol=1e-9,
                                    atol=1e-10 * float(ref.abs().max()))
+
+
+# -- streaming: RunningEstimate("ekfac") -------------------------------------------------------
+
+
+def _batches(to, count=6, m=3, n=4, seed=0):
+    rng = np.random.default_rng(seed)
+    out = []
+    for i in range(count):
+        if i % 3 == 2:  # a conv batch among outer ones
+            G, A = rng.standard_normal((4, 3, m)), rng.standard_normal((4, 3, n))
+            out.append(ks.KronSum.from_conv(to(G), to(A)))
+        else:
+            K = 10 + i
+            out.append(ks.KronSum.from_outer(to(rng.standard_normal((K, m))), to(rng.standard_normal((K, n)))))
+    return out
+
+
+@pytest.mark.parametrize("basis_every, bias_correction", [(1, False), (2, False), (3, True)])
+def test_running_ekfac_follows_its_rule(basis_every, bias_correction):
+    """S_t = diag in (U_t ⊗ V_t) of a_t F̂_{t−1} + b_t F_t, U_t, V_t the running K-FAC's
+    eigenvectors refreshed at t = 1, 1 + B, …; checked with dense matrices."""
+    batches = _batches(np.asarray)
+    run = ks.RunningEstimate("ekfac", decay=0.7, basis_every=basis_every,
+                             bias_correction=bias_correction)
+    kfac_run = ks.RunningEstimate("kfac", decay=0.7, bias_correction=bias_correction)
+    prev = None
+    for t, F in enumerate(batches, start=1):
+        est = run.update(F)
+        k = kfac_run.update(F)
+        assert isinstance(est, ks.EigenKron) and est.info.method == "running/ekfac"
+        U, V = np.asarray(est.U), np.asarray(est.V)
+        if (t - 1) % basis_every == 0:  # the eigenvectors of the running K-FAC factors
+            for Q, M in ((U, k.left), (V, k.right)):
+                off = Q.T @ M @ Q - np.diag(np.diag(Q.T @ M @ Q))
+                assert np.linalg.norm(off) <= 1e-10 * np.linalg.norm(M)
+        else:
+            np.testing.assert_array_equal(U, prev.U)
+            np.testing.assert_array_equal(V, prev.V)
+        a, b = run.mixing_weights(t)
+        target = b * F.to_dense() + (a * prev.to_dense() if prev is not None else 0.0)
+        S_ref, Fhat = dense_ekfac(target, U, V)
+        np.testing.assert_allclose(est.S, S_ref, rtol=1e-10, atol=1e-12 * np.abs(S_ref).max())
+        prev = est
+    assert run.num_updates == len(batches)
+
+
+def test_running_ekfac_of_identical_batches_is_the_batch_estimate(backend):
+    F = _batches(lambda a: backend.asarray(a, "float64"), count=1)[0]
+    run = ks.RunningEstimate("ekfac", decay=0.9, basis_every=2)
+    for _ in range(4):
+        est = run.update(F)
+    assert_same_backend(est.S, F.weights, F.weights.dtype)
+    np.testing.assert_allclose(backend.to_numpy(est.to_dense()), backend.to_numpy(ks.ekfac(F).to_dense()),
+                               rtol=1e-9, atol=1e-10)
+
+
+def test_running_ekfac_state_dict_round_trip(backend):
+    batches = _batches(lambda a: backend.asarray(a, "float64"))
+    run = ks.RunningEstimate("ekfac", decay=0.8, basis_every=2, update_every=2)
+    for F in batches[:3]:
+        run.update(F)
+    state = run.state_dict()
+    assert state["basis_every"] == 2 and tuple(state["S"].shape) == (3, 4)
+    restored = ks.RunningEstimate.from_state_dict(state)
+    assert restored.basis_every == 2
+    np.testing.assert_array_equal(backend.to_numpy(restored.estimate.S), backend.to_numpy(run.estimate.S))
+    for F in batches[3:]:
+        a, b = run.update(F), restored.update(F)
+        np.testing.assert_array_equal(backend.to_numpy(a.S), backend.to_numpy(b.S))
+        np.testing.assert_array_equal(backend.to_numpy(a.U), backend.to_numpy(b.U))
+    empty = ks.RunningEstimate("ekfac", basis_every=3).state_dict()
+    assert ks.RunningEstimate.from_state_dict(empty).num_updates == 0
+
+
+def test_running_ekfac_bad_state_and_options():
+    batches = _batches(np.asarray, count=2)
+    run = ks.RunningEstimate("ekfac", decay=0.8)
+    for F in batches:
+        run.update(F)
+    state = run.state_dict()
+    with pytest.raises(ValueError, match="basis_every"):
+        ks.RunningEstimate("kfac", basis_every=2)
+    with pytest.raises(ValueError, match="basis_every"):
+        ks.RunningEstimate("ekfac", basis_every=0)
+    with pytest.raises(ValueError, match="basis_every"):
+        ks.RunningEstimate("ekfac", decay=0.8, basis_every=2).load_state_dict(state)
+    with pytest.raises(ValueError, match="missing keys"):
+        ks.RunningEstimate.from_state_dict({k: v for k, v in state.items() if k != "S"})
+    with pytest.raises(ValueError, match=r"state\['S'\] must have shape"):
+        ks.RunningEstimate.from_state_dict({**state, "S": np.ones((4, 3))})
+    with pytest.raises(ValueError, match="NaN"):
+        ks.RunningEstimate.from_state_dict({**state, "U": np.full((3, 3), np.nan)})
+    with pytest.raises(TypeError, match="dtype"):
+        ks.RunningEstimate.from_state_dict({**state, "S": state["S"].astype(np.float32)})
+    with pytest.raises(ValueError, match="unexpected keys"):  # ekfac keys in a kfac state
+        ks.RunningEstimate.from_state_dict({**state, "estimator": "kfac"})
