@@ -299,12 +299,13 @@ def _basis_of(F: KronSum, basis: Any) -> tuple[Kron, str]:
     raise ValueError(f"basis must be one of {BASES} or a kronsum.Kron, got {basis!r}")
 
 
-def _eigenbasis(est: Kron, xp: Any) -> tuple[Array, Array]:
-    """The eigenvectors ``(U, V)`` of a Kronecker estimate's (symmetric) factors."""
+def _eigenbasis(est: Kron, xp: Any, *, check: bool = True) -> tuple[Array, Array]:
+    """The eigenvectors ``(U, V)`` of a Kronecker estimate's (symmetric) factors;
+    ``check=False`` for factors the library computed from a symmetric sum (finite, symmetric)."""
     from ._inverse import sym_eigh
 
-    U, _ = sym_eigh(xp, est.left, f"left factor ({est.m}, {est.m}) of the basis estimate")
-    V, _ = sym_eigh(xp, est.right, f"right factor ({est.n}, {est.n}) of the basis estimate")
+    U, _ = sym_eigh(xp, est.left, f"left factor ({est.m}, {est.m}) of the basis estimate", check=check)
+    V, _ = sym_eigh(xp, est.right, f"right factor ({est.n}, {est.n}) of the basis estimate", check=check)
     return U, V
 
 
@@ -330,7 +331,8 @@ def _ekfac(F: KronSum, *, basis: Any) -> EigenKron:
                         f"{getattr(est._xp, '__name__', est._xp)}")
     if est.dtype != F.dtype:
         raise TypeError(f"basis has dtype {est.dtype} but F has dtype {F.dtype}")
-    U, V = _eigenbasis(est, xp)
+    # the estimators' factors of a symmetric sum are symmetric and finite: no input checks
+    U, V = _eigenbasis(est, xp, check=isinstance(basis, Kron) or not F.symmetric)
     notes = tuple(est.info.notes) if not isinstance(basis, Kron) else ()
     return _ekfac_in(F, U, V, KronInfo(method=f"ekfac/{name}", notes=notes))
 

@@ -101,24 +101,28 @@ def _eps(xp: Any, dtype: Any) -> float:
 # -- the cached eigendecomposition ----------------------------------------------------------
 
 
-def sym_eigh(xp: Any, M: Array, what: str) -> tuple:
+def sym_eigh(xp: Any, M: Array, what: str, *, check: bool = True) -> tuple:
     """``(U, w)`` of the symmetric matrix ``M`` (``M = U diag(w) Uᵀ``, ascending ``w``).
 
     ``DecompositionError`` for NaN/inf or a failed decomposition, ``ValueError`` for a matrix
     that is not symmetric (``‖M − Mᵀ‖_F > √eps ‖M‖_F``); ``what`` names it in the messages.
-    On Dask (no ``linalg.eigh``) the matrix is materialised and decomposed with NumPy.
+    ``check=False`` (a matrix the library made symmetric itself) skips the input checks and the
+    symmetrisation, four passes over M (eigh reads one triangle). On Dask (no ``linalg.eigh``)
+    the matrix is materialised and decomposed with NumPy.
     """
-    if not all_finite(xp, M):
-        raise DecompositionError(f"the {what} contains NaN or infinite values")
-    Mt = xp.matrix_transpose(M)
-    nrm = to_float(fro_norm(M, xp))
-    asym = to_float(fro_norm(M - Mt, xp))
-    if asym > math.sqrt(_eps(xp, M.dtype)) * nrm:
-        raise ValueError(
-            f"the {what} is not symmetric (‖M − Mᵀ‖_F / ‖M‖_F = {asym / nrm:.3g}); damped "
-            "inverses and eigenbases are defined for symmetric (positive semi-definite) factors"
-        )
-    Ms = (M + Mt) / 2
+    Ms = M
+    if check:
+        if not all_finite(xp, M):
+            raise DecompositionError(f"the {what} contains NaN or infinite values")
+        Mt = xp.matrix_transpose(M)
+        nrm = to_float(fro_norm(M, xp))
+        asym = to_float(fro_norm(M - Mt, xp))
+        if asym > math.sqrt(_eps(xp, M.dtype)) * nrm:
+            raise ValueError(
+                f"the {what} is not symmetric (‖M − Mᵀ‖_F / ‖M‖_F = {asym / nrm:.3g}); damped "
+                "inverses and eigenbases are defined for symmetric (positive semi-definite) factors"
+            )
+        Ms = (M + Mt) / 2
     try:
         if is_dask_namespace(xp):
             # Dask has no linalg.eigh: the factors are small (m x m), so materialise them,
@@ -131,7 +135,7 @@ def sym_eigh(xp: Any, M: Array, what: str) -> tuple:
         raise DecompositionError(
             f"eigendecomposition of the {what} failed: {type(exc).__name__}: {exc}"
         ) from exc
-    if not (all_finite(xp, w) and all_finite(xp, U)):
+    if not (all_finite(xp, w) and (not check or all_finite(xp, U))):
         raise DecompositionError(
             f"eigendecomposition of the {what} returned non-finite values"
         )

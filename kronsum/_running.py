@@ -440,7 +440,9 @@ class RunningEstimate:
         U, V, S_prev = self._U, self._V, self._S
         notes: tuple[str, ...] = ()
         if (t - 1) % self._basis_every == 0:
-            U, V = _eigenbasis(_new_kron(left, right, 1.0, KronInfo(method="kfac"), xp), xp)
+            kron = _new_kron(left, right, 1.0, KronInfo(method="kfac"), xp)
+            # checked and symmetrised always: a restored state continues bit for bit
+            U, V = _eigenbasis(kron, xp)
             notes = ("eigenbasis refreshed at this update",)
             if a != 0.0:  # the previous estimate's diagonal in the new basis
                 Mu = (xp.matrix_transpose(U) @ self._U) ** 2
