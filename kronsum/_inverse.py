@@ -311,6 +311,11 @@ class KronInverse:
     notes : tuple of str
         Diagnostics: clipped eigenvalues, sign flips, zero products.
 
+    The inverse of an :class:`~kronsum.EigenKron` (:meth:`EigenKron.inverse`) has method
+    ``"exact"``, eigenvalues ``S + λ``, ``eigvecs_left = U``, ``eigvecs_right = V`` and
+    ``eigvals_left``, ``eigvals_right``, ``scale`` set to ``None`` (its eigenvalues are not
+    products).
+
     Notes
     -----
     Cost: two symmetric eigendecompositions, ``O(m³ + n³)``, once. :meth:`solve` costs

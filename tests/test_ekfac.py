@@ -447,3 +447,12 @@ def test_running_ekfac_bad_state_and_options():
         ks.RunningEstimate.from_state_dict({**state, "S": state["S"].astype(np.float32)})
     with pytest.raises(ValueError, match="unexpected keys"):  # ekfac keys in a kfac state
         ks.RunningEstimate.from_state_dict({**state, "estimator": "kfac"})
+
+
+def test_zero_sum_gives_a_zero_estimate():
+    F = ks.KronSum.from_outer(np.ones((3, 2)), np.ones((3, 3)), np.zeros(3))
+    est = ks.ekfac(F)
+    assert np.all(est.S == 0) and "zero" in " ".join(est.info.notes)
+    assert float(ks.frobenius_error(F, est)) == 0.0
+    assert float(ks.frobenius_error(F, est, relative=True)) == 0.0
+    np.testing.assert_allclose(est.solve(np.ones((2, 3)), 2.0), np.full((2, 3), 0.5))
