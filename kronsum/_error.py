@@ -108,7 +108,7 @@ def frobenius_error(F: KronSum, approx: Any, relative: bool = False, *, method: 
 
 
 def _finish(xp: Any, e2: Array, f2: Array, c: Any, use: str, method: str, flops: float,
-            relative: bool) -> Array:
+            relative: bool, stacklevel: int = 3) -> Array:
     """``c·√e2`` (or ``√(e2/f2)``), with the Gram route's warning for small errors."""
     zero = xp.zeros_like(e2)
     e2 = xp.where(e2 < 0, zero, e2)  # rounding of the Gram route; NaN and inf pass through
@@ -118,7 +118,7 @@ def _finish(xp: Any, e2: Array, f2: Array, c: Any, use: str, method: str, flops:
                 f"frobenius_error used the Gram route (method='direct' would cost ~{flops:.1e} "
                 f"multiply-adds) and the error is below 1e-4·‖F‖, where that route loses about "
                 f"2·log10(‖F‖/err) digits; pass method='direct' for an accurate value",
-                AccuracyWarning, stacklevel=3,
+                AccuracyWarning, stacklevel=stacklevel,
             )
     if relative:  # a zero F: 0 when approximated by zero, inf otherwise
         safe = xp.where(f2 > 0, f2, xp.ones_like(f2))
@@ -178,7 +178,7 @@ def _eigen_error(F: KronSum, est: EigenKron, relative: bool, method: str) -> Arr
     else:
         f2 = Fn._sq_norm()
         off2 = f2 - xp.sum(D * D)
-    return _finish(xp, off2 + d2, f2, c, use, method, flops, relative)
+    return _finish(xp, off2 + d2, f2, c, use, method, flops, relative, stacklevel=4)
 
 
 def _offdiag_direct(Ft: KronSum):
