@@ -473,3 +473,16 @@ def test_auto_gram_route_warns_for_tiny_errors():
         ks.frobenius_error(F, est)
     assert rec[0].filename == __file__
     assert float(ks.frobenius_error(F, est, method="direct", relative=True)) < 1e-13
+
+
+def test_conv_in_chunks_of_samples(monkeypatch):
+    """The conv pass in chunks of samples (memory bound) gives the same S as one chunk."""
+    import kronsum._ekfac as ek
+
+    F, D = build("conv", np.asarray, seed=6)
+    whole = ks.ekfac(F)
+    monkeypatch.setattr(ek, "_CHUNK_ELEMENTS", 1)  # one sample per chunk
+    chunked = ks.ekfac(F)
+    np.testing.assert_allclose(chunked.S, whole.S, rtol=1e-12)
+    S_ref, _ = dense_ekfac(D, chunked.U, chunked.V)
+    np.testing.assert_allclose(chunked.S, S_ref, rtol=1e-10)
