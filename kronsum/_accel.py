@@ -99,9 +99,12 @@ def _torch_cpu_plain(arrays: list) -> bool:
 
 
 def _map_kron(K, f, xp):
-    """``K`` with its factors and scale replaced by ``f(array)`` (namespace ``xp``)."""
+    """``K`` with its factors and scale replaced by ``f(array)`` (namespace ``xp``); other
+    results (an :class:`~kronsum.EigenKron`) map their arrays with their ``_map_arrays``."""
     from ._closed_forms import _new_kron
 
+    if hasattr(K, "_map_arrays"):
+        return K._map_arrays(f, xp)
     return _new_kron(f(K.left), f(K.right), f(K.scale), K.info, xp)
 
 
@@ -126,7 +129,7 @@ def _numpy_xp() -> Any:
 
 
 def via_numpy_on_cpu(fn: Callable) -> Callable:
-    """Decorate an estimator ``fn(F, ...) -> Kron`` so that PyTorch CPU inputs run on NumPy.
+    """Decorate an estimator ``fn(F, ...) -> Kron`` (or :class:`~kronsum.EigenKron`) so that PyTorch CPU inputs run on NumPy.
 
     When the option ``torch_cpu_via_numpy`` is on and every array of ``F`` (and of a
     :class:`~kronsum.Kron` passed as a keyword, e.g. ``init``) is a float32/float64 CPU tensor

@@ -7,6 +7,7 @@ from typing import Any
 
 from ._closed_forms import _require_sum
 from ._compat import Array, namespace
+from ._ekfac import EigenKron, diag_in_basis, rotated
 from ._sum import KronSum
 
 __all__ = ["frobenius_error", "AccuracyWarning"]
@@ -28,7 +29,8 @@ def frobenius_error(F: KronSum, approx: Any, relative: bool = False, *, method: 
     r"""``‖F − approx‖_F`` (or divided by ``‖F‖_F``), exactly, without forming F.
 
     ``approx`` is a :class:`Kron` (or any result with several Kronecker terms, such as a
-    Kronecker-rank-r approximation) ``B = Σ_r s_r L_r ⊗ R_r``. Two routes:
+    Kronecker-rank-r approximation) ``B = Σ_r s_r L_r ⊗ R_r``, or an :class:`EigenKron`
+    ``(U ⊗ V) diag(vec S) (U ⊗ V)ᵀ``. Two routes:
 
     ``"direct"``  forms the rearranged matrices ``𝓡(F)`` and ``𝓡(B)`` a block of rows at a time
                   and sums the squared entrywise differences: relative accuracy about
@@ -40,10 +42,19 @@ def frobenius_error(F: KronSum, approx: Any, relative: bool = False, *, method: 
                   with an :class:`AccuracyWarning` when the result is small enough
                   (``err/‖F‖ < 1e-4``) to have lost digits.
 
+    For an :class:`EigenKron`, with ``D`` the diagonal of F in its basis (:func:`ekfac`'s
+    ``S`` of F) the error splits into two non-negative parts,
+    ``‖F − F̂‖² = ‖off(F̃)‖² + ‖D − S‖²``, where ``F̃ = (U ⊗ V)ᵀF(U ⊗ V)`` is F rotated into the
+    basis (a sum of the same form: ``GU``, ``AV``). ``"direct"`` sums the squared
+    off-diagonal entries of ``𝓡(F̃)`` block by block (nothing cancels: relative accuracy about
+    ``ε‖F‖/err``, so an F that is exactly of EKFAC form gives an error at rounding level);
+    ``"gram"`` takes ``‖off(F̃)‖² = ‖F‖² − ‖D‖²``, which cancels as above. Costs as for a
+    Kron plus the rotation, ``O(K(m² + n²))`` (conv ``O(KT(m² + n²))``).
+
     Parameters
     ----------
     F : KronSum
-    approx : Kron
+    approx : Kron or EigenKron
         With factor sizes matching F's ``m`` and ``n``.
     relative : bool
         Return ``‖F − approx‖ / ‖F‖`` (for a zero F: 0 if ``approx`` is zero, ``inf`` otherwise).
@@ -64,10 +75,13 @@ def frobenius_error(F: KronSum, approx: Any, relative: bool = False, *, method: 
     True
     """
     F = _require_sum(F, "frobenius_error")
-    if not hasattr(approx, "_as_stack"):
-        raise TypeError(f"approx must be a Kron (or a Kronecker-rank-r result), got {type(approx).__name__}")
+    if not (hasattr(approx, "_as_stack") or isinstance(approx, EigenKron)):
+        raise TypeError(f"approx must be a Kron, an EigenKron or a Kronecker-rank-r result, got "
+                        f"{type(approx).__name__}")
     if method not in ("auto", "direct", "gram"):
         raise ValueError(f"method must be 'auto', 'direct' or 'gram', got {method!r}")
+    if isinstance(approx, EigenKron):
+        return _eigen_error(F, approx, relative, method)
     s, Ls, Rs = approx._as_stack()
     if (Ls.shape[-1], Rs.shape[-1]) != (F.m, F.n):
         raise ValueError(
@@ -90,6 +104,12 @@ def frobenius_error(F: KronSum, approx: Any, relative: bool = False, *, method: 
         e2, f2 = _direct(Fn, s, Ls, Rs)
     else:
         e2, f2 = _gram(Fn, s, Ls, Rs)
+    return _finish(xp, e2, f2, c, use, method, flops, relative)
+
+
+def _finish(xp: Any, e2: Array, f2: Array, c: Any, use: str, method: str, flops: float,
+            relative: bool, stacklevel: int = 3) -> Array:
+    """``c·√e2`` (or ``√(e2/f2)``), with the Gram route's warning for small errors."""
     zero = xp.zeros_like(e2)
     e2 = xp.where(e2 < 0, zero, e2)  # rounding of the Gram route; NaN and inf pass through
     if use == "gram" and method == "auto":
@@ -98,7 +118,7 @@ def frobenius_error(F: KronSum, approx: Any, relative: bool = False, *, method: 
                 f"frobenius_error used the Gram route (method='direct' would cost ~{flops:.1e} "
                 f"multiply-adds) and the error is below 1e-4·‖F‖, where that route loses about "
                 f"2·log10(‖F‖/err) digits; pass method='direct' for an accurate value",
-                AccuracyWarning, stacklevel=2,
+                AccuracyWarning, stacklevel=stacklevel,
             )
     if relative:  # a zero F: 0 when approximated by zero, inf otherwise
         safe = xp.where(f2 > 0, f2, xp.ones_like(f2))
@@ -134,3 +154,50 @@ def _gram(Fn: KronSum, s: Array, Ls: Array, Rs: Array):
     SB = (Lf @ xp.matrix_transpose(Lf)) * (Rf @ xp.matrix_transpose(Rf))
     b2 = xp.sum((s @ SB) * s)
     return f2 - 2 * xp.sum(s * cross) + b2, f2
+
+
+def _eigen_error(F: KronSum, est: EigenKron, relative: bool, method: str) -> Array:
+    """:func:`frobenius_error` of an :class:`EigenKron`: ``‖off(F̃)‖² + ‖D − S‖²``."""
+    if (est.m, est.n) != (F.m, F.n):
+        raise ValueError(
+            f"approx has bases of sizes ({est.m}, {est.n}) but F has (m, n) = ({F.m}, {F.n})"
+        )
+    xp = namespace(F.weights, est.S, names=("F", "approx"))
+    dtype = F.dtype
+    Fn, (cw, cl, cr) = F.normalized()
+    c = cw * (cl * cr)
+    U, V = xp.astype(est.U, dtype), xp.astype(est.V, dtype)
+    S = xp.astype(est.S, dtype) / c
+    m, n, K = F.m, F.n, F.num_terms
+    flops = K * m * m * n * n
+    use = method if method != "auto" else ("direct" if flops <= _DIRECT_FLOPS else "gram")
+    D = diag_in_basis(Fn, U, V)
+    d2 = xp.sum((D - S) ** 2)
+    if use == "direct":
+        off2, f2 = _offdiag_direct(rotated(Fn, U, V))
+    else:
+        f2 = Fn._sq_norm()
+        off2 = f2 - xp.sum(D * D)
+    return _finish(xp, off2 + d2, f2, c, use, method, flops, relative, stacklevel=4)
+
+
+def _offdiag_direct(Ft: KronSum):
+    """``(Σ off-diagonal entries², ‖F̃‖²)`` of F̃ from blocks of rows of 𝓡(F̃): the diagonal
+    entry ``((i, j), (i, j))`` of F̃ is the entry ``((i, i), (j, j))`` of 𝓡(F̃), masked out."""
+    xp = Ft.xp
+    m, n = Ft.m, Ft.n
+    dev = Ft.device
+    b = max(1, min(m, _BLOCK_ELEMENTS // max(1, m * n * n)))
+    cols = xp.arange(n * n, device=dev)
+    col_diag = xp.astype((cols // n) == (cols % n), Ft.dtype)
+    off2 = xp.zeros((), dtype=Ft.dtype, device=dev)
+    f2 = xp.zeros((), dtype=Ft.dtype, device=dev)
+    for i0 in range(0, m, b):
+        i1 = min(m, i0 + b)
+        blk = Ft._rearranged_rows(i0, i1)  # rows (i, i'), i0 <= i < i1
+        rows = xp.arange((i1 - i0) * m, device=dev)
+        row_diag = xp.astype((rows // m + i0) == (rows % m), Ft.dtype)
+        keep = 1 - row_diag[:, None] * col_diag[None, :]
+        off2 = off2 + xp.sum((blk * keep) ** 2)
+        f2 = f2 + xp.sum(blk**2)
+    return off2, f2

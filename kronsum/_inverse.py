@@ -101,6 +101,83 @@ def _eps(xp: Any, dtype: Any) -> float:
 # -- the cached eigendecomposition ----------------------------------------------------------
 
 
+def sym_eigh(xp: Any, M: Array, what: str, *, check: bool = True) -> tuple:
+    """``(U, w)`` of the symmetric matrix ``M`` (``M = U diag(w) Uᵀ``, ascending ``w``).
+
+    ``DecompositionError`` for NaN/inf or a failed decomposition, ``ValueError`` for a matrix
+    that is not symmetric (``‖M − Mᵀ‖_F > √eps ‖M‖_F``); ``what`` names it in the messages.
+    ``check=False`` (a matrix the library made symmetric itself) skips the input checks and the
+    symmetrisation, four passes over M (eigh reads one triangle). On Dask (no ``linalg.eigh``)
+    the matrix is materialised and decomposed with NumPy.
+    """
+    Ms = M
+    if check:
+        if not all_finite(xp, M):
+            raise DecompositionError(f"the {what} contains NaN or infinite values")
+        Mt = xp.matrix_transpose(M)
+        nrm = to_float(fro_norm(M, xp))
+        asym = to_float(fro_norm(M - Mt, xp))
+        if asym > math.sqrt(_eps(xp, M.dtype)) * nrm:
+            raise ValueError(
+                f"the {what} is not symmetric (‖M − Mᵀ‖_F / ‖M‖_F = {asym / nrm:.3g}); damped "
+                "inverses and eigenbases are defined for symmetric (positive semi-definite) factors"
+            )
+        Ms = (M + Mt) / 2
+    try:
+        if is_dask_namespace(xp):
+            # Dask has no linalg.eigh: the factors are small (m x m), so materialise them,
+            # decompose with NumPy and wrap the results back as (single-chunk) Dask arrays.
+            w, U = np.linalg.eigh(np.asarray(Ms.compute()))
+            w, U = xp.asarray(w), xp.asarray(U)
+        else:
+            w, U = xp.linalg.eigh(Ms)
+    except Exception as exc:
+        raise DecompositionError(
+            f"eigendecomposition of the {what} failed: {type(exc).__name__}: {exc}"
+        ) from exc
+    if not (all_finite(xp, w) and (not check or all_finite(xp, U))):
+        raise DecompositionError(
+            f"eigendecomposition of the {what} returned non-finite values"
+        )
+    return U, w
+
+
+class _GridEig:
+    """The eigendecomposition ``(U ⊗ V) diag(vec S) (U ⊗ V)ᵀ`` of an eigenvalue-corrected
+    estimate (:class:`kronsum.EigenKron`), in the form :class:`KronInverse` reads (method
+    ``"exact"`` only): ``grid`` is ``S`` with rounding-level negative entries clipped to 0."""
+
+    __slots__ = ("xp", "UL", "UR", "grid", "a", "b", "s", "m", "n", "dtype", "device", "notes",
+                 "sum_a", "sum_b")
+
+    def __init__(self, xp: Any, U: Array, V: Array, S: Array, label: str):
+        self.xp = xp
+        self.UL, self.UR = U, V
+        self.m, self.n = int(U.shape[0]), int(V.shape[0])
+        self.dtype, self.device = S.dtype, device_of(S)
+        self.a = self.b = None
+        self.s = self.sum_a = self.sum_b = None
+        where = f"EigenKron of shape ({self.m}·{self.n}, {self.m}·{self.n}) with {label}"
+        if not all_finite(xp, S):
+            raise ValueError(f"the eigenvalues S of the {where} contain NaN or infinite values")
+        notes: list[str] = []
+        smin, smax = to_float(xp.min(S)), to_float(xp.max(xp.abs(S)))
+        if smin < 0:
+            tol = 10 * max(self.m, self.n) * _eps(xp, S.dtype) * smax
+            if smin < -tol:
+                raise ValueError(
+                    f"the {where} is not positive semi-definite: smallest eigenvalue "
+                    f"{smin:.6g} (largest magnitude {smax:.6g}, rounding tolerance {tol:.3g}); "
+                    "damped inverses, log-determinants and sampling need S >= 0"
+                )
+            k = int(to_float(xp.sum(xp.where(S < 0, xp.ones_like(S), xp.zeros_like(S)))))
+            notes.append(f"clipped {k} negative eigenvalue(s) of S (smallest {smin:.3g}, within "
+                         f"the rounding tolerance {tol:.3g}) to 0")
+            S = xp.where(S < 0, xp.zeros_like(S), S)
+        self.grid = S
+        self.notes = notes
+
+
 class _Eig:
     """Canonical eigendecomposition ``s (U_L diag(a) U_Lᵀ) ⊗ (U_R diag(b) U_Rᵀ)``.
 
@@ -110,6 +187,7 @@ class _Eig:
 
     __slots__ = ("xp", "UL", "a", "UR", "b", "s", "m", "n", "dtype", "device", "notes",
                  "sum_a", "sum_b")
+    grid = None  # the grid eigendecompositions (_GridEig) carry their eigenvalues here
 
     def __init__(self, kron: Kron, label: str):
         if not isinstance(kron, Kron):
@@ -151,36 +229,7 @@ class _Eig:
         self.notes = notes
 
     def _eigh(self, M: Array, side: str, shape: tuple, where: str, notes: list) -> tuple:
-        xp = self.xp
-        what = f"{side} factor of shape {shape} of the {where}"
-        if not all_finite(xp, M):
-            raise DecompositionError(f"the {what} contains NaN or infinite values")
-        Mt = xp.matrix_transpose(M)
-        nrm = to_float(fro_norm(M, xp))
-        asym = to_float(fro_norm(M - Mt, xp))
-        if asym > math.sqrt(_eps(xp, M.dtype)) * nrm:
-            raise ValueError(
-                f"the {what} is not symmetric (‖M − Mᵀ‖_F / ‖M‖_F = {asym / nrm:.3g}); damped "
-                "inverses are defined for symmetric positive semi-definite factors"
-            )
-        Ms = (M + Mt) / 2
-        try:
-            if is_dask_namespace(xp):
-                # Dask has no linalg.eigh: the factors are small (m x m), so materialise them,
-                # decompose with NumPy and wrap the results back as (single-chunk) Dask arrays.
-                w, U = np.linalg.eigh(np.asarray(Ms.compute()))
-                w, U = xp.asarray(w), xp.asarray(U)
-            else:
-                w, U = xp.linalg.eigh(Ms)
-        except Exception as exc:
-            raise DecompositionError(
-                f"eigendecomposition of the {what} failed: {type(exc).__name__}: {exc}"
-            ) from exc
-        if not (all_finite(xp, w) and all_finite(xp, U)):
-            raise DecompositionError(
-                f"eigendecomposition of the {what} returned non-finite values"
-            )
-        return U, w
+        return sym_eigh(self.xp, M, f"{side} factor of shape {shape} of the {where}")
 
     def _clip(self, w: Array, side: str, shape: tuple, where: str, notes: list,
               total: float) -> tuple:
@@ -262,6 +311,11 @@ class KronInverse:
     notes : tuple of str
         Diagnostics: clipped eigenvalues, sign flips, zero products.
 
+    The inverse of an :class:`~kronsum.EigenKron` (:meth:`EigenKron.inverse`) has method
+    ``"exact"``, eigenvalues ``S + λ``, ``eigvecs_left = U``, ``eigvecs_right = V`` and
+    ``eigvals_left``, ``eigvals_right``, ``scale`` set to ``None`` (its eigenvalues are not
+    products).
+
     Notes
     -----
     Cost: two symmetric eigendecompositions, ``O(m³ + n³)``, once. :meth:`solve` costs
@@ -321,9 +375,13 @@ class KronInverse:
         self.pi = self.delta = self.nu = self.beta = None
         notes = list(eig.notes)
         a, b, s, m, n = eig.a, eig.b, eig.s, eig.m, eig.n
-        zero = s == 0 or eig.sum_a == 0 or eig.sum_b == 0
         p = q = None
-        if method == "exact":
+        zero = eig.grid is None and (s == 0 or eig.sum_a == 0 or eig.sum_b == 0)
+        if eig.grid is not None:  # an EigenKron: its eigenvalues directly ("exact" only)
+            if method != "exact":
+                raise ValueError(f"an EigenKron has only the damping method 'exact', got {method!r}")
+            self._E = eig.grid + lam
+        elif method == "exact":
             self._E = s * (a[:, None] * b[None, :]) + lam
         elif method == "factored":
             if zero:
@@ -371,7 +429,7 @@ class KronInverse:
         tol = 10 * max(self.m, self.n) * _eps(xp, self.dtype)
         if not emin > 0 or (lam == 0 and emin <= tol * emax):
             raise ValueError(
-                f"the damped matrix of the Kron of shape ({self.m}·{self.n}, {self.m}·{self.n}) "
+                f"the damped matrix of the {'EigenKron' if self._eig.grid is not None else 'Kron'} of shape ({self.m}·{self.n}, {self.m}·{self.n}) "
                 f"is singular with damping={lam!r}, method={self.method!r}: smallest eigenvalue "
                 f"{emin:.3g}, largest {emax:.3g}; use a damping > 0"
             )

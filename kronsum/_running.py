@@ -15,7 +15,7 @@ the bias-corrected average of an EMA started at zero (as in Adam),
 (:meth:`RunningEstimate.batch_weights` gives the ``c_i``). ``t`` counts the updates that
 were applied (see ``update_every``), not the batches seen.
 
-Four estimators (:data:`ESTIMATORS`):
+Five estimators (:data:`ESTIMATORS`):
 
 ``"kfac"``          K-FAC's EMA of the factors (Martens & Grosse 2015; TKFAC paper Eq. (17)-(18)):
                     ``left_t = a_t left_{t−1} + b_t E_t[g gᵀ]``, likewise ``right`` and ``scale``.
@@ -28,6 +28,9 @@ Four estimators (:data:`ESTIMATORS`):
                     :func:`choose_method` takes it (the extra term is one more coefficient),
                     Lanczos warm-started from the previous estimate otherwise (conv batches,
                     Dask, K > 8192 or Gram matrices that do not pay).
+``"ekfac"``         EKFAC (George et al. 2018): K-FAC's EMA of the factors, their eigenbasis
+                    refreshed every ``basis_every`` updates, and an EMA of the corrected
+                    eigenvalues ``S`` in the current basis, updated every time.
 """
 
 from __future__ import annotations
@@ -40,6 +43,7 @@ from typing import Any
 
 from ._closed_forms import _new_kron, kfac, tkfac
 from ._compat import Array, is_array, namespace
+from ._ekfac import EigenKron, _ekfac_in
 from ._kfoc import choose_method, kfoc
 from ._kron import Kron, KronInfo
 from ._sum import KronSum
@@ -48,11 +52,12 @@ from ._validation import check_finite_values
 __all__ = ["RunningEstimate", "ESTIMATORS"]
 
 #: The estimator names :class:`RunningEstimate` accepts.
-ESTIMATORS = ("kfac", "tkfac", "kfoc_approx", "kfoc_running")
+ESTIMATORS = ("kfac", "tkfac", "kfoc_approx", "kfoc_running", "ekfac")
 
 _KFOC_OPTIONS = ("method", "accuracy", "tol", "max_iter", "precision", "seed")
 _STATE_KEYS = ("estimator", "decay", "update_every", "bias_correction", "step", "num_updates",
                "left", "right", "scale")
+_EKFAC_KEYS = ("basis_every", "U", "V", "S")  # and these for "ekfac"
 
 
 def _same_namespace(a: Any, b: Any) -> bool:
@@ -103,7 +108,7 @@ class RunningEstimate:
 
     Parameters
     ----------
-    estimator : {"kfac", "tkfac", "kfoc_approx", "kfoc_running"}
+    estimator : {"kfac", "tkfac", "kfoc_approx", "kfoc_running", "ekfac"}
         ``"kfac"``, ``"tkfac"``, ``"kfoc_approx"``: the EMA of the batch estimator's factors,
         as K-FAC and TKFAC (Eq. (17)-(18) of Gao et al. 2021) do,
 
@@ -120,6 +125,22 @@ class RunningEstimate:
         ``"kfoc_running"`` (K-FOC_running): the Frobenius-optimal Kronecker product of
         ``a_t · P + b_t F_t``, with ``P`` the previous estimate entered as one more Kronecker
         term (:meth:`KronSum.from_kron`), by :func:`kfoc` warm-started from ``P``.
+        ``"ekfac"`` (George et al. 2018): the ``"kfac"`` EMA of the factors is kept as above;
+        at updates ``t = 1, 1 + B, 1 + 2B, …`` (``B = basis_every``) the basis
+        ``U_t ⊗ V_t`` becomes the eigenvectors of the running K-FAC factors (after this
+        update's mix), otherwise ``U_t = U_{t−1}``, ``V_t = V_{t−1}``; then
+
+        .. math::
+
+            S_t = a_t\,\operatorname{diag}_{t}(\hat F_{t-1}) + b_t\,\operatorname{diag}_{t}(F_t),
+
+        where ``diag_t(M)`` is the grid ``(u_i ⊗ v_j)ᵀ M (u_i ⊗ v_j)`` in the current basis:
+        between refreshes ``diag_t(F̂_{t−1}) = S_{t−1}`` (George et al.'s EMA of the corrected
+        eigenvalues), and at a refresh it is the previous estimate's diagonal in the new basis,
+        ``((U_tᵀU_{t−1})∘²) S_{t−1} ((V_tᵀV_{t−1})∘²)ᵀ``, so the average carries over (rather
+        than restarting from one batch). ``S_t`` is thus the Frobenius-nearest matrix of the
+        form ``(U_t ⊗ V_t) diag(vec S) (U_t ⊗ V_t)ᵀ`` to ``a_t F̂_{t−1} + b_t F_t``.
+        :attr:`estimate` is then an :class:`EigenKron`.
     decay : float, default 0.95
         The EMA parameter, ``0 ≤ decay < 1`` (the TKFAC paper's ε). ``decay = 0`` gives each
         batch's own estimate.
@@ -134,6 +155,10 @@ class RunningEstimate:
         Use the bias-corrected weights above. Both choices give a convex combination of the
         batches; they differ in the weight of the first one (``decayᵗ⁻¹`` without correction,
         ``(1 − decay) decayᵗ⁻¹/(1 − decayᵗ)`` with it).
+    basis_every : int, optional
+        ``"ekfac"`` only (default 1): refresh the eigenbasis at every ``basis_every``-th
+        applied update, counted from the first (George et al.'s ``n`` between
+        eigendecompositions).
     kfoc_options : dict, optional
         Passed to :func:`kfoc` (keys ``method``, ``accuracy``, ``tol``, ``max_iter``,
         ``precision``, ``seed``; not ``init``): by default each solve stops within
@@ -165,7 +190,10 @@ class RunningEstimate:
     term's row; with Lanczos (conv batches), each application the batch's two contractions
     plus ``O(m² + n²)``, a few applications per update when the estimate moves little
     (``estimate.info.iterations`` counts them). Skipped calls
-    cost nothing. Memory: the state is ``m² + n² + 1`` numbers.
+    cost nothing. ``"ekfac"``: the ``"kfac"`` update plus one pass over the batch in the
+    basis (:func:`ekfac`'s cost without the basis), and at a refresh two eigendecompositions
+    ``O(m³ + n³)`` and the projection ``O(m³ + n³ + mn(m + n))``. Memory: the state is
+    ``m² + n² + 1`` numbers (``"ekfac"``: ``2(m² + n²) + mn + 1``).
 
     Inputs are never modified; arrays come back in the batches' namespace, device and dtype
     (all batches of one stream must share them).
@@ -197,9 +225,15 @@ class RunningEstimate:
     """
 
     def __init__(self, estimator: str, decay: float = 0.95, *, update_every: int = 1,
-                 bias_correction: bool = False, kfoc_options: Mapping[str, Any] | None = None):
+                 bias_correction: bool = False, kfoc_options: Mapping[str, Any] | None = None,
+                 basis_every: int | None = None):
         if not isinstance(estimator, str) or estimator not in ESTIMATORS:
             raise ValueError(f"estimator must be one of {ESTIMATORS}, got {estimator!r}")
+        if basis_every is not None and estimator != "ekfac":
+            raise ValueError(f"basis_every is for estimator 'ekfac' only, got it with {estimator!r}")
+        basis_every = 1 if basis_every is None else basis_every
+        if isinstance(basis_every, bool) or not isinstance(basis_every, int) or basis_every < 1:
+            raise ValueError(f"basis_every must be an integer >= 1, got {basis_every!r}")
         if isinstance(decay, bool) or not isinstance(decay, numbers.Real) or not 0 <= decay < 1:
             raise ValueError(f"decay must be a real number with 0 <= decay < 1, got {decay!r}")
         if isinstance(update_every, bool) or not isinstance(update_every, int) or update_every < 1:
@@ -218,12 +252,14 @@ class RunningEstimate:
         self._update_every = update_every
         self._bias_correction = bias_correction
         self._kfoc_options = opts
+        self._basis_every = basis_every
         self._clear()
 
     def _clear(self) -> None:
         self._step = 0
         self._num_updates = 0
         self._left = self._right = self._scale = None
+        self._U = self._V = self._S = None  # "ekfac": the basis and corrected eigenvalues
         self._xp = None
         self._info: KronInfo | None = None
         # whether every batch in the estimate had symmetric terms (its factors are then
@@ -252,6 +288,11 @@ class RunningEstimate:
         return self._bias_correction
 
     @property
+    def basis_every(self) -> int:
+        """``"ekfac"``: the eigenbasis is refreshed at every ``basis_every``-th applied update."""
+        return self._basis_every
+
+    @property
     def step(self) -> int:
         """Number of calls of :meth:`update` so far (batches seen)."""
         return self._step
@@ -262,8 +303,9 @@ class RunningEstimate:
         return self._num_updates
 
     @property
-    def estimate(self) -> Kron:
-        """The current :class:`Kron` (``info.method`` is ``"running/<estimator>"``).
+    def estimate(self) -> Any:
+        """The current :class:`Kron` (``"ekfac"``: :class:`EigenKron`; ``info.method`` is
+        ``"running/<estimator>"``).
 
         ``info.iterations`` holds the operator applications of the last applied update
         (``"kfoc_approx"``: of the batch solve; ``"kfoc_running"``: of the warm-started solve
@@ -271,6 +313,8 @@ class RunningEstimate:
         """
         if self._num_updates == 0:
             raise RuntimeError("RunningEstimate has no estimate yet: call update(F) with a batch first")
+        if self._estimator == "ekfac":
+            return EigenKron._new(self._U, self._V, self._S, self._info, self._xp)
         return _new_kron(self._left, self._right, self._scale, self._info, self._xp)
 
     def mixing_weights(self, t: int) -> tuple[float, float]:
@@ -361,7 +405,7 @@ class RunningEstimate:
                 est = kfoc(S, init=prev, **opts) if warm else kfoc(S, **opts)
             left, right, scale = est.left, est.right, est.scale
         else:
-            if name == "kfac":
+            if name in ("kfac", "ekfac"):
                 est = kfac(F)
             elif name == "tkfac":
                 est = tkfac(F)
@@ -371,19 +415,44 @@ class RunningEstimate:
                 left, right, scale = est.left, est.right, est.scale
             else:
                 # kfac's factors are fresh arrays of this call, held by nothing else: mix in place
-                own = name == "kfac"
+                own = name in ("kfac", "ekfac")
                 left = _mix(a, self._left, b, est.left, reuse_new=own)
                 right = _mix(a, self._right, b, est.right, reuse_new=own)
                 scale = a * self._scale + b * est.scale
+        if name == "ekfac":
+            info = self._ekfac_update(F, left, right, t, a, b)
         self._xp = F.xp
         self._left, self._right, self._scale = left, right, scale
         if a == 0.0:
             self._symmetric = F.symmetric
         elif self._symmetric is not None:
             self._symmetric = self._symmetric and F.symmetric
-        self._info = dataclasses.replace(est.info, method=f"running/{name}")
+        self._info = dataclasses.replace(info if name == "ekfac" else est.info, method=f"running/{name}")
         self._num_updates = t
         return self.estimate
+
+    def _ekfac_update(self, F: KronSum, left: Array, right: Array, t: int, a: float,
+                      b: float) -> KronInfo:
+        """Set ``_U``, ``_V``, ``_S`` of update ``t`` (see the class docstring)."""
+        from ._ekfac import _eigenbasis
+
+        xp = F.xp
+        U, V, S_prev = self._U, self._V, self._S
+        notes: tuple[str, ...] = ()
+        if (t - 1) % self._basis_every == 0:
+            kron = _new_kron(left, right, 1.0, KronInfo(method="kfac"), xp)
+            # checked and symmetrised always: a restored state continues bit for bit
+            U, V = _eigenbasis(kron, xp)
+            notes = ("eigenbasis refreshed at this update",)
+            if a != 0.0:  # the previous estimate's diagonal in the new basis
+                Mu = (xp.matrix_transpose(U) @ self._U) ** 2
+                Mv = (xp.matrix_transpose(V) @ self._V) ** 2
+                S_prev = Mu @ S_prev @ xp.matrix_transpose(Mv)
+        S = _ekfac_in(F, U, V, KronInfo(method="ekfac")).S
+        if a != 0.0:
+            S = _mix(a, S_prev, b, S, reuse_new=True)
+        self._U, self._V, self._S = U, V, S
+        return KronInfo(method="ekfac", notes=notes)
 
     def _as_term(self, prev: Kron, a: float) -> KronSum:
         """``a · prev`` as a one-term sum. ``prev`` is this object's own estimate, finite by
@@ -425,8 +494,9 @@ class RunningEstimate:
 
         Keys: ``"estimator"`` (str), ``"decay"`` (float), ``"update_every"`` (int),
         ``"bias_correction"`` (bool), ``"step"``, ``"num_updates"`` (int), ``"left"`` (m, m),
-        ``"right"`` (n, n) and ``"scale"`` (0-d): arrays of the batches' own library, device
-        and dtype (``None`` before the first update), so ``torch.save`` or a JAX checkpointer
+        ``"right"`` (n, n) and ``"scale"`` (0-d) (for ``"ekfac"`` the running K-FAC factors,
+        plus ``"basis_every"`` (int), ``"U"`` (m, m), ``"V"`` (n, n) and ``"S"`` (m, n)):
+        arrays of the batches' own library, device and dtype (``None`` before the first update), so ``torch.save`` or a JAX checkpointer
         stores them as they are. The arrays are shared, not copied; ``RunningEstimate``
         never writes into them (copy them before modifying them in place). The ``KronInfo``
         diagnostics of the last update are not part of the state.
@@ -444,7 +514,7 @@ class RunningEstimate:
         >>> bool(np.array_equal(restored.estimate.to_dense(), run.estimate.to_dense()))
         True
         """
-        return {
+        state = {
             "estimator": self._estimator,
             "decay": self._decay,
             "update_every": self._update_every,
@@ -455,6 +525,9 @@ class RunningEstimate:
             "right": self._right,
             "scale": self._scale,
         }
+        if self._estimator == "ekfac":
+            state.update(basis_every=self._basis_every, U=self._U, V=self._V, S=self._S)
+        return state
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore a :meth:`state_dict`; continuing the stream then gives identical results.
@@ -468,12 +541,15 @@ class RunningEstimate:
         """
         if not isinstance(state, Mapping):
             raise TypeError(f"state must be a mapping (a state_dict), got {type(state).__name__}")
-        missing = [k for k in _STATE_KEYS if k not in state]
-        extra = sorted(str(k) for k in state if k not in _STATE_KEYS)
+        keys = _STATE_KEYS + (_EKFAC_KEYS if self._estimator == "ekfac" else ())
+        missing = [k for k in keys if k not in state]
+        extra = sorted(str(k) for k in state if k not in keys)
         if missing or extra:
             raise ValueError(f"state has missing keys {missing} and unexpected keys {extra}")
         mine = {"estimator": self._estimator, "decay": self._decay,
                 "update_every": self._update_every, "bias_correction": self._bias_correction}
+        if self._estimator == "ekfac":
+            mine["basis_every"] = self._basis_every
         for key, value in mine.items():
             if state[key] != value or type(state[key]) is bool and type(value) is not bool:
                 raise ValueError(
@@ -491,34 +567,46 @@ class RunningEstimate:
                 f"update_every = {self._update_every} (expected {expected})"
             )
         left, right, scale = state["left"], state["right"], state["scale"]
+        extra_arrays = {k: state[k] for k in ("U", "V", "S")} if self._estimator == "ekfac" else {}
         if t == 0:
-            if not (left is None and right is None and scale is None):
-                raise ValueError("state with num_updates = 0 must have left, right and scale None")
+            if not (left is None and right is None and scale is None
+                    and all(v is None for v in extra_arrays.values())):
+                raise ValueError("state with num_updates = 0 must have left, right and scale "
+                                 f"{'(and U, V, S) ' if extra_arrays else ''}None")
             self._clear()
             self._step = step
             return
-        for key, v in (("left", left), ("right", right), ("scale", scale)):
+        arrays = {"left": left, "right": right, "scale": scale, **extra_arrays}
+        for key, v in arrays.items():
             if not is_array(v):
                 raise TypeError(f"state[{key!r}] must be an array, got {type(v).__name__}")
         try:
-            xp = namespace(left, right, scale)
+            xp = namespace(*arrays.values())
         except TypeError:
-            raise TypeError("state['left'], state['right'] and state['scale'] must be arrays "
-                            "of one library") from None
+            raise TypeError(f"state arrays {list(arrays)} must be arrays of one library") from None
         for key, v, nd in (("left", left, 2), ("right", right, 2), ("scale", scale, 0)):
             if not xp.isdtype(v.dtype, "real floating"):
                 raise TypeError(f"state[{key!r}] must have a real floating dtype, got {v.dtype}")
             if v.ndim != nd or (nd == 2 and (v.shape[0] != v.shape[1] or v.shape[0] == 0)):
                 what = "(m, m)" if key == "left" else "(n, n)" if key == "right" else "() (0-d)"
                 raise ValueError(f"state[{key!r}] must have shape {what}, got {tuple(v.shape)}")
-        if not (left.dtype == right.dtype == scale.dtype):
-            raise TypeError(f"state arrays must share one dtype, got left {left.dtype}, "
-                            f"right {right.dtype}, scale {scale.dtype}")
-        for key, v in (("left", left), ("right", right), ("scale", scale)):
+        if extra_arrays:
+            m, n = int(left.shape[0]), int(right.shape[0])
+            for key, want in (("U", (m, m)), ("V", (n, n)), ("S", (m, n))):
+                v = extra_arrays[key]
+                if tuple(v.shape) != want:
+                    raise ValueError(f"state[{key!r}] must have shape {want} to match left "
+                                     f"({m}, {m}) and right ({n}, {n}), got {tuple(v.shape)}")
+        if len({v.dtype for v in arrays.values()}) != 1:
+            got = ", ".join(f"{k} {v.dtype}" for k, v in arrays.items())
+            raise TypeError(f"state arrays must share one dtype, got {got}")
+        for key, v in arrays.items():
             check_finite_values(xp, v, f"state[{key!r}]")
         self._clear()
         self._step, self._num_updates = step, t
         self._left, self._right, self._scale, self._xp = left, right, scale, xp
+        if extra_arrays:
+            self._U, self._V, self._S = extra_arrays["U"], extra_arrays["V"], extra_arrays["S"]
         self._info = KronInfo(method=f"running/{self._estimator}",
                               notes=("restored from a state_dict",))
 
@@ -532,7 +620,8 @@ class RunningEstimate:
             if key not in state:
                 raise ValueError(f"state has no key {key!r}")
         out = cls(state["estimator"], state["decay"], update_every=state["update_every"],
-                  bias_correction=state["bias_correction"], kfoc_options=kfoc_options)
+                  bias_correction=state["bias_correction"], kfoc_options=kfoc_options,
+                  basis_every=state.get("basis_every") if state["estimator"] == "ekfac" else None)
         out.load_state_dict(state)
         return out
 

@@ -113,3 +113,15 @@ def test_kfoc_vs_peers_runs_on_a_few_samples(tmp_path):
     assert len(records) == 7  # 4 MLP and 3 CNN layers
     for r in records:
         assert r["kfoc_gap"] <= 1e-8 and r["authors-power_gap"] <= 1e-6 and r["scipy-svds_gap"] <= 1e-8, r
+
+
+def test_ekfac_report_quick_runs(tmp_path):
+    """benchmarks/ekfac_report.py (the table in docs/ekfac.md) on small sizes."""
+    out = tmp_path / "ekfac.json"
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "ekfac_report.py"), "--quick",
+                           "--rounds", "1", "--json", str(out)], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    records = json.loads(out.read_text())["records"]
+    assert {r["case"] for r in records} == {"outer", "conv"}
+    assert all(r["ekfac_cpu_s"] > 0 and r["kfac_cpu_s"] > 0 for r in records)
+    assert "| case | shape | kfac |" in proc.stdout
