@@ -2,12 +2,14 @@ r"""Exact approximation errors ``‖F − Σ_r s_r L_r ⊗ R_r‖_F`` without fo
 
 from __future__ import annotations
 
+import math
 import warnings
 from typing import Any
 
 from ._closed_forms import _require_sum
-from ._compat import Array, namespace
-from ._sum import KronSum
+from ._compat import Array, device_of, host_vector, namespace, to_float
+from ._sum import KronSum, _ldexp1, times_scale
+from ._validation import check_in_range
 
 __all__ = ["frobenius_error", "AccuracyWarning"]
 
@@ -47,6 +49,9 @@ def frobenius_error(F: KronSum, approx: Any, relative: bool = False, *, method: 
         With factor sizes matching F's ``m`` and ``n``.
     relative : bool
         Return ``‖F − approx‖ / ‖F‖`` (for a zero F: 0 if ``approx`` is zero, ``inf`` otherwise).
+        F and ``approx`` may have any magnitude the dtype holds (their inputs are rescaled by
+        powers of two first); ``OverflowError`` when the absolute error itself is beyond the
+        dtype's range. NaN or infinity in ``approx`` propagates to the result.
     method : {"auto", "direct", "gram"}
 
     Returns
@@ -76,12 +81,23 @@ def frobenius_error(F: KronSum, approx: Any, relative: bool = False, *, method: 
         )
     xp = namespace(F.weights, Ls, names=("F", "approx"))
     dtype = F.dtype
-    Fn, (cw, cl, cr) = F.normalized()
-    c = cw * (cl * cr)
+    Fn, ew, el, er = F._normalized()
     lmax, rmax = _max_abs(Ls, xp), _max_abs(Rs, xp)
     Ls = xp.astype(Ls, dtype) / lmax[:, None, None]
     Rs = xp.astype(Rs, dtype) / rmax[:, None, None]
-    s = (xp.astype(s, dtype) / c) * lmax * rmax
+    # F = 2^E F̃ and approx = Σ_r s_r l_r r_r (unit-max factors): both in units of 2^ref, the
+    # larger of the two magnitudes, with exponents kept exact on the host so that neither
+    # opposite scales nor an F (or approx) beyond float64's range make 0/0 or inf/inf
+    r = int(s.shape[0])
+    mags = host_vector(xp.concat([xp.astype(s, dtype), xp.astype(lmax, dtype), xp.astype(rmax, dtype)]))
+    terms = [math.frexp(mags[i]) + math.frexp(mags[r + i]) + math.frexp(mags[2 * r + i])
+             for i in range(r)]
+    exps = [t[1] + t[3] + t[5] for t in terms if t[0] != 0]
+    E = ew + el + er
+    ref = max([E] + exps)
+    Fn = Fn.scaled(_ldexp1(E - ref))
+    s = xp.asarray([math.ldexp(t[0] * t[2] * t[4], t[1] + t[3] + t[5] - ref) for t in terms],
+                   dtype=dtype, device=device_of(F.weights))
 
     m, n, K = F.m, F.n, F.num_terms
     flops = K * m * m * n * n
@@ -104,7 +120,16 @@ def frobenius_error(F: KronSum, approx: Any, relative: bool = False, *, method: 
         safe = xp.where(f2 > 0, f2, xp.ones_like(f2))
         rel = xp.sqrt(e2 / safe)
         return xp.where(f2 > 0, rel, xp.where(e2 > 0, xp.full_like(rel, float("inf")), rel))
-    return c * xp.sqrt(e2)
+    err = xp.sqrt(e2)
+    v = to_float(err)
+    if math.isnan(v) or not all(math.isfinite(t) for t in mags):  # NaN/inf in approx propagate
+        return err
+    if v != 0:
+        mant, e = math.frexp(v)
+        check_in_range(math.inf if e + ref > 1100 else math.ldexp(mant, e + ref),
+                       "‖F − approx‖_F", xp, dtype)
+    return times_scale(err, _ldexp1(ref)) if -1022 <= ref <= 1023 else \
+        times_scale(times_scale(err, _ldexp1(ref // 2)), _ldexp1(ref - ref // 2))
 
 
 def _direct(Fn: KronSum, s: Array, Ls: Array, Rs: Array):

@@ -42,7 +42,8 @@ from ._compat import (Array, all_finite, counted, device_of, eye_like, fro_norm,
 from ._config import get_config
 from ._kron import Kron, KronInfo
 from ._stopping import gap_bound
-from ._sum import KronSum
+from ._sum import KronSum, times_scale
+from ._validation import check_in_range, check_int, check_real, check_seed, underflow_notes
 
 __all__ = ["kfoc"]
 
@@ -299,6 +300,18 @@ def kfoc(
         a zero sum gives ``scale = 0`` with identity-shaped factors; ``σ₁ = σ₂`` (the optimum
         is not unique) is noted and a finite optimal answer is still returned.
 
+    Raises
+    ------
+    OverflowError
+        When σ₁ (about ‖F‖) is beyond the range of the dtype (e.g. ``G·1e150`` with
+        ``A·1e150`` in float64, ``1e20`` in float32). Inputs of any magnitude whose F fits,
+        including opposite scales that cancel (``G·1e200`` with ``A/1e200``), give finite
+        answers; a σ₁ below the smallest normal number is noted in ``info.notes``.
+    ValueError
+        When NaN or infinity reaches the iterates (statistics built with
+        ``check_finite=False``), and for options out of range; ``TypeError`` for options of
+        the wrong kind (``tol``, ``accuracy`` and ``max_iter`` take numbers, not ``bool``).
+
     Notes
     -----
     On accelerators the ``gram`` solver reads its convergence scalars every few steps
@@ -332,15 +345,13 @@ def kfoc(
         accuracy = _default_accuracy(xp, F.dtype)
     if tol is None:
         tol = _default_tol(xp, F.dtype)
-    if isinstance(tol, bool) or not (isinstance(tol, (int, float)) and tol > 0):
-        raise ValueError(f"tol must be a positive number, got {tol!r}")
-    if accuracy is not None and (isinstance(accuracy, bool) or not (
-            isinstance(accuracy, (int, float)) and 0 < accuracy < math.inf)):
-        raise ValueError(f"accuracy must be a positive number, got {accuracy!r}")
+    tol = check_real(tol, "tol", positive=True)
+    if accuracy is not None:
+        accuracy = check_real(accuracy, "accuracy", positive=True)
     if max_iter is None:
         max_iter = 5000 if method == "power" else 500
-    if not (isinstance(max_iter, int) and max_iter >= 1):
-        raise ValueError(f"max_iter must be a positive integer, got {max_iter!r}")
+    max_iter = check_int(max_iter, "max_iter", minimum=1)
+    seed = check_seed(seed)
     if isinstance(init, Kron):
         if (init.m, init.n) != (F.m, F.n):
             raise ValueError(
@@ -374,7 +385,10 @@ def kfoc(
             space = _operator_space(Fn, side, keep_aux=method == "lanczos" and _aux_fits(Fn, side))
             x, its, conv, res, s2 = solver(space, x0, stop, max_iter)
             L, R, sigma, notes = _finish(Fn, x, side, space.result_aux)
+            if s2 is None and conv and method == "power":  # σ₂ for the tie note below
+                s2 = _deflated_top(space, x, space.M(x), seed=[0x5EED, 2])[0]  # not init's stream
     sig1 = to_float(sigma)
+    check_in_range(sig1 * c, "kfoc's scale σ₁ (the largest singular value of 𝓡(F))", xp, F.dtype)
     # a start that is an eigenvector of a smaller singular value (Krylov then sees nothing
     # else; the deflated probe finds the larger one) or orthogonal to the optimum (a zero
     # answer from a non-zero sum): solve again from a random start
@@ -399,7 +413,8 @@ def kfoc(
     if s2 is not None and sig1 > 0 and s2 >= sig1 * (1 - math.sqrt(xp.finfo(F.dtype).eps)):
         notes = notes + ("sigma1 == sigma2 to working precision: the optimum is not unique; "
                          "one optimal pair is returned",)
-    return _new_kron(L, R, sigma * c, KronInfo(
+    notes = notes + underflow_notes(sig1, c, "sigma1", xp, F.dtype)
+    return _new_kron(L, R, times_scale(sigma, c), KronInfo(
         sigma1=sig1 * c, sigma2=None if s2 is None else s2 * c, notes=notes, **info), xp)
 
 
@@ -1049,7 +1064,7 @@ def _lanczos_numba(space: _Space, SP, SQ, w, x0, stop: _Stop, max_iter, eps):
     return x, int(its), bool(conv), float(res), (None if s2 < 0 else float(s2))
 
 
-def _deflated_top(space: _Space, x, Mx, theta1: float | None = None, steps: int = 4):
+def _deflated_top(space: _Space, x, Mx, theta1: float | None = None, steps: int = 4, seed=0):
     """sqrt of the top eigenvalue of the operator deflated by ``x``, by a few Lanczos steps.
 
     ``theta1`` is the operator's top eigenvalue (σ₁² in the space's units; computed as the
@@ -1066,7 +1081,7 @@ def _deflated_top(space: _Space, x, Mx, theta1: float | None = None, steps: int 
     if theta1 is None:
         theta1 = to_float(space.dot(space.apply(x), Mx))
     floor = 64 * eps * abs(theta1)
-    q = space.random_like(x, 0, symmetric=True)
+    q = space.random_like(x, seed, symmetric=True)
     q = q - space.dot(q, Mx) * x
     nq = space.norm(q)
     if not bool(nq > 0):

@@ -38,7 +38,6 @@ into noise.
 from __future__ import annotations
 
 import math
-import numbers
 from typing import Any
 
 import numpy as np
@@ -48,7 +47,8 @@ from ._compat import (Array, counted, device_of, fro_norm, host_floats, is_array
                       symmetrize, to_float, trace)
 from ._kfoc import _KRYLOV_DIM, _Space, _default_tol, _initial, _operator_space, choose_method
 from ._kron import Kron, KronInfo
-from ._sum import KronSum
+from ._sum import KronSum, times_scale
+from ._validation import check_in_range, check_int, check_real, check_seed
 
 __all__ = ["kronecker_svd", "KronSVD"]
 
@@ -186,9 +186,9 @@ class KronSVD:
 
         ``info.sigma2`` becomes σ_{rank+1} (exact from the kept values when ``rank < r``).
         """
-        if isinstance(rank, bool) or not isinstance(rank, numbers.Integral) or not 1 <= rank <= self.rank:
+        rank = check_int(rank, "rank")
+        if not 1 <= rank <= self.rank:
             raise ValueError(f"rank must be an integer between 1 and {self.rank}, got {rank!r}")
-        rank = int(rank)
         nxt = self.info.sigma2 if rank == self.rank else to_float(self.singular_values[rank])
         info = KronInfo(method=self.info.method, iterations=self.info.iterations,
                         converged=self.info.converged, sigma1=self.info.sigma1, sigma2=nxt,
@@ -318,12 +318,8 @@ class KronSVD:
         xp = self._xp
         if tol is None:
             tol = _default_tol(xp, self.dtype)
-        if not (isinstance(tol, (int, float)) and not isinstance(tol, bool) and tol > 0):
-            raise ValueError(f"tol must be a positive number, got {tol!r}")
-        if max_iter is None:
-            max_iter = 500
-        if isinstance(max_iter, bool) or not isinstance(max_iter, int) or max_iter < 1:
-            raise ValueError(f"max_iter must be a positive integer, got {max_iter!r}")
+        tol = check_real(tol, "tol", positive=True)
+        max_iter = check_int(500 if max_iter is None else max_iter, "max_iter", minimum=1)
         lead = self._lead_inverse(lam, damping_method)
         notes: list[str] = list(lead[1]) if lead[0] is not None else [lead[1]]
         inv1 = lead[0]
@@ -686,12 +682,12 @@ def kronecker_svd(F: KronSum, rank: int = 1, *, method: str = "auto", tol: float
     F = _require_sum(F, "kronecker_svd")
     m, n = F.m, F.n
     rmax = min(m * m, n * n)
-    if isinstance(rank, bool) or not isinstance(rank, numbers.Integral) or not 1 <= rank <= rmax:
+    rank = check_int(rank, "rank")
+    if not 1 <= rank <= rmax:
         raise ValueError(
             f"rank must be an integer with 1 <= rank <= min(m², n²) = min({m * m}, {n * n}) = "
             f"{rmax} for factors of sizes m={m}, n={n}; got {rank!r}"
         )
-    rank = int(rank)
     if method not in _METHODS:
         raise ValueError(f"method must be one of {_METHODS}, got {method!r}")
     F = F._outer_positions()  # T = 1 conv parts: outer parts, the same F
@@ -699,13 +695,11 @@ def kronecker_svd(F: KronSum, rank: int = 1, *, method: str = "auto", tol: float
     xp = F.xp
     if tol is None:
         tol = _default_tol(xp, F.dtype)
-    if isinstance(tol, bool) or not (isinstance(tol, (int, float)) and tol > 0):
-        raise ValueError(f"tol must be a positive number, got {tol!r}")
+    tol = check_real(tol, "tol", positive=True)
     if max_iter is None:
         max_iter = max(500, 100 * rank)
-    if isinstance(max_iter, bool) or not (isinstance(max_iter, int) and max_iter >= 1):
-        raise ValueError(f"max_iter must be a positive integer, got {max_iter!r}")
-    rng = np.random.default_rng(0 if seed is None else seed)
+    max_iter = check_int(max_iter, "max_iter", minimum=1)
+    rng = np.random.default_rng(0 if check_seed(seed) is None else seed)
 
     Fn, (cw, cl, cr) = F.normalized()
     Fn = Fn.persisted()
@@ -780,10 +774,11 @@ def kronecker_svd(F: KronSum, rank: int = 1, *, method: str = "auto", tol: float
         notes.append("zero sum (sigma1 = 0): the estimate is zero")
     if not conv:
         notes.append(f"not converged: residual {res:.3g} > tol {tol:.3g} after {its} applications")
+    check_in_range(s1 * c, "kronecker_svd's σ₁", xp, F.dtype)
     s_next = None if theta_next is None else math.sqrt(max(theta_next, 0.0)) * c
     info = KronInfo(method=f"kronsvd/{method}", iterations=its, converged=conv,
                     sigma1=s1 * c, sigma2=s_next, residual=res, notes=tuple(notes))
-    sv = xp.stack(sig) * c
+    sv = times_scale(xp.stack(sig), c)
     return KronSVD(sv, xp.stack(Ls), xp.stack(Rs), info=info, total_norm=math.sqrt(f2) * c)
 
 

@@ -394,10 +394,13 @@ def test_gram_solver_certifies_its_bound():
 
 def test_accuracy_and_tol_are_validated():
     F = ks.KronSum.from_outer(np.ones((3, 2)), np.ones((3, 2)))
-    for bad in (0, -1e-3, float("inf"), float("nan"), True, "1e-8"):
+    for bad in (0, -1e-3, float("inf"), float("nan")):
         with pytest.raises(ValueError, match="accuracy"):
             ks.kfoc(F, accuracy=bad)
-    with pytest.raises(ValueError, match="tol"):
+    for bad in (True, "1e-8", 1j):  # the wrong kind: TypeError
+        with pytest.raises(TypeError, match="accuracy"):
+            ks.kfoc(F, accuracy=bad)
+    with pytest.raises(TypeError, match="tol"):
         ks.kfoc(F, tol=True)
 
 

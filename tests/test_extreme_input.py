@@ -1,0 +1,207 @@
+"""Bad and extreme input: clear errors naming the argument, and finite answers over the whole
+range of the dtype (opposite scales that cancel, entries near the largest or the smallest
+number), or an OverflowError when the answer itself does not fit."""
+
+import math
+
+import numpy as np
+import pytest
+
+import kronsum as ks
+
+
+def _outer(seed=0, K=9, m=3, n=4):
+    rng = np.random.default_rng(seed)
+    return rng.standard_normal((K, m)), rng.standard_normal((K, n))
+
+
+# -- Kron(scale=...) -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("bad, kind", [
+    (None, TypeError), (1 + 2j, TypeError), ("x", TypeError), (True, TypeError),
+    (np.array([1.0, 2.0]), ValueError), (np.array([1 + 1j]), TypeError),
+])
+def test_kron_scale_is_validated(bad, kind):
+    with pytest.raises(kind, match="scale"):
+        ks.Kron(np.eye(2), np.eye(3), scale=bad)
+
+
+def test_kron_scale_of_another_library_is_named():
+    torch = pytest.importorskip("torch")
+    with pytest.raises(TypeError, match=r"scale .*torch"):
+        ks.Kron(np.eye(2), np.eye(3), scale=torch.tensor(2.0))
+
+
+def test_kron_scale_accepts_numbers_and_one_entry_arrays():
+    for good in (2, 2.0, np.float32(2.0), np.int64(2), np.array(2.0), np.array([2.0]), np.array(2)):
+        K = ks.Kron(np.eye(2), np.eye(3), scale=good)
+        assert K.scale.shape == () and float(K.scale) == 2.0 and K.scale.dtype == np.float64
+
+
+# -- opposite scales that cancel, and inputs at the ends of the range -----------------------
+
+
+@pytest.mark.parametrize("cg, ca", [(1e200, 1e-200), (1e-200, 1e200), (2.0**1000, 2.0**-1000)])
+def test_cancelling_scales_match_the_unscaled_problem(cg, ca):
+    G, A = _outer()
+    F0 = ks.KronSum.from_outer(G, A)
+    F = ks.KronSum.from_outer(G * cg, A * ca)  # the same F up to rounding of the products
+    for name in ("kfoc", "tkfac", "nearest_kronecker"):
+        got, want = getattr(ks, name)(F), getattr(ks, name)(F0)
+        assert np.isfinite(float(got.scale)), name
+        np.testing.assert_allclose(got.to_dense(), want.to_dense(), rtol=1e-9, atol=1e-9 * float(want.scale))
+    assert math.isclose(float(F.trace()), float(F0.trace()), rel_tol=1e-12)
+    assert math.isclose(float(F.frobenius_norm()), float(F0.frobenius_norm()), rel_tol=1e-12)
+    est = ks.kfac(F0)
+    assert math.isclose(float(ks.frobenius_error(F, est)), float(ks.frobenius_error(F0, est)), rel_tol=1e-9)
+    # kfac's own factors (means of the statistics) do not fit: a clear error, not NaN
+    with pytest.raises(OverflowError, match="kfac's (left|right) factor"):
+        ks.kfac(F)
+
+
+def test_frobenius_error_of_an_underflowing_sum_is_finite():
+    G, A = _outer()
+    F = ks.KronSum.from_outer(G * 1e-300, A)  # entries ~1e-600: zero in float64
+    est = ks.kfoc(F)
+    assert float(est.scale) == 0.0 and est.info.degenerate
+    for rel in (False, True):
+        assert np.isfinite(float(ks.frobenius_error(F, est, relative=rel)))
+    # a representable but tiny F: the relative error is that of the unscaled problem
+    F2, F0 = ks.KronSum.from_outer(G * 1e-150, A * 1e-10), ks.KronSum.from_outer(G, A)
+    assert math.isclose(float(ks.frobenius_error(F2, ks.kfoc(F2), relative=True)),
+                        float(ks.frobenius_error(F0, ks.kfoc(F0), relative=True)), rel_tol=1e-6)
+
+
+@pytest.mark.parametrize("dtype, big", [(np.float64, 1e150), (np.float32, 1e20)])
+def test_a_sum_beyond_the_range_raises_overflow_error(dtype, big):
+    G, A = _outer()
+    F = ks.KronSum.from_outer((G * big).astype(dtype), (A * big).astype(dtype))
+    for call in (ks.kfoc, ks.tkfac, ks.nearest_kronecker, lambda F: F.trace(), lambda F: F.frobenius_norm(),
+                 lambda F: ks.kfoc(F, method="power"), lambda F: ks.kfoc(F, method="lanczos")):
+        with pytest.raises(OverflowError, match="beyond the range of float"):
+            call(F)
+
+
+@pytest.mark.parametrize("G, A, w", [
+    ([[1e308]], [[1e-300]], None),                      # largest entry ≥ 2^1023
+    ([[2.0**1023, -2.0**1022]], [[2.0**-1000, 2.0**-1001]], None),
+    (None, None, 1e308),                                 # huge weights with small G
+])
+def test_largest_entries_near_the_top_of_the_range(G, A, w):
+    if G is None:
+        G0, A0 = _outer()
+        G, A, w = G0 * 1e-100, A0, np.full(G0.shape[0], w)
+        F0 = ks.KronSum.from_outer(G0, A0)
+        factor = 1e308 * 1e-200
+    else:
+        G, A = np.array(G), np.array(A)
+        F0 = ks.KronSum.from_outer(G / 2.0**500 if G.max() > 1e300 else G, A * 2.0**500 if G.max() > 1e300 else A)
+        factor = 1.0
+    F = ks.KronSum.from_outer(G, A, w)
+    for name in ("kfoc", "tkfac", "nearest_kronecker"):
+        got, want = getattr(ks, name)(F), getattr(ks, name)(F0)
+        assert math.isclose(float(got.scale), factor * float(want.scale), rel_tol=1e-9), name
+    assert math.isclose(float(F.trace()), factor * float(F0.trace()), rel_tol=1e-12)
+
+
+def test_infinite_or_nan_factor_of_a_sum_is_refused():
+    F = ks.KronSum.from_outer(*_outer())
+    for bad in (float("inf"), float("nan"), -1.0):
+        with pytest.raises(ValueError, match="c·F"):
+            bad * F
+    with pytest.raises(TypeError, match="c·F"):
+        F.scaled("2")
+    assert np.allclose((np.float32(2.0) * F).to_dense(), 2 * F.to_dense())
+
+
+# -- notes of degenerate cases ---------------------------------------------------------------
+
+
+def _tied_sum():
+    """σ1 = σ2 = 1 > σ3 = 0: two orthonormal Kronecker terms of equal weight."""
+    L = np.stack([np.diag([1.0, 0.0]), np.diag([0.0, 1.0])])
+    R = np.stack([np.diag([1.0, 0.0, 0.0]), np.array([[0, 1, 0], [1, 0, 0], [0, 0, 0]]) / np.sqrt(2)])
+    return ks.KronSum.from_terms(L, R)
+
+
+@pytest.mark.parametrize("call", [
+    lambda F: ks.kfoc(F, method="power", init="random", seed=0),
+    lambda F: ks.kfoc(F, method="power"),
+    lambda F: ks.nearest_kronecker(F),
+], ids=["power-random", "power", "svd"])
+def test_ties_are_noted(call):
+    est = call(_tied_sum())
+    assert any("sigma1 == sigma2" in note for note in est.info.notes), est.info.notes
+    assert math.isclose(float(est.scale), 1.0, rel_tol=1e-8)
+
+
+def test_kfac_of_zero_statistics_with_weights_is_noted():
+    for G, A in ((np.zeros((3, 2)), np.ones((3, 2))), (np.ones((3, 2)), np.zeros((3, 2)))):
+        est = ks.kfac(ks.KronSum.from_outer(G, A))
+        assert est.info.degenerate and "statistics are all zero" in est.info.notes[0]
+        assert np.all(est.to_dense() == 0)
+
+
+# -- errors that name the argument -----------------------------------------------------------
+
+
+def test_errors_name_the_argument():
+    G, A = _outer()
+    F = ks.KronSum.from_outer(G, A)
+    with pytest.raises(TypeError, match="from_kron takes a kronsum.Kron"):
+        ks.KronSum.from_kron(np.eye(3))
+    with pytest.raises(TypeError, match="seed"):
+        ks.kfoc(F, init="random", seed="x")
+    with pytest.raises(ValueError, match="seed"):
+        ks.kfoc(F, init="random", seed=-1)
+    with pytest.raises(TypeError, match=r"weights must be real numbers, got 'a'"):
+        ks.KronSum.from_outer(G, A, ["a"] * 9)
+    with pytest.raises(TypeError, match=r"weights must be real numbers, got None"):
+        ks.KronSum.from_outer(G, A, [None] * 9)
+    with pytest.raises(TypeError, match=r"G must have a real floating dtype.*non-numeric dtype object"):
+        ks.KronSum.from_outer(G.astype(object), A)
+    with pytest.raises(TypeError, match=r"G must have a real floating dtype.*boolean"):
+        ks.KronSum.from_outer(G > 0, A)
+
+
+@pytest.mark.parametrize("option, bad, kind", [
+    ("tol", True, TypeError), ("max_iter", True, TypeError), ("max_iter", 2.0, TypeError),
+    ("max_iter", 0, ValueError), ("tol", float("nan"), ValueError), ("tol", "1e-3", TypeError),
+    ("accuracy", False, TypeError), ("accuracy", float("inf"), ValueError),
+])
+def test_numeric_options_of_kfoc(option, bad, kind):
+    F = ks.KronSum.from_outer(*_outer())
+    with pytest.raises(kind, match=option):
+        ks.kfoc(F, **{option: bad})
+
+
+def test_numpy_integers_are_integers():
+    F = ks.KronSum.from_outer(*_outer())
+    assert ks.kfoc(F, max_iter=np.int64(50)).info.converged
+    assert ks.kronecker_svd(F, rank=np.int32(2), max_iter=np.int64(200)).rank == 2
+
+
+# -- streaming state ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("estimator", ["kfac", "kfoc_running", "kfoc_approx"])
+def test_state_dict_with_a_negative_scale_is_refused(estimator):
+    F = ks.KronSum.from_outer(*_outer())
+    run = ks.RunningEstimate(estimator)
+    run.update(F)
+    state = run.state_dict()
+    bad = dict(state, scale=-state["scale"])
+    with pytest.raises(ValueError, match=r"state\['scale'\] must be >= 0"):
+        ks.RunningEstimate.from_state_dict(bad)
+    fresh = ks.RunningEstimate(estimator)
+    with pytest.raises(ValueError, match=r"state\['scale'\]"):
+        fresh.load_state_dict(bad)
+    assert fresh.num_updates == 0 and fresh.step == 0  # refused: nothing restored
+
+
+def test_kfoc_options_are_checked_when_given():
+    for opts, kind in (({"tol": True}, TypeError), ({"max_iter": 0}, ValueError),
+                       ({"seed": "x"}, TypeError), ({"accuracy": -1.0}, ValueError)):
+        with pytest.raises(kind, match="kfoc_options"):
+            ks.RunningEstimate("kfoc_running", kfoc_options=opts)
