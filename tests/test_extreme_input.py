@@ -205,3 +205,35 @@ def test_kfoc_options_are_checked_when_given():
                        ({"seed": "x"}, TypeError), ({"accuracy": -1.0}, ValueError)):
         with pytest.raises(kind, match="kfoc_options"):
             ks.RunningEstimate("kfoc_running", kfoc_options=opts)
+
+
+# -- the PyTorch adapter's precondition --------------------------------------------------------
+
+
+def test_precondition_is_atomic_and_names_the_layer():
+    torch = pytest.importorskip("torch")
+    kt = pytest.importorskip("kronsum.adapters.torch")
+    nn = torch.nn
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2)).double()
+    X = torch.randn(8, 3, dtype=torch.float64)
+    net(X).square().sum().backward()
+    before = {k: p.grad.clone() for k, p in net.named_parameters()}
+    good = ks.Kron(torch.eye(4, dtype=torch.float64), torch.eye(4, dtype=torch.float64))
+    wrong_size = ks.Kron(torch.eye(3, dtype=torch.float64), torch.eye(3, dtype=torch.float64))
+    singular = ks.Kron(torch.zeros(2, 2, dtype=torch.float64), torch.eye(5, dtype=torch.float64))
+    for later, damping, kind, match in ((wrong_size, 0.1, ValueError, "layer '2'"),
+                                        (singular, 0.0, ValueError, "singular"),
+                                        ("not a Kron", 0.1, TypeError, r"estimates\['2'\]")):
+        with pytest.raises(kind, match=match):
+            kt.precondition(net, {"0": good, "2": later}, damping)
+        for k, p in net.named_parameters():  # the first layer was not rewritten either
+            assert torch.equal(p.grad, before[k]), k
+    with pytest.raises(ValueError, match=r"layer '1' \(ReLU\) has no weight"):
+        kt.precondition(net, {"0": good, "1": good}, 0.1)
+    with pytest.raises(ValueError, match="no submodule 'x'"):
+        kt.precondition(net, {"x": good}, 0.1)
+    with pytest.raises(TypeError, match="damping"):
+        kt.precondition(net, {"0": good}, "0.1")
+    for k, p in net.named_parameters():
+        assert torch.equal(p.grad, before[k]), k

@@ -423,6 +423,14 @@ def precondition(model: Any, estimates: Mapping[str, Kron], damping: float, *,
         Passed to ``Kron.solve`` (``"exact"``, ``"factored"``, ``"tkfac"``); without
         ``Kron.solve`` only ``"exact"``, by eigendecompositions of the factors.
 
+    Raises
+    ------
+    TypeError, ValueError
+        For an estimate that is not a :class:`~kronsum.Kron`, a name that is no submodule or
+        a layer without a weight, a missing gradient, mismatched sizes, a bad ``damping``, or
+        a damped matrix that cannot be solved. Every layer is checked and solved before any
+        gradient is written, so an error leaves all gradients as they were.
+
     Examples
     --------
     >>> import pytest; torch = pytest.importorskip("torch")
@@ -437,15 +445,35 @@ def precondition(model: Any, estimates: Mapping[str, Kron], damping: float, *,
     (torch.Size([2, 3]), torch.Size([2]))
     """
     _require_torch()
+    if not isinstance(estimates, Mapping):
+        raise TypeError(
+            f"estimates must be a mapping of layer names to Kron estimates, got {type(estimates).__name__}"
+        )
+    from .._validation import check_real
+
+    check_real(damping, "damping", minimum=0.0, array_ok=True)
+    # every check and every solve first, the writes last: a bad estimate of any layer leaves
+    # all gradients as they were
+    plans = []
     for name, est in estimates.items():
         if not isinstance(est, Kron):
             raise TypeError(
                 f"estimates[{name!r}] must be a Kron (e.g. kronsum.kfac(F)), got {type(est).__name__}"
             )
-        mod = model.get_submodule(name)
-        W, b = mod.weight, getattr(mod, "bias", None)
+        try:
+            mod = model.get_submodule(name)
+        except AttributeError:
+            raise ValueError(f"estimates[{name!r}]: the model has no submodule {name!r}") from None
+        W, b = getattr(mod, "weight", None), getattr(mod, "bias", None)
+        if not isinstance(W, torch.Tensor):
+            raise ValueError(
+                f"estimates[{name!r}]: layer {name!r} ({type(mod).__name__}) has no weight tensor; "
+                f"precondition covers layers with a weight (e.g. Linear, Conv2d)"
+            )
         if W.grad is None:
             raise ValueError(f"layer {name!r} has no weight.grad: call loss.backward() first")
+        if b is not None and not isinstance(b, torch.Tensor):
+            b = None
         gw = W.grad.reshape(W.shape[0], -1)
         cols = gw.shape[1]
         if b is not None:
@@ -458,8 +486,10 @@ def precondition(model: Any, estimates: Mapping[str, Kron], damping: float, *,
                 f"layer {name!r}: the estimate is for a ({est.m}, {est.n}) weight, the gradient "
                 f"(with bias column) is {tuple(V.shape)}"
             )
-        P = _solve(est, V.to(est.dtype), damping, method)
-        with torch.no_grad():
+        plans.append((W, b, cols, est, V))
+    solved = [(W, b, cols, _solve(est, V.to(est.dtype), damping, method)) for W, b, cols, est, V in plans]
+    with torch.no_grad():
+        for W, b, cols, P in solved:
             W.grad.copy_(P[:, :cols].reshape(W.shape))
             if b is not None:
                 if b.grad is None:
