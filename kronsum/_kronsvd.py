@@ -38,6 +38,7 @@ into noise.
 from __future__ import annotations
 
 import math
+from collections import OrderedDict
 from typing import Any
 
 import numpy as np
@@ -55,6 +56,7 @@ __all__ = ["kronecker_svd", "KronSVD"]
 _METHODS = ("auto", "gram", "lanczos")
 _SOLVE_METHODS = ("auto", "exact", "cg")
 _DAMPINGS = ("exact", "factored")
+_CACHE_SIZE = 8  # damped inverses (and rank-2 diagonalisations) kept per KronSVD
 
 
 # -- the result ----------------------------------------------------------------------------
@@ -123,7 +125,10 @@ class KronSVD:
         self.rights = rights
         self.info = info if info is not None else KronInfo(method="user")
         self.total_norm = total_norm
-        self._cache: dict = {}
+        # per (kind, damping, damping_method): the last _CACHE_SIZE used; the leading term's
+        # eigendecomposition is kept once and serves every damping
+        self._cache: OrderedDict = OrderedDict()
+        self._lead_eig = None
 
     # -- shape ---------------------------------------------------------------------------
     @property
@@ -268,7 +273,9 @@ class KronSVD:
                      truncated sum need not be PSD; raise the damping).
         ``"auto"``   ``"exact"`` where it is exact (r = 1; r = 2 as above), else ``"cg"``.
 
-        The decompositions are cached per ``(damping, damping_method)`` on this object.
+        The leading term's eigendecompositions are computed once and reused for every
+        damping; the damped inverses (and the rank-2 diagonalisations, which depend on the
+        damping) are cached for the last 8 ``(damping, damping_method)`` pairs used.
 
         Parameters
         ----------
@@ -361,18 +368,40 @@ class KronSVD:
             )
         return (X, info) if return_info else X
 
-    def _lead_inverse(self, lam: float, damping_method: str):
-        """``(KronInverse of the damped leading term, notes)`` or ``(None, reason)``; cached."""
-        key = ("lead", lam, damping_method)
-        if key not in self._cache:
-            from ._inverse import KronInverse
+    def _cached(self, key, compute):
+        """``compute()`` cached under ``key``; the least recently used entry beyond
+        ``_CACHE_SIZE`` is dropped, so that many dampings do not grow the cache."""
+        if key in self._cache:
+            self._cache.move_to_end(key)
+            return self._cache[key]
+        out = compute()
+        self._cache[key] = out
+        while len(self._cache) > _CACHE_SIZE:
+            self._cache.popitem(last=False)
+        return out
 
+    def _lead_inverse(self, lam: float, damping_method: str):
+        """``(KronInverse of the damped leading term, notes)`` or ``(None, reason)``; cached.
+        The two eigendecompositions of the leading term are computed once for all dampings."""
+        from ._inverse import KronInverse, _Eig
+
+        if self._lead_eig is None:
             try:
-                inv = KronInverse(self.term(0), lam, damping_method)
-                self._cache[key] = (inv, tuple(inv.notes))
+                self._lead_eig = (_Eig(self.term(0), "the leading term"), None)
             except ValueError as exc:
-                self._cache[key] = (None, str(exc))
-        return self._cache[key]
+                self._lead_eig = (None, str(exc))
+        eig, why = self._lead_eig
+
+        def compute():
+            if eig is None:
+                return (None, why)
+            try:
+                inv = KronInverse._from_eig(eig, damping_method, lam)
+                return (inv, tuple(inv.notes))
+            except ValueError as exc:
+                return (None, str(exc))
+
+        return self._cached(("lead", lam, damping_method), compute)
 
     def _damped_lead_matvec(self, V, lam, damping_method, inv1):
         if inv1 is not None:
@@ -440,9 +469,10 @@ class KronSVD:
         (user-built terms) have no such diagonalisation: ``(False, reason)``. The route is
         checked once on a random right-hand side (:meth:`_residual`) before it is used.
         """
-        key = ("exact2", lam, damping_method)
-        if key in self._cache:
-            return self._cache[key]
+        return self._cached(("exact2", lam, damping_method),
+                            lambda: self._exact2_compute(lam, damping_method, inv1))
+
+    def _exact2_compute(self, lam, damping_method, inv1):
         xp = self._xp
         if inv1 is None:
             out = (False, "the leading term is not symmetric positive semi-definite")
@@ -460,7 +490,6 @@ class KronSVD:
             if not ok:
                 out = (False, f"the whitened rank-2 solve failed its residual check on a random "
                               f"right-hand side (relative residual {res:.3g})")
-        self._cache[key] = out
         return out
 
     def _whitened2(self, inv1):

@@ -237,3 +237,30 @@ def test_precondition_is_atomic_and_names_the_layer():
         kt.precondition(net, {"0": good}, "0.1")
     for k, p in net.named_parameters():
         assert torch.equal(p.grad, before[k]), k
+
+
+# -- KronSVD's damped inverses over many dampings ------------------------------------------------
+
+
+def test_kronsvd_reuses_the_decomposition_and_bounds_its_cache(monkeypatch):
+    import gc
+
+    rng = np.random.default_rng(5)
+    F = ks.KronSum.from_outer(rng.standard_normal((40, 4)), rng.standard_normal((40, 5)))
+    V = rng.standard_normal((4, 5))
+    for rank in (1, 3):
+        B = ks.kronecker_svd(F, rank=rank)
+        calls = []
+        eigh = np.linalg.eigh
+        monkeypatch.setattr(np.linalg, "eigh", lambda *a, **k: calls.append(1) or eigh(*a, **k))
+        dampings = [10.0 ** (k / 10) for k in range(60)]
+        answers = [B.solve(V, lam) for lam in dampings]
+        monkeypatch.undo()
+        assert len(calls) <= 2, (rank, len(calls))  # the leading term's two decompositions, once
+        gc.collect()
+        alive = sum(isinstance(o, ks.KronInverse) for o in gc.get_objects())
+        assert alive <= 16, alive  # a bounded cache, not one entry per damping
+        # the cached route gives the answers of a fresh object
+        for lam, X in zip(dampings[::17], answers[::17]):
+            np.testing.assert_allclose(X, ks.kronecker_svd(F, rank=rank).solve(V, lam), rtol=1e-10, atol=1e-12)
+        del B, answers
