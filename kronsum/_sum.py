@@ -21,7 +21,7 @@ import math
 from typing import Any
 
 from ._accel import weighted_gram
-from ._compat import (Array, count, device_of, host_floats, is_dask_namespace, materialize, namespace,
+from ._compat import (Array, count, device_of, host_floats, is_dask_namespace, namespace, persist_all,
                       to_float, trace)
 from ._validation import (DEFAULT_MAX_ELEMENTS, check_array, check_dense_size, check_finite_values,
                           check_in_range, check_real, check_weights)
@@ -573,11 +573,14 @@ class KronSum:
                        A=g(self.A), symmetric=self.symmetric, _xp=xp)
 
     def persisted(self) -> "KronSum":
-        """The same sum with Dask inputs persisted (computed once, kept in memory or on the
-        workers of a ``distributed`` cluster); other backends are returned unchanged."""
+        """The same sum with Dask inputs persisted (computed once, in one pass, kept in memory
+        or on the workers of a ``distributed`` cluster, whatever their size, with their
+        chunks); other backends are returned unchanged."""
         if not is_dask_namespace(self._xp):
             return self
-        return self._map(materialize)
+        arrays = self._arrays() + ([self.weights] if self.form == "sum" else [])
+        done = dict(zip((id(a) for a in arrays), persist_all(*arrays)))
+        return self._map(lambda a: done[id(a)])
 
     def astype(self, dtype: Any) -> "KronSum":
         """The same sum with every input cast to ``dtype`` (a real floating dtype of its namespace)."""
