@@ -8,7 +8,7 @@ from ._closed_forms import _require_sum
 from ._compat import fro_norm, host_floats, symmetrize, trace
 from ._kron import Kron, KronInfo
 from ._sum import KronSum, times_scale
-from ._validation import DEFAULT_MAX_ELEMENTS, check_in_range, underflow_notes
+from ._validation import DEFAULT_MAX_ELEMENTS, check_in_range, check_int, underflow_notes
 
 __all__ = ["nearest_kronecker", "DEFAULT_MAX_ELEMENTS"]
 
@@ -59,6 +59,7 @@ def nearest_kronecker(F: KronSum, method: str = "svd", *, max_elements: int = DE
     if method != "svd":
         raise ValueError(f"method must be 'svd', got {method!r}")
     m, n = F.m, F.n
+    max_elements = check_int(max_elements, "max_elements", minimum=1)
     if m * m * n * n > max_elements:
         gib = m * m * n * n * 8 / 2**30
         raise ValueError(

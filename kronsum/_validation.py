@@ -70,6 +70,7 @@ DEFAULT_MAX_ELEMENTS = 2**26
 
 def check_dense_size(entries: int, what: str, max_elements: int) -> None:
     """``ValueError`` before allocating a dense ``what`` of ``entries`` numbers above the limit."""
+    max_elements = check_int(max_elements, "max_elements", minimum=1)
     if entries > max_elements:
         raise ValueError(
             f"{what} would have {entries:,} entries ({entries * 8 / 2**30:.1f} GiB in float64), "

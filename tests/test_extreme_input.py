@@ -258,9 +258,24 @@ def test_kronsvd_reuses_the_decomposition_and_bounds_its_cache(monkeypatch):
         monkeypatch.undo()
         assert len(calls) <= 2, (rank, len(calls))  # the leading term's two decompositions, once
         gc.collect()
-        alive = sum(isinstance(o, ks.KronInverse) for o in gc.get_objects())
+        alive = sum(type(o) is ks.KronInverse for o in gc.get_objects())
         assert alive <= 16, alive  # a bounded cache, not one entry per damping
         # the cached route gives the answers of a fresh object
         for lam, X in zip(dampings[::17], answers[::17]):
             np.testing.assert_allclose(X, ks.kronecker_svd(F, rank=rank).solve(V, lam), rtol=1e-10, atol=1e-12)
         del B, answers
+
+
+def test_other_numeric_options_share_the_validator():
+    F = ks.KronSum.from_outer(*_outer())
+    K = ks.kfac(F)
+    for call, name in ((lambda: F.to_dense(max_elements=True), "max_elements"),
+                       (lambda: ks.nearest_kronecker(F, max_elements="big"), "max_elements"),
+                       (lambda: K.sample(True, damping=0.1), "n"),
+                       (lambda: ks.kronecker_svd(F, rank=2).solve(np.ones((3, 4)), 0.1, max_iter=True), "max_iter"),
+                       (lambda: ks.set_config(check_every=2.0), "check_every")):
+        with pytest.raises(TypeError, match=name):
+            call()
+    with ks.config(check_every=np.int64(2)):
+        assert ks.get_config()["check_every"] == 2
+    assert F.to_dense(max_elements=np.int64(10**6)).shape == (12, 12)
