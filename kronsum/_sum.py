@@ -594,8 +594,8 @@ class KronSum:
         """``(F̃, (c_w, c_L, c_R))`` with ``F = c_w c_L c_R · F̃`` and inputs of F̃ of moderate size.
 
         ``c_w`` scales the weights, ``c_L`` the left terms (``c_G²`` for outer/conv) and ``c_R``
-        the right ones. Each input whose largest magnitude lies outside ``[2⁻³⁰, 2³⁰]`` is
-        divided by a power of two (exact, no rounding) to bring it near 1; inputs inside that
+        the right ones. Each input whose largest magnitude lies outside ``[2⁻³⁰, 2³⁰]``
+        (``[2⁻⁸, 2⁸]`` in float32) is divided by a power of two (exact, no rounding) to bring it near 1; inputs inside that
         range are used as they are, without a copy. The estimators work on F̃, so inputs
         scaled by 1e±150 give finite, correct answers. A zero input keeps the factor 1.
 
@@ -637,6 +637,9 @@ class KronSum:
 
 
 _POW2_RANGE = (2.0**-30, 2.0**30)
+# float32: the squared norm takes fourth powers of the entries times squared weights, which
+# leave float32's range (2¹²⁸) from entries of 2³⁰; entries within 2^±8 keep it inside
+_POW2_RANGE_32 = (2.0**-8, 2.0**8)
 
 
 def _sum_over(arrays):
@@ -731,8 +734,9 @@ def _pow2_exponents(arrays, xp: Any) -> list[int]:
     a largest entry of 2¹⁰²³ or a subnormal one). The maxima are read to the host together
     (one synchronisation on a GPU)."""
     out = []
-    for c in host_floats([xp.max(xp.abs(x)) for x in arrays]):
-        if c == 0.0 or _POW2_RANGE[0] <= c <= _POW2_RANGE[1] or not math.isfinite(c):
+    for x, c in zip(arrays, host_floats([xp.max(xp.abs(x)) for x in arrays])):
+        lo, hi = _POW2_RANGE if xp.finfo(x.dtype).bits >= 64 else _POW2_RANGE_32
+        if c == 0.0 or lo <= c <= hi or not math.isfinite(c):
             out.append(0)
         else:
             out.append(math.frexp(c)[1] - 1)

@@ -279,3 +279,13 @@ def test_other_numeric_options_share_the_validator():
     with ks.config(check_every=np.int64(2)):
         assert ks.get_config()["check_every"] == 2
     assert F.to_dense(max_elements=np.int64(10**6)).shape == (12, 12)
+
+
+def test_float32_norm_of_entries_inside_the_float64_window():
+    """Entries of 7e7 (inside the window float64 leaves unscaled) with weights of 2e3: the squared
+    norm's fourth powers leave float32's range although ‖F‖ ≈ 3e19 fits it."""
+    G, A, w = np.array([[-1.9256955]]), np.array([[7.1623944e7]]), np.array([1922.9741])
+    F64 = ks.KronSum.from_outer(G, A, w)
+    F32 = ks.KronSum.from_outer(G.astype(np.float32), A.astype(np.float32), w.astype(np.float32))
+    for f in (lambda F: F.frobenius_norm(), lambda F: F.trace(), lambda F: ks.kfoc(F).scale):
+        assert math.isclose(float(f(F32)), float(f(F64)), rel_tol=1e-5)
