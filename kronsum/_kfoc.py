@@ -365,6 +365,7 @@ def kfoc(
     if precision == "float64" and F.dtype != xp.float64:
         out = kfoc(F.astype(xp.float64), method=method, tol=tol, max_iter=max_iter,
                    init=init, seed=seed, accuracy=accuracy)
+        check_in_range(out.info.sigma1, "kfoc's scale σ₁ (the largest singular value of 𝓡(F))", xp, F.dtype)
         return _new_kron(xp.astype(out.left, F.dtype), xp.astype(out.right, F.dtype),
                          xp.astype(out.scale, F.dtype), out.info, xp)
     Fn, (cw, cl, cr) = F.normalized()

@@ -339,11 +339,13 @@ class RunningEstimate:
             ``F`` is not a :class:`KronSum`, or its library or dtype differs from the state's.
         ValueError
             Its factor sizes differ from the state's.
+        OverflowError
+            The estimate of this batch is beyond the range of the dtype (see the estimator).
+            A call that raises leaves the object as it was (its step count included).
         """
         self._check_batch(F)
-        apply = self._step % self._update_every == 0
-        self._step += 1
-        if not apply:
+        if self._step % self._update_every != 0:
+            self._step += 1
             return self.estimate
         t = self._num_updates + 1
         a, b = self.mixing_weights(t)
@@ -377,6 +379,9 @@ class RunningEstimate:
                 left = _mix(a, self._left, b, est.left, reuse_new=own)
                 right = _mix(a, self._right, b, est.right, reuse_new=own)
                 scale = a * self._scale + b * est.scale
+        # the estimate succeeded: only now is anything written (a failing batch leaves the
+        # object as it was, its step count included)
+        self._step += 1
         self._xp = F.xp
         self._left, self._right, self._scale = left, right, scale
         if a == 0.0:

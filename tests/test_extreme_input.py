@@ -289,3 +289,28 @@ def test_float32_norm_of_entries_inside_the_float64_window():
     F32 = ks.KronSum.from_outer(G.astype(np.float32), A.astype(np.float32), w.astype(np.float32))
     for f in (lambda F: F.frobenius_norm(), lambda F: F.trace(), lambda F: ks.kfoc(F).scale):
         assert math.isclose(float(f(F32)), float(f(F64)), rel_tol=1e-5)
+
+
+def test_kfoc_in_float64_of_a_float32_sum_beyond_float32():
+    G, A = _outer()
+    F = ks.KronSum.from_outer((G * 1e12).astype(np.float32), (A * 1e12).astype(np.float32))
+    with pytest.raises(OverflowError, match="float32"):  # σ₁ ~ 1e49 has no float32 scale
+        ks.kfoc(F, precision="float64")
+    F = ks.KronSum.from_outer((G * 1e12).astype(np.float32), (A * 1e-12).astype(np.float32))
+    est, ref = ks.kfoc(F, precision="float64"), ks.kfoc(ks.KronSum.from_outer(G, A))
+    assert math.isclose(float(est.scale), float(ref.scale), rel_tol=1e-5)
+
+
+@pytest.mark.parametrize("estimator", ["kfac", "tkfac", "kfoc_running", "kfoc_approx"])
+def test_a_failing_batch_leaves_the_running_estimate_as_it_was(estimator):
+    G, A = _outer()
+    run = ks.RunningEstimate(estimator, decay=0.5)
+    first = run.update(ks.KronSum.from_outer(G, A))
+    before = (run.step, run.num_updates, float(first.scale), np.array(first.left))
+    bad = ks.KronSum.from_outer(G * 1e150, A * 1e150) if estimator != "kfac" else \
+        ks.KronSum.from_outer(G * 1e200, A * 1e-200)
+    with pytest.raises(OverflowError):
+        run.update(bad)
+    est = run.estimate
+    assert (run.step, run.num_updates, float(est.scale)) == before[:3]
+    np.testing.assert_array_equal(est.left, before[3])
