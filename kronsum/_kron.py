@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from ._compat import Array, device_of, fro_norm, is_array, namespace, trace
+from ._compat import Array, fro_norm, is_array, namespace, trace
 from ._validation import (DEFAULT_MAX_ELEMENTS, check_array, check_dense_size, check_finite_values,
                           check_scale)
 

@@ -204,7 +204,7 @@ def check_scale(scale: object, xp: Any, dtype: Any, ref: Array, name: str = "sca
     """A real scalar (Python/NumPy number or a one-entry real array of ``xp``) as a 0-d array
     of ``dtype`` on ``ref``'s device. ``TypeError`` for ``None``, strings, complex numbers,
     integer arrays of another library; ``ValueError`` for more than one entry."""
-    if isinstance(scale, numbers.Number) and not is_array(scale):
+    if isinstance(scale, numbers.Number):  # Python and NumPy scalars, whatever the library
         if isinstance(scale, bool) or not isinstance(scale, numbers.Real):
             raise TypeError(f"{name} must be a real number, got {scale!r} ({type(scale).__name__})")
         return xp.asarray(float(scale), dtype=dtype, device=device_of(ref))

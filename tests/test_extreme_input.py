@@ -314,3 +314,9 @@ def test_a_failing_batch_leaves_the_running_estimate_as_it_was(estimator):
     est = run.estimate
     assert (run.step, run.num_updates, float(est.scale)) == before[:3]
     np.testing.assert_array_equal(est.left, before[3])
+
+
+def test_kron_scale_may_be_a_numpy_scalar_for_any_library():
+    torch = pytest.importorskip("torch")
+    K = ks.Kron(torch.eye(2, dtype=torch.float64), torch.eye(3, dtype=torch.float64), scale=np.float32(2.0))
+    assert isinstance(K.scale, torch.Tensor) and float(K.scale) == 2.0
