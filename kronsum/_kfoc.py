@@ -373,7 +373,6 @@ def kfoc(
     c = cw * (cl * cr)
     stop = _Stop(float(tol), None if accuracy is None else float(accuracy))
     requested = method
-    probe_at = None  # (space, iterate) of a solve whose σ₂ is to be probed for the tie note
     if method == "gram":
         L, R, sigma, notes, its, conv, res, s2, method = _gram_solve(Fn, init, seed, stop, max_iter)
     else:
@@ -387,17 +386,9 @@ def kfoc(
             space = _operator_space(Fn, side, keep_aux=method == "lanczos" and _aux_fits(Fn, side))
             x, its, conv, res, s2 = solver(space, x0, stop, max_iter)
             L, R, sigma, notes = _finish(Fn, x, side, space.result_aux)
-            # σ₂ for the tie note below: the power method has none, and Lanczos that exhausted
-            # its Krylov space at once (an exactly invariant one) has no second Ritz value from
-            # a tied eigenspace
-            invariant = method == "lanczos" and its <= 3 and res <= 64 * float(xp.finfo(F.dtype).eps)
-            if conv and (s2 is None and method == "power" or invariant):
-                probe_at = (space, x)
+            if s2 is None and conv and method == "power":  # σ₂ for the tie note below
+                s2 = _deflated_top(space, x, space.M(x), seed=[0x5EED, 2])[0]  # not init's stream
     sig1 = to_float(sigma)
-    tie = 1 - math.sqrt(xp.finfo(F.dtype).eps)
-    if probe_at is not None and sig1 > 0 and (s2 is None or s2 < sig1 * tie):
-        probe = _deflated_top(*probe_at, probe_at[0].M(probe_at[1]), seed=[0x5EED, 2])[0]
-        s2 = probe if s2 is None else max(s2, probe)  # (a seed apart from init's stream)
     check_in_range(sig1 * c, "kfoc's scale σ₁ (the largest singular value of 𝓡(F))", xp, F.dtype)
     # a start that is an eigenvector of a smaller singular value (Krylov then sees nothing
     # else; the deflated probe finds the larger one) or orthogonal to the optimum (a zero
@@ -420,7 +411,7 @@ def kfoc(
     if not conv:
         rule = f"tol {tol:.3g}" + ("" if accuracy is None else f" or an error-gap bound ≤ {accuracy:.3g}")
         notes = notes + (f"not converged: residual {res:.3g}, not below {rule} after {its} applications",)
-    if s2 is not None and sig1 > 0 and s2 >= sig1 * tie:
+    if s2 is not None and sig1 > 0 and s2 >= sig1 * (1 - math.sqrt(xp.finfo(F.dtype).eps)):
         notes = notes + ("sigma1 == sigma2 to working precision: the optimum is not unique; "
                          "one optimal pair is returned",)
     notes = notes + underflow_notes(sig1, c, "sigma1", xp, F.dtype)
