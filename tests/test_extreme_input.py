@@ -128,8 +128,9 @@ def _tied_sum():
 @pytest.mark.parametrize("call", [
     lambda F: ks.kfoc(F, method="power", init="random", seed=0),
     lambda F: ks.kfoc(F, method="power"),
+    lambda F: ks.kfoc(F, method="gram", init="random", seed=0),
     lambda F: ks.nearest_kronecker(F),
-], ids=["power-random", "power", "svd"])
+], ids=["power-random", "power", "gram-random", "svd"])
 def test_ties_are_noted(call):
     est = call(_tied_sum())
     assert any("sigma1 == sigma2" in note for note in est.info.notes), est.info.notes
