@@ -94,7 +94,7 @@ def kfac(F: KronSum) -> Kron:
     F = _require_sum(F, "kfac")
     xp = F.xp
     # a sum pools the terms of all its parts, each accumulated at its true scale
-    normed = [P._normalized() for P in (F.parts if F.form == "sum" else (F,))]
+    normed = [P._normalized()[:4] for P in (F.parts if F.form == "sum" else (F,))]
     # weights relative to the largest part's power of two 2^ew: Σw/2^ew stays moderate, and
     # the factors' scales 2^(e_L + ew_p − ew)/(Σw/2^ew) over- or underflow only where the
     # factors themselves leave the dtype's range (checked below)

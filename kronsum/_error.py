@@ -81,7 +81,7 @@ def frobenius_error(F: KronSum, approx: Any, relative: bool = False, *, method: 
         )
     xp = namespace(F.weights, Ls, names=("F", "approx"))
     dtype = F.dtype
-    Fn, ew, el, er = F._normalized()
+    Fn, ew, el, er, zero = F._normalized()
     lmax, rmax = _max_abs(Ls, xp), _max_abs(Rs, xp)
     Ls = xp.astype(Ls, dtype) / lmax[:, None, None]
     Rs = xp.astype(Rs, dtype) / rmax[:, None, None]
@@ -94,8 +94,8 @@ def frobenius_error(F: KronSum, approx: Any, relative: bool = False, *, method: 
              for i in range(r)]
     exps = [t[1] + t[3] + t[5] for t in terms if t[0] != 0]
     E = ew + el + er
-    ref = max([E] + exps)
-    Fn = Fn.scaled(_ldexp1(E - ref))
+    ref = max(([] if zero else [E]) + exps, default=0)  # a zero F has no magnitude
+    Fn = Fn if zero else Fn.scaled(_ldexp1(E - ref))
     s = xp.asarray([math.ldexp(t[0] * t[2] * t[4], t[1] + t[3] + t[5] - ref) for t in terms],
                    dtype=dtype, device=device_of(F.weights))
 

@@ -604,36 +604,41 @@ class KronSum:
         ``G·1e200`` with ``A/1e200``), they are balanced: each is then near the cube root of
         the product, and only the product ``c_w·(c_L·c_R)`` keeps its meaning.
         """
-        Fn, ew, el, er = self._normalized()
-        return Fn, _pow2_floats(ew, el, er)
+        Fn, ew, el, er, zero = self._normalized()
+        return Fn, (1.0, 1.0, 1.0) if zero else _pow2_floats(ew, el, er)
 
-    def _normalized(self) -> tuple["KronSum", int, int, int]:
-        """``(F̃, e_w, e_L, e_R)``: :meth:`normalized` with the exponents of its powers of two
-        (``F = 2^(e_w + e_L + e_R) F̃``), exact whatever their size."""
+    def _normalized(self) -> tuple["KronSum", int, int, int, bool]:
+        """``(F̃, e_w, e_L, e_R, zero)``: :meth:`normalized` with the exponents of its powers of
+        two (``F = 2^(e_w + e_L + e_R) F̃``), exact whatever their size. ``zero``: an input
+        (weights or one side's statistics) is all zeros, so F = F̃ = 0; the exponents are
+        still those of the inputs (K-FAC's factors need them)."""
         xp = self._xp
         if self.form == "sum":
             normed = [P._normalized() for P in self.parts]
-            totals = [ew + el + er for _, ew, el, er in normed]
-            top = max(totals)
-            if top == 0 and all(P is Q for P, (Q, *_) in zip(self.parts, normed)) and \
+            totals = [ew + el + er for _, ew, el, er, _ in normed]
+            live = [t for t, nd in zip(totals, normed) if not nd[4]]
+            top = max(live) if live else 0
+            if top == 0 and all(P is nd[0] for P, nd in zip(self.parts, normed)) and \
                     all(t == 0 for t in totals):
-                return self, 0, 0, 0
-            # each part relative to the largest: 2^(E_p − E) ≤ 1 (0.0 for a negligible part)
-            parts = [Q.scaled(_ldexp1(t - top)) for (Q, *_), t in zip(normed, totals)]
-            return KronSum.concat(*parts), top, 0, 0
+                return self, 0, 0, 0, not live
+            # each part relative to the largest non-zero one: 2^(E_p − E) ≤ 1 (0.0 for a
+            # negligible part; a zero part is zero whatever its factor)
+            parts = [Q.scaled(1.0 if zero else _ldexp1(t - top))
+                     for (Q, *_, zero), t in zip(normed, totals)]
+            return KronSum.concat(*parts), top, 0, 0, not live
         if self.form == "terms":
-            ew, el, er = _pow2_exponents((self.weights, self.L, self.R), xp)
+            (ew, el, er), zero = _pow2_exponents((self.weights, self.L, self.R), xp)
             if ew == el == er == 0:
-                return self, 0, 0, 0
+                return self, 0, 0, 0, zero
             out = KronSum("terms", _div_pow2(self.weights, ew), L=_div_pow2(self.L, el),
                           R=_div_pow2(self.R, er), symmetric=self.symmetric, _xp=xp)
-            return out, ew, el, er
-        ew, eg, ea = _pow2_exponents((self.weights, self.G, self.A), xp)
+            return out, ew, el, er, zero
+        (ew, eg, ea), zero = _pow2_exponents((self.weights, self.G, self.A), xp)
         if ew == eg == ea == 0:
-            return self, 0, 0, 0
+            return self, 0, 0, 0, zero
         out = KronSum(self.form, _div_pow2(self.weights, ew), G=_div_pow2(self.G, eg),
                       A=_div_pow2(self.A, ea), symmetric=True, _xp=xp)
-        return out, ew, 2 * eg, 2 * ea
+        return out, ew, 2 * eg, 2 * ea, zero
 
 
 _POW2_RANGE = (2.0**-30, 2.0**30)
@@ -728,19 +733,20 @@ def _terms_conv_inner(P: KronSum, Q: KronSum) -> Array:
     return total
 
 
-def _pow2_exponents(arrays, xp: Any) -> list[int]:
-    """Per array: 0 when ``max|x|`` is 0, not finite or within ``_POW2_RANGE``, else the ``e``
+def _pow2_exponents(arrays, xp: Any) -> tuple[list[int], bool]:
+    """``(exponents, any array all zero)``. Per array: 0 when ``max|x|`` is 0, not finite or within ``_POW2_RANGE``, else the ``e``
     with ``2^e ≤ max|x| < 2^(e+1)`` (so ``2^e`` is representable in the array's dtype, even for
     a largest entry of 2¹⁰²³ or a subnormal one). The maxima are read to the host together
     (one synchronisation on a GPU)."""
-    out = []
+    out, zero = [], False
     for x, c in zip(arrays, host_floats([xp.max(xp.abs(x)) for x in arrays])):
         lo, hi = _POW2_RANGE if xp.finfo(x.dtype).bits >= 64 else _POW2_RANGE_32
+        zero = zero or c == 0.0
         if c == 0.0 or lo <= c <= hi or not math.isfinite(c):
             out.append(0)
         else:
             out.append(math.frexp(c)[1] - 1)
-    return out
+    return out, zero
 
 
 def _ldexp1(e: int) -> float:

@@ -321,3 +321,21 @@ def test_kron_scale_may_be_a_numpy_scalar_for_any_library():
     torch = pytest.importorskip("torch")
     K = ks.Kron(torch.eye(2, dtype=torch.float64), torch.eye(3, dtype=torch.float64), scale=np.float32(2.0))
     assert isinstance(K.scale, torch.Tensor) and float(K.scale) == 2.0
+
+
+def test_a_zero_side_with_huge_other_inputs_is_a_zero_sum():
+    G, A = _outer()
+    Z = ks.KronSum.from_outer(np.zeros_like(G), A * 1e300, np.full(G.shape[0], 1e308))
+    assert float(Z.trace()) == 0.0 and float(Z.frobenius_norm()) == 0.0
+    for name in ("kfoc", "tkfac", "nearest_kronecker"):
+        est = getattr(ks, name)(Z)
+        assert float(est.scale) == 0.0 and est.info.degenerate, name
+    # as a part of a sum it neither dominates nor hides the other part
+    F0 = ks.KronSum.from_outer(G, A)
+    S = Z + F0
+    for name in ("kfoc", "tkfac", "nearest_kronecker"):
+        assert math.isclose(float(getattr(ks, name)(S).scale), float(getattr(ks, name)(F0).scale), rel_tol=1e-9)
+    assert math.isclose(float(S.trace()), float(F0.trace()), rel_tol=1e-12)
+    est = ks.kfoc(F0)
+    assert math.isclose(float(ks.frobenius_error(S, est)), float(ks.frobenius_error(F0, est)), rel_tol=1e-6)
+    assert float(ks.frobenius_error(Z, ks.Kron(np.eye(3), np.eye(4), 0.0))) == 0.0
