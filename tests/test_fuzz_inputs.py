@@ -75,14 +75,15 @@ def _to_numpy(x) -> np.ndarray:
 
 
 @st.composite
-def problems(draw):
-    """A sum (outer, terms or conv) whose inputs are unit-magnitude data times 10^e."""
-    dtype = draw(st.sampled_from(["float64", "float32"]))
-    backend = draw(st.sampled_from(_backends()))
+def problems(draw, dtype=None, backend=None, m=None, n=None, zeros=False):
+    """A sum (outer, terms or conv) whose inputs are unit-magnitude data times 10^e; with
+    ``zeros``, sometimes one input is all zeros."""
+    dtype = dtype or draw(st.sampled_from(["float64", "float32"]))
+    backend = backend or draw(st.sampled_from(_backends()))
     form = draw(st.sampled_from(["outer", "terms", "conv"]))
     K = draw(st.integers(1, 5))
-    m = draw(st.integers(1, 3))
-    n = draw(st.integers(1, 4))
+    m = m or draw(st.integers(1, 3))
+    n = n or draw(st.integers(1, 4))
     T = draw(st.integers(1, 3)) if form == "conv" else 1
     top = _EXP[dtype]
     exps = [draw(st.integers(-top, top)) for _ in range(3)]  # (left, right, weights)
@@ -104,6 +105,12 @@ def problems(draw):
     else:
         raw = [unit((K, T, m)), unit((K, T, n))]
     w = rng.uniform(0.5, 2.0, size=K)
+    zero = draw(st.sampled_from([None] * 6 + [0, 1, 2])) if zeros else None
+    if zero is not None:  # one side's statistics, or the weights, all zero: F = 0
+        if zero == 2:
+            w = np.zeros_like(w)
+        else:
+            raw[zero] = np.zeros_like(raw[zero])
     scales = [10.0 ** e for e in exps]
     arrays = [_to_backend(r * s, backend, dtype) for r, s in zip(raw, scales[:2])]
     weights = _to_backend(w * scales[2], backend, dtype)
@@ -113,7 +120,8 @@ def problems(draw):
     power = 2 if form in ("outer", "conv") else 1  # F scales as c_G² c_A² c_w (outer, conv)
     log_c = power * (exps[0] + exps[1]) + exps[2]  # log10 of F's scale
     return dict(form=form, dtype=dtype, backend=backend, arrays=arrays, weights=weights,
-                ref=(ref_inputs, ref_w), log_c=log_c, scales=scales, power=power)
+                ref=(ref_inputs, ref_w), log_c=log_c, scales=scales, power=power, m=m, n=n,
+                zero=zero is not None)
 
 
 def _build(form, arrays, weights):
@@ -151,20 +159,18 @@ def _close_log(label, value: float, log_want: float, rtol: float):
     assert abs(math.log10(abs(value)) - log_want) <= rtol / math.log(10) * 2 + 1e-12, (label, value, log_want)
 
 
-@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # NumPy's warnings inside references
-@fuzz(120)
-@given(problems())
-def test_public_calls_match_the_rescaled_problem_or_raise(p):
-    dtype, form, rtol = p["dtype"], p["form"], _RTOL[p["dtype"]]
-    before = [_to_numpy(a).copy() for a in p["arrays"]] + [_to_numpy(p["weights"]).copy()]
-    F = _build(form, p["arrays"], p["weights"])
-    (ref_inputs, ref_w) = p["ref"]
-    F0 = _build(form, ref_inputs, ref_w)
-    log_c = p["log_c"]
-
-    # kfoc and the dense ground truth: σ₁ = c·σ₁⁰, factors as the reference's
+def _check_sum(F, F0, log_c: float, dtype: str):
+    """kfoc, nearest_kronecker, tkfac, trace and ‖F‖ of F against the float64 reference F0
+    with F = 10^log_c · F0 (up to the rounding of the inputs)."""
+    rtol = _RTOL[dtype]
     nk0 = ks.nearest_kronecker(F0)
-    s0 = float(nk0.scale)
+    s0, t0, f0 = float(nk0.scale), float(F0.trace()), float(F0.frobenius_norm())
+    if f0 == 0:  # a zero sum: zero answers and a note, whatever the inputs' magnitudes
+        for est in (ks.kfoc(F), ks.nearest_kronecker(F), ks.tkfac(F)):
+            assert float(est.scale) == 0.0 and est.info.degenerate, est.info
+            assert np.all(np.isfinite(_to_numpy(est.left))) and np.all(np.isfinite(_to_numpy(est.right)))
+        assert float(F.trace()) == 0.0 and float(F.frobenius_norm()) == 0.0
+        return
     gap = nk0.info.sigma2 is not None and nk0.info.sigma2 < 0.9 * s0
 
     def factors_match(label):
@@ -180,12 +186,10 @@ def test_public_calls_match_the_rescaled_problem_or_raise(p):
             assert math.isfinite(rel) and abs(rel - rel0) <= (1e-5 if dtype == "float64" else 2e-2), (label, rel, rel0)
         return compare
 
-    if s0 > 0:
-        _check_call("kfoc", lambda: ks.kfoc(F), log_c + math.log10(s0), dtype, factors_match("kfoc"))
-        _check_call("nearest_kronecker", lambda: ks.nearest_kronecker(F), log_c + math.log10(s0), dtype,
-                    factors_match("nearest_kronecker"))
+    _check_call("kfoc", lambda: ks.kfoc(F), log_c + math.log10(s0), dtype, factors_match("kfoc"))
+    _check_call("nearest_kronecker", lambda: ks.nearest_kronecker(F), log_c + math.log10(s0), dtype,
+                factors_match("nearest_kronecker"))
     # TKFAC and the trace: δ = c·tr F0 (PSD inputs: tr F0 > 0)
-    t0 = float(F0.trace())
     _check_call("trace", lambda: F.trace(), log_c + math.log10(t0), dtype,
                 lambda t: _close_log("trace", float(t), log_c + math.log10(t0), rtol))
 
@@ -195,9 +199,25 @@ def test_public_calls_match_the_rescaled_problem_or_raise(p):
         np.testing.assert_allclose(_to_numpy(est.left), _to_numpy(ref.left), rtol=10 * rtol, atol=10 * rtol)
 
     _check_call("tkfac", lambda: ks.tkfac(F), log_c + math.log10(t0), dtype, tkfac_compare)
-    f0 = float(F0.frobenius_norm())
     _check_call("frobenius_norm", lambda: F.frobenius_norm(), log_c + math.log10(f0), dtype,
                 lambda v: _close_log("frobenius_norm", float(v), log_c + math.log10(f0), 10 * rtol))
+
+
+def _unchanged(p, before):
+    after = [_to_numpy(a) for a in p["arrays"]] + [_to_numpy(p["weights"])]
+    for b, a in zip(before, after):
+        np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # NumPy's warnings inside references
+@fuzz(120)
+@given(problems())
+def test_public_calls_match_the_rescaled_problem_or_raise(p):
+    dtype, form, rtol = p["dtype"], p["form"], _RTOL[p["dtype"]]
+    before = [_to_numpy(a).copy() for a in p["arrays"]] + [_to_numpy(p["weights"]).copy()]
+    F = _build(form, p["arrays"], p["weights"])
+    F0 = _build(form, *p["ref"])
+    _check_sum(F, F0, p["log_c"], dtype)
     # K-FAC: scale Σw, factors the means (each must fit the dtype on its own)
     try:
         est = ks.kfac(F)
@@ -206,10 +226,46 @@ def test_public_calls_match_the_rescaled_problem_or_raise(p):
     else:
         assert math.isfinite(float(est.scale))
         assert np.all(np.isfinite(_to_numpy(est.left))) and np.all(np.isfinite(_to_numpy(est.right)))
-    # nothing was written to the inputs
-    after = [_to_numpy(a) for a in p["arrays"]] + [_to_numpy(p["weights"])]
-    for b, a in zip(before, after):
-        np.testing.assert_array_equal(a, b)
+        ref = ks.kfac(F0)
+        _close_log("kfac scale", float(est.scale), math.log10(float(ref.scale)) + math.log10(p["scales"][2]), rtol)
+        for got, want, c in ((est.left, ref.left, p["scales"][0]), (est.right, ref.right, p["scales"][1])):
+            got = _to_numpy(got)
+            if np.abs(got).max() < 1e3 * _RANGE[dtype][0]:  # near subnormal: digits lost
+                continue
+            for _ in range(p["power"]):  # divided step by step: c² may leave float64
+                got = got / c
+            want = _to_numpy(want)
+            np.testing.assert_allclose(got, want, rtol=10 * rtol, atol=10 * rtol * np.abs(want).max())
+    _unchanged(p, before)
+
+
+@st.composite
+def sums_of_two(draw):
+    """Two parts of one dtype, backend and factor sizes, of independent magnitudes and forms,
+    sometimes with a zero input."""
+    p = draw(problems(zeros=True))
+    q = draw(problems(dtype=p["dtype"], backend=p["backend"], m=p["m"], n=p["n"], zeros=True))
+    return p, q
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")
+@fuzz(80)
+@given(sums_of_two())
+def test_sums_of_parts_of_any_magnitudes_and_zero_inputs(pq):
+    parts, refs, logs = [], [], []
+    befores = []
+    for p in pq:
+        befores.append([_to_numpy(a).copy() for a in p["arrays"]] + [_to_numpy(p["weights"]).copy()])
+        parts.append(_build(p["form"], p["arrays"], p["weights"]))
+        refs.append(_build(p["form"], *p["ref"]))
+        logs.append(-math.inf if p["zero"] else p["log_c"])
+    top = max(logs) if max(logs) > -math.inf else 0.0
+    # the reference: each part relative to the largest, in float64 (a negligible part is 0)
+    F0 = ks.KronSum.concat(*(R.scaled(0.0 if lg == -math.inf else 10.0 ** (lg - top))
+                             for R, lg in zip(refs, logs)))
+    _check_sum(parts[0] + parts[1], F0, top, pq[0]["dtype"])
+    for p, before in zip(pq, befores):
+        _unchanged(p, before)
 
 
 # -- options and bad values ------------------------------------------------------------------
