@@ -875,7 +875,7 @@ def _top_eigenpairs(space: _Space, starts, r: int, tol: float, max_iter: int, dr
     def combos(vecs, C):
         shape = tuple(vecs[0].shape)
         V = xp.reshape(xp.stack(vecs), (len(vecs), -1))
-        Cx = xp.asarray(np.ascontiguousarray(C.T), dtype=V.dtype, device=device_of(V))
+        Cx = xp.asarray(np.array(C.T, order="C"), dtype=V.dtype, device=device_of(V))
         out = materialize(Cx @ V)
         return [xp.reshape(out[i, ...], shape) for i in range(C.shape[1])]
 

@@ -339,3 +339,12 @@ def test_a_zero_side_with_huge_other_inputs_is_a_zero_sum():
     est = ks.kfoc(F0)
     assert math.isclose(float(ks.frobenius_error(S, est)), float(ks.frobenius_error(F0, est)), rel_tol=1e-6)
     assert float(ks.frobenius_error(Z, ks.Kron(np.eye(3), np.eye(4), 0.0))) == 0.0
+
+
+def test_kronecker_svd_of_one_by_one_factors_on_torch():
+    """1×1 factors: NumPy's reversed eigenvector columns are a 1×1 view with negative strides,
+    which NumPy calls contiguous and torch refuses."""
+    torch = pytest.importorskip("torch")
+    F = ks.KronSum.from_outer(torch.tensor([[0.9]], dtype=torch.float64), torch.tensor([[0.5]], dtype=torch.float64))
+    B = ks.kronecker_svd(F, rank=1)
+    assert math.isclose(float(B.singular_values[0]), 0.81 * 0.25, rel_tol=1e-12)

@@ -166,6 +166,7 @@ def _check_sum(F, F0, log_c: float, dtype: str):
     nk0 = ks.nearest_kronecker(F0)
     s0, t0, f0 = float(nk0.scale), float(F0.trace()), float(F0.frobenius_norm())
     if f0 == 0:  # a zero sum: zero answers and a note, whatever the inputs' magnitudes
+        assert float(ks.kronecker_svd(F, rank=1).singular_values[0]) == 0.0
         for est in (ks.kfoc(F), ks.nearest_kronecker(F), ks.tkfac(F)):
             assert float(est.scale) == 0.0 and est.info.degenerate, est.info
             assert np.all(np.isfinite(_to_numpy(est.left))) and np.all(np.isfinite(_to_numpy(est.right)))
@@ -189,6 +190,8 @@ def _check_sum(F, F0, log_c: float, dtype: str):
     _check_call("kfoc", lambda: ks.kfoc(F), log_c + math.log10(s0), dtype, factors_match("kfoc"))
     _check_call("nearest_kronecker", lambda: ks.nearest_kronecker(F), log_c + math.log10(s0), dtype,
                 factors_match("nearest_kronecker"))
+    _check_call("kronecker_svd", lambda: ks.kronecker_svd(F, rank=1), log_c + math.log10(s0), dtype,
+                lambda B: _close_log("kronecker_svd", float(B.singular_values[0]), log_c + math.log10(s0), 10 * rtol))
     # TKFAC and the trace: δ = c·tr F0 (PSD inputs: tr F0 > 0)
     _check_call("trace", lambda: F.trace(), log_c + math.log10(t0), dtype,
                 lambda t: _close_log("trace", float(t), log_c + math.log10(t0), rtol))
