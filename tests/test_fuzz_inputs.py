@@ -32,10 +32,10 @@ _RTOL = {"float64": 1e-7, "float32": 2e-3}
 
 def _backends():
     out = ["numpy", "numpy-fortran", "numpy-strided", "numpy-readonly"]
-    for name, module in (("array-api-strict", "array_api_strict"), ("torch", "torch")):
+    for names, module in ((["array-api-strict"], "array_api_strict"), (["torch", "torch-strided"], "torch")):
         try:
             __import__(module)
-            out.append(name)
+            out.extend(names)
         except ImportError:
             pass
     return out
@@ -62,7 +62,12 @@ def _to_backend(a: np.ndarray, backend: str, dtype: str):
         return xps.asarray(a, dtype=getattr(xps, dtype))
     import torch
 
-    return torch.asarray(a.copy(), dtype=getattr(torch, dtype))
+    t = torch.asarray(a.copy(), dtype=getattr(torch, dtype))
+    if backend == "torch-strided":  # a non-contiguous view
+        big = torch.zeros((2 * a.shape[0],) + a.shape[1:], dtype=t.dtype)
+        big[::2] = t
+        t = big[::2]
+    return t
 
 
 def _to_numpy(x) -> np.ndarray:
