@@ -595,9 +595,10 @@ class KronSum:
 
         ``c_w`` scales the weights, ``c_L`` the left terms (``c_G²`` for outer/conv) and ``c_R``
         the right ones. Each input whose largest magnitude lies outside ``[2⁻³⁰, 2³⁰]``
-        (``[2⁻⁸, 2⁸]`` in float32) is divided by a power of two (exact, no rounding) to bring it near 1; inputs inside that
-        range are used as they are, without a copy. The estimators work on F̃, so inputs
-        scaled by 1e±150 give finite, correct answers. A zero input keeps the factor 1.
+        (``[2⁻⁸, 2⁸]`` in float32) is divided by a power of two (exact, no rounding) to bring
+        it near 1; inputs inside that range are used as they are, without a copy. The
+        estimators work on F̃, so inputs of any magnitude the dtype holds give finite, correct
+        answers when the answer itself fits. A zero input (F = 0) gives the factors 1.
 
         The three factors are Python floats (powers of two). When one of them alone would
         leave float64's range although F does not (opposite scales that cancel, such as
@@ -734,10 +735,10 @@ def _terms_conv_inner(P: KronSum, Q: KronSum) -> Array:
 
 
 def _pow2_exponents(arrays, xp: Any) -> tuple[list[int], bool]:
-    """``(exponents, any array all zero)``. Per array: 0 when ``max|x|`` is 0, not finite or within ``_POW2_RANGE``, else the ``e``
-    with ``2^e ≤ max|x| < 2^(e+1)`` (so ``2^e`` is representable in the array's dtype, even for
-    a largest entry of 2¹⁰²³ or a subnormal one). The maxima are read to the host together
-    (one synchronisation on a GPU)."""
+    """``(exponents, any array all zero)``. Per array: 0 when ``max|x|`` is 0, not finite or
+    within the dtype's window, else the ``e`` with ``2^e ≤ max|x| < 2^(e+1)`` (so ``2^e`` is
+    representable in the array's dtype, even for a largest entry of 2¹⁰²³ or a subnormal one).
+    The maxima are read to the host together (one synchronisation on a GPU)."""
     out, zero = [], False
     for x, c in zip(arrays, host_floats([xp.max(xp.abs(x)) for x in arrays])):
         lo, hi = _POW2_RANGE if xp.finfo(x.dtype).bits >= 64 else _POW2_RANGE_32
