@@ -2,10 +2,13 @@ r"""The closed-form estimators: K-FAC (Martens & Grosse 2015; KFC for convolutio
 
 from __future__ import annotations
 
+import math
+
 from ._accel import via_numpy_on_cpu, weighted_gram
-from ._compat import device_of, eye_like, materialize_all, trace
+from ._compat import device_of, eye_like, host_floats, materialize_all, to_float, trace
 from ._kron import Kron, KronInfo
-from ._sum import KronSum, _sum_over
+from ._sum import KronSum, _ldexp1, _sum_over, times_scale
+from ._validation import check_in_range, dtype_range, underflow_notes
 
 __all__ = ["kfac", "tkfac"]
 
@@ -62,7 +65,15 @@ def kfac(F: KronSum) -> Kron:
     -------
     Kron
         ``info.method == "kfac"``. All-zero weights give a zero estimate (``scale = 0``),
-        recorded in ``info.notes``.
+        and all-zero statistics on one side a zero factor, each recorded in ``info.notes``.
+
+    Raises
+    ------
+    OverflowError
+        When a factor (a weighted mean of the statistics) or ``Σ w_k`` is beyond the range of
+        the dtype, or underflows below its smallest normal number, although F may fit (e.g.
+        ``G·1e200`` with ``A/1e200``): this split of the magnitude cannot be stored.
+        :func:`tkfac` and :func:`kfoc` normalise their factors and handle such inputs.
 
     Notes
     -----
@@ -83,20 +94,50 @@ def kfac(F: KronSum) -> Kron:
     F = _require_sum(F, "kfac")
     xp = F.xp
     # a sum pools the terms of all its parts, each accumulated at its true scale
-    normed = [P.normalized() for P in (F.parts if F.form == "sum" else (F,))]
-    # weights relative to the largest part's power of two c: Σw/c stays moderate, so the
-    # factors' scales cl·(cw/c)/(Σw/c) over- or underflow only where the factors do
-    c = max(cw for _, (cw, _, _) in normed)
-    rel = [(Pn, cw / c, cl, cr) for Pn, (cw, cl, cr) in normed]
-    sw = _sum_over([r * xp.sum(Pn.weights) for Pn, r, _, _ in rel])  # Σw / c
+    normed = [P._normalized()[:4] for P in (F.parts if F.form == "sum" else (F,))]
+    # weights relative to the largest part's power of two 2^ew: Σw/2^ew stays moderate, and
+    # the factors' scales 2^(e_L + ew_p − ew)/(Σw/2^ew) over- or underflow only where the
+    # factors themselves leave the dtype's range (checked below)
+    ew = max(e for _, e, _, _ in normed)
+    tiny, big = dtype_range(xp, F.dtype)
+    lo, hi = math.frexp(tiny)[1] - 1, math.frexp(big)[1] - 1
+    for side, i in (("left", 2), ("right", 3)):
+        e = max(t[1] - ew + t[i] for t in normed)
+        if not lo <= e <= hi:
+            _factor_range_error(side, e, F.dtype)
+    rel = [(Pn, _ldexp1(e - ew), _ldexp1(e - ew + el), _ldexp1(e - ew + er))
+           for Pn, e, el, er in normed]
+    sw = _sum_over([r * xp.sum(Pn.weights) for Pn, r, _, _ in rel])  # Σw / 2^ew
     # 1/Σw folded into the products' scale: no pass over the factors after the products
     inv = 1.0 / xp.where(sw > 0, sw, xp.ones_like(sw))
-    pieces = [_kfac_pieces(Pn, (r * cl) * inv, (r * cr) * inv) for Pn, r, cl, cr in rel]
+    pieces = [_kfac_pieces(Pn, al * inv, ar * inv) for Pn, _, al, ar in rel]
     SL = _sum_over([p[0] for p in pieces])
     SR = _sum_over([p[1] for p in pieces])
     SL, SR, sw = materialize_all(SL, SR, sw)  # Dask: one pass, then plain small arrays
-    notes = () if bool(sw > 0) else ("all weights are zero: the estimate is zero",)
-    return _new_kron(SL, SR, sw * c, KronInfo(method="kfac", notes=notes), xp)
+    s, ml, mr = host_floats([sw, xp.max(xp.abs(SL)), xp.max(xp.abs(SR))])
+    for side, mx in (("left", ml), ("right", mr)):
+        if math.isnan(mx):
+            check_in_range(mx, f"kfac's {side} factor", xp, F.dtype)  # NaN statistics
+        if not math.isfinite(mx) or (0 < mx < tiny):
+            _factor_range_error(side, None, F.dtype)
+    check_in_range(s * _ldexp1(ew), "kfac's scale Σ w_k", xp, F.dtype)
+    notes: tuple[str, ...] = ()
+    if not s > 0:
+        notes = ("all weights are zero: the estimate is zero",)
+    elif ml == 0 or mr == 0:
+        which = "left (gradient-side)" if ml == 0 else "right (activation-side)"
+        notes = (f"the {which} statistics are all zero: the estimate is zero",)
+    return _new_kron(SL, SR, sw * _ldexp1(ew), KronInfo(method="kfac", notes=notes), xp)
+
+
+def _factor_range_error(side: str, exponent: int | None, dtype) -> None:
+    size = "" if exponent is None else f" (entries of about 2^{exponent})"
+    raise OverflowError(
+        f"kfac's {side} factor, the weighted mean Σ w_k {'L_k' if side == 'left' else 'R_k'} / Σ w_k"
+        f"{size}, is beyond the range of {dtype}, although F may fit: its split of the magnitude "
+        f"(means of the statistics) cannot be stored; rescale {'G (or L)' if side == 'left' else 'A (or R)'} "
+        f"by a constant, or use tkfac or kfoc, whose factors are normalised"
+    )
 
 
 def _kfac_pieces(Fn: KronSum, aL, aR):
@@ -149,6 +190,13 @@ def tkfac(F: KronSum, *, variant: str = "trace") -> Kron:
         ``scale = δ``, ``left = Φ`` (m, m), ``right = Ψ`` (n, n). A zero sum gives
         ``scale = 0`` with ``Φ = I/m``, ``Ψ = I/n`` and a note in ``info.notes``.
 
+    Raises
+    ------
+    OverflowError
+        When ``tr F`` is beyond the range of the dtype. Inputs of any magnitude whose trace
+        fits (e.g. ``G·1e200`` with ``A/1e200``) give finite answers; a trace below the
+        smallest normal number is noted in ``info.notes``.
+
     Notes
     -----
     Cost: as :func:`kfac` (one weighted Gram product per factor).
@@ -182,10 +230,13 @@ def tkfac(F: KronSum, *, variant: str = "trace") -> Kron:
     psi = Fn.contract_left()
     phi, psi = materialize_all(phi, psi)  # Dask: one pass, then plain small arrays
     delta = trace(phi, xp)
-    ok = bool(delta != 0)
-    if not ok:
+    d = to_float(delta)
+    c = cw * (cl * cr)
+    check_in_range(d * c, "tkfac's scale δ = tr F", xp, F.dtype)  # NaN: ValueError
+    if d == 0:
         return Kron(Il / Fn.m, Ir / Fn.n, scale=xp.zeros_like(delta),
                     info=KronInfo(method=f"tkfac/{variant}",
                                   notes=("zero trace (zero sum): the estimate is zero",)))
-    return _new_kron(phi / delta, psi / delta, (cw * (cl * cr)) * delta,
-                     KronInfo(method=f"tkfac/{variant}"), xp)
+    return _new_kron(phi / delta, psi / delta, times_scale(delta, c),
+                     KronInfo(method=f"tkfac/{variant}",
+                              notes=underflow_notes(d, c, "δ = tr F", xp, F.dtype)), xp)

@@ -26,6 +26,7 @@ __all__ = [
     "fro_norm",
     "materialize",
     "materialize_all",
+    "persist_all",
     "fro_inner",
     "to_float",
     "eye_like",
@@ -158,6 +159,30 @@ def materialize_all(*xs: Array) -> tuple:
             y = x.persist()
             out.append(y.map_blocks(_identity_block, dtype=y.dtype, meta=y._meta,
                                     name=f"kronsum-persisted-{uuid.uuid4().hex}"))
+    return tuple(out)
+
+
+def persist_all(*xs: Array) -> tuple:
+    """Dask arrays persisted where they are computed (the workers of a ``distributed``
+    cluster, or local memory), in one pass and whatever their size: nothing comes back to
+    the client and nothing is sent back in a graph. Each result keeps its chunks and gets a
+    fresh key name (dask/dask#9888, as :func:`materialize_all`); other arrays as they are."""
+    if not any(array_api_compat.is_dask_array(x) for x in xs):
+        return xs
+    import uuid
+
+    import dask
+
+    lazy = [x for x in xs if array_api_compat.is_dask_array(x)]
+    done = iter(dask.persist(*lazy))
+    out = []
+    for x in xs:
+        if not array_api_compat.is_dask_array(x):
+            out.append(x)
+            continue
+        y = next(done)
+        out.append(y.map_blocks(_identity_block, dtype=y.dtype, meta=y._meta,
+                                name=f"kronsum-persisted-{uuid.uuid4().hex}"))
     return tuple(out)
 
 

@@ -102,9 +102,10 @@ def set_config(**options) -> None:
         raise ValueError(f"unknown kronsum option(s) {sorted(unknown)}; known: {sorted(current)}")
     for key, value in options.items():
         if key == "check_every":
-            if value is not None and not (isinstance(value, int) and not isinstance(value, bool)
-                                          and value >= 1):
-                raise ValueError(f"option check_every must be None or a positive integer, got {value!r}")
+            if value is not None:
+                from ._validation import check_int
+
+                options[key] = check_int(value, "option check_every", minimum=1)
         elif key == "gram_squaring":
             if value is not None and not isinstance(value, bool):
                 raise TypeError(f"option gram_squaring must be None or a bool, got {type(value).__name__}")

@@ -564,7 +564,7 @@ def lanczos_two_precision(low: Space, x0, high: Space, resume: Callable[[], Spac
     return EigenResult(x, its, conv, res, lo.sigma2, half, Ax)
 
 
-def deflated_top(space: Space, x, Mx, theta1: float | None = None, steps: int = 4):
+def deflated_top(space: Space, x, Mx, theta1: float | None = None, steps: int = 4, seed=0):
     """``(σ, k)``: sqrt of the top eigenvalue of the operator deflated by ``x``, by ``k ≤ steps``
     Lanczos steps (operator applications).
 
@@ -572,7 +572,8 @@ def deflated_top(space: Space, x, Mx, theta1: float | None = None, steps: int = 
     Rayleigh quotient of ``x`` when ``None``): rounding noise in a step comes at that scale,
     so a step whose remainder is within ``64 ε θ₁`` has exhausted the Krylov space (the
     deflated operator may be rank-deficient) and ends the probe rather than being normalised
-    into a spurious direction. The Ritz value is never above the true one.
+    into a spurious direction. The Ritz value is never above the true one. ``seed`` draws
+    the probe's random direction (a stream apart from the start's when that was random).
     """
     dim = math.prod(x.shape)
     if dim == 1:
@@ -582,7 +583,7 @@ def deflated_top(space: Space, x, Mx, theta1: float | None = None, steps: int = 
     if theta1 is None:
         theta1 = to_float(space.dot(space.apply(x), Mx))
     floor = 64 * eps * abs(theta1)
-    q = space.random_like(x, 0, symmetric=True)
+    q = space.random_like(x, seed, symmetric=True)
     q = q - space.dot(q, Mx) * x
     nq = space.norm(q)
     if not bool(nq > 0):
@@ -671,7 +672,9 @@ def block_lanczos(space: Space, starts, r: int, stop: Stop, max_iter: int, draw,
     def combos(vecs, C):
         shape = tuple(vecs[0].shape)
         V = xp.reshape(xp.stack(vecs), (len(vecs), -1))
-        Cx = xp.asarray(np.ascontiguousarray(C.T), dtype=V.dtype, device=device_of(V))
+        # a copy in C order: a 1x1 view with negative strides passes NumPy's contiguity test,
+        # and torch refuses it
+        Cx = xp.asarray(np.array(C.T, order="C"), dtype=V.dtype, device=device_of(V))
         out = materialize(Cx @ V)
         return [xp.reshape(out[i, ...], shape) for i in range(C.shape[1])]
 

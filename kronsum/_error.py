@@ -2,13 +2,15 @@ r"""Exact approximation errors ``‖F − Σ_r s_r L_r ⊗ R_r‖_F`` without fo
 
 from __future__ import annotations
 
+import math
 import warnings
 from typing import Any
 
 from ._closed_forms import _require_sum
-from ._compat import Array, namespace
+from ._compat import Array, device_of, host_vector, namespace, to_float
 from ._ekfac import EigenKron, diag_in_basis, rotated
-from ._sum import KronSum
+from ._sum import KronSum, _ldexp1, times_scale
+from ._validation import check_in_range
 
 __all__ = ["frobenius_error", "AccuracyWarning"]
 
@@ -58,6 +60,9 @@ def frobenius_error(F: KronSum, approx: Any, relative: bool = False, *, method: 
         With factor sizes matching F's ``m`` and ``n``.
     relative : bool
         Return ``‖F − approx‖ / ‖F‖`` (for a zero F: 0 if ``approx`` is zero, ``inf`` otherwise).
+        F and ``approx`` may have any magnitude the dtype holds (their inputs are rescaled by
+        powers of two first); ``OverflowError`` when the absolute error itself is beyond the
+        dtype's range. NaN or infinity in ``approx`` propagates to the result.
     method : {"auto", "direct", "gram"}
 
     Returns
@@ -90,12 +95,23 @@ def frobenius_error(F: KronSum, approx: Any, relative: bool = False, *, method: 
         )
     xp = namespace(F.weights, Ls, names=("F", "approx"))
     dtype = F.dtype
-    Fn, (cw, cl, cr) = F.normalized()
-    c = cw * (cl * cr)
+    Fn, ew, el, er, zero = F._normalized()
     lmax, rmax = _max_abs(Ls, xp), _max_abs(Rs, xp)
     Ls = xp.astype(Ls, dtype) / lmax[:, None, None]
     Rs = xp.astype(Rs, dtype) / rmax[:, None, None]
-    s = (xp.astype(s, dtype) / c) * lmax * rmax
+    # F = 2^E F̃ and approx = Σ_r s_r l_r r_r (unit-max factors): both in units of 2^ref, the
+    # larger of the two magnitudes, with exponents kept exact on the host so that neither
+    # opposite scales nor an F (or approx) beyond float64's range make 0/0 or inf/inf
+    r = int(s.shape[0])
+    mags = host_vector(xp.concat([xp.astype(s, dtype), xp.astype(lmax, dtype), xp.astype(rmax, dtype)]))
+    terms = [math.frexp(mags[i]) + math.frexp(mags[r + i]) + math.frexp(mags[2 * r + i])
+             for i in range(r)]
+    exps = [t[1] + t[3] + t[5] for t in terms if t[0] != 0]
+    E = ew + el + er
+    ref = max(([] if zero else [E]) + exps, default=0)  # a zero F has no magnitude
+    Fn = Fn if zero else Fn.scaled(_ldexp1(E - ref))
+    s = xp.asarray([math.ldexp(t[0] * t[2] * t[4], t[1] + t[3] + t[5] - ref) for t in terms],
+                   dtype=dtype, device=device_of(F.weights))
 
     m, n, K = F.m, F.n, F.num_terms
     flops = K * m * m * n * n
@@ -104,12 +120,16 @@ def frobenius_error(F: KronSum, approx: Any, relative: bool = False, *, method: 
         e2, f2 = _direct(Fn, s, Ls, Rs)
     else:
         e2, f2 = _gram(Fn, s, Ls, Rs)
-    return _finish(xp, e2, f2, c, use, method, flops, relative)
+    finite = all(math.isfinite(t) for t in mags)
+    return _finish(xp, e2, f2, ref, finite, dtype, use, method, flops, relative)
 
 
-def _finish(xp: Any, e2: Array, f2: Array, c: Any, use: str, method: str, flops: float,
-            relative: bool, stacklevel: int = 3) -> Array:
-    """``c·√e2`` (or ``√(e2/f2)``), with the Gram route's warning for small errors."""
+def _finish(xp: Any, e2: Array, f2: Array, ref: int, finite: bool, dtype: Any, use: str,
+            method: str, flops: float, relative: bool, stacklevel: int = 3) -> Array:
+    """``2^ref·√e2`` (or ``√(e2/f2)``), with the Gram route's warning for small errors.
+    ``e2`` and ``f2`` are in units of ``2^ref``; ``finite``: whether the approximation's
+    magnitudes were finite (else NaN or infinity propagates unscaled); ``OverflowError``
+    when the error is beyond ``dtype``'s range."""
     zero = xp.zeros_like(e2)
     e2 = xp.where(e2 < 0, zero, e2)  # rounding of the Gram route; NaN and inf pass through
     if use == "gram" and method == "auto":
@@ -124,7 +144,22 @@ def _finish(xp: Any, e2: Array, f2: Array, c: Any, use: str, method: str, flops:
         safe = xp.where(f2 > 0, f2, xp.ones_like(f2))
         rel = xp.sqrt(e2 / safe)
         return xp.where(f2 > 0, rel, xp.where(e2 > 0, xp.full_like(rel, float("inf")), rel))
-    return c * xp.sqrt(e2)
+    err = xp.sqrt(e2)
+    v = to_float(err)
+    if math.isnan(v) or not finite:  # NaN/inf in approx propagate
+        return err
+    if v != 0:
+        mant, e = math.frexp(v)
+        check_in_range(math.inf if e + ref > 1100 else math.ldexp(mant, e + ref),
+                       "‖F − approx‖_F", xp, dtype)
+    return _times_pow2(err, ref)
+
+
+def _times_pow2(x: Array, e: int) -> Array:
+    """``x · 2^e`` for any integer ``e`` (in two factors when ``2^e`` is no normal float64)."""
+    if -1022 <= e <= 1023:
+        return times_scale(x, _ldexp1(e))
+    return times_scale(times_scale(x, _ldexp1(e // 2)), _ldexp1(e - e // 2))
 
 
 def _direct(Fn: KronSum, s: Array, Ls: Array, Rs: Array):
@@ -164,10 +199,17 @@ def _eigen_error(F: KronSum, est: EigenKron, relative: bool, method: str) -> Arr
         )
     xp = namespace(F.weights, est.S, names=("F", "approx"))
     dtype = F.dtype
-    Fn, (cw, cl, cr) = F.normalized()
-    c = cw * (cl * cr)
+    Fn, ew, el, er, zero = F._normalized()
     U, V = xp.astype(est.U, dtype), xp.astype(est.V, dtype)
-    S = xp.astype(est.S, dtype) / c
+    # F = 2^E F̃ and S, both in units of 2^ref, the larger magnitude (as for a Kron)
+    S = xp.astype(est.S, dtype)
+    smax = to_float(xp.max(xp.abs(S))) if math.prod(S.shape) else 0.0
+    finite = math.isfinite(smax)
+    E = ew + el + er
+    ref = max(([] if zero else [E]) + ([math.frexp(smax)[1]] if finite and smax != 0 else []),
+              default=0)
+    Fn = Fn if zero else Fn.scaled(_ldexp1(E - ref))
+    S = _times_pow2(S, -ref)
     m, n, K = F.m, F.n, F.num_terms
     flops = K * m * m * n * n
     use = method if method != "auto" else ("direct" if flops <= _DIRECT_FLOPS else "gram")
@@ -178,7 +220,8 @@ def _eigen_error(F: KronSum, est: EigenKron, relative: bool, method: str) -> Arr
     else:
         f2 = Fn._sq_norm()
         off2 = f2 - xp.sum(D * D)
-    return _finish(xp, off2 + d2, f2, c, use, method, flops, relative, stacklevel=4)
+    return _finish(xp, off2 + d2, f2, ref, finite, dtype, use, method, flops, relative,
+                   stacklevel=4)
 
 
 def _offdiag_direct(Ft: KronSum):

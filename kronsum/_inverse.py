@@ -44,6 +44,7 @@ import numpy as np
 
 from ._compat import Array, all_finite, device_of, fro_norm, is_array, is_dask_namespace, namespace, to_float
 from ._kron import Kron
+from ._validation import check_int, check_real
 
 __all__ = ["DecompositionError", "KronInverse", "tkfac_damped_inverses"]
 
@@ -64,25 +65,7 @@ class DecompositionError(ValueError):
 
 def _check_damping(damping: object, name: str = "damping") -> float:
     """A finite, non-negative real number (Python scalar or 0-d real array) as a float."""
-    if isinstance(damping, bool) or damping is None:
-        raise TypeError(f"{name} must be a real number >= 0, got {damping!r}")
-    if is_array(damping):
-        xp = namespace(damping)
-        if damping.ndim != 0 or not (
-            xp.isdtype(damping.dtype, "real floating") or xp.isdtype(damping.dtype, "integral")
-        ):
-            raise TypeError(
-                f"{name} must be a real scalar or a 0-d real array, got an array of shape "
-                f"{tuple(damping.shape)} and dtype {damping.dtype}"
-            )
-        value = to_float(damping)
-    elif isinstance(damping, numbers.Real):
-        value = float(damping)
-    else:
-        raise TypeError(f"{name} must be a real number >= 0, got {type(damping).__name__}")
-    if not math.isfinite(value) or value < 0:
-        raise ValueError(f"{name} must be finite and >= 0, got {value!r}")
-    return value
+    return check_real(damping, name, minimum=0.0, array_ok=True)
 
 
 def _check_method(method: object) -> str:
@@ -555,8 +538,7 @@ class KronInverse:
             Whether ``D`` is the precision (Laplace posterior: ``N(0, (sL⊗R + λI)⁻¹)``) or
             the covariance of the distribution.
         """
-        if isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 1:
-            raise ValueError(f"n (the number of samples) must be an integer >= 1, got {n!r}")
+        n = check_int(n, "n (the number of samples)", minimum=1)
         if form not in ("precision", "covariance"):
             raise ValueError(f"form must be 'precision' or 'covariance', got {form!r}")
         xp = self._xp

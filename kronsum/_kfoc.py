@@ -36,12 +36,14 @@ from ._accel import numba_enabled, via_numpy_on_cpu
 from ._closed_forms import _new_kron, _require_sum, kfac
 from ._compat import Array, counted, eye_like, fro_norm, is_dask_namespace, to_float
 from ._config import get_config
-from ._eigen import (Solution, Stop, aux_fits, contraction_space, conv_gram_solve, finish, gram_solve, lanczos, lanczos_two_precision,
+from ._eigen import (Solution, Stop, aux_fits, contraction_space, conv_gram_solve, deflated_top, finish, gram_solve,
+                     lanczos, lanczos_two_precision,
                      power, random_like)
 from ._eigen import default_accuracy as _default_accuracy
 from ._eigen import default_tol as _default_tol
 from ._kron import Kron, KronInfo
-from ._sum import KronSum
+from ._sum import KronSum, times_scale
+from ._validation import check_in_range, check_int, check_real, check_seed, underflow_notes
 
 __all__ = ["kfoc"]
 
@@ -293,6 +295,18 @@ def kfoc(
         a zero sum gives ``scale = 0`` with identity-shaped factors; ``σ₁ = σ₂`` (the optimum
         is not unique) is noted and a finite optimal answer is still returned.
 
+    Raises
+    ------
+    OverflowError
+        When σ₁ (about ‖F‖) is beyond the range of the dtype (e.g. ``G·1e150`` with
+        ``A·1e150`` in float64, ``1e20`` in float32). Inputs of any magnitude whose F fits,
+        including opposite scales that cancel (``G·1e200`` with ``A/1e200``), give finite
+        answers; a σ₁ below the smallest normal number is noted in ``info.notes``.
+    ValueError
+        When NaN or infinity reaches the iterates (statistics built with
+        ``check_finite=False``), and for options out of range; ``TypeError`` for options of
+        the wrong kind (``tol``, ``accuracy`` and ``max_iter`` take numbers, not ``bool``).
+
     Notes
     -----
     On accelerators the ``gram`` solver reads its convergence scalars every few steps
@@ -327,15 +341,13 @@ def kfoc(
         accuracy = _default_accuracy(xp, F.dtype)
     if tol is None:
         tol = _default_tol(xp, F.dtype)
-    if isinstance(tol, bool) or not (isinstance(tol, (int, float)) and tol > 0):
-        raise ValueError(f"tol must be a positive number, got {tol!r}")
-    if accuracy is not None and (isinstance(accuracy, bool) or not (
-            isinstance(accuracy, (int, float)) and 0 < accuracy < math.inf)):
-        raise ValueError(f"accuracy must be a positive number, got {accuracy!r}")
+    tol = check_real(tol, "tol", positive=True)
+    if accuracy is not None:
+        accuracy = check_real(accuracy, "accuracy", positive=True)
     if max_iter is None:
         max_iter = 5000 if method == "power" else 500
-    if not (isinstance(max_iter, int) and max_iter >= 1):
-        raise ValueError(f"max_iter must be a positive integer, got {max_iter!r}")
+    max_iter = check_int(max_iter, "max_iter", minimum=1)
+    seed = check_seed(seed)
     if isinstance(init, Kron):
         if (init.m, init.n) != (F.m, F.n):
             raise ValueError(
@@ -349,6 +361,7 @@ def kfoc(
     if precision == "float64" and F.dtype != xp.float64:
         out = kfoc(F.astype(xp.float64), method=method, tol=tol, max_iter=max_iter,
                    init=init, seed=seed, accuracy=accuracy)
+        check_in_range(out.info.sigma1, "kfoc's scale σ₁ (the largest singular value of 𝓡(F))", xp, F.dtype)
         return _new_kron(xp.astype(out.left, F.dtype), xp.astype(out.right, F.dtype),
                          xp.astype(out.scale, F.dtype), out.info, xp)
     Fn, (cw, cl, cr) = F.normalized()
@@ -366,6 +379,7 @@ def kfoc(
     its, conv, res, s2 = sol.eig.iterations, sol.eig.converged, sol.eig.residual, sol.eig.sigma2
     method = sol.route
     sig1 = to_float(sigma)
+    check_in_range(sig1 * c, "kfoc's scale σ₁ (the largest singular value of 𝓡(F))", xp, F.dtype)
     # a start that is an eigenvector of a smaller singular value (Krylov then sees nothing
     # else; the deflated probe finds the larger one) or orthogonal to the optimum (a zero
     # answer from a non-zero sum): solve again from a random start
@@ -390,7 +404,8 @@ def kfoc(
     if s2 is not None and sig1 > 0 and s2 >= sig1 * (1 - math.sqrt(xp.finfo(F.dtype).eps)):
         notes = notes + ("sigma1 == sigma2 to working precision: the optimum is not unique; "
                          "one optimal pair is returned",)
-    return _new_kron(L, R, sigma * c, KronInfo(
+    notes = notes + underflow_notes(sig1, c, "sigma1", xp, F.dtype)
+    return _new_kron(L, R, times_scale(sigma, c), KronInfo(
         sigma1=sig1 * c, sigma2=None if s2 is None else s2 * c, notes=notes, **info), xp)
 
 
@@ -414,7 +429,11 @@ def _solve_factors(Fn: KronSum, method: str, init, seed, stop: Stop, max_iter: i
     if method == "lanczos":
         eig = lanczos(contraction_space(Fn, side, keep_aux=aux_fits(Fn, side)), x0, stop, max_iter)
     else:
-        eig = power(contraction_space(Fn, side), x0, stop, max_iter)
+        space = contraction_space(Fn, side)
+        eig = power(space, x0, stop, max_iter)
+        if eig.sigma2 is None and eig.converged:  # σ₂ for the tie note (a stream apart from init's)
+            eig.sigma2, k = deflated_top(space, eig.x, space.M(eig.x), seed=[0x5EED, 2])
+            eig.iterations += k
     return Solution(finish(Fn, side, eig), eig, method)
 
 

@@ -5,8 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from ._compat import Array, device_of, fro_norm, is_array, namespace, trace
-from ._validation import DEFAULT_MAX_ELEMENTS, check_array, check_dense_size, check_finite_values
+from ._compat import Array, fro_norm, is_array, namespace, trace
+from ._validation import (DEFAULT_MAX_ELEMENTS, check_array, check_dense_size, check_finite_values,
+                          check_scale)
 
 __all__ = ["Kron", "KronInfo"]
 
@@ -98,6 +99,9 @@ class Kron:
     left : array, shape (m, m)
     right : array, shape (n, n)
     scale : float or 0-d array, default 1
+        A real number or a one-entry real array of the factors' library (cast to their dtype);
+        anything else (``None``, a string, a complex number, several entries, another
+        library's array) raises ``TypeError`` or ``ValueError`` naming ``scale``.
     info : KronInfo, optional
 
     Examples
@@ -127,9 +131,7 @@ class Kron:
         self._xp = xp
         self.left = xp.astype(left, dtype, copy=False)
         self.right = xp.astype(right, dtype, copy=False)
-        if isinstance(scale, (int, float)):
-            scale = xp.asarray(float(scale), dtype=dtype, device=device_of(left))
-        self.scale = xp.astype(xp.reshape(scale, ()), dtype, copy=False)
+        self.scale = check_scale(scale, xp, dtype, left)
         self.info = info if info is not None else KronInfo(method="user")
 
     # -- shape ---------------------------------------------------------------------

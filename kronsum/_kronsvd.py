@@ -38,7 +38,7 @@ into noise.
 from __future__ import annotations
 
 import math
-import numbers
+from collections import OrderedDict
 from typing import Any
 
 import numpy as np
@@ -50,13 +50,15 @@ from ._eigen import KRYLOV_DIM, GramSpace, Stop, antisymmetrize, block_lanczos, 
 from ._eigen import default_tol as _default_tol
 from ._kfoc import _initial, choose_method
 from ._kron import Kron, KronInfo
-from ._sum import KronSum
+from ._sum import KronSum, times_scale
+from ._validation import check_in_range, check_int, check_real, check_seed
 
 __all__ = ["kronecker_svd", "KronSVD"]
 
 _METHODS = ("auto", "gram", "lanczos")
 _SOLVE_METHODS = ("auto", "exact", "cg")
 _DAMPINGS = ("exact", "factored")
+_CACHE_SIZE = 8  # damped inverses (and rank-2 diagonalisations) kept per KronSVD
 
 
 # -- the result ----------------------------------------------------------------------------
@@ -125,7 +127,10 @@ class KronSVD:
         self.rights = rights
         self.info = info if info is not None else KronInfo(method="user")
         self.total_norm = total_norm
-        self._cache: dict = {}
+        # per (kind, damping, damping_method): the last _CACHE_SIZE used; the leading term's
+        # eigendecomposition is kept once and serves every damping
+        self._cache: OrderedDict = OrderedDict()
+        self._lead_eig = None
 
     # -- shape ---------------------------------------------------------------------------
     @property
@@ -188,9 +193,9 @@ class KronSVD:
 
         ``info.sigma2`` becomes σ_{rank+1} (exact from the kept values when ``rank < r``).
         """
-        if isinstance(rank, bool) or not isinstance(rank, numbers.Integral) or not 1 <= rank <= self.rank:
+        rank = check_int(rank, "rank")
+        if not 1 <= rank <= self.rank:
             raise ValueError(f"rank must be an integer between 1 and {self.rank}, got {rank!r}")
-        rank = int(rank)
         nxt = self.info.sigma2 if rank == self.rank else to_float(self.singular_values[rank])
         info = KronInfo(method=self.info.method, iterations=self.info.iterations,
                         converged=self.info.converged, sigma1=self.info.sigma1, sigma2=nxt,
@@ -270,7 +275,9 @@ class KronSVD:
                      truncated sum need not be PSD; raise the damping).
         ``"auto"``   ``"exact"`` where it is exact (r = 1; r = 2 as above), else ``"cg"``.
 
-        The decompositions are cached per ``(damping, damping_method)`` on this object.
+        The leading term's eigendecompositions are computed once and reused for every
+        damping; the damped inverses (and the rank-2 diagonalisations, which depend on the
+        damping) are cached for the last 8 ``(damping, damping_method)`` pairs used.
 
         Parameters
         ----------
@@ -320,12 +327,8 @@ class KronSVD:
         xp = self._xp
         if tol is None:
             tol = _default_tol(xp, self.dtype)
-        if not (isinstance(tol, (int, float)) and not isinstance(tol, bool) and tol > 0):
-            raise ValueError(f"tol must be a positive number, got {tol!r}")
-        if max_iter is None:
-            max_iter = 500
-        if isinstance(max_iter, bool) or not isinstance(max_iter, int) or max_iter < 1:
-            raise ValueError(f"max_iter must be a positive integer, got {max_iter!r}")
+        tol = check_real(tol, "tol", positive=True)
+        max_iter = check_int(500 if max_iter is None else max_iter, "max_iter", minimum=1)
         lead = self._lead_inverse(lam, damping_method)
         notes: list[str] = list(lead[1]) if lead[0] is not None else [lead[1]]
         inv1 = lead[0]
@@ -367,18 +370,40 @@ class KronSVD:
             )
         return (X, info) if return_info else X
 
-    def _lead_inverse(self, lam: float, damping_method: str):
-        """``(KronInverse of the damped leading term, notes)`` or ``(None, reason)``; cached."""
-        key = ("lead", lam, damping_method)
-        if key not in self._cache:
-            from ._inverse import KronInverse
+    def _cached(self, key, compute):
+        """``compute()`` cached under ``key``; the least recently used entry beyond
+        ``_CACHE_SIZE`` is dropped, so that many dampings do not grow the cache."""
+        if key in self._cache:
+            self._cache.move_to_end(key)
+            return self._cache[key]
+        out = compute()
+        self._cache[key] = out
+        while len(self._cache) > _CACHE_SIZE:
+            self._cache.popitem(last=False)
+        return out
 
+    def _lead_inverse(self, lam: float, damping_method: str):
+        """``(KronInverse of the damped leading term, notes)`` or ``(None, reason)``; cached.
+        The two eigendecompositions of the leading term are computed once for all dampings."""
+        from ._inverse import KronInverse, _Eig
+
+        if self._lead_eig is None:
             try:
-                inv = KronInverse(self.term(0), lam, damping_method)
-                self._cache[key] = (inv, tuple(inv.notes))
+                self._lead_eig = (_Eig(self.term(0), "the leading term"), None)
             except ValueError as exc:
-                self._cache[key] = (None, str(exc))
-        return self._cache[key]
+                self._lead_eig = (None, str(exc))
+        eig, why = self._lead_eig
+
+        def compute():
+            if eig is None:
+                return (None, why)
+            try:
+                inv = KronInverse._from_eig(eig, damping_method, lam)
+                return (inv, tuple(inv.notes))
+            except ValueError as exc:
+                return (None, str(exc))
+
+        return self._cached(("lead", lam, damping_method), compute)
 
     def _damped_lead_matvec(self, V, lam, damping_method, inv1):
         if inv1 is not None:
@@ -446,9 +471,10 @@ class KronSVD:
         (user-built terms) have no such diagonalisation: ``(False, reason)``. The route is
         checked once on a random right-hand side (:meth:`_residual`) before it is used.
         """
-        key = ("exact2", lam, damping_method)
-        if key in self._cache:
-            return self._cache[key]
+        return self._cached(("exact2", lam, damping_method),
+                            lambda: self._exact2_compute(lam, damping_method, inv1))
+
+    def _exact2_compute(self, lam, damping_method, inv1):
         xp = self._xp
         if inv1 is None:
             out = (False, "the leading term is not symmetric positive semi-definite")
@@ -466,7 +492,6 @@ class KronSVD:
             if not ok:
                 out = (False, f"the whitened rank-2 solve failed its residual check on a random "
                               f"right-hand side (relative residual {res:.3g})")
-        self._cache[key] = out
         return out
 
     def _whitened2(self, inv1):
@@ -689,12 +714,12 @@ def kronecker_svd(F: KronSum, rank: int = 1, *, method: str = "auto", tol: float
     F = _require_sum(F, "kronecker_svd")
     m, n = F.m, F.n
     rmax = min(m * m, n * n)
-    if isinstance(rank, bool) or not isinstance(rank, numbers.Integral) or not 1 <= rank <= rmax:
+    rank = check_int(rank, "rank")
+    if not 1 <= rank <= rmax:
         raise ValueError(
             f"rank must be an integer with 1 <= rank <= min(m², n²) = min({m * m}, {n * n}) = "
             f"{rmax} for factors of sizes m={m}, n={n}; got {rank!r}"
         )
-    rank = int(rank)
     if method not in _METHODS:
         raise ValueError(f"method must be one of {_METHODS}, got {method!r}")
     F = F._outer_positions()  # T = 1 conv parts: outer parts, the same F
@@ -707,13 +732,11 @@ def kronecker_svd(F: KronSum, rank: int = 1, *, method: str = "auto", tol: float
     xp = F.xp
     if tol is None:
         tol = _default_tol(xp, F.dtype)
-    if isinstance(tol, bool) or not (isinstance(tol, (int, float)) and tol > 0):
-        raise ValueError(f"tol must be a positive number, got {tol!r}")
+    tol = check_real(tol, "tol", positive=True)
     if max_iter is None:
         max_iter = max(500, 100 * rank)
-    if isinstance(max_iter, bool) or not (isinstance(max_iter, int) and max_iter >= 1):
-        raise ValueError(f"max_iter must be a positive integer, got {max_iter!r}")
-    rng = np.random.default_rng(0 if seed is None else seed)
+    max_iter = check_int(max_iter, "max_iter", minimum=1)
+    rng = np.random.default_rng(0 if check_seed(seed) is None else seed)
 
     Fn, (cw, cl, cr) = F.normalized()
     Fn = Fn.persisted()
@@ -787,10 +810,11 @@ def kronecker_svd(F: KronSum, rank: int = 1, *, method: str = "auto", tol: float
         notes.append("zero sum (sigma1 = 0): the estimate is zero")
     if not conv:
         notes.append(f"not converged: residual {res:.3g} > tol {tol:.3g} after {its} applications")
+    check_in_range(s1 * c, "kronecker_svd's σ₁", xp, F.dtype)
     s_next = None if theta_next is None else math.sqrt(max(theta_next, 0.0)) * c
     info = KronInfo(method=f"kronsvd/{method}", iterations=its, converged=conv,
                     sigma1=s1 * c, sigma2=s_next, residual=res, notes=tuple(notes))
-    sv = xp.stack(sig) * c
+    sv = times_scale(xp.stack(sig), c)
     return KronSVD(sv, xp.stack(Ls), xp.stack(Rs), info=info, total_norm=math.sqrt(f2) * c)
 
 

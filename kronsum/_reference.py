@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import math
+
 from ._closed_forms import _require_sum
-from ._compat import fro_norm, symmetrize, to_float, trace
+from ._compat import fro_norm, host_floats, symmetrize, trace
 from ._kron import Kron, KronInfo
-from ._sum import KronSum
-from ._validation import DEFAULT_MAX_ELEMENTS
+from ._sum import KronSum, times_scale
+from ._validation import DEFAULT_MAX_ELEMENTS, check_in_range, check_int, underflow_notes
 
 __all__ = ["nearest_kronecker", "DEFAULT_MAX_ELEMENTS"]
 
@@ -30,7 +32,14 @@ def nearest_kronecker(F: KronSum, method: str = "svd", *, max_elements: int = DE
     Returns
     -------
     Kron
-        Unit-Frobenius factors, ``scale = σ₁``; ``info.sigma1``, ``info.sigma2`` exact.
+        Unit-Frobenius factors, ``scale = σ₁``; ``info.sigma1``, ``info.sigma2`` exact;
+        ``info.notes`` records a zero sum and ``σ₁ = σ₂`` (the optimum is not unique), as
+        :func:`kfoc` does.
+
+    Raises
+    ------
+    OverflowError
+        When σ₁ is beyond the range of the dtype (as :func:`kfoc`).
 
     Notes
     -----
@@ -50,6 +59,7 @@ def nearest_kronecker(F: KronSum, method: str = "svd", *, max_elements: int = DE
     if method != "svd":
         raise ValueError(f"method must be 'svd', got {method!r}")
     m, n = F.m, F.n
+    max_elements = check_int(max_elements, "max_elements", minimum=1)
     if m * m * n * n > max_elements:
         gib = m * m * n * n * 8 / 2**30
         raise ValueError(
@@ -69,10 +79,14 @@ def nearest_kronecker(F: KronSum, method: str = "svd", *, max_elements: int = DE
     flip = trace(L, xp) < 0
     L, R = xp.where(flip, -L, L), xp.where(flip, -R, R)
     c = cw * (cl * cr)
-    cf = to_float(c)
-    notes = () if bool(sigma > 0) else ("zero sum (sigma1 = 0): the estimate is zero",)
-    info = KronInfo(
-        method="svd", sigma1=to_float(sigma) * cf,
-        sigma2=(to_float(s[1]) * cf if s.shape[0] > 1 else 0.0), notes=notes,
-    )
-    return Kron(L, R, scale=sigma * c, info=info)
+    s1, s2 = host_floats([sigma, s[1] if s.shape[0] > 1 else 0.0])
+    check_in_range(s1 * c, "nearest_kronecker's scale σ₁", xp, F.dtype)
+    notes: tuple[str, ...] = ()
+    if not s1 > 0:
+        notes = ("zero sum (sigma1 = 0): the estimate is zero",)
+    elif s2 >= s1 * (1 - math.sqrt(float(xp.finfo(F.dtype).eps))):
+        notes = ("sigma1 == sigma2 to working precision: the optimum is not unique; "
+                 "one optimal pair is returned",)
+    notes = notes + underflow_notes(s1, c, "sigma1", xp, F.dtype)
+    info = KronInfo(method="svd", sigma1=s1 * c, sigma2=s2 * c, notes=notes)
+    return Kron(L, R, scale=times_scale(sigma, c), info=info)

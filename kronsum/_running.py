@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import numbers
 from collections.abc import Mapping
 from typing import Any
 
@@ -47,7 +46,7 @@ from ._ekfac import EigenKron, _ekfac_in
 from ._kfoc import choose_method, kfoc
 from ._kron import Kron, KronInfo
 from ._sum import KronSum
-from ._validation import check_finite_values
+from ._validation import check_finite_values, check_int, check_real, check_seed
 
 __all__ = ["RunningEstimate", "ESTIMATORS"]
 
@@ -231,13 +230,10 @@ class RunningEstimate:
             raise ValueError(f"estimator must be one of {ESTIMATORS}, got {estimator!r}")
         if basis_every is not None and estimator != "ekfac":
             raise ValueError(f"basis_every is for estimator 'ekfac' only, got it with {estimator!r}")
-        basis_every = 1 if basis_every is None else basis_every
-        if isinstance(basis_every, bool) or not isinstance(basis_every, int) or basis_every < 1:
-            raise ValueError(f"basis_every must be an integer >= 1, got {basis_every!r}")
-        if isinstance(decay, bool) or not isinstance(decay, numbers.Real) or not 0 <= decay < 1:
-            raise ValueError(f"decay must be a real number with 0 <= decay < 1, got {decay!r}")
-        if isinstance(update_every, bool) or not isinstance(update_every, int) or update_every < 1:
-            raise ValueError(f"update_every must be an integer >= 1, got {update_every!r}")
+        basis_every = check_int(1 if basis_every is None else basis_every, "basis_every",
+                                minimum=1)
+        decay = check_real(decay, "decay", minimum=0.0, below=1.0)
+        update_every = check_int(update_every, "update_every", minimum=1)
         if not isinstance(bias_correction, bool):
             raise TypeError(f"bias_correction must be True or False, got {bias_correction!r}")
         opts = dict(kfoc_options or {})
@@ -247,6 +243,13 @@ class RunningEstimate:
                 f"kfoc_options takes the keys {_KFOC_OPTIONS}, got {bad} (the warm start 'init' "
                 "is set by RunningEstimate itself)"
             )
+        for key, value in opts.items():  # checked now, not at the first update
+            if key in ("tol", "accuracy") and value is not None:
+                check_real(value, f"kfoc_options[{key!r}]", positive=True)
+            elif key == "max_iter" and value is not None:
+                check_int(value, "kfoc_options['max_iter']", minimum=1)
+            elif key == "seed":
+                check_seed(value, "kfoc_options['seed']")
         self._estimator = estimator
         self._decay = float(decay)
         self._update_every = update_every
@@ -328,8 +331,7 @@ class RunningEstimate:
         >>> RunningEstimate("kfac", decay=0.5, bias_correction=True).mixing_weights(2)
         (0.3333333333333333, 0.6666666666666666)
         """
-        if isinstance(t, bool) or not isinstance(t, int) or t < 1:
-            raise ValueError(f"t must be an integer >= 1, got {t!r}")
+        t = check_int(t, "t", minimum=1)
         d = self._decay
         if t == 1 or d == 0.0:
             return (0.0, 1.0)
@@ -351,8 +353,7 @@ class RunningEstimate:
         [0.25, 0.25, 0.5]
         """
         t = self._num_updates if num_updates is None else num_updates
-        if isinstance(t, bool) or not isinstance(t, int) or t < 0:
-            raise ValueError(f"num_updates must be an integer >= 0, got {t!r}")
+        t = check_int(t, "num_updates", minimum=0)
         c: list[float] = []
         for i in range(1, t + 1):
             a, b = self.mixing_weights(i)
@@ -381,11 +382,13 @@ class RunningEstimate:
             ``F`` is not a :class:`KronSum`, or its library or dtype differs from the state's.
         ValueError
             Its factor sizes differ from the state's.
+        OverflowError
+            The estimate of this batch is beyond the range of the dtype (see the estimator).
+            A call that raises leaves the object as it was (its step count included).
         """
         self._check_batch(F)
-        apply = self._step % self._update_every == 0
-        self._step += 1
-        if not apply:
+        if self._step % self._update_every != 0:
+            self._step += 1
             return self.estimate
         t = self._num_updates + 1
         a, b = self.mixing_weights(t)
@@ -419,8 +422,11 @@ class RunningEstimate:
                 left = _mix(a, self._left, b, est.left, reuse_new=own)
                 right = _mix(a, self._right, b, est.right, reuse_new=own)
                 scale = a * self._scale + b * est.scale
-        if name == "ekfac":
+        if name == "ekfac":  # sets the basis and correction last, after everything that can fail
             info = self._ekfac_update(F, left, right, t, a, b)
+        # the estimate succeeded: only now is anything written (a failing batch leaves the
+        # object as it was, its step count included)
+        self._step += 1
         self._xp = F.xp
         self._left, self._right, self._scale = left, right, scale
         if a == 0.0:
@@ -537,7 +543,9 @@ class RunningEstimate:
         use :meth:`from_state_dict` to build a matching object). Checks the keys, the counters
         (``num_updates`` must be the number of updates ``step`` calls apply), and that
         ``left`` (m, m), ``right`` (n, n) and ``scale`` (0-d) are finite real arrays of one
-        library and dtype. Nothing is copied or modified.
+        library and dtype, with ``scale >= 0`` except for ``"tkfac"`` (whose scale is
+        ``tr F``). Nothing is copied or modified, and a refused state leaves this object as
+        it was.
         """
         if not isinstance(state, Mapping):
             raise TypeError(f"state must be a mapping (a state_dict), got {type(state).__name__}")
@@ -602,6 +610,11 @@ class RunningEstimate:
             raise TypeError(f"state arrays must share one dtype, got {got}")
         for key, v in arrays.items():
             check_finite_values(xp, v, f"state[{key!r}]")
+        if self._estimator != "tkfac" and float(scale) < 0:  # tkfac's δ = tr F may be negative
+            raise ValueError(
+                f"state['scale'] must be >= 0 for estimator {self._estimator!r} (its scale is "
+                f"{'Σ w_k' if self._estimator == 'kfac' else 'σ₁'}), got {float(scale)!r}"
+            )
         self._clear()
         self._step, self._num_updates = step, t
         self._left, self._right, self._scale, self._xp = left, right, scale, xp

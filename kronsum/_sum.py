@@ -21,9 +21,10 @@ import math
 from typing import Any
 
 from ._accel import weighted_gram
-from ._compat import Array, count, device_of, host_floats, is_dask_namespace, materialize, namespace, trace
+from ._compat import (Array, count, device_of, host_floats, is_dask_namespace, namespace, persist_all,
+                      to_float, trace)
 from ._validation import (DEFAULT_MAX_ELEMENTS, check_array, check_dense_size, check_finite_values,
-                          check_weights)
+                          check_in_range, check_real, check_weights)
 
 __all__ = ["KronSum"]
 
@@ -117,17 +118,25 @@ class KronSum:
 
         ``check_finite=False`` skips the NaN/inf scan of the factors (for an estimate the
         library computed itself, which is finite by construction)."""
+        from ._kron import Kron
+
+        if not isinstance(K, Kron):
+            raise TypeError(
+                f"KronSum.from_kron takes a kronsum.Kron (e.g. kronsum.kfac(F), or "
+                f"Kron(left, right, scale)), got {type(K).__name__}"
+            )
         xp = K._xp
         return cls.from_terms(K.left[None, ...], K.right[None, ...], xp.reshape(K.scale, (1,)),
                               check_finite=check_finite)
 
     def scaled(self, c: float) -> "KronSum":
-        """``c · F`` for a real ``c ≥ 0`` (also written ``c * F``): the weights times c."""
-        if isinstance(c, bool) or not isinstance(c, (int, float)) or not c >= 0:
-            raise ValueError(f"a KronSum can be scaled by a real number >= 0 only, got {c!r}")
+        """``c · F`` for a finite real ``c ≥ 0`` (also written ``c * F``): the weights times c.
+
+        ``TypeError`` for a non-number, ``ValueError`` for a negative, infinite or NaN ``c``."""
+        c = check_real(c, "the factor c of c·F", minimum=0.0)
         if self.form == "sum":
             return KronSum.concat(*(P.scaled(c) for P in self.parts))
-        return KronSum(self.form, self.weights * float(c), L=self.L, R=self.R, G=self.G, A=self.A,
+        return KronSum(self.form, self.weights * c, L=self.L, R=self.R, G=self.G, A=self.A,
                        symmetric=self.symmetric, _xp=self._xp)
 
     def __add__(self, other: "KronSum") -> "KronSum":
@@ -439,9 +448,21 @@ class KronSum:
 
     # -- scalar summaries ----------------------------------------------------------------
     def trace(self) -> Array:
-        """``tr F = Σ_k w_k tr(L_k) tr(R_k)`` as a 0-d array, in O(K(m + n)) for outer/conv."""
+        """``tr F = Σ_k w_k tr(L_k) tr(R_k)`` as a 0-d array, in O(K(m + n)) for outer/conv.
+
+        Computed on the normalised sum (:meth:`normalized`), so inputs of any magnitude whose
+        F fits the dtype give a finite, accurate trace; ``OverflowError`` when ``tr F`` itself
+        is beyond the dtype's range.
+        """
+        Fn, (cw, cl, cr) = self.normalized()
+        c = cw * (cl * cr)
+        t = Fn._trace()
+        check_in_range(to_float(t) * c, "tr F", self._xp, self.dtype)
+        return times_scale(t, c)
+
+    def _trace(self) -> Array:
         if self.form == "sum":
-            return _sum_over(P.trace() for P in self.parts)
+            return _sum_over(P._trace() for P in self.parts)
         xp = self._xp
         w = self.weights
         if self.form == "terms":
@@ -455,12 +476,16 @@ class KronSum:
         """``‖F‖_F`` as a 0-d array, from K×K Gram matrices (in row chunks), never from F.
 
         ``‖F‖²_F = Σ_{k,l} w_k w_l ⟨L_k, L_l⟩⟨R_k, R_l⟩``. Cost O(K²(m + n)) for the outer
-        form, O(K²(m² + n²)) for terms, O(K²mn + KTmn) for conv. Safe from overflow.
+        form, O(K²(m² + n²)) for terms, O(K²mn + KTmn) for conv. Safe from overflow: computed on
+        the normalised sum; ``OverflowError`` when ``‖F‖_F`` itself is beyond the dtype's range.
         """
         xp = self._xp
         Fn, (cw, cl, cr) = self.normalized()
         s2 = Fn._sq_norm()
-        return (cw * (cl * cr)) * xp.sqrt(xp.where(s2 > 0, s2, xp.zeros_like(s2)))
+        c = cw * (cl * cr)
+        nrm = xp.sqrt(xp.where(s2 > 0, s2, xp.zeros_like(s2)))
+        check_in_range(to_float(nrm) * c, "‖F‖_F", xp, self.dtype)
+        return times_scale(nrm, c)
 
     def _sq_norm(self) -> Array:
         if self.form == "sum":
@@ -548,11 +573,14 @@ class KronSum:
                        A=g(self.A), symmetric=self.symmetric, _xp=xp)
 
     def persisted(self) -> "KronSum":
-        """The same sum with Dask inputs persisted (computed once, kept in memory or on the
-        workers of a ``distributed`` cluster); other backends are returned unchanged."""
+        """The same sum with Dask inputs persisted (computed once, in one pass, kept in memory
+        or on the workers of a ``distributed`` cluster, whatever their size, with their
+        chunks); other backends are returned unchanged."""
         if not is_dask_namespace(self._xp):
             return self
-        return self._map(materialize)
+        arrays = self._arrays() + ([self.weights] if self.form == "sum" else [])
+        done = dict(zip((id(a) for a in arrays), persist_all(*arrays)))
+        return self._map(lambda a: done[id(a)])
 
     def astype(self, dtype: Any) -> "KronSum":
         """The same sum with every input cast to ``dtype`` (a real floating dtype of its namespace)."""
@@ -566,38 +594,58 @@ class KronSum:
         """``(F̃, (c_w, c_L, c_R))`` with ``F = c_w c_L c_R · F̃`` and inputs of F̃ of moderate size.
 
         ``c_w`` scales the weights, ``c_L`` the left terms (``c_G²`` for outer/conv) and ``c_R``
-        the right ones. Each input whose largest magnitude lies outside ``[2⁻³⁰, 2³⁰]`` is
-        divided by a power of two (exact, no rounding) to bring it near 1; inputs inside that
-        range are used as they are, without a copy. The estimators work on F̃, so inputs
-        scaled by 1e±150 give finite, correct answers. A zero input keeps the factor 1.
+        the right ones. Each input whose largest magnitude lies outside ``[2⁻³⁰, 2³⁰]``
+        (``[2⁻⁸, 2⁸]`` in float32) is divided by a power of two (exact, no rounding) to bring
+        it near 1; inputs inside that range are used as they are, without a copy. The
+        estimators work on F̃, so inputs of any magnitude the dtype holds give finite, correct
+        answers when the answer itself fits. A zero input (F = 0) gives the factors 1.
+
+        The three factors are Python floats (powers of two). When one of them alone would
+        leave float64's range although F does not (opposite scales that cancel, such as
+        ``G·1e200`` with ``A/1e200``), they are balanced: each is then near the cube root of
+        the product, and only the product ``c_w·(c_L·c_R)`` keeps its meaning.
         """
+        Fn, ew, el, er, zero = self._normalized()
+        return Fn, (1.0, 1.0, 1.0) if zero else _pow2_floats(ew, el, er)
+
+    def _normalized(self) -> tuple["KronSum", int, int, int, bool]:
+        """``(F̃, e_w, e_L, e_R, zero)``: :meth:`normalized` with the exponents of its powers of
+        two (``F = 2^(e_w + e_L + e_R) F̃``), exact whatever their size. ``zero``: an input
+        (weights or one side's statistics) is all zeros, so F = F̃ = 0; the exponents are
+        still those of the inputs (K-FAC's factors need them)."""
         xp = self._xp
         if self.form == "sum":
-            normed = [P.normalized() for P in self.parts]
-            cs = [cw * (cl * cr) for _, (cw, cl, cr) in normed]
-            c = max(cs)
-            if c == 1.0 and all(P is Q for P, (Q, _) in zip(self.parts, normed)):
-                return self, (1.0, 1.0, 1.0)
-            c = c if c > 0 else 1.0
-            return KronSum.concat(*(Q.scaled(cp / c) for (Q, _), cp in zip(normed, cs))), (c, 1.0, 1.0)
+            normed = [P._normalized() for P in self.parts]
+            totals = [ew + el + er for _, ew, el, er, _ in normed]
+            live = [t for t, nd in zip(totals, normed) if not nd[4]]
+            top = max(live) if live else 0
+            if top == 0 and all(P is nd[0] for P, nd in zip(self.parts, normed)) and \
+                    all(t == 0 for t in totals):
+                return self, 0, 0, 0, not live
+            # each part relative to the largest non-zero one: 2^(E_p − E) ≤ 1 (0.0 for a
+            # negligible part; a zero part is zero whatever its factor)
+            parts = [Q.scaled(1.0 if zero else _ldexp1(t - top))
+                     for (Q, *_, zero), t in zip(normed, totals)]
+            return KronSum.concat(*parts), top, 0, 0, not live
         if self.form == "terms":
-            sw, sl, sr = _pow2_scales((self.weights, self.L, self.R), xp)
-            w = self.weights if sw == 1.0 else self.weights / sw
-            if sw == sl == sr == 1.0:
-                return self, (1.0, 1.0, 1.0)
-            out = KronSum("terms", w, L=self.L if sl == 1.0 else self.L / sl,
-                          R=self.R if sr == 1.0 else self.R / sr, symmetric=self.symmetric, _xp=xp)
-            return out, (sw, sl, sr)
-        sw, sg, sa = _pow2_scales((self.weights, self.G, self.A), xp)
-        w = self.weights if sw == 1.0 else self.weights / sw
-        if sw == sg == sa == 1.0:
-            return self, (1.0, 1.0, 1.0)
-        out = KronSum(self.form, w, G=self.G if sg == 1.0 else self.G / sg,
-                      A=self.A if sa == 1.0 else self.A / sa, symmetric=True, _xp=xp)
-        return out, (sw, sg * sg, sa * sa)
+            (ew, el, er), zero = _pow2_exponents((self.weights, self.L, self.R), xp)
+            if ew == el == er == 0:
+                return self, 0, 0, 0, zero
+            out = KronSum("terms", _div_pow2(self.weights, ew), L=_div_pow2(self.L, el),
+                          R=_div_pow2(self.R, er), symmetric=self.symmetric, _xp=xp)
+            return out, ew, el, er, zero
+        (ew, eg, ea), zero = _pow2_exponents((self.weights, self.G, self.A), xp)
+        if ew == eg == ea == 0:
+            return self, 0, 0, 0, zero
+        out = KronSum(self.form, _div_pow2(self.weights, ew), G=_div_pow2(self.G, eg),
+                      A=_div_pow2(self.A, ea), symmetric=True, _xp=xp)
+        return out, ew, 2 * eg, 2 * ea, zero
 
 
 _POW2_RANGE = (2.0**-30, 2.0**30)
+# float32: the squared norm takes fourth powers of the entries times squared weights, which
+# leave float32's range (2¹²⁸) from entries of 2³⁰; entries within 2^±8 keep it inside
+_POW2_RANGE_32 = (2.0**-8, 2.0**8)
 
 
 def _sum_over(arrays):
@@ -686,13 +734,62 @@ def _terms_conv_inner(P: KronSum, Q: KronSum) -> Array:
     return total
 
 
-def _pow2_scales(arrays, xp: Any) -> list[float]:
-    """Per array: 1.0 when ``max|x|`` is 0 or within ``_POW2_RANGE``, else the power of two
-    nearest it. The maxima are read to the host together (one synchronisation on a GPU)."""
-    out = []
-    for c in host_floats([xp.max(xp.abs(x)) for x in arrays]):
-        if c == 0.0 or _POW2_RANGE[0] <= c <= _POW2_RANGE[1] or not math.isfinite(c):
-            out.append(1.0)
+def _pow2_exponents(arrays, xp: Any) -> tuple[list[int], bool]:
+    """``(exponents, any array all zero)``. Per array: 0 when ``max|x|`` is 0, not finite or
+    within the dtype's window, else the ``e`` with ``2^e ≤ max|x| < 2^(e+1)`` (so ``2^e`` is
+    representable in the array's dtype, even for a largest entry of 2¹⁰²³ or a subnormal one).
+    The maxima are read to the host together (one synchronisation on a GPU)."""
+    out, zero = [], False
+    for x, c in zip(arrays, host_floats([xp.max(xp.abs(x)) for x in arrays])):
+        lo, hi = _POW2_RANGE if xp.finfo(x.dtype).bits >= 64 else _POW2_RANGE_32
+        zero = zero or c == 0.0
+        if c == 0.0 or lo <= c <= hi or not math.isfinite(c):
+            out.append(0)
         else:
-            out.append(math.ldexp(1.0, math.frexp(c)[1]))
-    return out
+            out.append(math.frexp(c)[1] - 1)
+    return out, zero
+
+
+def _ldexp1(e: int) -> float:
+    """``2^e`` as a float: ``inf`` above float64's range and ``0.0`` below it (no exception)."""
+    if e > 1023:
+        return math.inf
+    return math.ldexp(1.0, max(e, -1100))
+
+
+def times_scale(x: Array, c: float) -> Array:
+    """``x · c`` for a 0-d (or small) array ``x`` and a power-of-two factor ``c`` from
+    :meth:`KronSum.normalized`, in steps of at most 2¹⁰⁰: no step casts a number beyond the
+    range of ``x``'s dtype (float32) when the product itself fits."""
+    if c == 1.0 or c == 0.0 or not math.isfinite(c):
+        return x * c
+    mant, e = math.frexp(c)
+    x = x * (2 * mant)
+    e -= 1
+    while e != 0:
+        step = max(-100, min(100, e))
+        x = x * math.ldexp(1.0, step)
+        e -= step
+    return x
+
+
+def _div_pow2(x: Array, e: int) -> Array:
+    """``x / 2^e`` (exact); ``x`` itself for ``e = 0``."""
+    return x if e == 0 else x / math.ldexp(1.0, e)
+
+
+def _pow2_floats(ew: int, el: int, er: int) -> tuple[float, float, float]:
+    """``(2^ew, 2^el, 2^er)`` when each and their product are normal float64 numbers; else a
+    balanced split of ``2^(ew + el + er)`` (each near its cube root), so that
+    ``c_w·(c_L·c_R)`` is computed without an intermediate overflow or underflow. A product
+    beyond float64's range gives ``inf`` or ``0.0``."""
+    total = ew + el + er
+    if all(-1022 <= e <= 1023 for e in (ew, el, er, el + er, total)):
+        return math.ldexp(1.0, ew), math.ldexp(1.0, el), math.ldexp(1.0, er)
+    if total > 2046:
+        return math.inf, 1.0, 1.0
+    if total < -2100:
+        return 0.0, 1.0, 1.0
+    a = total // 3
+    b = (total - a) // 2
+    return math.ldexp(1.0, a), math.ldexp(1.0, b), math.ldexp(1.0, total - a - b)

@@ -377,13 +377,19 @@ def test_load_state_dict_validates():
 
 
 def test_input_errors():
-    for bad in (-0.1, 1.0, 1.5, float("nan"), True, "0.9", None):
+    for bad in (-0.1, 1.0, 1.5, float("nan")):
         with pytest.raises(ValueError, match="decay"):
+            ks.RunningEstimate("kfac", decay=bad)
+    for bad in (True, "0.9", None):  # not a number: the wrong kind
+        with pytest.raises(TypeError, match="decay"):
             ks.RunningEstimate("kfac", decay=bad)
     with pytest.raises(ValueError, match="estimator must be one of"):
         ks.RunningEstimate("kfoc")
-    for bad in (0, -1, 1.5, True):
+    for bad in (0, -1):
         with pytest.raises(ValueError, match="update_every"):
+            ks.RunningEstimate("kfac", update_every=bad)
+    for bad in (1.5, True):
+        with pytest.raises(TypeError, match="update_every"):
             ks.RunningEstimate("kfac", update_every=bad)
     with pytest.raises(TypeError, match="bias_correction"):
         ks.RunningEstimate("kfac", bias_correction="yes")

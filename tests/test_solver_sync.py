@@ -59,7 +59,8 @@ def test_batched_reads_return_the_same_step(method, every):
 @pytest.mark.parametrize("method", ["lanczos", "power"])
 def test_batched_reads_synchronise_less(method):
     """Count the host reads (``info.host_reads``): one per ``check_every`` steps (plus a few
-    per restart)."""
+    per restart; the power method adds its σ₂ probe, a few Lanczos steps after convergence,
+    which reads about ten scalars once)."""
     G, A = random_inputs("conv", 40, 6, 8, T=4, seed=1, kind="gaussian")
     F = ks.KronSum.from_conv(G, A)
     reads = {}
@@ -69,14 +70,15 @@ def test_batched_reads_synchronise_less(method):
     (r1, it1), (r5, it5) = reads[1], reads[5]
     assert r1 >= it1  # unbatched: at least one read per application
     cycles = math.ceil(it5 / KRYLOV_DIM)
-    assert r5 <= it5 / 5 + 4 * cycles + 8, reads
+    probe = 10 if method == "power" else 0
+    assert r5 <= it5 / 5 + 4 * cycles + 8 + probe, reads
     assert r5 < r1 / 2, reads
 
 
 def test_check_every_option_is_validated():
     with pytest.raises(ValueError, match="check_every"):
         ks.set_config(check_every=0)
-    with pytest.raises(ValueError, match="check_every"):
+    with pytest.raises(TypeError, match="check_every"):
         ks.set_config(check_every=True)
     with ks.config(check_every=3):
         assert ks.get_config()["check_every"] == 3

@@ -554,6 +554,14 @@ def precondition(model: Any, estimates: Mapping[str, Kron], damping: float, *,
         Passed to ``Kron.solve`` (``"exact"``, ``"factored"``, ``"tkfac"``); without
         ``Kron.solve`` only ``"exact"``, by eigendecompositions of the factors.
 
+    Raises
+    ------
+    TypeError, ValueError
+        For an estimate that is not a :class:`~kronsum.Kron`, a name that is no submodule or
+        a layer without a weight, a missing gradient, mismatched sizes, a bad ``damping``, or
+        a damped matrix that cannot be solved. Every layer is checked and solved before any
+        gradient is written, so an error leaves all gradients as they were.
+
     Examples
     --------
     >>> import pytest; torch = pytest.importorskip("torch")
@@ -568,6 +576,13 @@ def precondition(model: Any, estimates: Mapping[str, Kron], damping: float, *,
     (torch.Size([2, 3]), torch.Size([2]))
     """
     _require_torch()
+    if not isinstance(estimates, Mapping):
+        raise TypeError(
+            f"estimates must be a mapping of layer names to Kron estimates, got {type(estimates).__name__}"
+        )
+    from .._validation import check_real
+
+    check_real(damping, "damping", minimum=0.0, array_ok=True)
     specs = _specs_by_key(model)
     jobs = []  # everything checked before any gradient is written
     for name, est in estimates.items():
@@ -576,7 +591,16 @@ def precondition(model: Any, estimates: Mapping[str, Kron], damping: float, *,
                 f"estimates[{name!r}] must be a Kron (e.g. kronsum.kfac(F)), got {type(est).__name__}"
             )
         if name not in specs:
-            raise KeyError(f"estimates[{name!r}]: not a block of the model (see collect's keys)")
+            try:
+                mod = model.get_submodule(name)
+            except AttributeError:
+                raise ValueError(f"estimates[{name!r}]: the model has no submodule {name!r} and "
+                                 f"no block of that name (see collect's keys)") from None
+            raise ValueError(
+                f"estimates[{name!r}]: layer {name!r} ({type(mod).__name__}) has no weight with a "
+                f"block (a layer without parameters, or of a kind collect does not cover: see "
+                f"coverage(model))"
+            )
         spec = specs[name]
         W = model.get_parameter(spec.weight)
         b = None if spec.bias is None else model.get_parameter(spec.bias)
