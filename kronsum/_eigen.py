@@ -1195,6 +1195,13 @@ def finish_block(Fn, side: str, space: Space, vecs, rank: int, rng, unit_terms, 
     """
     xp = Fn.xp
     eps = float(xp.finfo(Fn.dtype).eps)
+    if side != "gram" and len(vecs) < rank:
+        # the solver exhausted its space with fewer vectors: the complement joins the
+        # Rayleigh–Ritz step with its own half-steps, so that the energy the solver rounded away
+        # is not lost (at r = min(m², n²) the basis spans every factor and the answer is F)
+        d = Fn.m if side == "left" else Fn.n
+        vecs = list(vecs) + _complete(list(vecs), rank - len(vecs), d, kind in ("sym", "parity"),
+                                      rng, xp, Fn.weights)
     Bs, Os = [], []
     for v in vecs:
         if side == "gram":
@@ -1237,12 +1244,17 @@ def finish_block(Fn, side: str, space: Space, vecs, rank: int, rng, unit_terms, 
                 QO.append(O / nb)
         if not QB:
             continue
+        # the SVD of the projection M = [𝓡ᵀB_1 … 𝓡ᵀB_k] from a Householder QR, M = QR, and the
+        # SVD of the small R = PΣWᵀ: 𝓡ᵀ(Σ_i W_ij B_i) = σ_j (QP)_j. Unlike the eigenvalues of
+        # MᵀM, σ_j is then accurate to ε·σ₁ (not √(ε)·σ₁), and so is the rotation of the B_i
         k = len(QB)
-        G = np.array(host_floats([xp.sum(QO[i] * QO[j]) for i in range(k) for j in range(k)])).reshape(k, k)
-        theta, S = np.linalg.eigh((G + G.T) / 2)
-        S = S[:, ::-1]
+        M = xp.stack([xp.reshape(o, (-1,)) for o in QO], axis=1)
+        if is_dask_namespace(xp):  # tall-and-skinny QR wants one chunk along the columns
+            M = M.rechunk({0: "auto", 1: -1})
+        R = np.asarray(host_vector(xp.reshape(xp.linalg.qr(M)[1], (-1,)))).reshape(k, k)
+        _, svals, Wt = np.linalg.svd(R)
         for j in range(k):
-            col = [float(c) for c in S[:, j]]
+            col = [float(c) for c in Wt[j, :]]
             B = col[0] * QB[0]
             O = col[0] * QO[0]
             for cj, qb, qo in zip(col[1:], QB[1:], QO[1:]):
@@ -1250,8 +1262,8 @@ def finish_block(Fn, side: str, space: Space, vecs, rank: int, rng, unit_terms, 
             B = B / fro_norm(B, xp)
             no = fro_norm(O, xp)
             basis.append(B)
-            sig.append(no)
-            other.append(O / no if bool(no > 0) else None)
+            sig.append(xp.asarray(float(svals[j]), dtype=Fn.dtype, device=Fn.device))
+            other.append(O / no if bool(no > 0) and svals[j] > 0 else None)
     order = sorted(range(len(basis)), key=lambda i: -to_float(sig[i]))[:rank]
     basis = [basis[i] for i in order]
     other = [other[i] for i in order]
@@ -1263,8 +1275,12 @@ def finish_block(Fn, side: str, space: Space, vecs, rank: int, rng, unit_terms, 
     # a direction lost in rounding (σ_i at the level of ε σ₁) becomes a σ = 0 term
     zero = xp.zeros((), dtype=Fn.dtype, device=Fn.device)
     kept: list = []
+    tiny = 1e3 * eps * max([to_float(v) for v in sig], default=0.0)  # σ at the rounding floor
     for i, O in enumerate(other):
         if O is None:
+            continue
+        if not to_float(sig[i]) > tiny:
+            other[i], sig[i] = None, zero
             continue
         for _ in range(2):
             for q in kept:
