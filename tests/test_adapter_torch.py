@@ -179,24 +179,19 @@ def test_dtype_layers_and_errors():
 # -- precondition ----------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("method", ["exact", "local"])
-def test_precondition_matches_dense_solve(method):
+@pytest.mark.parametrize("estimator", ["kfoc+kfac", "ekfac"])
+def test_precondition_matches_dense_solve(estimator):
     model = _cnn()
     X, y, _ = _data("cnn")
     loss = nn.CrossEntropyLoss()
     blocks = kt.collect(model, loss, X, fisher="exact", layers=["0", "5"])
-    est = {name: ks.kfoc(F) if name == "0" else ks.kfac(F) for name, F in blocks.items()}
+    if estimator == "ekfac":  # eigenvalue-corrected, in K-FOC's basis for one layer
+        est = {name: ks.ekfac(F, basis="kfoc" if name == "0" else "kfac") for name, F in blocks.items()}
+    else:
+        est = {name: ks.kfoc(F) if name == "0" else ks.kfac(F) for name, F in blocks.items()}
     loss(model(X), y).backward()
     before = {k: p.grad.clone() for k, p in model.named_parameters()}
     lam = 1e-2
-    if method == "local":  # the adapter's own fallback, whether or not Kron.solve exists
-        for name, e in est.items():
-            mod = model.get_submodule(name)
-            V = torch.cat([mod.weight.grad.reshape(e.m, -1), mod.bias.grad[:, None]], 1)
-            P = kt._damped_kron_solve_exact(e, V, lam)
-            ref = torch.linalg.solve(e.to_dense() + lam * torch.eye(e.m * e.n, dtype=DT), V.reshape(-1))
-            _close(P.reshape(-1), ref, rtol=1e-9)
-        return
     kt.precondition(model, est, damping=lam, method="exact")
     for name, e in est.items():
         mod = model.get_submodule(name)

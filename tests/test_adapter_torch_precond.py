@@ -33,13 +33,14 @@ def _block(model, name, grads):
     return torch.cat([grads[f"{name}.weight"], grads[f"{name}.bias"][:, None]], 1)
 
 
-@pytest.mark.parametrize("estimator", ["kfac", "kfoc_running"])
+@pytest.mark.parametrize("estimator", ["kfac", "kfoc_running", "ekfac"])
 def test_first_step_is_the_damped_solve_of_the_batch_estimate(estimator):
     model, X, y = _setup()
     loss_fn = nn.CrossEntropyLoss()
     pre = kt.Preconditioner(model, loss_fn, estimator=estimator, fisher="empirical", damping=0.1)
     blocks = kt.collect(model, loss_fn, X, y, fisher="empirical")
-    est = {k: ks.kfac(F) if estimator == "kfac" else ks.kfoc(F) for k, F in blocks.items()}
+    make = {"kfac": ks.kfac, "kfoc_running": ks.kfoc, "ekfac": ks.ekfac}[estimator]
+    est = {k: make(F) for k, F in blocks.items()}
     loss_fn(model(X), y).backward()
     before = _grads(model)
     pre.step(X, y)
@@ -155,3 +156,39 @@ def test_errors_are_clear_and_leave_gradients_alone():
     model[0].weight.grad[0, 0] = float("inf")
     with pytest.raises(ValueError, match="NaN or inf"):
         pre.step()
+
+
+def test_ekfac_refreshes_its_basis_every_basis_every_and_round_trips():
+    model, X, y = _setup(4)
+    loss_fn = nn.CrossEntropyLoss()
+    with pytest.raises(ValueError, match="damping_method='exact' only"):
+        kt.Preconditioner(model, loss_fn, estimator="ekfac", damping_method="factored")
+    with pytest.raises(ValueError, match="basis_every"):
+        kt.Preconditioner(model, loss_fn, estimator="kfac", basis_every=2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    pre = kt.Preconditioner(model, loss_fn, estimator="ekfac", fisher="empirical", update_every=1,
+                            decay=0.5, basis_every=2, damping=1e-2)
+    bases = []
+    for _ in range(3):
+        opt.zero_grad()
+        loss_fn(model(X), y).backward()
+        pre.step(X, y)
+        opt.step()
+        bases.append(pre.estimates["0"].U.clone())
+    assert isinstance(pre.estimates["0"], ks.EigenKron)
+    assert torch.equal(bases[0], bases[1]) and not torch.equal(bases[1], bases[2])
+    # a restored preconditioner takes the same next step
+    other = kt.Preconditioner(model, loss_fn, estimator="ekfac", fisher="empirical", update_every=1,
+                              decay=0.5, basis_every=2, damping=1e-2)
+    other.load_state_dict(pre.state_dict())
+    opt.zero_grad()
+    loss_fn(model(X), y).backward()
+    g0 = _grads(model)
+    pre.step(X, y)
+    a = _grads(model)
+    for k, p in model.named_parameters():
+        p.grad.copy_(g0[k])
+    other.step(X, y)
+    b = _grads(model)
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-12, atol=0)

@@ -23,8 +23,9 @@ class Preconditioner:
     is given with :func:`~kronsum.adapters.torch.collect` (one extra forward pass and the
     backward passes of the Fisher type), feeds each block to a
     :class:`~kronsum.RunningEstimate` (an exponential moving average of K-FAC, TKFAC or K-FOC
-    estimates), and caches each block's damped inverse (:class:`~kronsum.KronInverse`: two
-    eigendecompositions per refresh, reused across steps and dampings). Every step it rewrites
+    estimates, or the eigenvalue-corrected EKFAC), and caches each block's damped inverse
+    (:class:`~kronsum.KronInverse`: two eigendecompositions per refresh, reused across steps
+    and dampings; for ``"ekfac"`` the eigenbasis is already at hand). Every step it rewrites
     the covered gradients with :func:`~kronsum.adapters.torch.precondition`'s convention,
     optionally scaled down by KL clipping. Any ``torch.optim`` optimiser then takes the step.
 
@@ -33,8 +34,11 @@ class Preconditioner:
     model : torch.nn.Module
     loss_fn : torch.nn.CrossEntropyLoss, torch.nn.MSELoss or torch.nn.BCEWithLogitsLoss
         The training loss, as for :func:`~kronsum.adapters.torch.collect`.
-    estimator : {"kfoc_running", "kfoc_approx", "kfac", "tkfac"}
+    estimator : {"kfoc_running", "kfoc_approx", "kfac", "tkfac", "ekfac"}
         The streaming estimator of each block (see :class:`~kronsum.RunningEstimate`).
+        ``"ekfac"`` (George et al. 2018) refreshes K-FAC's eigenbasis every ``basis_every``
+        refreshes and the corrected eigenvalues at every refresh; it takes
+        ``damping_method="exact"`` only.
     fisher : {"mc", "empirical", "exact"}
         The Fisher type of the statistics (``"mc"``: labels sampled from the model,
         ``n_samples`` of them; ``"empirical"``: the batch's targets).
@@ -48,6 +52,8 @@ class Preconditioner:
         reuses the eigendecompositions).
     damping_method : {"exact", "factored", "tkfac"}
         How ``λ`` enters (:meth:`kronsum.Kron.inverse`).
+    basis_every : int, optional
+        For ``estimator="ekfac"``: refreshes between eigenbasis updates (default 1).
     kl_clip : float, optional
         When given, scale all preconditioned gradients by
         ``ν = min(1, √(kl_clip / (lr² Σ_blocks ⟨P∇, ∇⟩)))`` (Ba et al. 2017), which bounds the
@@ -94,7 +100,8 @@ class Preconditioner:
                  damping: float | Callable[[int], float] = 1e-3, damping_method: str = "exact",
                  kl_clip: float | None = None, layers: Iterable[str] | None = None,
                  n_samples: int = 1, class_dim: int = 1, weight_sharing: str = "expand",
-                 kfoc_options: Mapping[str, Any] | None = None, generator: Any = None):
+                 kfoc_options: Mapping[str, Any] | None = None, generator: Any = None,
+                 basis_every: int | None = None):
         from .torch import FISHER_TYPES, _require_torch, coverage
         from ._torch_losses import loss_spec
 
@@ -107,6 +114,9 @@ class Preconditioner:
             raise ValueError(f"update_every must be an integer >= 1, got {update_every!r}")
         if damping_method not in _DAMPING_METHODS:
             raise ValueError(f"damping_method must be one of {_DAMPING_METHODS}, got {damping_method!r}")
+        if estimator == "ekfac" and damping_method != "exact":
+            raise ValueError(f"estimator='ekfac' takes damping_method='exact' only (its damped "
+                             f"inverse lives in the eigenbasis), got {damping_method!r}")
         if not callable(damping):
             _positive("damping", damping)
         if kl_clip is not None:
@@ -119,7 +129,10 @@ class Preconditioner:
         self._collect_kw = dict(n_samples=n_samples, class_dim=class_dim,
                                 weight_sharing=weight_sharing, generator=generator)
         self._kfoc_options = dict(kfoc_options or {})
-        RunningEstimate(estimator, decay, kfoc_options=self._kfoc_options)  # options checked now
+        self._running_kw = dict(kfoc_options=self._kfoc_options)
+        if basis_every is not None:
+            self._running_kw["basis_every"] = basis_every
+        RunningEstimate(estimator, decay, **self._running_kw)  # options checked now
         self._running: dict[str, RunningEstimate] = {}
         self._inverses: dict[str, Any] = {}
         self.steps = 0
@@ -153,7 +166,7 @@ class Preconditioner:
             blocks = collect(self.model, self.loss_fn, inputs, targets, fisher=self.fisher,
                              layers=self.layers, **self._collect_kw)
             running = {k: self._running.get(k) or RunningEstimate(
-                self.estimator, self.decay, kfoc_options=self._kfoc_options) for k in blocks}
+                self.estimator, self.decay, **self._running_kw) for k in blocks}
             estimates = {k: running[k].update(F) for k, F in blocks.items()}
             self._running = running
             self._inverses = {k: est.inverse(lam, self.damping_method) for k, est in estimates.items()}
@@ -188,7 +201,7 @@ class Preconditioner:
 
     @property
     def estimates(self) -> dict:
-        """``{block: Kron}``: the current estimates."""
+        """``{block: Kron}`` (``"ekfac"``: ``EigenKron``): the current estimates."""
         return {k: r.estimate for k, r in self._running.items()}
 
     # -- checkpoints ---------------------------------------------------------------------

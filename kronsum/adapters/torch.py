@@ -59,6 +59,7 @@ except ImportError:  # pragma: no cover - depends on the environment
     nn = None  # type: ignore[assignment]
 
 from .._compat import all_finite, namespace
+from .._ekfac import EigenKron
 from .._kron import Kron
 from .._sum import KronSum
 from ._torch_layers import (
@@ -515,20 +516,9 @@ def collect(
 # -- precondition --------------------------------------------------------------------------
 
 
-def _damped_kron_solve_exact(est: Kron, V: Any, damping: float) -> Any:
-    """``(scale·L ⊗ R + λI)⁻¹ vec(V)`` by eigendecompositions of the symmetric factors."""
-    a, UL = torch.linalg.eigh(est.left)
-    b, UR = torch.linalg.eigh(est.right)
-    core = (UL.mT @ V @ UR) / (est.scale * a[:, None] * b[None, :] + damping)
-    return UL @ core @ UR.mT
-
-
-def _solve(est: Kron, V: Any, damping: float, method: str) -> Any:
-    if hasattr(Kron, "solve"):
-        return est.solve(V, damping, method=method)
-    if method != "exact":  # pragma: no cover - only before Kron.solve exists
-        raise NotImplementedError(f"method={method!r} needs Kron.solve; only 'exact' is available")
-    return _damped_kron_solve_exact(est, V, damping)
+def _solve(est: Any, V: Any, damping: float, method: str) -> Any:
+    """``(F̂ + λI)⁻¹`` applied to the block gradient ``V`` (a :class:`Kron` or ``EigenKron``)."""
+    return est.solve(V, damping, method=method)
 
 
 def precondition(model: Any, estimates: Mapping[str, Kron], damping: float, *,
@@ -546,18 +536,20 @@ def precondition(model: Any, estimates: Mapping[str, Kron], damping: float, *,
     ----------
     model : torch.nn.Module
         After ``loss.backward()``: the covered weights must have a ``.grad``.
-    estimates : mapping of str to Kron
-        E.g. ``{name: kronsum.kfac(F) for name, F in collect(...).items()}``.
+    estimates : mapping of str to Kron or EigenKron
+        E.g. ``{name: kronsum.kfac(F) for name, F in collect(...).items()}``; an
+        :class:`~kronsum.EigenKron` (``kronsum.ekfac(F)``) is solved in its eigenbasis,
+        ``U ((Uᵀ∇V) / (S + λ)) Vᵀ``.
     damping : float
         ``λ > 0`` (or ``≥ 0`` when the estimate is positive definite).
     method : str
-        Passed to ``Kron.solve`` (``"exact"``, ``"factored"``, ``"tkfac"``); without
-        ``Kron.solve`` only ``"exact"``, by eigendecompositions of the factors.
+        Passed to ``Kron.solve`` (``"exact"``, ``"factored"``, ``"tkfac"``); an ``EigenKron``
+        takes ``"exact"`` only.
 
     Raises
     ------
     TypeError, ValueError
-        For an estimate that is not a :class:`~kronsum.Kron`, a name that is no submodule or
+        For an estimate that is not a ``Kron`` or ``EigenKron``, a name that is no submodule or
         a layer without a weight, a missing gradient, mismatched sizes, a bad ``damping``, or
         a damped matrix that cannot be solved. Every layer is checked and solved before any
         gradient is written, so an error leaves all gradients as they were.
@@ -586,9 +578,10 @@ def precondition(model: Any, estimates: Mapping[str, Kron], damping: float, *,
     specs = _specs_by_key(model)
     jobs = []  # everything checked before any gradient is written
     for name, est in estimates.items():
-        if not isinstance(est, Kron):
+        if not isinstance(est, (Kron, EigenKron)):
             raise TypeError(
-                f"estimates[{name!r}] must be a Kron (e.g. kronsum.kfac(F)), got {type(est).__name__}"
+                f"estimates[{name!r}] must be a Kron or an EigenKron (e.g. kronsum.kfac(F), "
+                f"kronsum.ekfac(F)), got {type(est).__name__}"
             )
         if name not in specs:
             try:
