@@ -1087,7 +1087,30 @@ def negative(L, xp, first: bool = True) -> bool:
     return to_float(flat[j]) < 0
 
 
-def finish(Fn, side: str, eig: EigenResult) -> Factors:
+def psd_sum(Fn) -> bool:
+    """Whether ``Fn`` is a sum of PSD terms by its form (outer and conv forms, whose weights are
+    non-negative, and sums of such parts): its K-FOC factors are then PSD."""
+    if Fn.form == "sum":
+        return all(psd_sum(P) for P in Fn.parts)
+    return Fn.form in ("outer", "conv")
+
+
+def _psd_projection(x, xp):
+    """``x`` (symmetric, of either sign: an eigenvector's sign is arbitrary) turned to
+    ``tr ≥ 0``, with its eigenvalues below ``−10·d·ε·max|λ|`` set to 0; ``None`` when it has
+    none. The nearest PSD matrix in Frobenius norm, never farther from a PSD optimum than
+    ``±x`` (projection onto a convex set). One ``eigh`` of the ``d × d`` iterate."""
+    lam, V = xp.linalg.eigh(x)
+    lo, hi, tr = host_floats([xp.min(lam), xp.max(xp.abs(lam)), xp.sum(lam)])
+    if tr < 0:
+        lam, lo = -lam, -host_floats([xp.max(lam)])[0]
+    if lo >= -10 * x.shape[0] * float(xp.finfo(x.dtype).eps) * hi:
+        return None
+    lam = xp.where(lam < 0, xp.zeros_like(lam), lam)
+    return symmetrize((V * lam) @ xp.matrix_transpose(V), xp)
+
+
+def finish(Fn, side: str, eig: EigenResult, psd: bool = False) -> Factors:
     """Factors from a factor-space iterate ``eig.x``: ``L`` (unit), ``R = 𝓡ᵀvec(L)/σ``,
     ``σ = ‖𝓡ᵀvec L‖``, with the sign rule.
 
@@ -1099,9 +1122,17 @@ def finish(Fn, side: str, eig: EigenResult) -> Factors:
     ``eig.image`` (side="right", with ``aux``) is the full application ``contract_left(aux)``,
     which replaces the last contraction too. The side="left" form with ``aux`` also finishes
     an unnormalised pair ``(L, R ∝ 𝓡ᵀvec L)``: ``σ = ‖R‖/‖L‖``.
+    ``psd`` (for a :func:`psd_sum` ``Fn`` whose iterate carries rounding of a lower precision):
+    an iterate with eigenvalues below rounding is first projected onto the PSD cone
+    (:func:`_psd_projection`) and the half-steps recomputed from it, so that both factors are
+    PSD to rounding.
     """
     xp = Fn.xp
     x, aux, image = eig.x, eig.aux, eig.image
+    if psd and Fn.symmetric:
+        proj = _psd_projection(symmetrize(x, xp), xp)
+        if proj is not None:
+            x, aux, image = proj, None, None
     L = x if side == "left" else (Fn.contract_right(x) if aux is None else aux)
     if Fn.symmetric:
         L = symmetrize(L, xp)

@@ -37,6 +37,7 @@ from ._closed_forms import _new_kron, _require_sum, kfac
 from ._compat import Array, counted, eye_like, fro_norm, is_dask_namespace, to_float
 from ._config import get_config
 from ._eigen import (Solution, Stop, aux_fits, contraction_space, conv_gram_solve, deflated_top, finish, gram_solve,
+                     psd_sum,
                      lanczos, lanczos_two_precision,
                      power, random_like)
 from ._eigen import default_accuracy as _default_accuracy
@@ -424,7 +425,9 @@ def _solve_factors(Fn: KronSum, method: str, init, seed, stop: Stop, max_iter: i
             contraction_space(F32, side), _initial(F32, init, seed, side),  # a Kron start is cast
             contraction_space(Fn, side, keep_aux=True),
             lambda: contraction_space(Fn, side, keep_aux=aux_fits(Fn, side)), Fn.dtype, stop, max_iter)
-        return Solution(finish(Fn, side, eig), eig, "lanczos[float32]")
+        # the float32 copy's rounding (e.g. of gradients whose rows sum to zero) can leave the
+        # iterate indefinite beyond float64 rounding: projected onto the PSD cone in the finish
+        return Solution(finish(Fn, side, eig, psd=psd_sum(Fn)), eig, "lanczos[float32]")
     x0 = _initial(Fn, init, seed, side)
     if method == "lanczos":
         eig = lanczos(contraction_space(Fn, side, keep_aux=aux_fits(Fn, side)), x0, stop, max_iter)
