@@ -94,7 +94,7 @@ def run(quick: bool = False, rounds: int = 3) -> list[dict]:
     n_train = int(0.7 * len(X))
     if quick:
         n_train = 200
-    tr, te = perm[:n_train], perm[n_train:]
+    tr, te = perm[:n_train], perm[n_train:n_train + 200 if quick else None]
     Xtr, ytr, Xte, yte = X[tr], y[tr], X[te], y[te]
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(Xtr, ytr),
                                          batch_size=len(Xtr))

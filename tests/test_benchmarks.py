@@ -125,3 +125,31 @@ def test_ekfac_report_quick_runs(tmp_path):
     assert {r["case"] for r in records} == {"outer", "conv"}
     assert all(r["ekfac_cpu_s"] > 0 and r["kfac_cpu_s"] > 0 for r in records)
     assert "| case | shape | kfac |" in proc.stdout
+
+
+def test_laplace_and_training_reports_quick(tmp_path):
+    """benchmarks/laplace_report.py and training_report.py on small sizes: every backend and
+    optimiser gives finite numbers; kronsum's K-FAC reproduces laplace-torch's evidence."""
+    pytest.importorskip("sklearn")
+    pytest.importorskip("laplace")
+    out = tmp_path / "laplace.json"
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "laplace_report.py"), "--quick",
+                           "--rounds", "1", "--json", str(out)], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    recs = json.loads(out.read_text())["records"]
+    for net in ("mlp", "cnn"):
+        for subset in ("all", "last_layer"):
+            lml = {r["backend"]: r["log_marglik"] for r in recs
+                   if r["network"] == net and r["subset_of_weights"] == subset}
+            assert len(lml) == 4 and all(v == v and abs(v) < float("inf") for v in lml.values())
+            if net == "mlp" or subset == "last_layer":  # the same blocks: the same evidence
+                assert lml["kronsum kfac"] == pytest.approx(lml["laplace-torch K-FAC"], rel=1e-8)
+    out = tmp_path / "training.json"
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "training_report.py"), "--quick",
+                           "--json", str(out)], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    nets = json.loads(out.read_text())["networks"]
+    assert set(nets) == {"mlp", "cnn"}
+    for runs in nets.values():
+        assert set(runs) == {"SGD", "Adam", "K-FAC", "K-FOC", "EKFAC"}
+        assert all(r["loss"][-1] < r["loss"][0] and r["cpu_s"][-1] > 0 for r in runs.values())

@@ -135,6 +135,7 @@ class Preconditioner:
         RunningEstimate(estimator, decay, **self._running_kw)  # options checked now
         self._running: dict[str, RunningEstimate] = {}
         self._inverses: dict[str, Any] = {}
+        self._params: dict[str, Any] | None = None  # block -> (spec, weight, bias), per refresh
         self.steps = 0
         self.refreshes = 0
         self.last_scale = 1.0  # ν of the last step (1 without KL clipping)
@@ -170,24 +171,31 @@ class Preconditioner:
             estimates = {k: running[k].update(F) for k, F in blocks.items()}
             self._running = running
             self._inverses = {k: est.inverse(lam, self.damping_method) for k, est in estimates.items()}
+            self._params = None  # looked up again below: the model may have changed
             self.refreshes += 1
         if not self._running:
             raise RuntimeError("no estimate yet: the first step needs the batch")
-        specs = _specs_by_key(self.model)
-        jobs = []  # every block checked and solved before any gradient is written
-        for key, inv in self._inverses.items():
-            if inv.damping != float(lam):
-                inv = self._inverses[key] = inv.with_damping(lam)
-            spec = specs[key]
-            W = self.model.get_parameter(spec.weight)
-            b = None if spec.bias is None else self.model.get_parameter(spec.bias)
+        if self._params is None:  # per block (spec, weight, bias), kept until the next refresh
+            specs = _specs_by_key(self.model)
+            self._params = {k: (specs[k], self.model.get_parameter(specs[k].weight),
+                                None if specs[k].bias is None else self.model.get_parameter(specs[k].bias))
+                            for k in self._inverses}
+        grads = {}  # every block checked before any is solved or written
+        for key, (spec, W, b) in self._params.items():
             if W.grad is None:
                 raise ValueError(f"block {key!r} has no weight.grad: call loss.backward() first")
-            V = _block_matrix(spec, W.grad, None if b is None else b.grad, b)
-            if not bool(torch.isfinite(V).all()):
-                raise ValueError(f"block {key!r}: its gradient holds NaN or inf")
-            P = inv.solve(V.to(inv.dtype))
-            jobs.append((spec, W, b, V, P))
+            grads[key] = _block_matrix(spec, W.grad, None if b is None else b.grad, b)
+        finite = torch.stack([torch.isfinite(V).all() for V in grads.values()])
+        if not bool(finite.all()):
+            bad = [k for k, ok in zip(grads, finite.tolist()) if not ok]
+            raise ValueError(f"block {bad[0]!r}: its gradient holds NaN or inf")
+        jobs = []
+        for key, V in grads.items():
+            inv = self._inverses[key]
+            if inv.damping != float(lam):
+                inv = self._inverses[key] = inv.with_damping(lam)
+            spec, W, b = self._params[key]
+            jobs.append((spec, W, b, V, inv.solve(V.to(inv.dtype))))
         nu = 1.0
         if self.kl_clip is not None:
             quad = sum(float((P * V.to(P.dtype)).sum()) for _, _, _, V, P in jobs)
@@ -221,7 +229,7 @@ class Preconditioner:
         lam = self.damping(int(state["steps"])) if callable(self.damping) else self.damping
         inverses = {k: r.estimate.inverse(lam, self.damping_method) for k, r in running.items()
                     if r.estimate is not None}
-        self._running, self._inverses = running, inverses
+        self._running, self._inverses, self._params = running, inverses, None
         self.steps, self.refreshes = int(state["steps"]), int(state["refreshes"])
 
     def __repr__(self) -> str:
