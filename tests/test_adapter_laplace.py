@@ -194,10 +194,9 @@ def test_errors():
         KronsumGGN(_mlp(), "classification").kron({"input_ids": X}, y, N=len(X))
 
 
-from hypothesis import HealthCheck, given, settings, strategies as st  # noqa: E402
+from hypothesis import given, strategies as st  # noqa: E402
 
 
-@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(n_in=st.integers(1, 4), hidden=st.integers(1, 5), classes=st.integers(2, 4),
        n=st.integers(1, 9), bias=st.booleans(), scale=st.sampled_from([1e-3, 1.0, 1e3]),
        likelihood=st.sampled_from(["classification", "regression"]), seed=st.integers(0, 2**16))
