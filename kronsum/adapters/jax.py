@@ -56,7 +56,7 @@ except ImportError:  # pragma: no cover - depends on the environment
 
 from .._sum import KronSum
 
-__all__ = ["FISHER_TYPES", "PLAIN", "Tape", "collect"]
+__all__ = ["FISHER_TYPES", "PLAIN", "LayerCurvature", "Preconditioner", "Tape", "collect"]
 
 #: The Fisher types :func:`collect` knows.
 FISHER_TYPES = ("mc", "empirical", "exact")
@@ -341,3 +341,6 @@ def collect(
                 jnp.reshape(G, (-1, G.shape[-1])), jnp.reshape(A, (-1, A.shape[-1])),
                 jnp.repeat(wf, T) if T > 1 else wf, check_finite=check_finite)
     return result
+
+
+from ._jax_precond import LayerCurvature, Preconditioner  # noqa: E402  (it uses collect above)
