@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import os
 import threading
 from typing import Iterator
@@ -16,7 +17,7 @@ _local = threading.local()
 
 def _defaults() -> dict:
     off = os.environ.get(_ENV_DISABLE_NUMBA, "").strip().lower() in ("1", "true", "yes", "on")
-    return {"use_numba": not off, "check_every": None, "torch_cpu_via_numpy": True,
+    return {"use_numba": not off and importlib.util.find_spec("numba") is not None, "check_every": None, "torch_cpu_via_numpy": True,
             "cuda_graphs": False, "gram_squaring": None, "mixed_precision": True}
 
 
@@ -24,9 +25,9 @@ def get_config() -> dict:
     """The current options (a copy).
 
     ``use_numba``
-        Whether NumPy inputs on the CPU may take the numba kernels (default ``True`` unless
-        the environment variable ``KRONSUM_DISABLE_NUMBA=1`` is set; without numba installed
-        it has no effect).
+        Whether NumPy inputs on the CPU may take the numba kernels (default ``True`` when numba
+        is installed and the environment variable ``KRONSUM_DISABLE_NUMBA=1`` is not set;
+        ``False`` otherwise. Setting it ``True`` without numba installed has no effect).
     ``check_every``
         How many iterations the iterative solvers (:func:`kfoc`'s ``"lanczos"``, ``"power"``
         and ``"gram"`` on non-NumPy arrays) run between reads of their convergence scalars

@@ -109,3 +109,25 @@ def test_weighted_gram_alpha_on_other_backends(backend):
     got = backend.to_numpy(weighted_gram(Vb, cb, xp, alpha))
     assert np.allclose(got, weighted_gram(V, c, np, 0.25), rtol=1e-12, atol=1e-14)
     assert np.allclose(got, 0.25 * V.T @ (c[:, None] * V), rtol=1e-12, atol=1e-14)
+
+
+def test_get_config_reports_whether_the_kernels_can_run():
+    """``use_numba`` is ``True`` only when numba is installed and not switched off by the
+    environment (a fresh interpreter, so that no earlier ``config`` call leaks in)."""
+    import importlib.util
+    import os
+    import subprocess
+    import sys
+
+    code = "import kronsum as ks; print(ks.get_config()['use_numba'])"
+    have = importlib.util.find_spec("numba") is not None
+    for env, expect in (({}, have), ({"KRONSUM_DISABLE_NUMBA": "1"}, False)):
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                             env={**os.environ, **env}, check=True).stdout.strip()
+        assert out == str(expect)
+    hidden = subprocess.run(  # numba made unimportable: reported off
+        [sys.executable, "-c", "import sys; sys.modules['numba'] = None; import importlib.util as u; "
+         "u.find_spec = (lambda f: lambda n, *a: None if n == 'numba' else f(n, *a))(u.find_spec); " + code],
+        capture_output=True, text=True, env={k: v for k, v in os.environ.items() if k != "KRONSUM_DISABLE_NUMBA"},
+        check=True).stdout.strip()
+    assert hidden == "False"
