@@ -262,8 +262,9 @@ def _flax_paths(params: Any, blocks: Mapping[str, Any]) -> dict[str, tuple]:
     leaves = dict(_leaves(params))
     out = {}
     for name in blocks:
+        keys = tuple(name.split("/"))  # flax_apply names nested modules "outer/inner"
         for root in ((), ("params",)):  # a bare tree, or Flax's variables {"params": ...}
-            k, b = (*root, name, "kernel"), (*root, name, "bias")
+            k, b = (*root, *keys, "kernel"), (*root, *keys, "bias")
             if k in leaves:
                 out[name] = (k, b if b in leaves else None)
                 break
