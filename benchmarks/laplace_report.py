@@ -35,6 +35,9 @@ from kronsum.adapters.laplace import KronsumGGN  # noqa: E402
 from kronsum.adapters.torch import collect  # noqa: E402
 from kronsum.demo.run import load_data, make_cnn, make_mlp  # noqa: E402
 
+sys.path.insert(0, os.path.join(HERE, "..", "examples"))
+from laplace_recipe import expected_calibration_error  # noqa: E402
+
 BACKENDS = {
     "laplace-torch K-FAC": (CurvlinopsGGN, {}),
     "kronsum kfac": (KronsumGGN, {"estimator": "kfac"}),
@@ -52,17 +55,6 @@ def _train(make, X, y, steps, seed=0):
         torch.nn.functional.cross_entropy(model(X), y).backward()
         opt.step()
     return model
-
-
-def _ece(probs, y, bins=10):
-    conf, pred = probs.max(1)
-    edges = torch.linspace(0, 1, bins + 1, dtype=probs.dtype)
-    ece = 0.0
-    for lo, hi in zip(edges[:-1], edges[1:]):
-        m = (conf > lo) & (conf <= hi)
-        if m.any():
-            ece += float(m.double().mean() * ((pred[m] == y[m]).double().mean() - conf[m].mean()).abs())
-    return ece
 
 
 def _weight_errors(model, kfacs, X, y, last_layer=False):
@@ -107,7 +99,7 @@ def run(quick: bool = False, rounds: int = 3) -> list[dict]:
                         "fit_wall_s": None, "log_marglik": None, "prior_precision": None,
                         "test_nll": float(torch.nn.functional.nll_loss(probs.log(), yte)),
                         "test_acc": float((probs.argmax(1) == yte).double().mean()),
-                        "test_ece": _ece(probs, yte), "weight_rel_error": {}})
+                        "test_ece": expected_calibration_error(probs, yte), "weight_rel_error": {}})
         for subset in ("all", "last_layer"):
             fits = {}
 
@@ -138,7 +130,7 @@ def run(quick: bool = False, rounds: int = 3) -> list[dict]:
                     "prior_precision": float(la.prior_precision.mean()),
                     "test_nll": float(torch.nn.functional.nll_loss(probs.clamp_min(1e-300).log(), yte)),
                     "test_acc": float((probs.argmax(1) == yte).double().mean()),
-                    "test_ece": _ece(probs, yte),
+                    "test_ece": expected_calibration_error(probs, yte),
                     "weight_rel_error": errs,
                 })
     return records

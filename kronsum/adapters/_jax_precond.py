@@ -2,8 +2,6 @@ r"""Natural-gradient preconditioning for optax (see :class:`Preconditioner`)."""
 
 from __future__ import annotations
 
-import math
-import numbers
 from typing import Any, Callable, Mapping, NamedTuple
 
 try:
@@ -14,6 +12,7 @@ except ImportError:  # pragma: no cover - depends on the environment
 
 from .._ekfac import EigenKron
 from .._running import ESTIMATORS, RunningEstimate
+from ._torch_precond import _positive  # the same check for both frameworks (no torch needed)
 
 Path = tuple  # keys into the params pytree, e.g. ("params", "Dense_0", "kernel")
 
@@ -239,11 +238,6 @@ class Preconditioner:
     def __repr__(self) -> str:
         return (f"Preconditioner(estimator={self.estimator!r}, fisher={self.fisher!r}, "
                 f"blocks={len(self._running)}, refreshes={self.refreshes})")
-
-
-def _positive(name: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not (0 < value < math.inf):
-        raise ValueError(f"{name} must be a positive finite number, got {value!r}")
 
 
 def _check_layers(layers: Mapping[str, tuple]) -> dict[str, tuple]:
