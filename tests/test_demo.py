@@ -83,6 +83,8 @@ def test_quick_demo_json_records_and_kfoc_is_best(quick_run):
         assert set(r["times"]) >= set(METHODS)
         assert r["kfoc"] <= r["tkfac"] * (1 + 1e-9), r
         assert r["kfoc"] <= r["kfac"] * (1 + 1e-9), r
+        for i, j in (("ekfac", "kfac"), ("ekfac_kfoc", "kfoc")):  # never worse than the basis
+            assert isinstance(r[i], float) and r[i] <= r[j] * (1 + 1e-9), r
         for i, j in (("rank2", "kfoc"), ("rank3", "rank2")):
             if r.get(i) is not None and r.get(j) is not None:
                 assert r[i] <= r[j] * (1 + 1e-9), r
