@@ -109,7 +109,7 @@ def run(quick: bool = False) -> dict:
                     try:
                         loss = train(make, X, y, batches, method, stop=tune_steps,
                                      eval_every=tune_steps, **kw)["loss"][-1]
-                    except (ValueError, OverflowError):  # diverged: non-finite or out-of-range statistics
+                    except (ValueError, OverflowError, RuntimeError):  # diverged (non-finite statistics, LinAlgError)
                         loss = float("inf")
                     if not np.isfinite(loss):
                         loss = float("inf")

@@ -110,3 +110,48 @@ def test_preconditioner_on_flax_variables():
     np.testing.assert_allclose(out["params"]["Dense_0"]["kernel"].T,
                                pre.estimates["Dense_0"].solve(g["params"]["Dense_0"]["kernel"].T, 0.1),
                                rtol=1e-9)
+
+
+def test_unchanged_outputs_with_flax_dtype_rules_and_fallbacks():
+    """Float32 parameters with float64 inputs, a bfloat16 layer, a 1-D conv with an int kernel
+    size and a masked conv: the plain pass is Flax's own, dtype included; the layers the tape
+    does not compute are left to Flax and named."""
+    class Mixed(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            h = nn.relu(nn.Conv(4, (3, 3), strides=2)(x))
+            h = nn.Conv(3, 3)(h.reshape(h.shape[0], -1, 4))
+            h = nn.Conv(2, (1,), mask=jnp.ones((1, 3, 2)))(h)
+            h = nn.Dense(5)(h.reshape(h.shape[0], -1))
+            return nn.Dense(3, dtype=jnp.bfloat16)(h)
+
+    model = Mixed()
+    X = jax.random.normal(jax.random.PRNGKey(0), (5, 6, 6, 2), dtype=jnp.float64)
+    variables = model.init(jax.random.PRNGKey(1), X)  # float32 parameters
+    apply = flax_apply(model)
+    with pytest.warns(UserWarning, match=r"Conv_1 \(Conv\).*Conv_2 \(Conv\)"):
+        out = apply(variables, X, PLAIN)
+    ref = model.apply(variables, X)
+    assert out.dtype == ref.dtype == jnp.bfloat16
+    np.testing.assert_array_equal(np.asarray(out, np.float32), np.asarray(ref, np.float32))
+    # float32 parameters, float64 inputs: promoted as Flax does, blocks in float64
+    plain32 = flax_apply(nn.Sequential([nn.Conv(4, (3, 3)), nn.relu, lambda h: h.reshape(h.shape[0], -1),
+                                        nn.Dense(3)]))
+    seq = nn.Sequential([nn.Conv(4, (3, 3)), nn.relu, lambda h: h.reshape(h.shape[0], -1), nn.Dense(3)])
+    v2 = seq.init(jax.random.PRNGKey(2), X)
+    np.testing.assert_allclose(plain32(v2, X, PLAIN), seq.apply(v2, X), rtol=1e-12)
+    blocks = collect(plain32, v2, X, jnp.arange(5) % 3, fisher="empirical")
+    assert {k: F.dtype for k, F in blocks.items()} == {"layers_0": jnp.float64, "layers_3": jnp.float64}
+
+
+def test_preconditioner_refreshed_on_variables_updates_bare_params():
+    """The usual Flax step differentiates ``params``, not the variables dict."""
+    model = MLP()
+    X, y, variables = _setup(model, (4,), n=24)
+    pre = Preconditioner(flax_apply(model), estimator="kfac", fisher="exact")
+    pre.refresh(variables, X, y)
+    tx = pre.transform(0.1)
+    g = jax.tree_util.tree_map(jnp.ones_like, variables["params"])
+    out, _ = tx.update(g, tx.init(variables["params"]), curvature=pre.curvature())
+    np.testing.assert_allclose(out["Dense_0"]["kernel"].T,
+                               pre.estimates["Dense_0"].solve(g["Dense_0"]["kernel"].T, 0.1), rtol=1e-9)

@@ -172,6 +172,10 @@ def test_errors_and_atomic_refresh():
         Preconditioner(apply, estimator="sgd")
     with pytest.raises(ValueError, match="fisher"):
         Preconditioner(apply, fisher="true")
+    for kw, what in (({"loss": "nll"}, "loss"), ({"reduction": "none"}, "reduction"),
+                     ({"weight_sharing": "reduce"}, "weight_sharing"), ({"n_samples": 0}, "n_samples")):
+        with pytest.raises(ValueError, match=what):
+            Preconditioner(apply, **kw)
     pre = Preconditioner(apply, estimator="kfac", fisher="exact")
     with pytest.raises(RuntimeError, match="refresh"):
         pre.curvature()

@@ -147,10 +147,18 @@ def test_kfoc_posterior_and_minibatches():
         probs = la(X[:4], pred_type="glm", link_approx="probit")
         assert probs.shape == (4, 3) and torch.allclose(probs.sum(1), torch.ones(4, dtype=DT))
     assert np.isfinite(list(out.values())).all()
-    # factor-wise sums over batches (laplace-torch's KronLaplace) stay finite and close
-    la = Laplace(model, "classification", subset_of_weights="all", hessian_structure="kron", backend=KronsumGGN)
-    la.fit(_loader(X, y, 8))
-    assert np.isfinite(float(la.log_marginal_likelihood(prior_precision=torch.tensor(1.0))))
+    # factor-wise sums over batches (laplace-torch's KronLaplace): K-FAC's are exact (both of
+    # its factors are sums over the data), TKFAC's and K-FOC's approximate the one-batch fit
+    lml = {}
+    for est in ("kfac", "tkfac", "kfoc"):
+        for bs in (32, 8):
+            la = Laplace(model, "classification", subset_of_weights="all", hessian_structure="kron",
+                         backend=KronsumGGN, backend_kwargs={"estimator": est})
+            la.fit(_loader(X, y, bs))
+            lml[est, bs] = float(la.log_marginal_likelihood(prior_precision=torch.tensor(1.0)))
+    assert lml["kfac", 8] == pytest.approx(lml["kfac", 32], rel=1e-12)
+    for est in ("tkfac", "kfoc"):
+        assert lml[est, 8] == pytest.approx(lml[est, 32], rel=1e-2)
 
 
 def test_mc_fisher_and_last_layer():
@@ -183,9 +191,23 @@ def test_embedding_factors_follow_the_weights_layout():
     assert err == pytest.approx(_nearest_kron_error(D, 6, 3), rel=1e-6, abs=1e-9 * float(torch.linalg.norm(D)))
 
 
+def test_last_layer_with_a_frozen_bias_is_refused():
+    """laplace-torch's last-layer posterior keeps every last-layer parameter, frozen or not:
+    a frozen one would make the evidence silently wrong, so it is refused."""
+    model = _mlp(10)
+    model[2].bias.requires_grad_(False)
+    X, y = _data((5,), seed=11)
+    la = Laplace(model, "classification", subset_of_weights="last_layer", hessian_structure="kron",
+                 backend=KronsumGGN)
+    with pytest.raises(ValueError, match=r"frozen last-layer parameters \['2.bias'\]"):
+        la.fit(_loader(X, y, len(X)))
+
+
 def test_errors():
     with pytest.raises(ValueError, match="estimator"):
         KronsumGGN(_mlp(), "classification", estimator="ekfac")
+    with pytest.raises(ValueError, match="weight_sharing"):
+        KronsumGGN(_mlp(), "classification", weight_sharing="bogus")
     model = nn.Sequential(nn.Linear(5, 4), nn.LayerNorm(4), nn.Linear(4, 3)).to(DT)
     X, y = _data((5,))
     with pytest.raises(ValueError, match=r"one block per parameter.*1\.weight"):

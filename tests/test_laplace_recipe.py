@@ -33,6 +33,13 @@ def _mlp_norm(seed=0):
     return nn.Sequential(nn.Linear(5, 4), nn.LayerNorm(4), nn.Tanh(), nn.Linear(4, 3)).to(DT)
 
 
+def _mlp_norm2d(seed=0):
+    """A LayerNorm over a (2, 3) shape: its block is γ and β of all six entries."""
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(5, 6), nn.Unflatten(1, (2, 3)), nn.LayerNorm((2, 3)), nn.Tanh(),
+                         nn.Flatten(), nn.Linear(6, 3)).to(DT)
+
+
 def _cnn(seed=0):
     torch.manual_seed(seed)
     return nn.Sequential(nn.Conv2d(1, 2, 3, padding=1), nn.ReLU(), nn.Flatten(),
@@ -55,7 +62,8 @@ def _dense(posts, delta):
                 p.theta.reshape(-1)) for k, p in posts.items()}
 
 
-@pytest.mark.parametrize("make,shape", [(_mlp, (5,)), (_mlp_norm, (5,)), (_cnn, (1, 3, 3))])
+@pytest.mark.parametrize("make,shape", [(_mlp, (5,)), (_mlp_norm, (5,)), (_mlp_norm2d, (5,)),
+                                        (_cnn, (1, 3, 3))])
 @pytest.mark.parametrize("estimator", ["kfac", "tkfac", "kfoc"])
 def test_against_dense(make, shape, estimator):
     model = make()
@@ -163,3 +171,24 @@ def test_uncovered_parameters_are_refused():
     emb = nn.Sequential(nn.Embedding(6, 3), nn.Flatten(), nn.Linear(6, 3)).to(DT)
     with pytest.raises(ValueError, match="block '0'"):
         recipe.layer_posteriors(emb, torch.randint(0, 6, (8, 2)), torch.randint(0, 3, (8,)), "kfac")
+
+
+@pytest.mark.parametrize("make,shape", [(_mlp, (5,)), (_mlp_norm2d, (5,)), (_cnn, (1, 3, 3))])
+def test_theta_layout_is_the_blocks(make, shape):
+    """The recipe's ``θ_l`` layout is the one of ``collect``'s blocks: the GGN built from the
+    recipe's Jacobians, ``Σ_n J_nᵀ (diag p − ppᵀ) J_n``, is the exact block."""
+    from kronsum.adapters.torch import collect
+
+    model = make()
+    X, y = _data(shape, n=6)
+    posts = recipe.layer_posteriors(model, X, y, "kfac")
+    J = recipe._layer_jacobians(model, posts, X)
+    blocks = collect(model, nn.CrossEntropyLoss(reduction="sum"), X, y, fisher="exact",
+                     weight_sharing="sample")
+    with torch.no_grad():
+        p = torch.softmax(model(X), -1)
+    H = torch.diag_embed(p) - p[:, :, None] * p[:, None, :]
+    for name, Jl in J.items():
+        Jf = Jl.flatten(2)
+        ggn = torch.einsum("ncp,ncd,ndq->pq", Jf, H, Jf)
+        torch.testing.assert_close(ggn, blocks[name].to_dense(), rtol=1e-9, atol=1e-12)

@@ -10,14 +10,18 @@ def flax_apply(module: Any) -> Callable[[Any, Any, Any], Any]:
     r"""A tape-written ``apply(variables, inputs, tape)`` for a Flax linen module, unchanged.
 
     Every ``flax.linen.Dense`` and 2-D ``flax.linen.Conv`` (NHWC, ``feature_group_count=1``,
-    padding ``"SAME"``, ``"VALID"``, an int or pairs) the module calls is routed through
-    ``tape.dense`` / ``tape.conv2d`` by ``flax.linen.intercept_methods``, named by its module
-    path joined with ``"/"`` (``"Dense_0"``, ``"block/Conv_1"``). With :data:`PLAIN` the result
-    is ``module.apply(variables, inputs)``; with :func:`~kronsum.adapters.jax.collect` each such
+    padding ``"SAME"``, ``"VALID"``, an int or pairs) with the default product (no custom
+    ``dot_general``/``conv_general_dilated``, default ``precision``, no ``mask``) the module
+    calls is routed through ``tape.dense`` / ``tape.conv2d`` by ``flax.linen.intercept_methods``
+    after the layer's own dtype promotion, named by its module path joined with ``"/"``
+    (``"Dense_0"``, ``"block/Conv_1"``). With :data:`PLAIN` the result is
+    ``module.apply(variables, inputs)``; with :func:`~kronsum.adapters.jax.collect` each such
     layer gets its block, in Flax's layout (kernel ``(in, out)`` or HWIO, bias as the last
-    column). Other layers (``DenseGeneral``, ``Embed``, grouped, 1-D, 3-D or circular
+    column). Other layers (``DenseGeneral``, ``Embed``, grouped, 1-D, 3-D, masked or circular
     convolutions, normalisation layers) are computed by Flax and get no block; a
-    ``UserWarning`` names them once per ``apply`` function.
+    ``UserWarning`` names them once per ``apply`` function. A layer called twice in one pass
+    (a shared module) is refused by ``collect`` (``RuntimeError``): one block per call site
+    would be a different matrix.
 
     Examples
     --------
@@ -51,14 +55,13 @@ def flax_apply(module: Any) -> Callable[[Any, Any, Any], Any]:
             if context.method_name != "__call__" or kwargs or len(args) != 1:
                 return next_fun(*args, **kwargs)
             name = "/".join(str(p) for p in mod.path)
-            if type(mod) is nn.Dense:
-                p = mod.variables["params"]
-                return tape.dense(name, args[0], p["kernel"], p.get("bias"))
-            if type(mod) is nn.Conv and _conv2d_ok(mod, args[0]):
-                p = mod.variables["params"]
-                return tape.conv2d(name, args[0], p["kernel"], p.get("bias"),
-                                   stride=mod.strides or 1, padding=_padding(mod.padding),
-                                   dilation=mod.kernel_dilation or 1)
+            if type(mod) is nn.Dense and _plain(mod):
+                x, kernel, bias = _promoted(mod, args[0])
+                return tape.dense(name, x, kernel, bias)
+            if type(mod) is nn.Conv and _plain(mod) and _conv2d_ok(mod, args[0]):
+                x, kernel, bias = _promoted(mod, args[0])
+                return tape.conv2d(name, x, kernel, bias, stride=mod.strides or 1,
+                                   padding=_padding(mod.padding), dilation=mod.kernel_dilation or 1)
             if isinstance(mod, nn.Module) and mod.variables.get("params") and not _container(mod):
                 skipped.append(f"{name} ({type(mod).__name__})")
             return next_fun(*args, **kwargs)
@@ -81,9 +84,25 @@ def _container(mod: Any) -> bool:
     return all(isinstance(v, dict) or hasattr(v, "keys") for v in own.values())
 
 
+def _plain(mod: Any) -> bool:
+    """The layer computes what the tape computes: the default product (no custom
+    ``dot_general`` / ``conv_general_dilated``, default precision, no kernel mask)."""
+    custom = ("dot_general", "dot_general_cls", "conv_general_dilated", "conv_general_dilated_cls",
+              "precision", "mask")
+    return all(getattr(mod, a, None) is None for a in custom)
+
+
+def _promoted(mod: Any, x: Any) -> tuple:
+    """Inputs, kernel and bias in the layer's computation dtype, as Flax's own ``__call__``
+    promotes them (``mod.promote_dtype(..., dtype=mod.dtype)``)."""
+    p = mod.variables["params"]
+    return tuple(mod.promote_dtype(x, p["kernel"], p.get("bias"), dtype=mod.dtype))
+
+
 def _conv2d_ok(mod: Any, x: Any) -> bool:
     ks = mod.kernel_size
-    return (len(tuple(ks)) == 2 and getattr(x, "ndim", 0) == 4 and mod.feature_group_count == 1
+    ks = (ks,) if isinstance(ks, int) else tuple(ks)
+    return (len(ks) == 2 and getattr(x, "ndim", 0) == 4 and mod.feature_group_count == 1
             and not (isinstance(mod.padding, str) and mod.padding.upper() not in ("SAME", "VALID"))
             and (mod.input_dilation in (None, 1) or tuple(mod.input_dilation) == (1, 1)))
 

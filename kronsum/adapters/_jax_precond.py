@@ -87,7 +87,11 @@ class Preconditioner:
     eigendecompositions (``m³ + n³``); per update: four GEMMs per block (``O(mn(m + n))``).
     Statistics that are not finite raise ``ValueError`` in :meth:`refresh`; a non-finite
     gradient in the jitted ``update`` propagates, as in optax's own transformations (wrap the
-    chain in ``optax.apply_if_finite`` to skip such steps).
+    chain in ``optax.apply_if_finite`` to skip such steps). Refreshed on a Flax variables dict
+    (``{"params": ...}``, as :func:`~kronsum.adapters.jax.flax_apply` needs), ``update`` takes
+    the gradients of either that dict or of the bare ``params`` tree. ``curvature`` is an extra
+    argument of ``update``: call ``tx.update`` yourself (``flax.training.TrainState.
+    apply_gradients`` does not pass it through).
 
     Examples
     --------
@@ -126,6 +130,14 @@ class Preconditioner:
             raise ValueError(f"estimator must be one of {ESTIMATORS}, got {estimator!r}")
         if fisher not in FISHER_TYPES:
             raise ValueError(f"fisher must be one of {FISHER_TYPES}, got {fisher!r}")
+        if loss not in ("cross_entropy", "mse"):
+            raise ValueError(f"loss must be 'cross_entropy' or 'mse', got {loss!r}")
+        if reduction not in ("sum", "mean"):
+            raise ValueError(f"reduction must be 'sum' or 'mean', got {reduction!r}")
+        if weight_sharing not in ("expand", "sample"):
+            raise ValueError(f"weight_sharing must be 'expand' or 'sample', got {weight_sharing!r}")
+        if isinstance(n_samples, bool) or not isinstance(n_samples, int) or n_samples < 1:
+            raise ValueError(f"n_samples must be a positive integer, got {n_samples!r}")
         self.apply, self.estimator, self.fisher = apply, estimator, fisher
         self.layers = None if layers is None else _check_layers(layers)
         self._collect_kw = dict(loss=loss, reduction=reduction, fisher=fisher, n_samples=n_samples,
@@ -216,7 +228,7 @@ class Preconditioner:
             leaves = dict(_leaves(updates))
             new, quad = {}, 0.0
             for name, cur in curvature.items():
-                kpath, bpath = paths[name]
+                kpath, bpath = _in_tree(leaves, paths[name])
                 V = _block(name, leaves, kpath, bpath, cur)
                 W = jnp.swapaxes(cur.UL, -1, -2) @ V @ cur.UR
                 P = cur.UL @ (W / (cur.E + lam)) @ jnp.swapaxes(cur.UR, -1, -2)
@@ -227,7 +239,7 @@ class Preconditioner:
                 nu = jnp.minimum(1.0, jnp.sqrt(kl_clip / (learning_rate ** 2 * jnp.maximum(quad, 1e-300))))
             repl = {}
             for name, P in new.items():
-                kpath, bpath = paths[name]
+                kpath, bpath = _in_tree(leaves, paths[name])
                 repl.update(_unblock(P * nu, leaves, kpath, bpath))
             out = jax.tree_util.tree_map_with_path(
                 lambda kp, x: repl.get(_keys(kp), x).astype(x.dtype), updates)
@@ -274,6 +286,16 @@ def _keys(keypath) -> tuple:
 
 def _leaves(tree) -> list:
     return [(_keys(kp), x) for kp, x in jax.tree_util.tree_flatten_with_path(tree)[0]]
+
+
+def _in_tree(leaves: dict, paths: tuple) -> tuple:
+    """The layer's (kernel, bias) paths in the tree being updated: as recorded, or without a
+    leading ``"params"`` (refreshed on Flax's variables dict, updating the bare params tree,
+    as ``jax.grad`` of a loss of ``params`` gives)."""
+    kpath, bpath = paths
+    if kpath not in leaves and kpath[:1] == ("params",) and kpath[1:] in leaves:
+        return kpath[1:], None if bpath is None else bpath[1:]
+    return kpath, bpath
 
 
 def _block(name, leaves, kpath, bpath, cur) -> Any:

@@ -27,7 +27,8 @@ laplace-torch keeps one entry per parameter, in the order of the model's paramet
 convention with the same row-major ``vec``), and a bias its own dense ``out × out`` block. So
 the weight's block here is the block *without* the bias column, and the bias's block is its
 exact GGN block ``Σ_k w_k b_k b_kᵀ`` (``b_k`` the per-sample bias gradients), not an
-approximation. ``nn.Embedding``'s weight ``(num, dim)`` gets ``[B, A]`` of sizes ``num`` and
+approximation — except with ``weight_sharing="expand"`` on a layer applied to sequences, where
+every position is a term (K-FAC-expand's bias block). ``nn.Embedding``'s weight ``(num, dim)`` gets ``[B, A]`` of sizes ``num`` and
 ``dim`` (kronsum's block is for ``Wᵀ``; its factors are swapped).
 
 An estimate ``σ L ⊗ R`` is split as ``A = (t/tr R)·R`` with ``t`` the mean trace of the
@@ -35,8 +36,10 @@ activation statistics (so that for K-FAC ``A`` is the mean activation covariance
 summed gradient covariance, exactly laplace-torch's split) and ``B = σ (tr R/t) L``; ``A`` is
 then scaled by ``M/N`` (batch size over data set size) as laplace-torch's backends do, because
 ``KronLaplace`` *adds factors* over the batches of its data loader. With one batch (the whole
-data set) the posterior's block is exactly ``σ L ⊗ R``; with several, the factor-wise sum is an
-approximation for every estimator, laplace-torch's own K-FAC included.
+data set) the posterior's block is exactly ``σ L ⊗ R``. With several, K-FAC is unchanged (both
+of its factors are sums over the data, so the factor-wise sum is K-FAC of the whole set); for
+``tkfac`` and ``kfoc`` the factor-wise sum of per-batch estimates is an approximation of the
+whole set's estimate.
 """
 
 from __future__ import annotations
@@ -127,6 +130,9 @@ class KronsumGGN(GGNInterface):
                  kfoc_options: Mapping[str, Any] | None = None) -> None:
         if estimator not in ESTIMATORS:
             raise ValueError(f"estimator must be one of {ESTIMATORS}, got {estimator!r}")
+        if weight_sharing not in ("sample", "expand", "reduce"):
+            raise ValueError("weight_sharing must be one of ('sample', 'expand', 'reduce'), "
+                             f"got {weight_sharing!r}")
         super().__init__(model, likelihood, last_layer, subnetwork_indices, dict_key_x,
                          dict_key_y, stochastic, num_samples)
         self.estimator = estimator
@@ -144,8 +150,15 @@ class KronsumGGN(GGNInterface):
                              "hessian_structure='full' or 'diag' with subnetwork_indices")
         if self.last_layer:  # a laplace FeatureExtractor: the whole network, its last layer's block
             net, layers = self.model.model, [self.model._last_layer_name]
-            params = {f"{layers[0]}.{k}": p for k, p in self.model.last_layer.named_parameters()
-                      if p.requires_grad}
+            # laplace-torch's last-layer posterior has every parameter of the last layer, frozen
+            # or not (its n_params counts them all); collect gives blocks of trainable ones only
+            params = {f"{layers[0]}.{k}": p for k, p in self.model.last_layer.named_parameters()}
+            frozen = [k for k, p in params.items() if not p.requires_grad]
+            if frozen:
+                raise ValueError(
+                    f"subset_of_weights='last_layer' with frozen last-layer parameters {frozen}: "
+                    "laplace-torch's last-layer posterior includes them, KronsumGGN has no block "
+                    "for them; unfreeze them or use subset_of_weights='all'")
         else:
             net, layers = self.model, None
             params = dict(self.params_dict)
