@@ -123,21 +123,12 @@ class Preconditioner:
                  reduction: str = "mean", decay: float = 0.95, n_samples: int = 1,
                  weight_sharing: str = "expand", kfoc_options: Mapping[str, Any] | None = None,
                  basis_every: int | None = None):
-        from .jax import FISHER_TYPES, _require_jax
+        from .jax import _check_options, _require_jax
 
         _require_jax()
         if estimator not in ESTIMATORS:
             raise ValueError(f"estimator must be one of {ESTIMATORS}, got {estimator!r}")
-        if fisher not in FISHER_TYPES:
-            raise ValueError(f"fisher must be one of {FISHER_TYPES}, got {fisher!r}")
-        if loss not in ("cross_entropy", "mse"):
-            raise ValueError(f"loss must be 'cross_entropy' or 'mse', got {loss!r}")
-        if reduction not in ("sum", "mean"):
-            raise ValueError(f"reduction must be 'sum' or 'mean', got {reduction!r}")
-        if weight_sharing not in ("expand", "sample"):
-            raise ValueError(f"weight_sharing must be 'expand' or 'sample', got {weight_sharing!r}")
-        if isinstance(n_samples, bool) or not isinstance(n_samples, int) or n_samples < 1:
-            raise ValueError(f"n_samples must be a positive integer, got {n_samples!r}")
+        _check_options(fisher, loss, reduction, weight_sharing, n_samples)
         self.apply, self.estimator, self.fisher = apply, estimator, fisher
         self.layers = None if layers is None else _check_layers(layers)
         self._collect_kw = dict(loss=loss, reduction=reduction, fisher=fisher, n_samples=n_samples,

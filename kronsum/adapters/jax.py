@@ -228,6 +228,21 @@ def _statistics(*args):
 _statistics_jit = None
 
 
+def _check_options(fisher: str, loss: str, reduction: str, weight_sharing: str,
+                   n_samples: Any) -> None:
+    """``collect``'s options (also checked by the optax ``Preconditioner`` at construction)."""
+    if fisher not in FISHER_TYPES:
+        raise ValueError(f"fisher must be one of {FISHER_TYPES}, got {fisher!r}")
+    if loss not in ("cross_entropy", "mse"):
+        raise ValueError(f"loss must be 'cross_entropy' or 'mse', got {loss!r}")
+    if reduction not in ("sum", "mean"):
+        raise ValueError(f"reduction must be 'sum' or 'mean', got {reduction!r}")
+    if weight_sharing not in ("expand", "sample"):
+        raise ValueError(f"weight_sharing must be 'expand' or 'sample', got {weight_sharing!r}")
+    if isinstance(n_samples, bool) or not isinstance(n_samples, int) or n_samples < 1:
+        raise ValueError(f"n_samples must be a positive integer, got {n_samples!r}")
+
+
 def collect(
     apply: Callable[..., Any],
     params: Any,
@@ -294,18 +309,9 @@ def collect(
     4.0
     """
     _require_jax()
-    if fisher not in FISHER_TYPES:
-        raise ValueError(f"fisher must be one of {FISHER_TYPES}, got {fisher!r}")
-    if loss not in ("cross_entropy", "mse"):
-        raise ValueError(f"loss must be 'cross_entropy' or 'mse', got {loss!r}")
-    if reduction not in ("sum", "mean"):
-        raise ValueError(f"reduction must be 'sum' or 'mean', got {reduction!r}")
-    if weight_sharing not in ("expand", "sample"):
-        raise ValueError(f"weight_sharing must be 'expand' or 'sample', got {weight_sharing!r}")
+    _check_options(fisher, loss, reduction, weight_sharing, n_samples)
     if fisher == "empirical" and targets is None:
         raise ValueError("fisher='empirical' needs the targets")
-    if fisher == "mc" and (int(n_samples) != n_samples or n_samples < 1):
-        raise ValueError(f"n_samples must be a positive integer, got {n_samples!r}")
 
     N = int(jnp.shape(inputs)[0]) if jnp.ndim(inputs) else None
     if N == 0:
