@@ -1099,13 +1099,17 @@ def _psd_projection(x, xp):
     """``x`` (symmetric, of either sign: an eigenvector's sign is arbitrary) turned to
     ``tr ≥ 0``, with its eigenvalues below ``−10·d·ε·max|λ|`` set to 0; ``None`` when it has
     none. The nearest PSD matrix in Frobenius norm, never farther from a PSD optimum than
-    ``±x`` (projection onto a convex set). One ``eigh`` of the ``d × d`` iterate."""
-    lam, V = xp.linalg.eigh(x)
-    lo, hi, tr = host_floats([xp.min(lam), xp.max(xp.abs(lam)), xp.sum(lam)])
+    ``±x`` (projection onto a convex set). One ``eigvalsh`` of the ``d × d`` iterate, and an
+    ``eigh`` when it needs the projection."""
+    lam = xp.linalg.eigvalsh(x)  # the check alone: eigenvectors only when it fails
+    lo, top, hi, tr = host_floats([xp.min(lam), xp.max(lam), xp.max(xp.abs(lam)), xp.sum(lam)])
     if tr < 0:
-        lam, lo = -lam, -host_floats([xp.max(lam)])[0]
+        lo = -top
     if lo >= -10 * x.shape[0] * float(xp.finfo(x.dtype).eps) * hi:
         return None
+    lam, V = xp.linalg.eigh(x)
+    if tr < 0:
+        lam = -lam
     lam = xp.where(lam < 0, xp.zeros_like(lam), lam)
     return symmetrize((V * lam) @ xp.matrix_transpose(V), xp)
 
