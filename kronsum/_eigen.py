@@ -549,6 +549,9 @@ def lanczos_two_precision(low: Space, x0, high: Space, resume: Callable[[], Spac
     """
     xp = high.xp
     stop_low = Stop(max(stop.tol, default_tol(xp, x0.dtype)), stop.accuracy)
+    if stop.f2 is not None:  # ‖F‖², widened by the low precision's rounding of the operator
+        stop_low.f2 = stop.f2
+        stop_low.f2_err = stop.f2_err + 64 * float(xp.finfo(x0.dtype).eps) * abs(stop.f2)
     lo = lanczos(low, x0, stop_low, max_iter)
     x = xp.astype(lo.x, dtype)
     x = materialize(x / high.norm(x))

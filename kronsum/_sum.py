@@ -382,11 +382,11 @@ class KronSum:
         flops_samples = T * p * q + m_cost * q + p * q * q
         if flops_positions <= flops_samples:
             PM = P if M is None else P @ M
-            B = PM @ xp.matrix_transpose(P)  # (K, T, T): P_k M P_kᵀ
-            C = w * (B @ Q)  # (K, T, q)
+            B = w * (PM @ xp.matrix_transpose(P))  # (K, T, T): w_k P_k M P_kᵀ
+            C = B @ Q  # (K, T, q); the weights folded into B: one array of the inputs' size
             return xp.matrix_transpose(xp.reshape(Q, (K * T, q))) @ xp.reshape(C, (K * T, q))
         Y = xp.matrix_transpose(P) @ Q  # (K, p, q)
-        MY = w * (Y if M is None else M @ Y)
+        MY = w * Y if M is None else (w * M) @ Y
         Yt = xp.reshape(Y, (K * p, q))
         return xp.matrix_transpose(Yt) @ xp.reshape(MY, (K * p, q))
 
@@ -497,17 +497,20 @@ class KronSum:
         xp = self._xp
         w = self.weights
         K = self.num_terms
+        Xf = xp.reshape(self._conv_X(), (K, self.m * self.n)) if self.form == "conv" else None
         total = xp.zeros((), dtype=self.dtype, device=self.device)
         for i0 in range(0, K, _CHUNK):
             i1 = min(K, i0 + _CHUNK)
-            total = total + xp.sum((w[i0:i1] @ self._pair_gram(i0, i1)) * w)
+            total = total + xp.sum((w[i0:i1] @ self._pair_gram(i0, i1, Xf)) * w)
         return total
 
-    def _pair_gram(self, i0: int, i1: int) -> Array:
-        """Rows i0:i1 of the K×K matrix ``⟨L_k, L_l⟩⟨R_k, R_l⟩``."""
+    def _pair_gram(self, i0: int, i1: int, Xf: Array | None = None) -> Array:
+        """Rows i0:i1 of the K×K matrix ``⟨L_k, L_l⟩⟨R_k, R_l⟩``; conv form: from ``Xf``, the
+        flattened per-sample matrices (K, m·n), formed here when ``None``."""
         if self.form == "conv":
             xp = self._xp
-            Xf = xp.reshape(self._conv_X(), (self.num_terms, self.m * self.n))
+            if Xf is None:
+                Xf = xp.reshape(self._conv_X(), (self.num_terms, self.m * self.n))
             return (Xf[i0:i1, :] @ xp.matrix_transpose(Xf)) ** 2
         return self._gram("left", i0, i1) * self._gram("right", i0, i1)
 

@@ -421,6 +421,25 @@ def test_gram_solver_certifies_its_bound():
     assert gap <= est.info.error_gap_bound * (1 + 1e-6) + 1e-13 and est.info.error_gap_bound <= 1e-6
 
 
+def test_lanczos_certifies_its_bound_where_the_norm_is_cheap():
+    """On a conv block with few samples beside its positions, ‖F‖² costs less than one
+    application: Lanczos on the contractions then proves its bound as the Gram solver does
+    (when K-FOC explains more than half of ‖F‖²), and the bound holds."""
+    rng = np.random.default_rng(3)
+    c = rng.standard_normal((6, 16, 1))  # G_k ≈ c_k gᵀ, A_k ≈ c_k aᵀ: F ≈ one Kronecker product
+    G = c * rng.standard_normal(8) + 0.2 * rng.standard_normal((6, 16, 8))
+    A = c * rng.standard_normal(12) + 0.2 * rng.standard_normal((6, 16, 12))
+    F = ks.KronSum.from_conv(G, A)
+    opt = float(ks.frobenius_error(F, ks.nearest_kronecker(F)))
+    for accuracy in (1e-4, 1e-8):
+        est = ks.kfoc(F, method="lanczos", accuracy=accuracy)
+        assert est.info.method == "kfoc/lanczos"
+        assert est.info.error_gap_certified and est.info.converged
+        gap = (float(ks.frobenius_error(F, est)) - opt) / float(F.frobenius_norm())
+        assert gap <= est.info.error_gap_bound * (1 + 1e-6) + 1e-13
+        assert est.info.error_gap_bound <= accuracy
+
+
 def test_accuracy_and_tol_are_validated():
     F = ks.KronSum.from_outer(np.ones((3, 2)), np.ones((3, 2)))
     for bad in (0, -1e-3, float("inf"), float("nan")):
