@@ -483,6 +483,12 @@ class KronInverse:
         The result has the dtype ``result_type(V, factors)``, the library and device of ``V``.
         """
         V, xp = self._check_V(V)
+        return self._apply(V, xp)
+
+    def _apply(self, V: Array, xp: Any) -> Array:
+        """:meth:`solve`'s arithmetic without its checks: ``V`` a real floating array of shape
+        ``(..., m, n)`` of the factors' library ``xp`` (callers that checked once, e.g. a
+        preconditioner's step)."""
         dtype = xp.result_type(V.dtype, self.dtype)
         if self._inv_left is not None:
             V, Li, Ri = self._cast(xp, dtype, V, self._inv_left, self._inv_right)

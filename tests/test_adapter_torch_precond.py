@@ -154,8 +154,24 @@ def test_errors_are_clear_and_leave_gradients_alone():
         torch.testing.assert_close(p.grad, before[k], rtol=0, atol=0)
     pre.step(X, y)
     model[0].weight.grad[0, 0] = float("inf")
+    before = _grads(model)
     with pytest.raises(ValueError, match="NaN or inf"):
         pre.step()
+    for k, p in model.named_parameters():  # nothing written, not even the other blocks
+        torch.testing.assert_close(p.grad, before[k], rtol=0, atol=0, equal_nan=True)
+    # finite gradients whose preconditioned values overflow: named, nothing written
+    pre = kt.Preconditioner(model, loss_fn, fisher="empirical", damping=1e-300)
+    model.zero_grad()
+    loss_fn(model(X), y).backward()
+    pre.step(X, y)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.grad.fill_(1e300)
+    before = _grads(model)
+    with pytest.raises(ValueError, match="overflows"):
+        pre.step()
+    for k, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, before[k], rtol=0, atol=0)
 
 
 def test_ekfac_refreshes_its_basis_every_basis_every_and_round_trips():

@@ -11,6 +11,7 @@ try:
 except ImportError:  # pragma: no cover - depends on the environment
     torch = None  # type: ignore[assignment]
 
+from .._compat import namespace
 from .._running import ESTIMATORS, RunningEstimate
 
 _DAMPING_METHODS = ("exact", "factored", "tkfac")
@@ -136,6 +137,7 @@ class Preconditioner:
         self._running: dict[str, RunningEstimate] = {}
         self._inverses: dict[str, Any] = {}
         self._params: dict[str, Any] | None = None  # block -> (spec, weight, bias), per refresh
+        self._xp = namespace(torch.empty(0))  # the estimates' array-API namespace
         self.steps = 0
         self.refreshes = 0
         self.last_scale = 1.0  # ν of the last step (1 without KL clipping)
@@ -180,31 +182,32 @@ class Preconditioner:
             self._params = {k: (specs[k], self.model.get_parameter(specs[k].weight),
                                 None if specs[k].bias is None else self.model.get_parameter(specs[k].bias))
                             for k in self._inverses}
-        grads = {}  # every block checked before any is solved or written
+        jobs = []  # every block solved and checked before any gradient is written
         for key, (spec, W, b) in self._params.items():
             if W.grad is None:
                 raise ValueError(f"block {key!r} has no weight.grad: call loss.backward() first")
-            grads[key] = _block_matrix(spec, W.grad, None if b is None else b.grad, b)
-        finite = torch.stack([torch.isfinite(V).all() for V in grads.values()])
-        if not bool(finite.all()):
-            bad = [k for k, ok in zip(grads, finite.tolist()) if not ok]
-            raise ValueError(f"block {bad[0]!r}: its gradient holds NaN or inf")
-        jobs = []
-        for key, V in grads.items():
             inv = self._inverses[key]
             if inv.damping != float(lam):
                 inv = self._inverses[key] = inv.with_damping(lam)
-            spec, W, b = self._params[key]
-            jobs.append((spec, W, b, V, inv.solve(V.to(inv.dtype))))
+            V = _block_matrix(spec, W.grad, None if b is None else b.grad, b)
+            jobs.append((key, spec, W, b, V, inv._apply(V, self._xp)))  # shapes fixed at refresh
+        # a NaN or inf in a gradient reaches its solve: one check of all results, one host read
+        if not bool(torch.isfinite(torch.cat([P.reshape(-1) for *_, P in jobs])).all()):
+            for key, *_, V, P in jobs:
+                if not bool(torch.isfinite(V).all()):
+                    raise ValueError(f"block {key!r}: its gradient holds NaN or inf")
+            bad = next(key for key, *_, P in jobs if not bool(torch.isfinite(P).all()))
+            raise ValueError(f"block {bad!r}: the preconditioned gradient overflows (inf); "
+                             f"raise the damping")
         nu = 1.0
         if self.kl_clip is not None:
-            quad = sum(float((P * V.to(P.dtype)).sum()) for _, _, _, V, P in jobs)
+            quad = float(sum((P * V.to(P.dtype)).sum() for *_, V, P in jobs))
             if quad > 0:
                 nu = min(1.0, math.sqrt(self.kl_clip / (lr * lr * quad)))
         self.last_scale = nu
         with torch.no_grad():
-            for spec, W, b, _, P in jobs:
-                _write_block(spec, (P * nu).to(W.grad.dtype), W, b)
+            for _, spec, W, b, _, P in jobs:
+                _write_block(spec, (P if nu == 1.0 else P * nu).to(W.grad.dtype), W, b)
         self.steps += 1
 
     @property
