@@ -108,7 +108,7 @@ def build_parser(prog: str = "python -m kronsum demo") -> argparse.ArgumentParse
     p.add_argument("--out", default="kronsum-demo", metavar="DIR",
                    help="folder for the figures and demo.json (default: ./kronsum-demo)")
     p.add_argument("--quick", action="store_true",
-                   help="smaller subset, fewer checkpoints and steps (about 15 s; used by CI)")
+                   help="smaller subset, fewer checkpoints and steps (about 15–20 s on two CPU cores; used by CI)")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
                    help="where the networks and Fisher blocks live (default: cpu)")
     p.add_argument("--train", action="store_true",
