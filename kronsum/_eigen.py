@@ -173,13 +173,14 @@ class Space:
     """
 
     def __init__(self, apply, xp, metric=None, apply_M=None, safe_norm=False, apply_aux=None,
-                 half=None):
+                 half=None, second=None):
         # every product is materialised: on Dask each step is then one map-reduce over the
         # persisted inputs rather than a graph re-running all earlier steps
         self.apply = None if apply is None else (lambda x: materialize(apply(x)))
         self.apply_aux = None if apply_aux is None else (
             lambda x: tuple(materialize(v) for v in apply_aux(x)))
         self.half = half
+        self.second = second  # the half-step after ``half`` (apply = second ∘ half), if known
         self.xp, self.metric, self.safe_norm = xp, metric, safe_norm
         self._apply_M = None if apply_M is None else (lambda x, Mx: materialize(apply_M(x, Mx)))
 
@@ -296,7 +297,8 @@ def contraction_space(Fn, side: str, keep_aux: bool = False) -> Space:
         return second(Y), Y
 
     return Space(lambda X: second(first(X)), Fn.xp, safe_norm=safe,
-                 apply_aux=apply_aux if keep_aux else None, half=lambda X, _=None: first(X))
+                 apply_aux=apply_aux if keep_aux else None, half=lambda X, _=None: first(X),
+                 second=second)
 
 
 def aux_fits(Fn, side: str) -> bool:
@@ -536,7 +538,7 @@ def _ritz(space: Space, Q: list, MQ: list, coef, AUX: list | None = None) -> tup
 
 
 def lanczos_two_precision(low: Space, x0, high: Space, resume: Callable[[], Space], dtype,
-                          stop: Stop, max_iter: int) -> EigenResult:
+                          stop: Stop, max_iter: int, low_image: float | None = None) -> EigenResult:
     """:func:`lanczos` on ``low`` (the operator in a lower precision, e.g. float32), checked
     and finished on ``high`` (the working precision, with ``apply_aux``).
 
@@ -546,6 +548,12 @@ def lanczos_two_precision(low: Space, x0, high: Space, resume: Callable[[], Spac
     (:attr:`EigenResult.aux`, :attr:`EigenResult.image`). If the bound misses ``accuracy`` (a
     tiny gap, or an operator low precision cannot resolve), Lanczos continues from there on
     ``resume()`` (the working-precision space to iterate on).
+
+    ``low_image`` (when the finish needs no image, i.e. ``x`` is the left factor): the check
+    takes the half-step in the working precision (the other factor, and ``θ = ‖half‖²``) and
+    the second half-step in the low one, with the residual widened by ``low_image·θ`` (the
+    low precision's relative error); only when that bound does not stop is the
+    working-precision image computed, and the check goes on as above.
     """
     xp = high.xp
     stop_low = Stop(max(stop.tol, default_tol(xp, x0.dtype)), stop.accuracy)
@@ -555,8 +563,21 @@ def lanczos_two_precision(low: Space, x0, high: Space, resume: Callable[[], Spac
     lo = lanczos(low, x0, stop_low, max_iter)
     x = xp.astype(lo.x, dtype)
     x = materialize(x / high.norm(x))
-    Ax, half = high.apply_aux(x)
     its = lo.iterations + 1
+    if low_image is not None and high.half is not None and low.second is not None:
+        # the half-step in the working precision (the other factor, and the Rayleigh quotient
+        # θ = ‖half‖²), the residual from the second half-step in the low precision, widened
+        # by ``low_image`` × θ; the working-precision image only when that does not stop
+        half = materialize(high.half(x))
+        Ax = xp.astype(low.second(xp.astype(half, x0.dtype)), dtype)
+        th, rr = host_floats([xp.sum(half * half), xp.sum((Ax - xp.sum(half * half) * x) ** 2)])
+        res = (math.sqrt(max(rr, 0.0)) / th + low_image) if th > 0 else 0.0
+        if th <= 0 or stop.met(th, res, stop_low.th2, stop_low.r2) or its >= max_iter:
+            conv = th <= 0 or stop.bound <= stop.accuracy or res <= stop.tol
+            return EigenResult(x, its, conv, res, lo.sigma2, half)
+        Ax = high.second(half)
+    else:
+        Ax, half = high.apply_aux(x)
     th, rr = host_floats([xp.sum(x * Ax), xp.sum((Ax - xp.sum(x * Ax) * x) ** 2)])
     res = math.sqrt(max(rr, 0.0)) / th if th > 0 else 0.0
     if th > 0 and not stop.met(th, res, stop_low.th2, stop_low.r2) and its < max_iter:
