@@ -659,3 +659,101 @@ def test_normalisation_affine_blocks_equal_exact_fisher(bias):
     want = torch.linalg.solve(est.to_dense() + 0.3 * torch.eye(est.m * est.n, dtype=DT), g.reshape(-1))
     got = torch.stack([model.ln.weight.grad] + ([model.ln.bias.grad] if bias else []), 1)
     _close(got.reshape(-1), want, rtol=1e-9)
+
+
+# -- a custom negative log-likelihood ------------------------------------------------------------
+
+
+class _Poisson(kt.NegativeLogLikelihood):
+    """ℓ = e^f − y f per output entry (log-rates f): Fisher wrt f = diag(e^f)."""
+
+    def nll(self, output, targets):
+        return (torch.exp(output) - targets * output).sum(dim=1)
+
+    def sample(self, output, generator):
+        return torch.poisson(torch.exp(output), generator=generator)
+
+    def fisher_sqrt(self, output):
+        D = output.shape[1]
+        return torch.exp(output / 2)[None] * torch.eye(D, dtype=output.dtype)[:, None, :]
+
+
+def _poisson_net():
+    torch.manual_seed(3)
+    net = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).to(DT)
+    X = torch.randn(6, 3, dtype=DT)
+    y = torch.poisson(torch.exp(net(X).detach()))
+    keys = {"0": dict(W="0.weight", b="0.bias"), "2": dict(W="2.weight", b="2.bias")}
+    return net, X, y, keys
+
+
+@pytest.mark.parametrize("reduction", ["sum", "mean"])
+def test_custom_nll_blocks_equal_exact_and_empirical_fisher(reduction):
+    net, X, y, keys = _poisson_net()
+    loss = _Poisson(reduction)
+    c = 1.0 if reduction == "sum" else 1.0 / len(X)
+    f = net(X).detach()
+    exact = exact_blocks(net, X, keys, hessians=[c * torch.diag(torch.exp(fn)) for fn in f])
+    emp = exact_blocks(net, X, keys, grads=[torch.exp(fn) - yn for fn, yn in zip(f, y)])
+    got_exact = kt.collect(net, loss, X, fisher="exact")
+    got_emp = kt.collect(net, loss, X, y, fisher="empirical")
+    for key in keys:
+        _close(got_exact[key].to_dense(), exact[key])
+        _close(got_emp[key].to_dense(), c * emp[key])
+    # the same object is the training loss
+    torch.testing.assert_close(loss(net(X), y), c * (torch.exp(f) - y * f).sum())
+
+
+def test_custom_nll_mc_uses_its_sampler_and_matches_mse_when_it_is_mse():
+    net, X, y, keys = _poisson_net()
+
+    class Fixed(_Poisson):  # a "sampler" that returns the data: MC must equal empirical
+        def sample(self, output, generator):
+            return y
+
+    mc = kt.collect(net, Fixed(), X, fisher="mc", n_samples=3)
+    emp = kt.collect(net, Fixed(), X, y, fisher="empirical")
+    for key in keys:
+        _close(mc[key].to_dense(), emp[key].to_dense())
+
+    class HalfGaussian(kt.NegativeLogLikelihood):  # ‖f − y‖², the NLL of N(f, I/2)
+        def nll(self, output, targets):
+            return ((output - targets) ** 2).sum(dim=1)
+
+        def fisher_sqrt(self, output):
+            D = output.shape[1]
+            return (2 ** 0.5) * torch.eye(D, dtype=output.dtype)[:, None, :].expand(D, *output.shape)
+
+    for fisher in ("exact", "empirical"):
+        mine = kt.collect(net, HalfGaussian(), X, y, fisher=fisher)
+        ref = kt.collect(net, nn.MSELoss(reduction="sum"), X, y, fisher=fisher)
+        for key in keys:
+            _close(mine[key].to_dense(), ref[key].to_dense())
+
+
+def test_custom_nll_errors_name_the_method():
+    net, X, y, _ = _poisson_net()
+
+    class NoExtras(kt.NegativeLogLikelihood):
+        def nll(self, output, targets):
+            return (torch.exp(output) - targets * output).sum(dim=1)
+
+    class BadShape(NoExtras):
+        def nll(self, output, targets):
+            return super().nll(output, targets).sum()
+
+        def fisher_sqrt(self, output):
+            return torch.ones_like(output)
+
+    with pytest.raises(NotImplementedError, match="sample"):
+        kt.collect(net, NoExtras(), X, fisher="mc")
+    with pytest.raises(NotImplementedError, match="fisher_sqrt"):
+        kt.collect(net, NoExtras(), X, fisher="exact")
+    with pytest.raises(ValueError, match=r"nll must return the per-sample losses, shape \(6,\)"):
+        kt.collect(net, BadShape(), X, y, fisher="empirical")
+    with pytest.raises(ValueError, match=r"fisher_sqrt must return a tensor of shape \(S, \*output.shape\)"):
+        kt.collect(net, BadShape(), X, fisher="exact")
+    with pytest.raises(ValueError, match="reduction"):
+        NoExtras(reduction="none")
+    pre = kt.Preconditioner(net, NoExtras(), fisher="empirical")  # accepted where collect is
+    assert pre.steps == 0

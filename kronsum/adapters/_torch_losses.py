@@ -38,16 +38,87 @@ except ImportError:  # pragma: no cover - depends on the environment
 from .._compat import all_finite, namespace
 
 
+class NegativeLogLikelihood:
+    r"""Base class for a custom loss that :func:`~kronsum.adapters.torch.collect` (and the
+    :class:`~kronsum.adapters.torch.Preconditioner`) can take: a negative log-likelihood
+    ``ℓ_n = −log p(y_n | f_n)`` of each sample's model output ``f_n``.
+
+    Subclass it and implement
+
+    * ``nll(output, targets)``: the ``(N,)`` per-sample negative log-likelihoods, differentiable
+      in ``output`` (summed over a sample's outputs and positions);
+    * ``sample(output, generator)``: targets drawn from ``p(· | f_n)`` for every sample (needed
+      by ``fisher="mc"``; ``generator`` is the one given to ``collect``, possibly ``None``);
+    * ``fisher_sqrt(output)`` (optional, for ``fisher="exact"``): a tensor ``V`` of shape
+      ``(S, *output.shape)`` with ``Σ_s v_{s,n} v_{s,n}ᵀ = E_{y∼p(·|f_n)}[∇_f ℓ_n ∇_f ℓ_nᵀ]``, the
+      Fisher of ``ℓ_n`` with respect to ``f_n`` (for an exponential family in its natural
+      parameters, the Hessian of ``ℓ_n``).
+
+    The block is then ``F = c Σ_n E[∇_θ ℓ_n ∇_θ ℓ_nᵀ]`` with ``c = 1`` for ``reduction="sum"``
+    and ``1/N`` for ``"mean"``: the output gradients of each backward pass are ``∇_f ℓ_n`` at the
+    given targets (``"empirical"``), at ``n_samples`` draws of ``sample`` (``"mc"``, weights
+    ``c/n_samples``), or the columns of ``fisher_sqrt`` (``"exact"``). Calling the object returns
+    the reduced loss, so the same object trains the model.
+
+    Examples
+    --------
+    A Poisson regression on log-rates ``f``: ``ℓ = e^f − y f`` (up to ``log y!``), whose Fisher
+    with respect to ``f`` is ``diag(e^f)``.
+
+    >>> import pytest; torch = pytest.importorskip("torch")
+    >>> from kronsum.adapters.torch import NegativeLogLikelihood, collect
+    >>> class PoissonNLL(NegativeLogLikelihood):
+    ...     def nll(self, output, targets):
+    ...         return (torch.exp(output) - targets * output).sum(dim=1)
+    ...     def sample(self, output, generator):
+    ...         return torch.poisson(torch.exp(output), generator=generator)
+    ...     def fisher_sqrt(self, output):
+    ...         D = output.shape[1]
+    ...         return torch.exp(output / 2)[None] * torch.eye(D, dtype=output.dtype)[:, None, :]
+    >>> net = torch.nn.Linear(3, 2)
+    >>> blocks = collect(net, PoissonNLL(), torch.randn(8, 3), fisher="exact")
+    >>> blocks[""]
+    KronSum(form='outer', K=16, m=2, n=4, dtype=torch.float32)
+    """
+
+    reduction: str = "sum"
+
+    def __init__(self, reduction: str = "sum"):
+        if reduction not in ("sum", "mean"):
+            raise ValueError(f"reduction must be 'sum' or 'mean', got {reduction!r}")
+        self.reduction = reduction
+
+    def nll(self, output: Any, targets: Any) -> Any:
+        raise NotImplementedError(f"{type(self).__name__} must implement nll(output, targets)")
+
+    def sample(self, output: Any, generator: Any) -> Any:
+        raise NotImplementedError(
+            f"{type(self).__name__} implements no sample(output, generator): fisher='mc' needs it")
+
+    def fisher_sqrt(self, output: Any) -> Any:
+        raise NotImplementedError(
+            f"{type(self).__name__} implements no fisher_sqrt(output): fisher='exact' needs it")
+
+    def __call__(self, output: Any, targets: Any) -> Any:
+        total = self.nll(output, targets).sum()
+        return total if self.reduction == "sum" else total / output.shape[0]
+
+
 @dataclass(frozen=True)
 class LossSpec:
-    kind: str  # "ce" or "mse"
+    kind: str  # "ce", "mse", "bce" or "custom"
     reduction: str  # "sum" or "mean"
     ignore_index: int | None = None
+    nll: Any = None  # the NegativeLogLikelihood (kind "custom")
 
 
 def loss_spec(loss_fn: Any) -> LossSpec:
     """The kind and reduction of ``loss_fn``; ``TypeError``/``ValueError``/``NotImplementedError``
     for a loss that is not a plain negative log-likelihood kronsum knows."""
+    if isinstance(loss_fn, NegativeLogLikelihood):
+        if loss_fn.reduction not in ("sum", "mean"):
+            raise ValueError(f"the loss's reduction must be 'sum' or 'mean', got {loss_fn.reduction!r}")
+        return LossSpec("custom", loss_fn.reduction, None, loss_fn)
     if isinstance(loss_fn, nn.CrossEntropyLoss):
         if loss_fn.weight is not None or loss_fn.label_smoothing != 0.0:
             raise NotImplementedError(
@@ -66,8 +137,9 @@ def loss_spec(loss_fn: Any) -> LossSpec:
         kind, ignore = "bce", None
     else:
         raise TypeError(
-            f"loss_fn must be torch.nn.CrossEntropyLoss, torch.nn.MSELoss or "
-            f"torch.nn.BCEWithLogitsLoss, got {type(loss_fn).__name__}"
+            f"loss_fn must be torch.nn.CrossEntropyLoss, torch.nn.MSELoss, "
+            f"torch.nn.BCEWithLogitsLoss or a kronsum.adapters.torch.NegativeLogLikelihood, "
+            f"got {type(loss_fn).__name__}"
         )
     if loss_fn.reduction not in ("sum", "mean"):
         raise ValueError(f"the loss's reduction must be 'sum' or 'mean', got {loss_fn.reduction!r}")
@@ -106,6 +178,8 @@ def output_grad_terms(spec: LossSpec, out: Any, targets: Any, fisher: str, n_sam
     N = f.shape[0]
     if check_finite and f.numel() and not all_finite(namespace(f), f):
         raise ValueError("the model's outputs hold NaN or inf")
+    if spec.kind == "custom":
+        return _custom_terms(spec, f, targets, fisher, n_samples, generator)
     if spec.kind != "ce":
         return _elementwise_terms(spec, f, targets, fisher, n_samples, generator)
     if f.ndim < 2:
@@ -192,4 +266,34 @@ def _elementwise_terms(spec, f, targets, fisher, n_samples, generator):
             V = torch.zeros_like(flat)
             V[:, j] = math.sqrt(2.0) if spec.kind == "mse" else torch.sqrt(flat[:, j] * (1 - flat[:, j]))
             terms.append((V.reshape(f.shape), c))
+    return terms
+
+
+def _custom_terms(spec: LossSpec, f: Any, targets: Any, fisher: str, n_samples: int,
+                  generator: Any) -> list:
+    """The terms of a :class:`NegativeLogLikelihood` (see its docstring)."""
+    nll, N = spec.nll, f.shape[0]
+    name = type(nll).__name__
+    c = 1.0 if spec.reduction == "sum" else 1.0 / N
+    if fisher == "exact":
+        V = nll.fisher_sqrt(f)
+        if not isinstance(V, torch.Tensor) or V.ndim != f.ndim + 1 or tuple(V.shape[1:]) != tuple(f.shape):
+            raise ValueError(f"{name}.fisher_sqrt must return a tensor of shape (S, *output.shape) = "
+                             f"(S, {', '.join(map(str, f.shape))}), got "
+                             f"{tuple(V.shape) if isinstance(V, torch.Tensor) else type(V).__name__}")
+        return [(V[s].to(f.dtype), c) for s in range(V.shape[0])]
+    if fisher == "empirical":
+        draws, w = [targets], c
+    else:
+        draws, w = [nll.sample(f, generator) for _ in range(n_samples)], c / n_samples
+    terms = []
+    for y in draws:
+        fr = f.detach().requires_grad_(True)
+        with torch.enable_grad():
+            ell = nll.nll(fr, y)
+        if not isinstance(ell, torch.Tensor) or tuple(ell.shape) != (N,):
+            raise ValueError(f"{name}.nll must return the per-sample losses, shape ({N},), got "
+                             f"{tuple(ell.shape) if isinstance(ell, torch.Tensor) else type(ell).__name__}")
+        (v,) = torch.autograd.grad(ell.sum(), fr)
+        terms.append((v, w))
     return terms

@@ -70,10 +70,11 @@ from ._torch_layers import (
     uncovered_reason,
     unregister_types,
 )
-from ._torch_losses import loss_spec, output_grad_terms
+from ._torch_losses import NegativeLogLikelihood, loss_spec, output_grad_terms
 
 __all__ = [
-    "FISHER_TYPES", "Coverage", "Preconditioner", "UncoveredParametersWarning", "collect",
+    "FISHER_TYPES", "Coverage", "NegativeLogLikelihood", "Preconditioner",
+    "UncoveredParametersWarning", "collect",
     "coverage", "precondition", "register_layer", "supported_layers", "unregister_layer",
 ]
 
@@ -306,8 +307,10 @@ def collect(
         Called once as ``model(inputs)``; its output is ``(N, C, ...)`` logits for
         cross-entropy (``(N, ..., C)`` with ``class_dim=-1``) or ``(N, ...)`` predictions for MSE.
         Train/eval mode is left as it is (a train-mode BatchNorm couples the samples: warned).
-    loss_fn : torch.nn.CrossEntropyLoss, torch.nn.MSELoss or torch.nn.BCEWithLogitsLoss
+    loss_fn : torch.nn.CrossEntropyLoss, torch.nn.MSELoss, torch.nn.BCEWithLogitsLoss or NegativeLogLikelihood
         With ``reduction="sum"`` or ``"mean"``; the reduction sets the weights (module docstring).
+        Any other likelihood: subclass :class:`NegativeLogLikelihood` (its per-sample NLL, a
+        sampler for ``"mc"``, a square root of its output Fisher for ``"exact"``).
         No class weights, ``pos_weight`` or label smoothing (``NotImplementedError``).
         Cross-entropy's ``ignore_index`` drops those targets' positions (when targets are given).
     inputs : tensor
