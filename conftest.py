@@ -2,8 +2,9 @@
 
 numba is optional: without it, the module of compiled kernels cannot be imported, so its
 doctest collection is skipped (the kernels are unreachable then: ``kronsum._accel`` falls back
-to the array-API path, which the tests cover on their own). laplace-torch is optional too: its
-backend module needs it to be imported at all.
+to the array-API path, which the tests cover on their own). The adapters' frameworks are
+optional too: a module's doctests (whose examples import torch, JAX, optax, Flax or
+laplace-torch plainly, as a user would) are collected only where its framework is installed.
 """
 
 import importlib.util
@@ -13,5 +14,16 @@ try:
     import numba  # noqa: F401
 except ImportError:
     collect_ignore.append("kronsum/_numba_kernels.py")
-if importlib.util.find_spec("laplace") is None:
-    collect_ignore.append("kronsum/adapters/laplace.py")
+_NEEDS = {
+    "kronsum/adapters/torch.py": ("torch",),
+    "kronsum/adapters/_torch_precond.py": ("torch",),
+    "kronsum/adapters/_torch_losses.py": ("torch",),
+    "kronsum/adapters/_torch_layers.py": ("torch",),
+    "kronsum/adapters/laplace.py": ("torch", "laplace"),
+    "kronsum/adapters/jax.py": ("jax",),
+    "kronsum/adapters/_jax_precond.py": ("jax", "optax"),
+    "kronsum/adapters/_flax.py": ("jax", "flax"),
+}
+for path, modules in _NEEDS.items():
+    if any(importlib.util.find_spec(m) is None for m in modules):
+        collect_ignore.append(path)

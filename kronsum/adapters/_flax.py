@@ -25,7 +25,8 @@ def flax_apply(module: Any) -> Callable[[Any, Any, Any], Any]:
 
     Examples
     --------
-    >>> import pytest; jax = pytest.importorskip("jax"); nn = pytest.importorskip("flax.linen")
+    >>> import jax
+    >>> import flax.linen as nn
     >>> import jax.numpy as jnp
     >>> from kronsum.adapters.jax import PLAIN, collect, flax_apply
     >>> class MLP(nn.Module):

@@ -95,7 +95,8 @@ class Preconditioner:
 
     Examples
     --------
-    >>> import pytest; jax = pytest.importorskip("jax"); optax = pytest.importorskip("optax")
+    >>> import jax
+    >>> import optax
     >>> import jax.numpy as jnp
     >>> from kronsum.adapters.jax import PLAIN, Preconditioner
     >>> def apply(params, x, tape):

@@ -65,7 +65,7 @@ class NegativeLogLikelihood:
     A Poisson regression on log-rates ``f``: ``ℓ = e^f − y f`` (up to ``log y!``), whose Fisher
     with respect to ``f`` is ``diag(e^f)``.
 
-    >>> import pytest; torch = pytest.importorskip("torch")
+    >>> import torch
     >>> from kronsum.adapters.torch import NegativeLogLikelihood, collect
     >>> class PoissonNLL(NegativeLogLikelihood):
     ...     def nll(self, output, targets):

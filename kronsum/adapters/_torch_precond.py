@@ -78,7 +78,7 @@ class Preconditioner:
 
     Examples
     --------
-    >>> import pytest; torch = pytest.importorskip("torch")
+    >>> import torch
     >>> from kronsum.adapters.torch import Preconditioner
     >>> _ = torch.manual_seed(0)
     >>> model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3))

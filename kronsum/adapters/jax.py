@@ -25,7 +25,7 @@ entries).
 
 Examples
 --------
->>> import pytest; jax = pytest.importorskip("jax")
+>>> import jax
 >>> import jax.numpy as jnp
 >>> from kronsum.adapters.jax import collect
 >>> def apply(params, x, tape):
@@ -294,7 +294,7 @@ def collect(
     
     Examples
     --------
-    >>> import pytest; jax = pytest.importorskip("jax")
+    >>> import jax
     >>> import jax.numpy as jnp
     >>> import kronsum as ks
     >>> from kronsum.adapters.jax import collect

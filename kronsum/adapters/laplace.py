@@ -108,7 +108,7 @@ class KronsumGGN(GGNInterface):
 
     Examples
     --------
-    >>> import pytest; torch = pytest.importorskip("torch"); _ = pytest.importorskip("laplace")
+    >>> import torch
     >>> from laplace import Laplace
     >>> from kronsum.adapters.laplace import KronsumGGN
     >>> torch.manual_seed(0)  # doctest: +ELLIPSIS

@@ -29,7 +29,7 @@ never touched, no weight gradient is computed, and in-place activations after a 
 
 Examples
 --------
->>> import pytest; torch = pytest.importorskip("torch")
+>>> import torch
 >>> import kronsum as ks
 >>> from kronsum.adapters.torch import collect, precondition
 >>> _ = torch.manual_seed(0)
@@ -145,7 +145,7 @@ def coverage(model: Any, layers: Iterable[str] | None = None) -> Coverage:
 
     Examples
     --------
-    >>> import pytest; torch = pytest.importorskip("torch")
+    >>> import torch
     >>> from torch import nn
     >>> from kronsum.adapters.torch import coverage
     >>> model = nn.Sequential(nn.Linear(4, 8), nn.LayerNorm(8), nn.PReLU(), nn.Linear(8, 2))
@@ -202,7 +202,7 @@ def supported_layers(model: Any, layers: Iterable[str] | None = None) -> dict[st
 
     Examples
     --------
-    >>> import pytest; torch = pytest.importorskip("torch")
+    >>> import torch
     >>> from torch import nn
     >>> from kronsum.adapters.torch import supported_layers
     >>> model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4, 2))
@@ -229,7 +229,7 @@ def register_layer(module_type: Any, inputs: Callable[[Any, tuple, Any], Any]) -
 
     Examples
     --------
-    >>> import pytest; torch = pytest.importorskip("torch")
+    >>> import torch
     >>> from torch import nn
     >>> from kronsum.adapters.torch import collect, register_layer, unregister_layer
     >>> class Scaled(nn.Module):                      # y = W (2x)
@@ -254,7 +254,7 @@ def unregister_layer(module_type: Any) -> None:
 
     Examples
     --------
-    >>> import pytest; torch = pytest.importorskip("torch")
+    >>> import torch
     >>> from kronsum.adapters.torch import coverage, register_layer, unregister_layer
     >>> class Lin(torch.nn.Module):
     ...     def __init__(self):
@@ -380,7 +380,7 @@ def collect(
 
     Examples
     --------
-    >>> import pytest; torch = pytest.importorskip("torch")
+    >>> import torch
     >>> from kronsum.adapters.torch import collect
     >>> net = torch.nn.Sequential(torch.nn.Conv2d(1, 2, 3, padding=1), torch.nn.Flatten(),
     ...                           torch.nn.Linear(2 * 4 * 4, 3, bias=False))
@@ -559,7 +559,7 @@ def precondition(model: Any, estimates: Mapping[str, Kron], damping: float, *,
 
     Examples
     --------
-    >>> import pytest; torch = pytest.importorskip("torch")
+    >>> import torch
     >>> import kronsum as ks
     >>> from kronsum.adapters.torch import collect, precondition
     >>> net = torch.nn.Linear(3, 2)
