@@ -570,7 +570,8 @@ def lanczos_two_precision(low: Space, x0, high: Space, resume: Callable[[], Spac
         # by ``low_image`` × θ; the working-precision image only when that does not stop
         half = materialize(high.half(x))
         Ax = xp.astype(low.second(xp.astype(half, x0.dtype)), dtype)
-        th, rr = host_floats([xp.sum(half * half), xp.sum((Ax - xp.sum(half * half) * x) ** 2)])
+        th_d = xp.sum(half * half)
+        th, rr = host_floats([th_d, xp.sum((Ax - th_d * x) ** 2)])
         res = (math.sqrt(max(rr, 0.0)) / th + low_image) if th > 0 else 0.0
         if th <= 0 or stop.met(th, res, stop_low.th2, stop_low.r2) or its >= max_iter:
             conv = th <= 0 or stop.bound <= stop.accuracy or res <= stop.tol
