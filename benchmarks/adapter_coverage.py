@@ -14,10 +14,15 @@ Fisher with one sample:
 ``mlp-bn``    Linear(64, 256)–BatchNorm1d–ReLU ×2, Linear(256, 10); 256 samples
 
 Methods (each in a fresh subprocess, one thread, one warm-up run, then ``--repeats`` runs;
-median CPU time from ``time.process_time`` and wall time; ``peak_mib`` is the growth of the
-process's peak resident memory over its state after setup):
+median CPU time from ``time.process_time`` and wall time. ``peak_mib`` comes from another
+fresh subprocess: after one warm-up run, the peak resident memory of one more run minus the
+resident memory before it (the peak reset through ``/proc/self/clear_refs``, Linux), with
+glibc's ``MALLOC_MMAP_THRESHOLD_=65536`` so that freed tensors go back to the system and the
+resident peak follows the live tensors; it includes the returned factors):
 
 ``kronsum-kfac``     ``collect`` + ``kronsum.kfac`` per block
+``kronsum-collect_kfac``  ``collect_kfac``: the same K-FAC factors accumulated in the hooks,
+                     without keeping the per-sample statistics
 ``kronsum-kfoc``     ``collect`` + ``kronsum.kfoc`` per block (per-block times are printed)
 ``curvlinops-kfac``  curvlinops' ``KFACLinearOperator`` on the parameters of the Linear and
                      Conv2d modules it supports (K-FAC-expand for sequences) +
@@ -43,7 +48,7 @@ import sys
 THREAD_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS",
                "VECLIB_MAXIMUM_THREADS", "NUMEXPR_NUM_THREADS")
 MODELS = ("resnet18", "lm", "vit", "mlp-bn")
-METHODS = ("curvlinops-kfac", "kronsum-kfac", "kronsum-kfoc")
+METHODS = ("curvlinops-kfac", "kronsum-kfac", "kronsum-collect_kfac", "kronsum-kfoc")
 
 
 def _resnet18(nn, num_classes=10):
@@ -167,7 +172,15 @@ def _runner(method, model, X, class_dim, per_block):
         return run
 
     import kronsum as ks
-    from kronsum.adapters.torch import UncoveredParametersWarning, collect
+    from kronsum.adapters.torch import UncoveredParametersWarning, collect, collect_kfac
+
+    if method == "kronsum-collect_kfac":
+        def run():
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", UncoveredParametersWarning)
+                return collect_kfac(model, loss, X, fisher="mc", class_dim=class_dim,
+                                    generator=torch.Generator().manual_seed(0))
+        return run
 
     estimator = ks.kfac if method == "kronsum-kfac" else ks.kfoc
 
@@ -186,8 +199,18 @@ def _runner(method, model, X, class_dim, per_block):
     return run
 
 
-def _one(name, method, repeats):
-    import resource
+def _rss_kib(field):
+    """``VmRSS`` / ``VmHWM`` of this process in KiB (Linux)."""
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def _one(name, method, repeats, memory):
+    """Time ``repeats`` runs after a warm-up, or (``memory``) the peak resident memory of one."""
+    import gc
     import time
 
     import torch
@@ -198,19 +221,24 @@ def _one(name, method, repeats):
     per_block: dict = {}
     run = _runner(method, model, X, class_dim, per_block)
     with threadpool_limits(limits=1):
-        base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        run()  # warm-up
+        run()  # warm-up: lazy imports, numba compilation, allocator pools
+        if memory:
+            gc.collect()
+            with open("/proc/self/clear_refs", "w") as fh:  # reset VmHWM to the current VmRSS
+                fh.write("5")
+            base = _rss_kib("VmRSS")
+            run()
+            print(json.dumps({"peak_mib": (_rss_kib("VmHWM") - base) / 1024.0}))
+            return
         cpu, wall = [], []
         for _ in range(repeats):
             c0, w0 = time.process_time(), time.perf_counter()
             run()
             cpu.append(time.process_time() - c0)
             wall.append(time.perf_counter() - w0)
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     blocks = {k: (statistics.median(t for t, *_ in v[1:]),) + v[0][1:] for k, v in per_block.items()}
     rec = {"model": name, "method": method, "cpu_s": statistics.median(cpu),
-           "wall_s": statistics.median(wall), "repeats": repeats,
-           "peak_mib": (peak - base) / 1024.0, "blocks": blocks}
+           "wall_s": statistics.median(wall), "repeats": repeats, "blocks": blocks}
     print(json.dumps(rec))
 
 
@@ -230,9 +258,10 @@ def main(argv=None):
     ap.add_argument("--json", metavar="FILE")
     ap.add_argument("--models", help=f"comma-separated subset of {','.join(MODELS)}")
     ap.add_argument("--one", nargs=2, metavar=("MODEL", "METHOD"), help=argparse.SUPPRESS)
+    ap.add_argument("--memory", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.one:
-        _one(args.one[0], args.one[1], args.repeats)
+        _one(args.one[0], args.one[1], args.repeats, args.memory)
         return
     models = MODELS if not args.models else tuple(m.strip() for m in args.models.split(","))
     if set(models) - set(MODELS):
@@ -263,9 +292,17 @@ def main(argv=None):
                 records.append({"model": name, "method": method, "error": err})
                 continue
             rec = json.loads(proc.stdout.strip().splitlines()[-1])
+            mem = subprocess.run(
+                [sys.executable, __file__, "--one", name, method, "--memory"],
+                env=dict(env, MALLOC_MMAP_THRESHOLD_="65536"), capture_output=True, text=True)
+            if mem.returncode:
+                print(f"  {method:16s} memory run failed: {mem.stderr.strip()[-200:]}", flush=True)
+            else:
+                rec.update(json.loads(mem.stdout.strip().splitlines()[-1]))
             records.append(rec)
             print(f"  {method:16s} CPU {rec['cpu_s'] * 1e3:9.1f} ms  wall "
-                  f"{rec['wall_s'] * 1e3:9.1f} ms  peak {rec['peak_mib']:7.1f} MiB", flush=True)
+                  f"{rec['wall_s'] * 1e3:9.1f} ms  peak {rec.get('peak_mib', float('nan')):7.1f} MiB",
+                  flush=True)
             if method == "kronsum-kfoc":
                 top = sorted(rec["blocks"].items(), key=lambda kv: -kv[1][0])[:5]
                 for key, (t, form, m, n, K) in top:
@@ -273,8 +310,9 @@ def main(argv=None):
 
     by = {(r["model"], r["method"]): r for r in records if "error" not in r}
     print("\n| network | share with a block (kronsum / curvlinops run) | curvlinops K-FAC | "
-          "collect + kfac | collect + kfoc | peak MiB (curvlinops / kfac / kfoc) |")
-    print("|---|---|---|---|---|---|")
+          "collect + kfac | collect_kfac | collect + kfoc | "
+          "peak MiB (curvlinops / kfac / collect_kfac / kfoc) |")
+    print("|---|---|---|---|---|---|---|")
     for name in models:
         ref = by.get((name, "curvlinops-kfac"))
 
@@ -284,11 +322,13 @@ def main(argv=None):
                 return "—"
             s = f"{r['cpu_s'] * 1e3:.0f} ms"
             return s + (f" ({r['cpu_s'] / ref['cpu_s']:.2f}×)" if ref and r is not ref else "")
-        peaks = " / ".join(f"{by[(name, m)]['peak_mib']:.0f}" if (name, m) in by else "—"
+        peaks = " / ".join(f"{by[(name, m)]['peak_mib']:.0f}" if "peak_mib" in by.get((name, m), {})
+                           else "—"
                            for m in METHODS)
         print(f"| {name} | {100 * shares[name]['kronsum']:.1f} % / "
               f"{100 * shares[name]['curvlinops']:.1f} % | {cell('curvlinops-kfac')} | "
-              f"{cell('kronsum-kfac')} | {cell('kronsum-kfoc')} | {peaks} |")
+              f"{cell('kronsum-kfac')} | {cell('kronsum-collect_kfac')} | {cell('kronsum-kfoc')} | "
+              f"{peaks} |")
     if args.json:
         with open(args.json, "w") as fh:
             json.dump({"shares": shares, "records": records}, fh, indent=1)

@@ -10,6 +10,9 @@ data set, cross-entropy with mean reduction, Monte-Carlo Fisher with one sample:
 
 and, to explain the numbers (full run only):
 
+``kronsum-collect_kfac``  ``collect_kfac``: the K-FAC factors accumulated in the hooks, without
+                      keeping the per-sample statistics
+
 ``kronsum-collect``   ``collect`` alone (the forward and backward passes)
 ``kfoc-floor``        ``collect`` + ``kfac`` + the two K×K Gram products ``GGᵀ``, ``AAᵀ`` of every
                       outer-form layer (NumPy, BLAS ``syrk``): what the exact Gram solver
@@ -55,7 +58,7 @@ THREAD_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS",
 MODELS = ("mlp", "wide-mlp", "cnn")
 DTYPES = ("float32", "float64")
 METHODS = ("curvlinops-kfac", "kronsum-kfac", "kronsum-kfoc")
-EXTRA = ("kronsum-collect", "kfoc-floor", "kronsum-kfac-torch", "kronsum-kfoc-torch")
+EXTRA = ("kronsum-collect_kfac", "kronsum-collect", "kfoc-floor", "kronsum-kfac-torch", "kronsum-kfoc-torch")
 STREAM = ("curvlinops-kfac-batches", "stream-kfac", "stream-kfoc_approx", "stream-kfoc_running")
 BATCH = 128
 
@@ -122,7 +125,11 @@ def _runner(method, model, X, y):
         return run
 
     import kronsum as ks
-    from kronsum.adapters.torch import collect
+    from kronsum.adapters.torch import collect, collect_kfac
+
+    if method == "kronsum-collect_kfac":
+        return lambda: collect_kfac(model, loss, X, fisher="mc",
+                                    generator=torch.Generator().manual_seed(0))
 
     def blocks():
         return collect(model, loss, X, fisher="mc", generator=torch.Generator().manual_seed(0))

@@ -2,7 +2,8 @@
 
 The cases and runners of ``benchmarks/adapter_torch_report.py`` (scikit-learn's digits; an MLP
 64-256-256-10, a wide MLP 64-1024-1024-10 and a small CNN; float32 and float64; one thread):
-one batch of all 1797 samples (``kronsum-kfac``, ``kronsum-kfoc``, ``curvlinops-kfac``) and the
+one batch of all 1797 samples (``kronsum-kfac``, ``kronsum-kfoc``, ``kronsum-collect_kfac``,
+``curvlinops-kfac``) and the
 training-style pass in mini-batches of 128 with an EMA (``stream-kfac``,
 ``curvlinops-kfac-batches``). ``track_ratio`` records kronsum's time over curvlinops' for the
 same data, measured side by side in one process (targets: K-FAC ≤ 1.0, K-FOC ≤ 1.5 on the
@@ -24,6 +25,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 CASES = ["mlp/float32", "mlp/float64", "wide-mlp/float32", "wide-mlp/float64", "cnn/float32",
          "cnn/float64"]
 REFERENCE = {"kronsum-kfac": "curvlinops-kfac", "kronsum-kfoc": "curvlinops-kfac",
+             "kronsum-collect_kfac": "curvlinops-kfac",
              "stream-kfac": "curvlinops-kfac-batches"}
 
 
@@ -42,8 +44,8 @@ def _runner(case, method):
 
 
 class AdapterTorch:
-    params = (CASES, ["kronsum-kfac", "kronsum-kfoc", "stream-kfac", "curvlinops-kfac",
-                      "curvlinops-kfac-batches"])
+    params = (CASES, ["kronsum-kfac", "kronsum-kfoc", "kronsum-collect_kfac", "stream-kfac",
+                      "curvlinops-kfac", "curvlinops-kfac-batches"])
     param_names = ["case", "method"]
     timeout = 900
     number = 1

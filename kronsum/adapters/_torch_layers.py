@@ -105,6 +105,13 @@ def _join(name: str, attr: str) -> str:
     return f"{name}.{attr}" if name else attr
 
 
+def perturbation(y: Any) -> Any:
+    """A zero the size of ``y`` to add to it, whose gradient is ``y``'s output gradient: one
+    scalar leaf expanded (no memory of ``y``'s size; ``autograd.grad`` with respect to the
+    expanded view returns the full gradient)."""
+    return torch.zeros((), dtype=y.dtype, device=y.device, requires_grad=True).expand(y.shape)
+
+
 def _with_ones(A: Any) -> Any:
     return _tF.pad(A, (0, 1), value=1.0)
 
@@ -124,7 +131,7 @@ def _linear_specs(name, mod):
 
 def _linear_capture(spec: BlockSpec, x: Any, y: Any, has_bias: bool) -> tuple[Any, Capture]:
     """Perturb ``y = linear(x)`` (``(..., m)``) and record ``x`` (``(..., n)``) as ``(N, T, n)``."""
-    eps = torch.zeros_like(y, requires_grad=True)
+    eps = perturbation(y)
     N = x.shape[0]
     A = x.detach().reshape(N, -1, x.shape[-1])
     if has_bias:
@@ -199,7 +206,7 @@ def _conv_install(name, mod, record):
     specs = _conv_specs(name, mod)
 
     def hook(m, args, out):
-        eps = torch.zeros_like(out, requires_grad=True)
+        eps = perturbation(out)
         A = unfold(m, args[0].detach())  # (N, T, in·∏k)
         N, T, n = A.shape
         ig = n // m.groups
@@ -235,7 +242,7 @@ def _embedding_install(name, mod, record):
 
     def hook(m, args, out):
         idx = args[0]
-        eps = torch.zeros_like(out, requires_grad=True)
+        eps = perturbation(out)
         N = idx.shape[0]
         A = _tF.one_hot(idx.reshape(N, -1), m.num_embeddings).to(out.dtype)
         if m.padding_idx is not None:
@@ -281,7 +288,7 @@ def _norm_install(name, mod, record):
         x = args[0]
         with torch.no_grad():
             xh, axis = _normalised(m, x.detach())
-        eps = torch.zeros_like(out, requires_grad=True)
+        eps = perturbation(out)
         N = x.shape[0]
         if axis == -1:  # LayerNorm/RMSNorm: the parameters' shape is the trailing axes
             C = m.weight.numel()

@@ -1,12 +1,15 @@
 r"""PyTorch adapter: per-layer Fisher blocks of a model as :class:`~kronsum.KronSum`, and back.
 
-Two functions and no training loop:
+The functions:
 
 :func:`collect`
-    one forward pass with hooks on every supported layer (``nn.Linear``, ``nn.Conv2d``), then
+    one forward pass with hooks on every supported layer (see :func:`coverage`), then
     one backward pass per output-gradient term (one for ``"empirical"``, ``n_samples`` for
     ``"mc"``, one per class/output for ``"exact"``), returning ``{layer name: KronSum}`` with the
     model's device and dtype.
+:func:`collect_kfac`
+    the same passes, returning K-FAC's factors per layer (``{layer name: Kron}``, equal to
+    :func:`~kronsum.kfac` of :func:`collect`'s blocks) without keeping the statistics.
 :func:`precondition`
     replaces each covered layer's ``weight.grad`` (and ``bias.grad``) by
     ``(scale·L ⊗ R + λI)⁻¹ vec(∇W)``, leaving every other parameter alone.
@@ -46,6 +49,7 @@ Examples
 
 from __future__ import annotations
 
+import math
 import warnings
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Mapping
@@ -58,9 +62,10 @@ except ImportError:  # pragma: no cover - depends on the environment
     torch = None  # type: ignore[assignment]
     nn = None  # type: ignore[assignment]
 
+from .._accel import gram
 from .._compat import all_finite, namespace
 from .._ekfac import EigenKron
-from .._kron import Kron
+from .._kron import Kron, KronInfo
 from .._sum import KronSum
 from ._torch_layers import (
     Capture,
@@ -74,7 +79,7 @@ from ._torch_losses import NegativeLogLikelihood, loss_spec, output_grad_terms
 
 __all__ = [
     "FISHER_TYPES", "Coverage", "NegativeLogLikelihood", "Preconditioner",
-    "UncoveredParametersWarning", "collect",
+    "UncoveredParametersWarning", "collect", "collect_kfac",
     "coverage", "precondition", "register_layer", "supported_layers", "unregister_layer",
 ]
 
@@ -388,6 +393,248 @@ def collect(
     >>> blocks["0"]
     KronSum(form='conv', K=5, T=16, m=2, n=10, dtype=torch.float32)
     """
+    run = _forward(model, loss_fn, inputs, targets, fisher, n_samples, generator, layers,
+                   weight_sharing, class_dim, check_finite, keep_inputs=True)
+    G_parts: list[list[Any]] = [[] for _ in run.captures]
+    for _, grads in run.passes():
+        for i, (cap, g) in enumerate(zip(run.captures, grads)):
+            G_parts[i].append(run.arranged_G(cap, g))
+    result: dict[str, KronSum] = {}
+    for cap, Gs in zip(run.captures, G_parts):
+        lay = run.layouts[cap.spec.key]
+        S = len(Gs)
+        G = Gs[0] if S == 1 else torch.cat(Gs)  # (S·B, T, m)
+        A = cap.A if S == 1 else cap.A.repeat(S, 1, 1)
+        wl = torch.cat([torch.full((lay.rows,), wt, dtype=A.dtype, device=A.device)
+                        for wt in run.weights])
+        if lay.sample:
+            result[cap.spec.key] = KronSum.from_conv(G, A, wl, check_finite=False)
+        else:
+            result[cap.spec.key] = KronSum.from_outer(
+                G.reshape(-1, G.shape[-1]), A.reshape(-1, A.shape[-1]), wl, check_finite=False
+            )
+    return result
+
+
+def collect_kfac(
+    model: Any,
+    loss_fn: Any,
+    inputs: Any,
+    targets: Any = None,
+    *,
+    fisher: str = "mc",
+    n_samples: int = 1,
+    generator: Any = None,
+    layers: Iterable[str] | None = None,
+    weight_sharing: str = "expand",
+    class_dim: int = 1,
+    check_finite: bool = True,
+) -> dict[str, Kron]:
+    r"""K-FAC of every layer's Fisher block, accumulated without keeping the statistics.
+
+    Equal to ``{name: kronsum.kfac(F) for name, F in collect(...).items()}`` (same
+    ``left``, ``right`` and ``scale``, to rounding), but each layer's inputs are reduced to
+    their Gram matrix ``Σ_k A_kᵀA_k`` in the forward hook (where it is smaller than the inputs,
+    e.g. a convolution's unfolded patches; otherwise after the backward passes) and each
+    backward pass's output gradients to ``Σ_k G_kᵀG_k`` as soon as the pass ends, as curvlinops
+    and kfac-pytorch do it. Use it where only K-FAC is wanted (a K-FAC Laplace posterior, a K-FAC preconditioner
+    refresh) and the per-sample statistics would not fit; :func:`~kronsum.tkfac`,
+    :func:`~kronsum.kfoc` and the rank-r estimates need :func:`collect`'s ``KronSum``.
+
+    Parameters
+    ----------
+    model, loss_fn, inputs, targets, fisher, n_samples, generator, layers, weight_sharing, class_dim, check_finite
+        As for :func:`collect`, with the same blocks, weights and keys.
+
+    Returns
+    -------
+    dict of str to Kron
+        Per block: ``left`` (m×m, the gradient side: ``Σ w_k G_kᵀG_k / (T·Σ w_k)`` for the
+        conv form, ``Σ w_k g_k g_kᵀ / Σ w_k`` for the outer form), ``right`` (n×n, the
+        activation side, ``Σ w_k A_kᵀA_k / Σ w_k``) and ``scale = Σ w_k`` — :func:`~kronsum.kfac`'s
+        split; ``info.method == "kfac"``. Tensors on the model's device, in its dtype.
+
+    Raises
+    ------
+    ValueError, RuntimeError
+        As :func:`collect`; also ``ValueError`` when an accumulated factor is not finite.
+
+    Notes
+    -----
+    Memory beyond the forward pass: per block the left factor (``m²``) and the smaller of the
+    right factor (``n²``) and the inputs (``N·T·n``), one layer's unfolded inputs at a time
+    while its hook runs, and one backward pass's output gradients. :func:`collect` keeps every
+    layer's inputs and all passes' output gradients. Cost: :func:`collect`'s passes plus the two Gram products per block, the same
+    arithmetic as :func:`~kronsum.kfac` on its result (the inputs' Gram once, not once per pass).
+
+    Examples
+    --------
+    >>> import torch
+    >>> import kronsum as ks
+    >>> from kronsum.adapters.torch import collect, collect_kfac
+    >>> _ = torch.manual_seed(0)
+    >>> net = torch.nn.Sequential(torch.nn.Conv2d(1, 2, 3, padding=1), torch.nn.Flatten(),
+    ...                           torch.nn.Linear(2 * 4 * 4, 3)).double()
+    >>> X, y = torch.randn(5, 1, 4, 4, dtype=torch.float64), torch.randint(0, 3, (5,))
+    >>> est = collect_kfac(net, torch.nn.CrossEntropyLoss(), X, y, fisher="exact")
+    >>> est["0"].left.shape, est["0"].right.shape
+    (torch.Size([2, 2]), torch.Size([10, 10]))
+    >>> blocks = collect(net, torch.nn.CrossEntropyLoss(), X, y, fisher="exact")
+    >>> bool(torch.allclose(est["2"].to_dense(), ks.kfac(blocks["2"]).to_dense()))
+    True
+    """
+    run = _forward(model, loss_fn, inputs, targets, fisher, n_samples, generator, layers,
+                   weight_sharing, class_dim, check_finite, keep_inputs=False)
+    left: dict[str, Any] = {}
+    for wt, grads in run.passes():
+        for cap, g in zip(run.captures, grads):
+            G = run.arranged_G(cap, g)
+            P = gram(G.reshape(-1, G.shape[-1]))
+            P *= wt
+            key = cap.spec.key
+            left[key] = P if key not in left else left[key].add_(P)
+    W = float(sum(run.weights))
+    result: dict[str, Kron] = {}
+    for cap in run.captures:
+        key = cap.spec.key
+        lay = run.layouts[key]
+        sw = W * lay.rows  # Σ w_k over the block's terms
+        L = left[key]
+        R = run.right.pop(key) if key in run.right else gram(cap.A.reshape(-1, cap.A.shape[-1]))
+        if sw > 0:  # kfac's split: left Σw·GᵀG/(T·Σw) (T = 1 for the outer form), right Σw·AᵀA/Σw
+            L.div_(sw * lay.positions)  # both made here: scaled in place
+            R.div_(lay.rows)
+        else:
+            L.zero_()
+            R.zero_()
+        (l0, l1), (r0, r1) = torch.aminmax(L), torch.aminmax(R)  # one pass each
+        l0, l1, r0, r1 = (float(v) for v in (l0, l1, r0, r1))
+        if check_finite and not all(math.isfinite(v) for v in (l0, l1, r0, r1)):
+            raise ValueError(f"layer {key!r}: its K-FAC factors overflow or hold NaN "
+                             f"(shapes {tuple(L.shape)} and {tuple(R.shape)})")
+        notes: tuple[str, ...] = ()
+        zero_left, zero_right = l0 == l1 == 0, r0 == r1 == 0
+        if not sw > 0:
+            notes = ("all weights are zero: the estimate is zero",)
+        elif zero_left or zero_right:
+            which = "left (gradient-side)" if zero_left else "right (activation-side)"
+            notes = (f"the {which} statistics are all zero: the estimate is zero",)
+        result[key] = Kron(L, R, torch.tensor(sw, dtype=L.dtype, device=L.device),
+                           info=KronInfo(method="kfac", notes=notes))
+    return result
+
+
+@dataclass(frozen=True)
+class _Layout:
+    """How one capture's statistics become a KronSum: ``B`` samples of ``T`` positions (before
+    a reduce); ``reduce``: K-FAC-reduce (one outer term per sample); ``sample``: the conv form,
+    one term per sample; otherwise the outer form, one term per sample and position."""
+
+    B: int
+    T: int
+    reduce: bool
+    sample: bool
+
+    @property
+    def rows(self) -> int:
+        """Terms per backward pass: ``B`` for the conv form and a reduce, else ``B·T``."""
+        return self.B if self.sample or self.reduce else self.B * self.T
+
+    @property
+    def positions(self) -> int:
+        """The conv form's ``T`` (kfac divides its left factor by it); 1 for the outer form."""
+        return self.T if self.sample else 1
+
+
+class _Run:
+    """One forward pass of :func:`collect` with its captures, layouts and output-gradient terms.
+
+    ``passes()`` runs the backward passes one at a time, yielding ``(weight, grads)`` with
+    ``grads[i]`` the output gradient of ``captures[i]``. With ``keep_inputs=False`` a capture's
+    inputs larger than their Gram matrix are replaced in the forward hook by it, ``right[key]``
+    (``Σ_rows a aᵀ`` of the arranged inputs, unweighted), and ``cap.A`` is set to ``None``.
+    """
+
+    def __init__(self, N, weight_sharing, check_finite, keep_inputs):
+        self.N = N
+        self.weight_sharing = weight_sharing
+        self.check_finite = check_finite
+        self.keep_inputs = keep_inputs
+        self.captures: list[Capture] = []
+        self.layouts: dict[str, _Layout] = {}
+        self.right: dict[str, Any] = {}
+        self.weights: list[float] = []
+        self._seen: set[str] = set()
+        self.ran: set[str] = set()
+
+    def record(self, cap: Capture) -> None:
+        key = cap.spec.key
+        if key in self._seen:
+            raise RuntimeError(
+                f"layer {cap.spec.module!r} ran twice in one forward pass; a layer reused within "
+                "a pass is not supported"
+            )
+        self._seen.add(key)
+        self.ran.add(cap.spec.module)
+        B, T = cap.A.shape[:2]  # B = N unless the layer's first axis is not the batch
+        reduce = self.weight_sharing == "reduce" and not cap.exact and (cap.conv or T > 1)
+        sample = not reduce and (cap.conv or (self.weight_sharing == "sample" and T > 1))
+        if (sample or reduce) and self.N is not None and B != self.N:
+            raise ValueError(
+                f"layer {key!r}: its input's first axis has {B} entries for a batch of {self.N}; "
+                f"weight_sharing={self.weight_sharing!r} needs batch-first layers"
+            )
+        self.layouts[key] = _Layout(B, T, reduce, sample)
+        if self.check_finite:
+            _check_finite(key, cap.A, "inputs")
+        if reduce:  # K-FAC-reduce: per sample, summed output gradients ⊗ mean inputs
+            cap.A = cap.A.mean(dim=1, keepdim=True)
+        n = cap.A.shape[-1]
+        if not self.keep_inputs and cap.A.numel() > n * n:  # the Gram matrix is smaller: now
+            self.right[key] = gram(cap.A.reshape(-1, n))
+            cap.A = None
+        self.captures.append(cap)
+
+    def arranged_G(self, cap: Capture, g: Any) -> Any:
+        """One pass's output gradient of ``cap`` as ``(B, T, m)`` (``T = 1`` after a reduce)."""
+        key = cap.spec.key
+        lay = self.layouts[key]
+        G = cap.to_G(g)
+        if tuple(G.shape[:2]) != (lay.B, lay.T):
+            raise ValueError(
+                f"layer {key!r}: inputs of {lay.B} samples × {lay.T} positions do not match its "
+                f"output gradients {tuple(G.shape)} (samples, positions)"
+            )
+        if self.check_finite:
+            _check_finite(key, G, "output gradients")
+        return G.sum(dim=1, keepdim=True) if lay.reduce else G
+
+    def start(self, out, terms) -> None:
+        self._out = out
+        self._terms = terms
+        self.weights = [wt for _, wt in terms]
+        self._eps: list[Any] = []
+        for cap in self.captures:
+            if not any(cap.eps is e for e in self._eps):
+                self._eps.append(cap.eps)
+        self._which = [next(j for j, e in enumerate(self._eps) if e is cap.eps)
+                       for cap in self.captures]
+
+    def passes(self):
+        out, terms, eps = self._out, self._terms, self._eps
+        self._out = self._terms = None
+        for s, (V, wt) in enumerate(terms):
+            gs = torch.autograd.grad(out, eps, grad_outputs=V.to(out.dtype),
+                                     retain_graph=s < len(terms) - 1, allow_unused=True)
+            gs = [torch.zeros_like(e) if g is None else g for g, e in zip(gs, eps)]
+            yield wt, [gs[j] for j in self._which]
+            del gs
+
+
+def _forward(model, loss_fn, inputs, targets, fisher, n_samples, generator, layers,
+             weight_sharing, class_dim, check_finite, keep_inputs) -> _Run:
+    """Check :func:`collect`'s options, run the forward pass with the layers' hooks and draw
+    the output-gradient terms; the backward passes are left to ``_Run.passes``."""
     _require_torch()
     if fisher not in FISHER_TYPES:
         raise ValueError(f"fisher must be one of {FISHER_TYPES}, got {fisher!r}")
@@ -413,39 +660,26 @@ def collect(
         warnings.warn(
             "collect: trainable parameters without a Fisher block: "
             + "; ".join(f"{p} ({why})" for p, why in others.items()),
-            UncoveredParametersWarning, stacklevel=2,
+            UncoveredParametersWarning, stacklevel=3,
         )
     if any(isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training for m in model.modules()):
         warnings.warn(
             "collect: a BatchNorm layer is in train mode, so each sample's output depends on the "
             "whole batch; the blocks treat the samples as independent (call model.eval() for "
-            "per-sample statistics)", UserWarning, stacklevel=2,
+            "per-sample statistics)", UserWarning, stacklevel=3,
         )
 
-    captures: list[Capture] = []
-    seen: set[str] = set()
-    ran: set[str] = set()
-
-    def record(cap: Capture) -> None:
-        if cap.spec.key in seen:
-            raise RuntimeError(
-                f"layer {cap.spec.module!r} ran twice in one forward pass; a layer reused within "
-                "a pass is not supported"
-            )
-        seen.add(cap.spec.key)
-        ran.add(cap.spec.module)
-        captures.append(cap)
-
+    run = _Run(N, weight_sharing, check_finite, keep_inputs)
     handles = []
     try:
         for name, mod in mods.items():
-            handles += rule_for(mod).install(name, mod, record)
+            handles += rule_for(mod).install(name, mod, run.record)
         with torch.enable_grad():
             out = model(inputs)
     finally:
         for h in handles:
             h.remove()
-    not_run = [name for name in mods if name not in ran]
+    not_run = [name for name in mods if name not in run.ran]
     if not_run:
         raise RuntimeError(f"layers not called in the forward pass: {not_run}")
     if N is not None and (out.ndim == 0 or out.shape[0] != N):
@@ -460,60 +694,9 @@ def collect(
                 f"targets: {ny} rows for a batch of {out.shape[0]} inputs (shape "
                 f"{tuple(torch.as_tensor(targets).shape)})"
             )
-
-    eps_list: list[Any] = []
-    for cap in captures:
-        if not any(cap.eps is e for e in eps_list):
-            eps_list.append(cap.eps)
-    terms = output_grad_terms(spec, out, targets, fisher, n_samples, generator, class_dim,
-                              check_finite)
-    grads: list[list[Any]] = [[] for _ in eps_list]
-    for s, (V, _) in enumerate(terms):
-        gs = torch.autograd.grad(
-            out, eps_list, grad_outputs=V.to(out.dtype),
-            retain_graph=s < len(terms) - 1, allow_unused=True,
-        )
-        for i, (g, eps) in enumerate(zip(gs, eps_list)):
-            grads[i].append(torch.zeros_like(eps) if g is None else g)
-    del out
-    w_pass = [wt for _, wt in terms]
-    S = len(terms)
-
-    result: dict[str, KronSum] = {}
-    for cap in captures:
-        i = next(j for j, e in enumerate(eps_list) if e is cap.eps)
-        Gs = [cap.to_G(g) for g in grads[i]]
-        G = Gs[0] if S == 1 else torch.cat(Gs)  # (S·B, T, m)
-        A = cap.A if S == 1 else cap.A.repeat(S, 1, 1)
-        key = cap.spec.key
-        if A.shape[:2] != G.shape[:2]:
-            raise ValueError(
-                f"layer {key!r}: inputs of shape {tuple(cap.A.shape)} do not match its output "
-                f"gradients {tuple(Gs[0].shape)} (samples, positions)"
-            )
-        if check_finite:
-            _check_finite(key, cap.A, "inputs")
-            _check_finite(key, G, "output gradients")
-        B, T = cap.A.shape[:2]  # B = N unless the layer's first axis is not the batch
-        reduce = weight_sharing == "reduce" and not cap.exact and (cap.conv or T > 1)
-        sample = not reduce and (cap.conv or (weight_sharing == "sample" and T > 1))
-        if (sample or reduce) and B != N:
-            raise ValueError(
-                f"layer {key!r}: its input's first axis has {B} entries for a batch of {N}; "
-                f"weight_sharing={weight_sharing!r} needs batch-first layers"
-            )
-        if reduce:  # K-FAC-reduce: per sample, summed output gradients ⊗ mean inputs
-            G, A = G.sum(dim=1, keepdim=True), A.mean(dim=1, keepdim=True)
-            T = 1
-        reps = B if sample else B * T
-        wl = torch.cat([torch.full((reps,), wt, dtype=A.dtype, device=A.device) for wt in w_pass])
-        if sample:
-            result[key] = KronSum.from_conv(G, A, wl, check_finite=False)
-        else:
-            result[key] = KronSum.from_outer(
-                G.reshape(-1, G.shape[-1]), A.reshape(-1, A.shape[-1]), wl, check_finite=False
-            )
-    return result
+    run.start(out, output_grad_terms(spec, out, targets, fisher, n_samples, generator,
+                                     class_dim, check_finite))
+    return run
 
 
 # -- precondition --------------------------------------------------------------------------
