@@ -63,7 +63,8 @@ class Preconditioner:
         ``{tape layer name: (kernel path, bias path or None)}``, paths being tuples of keys
         into the params pytree. Default (Flax's layout): ``params[name]["kernel"]`` and
         ``params[name]["bias"]`` when present (or the same under ``params["params"]``, Flax's
-        variables dict), for every layer the tape records. Parameters not
+        variables dict, or with NNX's trailing ``"value"`` in an ``nnx.State``), for every
+        layer the tape records. Parameters not
         named keep their gradients.
     estimator : {"kfoc_running", "kfoc_approx", "kfac", "tkfac", "ekfac"}
         The streaming estimator (:class:`~kronsum.RunningEstimate`).
@@ -256,15 +257,21 @@ def _check_layers(layers: Mapping[str, tuple]) -> dict[str, tuple]:
 
 
 def _flax_paths(params: Any, blocks: Mapping[str, Any]) -> dict[str, tuple]:
-    """Flax's layout: ``params[name]["kernel"]`` (and ``["bias"]``) for every recorded layer."""
-    leaves = dict(_leaves(params))
+    """Flax's layout: ``params[name]["kernel"]`` (and ``["bias"]``) for every recorded layer,
+    ``name`` split at ``"/"`` and matched key by key as strings (NNX's list indices are ints),
+    optionally under ``"params"`` (linen's variables) and with NNX's trailing ``"value"``."""
+    by_str = {tuple(str(k) for k in path): path for path, _ in _leaves(params)}
     out = {}
     for name in blocks:
-        keys = tuple(name.split("/"))  # flax_apply names nested modules "outer/inner"
+        keys = tuple(name.split("/"))  # flax_apply / nnx_apply name nested modules "outer/inner"
         for root in ((), ("params",)):  # a bare tree, or Flax's variables {"params": ...}
-            k, b = (*root, *keys, "kernel"), (*root, *keys, "bias")
-            if k in leaves:
-                out[name] = (k, b if b in leaves else None)
+            for tail in ((), ("value",)):  # NNX's State: a Variable's array under "value"
+                k = by_str.get((*root, *keys, "kernel", *tail))
+                if k is not None:
+                    b = by_str.get((*root, *keys, "bias", *tail))
+                    out[name] = (k, b)
+                    break
+            if name in out:
                 break
         else:
             raise ValueError(f"layer {name!r}: no params[{name!r}]['kernel'] (Flax's layout, also "
@@ -283,10 +290,19 @@ def _leaves(tree) -> list:
 def _in_tree(leaves: dict, paths: tuple) -> tuple:
     """The layer's (kernel, bias) paths in the tree being updated: as recorded, or without a
     leading ``"params"`` (refreshed on Flax's variables dict, updating the bare params tree,
-    as ``jax.grad`` of a loss of ``params`` gives)."""
+    as ``jax.grad`` of a loss of ``params`` gives), and with or without NNX's trailing
+    ``"value"`` (an ``nnx.State`` against its pure-dict form, which ``nnx.Optimizer`` updates)."""
+    def variants(p):
+        yield p
+        if p[:1] == ("params",):
+            yield p[1:]
+        for q in ((p, p[1:]) if p[:1] == ("params",) else (p,)):
+            yield q[:-1] if q[-1:] == ("value",) else (*q, "value")
+
     kpath, bpath = paths
-    if kpath not in leaves and kpath[:1] == ("params",) and kpath[1:] in leaves:
-        return kpath[1:], None if bpath is None else bpath[1:]
+    for i, k in enumerate(variants(kpath)):
+        if k in leaves:
+            return k, None if bpath is None else list(variants(bpath))[i]
     return kpath, bpath
 
 

@@ -56,7 +56,8 @@ except ImportError:  # pragma: no cover - depends on the environment
 
 from .._sum import KronSum
 
-__all__ = ["FISHER_TYPES", "PLAIN", "LayerCurvature", "Preconditioner", "Tape", "collect", "flax_apply"]
+__all__ = ["FISHER_TYPES", "PLAIN", "LayerCurvature", "Preconditioner", "Tape", "collect", "flax_apply",
+           "nnx_apply"]
 
 #: The Fisher types :func:`collect` knows.
 FISHER_TYPES = ("mc", "empirical", "exact")
@@ -349,5 +350,5 @@ def collect(
     return result
 
 
-from ._flax import flax_apply  # noqa: E402
+from ._flax import flax_apply, nnx_apply  # noqa: E402
 from ._jax_precond import LayerCurvature, Preconditioner  # noqa: E402  (it uses collect above)
