@@ -117,7 +117,7 @@ def test_layers_left_to_nnx_are_reported_and_options_fall_back():
     class WithNorm(nnx.Module):
         def __init__(self, rngs):
             self.a = nnx.Linear(4, 5, rngs=rngs, **F64)
-            self.ln = nnx.LayerNorm(5, rngs=rngs, **F64)
+            self.ln = nnx.GroupNorm(5, num_groups=1, rngs=rngs, **F64)
             self.b = nnx.Linear(5, 3, precision=jax.lax.Precision.HIGHEST, rngs=rngs, **F64)
 
         def __call__(self, x):
@@ -126,7 +126,7 @@ def test_layers_left_to_nnx_are_reported_and_options_fall_back():
     model, X, y = _setup(WithNorm, (4,))
     apply = nnx_apply(model)
     params = nnx.state(model, nnx.Param)
-    with pytest.warns(UserWarning, match=r"no Kronecker block.*'b \(Linear, options.*ln \(LayerNorm\)"):
+    with pytest.warns(UserWarning, match=r"no Kronecker block.*'b \(Linear, options.*ln \(GroupNorm\)"):
         blocks = collect(apply, params, X, y, fisher="exact")
     assert set(blocks) == {"a"}
     np.testing.assert_allclose(apply(params, X, PLAIN), model(X), rtol=1e-12)

@@ -2,6 +2,7 @@ r"""Flax linen models through the JAX adapter's tape, without rewriting them (se
 
 from __future__ import annotations
 
+import math
 import warnings
 from typing import Any, Callable
 
@@ -9,19 +10,24 @@ from typing import Any, Callable
 def flax_apply(module: Any) -> Callable[[Any, Any, Any], Any]:
     r"""A tape-written ``apply(variables, inputs, tape)`` for a Flax linen module, unchanged.
 
-    Every ``flax.linen.Dense`` and 2-D ``flax.linen.Conv`` (NHWC, ``feature_group_count=1``,
-    padding ``"SAME"``, ``"VALID"``, an int or pairs) with the default product (no custom
-    ``dot_general``/``conv_general_dilated``, default ``precision``, no ``mask``) the module
-    calls is routed through ``tape.dense`` / ``tape.conv2d`` by ``flax.linen.intercept_methods``
-    after the layer's own dtype promotion, named by its module path joined with ``"/"``
-    (``"Dense_0"``, ``"block/Conv_1"``). With :data:`PLAIN` the result is
-    ``module.apply(variables, inputs)``; with :func:`~kronsum.adapters.jax.collect` each such
-    layer gets its block, in Flax's layout (kernel ``(in, out)`` or HWIO, bias as the last
-    column). Other layers (``DenseGeneral``, ``Embed``, grouped, 1-D, 3-D, masked or circular
-    convolutions, normalisation layers) are computed by Flax and get no block; a
-    ``UserWarning`` names them once per ``apply`` function. A layer called twice in one pass
+    The layers the module calls go through the tape by ``flax.linen.intercept_methods``, after
+    the layer's own dtype promotion, named by their module path joined with ``"/"``
+    (``"Dense_0"``, ``"block/Conv_1"``, ``"MultiHeadDotProductAttention_0/query"``):
+    ``nn.Dense`` and ``nn.DenseGeneral`` contracting trailing axes without ``batch_dims``
+    (``tape.dense``, a general kernel ``(in…, out…)`` as the ``(∏in, ∏out)`` matrix it is),
+    2-D ``nn.Conv`` (NHWC, ``feature_group_count=1``, padding ``"SAME"``, ``"VALID"``, an int
+    or pairs; ``tape.conv2d``), all with the default product (no custom ``dot_general`` /
+    ``conv_general_dilated``, default ``precision``, no ``mask``); ``nn.Embed`` on integer ids
+    (``tape.embed``); ``nn.LayerNorm`` and ``nn.RMSNorm`` over the last axis (``tape.norm``,
+    the normalised input recomputed as Flax computes it). With :data:`PLAIN` the result is
+    ``module.apply(variables, inputs)`` (to rounding); with
+    :func:`~kronsum.adapters.jax.collect` each such layer gets its block, in Flax's layout
+    (:class:`~kronsum.adapters.jax.Tape`). Other layers with parameters (grouped, 1-D, 3-D,
+    masked or circular convolutions, ``BatchNorm``, ``GroupNorm``) are computed by Flax and get
+    no block; a ``UserWarning`` names them once per ``apply`` function. A layer called twice in one pass
     (a shared module) is refused by ``collect`` (``RuntimeError``): one block per call site
-    would be a different matrix.
+    would be a different matrix; so is an ``nn.Embed`` whose table also serves ``attend``
+    (tied embeddings).
 
     Examples
     --------
@@ -53,6 +59,8 @@ def flax_apply(module: Any) -> Callable[[Any, Any, Any], Any]:
 
         def interceptor(next_fun, args, kwargs, context):
             mod = context.module
+            if context.method_name == "attend" and type(mod) is nn.Embed:
+                _refuse_tied("/".join(str(p) for p in mod.path), tape)
             if context.method_name != "__call__" or kwargs or len(args) != 1:
                 return next_fun(*args, **kwargs)
             name = "/".join(str(p) for p in mod.path)
@@ -63,6 +71,21 @@ def flax_apply(module: Any) -> Callable[[Any, Any, Any], Any]:
                 x, kernel, bias = _promoted(mod, args[0])
                 return tape.conv2d(name, x, kernel, bias, stride=mod.strides or 1,
                                    padding=_padding(mod.padding), dilation=mod.kernel_dilation or 1)
+            if type(mod) is nn.DenseGeneral and _plain(mod) and not tuple(mod.batch_dims):
+                k = _trailing(mod.axis, getattr(args[0], "ndim", 0))
+                if k is not None:
+                    x, kernel, bias = _promoted(mod, args[0])
+                    return _general(tape, name, x, kernel, bias, k)
+            if type(mod) is nn.Embed and _integer(args[0]):
+                (table,) = mod.promote_dtype(mod.variables["params"]["embedding"], dtype=mod.dtype,
+                                             inexact=False)
+                return tape.embed(name, args[0], table)
+            if type(mod) in (nn.LayerNorm, nn.RMSNorm):
+                p = mod.variables["params"]
+                y = _norm(tape, name, mod, args[0], p.get("scale"), p.get("bias"),
+                          use_mean=type(mod) is nn.LayerNorm)
+                if y is not None:
+                    return y
             if isinstance(mod, nn.Module) and mod.variables.get("params") and not _container(mod):
                 skipped.append(f"{name} ({type(mod).__name__})")
             return next_fun(*args, **kwargs)
@@ -121,18 +144,18 @@ def nnx_apply(model: Any) -> Callable[[Any, Any, Any], Any]:
     ``nnx.grad`` differentiates and an ``nnx.Optimizer`` updates; ``apply`` merges it with the
     module's graph and its other variables (batch statistics, RNG state) as they were when
     ``nnx_apply`` was called (pass the full ``nnx.state(model)`` to use newer ones), and calls
-    the module. Every ``nnx.Linear`` and 2-D ``nnx.Conv`` (NHWC with one batch axis,
-    ``feature_group_count=1``, padding ``"SAME"``, ``"VALID"``, an int or pairs, no input
-    dilation) with the default product (``jax.lax.dot_general`` /
-    ``jax.lax.conv_general_dilated``, default ``precision``, no ``preferred_element_type``,
-    no ``mask``) is routed through ``tape.dense`` / ``tape.conv2d`` after the layer's own dtype
-    promotion, named by its attribute path joined with ``"/"`` (``"linear1"``,
-    ``"blocks/0"``). Other layers with parameters are computed by NNX and named in a
-    ``UserWarning`` once per ``apply`` function, as :func:`flax_apply` does for linen.
+    the module. The NNX counterparts of the layers :func:`flax_apply` routes — ``nnx.Linear``,
+    ``nnx.LinearGeneral`` (so ``nnx.MultiHeadAttention``'s projections), 2-D ``nnx.Conv``,
+    ``nnx.Embed``, ``nnx.LayerNorm``, ``nnx.RMSNorm``, on the same conditions (no
+    ``preferred_element_type``, no ``out_sharding``) — go through the tape, named by their
+    attribute path joined with ``"/"`` (``"linear1"``, ``"blocks/0"``, ``"attn/query"``). Other
+    layers with parameters are computed by NNX and named in a ``UserWarning`` once per
+    ``apply`` function, as :func:`flax_apply` does for linen.
 
-    The routing replaces ``nnx.Linear.__call__`` and ``nnx.Conv.__call__`` while ``apply``
-    runs (for this call's modules only; other modules and threads see NNX's own calls
-    dispatched through the same class attribute, so do not trace two models concurrently).
+    The routing replaces those classes' ``__call__`` (and ``nnx.Embed.attend``, to refuse tied
+    embeddings) while ``apply`` runs (for this call's modules only; other modules and threads
+    see NNX's own calls dispatched through the same class attribute, so do not trace two
+    models concurrently).
 
     Examples
     --------
@@ -158,6 +181,7 @@ def nnx_apply(model: Any) -> Callable[[Any, Any, Any], Any]:
         raise ImportError("nnx_apply needs Flax: pip install flax") from exc
     graphdef, _, rest = nnx.split(model, nnx.Param, ...)
     warned: set = set()
+    routes = _nnx_routes(nnx)
 
     def apply(state: Any, inputs: Any, tape: Any) -> Any:
         m = nnx.merge(graphdef, rest, state)
@@ -166,38 +190,40 @@ def nnx_apply(model: Any) -> Callable[[Any, Any, Any], Any]:
             if not isinstance(mod, nnx.Module):
                 continue
             name = "/".join(str(p) for p in path)
-            if type(mod) in (nnx.Linear, nnx.Conv):
+            if type(mod) in routes:
                 names[id(mod)] = name
             elif any(isinstance(v, nnx.Param) for v in vars(mod).values()):
                 skipped.append(f"{name} ({type(mod).__name__})")
 
         def routed(cls, fallback):
-            def call(self, inputs, out_sharding=None):
+            def call(self, inputs, *args, **kwargs):
                 name = names.get(id(self))
-                if name is None or out_sharding is not None or not _nnx_plain(self):
+                y = None
+                if name is not None and not args and not any(v is not None for v in kwargs.values()):
+                    y = routes[cls](self, inputs, name, tape)
+                if y is None:
                     if name is not None:
-                        skipped.append(f"{name} ({type(self).__name__}, options kronsum does not mirror)")
-                    return fallback(self, inputs, out_sharding)
-                if cls is nnx.Linear:
-                    x, kernel, bias = _nnx_promoted(self, inputs)
-                    return tape.dense(name, x, kernel, bias)
-                if not _nnx_conv2d_ok(self, inputs):
-                    skipped.append(f"{name} (Conv: not a plain 2-D convolution)")
-                    return fallback(self, inputs, out_sharding)
-                x, kernel, bias = _nnx_promoted(self, inputs)
-                return tape.conv2d(name, x, kernel, bias, stride=self.strides or 1,
-                                   padding=_padding(self.padding),
-                                   dilation=self.kernel_dilation or 1)
+                        skipped.append(f"{name} ({cls.__name__}, options kronsum does not mirror)")
+                    return fallback(self, inputs, *args, **kwargs)
+                return y
             return call
 
-        saved = {cls: cls.__dict__["__call__"] for cls in (nnx.Linear, nnx.Conv)}
+        def attend(fallback):
+            def call(self, *args, **kwargs):
+                if id(self) in names:
+                    _refuse_tied(names[id(self)], tape)
+                return fallback(self, *args, **kwargs)
+            return call
+
+        saved = [(cls, "__call__", cls.__dict__["__call__"], routed) for cls in routes]
+        saved.append((nnx.Embed, "attend", nnx.Embed.__dict__["attend"], lambda c, f: attend(f)))
         try:
-            for cls, fallback in saved.items():
-                cls.__call__ = routed(cls, fallback)
+            for cls, attr, fallback, wrap in saved:
+                setattr(cls, attr, wrap(cls, fallback))
             out = m(inputs)
         finally:
-            for cls, fallback in saved.items():
-                cls.__call__ = fallback
+            for cls, attr, fallback, _ in saved:
+                setattr(cls, attr, fallback)
         new = sorted(set(skipped) - warned)
         if new:
             warned.update(new)
@@ -213,9 +239,10 @@ def _nnx_plain(mod: Any) -> bool:
     from jax import lax
 
     default = {"dot_general": lax.dot_general, "conv_general_dilated": lax.conv_general_dilated}
-    return (all(getattr(mod, a, f) is f for a, f in default.items())
-            and all(getattr(mod, a, None) is None for a in ("precision", "preferred_element_type",
-                                                            "mask")))
+    return (all(getattr(mod, a, None) in (None, f) for a, f in default.items())
+            and all(getattr(mod, a, None) is None for a in (
+                "precision", "preferred_element_type", "mask", "dot_general_cls",
+                "conv_general_dilated_cls")))
 
 
 def _nnx_promoted(mod: Any, x: Any) -> tuple:
@@ -232,3 +259,119 @@ def _nnx_conv2d_ok(mod: Any, x: Any) -> bool:
     return (len(ks) == 2 and getattr(x, "ndim", 0) == 4 and mod.feature_group_count == 1
             and not (isinstance(pad, str) and pad.upper() not in ("SAME", "VALID"))
             and (dil in (None, 1) or tuple(dil) == (1, 1)))
+
+
+def _nnx_routes(nnx: Any) -> dict:
+    """NNX layer class → ``route(module, inputs, name, tape)``, the tape's output or None (the
+    layer is left to NNX)."""
+
+    def linear(mod, x, name, tape):
+        if not _nnx_plain(mod):
+            return None
+        x, kernel, bias = _nnx_promoted(mod, x)
+        return tape.dense(name, x, kernel, bias)
+
+    def conv(mod, x, name, tape):
+        if not (_nnx_plain(mod) and _nnx_conv2d_ok(mod, x)):
+            return None
+        x, kernel, bias = _nnx_promoted(mod, x)
+        return tape.conv2d(name, x, kernel, bias, stride=mod.strides or 1,
+                           padding=_padding(mod.padding), dilation=mod.kernel_dilation or 1)
+
+    def general(mod, x, name, tape):
+        k = _trailing(mod.axis, getattr(x, "ndim", 0))
+        if not _nnx_plain(mod) or len(mod.batch_axis) or k is None:
+            return None
+        x, kernel, bias = _nnx_promoted(mod, x)
+        return _general(tape, name, x, kernel, bias, k)
+
+    def embed(mod, ids, name, tape):
+        if not _integer(ids):
+            return None
+        (table,) = mod.promote_dtype((mod.embedding[...],), dtype=mod.dtype, inexact=False)
+        return tape.embed(name, ids, table)
+
+    def norm(use_mean):
+        def route(mod, x, name, tape):
+            scale = mod.scale[...] if getattr(mod, "scale", None) is not None else None
+            bias = mod.bias[...] if getattr(mod, "bias", None) is not None else None
+            return _norm(tape, name, mod, x, scale, bias, use_mean)
+        return route
+
+    return {nnx.Linear: linear, nnx.Conv: conv, nnx.LinearGeneral: general, nnx.Embed: embed,
+            nnx.LayerNorm: norm(True), nnx.RMSNorm: norm(False)}
+
+
+def _integer(x: Any) -> bool:
+    import jax.numpy as jnp
+
+    return hasattr(x, "dtype") and jnp.issubdtype(x.dtype, jnp.integer)
+
+
+def _trailing(axis: Any, ndim: int) -> int | None:
+    """How many axes a general linear layer contracts if ``axis`` names the trailing axes of
+    an ``ndim``-array in order (and leaves a batch axis), else None."""
+    ax = (axis,) if isinstance(axis, int) else tuple(axis)
+    if not ax or ndim < 2:
+        return None
+    ax = tuple(a % ndim for a in ax)
+    k = len(ax)
+    return k if k < ndim and ax == tuple(range(ndim - k, ndim)) else None
+
+
+def _general(tape: Any, name: str, x: Any, kernel: Any, bias: Any, k: int) -> Any:
+    """A general linear layer contracting the last ``k`` axes (kernel ``(in…, out…)``) as the
+    dense layer ``(∏in, ∏out)`` it is, its output reshaped back."""
+    lead, out = x.shape[:-k], kernel.shape[k:]
+    n_in = math.prod(x.shape[-k:])
+    y = tape.dense(name, x.reshape(lead + (n_in,)), kernel.reshape(n_in, -1),
+                   None if bias is None else bias.reshape(-1))
+    return y.reshape(lead + tuple(out))
+
+
+def _last_axis(a: Any, ndim: int) -> bool:
+    ax = (a,) if isinstance(a, int) else tuple(a)
+    return len(ax) == 1 and ax[0] % ndim == ndim - 1
+
+
+def _norm(tape: Any, name: str, mod: Any, x: Any, scale: Any, bias: Any, use_mean: bool) -> Any:
+    """LayerNorm (``use_mean``) / RMSNorm over the last axis, as Flax computes it (statistics
+    in at least float32 unless ``force_float32_reductions=False``, the fast variance
+    ``E[x²] − E[x]²`` clipped at 0 where chosen), its affine part through ``tape.norm``; None
+    for other axes, a named parallel axis or no parameters."""
+    import jax.numpy as jnp
+    from jax import lax
+
+    ndim = getattr(x, "ndim", 0)
+    if (ndim < 2 or not (_last_axis(mod.reduction_axes, ndim) and _last_axis(mod.feature_axes, ndim))
+            or mod.axis_name is not None or (scale is None and bias is None)
+            or jnp.iscomplexobj(x)):
+        return None
+    dt = mod.dtype or jnp.result_type(x)
+    if getattr(mod, "force_float32_reductions", True):
+        dt = jnp.promote_types(dt, jnp.float32)
+    xs = x.astype(dt)
+    if use_mean:
+        mu = jnp.mean(xs, axis=-1, keepdims=True)
+        if mod.use_fast_variance:
+            var = jnp.maximum(0.0, jnp.mean(xs * xs, axis=-1, keepdims=True) - mu * mu)
+        else:
+            var = jnp.mean((xs - mu) ** 2, axis=-1, keepdims=True)
+        xhat = (xs - mu) * lax.rsqrt(var + mod.epsilon)
+    else:
+        xhat = xs * lax.rsqrt(jnp.mean(xs * xs, axis=-1, keepdims=True) + mod.epsilon)
+    params = [v for v in (scale, bias) if v is not None]
+    out = mod.dtype or jnp.result_type(x, *params)
+    cast = (lambda v: None if v is None else jnp.asarray(v, out))
+    return tape.norm(name, xhat.astype(out), cast(scale), cast(bias))
+
+
+def _refuse_tied(name: str, tape: Any) -> None:
+    """An ``Embed`` whose table also serves ``attend`` (tied output weights): its Fisher block
+    couples both uses, which one block of the embedding alone would not be."""
+    from .jax import Tape
+
+    if type(tape) is not Tape:
+        raise RuntimeError(f"layer {name!r}: its embedding table is also used by Embed.attend "
+                           "(tied weights); the Fisher block of a shared table couples both "
+                           "uses, which kronsum does not model: untie them or leave the layer out")

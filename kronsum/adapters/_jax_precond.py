@@ -152,10 +152,10 @@ class Preconditioner:
         ``fisher="mc"``), the estimator per block, two eigendecompositions per block. Nothing
         changes when it raises.
         """
-        from .jax import collect
+        from .jax import _collect
 
-        blocks = collect(self.apply, params, inputs, targets, key=key, **self._collect_kw)
-        paths = self.layers if self.layers is not None else _flax_paths(params, blocks)
+        blocks, layouts = _collect(self.apply, params, inputs, targets, key=key, **self._collect_kw)
+        paths = self.layers if self.layers is not None else _flax_paths(params, blocks, layouts)
         missing = [k for k in paths if k not in blocks]
         if missing:
             raise ValueError(f"layers {missing} were not recorded by the tape (recorded: {list(blocks)})")
@@ -222,7 +222,7 @@ class Preconditioner:
             new, quad = {}, 0.0
             for name, cur in curvature.items():
                 kpath, bpath = _in_tree(leaves, paths[name])
-                V = _block(name, leaves, kpath, bpath, cur)
+                V = _block(name, leaves, kpath, bpath, paths[name][2], cur)
                 W = jnp.swapaxes(cur.UL, -1, -2) @ V @ cur.UR
                 P = cur.UL @ (W / (cur.E + lam)) @ jnp.swapaxes(cur.UR, -1, -2)
                 quad = quad + jnp.sum(P * V)
@@ -233,7 +233,7 @@ class Preconditioner:
             repl = {}
             for name, P in new.items():
                 kpath, bpath = _in_tree(leaves, paths[name])
-                repl.update(_unblock(P * nu, leaves, kpath, bpath))
+                repl.update(_unblock(P * nu, leaves, kpath, bpath, paths[name][2]))
             out = jax.tree_util.tree_map_with_path(
                 lambda kp, x: repl.get(_keys(kp), x).astype(x.dtype), updates)
             return out, optax.ScaleByScheduleState(count=optax.safe_int32_increment(state.count))
@@ -252,29 +252,34 @@ def _check_layers(layers: Mapping[str, tuple]) -> dict[str, tuple]:
                 and (spec[1] is None or isinstance(spec[1], tuple))):
             raise ValueError(f"layers[{name!r}] must be (kernel path, bias path or None), paths "
                              f"being tuples of keys, got {spec!r}")
-        out[name] = spec
+        out[name] = (*spec, None)  # the layout follows the kernel's rank (dense or HWIO conv)
     return out
 
 
-def _flax_paths(params: Any, blocks: Mapping[str, Any]) -> dict[str, tuple]:
-    """Flax's layout: ``params[name]["kernel"]`` (and ``["bias"]``) for every recorded layer,
-    ``name`` split at ``"/"`` and matched key by key as strings (NNX's list indices are ints),
-    optionally under ``"params"`` (linen's variables) and with NNX's trailing ``"value"``."""
+def _flax_paths(params: Any, blocks: Mapping[str, Any], layouts: Mapping[str, str]) -> dict[str, tuple]:
+    """Flax's layout: ``params[name]["kernel"]`` (and ``["bias"]``) for every recorded dense or
+    conv layer, ``["embedding"]`` for an embedding, ``["scale"]`` and/or ``["bias"]`` for a
+    normalisation layer; ``name`` split at ``"/"`` and matched key by key as strings (NNX's
+    list indices are ints), optionally under ``"params"`` (linen's variables) and with NNX's
+    trailing ``"value"``. Each entry: ``(kernel path or None, bias path or None, layout)``."""
     by_str = {tuple(str(k) for k in path): path for path, _ in _leaves(params)}
+    keys_of = {"embed": ("embedding", None), "norm": ("scale", "bias")}
     out = {}
     for name in blocks:
+        layout = layouts.get(name, "dense")
+        kkey, bkey = keys_of.get(layout, ("kernel", "bias"))
         keys = tuple(name.split("/"))  # flax_apply / nnx_apply name nested modules "outer/inner"
         for root in ((), ("params",)):  # a bare tree, or Flax's variables {"params": ...}
             for tail in ((), ("value",)):  # NNX's State: a Variable's array under "value"
-                k = by_str.get((*root, *keys, "kernel", *tail))
-                if k is not None:
-                    b = by_str.get((*root, *keys, "bias", *tail))
-                    out[name] = (k, b)
+                k = by_str.get((*root, *keys, kkey, *tail))
+                b = None if bkey is None else by_str.get((*root, *keys, bkey, *tail))
+                if k is not None or (layout == "norm" and b is not None):
+                    out[name] = (k, b, layout)
                     break
             if name in out:
                 break
         else:
-            raise ValueError(f"layer {name!r}: no params[{name!r}]['kernel'] (Flax's layout, also "
+            raise ValueError(f"layer {name!r}: no params[{name!r}][{kkey!r}] (Flax's layout, also "
                              "under 'params'); pass layers={name: (kernel path, bias path or None)}")
     return out
 
@@ -299,47 +304,56 @@ def _in_tree(leaves: dict, paths: tuple) -> tuple:
         for q in ((p, p[1:]) if p[:1] == ("params",) else (p,)):
             yield q[:-1] if q[-1:] == ("value",) else (*q, "value")
 
-    kpath, bpath = paths
-    for i, k in enumerate(variants(kpath)):
+    kpath, bpath = paths[:2]
+    ref = kpath if kpath is not None else bpath
+    for i, k in enumerate(variants(ref)):
         if k in leaves:
-            return k, None if bpath is None else list(variants(bpath))[i]
+            return tuple(None if p is None else list(variants(p))[i] for p in (kpath, bpath))
     return kpath, bpath
 
 
-def _block(name, leaves, kpath, bpath, cur) -> Any:
-    """The block's ``(m, n)`` gradient matrix: the kernel's ``(out, in[·kh·kw])`` view, the
-    bias as the last column."""
-    if kpath not in leaves or (bpath is not None and bpath not in leaves):
-        raise ValueError(f"layer {name!r}: updates have no leaf at {kpath if kpath not in leaves else bpath}")
-    K = leaves[kpath]
-    if K.ndim == 2:
-        V = K.T
-    elif K.ndim == 4:
-        V = jnp.reshape(jnp.transpose(K, (3, 2, 0, 1)), (K.shape[3], -1))
-    else:
-        raise ValueError(f"layer {name!r}: a kernel of shape {K.shape} is neither dense (in, out) "
-                         "nor conv (kh, kw, in, out)")
-    if bpath is not None:
-        V = jnp.concatenate([V, leaves[bpath][:, None]], axis=1)
+def _block(name, leaves, kpath, bpath, layout, cur) -> Any:
+    """The block's ``(m, n)`` gradient matrix: the kernel's ``(out, in[·kh·kw])`` view (a
+    general dense kernel ``(in…, out…)`` flattened, an embedding table transposed), the bias as
+    the last column; a normalisation layer's ``[scale bias]`` columns."""
+    for p in (kpath, bpath):
+        if p is not None and p not in leaves:
+            raise ValueError(f"layer {name!r}: updates have no leaf at {p}")
     m, n = cur.E.shape
+    if layout == "norm":
+        V = jnp.stack([leaves[p] for p in (kpath, bpath) if p is not None], axis=1)
+    else:
+        K = leaves[kpath]
+        if layout == "conv" or (layout is None and K.ndim == 4):
+            V = jnp.reshape(jnp.transpose(K, (3, 2, 0, 1)), (K.shape[3], -1))
+        elif K.ndim >= 2 and K.size % m == 0 and (layout is not None or K.ndim == 2):
+            V = jnp.reshape(K, (-1, m)).T
+        else:
+            raise ValueError(f"layer {name!r}: a kernel of shape {K.shape} is neither dense "
+                             f"(in, out) nor conv (kh, kw, in, out) for a ({m}, {n}) block")
+        if bpath is not None:
+            V = jnp.concatenate([V, jnp.reshape(leaves[bpath], (-1, 1))], axis=1)
     if V.shape != (m, n):
         raise ValueError(f"layer {name!r}: the estimate is for a ({m}, {n}) block, the gradient "
                          f"(with bias column) is {tuple(V.shape)}")
     return V.astype(cur.E.dtype)
 
 
-def _unblock(P, leaves, kpath, bpath) -> dict:
+def _unblock(P, leaves, kpath, bpath, layout) -> dict:
+    if layout == "norm":
+        cols = [p for p in (kpath, bpath) if p is not None]
+        return {p: P[:, i] for i, p in enumerate(cols)}
     K = leaves[kpath]
     cols = P.shape[1] - (bpath is not None)
     Pw = P[:, :cols]
-    if K.ndim == 2:
-        kernel = Pw.T
-    else:
+    if layout == "conv" or (layout is None and K.ndim == 4):
         kh, kw, cin, cout = K.shape
         kernel = jnp.transpose(jnp.reshape(Pw, (cout, cin, kh, kw)), (2, 3, 1, 0))
+    else:
+        kernel = jnp.reshape(Pw.T, K.shape)
     out = {kpath: kernel}
     if bpath is not None:
-        out[bpath] = P[:, cols]
+        out[bpath] = jnp.reshape(P[:, cols], leaves[bpath].shape)
     return out
 
 

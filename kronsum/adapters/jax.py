@@ -89,6 +89,14 @@ class Tape:
     ``conv2d(name, x, kernel, bias=None, *, stride=1, padding=0, dilation=1)``: a 2-D
     convolution of NHWC ``x`` with an HWIO ``kernel``; ``padding`` an int, pairs, ``"SAME"`` or
     ``"VALID"`` (as :func:`jax.lax.conv_general_dilated`).
+    ``embed(name, ids, table)``: ``table[ids]`` for integer ``ids`` (N, ...) and ``table``
+    (num, dim): a dense layer of one-hot inputs whose kernel is ``table``, so its block is for
+    ``table.T`` (``dim × num``, ``num × num`` activation factors).
+    ``norm(name, xhat, scale=None, bias=None)``: ``xhat * scale + bias`` over the last axis of
+    the normalised input ``xhat`` (N, ..., C), ``scale``/``bias`` (C,) (one may be None): the
+    affine part of LayerNorm / RMSNorm. Its block is for ``W = [scale bias]`` (``C × 2``, or
+    ``C × 1``): the per-sample gradient ``[Σ_t g_t ∘ x̂_t, Σ_t g_t] = G_nᵀ I`` is an exact
+    conv-form block with the two sums as positions and identity inputs.
     """
 
     def _out(self, name: str, y: Any, kind: str, a: Any) -> Any:  # the recording hook
@@ -110,6 +118,31 @@ class Tape:
         conv = (x, kernel.shape[:2], stride, padding, dilation)
         return self._out(name, y, "conv", (conv, bias is not None))
 
+    def embed(self, name: str, ids: Any, table: Any) -> Any:
+        if not jnp.issubdtype(jnp.result_type(ids), jnp.integer):
+            raise TypeError(f"layer {name!r}: embed ids must be integers, got dtype "
+                            f"{jnp.result_type(ids)}")
+        if jnp.ndim(table) != 2:
+            raise ValueError(f"layer {name!r}: embed table must be (num, dim), got shape "
+                             f"{jnp.shape(table)}")
+        y = jnp.take(table, ids, axis=0)
+        return self._out(name, y, "embed", (ids, table.shape[0], table.dtype))
+
+    def norm(self, name: str, xhat: Any, scale: Any = None, bias: Any = None) -> Any:
+        C = jnp.shape(xhat)[-1]
+        for arg, v in (("scale", scale), ("bias", bias)):
+            if v is not None and jnp.shape(v) != (C,):
+                raise ValueError(f"layer {name!r}: norm {arg} must be ({C},) for xhat of shape "
+                                 f"{jnp.shape(xhat)}, got {jnp.shape(v)}")
+        if scale is None and bias is None:
+            raise ValueError(f"layer {name!r}: norm needs a scale or a bias (no parameters)")
+        y = xhat
+        if scale is not None:
+            y = y * scale
+        if bias is not None:
+            y = y + bias
+        return self._out(name, y, "norm", (xhat, scale is not None, bias is not None))
+
 
 #: The tape of ordinary evaluation: ``apply(params, x, PLAIN)``.
 PLAIN = Tape()
@@ -124,7 +157,7 @@ class _ShapeTape(Tape):
         if name in self.shapes:
             raise RuntimeError(f"layer {name!r} is called twice in one pass; names must be unique")
         self.shapes[name] = jax.ShapeDtypeStruct(y.shape, y.dtype)
-        self.kinds[name] = kind
+        self.kinds[name] = ("norm",) + a[1:] if kind == "norm" else kind
         return y
 
 
@@ -134,6 +167,15 @@ class _RecordingTape(Tape):
         self.inputs: dict[str, Any] = {}
 
     def _out(self, name, y, kind, a):
+        if kind == "norm":  # the normalised input; the block is assembled in collect
+            xhat = a[0]
+            self.inputs[name] = lax.stop_gradient(jnp.reshape(xhat, (xhat.shape[0], -1, xhat.shape[-1])))
+            return y + self.eps[name]
+        if kind == "embed":  # one-hot inputs of a dense layer whose kernel is the table
+            ids, num, dtype = a
+            ids = jnp.reshape(ids, (ids.shape[0], -1))
+            self.inputs[name] = jax.nn.one_hot(ids, num, dtype=dtype)
+            return y + self.eps[name]
         payload, has_bias = a
         if kind == "dense":
             x = payload
@@ -309,6 +351,27 @@ def collect(
     >>> float(ks.kfac(F).scale)               # sum reduction: weight 1 per sample
     4.0
     """
+    return _collect(apply, params, inputs, targets, loss=loss, reduction=reduction, fisher=fisher,
+                    n_samples=n_samples, key=key, weight_sharing=weight_sharing,
+                    check_finite=check_finite)[0]
+
+
+def _collect(
+    apply: Callable[..., Any],
+    params: Any,
+    inputs: Any,
+    targets: Any = None,
+    *,
+    loss: str = "cross_entropy",
+    reduction: str = "mean",
+    fisher: str = "mc",
+    n_samples: int = 1,
+    key: Any = None,
+    weight_sharing: str = "expand",
+    check_finite: bool = True,
+) -> tuple[dict[str, KronSum], dict[str, str]]:
+    """:func:`collect` and each block's parameter layout (``"dense"``, ``"conv"``, ``"embed"``,
+    ``"norm"``), which the optax preconditioner needs to find the parameters."""
     _require_jax()
     _check_options(fisher, loss, reduction, weight_sharing, n_samples)
     if fisher == "empirical" and targets is None:
@@ -320,7 +383,7 @@ def collect(
     shape_tape = _ShapeTape()
     shape_tape.out_shape = jax.eval_shape(lambda p, x: apply(p, x, shape_tape), params, inputs).shape
     if not shape_tape.shapes:
-        raise ValueError("apply called no tape.dense / tape.conv2d layer")
+        raise ValueError("apply called no tape layer (dense, conv2d, embed, norm)")
     out_shape = tuple(shape_tape.out_shape)
     if loss == "cross_entropy" and len(out_shape) != 2:
         raise ValueError(f"cross_entropy: the model output must be (N, C), got {out_shape}")
@@ -335,10 +398,23 @@ def collect(
         w = w / (N if loss == "cross_entropy" else N * D)
     wf = jnp.reshape(w, (S * N,))
     result: dict[str, KronSum] = {}
+    layouts: dict[str, str] = {}
     for name in shape_tape.shapes:
         kind, A = shape_tape.kinds[name], acts[name]
         g = grads[name]  # (S, N, ..., out)
         G = jnp.reshape(g, (S * N, -1, g.shape[-1]))  # (S·N, T, out)
+        if isinstance(kind, tuple):  # norm: rows Σ_t g_t ∘ x̂_t and Σ_t g_t, identity inputs
+            _, has_scale, has_bias = kind
+            X = jnp.reshape(jnp.broadcast_to(A[None], (S,) + A.shape), G.shape)
+            rows = ([jnp.sum(G * X, axis=1)] if has_scale else []) + (
+                [jnp.sum(G, axis=1)] if has_bias else [])
+            p = len(rows)
+            result[name] = KronSum.from_conv(
+                jnp.stack(rows, axis=1), jnp.broadcast_to(jnp.eye(p, dtype=G.dtype), (S * N, p, p)),
+                wf, check_finite=check_finite)
+            layouts[name] = "norm"
+            continue
+        layouts[name] = "conv" if kind == "conv" else kind  # "dense" or "embed"
         A = jnp.reshape(jnp.broadcast_to(A[None], (S,) + A.shape), (S * N,) + A.shape[1:])
         T = A.shape[1]
         if kind == "conv" or (weight_sharing == "sample" and T > 1):
@@ -347,7 +423,7 @@ def collect(
             result[name] = KronSum.from_outer(
                 jnp.reshape(G, (-1, G.shape[-1])), jnp.reshape(A, (-1, A.shape[-1])),
                 jnp.repeat(wf, T) if T > 1 else wf, check_finite=check_finite)
-    return result
+    return result, layouts
 
 
 from ._flax import flax_apply, nnx_apply  # noqa: E402
