@@ -20,6 +20,7 @@ _NEEDS = {
     "kronsum/adapters/_torch_losses.py": ("torch",),
     "kronsum/adapters/_torch_layers.py": ("torch",),
     "kronsum/adapters/laplace.py": ("torch", "laplace"),
+    "kronsum/adapters/distributed.py": ("torch",),
     "kronsum/adapters/jax.py": ("jax",),
     "kronsum/adapters/_jax_precond.py": ("jax", "optax"),
     "kronsum/adapters/_flax.py": ("jax", "flax"),

@@ -49,6 +49,9 @@ class KronInfo:
         How many half-steps ``KronSum.contract_left`` / ``contract_right`` the solver ran
         (an operator application is two; the finish and the start add theirs). Set by
         :func:`kfoc` and :func:`kronecker_svd`; ``None`` elsewhere.
+    allreduces : int or None
+        How many all-reduces over a process group the estimate took (the estimators of
+        :mod:`kronsum.adapters.distributed`, on a sum split over ranks); ``None`` elsewhere.
 
     Examples
     --------
@@ -73,6 +76,7 @@ class KronInfo:
     contractions: int | None = None
     error_gap_bound: float | None = None
     error_gap_certified: bool | None = None
+    allreduces: int | None = None
 
     @property
     def degenerate(self) -> bool:

@@ -1,0 +1,262 @@
+r"""K-FAC, TKFAC and K-FOC of a sum whose terms are split over the ranks of a
+``torch.distributed`` process group.
+
+With the samples of a batch split over ranks (data parallelism), each rank holds a
+:class:`~kronsum.KronSum` ``F_r`` of its own samples' terms and the layer's Fisher block is the
+sum ``F = Σ_r F_r``. Every quantity the estimators need is linear in ``F`` — K-FAC's weighted
+factor sums, TKFAC's two half-steps from the identity, each half-step of K-FOC's Lanczos
+iteration — so each is one ``all_reduce`` (sum) of an ``m × m`` or ``n × n`` matrix: the
+per-sample statistics never leave their rank. Every rank runs the same iteration on the same
+reduced matrices and returns the same estimate, equal to the single-process estimate of the
+gathered sum to rounding.
+
+=========  ====================================================  ==========================
+function   all-reduced per call                                   equals
+=========  ====================================================  ==========================
+kfac       ``Σ w L_k``, ``Σ w R_k``, ``Σ w`` (one call)            ``kronsum.kfac(F)``
+tkfac      ``𝓡(F) vec I``, ``𝓡(F)ᵀ vec I`` (one call)              ``kronsum.tkfac(F)``
+kfoc       two half-steps per Lanczos step, one each for the      ``kronsum.kfoc(F)``
+           start and the finish
+=========  ====================================================  ==========================
+
+``info.allreduces`` counts the all-reduces of the solve (one more for the shape check that
+every call starts with). K-FOC here iterates Lanczos on the factors (the smaller one) and
+stops on the relative eigen-residual ``tol``: the single-process Gram route and the error-gap
+certificate need products between samples on different ranks (``‖F‖²`` is not a sum over
+ranks), so they are not used. Inputs are used at their own scale (the single-process solvers
+first rescale by powers of two): a reduced matrix that overflows raises ``OverflowError``.
+
+Examples
+--------
+In each process of a group (``torchrun --nproc-per-node 2 script.py``, or
+``torch.multiprocessing``), with the rank's own samples::
+
+    import torch.distributed as dist
+    from kronsum import KronSum
+    from kronsum.adapters import distributed as ksd
+
+    dist.init_process_group("gloo")                 # or "nccl" for CUDA tensors
+    F_r = KronSum.from_outer(G_local, A_local)      # this rank's samples
+    est = ksd.kfoc(F_r)                             # the same Kron on every rank
+    est.info.allreduces
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .._closed_forms import _require_sum
+from .._compat import to_float
+from .._eigen import Stop, contraction_space, default_tol, finish, lanczos
+from .._kron import Kron, KronInfo
+from .._sum import KronSum
+from .._validation import check_int, check_real
+
+__all__ = ["kfac", "kfoc", "tkfac"]
+
+
+class _Reduced:
+    """The sum ``Σ_r F_r`` over a process group as the solvers see it: the two contractions
+    (and the attributes the eigensolver core reads) of the local ``F_r``, each contraction's
+    result all-reduced. ``count`` is the number of all-reduces so far."""
+
+    def __init__(self, F: KronSum, group: Any):
+        import torch.distributed as dist
+
+        self._dist, self.F, self.group = dist, F, group
+        self.xp, self.m, self.n, self.dtype = F.xp, F.m, F.n, F.dtype
+        self.symmetric, self.weights = F.symmetric, F.weights
+        self.count = 0
+
+    def reduce(self, x: Any) -> Any:
+        x = x.contiguous().clone()  # a fresh buffer: the caller's arrays are never written
+        self._dist.all_reduce(x, op=self._dist.ReduceOp.SUM, group=self.group)
+        self.count += 1
+        return x
+
+    def contract_left(self, X: Any = None) -> Any:
+        return self.reduce(self.F.contract_left(X))
+
+    def contract_right(self, Y: Any = None) -> Any:
+        return self.reduce(self.F.contract_right(Y))
+
+
+def _setup(F: Any, fname: str, group: Any) -> _Reduced:
+    """Checks ``F`` (a KronSum of torch tensors), the process group, and that every rank's
+    block has the same ``(m, n)`` and dtype (one all-reduce of four integers)."""
+    try:
+        import torch
+        import torch.distributed as dist
+    except ImportError as exc:  # pragma: no cover - depends on the environment
+        raise ImportError(f"{fname} needs PyTorch: pip install torch") from exc
+    F = _require_sum(F, fname)
+    if not isinstance(F.weights, torch.Tensor):
+        raise TypeError(f"{fname}: F must hold torch tensors (the process group reduces them), "
+                        f"got {type(F.weights).__module__}.{type(F.weights).__name__}")
+    if not (dist.is_available() and dist.is_initialized()):
+        raise RuntimeError(f"{fname}: no torch.distributed process group; call "
+                           "torch.distributed.init_process_group first")
+    R = _Reduced(F, group)
+    code = {torch.float64: 64, torch.float32: 32}.get(F.dtype, 0)
+    v = torch.tensor([F.m, F.n, code, -F.m, -F.n, -code], dtype=torch.float64,
+                     device=F.weights.device)
+    dist.all_reduce(v, op=dist.ReduceOp.MAX, group=group)
+    R.count += 1
+    if (v[0] != F.m or -v[3] != F.m or v[1] != F.n or -v[4] != F.n or v[2] != code
+            or -v[5] != code):
+        raise ValueError(f"{fname}: the ranks' blocks differ: this rank's F is ({F.m}, {F.n}) "
+                         f"{F.dtype}, others have m in [{int(-v[3])}, {int(v[0])}], n in "
+                         f"[{int(-v[4])}, {int(v[1])}] or another dtype")
+    return R
+
+
+def _finite(fname: str, what: str, *values: float) -> None:
+    import math
+
+    if not all(math.isfinite(v) for v in values):
+        raise OverflowError(f"{fname}: {what} is not finite after the reduction over ranks "
+                            "(NaN statistics, or values beyond the dtype's range)")
+
+
+def kfac(F: KronSum, *, group: Any = None) -> Kron:
+    r"""K-FAC of ``Σ_r F_r`` over the ranks of ``group`` (default: the world group).
+
+    One all-reduce of ``(Σ w L_k, Σ w R_k, Σ w)`` packed in one buffer; the answer is
+    :func:`kronsum.kfac` of the gathered sum (``scale = Σ w``, factors the weighted means).
+
+    Parameters
+    ----------
+    F : KronSum
+        This rank's terms, torch tensors (CPU with gloo, CUDA with NCCL).
+    group : torch.distributed.ProcessGroup, optional
+
+    Returns
+    -------
+    Kron
+        The same on every rank; ``info.allreduces == 2`` (the shape check and the factors).
+    """
+    import torch
+
+    from .. import kfac as local_kfac
+
+    R = _setup(F, "kfac", group)
+    est = local_kfac(F)  # Σw·(mean factors): the weighted sums, up to the scale
+    sw = torch.as_tensor(est.scale, dtype=F.dtype, device=est.left.device)
+    SL, SR = est.left * sw, est.right * sw
+    buf = R.reduce(torch.cat([SL.reshape(-1), SR.reshape(-1), sw.reshape(1)]))
+    m2 = F.m * F.m
+    SL, SR, s = buf[:m2].reshape(F.m, F.m), buf[m2:-1].reshape(F.n, F.n), buf[-1]
+    _finite("kfac", "Σ w", float(s))
+    notes: tuple = ()
+    if not float(s) > 0:
+        notes = ("all weights are zero: the estimate is zero",)
+        inv = 1.0
+    else:
+        inv = 1.0 / s
+    return Kron(SL * inv, SR * inv, scale=s,
+                info=KronInfo(method="kfac", notes=notes, allreduces=R.count))
+
+
+def tkfac(F: KronSum, *, group: Any = None) -> Kron:
+    r"""TKFAC of ``Σ_r F_r``: ``δ Φ ⊗ Ψ`` with ``δ = tr F``, ``Φ = 𝓡(F) vec I / δ`` and
+    ``Ψ = 𝓡(F)ᵀ vec I / δ`` (:func:`kronsum.tkfac`, variant ``"trace"``), both half-steps
+    all-reduced in one buffer.
+
+    Returns
+    -------
+    Kron
+        The same on every rank; ``info.allreduces == 2``. A zero trace gives ``scale = 0``
+        with ``Φ = I/m``, ``Ψ = I/n`` and a note, as :func:`kronsum.tkfac` does.
+    """
+    import torch
+
+    R = _setup(F, "tkfac", group)
+    phi, psi = F.contract_right(), F.contract_left()
+    m2 = F.m * F.m
+    buf = R.reduce(torch.cat([phi.reshape(-1), psi.reshape(-1)]))
+    phi, psi = buf[:m2].reshape(F.m, F.m), buf[m2:].reshape(F.n, F.n)
+    delta = torch.trace(phi)
+    d = float(delta)
+    _finite("tkfac", "tr F", d)
+    if d == 0:
+        eye = (lambda k: torch.eye(k, dtype=F.dtype, device=phi.device) / k)
+        return Kron(eye(F.m), eye(F.n), scale=delta, info=KronInfo(
+            method="tkfac/trace", notes=("zero trace (zero sum): the estimate is zero",),
+            allreduces=R.count))
+    return Kron(phi / delta, psi / delta, scale=delta,
+                info=KronInfo(method="tkfac/trace", allreduces=R.count))
+
+
+def kfoc(F: KronSum, *, group: Any = None, tol: float | None = None, max_iter: int = 500) -> Kron:
+    r"""K-FOC, the Frobenius-nearest ``σ₁ L ⊗ R`` to ``Σ_r F_r``, by Lanczos on the smaller
+    factor with all-reduced half-steps.
+
+    The iteration is :func:`kronsum.kfoc`'s ``method="lanczos"`` (the same solver, start —
+    TKFAC's factor — finish and sign rule) on the operator ``𝓡𝓡ᵀ`` of the reduced sum: each
+    application is two contractions of the local terms, each followed by one all-reduce of an
+    ``m × m`` or ``n × n`` matrix.
+
+    Parameters
+    ----------
+    F : KronSum
+        This rank's terms (torch tensors).
+    group : torch.distributed.ProcessGroup, optional
+    tol : float, optional
+        Relative eigen-residual to stop at; default 1e-10 (float64), 1e-5 (float32).
+    max_iter : int, default 500
+        Most operator applications.
+
+    Returns
+    -------
+    Kron
+        The same on every rank: unit-Frobenius factors with the sign rule and
+        ``scale = σ₁``; ``info.method == "kfoc/lanczos[distributed]"``, ``info.iterations``,
+        ``info.residual``, ``info.sigma2`` (the second Ritz value) and ``info.allreduces``
+        (about ``2 · iterations + 3``). ``info.error_gap_bound`` is ``None``: bounding the gap
+        needs ``‖F‖²``, which is not a sum over ranks.
+
+    Examples
+    --------
+    A group of one process, so that the example runs anywhere (with more ranks, each passes
+    its own samples' sum and gets the estimate of all of them):
+
+    >>> import tempfile
+    >>> import torch
+    >>> import torch.distributed as dist
+    >>> import kronsum as ks
+    >>> from kronsum.adapters import distributed as ksd
+    >>> dist.init_process_group("gloo", init_method="file://" + tempfile.mktemp(), rank=0,
+    ...                         world_size=1)
+    >>> g = torch.Generator().manual_seed(0)
+    >>> G = torch.randn(32, 4, generator=g, dtype=torch.float64)
+    >>> A = torch.randn(32, 6, generator=g, dtype=torch.float64)
+    >>> F = ks.KronSum.from_outer(G, A)
+    >>> est = ksd.kfoc(F)
+    >>> ref = ks.kfoc(F, tol=1e-10, accuracy=None)
+    >>> bool(torch.allclose(est.to_dense(), ref.to_dense(), rtol=1e-8, atol=1e-12))
+    True
+    >>> est.info.allreduces == 2 * est.info.iterations + 3
+    True
+    >>> dist.destroy_process_group()
+    """
+    R = _setup(F, "kfoc", group)
+    tol = default_tol(F.xp, F.dtype) if tol is None else check_real(tol, "tol", positive=True)
+    max_iter = check_int(max_iter, "max_iter", minimum=1)
+    side = "left" if F.m <= F.n else "right"
+    x0 = R.contract_right() if side == "left" else R.contract_left()  # TKFAC's factor
+    _finite("kfoc", "the start (TKFAC's factor)", to_float(F.xp.max(F.xp.abs(x0))))
+    if not bool(F.xp.any(x0 != 0)):
+        x0 = F.xp.eye(x0.shape[0], dtype=F.dtype, device=x0.device)
+    stop = Stop(float(tol), None)
+    eig = lanczos(contraction_space(R, side), x0, stop, max_iter)
+    fac = finish(R, side, eig)
+    sigma = to_float(fac.sigma)
+    _finite("kfoc", "σ₁", sigma)
+    notes = tuple(fac.notes)
+    if not eig.converged:
+        notes += (f"not converged: residual {eig.residual:.3g}, not below tol {tol:.3g} after "
+                  f"{eig.iterations} applications",)
+    info = KronInfo(method="kfoc/lanczos[distributed]", iterations=eig.iterations,
+                    converged=eig.converged, residual=eig.residual,
+                    sigma1=sigma, sigma2=eig.sigma2, notes=notes, allreduces=R.count)
+    return Kron(fac.left, fac.right, scale=fac.sigma, info=info)

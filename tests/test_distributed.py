@@ -1,0 +1,147 @@
+"""kronsum.adapters.distributed on gloo process groups of 2 and 4 CPU processes: K-FAC, TKFAC
+and K-FOC of a sum split over ranks equal the single-process estimates of the gathered sum
+(outer, conv and terms forms, uneven splits), every rank returns the same estimate, only m×m /
+n×n matrices are all-reduced (counted by ``info.allreduces``), the caller's arrays are not
+written, and ranks whose blocks differ get a ValueError on every rank instead of a hang."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+
+import pytest
+
+torch = pytest.importorskip("torch")
+dist = pytest.importorskip("torch.distributed")
+if not dist.is_available():  # pragma: no cover - depends on the build
+    pytest.skip("torch.distributed is not available", allow_module_level=True)
+
+import kronsum as ks  # noqa: E402
+from kronsum.adapters import distributed as ksd  # noqa: E402
+
+TOL = 1e-13  # K-FOC's residual on both sides, so that the answers agree to rounding
+
+
+def _sums(world: int):
+    """Global sums of every form and each rank's share of their terms (uneven splits)."""
+    g = torch.Generator().manual_seed(0)
+    r = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64)  # noqa: E731
+    w = lambda k: torch.rand(k, generator=g, dtype=torch.float64) + 0.1  # noqa: E731
+    K = 4 * world + 3  # not a multiple of the world size
+    G, A, wo = r(K, 5), r(K, 7), w(K)
+    Gc, Ac, wc = r(K, 3, 4), r(K, 3, 6), w(K)
+    B = r(K, 3, 3)
+    L = B @ B.transpose(1, 2)
+    C = r(K, 4, 4)
+    R = C @ C.transpose(1, 2)
+    wt = w(K)
+    return {
+        "outer": (ks.KronSum.from_outer, (G, A, wo)),
+        "conv": (ks.KronSum.from_conv, (Gc, Ac, wc)),
+        "terms": (ks.KronSum.from_terms, (L, R, wt)),
+    }
+
+
+def _digest(est) -> str:
+    h = hashlib.sha256()
+    for t in (est.left, est.right, torch.as_tensor(est.scale)):
+        h.update(t.numpy().tobytes())
+    return h.hexdigest()
+
+
+def _worker(rank: int, world: int, path: str, queue) -> None:
+    try:
+        dist.init_process_group("gloo", init_method=f"file://{path}", rank=rank, world_size=world)
+        sizes = []
+        reduce = dist.all_reduce
+
+        def counting(t, *args, **kwargs):  # the communication volume, as the group sees it
+            sizes.append(t.numel())
+            return reduce(t, *args, **kwargs)
+
+        dist.all_reduce = counting
+        out = {}
+        for form, (make, arrays) in _sums(world).items():
+            full = make(*arrays)
+            local_arrays = [a[rank::world] for a in arrays]
+            before = [a.clone() for a in local_arrays]
+            local = make(*local_arrays)
+            refs = {"kfac": ks.kfac(full), "tkfac": ks.tkfac(full),
+                    "kfoc": ks.kfoc(full, tol=TOL, accuracy=None, method="lanczos")}
+            for name, ref in refs.items():
+                sizes.clear()
+                est = getattr(ksd, name)(local, tol=TOL) if name == "kfoc" else getattr(ksd, name)(local)
+                D, Dr = est.to_dense(), ref.to_dense()
+                out[form, name] = dict(
+                    err=float((D - Dr).abs().max() / Dr.abs().max()),
+                    scale_err=abs(float(est.scale) - float(ref.scale)) / abs(float(ref.scale)),
+                    allreduces=est.info.allreduces, calls=len(sizes), largest=max(sizes),
+                    mn=(full.m, full.n), digest=_digest(est),
+                    unchanged=all(torch.equal(a, b) for a, b in zip(local_arrays, before)),
+                    its=est.info.iterations, converged=est.info.converged)
+        # a rank whose block has another shape: every rank raises instead of waiting
+        G = torch.ones(3, 4 if rank else 5, dtype=torch.float64)
+        try:
+            ksd.kfoc(ks.KronSum.from_outer(G, torch.ones(3, 2, dtype=torch.float64)))
+            out["mismatch"] = None
+        except ValueError as exc:
+            out["mismatch"] = str(exc)
+        queue.put((rank, out))
+    except Exception as exc:  # pragma: no cover - reported by the test
+        queue.put((rank, repr(exc)))
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("world", [2, 4])
+def test_split_sums_give_the_gathered_estimates(world):
+    ctx = torch.multiprocessing.get_context("spawn")
+    queue = ctx.Queue()
+    fd, path = tempfile.mkstemp()
+    os.close(fd)
+    os.remove(path)  # the file store creates it
+    procs = [ctx.Process(target=_worker, args=(r, world, path, queue)) for r in range(world)]
+    for p in procs:
+        p.start()
+    try:
+        results = dict(queue.get(timeout=300) for _ in procs)
+    finally:
+        for p in procs:
+            p.join(timeout=60)
+    for rank, res in results.items():
+        assert isinstance(res, dict), f"rank {rank}: {res}"
+    first = results[0]
+    for key, r in first.items():
+        if key == "mismatch":
+            continue
+        form, name = key
+        m, n = r["mn"]
+        assert r["err"] < 1e-10 and r["scale_err"] < 1e-10, (key, r)
+        assert r["unchanged"], key
+        assert r["allreduces"] == r["calls"], key  # every collective is counted
+        assert r["largest"] <= m * m + n * n + 6, key  # factors only, never the statistics
+        if name == "kfoc":
+            assert r["converged"] and r["allreduces"] == 2 * r["its"] + 3, (key, r)
+        else:
+            assert r["allreduces"] == 2, key
+        # the same bits on every rank
+        assert len({results[k][key]["digest"] for k in results}) == 1, key
+    for rank, res in results.items():
+        assert res["mismatch"] is not None and "the ranks' blocks differ" in res["mismatch"], rank
+
+
+def test_inputs_that_cannot_be_reduced_are_refused():
+    import numpy as np
+
+    F = ks.KronSum.from_outer(np.ones((3, 2)), np.ones((3, 4)))
+    with pytest.raises(TypeError, match="kfac: F must hold torch tensors"):
+        ksd.kfac(F)
+    Ft = ks.KronSum.from_outer(torch.ones(3, 2, dtype=torch.float64), torch.ones(3, 4, dtype=torch.float64))
+    if not dist.is_initialized():
+        with pytest.raises(RuntimeError, match="no torch.distributed process group"):
+            ksd.kfoc(Ft)
+    with pytest.raises(TypeError, match="kfoc"):
+        ksd.kfoc(np.ones((3, 3)))
