@@ -211,6 +211,19 @@ class _Eig:
         self.sum_a, self.sum_b = sum_a, sum_b
         self.notes = notes
 
+    @classmethod
+    def assembled(cls, xp: Any, UL: Array, a: Array, UR: Array, b: Array, s: float,
+                  notes: tuple = ()) -> "_Eig":
+        """An eigendecomposition computed elsewhere (e.g. on another process) and already
+        canonical (as :meth:`__init__` leaves it): taken as given, nothing recomputed."""
+        obj = cls.__new__(cls)
+        obj.xp, obj.UL, obj.a, obj.UR, obj.b, obj.s = xp, UL, a, UR, b, float(s)
+        obj.m, obj.n = UL.shape[0], UR.shape[0]
+        obj.dtype, obj.device = UL.dtype, device_of(UL)
+        obj.sum_a, obj.sum_b = to_float(xp.sum(a)), to_float(xp.sum(b))
+        obj.notes = list(notes)
+        return obj
+
     def _eigh(self, M: Array, side: str, shape: tuple, where: str, notes: list) -> tuple:
         return sym_eigh(self.xp, M, f"{side} factor of shape {shape} of the {where}")
 

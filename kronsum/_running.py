@@ -394,26 +394,20 @@ class RunningEstimate:
         a, b = self.mixing_weights(t)
         name = self._estimator
         if name == "kfoc_running":
-            opts = dict(self._kfoc_options)
             if a == 0.0:  # first batch, or decay 0: the batch alone, exactly its kfoc
-                est = kfoc(F, **opts)
+                est = self._kfoc(F)
             else:
                 prev = self.estimate
-                S = KronSum.concat(self._as_term(prev, a), F.scaled(b))
-                if opts.get("method", "auto") == "gram" and not S._gram_able():
-                    opts["method"] = "lanczos"
-                # the warm start pays for Lanczos on the contractions; the Gram solver's steps
-                # cost O(K²) and a factor start would cost a product with the batch (K n²)
-                warm = choose_method(S, opts.get("method", "auto")) != "gram"
-                est = kfoc(S, init=prev, **opts) if warm else kfoc(S, **opts)
+                S = KronSum.concat(self._as_term(prev, a * self._prev_share()), F.scaled(b))
+                est = self._kfoc(S, prev)
             left, right, scale = est.left, est.right, est.scale
         else:
             if name in ("kfac", "ekfac"):
-                est = kfac(F)
+                est = self._kfac(F)
             elif name == "tkfac":
-                est = tkfac(F)
+                est = self._tkfac(F)
             else:
-                est = kfoc(F, **self._kfoc_options)
+                est = self._kfoc(F)
             if a == 0.0:
                 left, right, scale = est.left, est.right, est.scale
             else:
@@ -436,6 +430,31 @@ class RunningEstimate:
         self._info = dataclasses.replace(info if name == "ekfac" else est.info, method=f"running/{name}")
         self._num_updates = t
         return self.estimate
+
+    # -- the estimators: one place, overridden where the batch is split over processes --------
+    def _kfac(self, F: KronSum) -> Kron:
+        return kfac(F)
+
+    def _tkfac(self, F: KronSum) -> Kron:
+        return tkfac(F)
+
+    def _kfoc(self, S: KronSum, prev: Kron | None = None) -> Kron:
+        """K-FOC of a batch, or of ``S`` = the weighted previous estimate plus the batch, warm
+        started from ``prev``."""
+        opts = dict(self._kfoc_options)
+        if prev is None:
+            return kfoc(S, **opts)
+        if opts.get("method", "auto") == "gram" and not S._gram_able():
+            opts["method"] = "lanczos"
+        # the warm start pays for Lanczos on the contractions; the Gram solver's steps
+        # cost O(K²) and a factor start would cost a product with the batch (K n²)
+        warm = choose_method(S, opts.get("method", "auto")) != "gram"
+        return kfoc(S, init=prev, **opts) if warm else kfoc(S, **opts)
+
+    def _prev_share(self) -> float:
+        """The share of the previous estimate this object adds to ``S`` (1: it alone holds
+        the batch; ``1/world`` when every rank adds it to its part of a split batch)."""
+        return 1.0
 
     def _ekfac_update(self, F: KronSum, left: Array, right: Array, t: int, a: float,
                       b: float) -> KronInfo:

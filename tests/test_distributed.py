@@ -95,15 +95,14 @@ def _worker(rank: int, world: int, path: str, queue) -> None:
             dist.destroy_process_group()
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("world", [2, 4])
-def test_split_sums_give_the_gathered_estimates(world):
+def _spawn(world: int, target) -> dict:
+    """Run ``target(rank, world, path, queue)`` in ``world`` spawned processes; their reports."""
     ctx = torch.multiprocessing.get_context("spawn")
     queue = ctx.Queue()
     fd, path = tempfile.mkstemp()
     os.close(fd)
     os.remove(path)  # the file store creates it
-    procs = [ctx.Process(target=_worker, args=(r, world, path, queue)) for r in range(world)]
+    procs = [ctx.Process(target=target, args=(r, world, path, queue)) for r in range(world)]
     for p in procs:
         p.start()
     try:
@@ -113,6 +112,87 @@ def test_split_sums_give_the_gathered_estimates(world):
             p.join(timeout=60)
     for rank, res in results.items():
         assert isinstance(res, dict), f"rank {rank}: {res}"
+    return results
+
+
+def _training_worker(rank: int, world: int, path: str, queue) -> None:
+    """Streaming estimates of split batches, and the Preconditioner under DDP, each against
+    one process that sees every sample."""
+    try:
+        from torch.nn.parallel import DistributedDataParallel
+
+        from kronsum.adapters.torch import Preconditioner
+
+        dist.init_process_group("gloo", init_method=f"file://{path}", rank=rank, world_size=world)
+        out = {}
+        g = torch.Generator().manual_seed(1)
+        batches = [(torch.randn(12, 5, generator=g, dtype=torch.float64),
+                    torch.randn(12, 6, generator=g, dtype=torch.float64)) for _ in range(3)]
+        for name in ("kfac", "tkfac", "kfoc_approx", "kfoc_running"):
+            split = ksd.RunningEstimate(name, 0.7, kfoc_options={"tol": TOL})
+            one = ks.RunningEstimate(name, 0.7, kfoc_options={"tol": TOL, "accuracy": None,
+                                                             "method": "lanczos"})
+            for G, A in batches:
+                a = split.update(ks.KronSum.from_outer(G[rank::world], A[rank::world]))
+                b = one.update(ks.KronSum.from_outer(G, A))
+            out["running", name] = float((a.to_dense() - b.to_dense()).abs().max()
+                                         / b.to_dense().abs().max())
+        # the preconditioner under DDP against one process with the whole batch
+        X = torch.randn(16, 4, generator=g, dtype=torch.float64)
+        y = torch.randint(0, 3, (16,), generator=g)
+        for est in ("kfac", "kfoc_running"):
+            torch.manual_seed(0)
+            make = lambda: torch.nn.Sequential(  # noqa: E731
+                torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 6), torch.nn.Tanh(),
+                torch.nn.Linear(6, 3)).double()
+            model, ref = make(), None
+            ref = make()
+            ref.load_state_dict(model.state_dict())
+            ddp = DistributedDataParallel(model)
+            loss_fn = torch.nn.CrossEntropyLoss()
+            kw = dict(estimator=est, fisher="empirical", update_every=2, damping=0.1,
+                      kfoc_options={"tol": TOL})
+            pre = Preconditioner(model, loss_fn, group=dist.group.WORLD, **kw)
+            pre1 = Preconditioner(ref, loss_fn, **{**kw, "kfoc_options": {
+                "tol": TOL, "accuracy": None, "method": "lanczos"}})
+            errs = []
+            for _ in range(3):
+                for net, p, xs, ys in ((ddp, pre, X[rank::world], y[rank::world]), (ref, pre1, X, y)):
+                    net.zero_grad()
+                    loss_fn(net(xs), ys).backward()
+                    p.step(xs, ys)
+                for a, b in zip(model.parameters(), ref.parameters()):
+                    errs.append(float((a.grad - b.grad).abs().max() / b.grad.abs().max()))
+            out["precond", est] = max(errs)
+            out["inverted", est] = list(pre.inverted_here)
+            out["blocks", est] = sorted(pre.estimates)
+        queue.put((rank, out))
+    except Exception as exc:  # pragma: no cover - reported by the test
+        import traceback
+
+        queue.put((rank, traceback.format_exc() + repr(exc)))
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_streaming_estimates_and_the_ddp_preconditioner():
+    results = _spawn(2, _training_worker)
+    for rank, res in results.items():
+        for key, err in res.items():
+            if key[0] in ("running", "precond"):
+                assert err < 1e-9, (rank, key, err)
+    for est in ("kfac", "kfoc_running"):
+        blocks = results[0]["blocks", est]
+        mine = [results[r]["inverted", est] for r in results]
+        assert sorted(sum(mine, [])) == blocks and all(mine), mine  # each block on one rank
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("world", [2, 4])
+def test_split_sums_give_the_gathered_estimates(world):
+    results = _spawn(world, _worker)
     first = results[0]
     for key, r in first.items():
         if key == "mismatch":

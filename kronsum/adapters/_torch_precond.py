@@ -68,6 +68,15 @@ class Preconditioner:
         Passed to :class:`~kronsum.RunningEstimate` (e.g. ``{"accuracy": 1e-4}``).
     generator : torch.Generator, optional
         Random source of ``fisher="mc"``.
+    group : torch.distributed.ProcessGroup, optional
+        Data parallelism (e.g. under ``DistributedDataParallel``, whose gradients are the
+        ranks' average): each rank passes :meth:`step` its own part of the batch, and the
+        estimates are those of the ranks' average Fisher, ``(1/world) Σ_r F_r``, the same on
+        every rank (:class:`kronsum.adapters.distributed.RunningEstimate`: only factors are
+        all-reduced). Each block's damped inverse is decomposed on one rank and broadcast
+        (:func:`kronsum.adapters.distributed.spread_inverses`; :attr:`inverted_here` lists
+        this rank's). Pass the wrapped module (``ddp.module``) as ``model``. ``None``
+        (default): one process. Not with ``estimator="ekfac"``.
 
     Notes
     -----
@@ -102,7 +111,7 @@ class Preconditioner:
                  kl_clip: float | None = None, layers: Iterable[str] | None = None,
                  n_samples: int = 1, class_dim: int = 1, weight_sharing: str = "expand",
                  kfoc_options: Mapping[str, Any] | None = None, generator: Any = None,
-                 basis_every: int | None = None):
+                 basis_every: int | None = None, group: Any = None):
         from .torch import FISHER_TYPES, _require_torch, coverage
         from ._torch_losses import loss_spec
 
@@ -133,7 +142,15 @@ class Preconditioner:
         self._running_kw = dict(kfoc_options=self._kfoc_options)
         if basis_every is not None:
             self._running_kw["basis_every"] = basis_every
-        RunningEstimate(estimator, decay, **self._running_kw)  # options checked now
+        self.group = group
+        self._running_cls = RunningEstimate
+        if group is not None:
+            from .distributed import RunningEstimate as SplitRunningEstimate
+
+            self._running_cls = SplitRunningEstimate
+            self._running_kw["group"] = group
+        self._running_cls(estimator, decay, **self._running_kw)  # options checked now
+        self.inverted_here: list[str] = []  # blocks whose inverse this process decomposed
         self._running: dict[str, RunningEstimate] = {}
         self._inverses: dict[str, Any] = {}
         self._params: dict[str, Any] | None = None  # block -> (spec, weight, bias), per refresh
@@ -168,11 +185,20 @@ class Preconditioner:
                 )
             blocks = collect(self.model, self.loss_fn, inputs, targets, fisher=self.fisher,
                              layers=self.layers, **self._collect_kw)
-            running = {k: self._running.get(k) or RunningEstimate(
+            running = {k: self._running.get(k) or self._running_cls(
                 self.estimator, self.decay, **self._running_kw) for k in blocks}
-            estimates = {k: running[k].update(F) for k, F in blocks.items()}
-            self._running = running
-            self._inverses = {k: est.inverse(lam, self.damping_method) for k, est in estimates.items()}
+            if self.group is None:
+                estimates = {k: running[k].update(F) for k, F in blocks.items()}
+                inverses = {k: est.inverse(lam, self.damping_method) for k, est in estimates.items()}
+                self.inverted_here = list(inverses)
+            else:
+                from .distributed import spread_inverses
+
+                share = 1.0 / torch.distributed.get_world_size(self.group)  # DDP averages
+                estimates = {k: running[k].update(F.scaled(share)) for k, F in blocks.items()}
+                inverses, self.inverted_here = spread_inverses(
+                    estimates, lam, self.damping_method, group=self.group)
+            self._running, self._inverses = running, inverses
             self._params = None  # looked up again below: the model may have changed
             self.refreshes += 1
         if not self._running:
@@ -227,7 +253,8 @@ class Preconditioner:
             raise ValueError("state must be a Preconditioner.state_dict()")
         if state["estimator"] != self.estimator:
             raise ValueError(f"state is for estimator {state['estimator']!r}, this one is {self.estimator!r}")
-        running = {k: RunningEstimate.from_state_dict(s, kfoc_options=self._kfoc_options)
+        extra = {} if self.group is None else {"group": self.group}
+        running = {k: self._running_cls.from_state_dict(s, kfoc_options=self._kfoc_options, **extra)
                    for k, s in state["running"].items()}
         lam = self.damping(int(state["steps"])) if callable(self.damping) else self.damping
         inverses = {k: r.estimate.inverse(lam, self.damping_method) for k, r in running.items()

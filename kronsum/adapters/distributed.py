@@ -48,11 +48,13 @@ from typing import Any
 from .._closed_forms import _require_sum
 from .._compat import to_float
 from .._eigen import Stop, contraction_space, default_tol, finish, lanczos
+from .._inverse import KronInverse, _Eig
 from .._kron import Kron, KronInfo
+from .._running import RunningEstimate as _RunningEstimate
 from .._sum import KronSum
 from .._validation import check_int, check_real
 
-__all__ = ["kfac", "kfoc", "tkfac"]
+__all__ = ["RunningEstimate", "kfac", "kfoc", "spread_inverses", "tkfac"]
 
 
 class _Reduced:
@@ -187,7 +189,8 @@ def tkfac(F: KronSum, *, group: Any = None) -> Kron:
                 info=KronInfo(method="tkfac/trace", allreduces=R.count))
 
 
-def kfoc(F: KronSum, *, group: Any = None, tol: float | None = None, max_iter: int = 500) -> Kron:
+def kfoc(F: KronSum, *, group: Any = None, tol: float | None = None, max_iter: int = 500,
+         init: Kron | None = None) -> Kron:
     r"""K-FOC, the Frobenius-nearest ``σ₁ L ⊗ R`` to ``Σ_r F_r``, by Lanczos on the smaller
     factor with all-reduced half-steps.
 
@@ -205,6 +208,9 @@ def kfoc(F: KronSum, *, group: Any = None, tol: float | None = None, max_iter: i
         Relative eigen-residual to stop at; default 1e-10 (float64), 1e-5 (float32).
     max_iter : int, default 500
         Most operator applications.
+    init : Kron, optional
+        Start from this estimate's factor (the same on every rank, e.g. the previous
+        estimate) instead of TKFAC's.
 
     Returns
     -------
@@ -243,7 +249,12 @@ def kfoc(F: KronSum, *, group: Any = None, tol: float | None = None, max_iter: i
     tol = default_tol(F.xp, F.dtype) if tol is None else check_real(tol, "tol", positive=True)
     max_iter = check_int(max_iter, "max_iter", minimum=1)
     side = "left" if F.m <= F.n else "right"
-    x0 = R.contract_right() if side == "left" else R.contract_left()  # TKFAC's factor
+    if init is not None:
+        if not isinstance(init, Kron) or (init.m, init.n) != (F.m, F.n):
+            raise ValueError(f"kfoc: init must be a Kron with factors of sizes ({F.m}, {F.n})")
+        x0 = F.xp.astype(init.left if side == "left" else init.right, F.dtype)
+    else:
+        x0 = R.contract_right() if side == "left" else R.contract_left()  # TKFAC's factor
     _finite("kfoc", "the start (TKFAC's factor)", to_float(F.xp.max(F.xp.abs(x0))))
     if not bool(F.xp.any(x0 != 0)):
         x0 = F.xp.eye(x0.shape[0], dtype=F.dtype, device=x0.device)
@@ -260,3 +271,123 @@ def kfoc(F: KronSum, *, group: Any = None, tol: float | None = None, max_iter: i
                     converged=eig.converged, residual=eig.residual,
                     sigma1=sigma, sigma2=eig.sigma2, notes=notes, allreduces=R.count)
     return Kron(fac.left, fac.right, scale=fac.sigma, info=info)
+
+
+class RunningEstimate(_RunningEstimate):
+    r""":class:`kronsum.RunningEstimate` of batches split over the ranks of ``group``.
+
+    Each rank passes :meth:`update` its own part of the batch; the estimate is that of the
+    whole batch, the same on every rank: ``"kfac"`` and ``"tkfac"`` average the all-reduced
+    estimates of :func:`kfac` / :func:`tkfac`, ``"kfoc_approx"`` those of :func:`kfoc`, and
+    ``"kfoc_running"`` solves :func:`kfoc` for ``decay · previous + (1 − decay) · batch``,
+    each rank adding ``1/world`` of the previous estimate to its part (warm started from the
+    previous estimate). ``kfoc_options`` may hold ``tol`` and ``max_iter``. ``"ekfac"`` is
+    not offered (its corrected eigenvalues are a further sum over samples). Checkpoints are
+    those of :class:`kronsum.RunningEstimate`.
+
+    Parameters
+    ----------
+    estimator, decay, update_every, kfoc_options
+        As for :class:`kronsum.RunningEstimate`.
+    group : torch.distributed.ProcessGroup, optional
+        Default: the world group.
+    """
+
+    def __init__(self, estimator: str = "kfoc_running", decay: float = 0.95, *,
+                 group: Any = None, **kw: Any):
+        if estimator == "ekfac":
+            raise ValueError("estimator='ekfac' is not offered over a process group; use "
+                             "'kfac', 'tkfac', 'kfoc_approx' or 'kfoc_running'")
+        extra = set(kw.get("kfoc_options") or {}) - {"tol", "max_iter"}
+        if extra:
+            raise ValueError(f"kfoc_options over a process group take 'tol' and 'max_iter' "
+                             f"only, got {sorted(extra)}")
+        super().__init__(estimator, decay, **kw)
+        self.group = group
+
+    @classmethod
+    def from_state_dict(cls, state: Any, *, kfoc_options: Any = None,
+                        group: Any = None) -> "RunningEstimate":
+        """:meth:`kronsum.RunningEstimate.from_state_dict`, over ``group``."""
+        out = super().from_state_dict(state, kfoc_options=kfoc_options)
+        out.group = group
+        return out
+
+    def _kfac(self, F: KronSum) -> Kron:
+        return kfac(F, group=self.group)
+
+    def _tkfac(self, F: KronSum) -> Kron:
+        return tkfac(F, group=self.group)
+
+    def _kfoc(self, S: KronSum, prev: Kron | None = None) -> Kron:
+        return kfoc(S, group=self.group, init=prev, **self._kfoc_options)
+
+    def _prev_share(self) -> float:
+        import torch.distributed as dist
+
+        return 1.0 / dist.get_world_size(self.group)
+
+
+def spread_inverses(estimates: dict, damping: float, method: str = "exact", *,
+                    group: Any = None) -> tuple[dict, list]:
+    r"""Damped inverses of estimates that every rank holds alike, each decomposed on one rank.
+
+    Block ``i`` (in the dict's order, which must be the same on every rank) is decomposed on
+    rank ``i mod world`` (:meth:`kronsum.Kron.inverse`: two eigendecompositions) and its
+    eigenvectors, eigenvalues and scale broadcast to the others in one buffer, as KAISA
+    spreads K-FAC's inversions. A block whose decomposition fails raises ``ValueError`` on
+    every rank (one all-reduce of failure flags first), naming the block.
+
+    Returns
+    -------
+    (dict, list)
+        ``{block: KronInverse}`` (the same on every rank; notes such as clipped eigenvalues
+        are kept on the owner only) and the blocks decomposed on this rank.
+    """
+    import torch
+    import torch.distributed as dist
+
+    world, rank = dist.get_world_size(group), dist.get_rank(group)
+    keys = list(estimates)
+    eigs, mine, errors = {}, [], {}
+    for i, k in enumerate(keys):
+        if i % world == rank:
+            mine.append(k)
+            try:
+                eigs[k] = estimates[k].inverse(damping, method)
+            except ValueError as exc:
+                errors[k] = str(exc)
+    ref = next(iter(estimates.values())).left
+    failed = torch.tensor([1.0 if k in errors else 0.0 for k in keys], dtype=torch.float64,
+                          device=ref.device)
+    dist.all_reduce(failed, group=group)
+    if bool((failed > 0).any()):
+        k = keys[int(torch.nonzero(failed > 0)[0])]
+        raise ValueError(f"block {k!r}: its damped inverse failed"
+                         + (f": {errors[k]}" if k in errors else " on another rank"))
+    out = {}
+    for i, k in enumerate(keys):
+        est = estimates[k]
+        m, n = est.m, est.n
+        owner = dist.get_global_rank(group, i % world) if group is not None else i % world
+        if k in eigs:
+            inv = eigs[k]
+            buf = torch.cat([inv.eigvecs_left.reshape(-1), inv.eigvals_left,
+                             inv.eigvecs_right.reshape(-1), inv.eigvals_right,
+                             torch.tensor([inv.scale], dtype=inv.eigvals_left.dtype,
+                                          device=inv.eigvals_left.device)])
+        else:
+            buf = torch.empty(m * m + m + n * n + n + 1, dtype=est.left.dtype,
+                              device=est.left.device)
+        dist.broadcast(buf, src=owner, group=group)
+        if k in eigs:
+            out[k] = eigs[k]
+            continue
+        o = 0
+        parts = []
+        for size, shape in ((m * m, (m, m)), (m, (m,)), (n * n, (n, n)), (n, (n,))):
+            parts.append(buf[o:o + size].reshape(shape))
+            o += size
+        eig = _Eig.assembled(est._xp, parts[0], parts[1], parts[2], parts[3], float(buf[o]))
+        out[k] = KronInverse._from_eig(eig, method, float(damping))
+    return out, mine
