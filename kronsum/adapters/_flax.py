@@ -92,14 +92,20 @@ def flax_apply(module: Any) -> Callable[[Any, Any, Any], Any]:
 
         with nn.intercept_methods(interceptor):
             out = module.apply(variables, inputs)
-        new = sorted(set(skipped) - warned)
-        if new:
-            warned.update(new)
-            warnings.warn(f"flax_apply: these layers get no Kronecker block (computed by Flax): "
-                          f"{new}", UserWarning, stacklevel=2)
+        _warn_once(skipped, warned, "flax_apply", "Flax")
         return out
 
     return apply
+
+
+def _warn_once(skipped: list, warned: set, who: str, framework: str) -> None:
+    """One ``UserWarning`` (at the caller of ``apply``) naming the layers left to the
+    framework that this ``apply`` function has not warned about yet."""
+    new = sorted(set(skipped) - warned)
+    if new:
+        warned.update(new)
+        warnings.warn(f"{who}: these layers get no Kronecker block (computed by {framework}): "
+                      f"{new}", UserWarning, stacklevel=3)
 
 
 def _container(mod: Any) -> bool:
@@ -224,11 +230,7 @@ def nnx_apply(model: Any) -> Callable[[Any, Any, Any], Any]:
         finally:
             for cls, attr, fallback, _ in saved:
                 setattr(cls, attr, fallback)
-        new = sorted(set(skipped) - warned)
-        if new:
-            warned.update(new)
-            warnings.warn(f"nnx_apply: these layers get no Kronecker block (computed by NNX): "
-                          f"{new}", UserWarning, stacklevel=2)
+        _warn_once(skipped, warned, "nnx_apply", "NNX")
         return out
 
     return apply
