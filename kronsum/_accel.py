@@ -88,6 +88,52 @@ def weighted_gram(V: Array, c: Array, xp: Any, alpha: Any = None) -> Array:
     return Bp.T @ Bp - Bn.T @ Bn
 
 
+def eig_quadratic_sum(P: Array, Q: Array, M: Array | None, w: Array) -> Array:
+    """``Σ_k w_k Y_kᵀ M Y_k`` with ``Y_k = P_kᵀ Q_k``, for ``P`` (K, T, p), ``Q`` (K, T, q), a
+    symmetric ``M`` (p, p) (``None``: the identity) and non-negative weights ``w`` (K,; a
+    :class:`~kronsum.KronSum`'s are), on NumPy.
+
+    With ``M = V diag(d) Vᵀ`` (one ``eigh``) the sum is the weighted Gram product of the
+    ``K·p`` rows ``z_ki = (P_k v_i)ᵀ Q_k`` with weights ``w_k d_i``: ``syrk`` over the rows of
+    each sign, ``K·p·q²/2`` multiply-adds instead of the ``K·p·q²`` of ``Σ_k Y_kᵀ (M Y_k)``,
+    and a result symmetric bit for bit. The rows of each sign of ``d`` are computed apart, so
+    they take ``K·p·q`` numbers and nothing is copied. Cost ``K(T p² + T p q) + K p q²/2``
+    plus the ``eigh``; the caller decides that it
+    pays (:func:`syrk_available`) and that ``M`` is symmetric.
+    """
+    import numpy as np
+
+    K, T, p = P.shape
+    q = Q.shape[-1]
+    if M is None:
+        d, V = np.ones(p, dtype=P.dtype), None
+    else:
+        d, V = np.linalg.eigh(M)
+    out = None
+    for sel, sign in ((d < 0, -1.0), (d > 0, 1.0)):  # eigh's d is ascending: two slices
+        idx = np.flatnonzero(sel)
+        if idx.size == 0:
+            continue
+        PV = P if V is None else P @ V[:, idx]  # M = None: d = 1, every row positive
+        Z = np.matmul(np.swapaxes(PV, 1, 2), Q)  # (K, p_s, q): the rows (P_k v_i)ᵀ Q_k
+        Z *= np.sqrt(w[:, None, None] * np.abs(d[idx])[None, :, None]).astype(Z.dtype)
+        Z2 = Z.reshape(K * idx.size, q)
+        part = Z2.T @ Z2
+        if out is None:
+            out = part if sign > 0 else -part
+        elif sign > 0:
+            out += part
+        else:
+            out -= part
+    return np.zeros((q, q), dtype=Q.dtype) if out is None else out
+
+
+def syrk_available(xp: Any) -> bool:
+    """Whether :func:`weighted_gram` is a ``syrk`` (half a ``gemm``) in ``xp``: NumPy, and
+    PyTorch CPU tensors that the estimators read through NumPy views."""
+    return is_numpy_namespace(xp)
+
+
 def gram(V: Array) -> Array:
     """``VᵀV`` of a 2-D array ``V`` (K, d), in ``V``'s namespace.
 

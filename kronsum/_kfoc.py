@@ -32,7 +32,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field, replace
 
-from ._accel import numba_enabled, via_numpy_on_cpu
+from ._accel import numba_enabled, syrk_available, via_numpy_on_cpu
 from ._closed_forms import _new_kron, _require_sum, kfac
 from ._compat import Array, counted, eye_like, fro_norm, is_dask_namespace, to_float
 from ._config import get_config
@@ -125,16 +125,21 @@ def _costs(F: KronSum) -> dict:
 def _conv_costs(F: KronSum) -> dict:
     """The conv form: the Gram solver on per-sample ``T × T`` coefficients (its two ``KT × KT``
     Gram matrices, two batched block products of ``K²T³`` per application, two weighted Gram
-    products of ``KT`` rows to finish) against Lanczos on the contractions (each the cheaper of
-    the per-position and per-sample associations of :meth:`KronSum.contract_left`)."""
+    products of ``KT`` rows to finish) against Lanczos on the contractions (each the cheapest
+    association of :meth:`KronSum.contract_left`)."""
     K, T, m, n = F.num_terms, F.num_positions, F.m, F.n
     its = _EXPECTED_APPLICATIONS
     rows = K * T
     gram = ((rows * rows * (m + n) / 2 + rows * (m * m + n * n) / 2) * _SEC_PER_GEMM_MAC
             + (its + 2) * 4 * K * K * T ** 3 * _SEC_PER_BLOCK_MAC + (its + 2) * 2 * _SEC_PER_CALL)
 
-    def contraction(p, q):  # Σ_k Y_kᵀ M Y_k from side p to side q, the cheaper association
-        return K * min(T * p * p + T * T * (p + q) + T * q * q, T * p * q + p * p * q + p * q * q)
+    syrk = syrk_available(F.xp)
+
+    def contraction(p, q):  # Σ_k Y_kᵀ M Y_k from side p to side q, the cheapest association
+        cost = min(T * p * p + T * T * (p + q) + T * q * q, T * p * q + p * p * q + p * q * q)
+        if syrk:  # the weighted Gram product of the rows of M's eigenvectors (syrk)
+            cost = min(cost, T * p * p + T * p * q + p * q * q / 2 + (12 * p ** 3 + 5e5) / K)
+        return K * cost
 
     lanczos = (its + 1) * (contraction(m, n) + contraction(n, m)) * _SEC_PER_CONTRACTION_MAC
     if F.dtype == F.xp.float32 or K * T * (m * m + n * n) >= 1 << 26:  # float32 iterations

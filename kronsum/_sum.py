@@ -20,7 +20,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from ._accel import weighted_gram
+from ._accel import eig_quadratic_sum, syrk_available, weighted_gram
 from ._compat import (Array, count, device_of, host_floats, is_dask_namespace, namespace, persist_all,
                       to_float, trace)
 from ._validation import (DEFAULT_MAX_ELEMENTS, check_array, check_dense_size, check_finite_values,
@@ -284,7 +284,9 @@ class KronSum:
         with ``I`` (TKFAC's right factor times ``tr F``).
 
         Cost: terms O(K(m² + n²)); outer O(K(m² + n²)) without forming any ``g gᵀ``;
-        conv O(K(Tm² + T²(m + n) + Tn²)) or O(K(Tmn + m²n + mn²)), whichever is cheaper.
+        conv O(K(Tm² + T²(m + n) + Tn²)), O(K(Tmn + m²n + mn²)) or, on NumPy for a symmetric
+        ``X``, O(K(Tm² + Tmn + mn²/2) + m³) (``syrk`` over the rows ``(G_k v_i)ᵀ A_k`` of
+        ``X``'s eigenvectors), whichever is cheapest.
         """
         if X is not None:
             self._check_square(X, "X", self.m)
@@ -370,8 +372,12 @@ class KronSum:
     def _conv_contract(self, M: Array | None, P: Array, Q: Array) -> Array:
         """``Σ_k w_k Y_kᵀ M Y_k`` with ``Y_k = P_kᵀ Q_k``; P (K, T, p), Q (K, T, q), M (p, p).
 
-        ``M=None`` is the identity. The association (per position through ``P_k M P_kᵀ``, or per
-        sample through ``Y_k``) is chosen by multiply-add count.
+        ``M=None`` is the identity. The association (per position through ``P_k M P_kᵀ``, per
+        sample through ``Y_k``, or, where ``syrk`` is at hand and ``M`` is symmetric, the
+        weighted Gram product of the rows ``(P_k v_i)ᵀ Q_k`` of ``M``'s eigenvectors:
+        :func:`kronsum._accel.eig_quadratic_sum`) is chosen by multiply-add count. A
+        symmetric ``M`` means ``|M − Mᵀ| ≤ p·ε·max|M|``: the antisymmetric rest, which the
+        rows route leaves out, is then below the rounding of the other associations.
         """
         xp = self._xp
         K, T, p = P.shape
@@ -380,6 +386,11 @@ class KronSum:
         m_cost = 0 if M is None else p * p
         flops_positions = T * m_cost + T * T * (p + q) + T * q * q
         flops_samples = T * p * q + m_cost * q + p * q * q
+        # eigh ≈ 12p³ + 5·10⁵ multiply-adds of a GEMM's speed (one BLAS thread, p = 16 to 576)
+        flops_rows = T * m_cost + T * p * q + p * q * q / 2 + (0 if M is None else 12 * p ** 3 + 5e5) / K
+        if (syrk_available(xp) and flops_rows < min(flops_positions, flops_samples)
+                and (M is None or _symmetric(M))):
+            return eig_quadratic_sum(P, Q, M, self.weights)
         if flops_positions <= flops_samples:
             PM = P if M is None else P @ M
             B = w * (PM @ xp.matrix_transpose(P))  # (K, T, T): w_k P_k M P_kᵀ
@@ -649,6 +660,14 @@ _POW2_RANGE = (2.0**-30, 2.0**30)
 # float32: the squared norm takes fourth powers of the entries times squared weights, which
 # leave float32's range (2¹²⁸) from entries of 2³⁰; entries within 2^±8 keep it inside
 _POW2_RANGE_32 = (2.0**-8, 2.0**8)
+
+
+def _symmetric(M: Array) -> bool:
+    """Whether a NumPy matrix is symmetric to rounding: ``|M − Mᵀ| ≤ p·ε·max|M|``."""
+    import numpy as np
+
+    scale = float(np.max(np.abs(M))) if M.size else 0.0
+    return bool(np.max(np.abs(M - M.T)) <= M.shape[0] * np.finfo(M.dtype).eps * scale) if scale else True
 
 
 def _sum_over(arrays):

@@ -45,6 +45,22 @@ def test_kfoc_floor_quick_runs_every_family(tmp_path):
     assert "× kfac (CPU)" in proc.stdout
 
 
+def test_method_choice_sweep_quick_runs(tmp_path):
+    """benchmarks/method_choice.py on small sizes: both solvers timed on every case, the model's
+    choice and its cost over the faster solver's recorded."""
+    out = tmp_path / "choice.json"
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "method_choice.py"), "--quick",
+                           "--json", str(out)], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    records = json.loads(out.read_text())
+    assert {r["form"] for r in records} == {"outer", "conv"}
+    assert {r["dtype"] for r in records} == {"float64", "float32"}
+    for r in records:
+        assert r["chosen"] in ("gram", "lanczos") and r["faster"] in ("gram", "lanczos")
+        assert r["chosen_over_faster"] >= 1.0 and r["gram_cpu_s"] > 0 and r["lanczos_cpu_s"] > 0
+    assert "picked the faster solver in" in proc.stdout
+
+
 @pytest.mark.skipif(shutil.which("asv") is None, reason="asv is not installed (extra 'bench')")
 def test_asv_suite_passes_asv_check(tmp_path):
     env = dict(os.environ, HOME=str(tmp_path))  # asv writes ~/.asv-machine.json

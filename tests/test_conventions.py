@@ -86,10 +86,25 @@ def test_contractions_are_rearranged_products(form):
     assert np.allclose(F.contract_right(Y).reshape(-1), Rm @ Y.reshape(-1))
 
 
-def test_conv_contraction_both_associations_agree():
-    # T small: per-position route; T large relative to m, n: per-sample X_k route
-    for T, m, n in [(2, 6, 7), (40, 2, 3)]:
-        G, A = random_inputs("conv", 3, m, n, T=T, seed=T)
-        F = ks.KronSum.from_conv(G, A)
-        X = np.random.default_rng(0).standard_normal((m, m))
-        assert np.allclose(F.contract_left(X).reshape(-1), F.rearranged().T @ X.reshape(-1))
+@pytest.mark.parametrize("K, T, m, n", [(3, 2, 6, 7), (3, 40, 2, 3), (64, 16, 8, 64), (64, 16, 64, 8)])
+def test_conv_contraction_every_association_agrees(K, T, m, n):
+    # T small: per position; T large beside m, n: per sample through X_k; many samples of a
+    # narrow side: the weighted Gram product of the rows (P_k v_i)ᵀ Q_k (eigh of a symmetric X)
+    G, A = random_inputs("conv", K, m, n, T=T, seed=T)
+    rng = np.random.default_rng(0)
+    w = rng.random(K)
+    w[0] = 0.0
+    F = ks.KronSum.from_conv(G, A, w)
+    Rm = F.rearranged()
+    for X in (rng.standard_normal((m, m)), None):
+        for Xs in ((X, X + X.T) if X is not None else (None,)):  # general, symmetric, identity
+            ref = Rm.T @ (np.eye(m) if Xs is None else Xs).reshape(-1)
+            got = F.contract_left(None if Xs is None else Xs.copy())
+            np.testing.assert_allclose(got.reshape(-1), ref, rtol=1e-11, atol=1e-11 * np.abs(ref).max())
+            if Xs is None or np.array_equal(Xs, Xs.T):
+                np.testing.assert_allclose(got, got.T, rtol=1e-13, atol=1e-13 * np.abs(ref).max())
+        Y = rng.standard_normal((n, n))
+        for Ys in (Y, Y + Y.T):
+            ref = Rm @ Ys.reshape(-1)
+            np.testing.assert_allclose(F.contract_right(Ys).reshape(-1), ref, rtol=1e-11,
+                                       atol=1e-11 * np.abs(ref).max())
