@@ -88,12 +88,13 @@ class Stop:
     f2_err: float = 0.0  # a bound of f2's rounding error
     bound: float | None = None
     certified: bool = False
+    th1: float | None = None  # the Ritz value at the last call
     th2: float | None = None  # the second Ritz value and its residual at the last call
     r2: float = 0.0
 
     def met(self, th1: float, res: float, th2: float | None = None, r2: float = 0.0) -> bool:
         """Whether the Ritz pair ``(th1, relative residual res)`` stops the solver."""
-        self.th2, self.r2 = th2, r2
+        self.th1, self.th2, self.r2 = th1, th2, r2
         self.bound, self.certified = gap_bound(
             th1, res * th1, -1.0 if th2 is None else th2, r2, -1.0 if self.f2 is None else self.f2,
             self.f2_err)
@@ -550,9 +551,11 @@ def lanczos_two_precision(low: Space, x0, high: Space, resume: Callable[[], Spac
     ``resume()`` (the working-precision space to iterate on).
 
     ``low_image`` (when the finish needs no image, i.e. ``x`` is the left factor): the check
-    takes the half-step in the working precision (the other factor, and ``θ = ‖half‖²``) and
-    the second half-step in the low one, with the residual widened by ``low_image·θ`` (the
-    low precision's relative error); only when that bound does not stop is the
+    takes the half-step in the working precision (the other factor, and the Rayleigh quotient
+    ``θ = ‖half‖²``) and no second one: the residual of ``x`` is at most the low solve's
+    (its recurrence's ``r̃`` for the low-precision operator at its Ritz value) plus
+    ``low_image·θ``, the low precision's relative error of the operator (the Rayleigh
+    quotient minimises the residual over shifts). Only when that bound does not stop is the
     working-precision image computed, and the check goes on as above.
     """
     xp = high.xp
@@ -563,22 +566,22 @@ def lanczos_two_precision(low: Space, x0, high: Space, resume: Callable[[], Spac
     lo = lanczos(low, x0, stop_low, max_iter)
     x = xp.astype(lo.x, dtype)
     x = materialize(x / high.norm(x))
-    its = lo.iterations + 1
-    if low_image is not None and high.half is not None and low.second is not None:
-        # the half-step in the working precision (the other factor, and the Rayleigh quotient
-        # θ = ‖half‖²), the residual from the second half-step in the low precision, widened
-        # by ``low_image`` × θ; the working-precision image only when that does not stop
+    its = lo.iterations
+    if low_image is not None and high.half is not None and high.second is not None:
+        # the half-step in the working precision (the other factor — the finish's half-step,
+        # not an application — and the Rayleigh quotient θ = ‖half‖²), the low solve's residual
+        # widened by ``low_image`` × θ; the working-precision image only when that does not stop
         half = materialize(high.half(x))
-        Ax = xp.astype(low.second(xp.astype(half, x0.dtype)), dtype)
-        th_d = xp.sum(half * half)
-        th, rr = host_floats([th_d, xp.sum((Ax - th_d * x) ** 2)])
-        res = (math.sqrt(max(rr, 0.0)) / th + low_image) if th > 0 else 0.0
+        th = to_float(xp.sum(half * half))
+        r_low = 0.0 if lo.residual == 0 else (lo.residual * stop_low.th1 if stop_low.th1 else math.inf)
+        res = (r_low / th + low_image) if th > 0 else 0.0
         if th <= 0 or stop.met(th, res, stop_low.th2, stop_low.r2) or its >= max_iter:
             conv = th <= 0 or stop.bound <= stop.accuracy or res <= stop.tol
             return EigenResult(x, its, conv, res, lo.sigma2, half)
         Ax = high.second(half)
     else:
         Ax, half = high.apply_aux(x)
+    its += 1
     th, rr = host_floats([xp.sum(x * Ax), xp.sum((Ax - xp.sum(x * Ax) * x) ** 2)])
     res = math.sqrt(max(rr, 0.0)) / th if th > 0 else 0.0
     if th > 0 and not stop.met(th, res, stop_low.th2, stop_low.r2) and its < max_iter:
