@@ -172,7 +172,7 @@ class _Eig:
                  "sum_a", "sum_b")
     grid = None  # the grid eigendecompositions (_GridEig) carry their eigenvalues here
 
-    def __init__(self, kron: Kron, label: str):
+    def __init__(self, kron: Kron, label: str, check: bool = True):
         if not isinstance(kron, Kron):
             raise TypeError(
                 f"expected a kronsum.Kron (wrap factors as Kron(left, right, scale)), got "
@@ -188,8 +188,8 @@ class _Eig:
         s = to_float(kron.scale)
         if not math.isfinite(s):
             raise ValueError(f"scale of the {where} is not finite: {s}")
-        self.UL, a = self._eigh(kron.left, "left", (self.m, self.m), where, notes)
-        self.UR, b = self._eigh(kron.right, "right", (self.n, self.n), where, notes)
+        self.UL, a = self._eigh(kron.left, "left", (self.m, self.m), where, check)
+        self.UR, b = self._eigh(kron.right, "right", (self.n, self.n), where, check)
         sum_a, sum_b = to_float(xp.sum(a)), to_float(xp.sum(b))
         if sum_a < 0:
             a, s, sum_a = -a, -s, -sum_a
@@ -224,8 +224,8 @@ class _Eig:
         obj.notes = list(notes)
         return obj
 
-    def _eigh(self, M: Array, side: str, shape: tuple, where: str, notes: list) -> tuple:
-        return sym_eigh(self.xp, M, f"{side} factor of shape {shape} of the {where}")
+    def _eigh(self, M: Array, side: str, shape: tuple, where: str, check: bool) -> tuple:
+        return sym_eigh(self.xp, M, f"{side} factor of shape {shape} of the {where}", check=check)
 
     def _clip(self, w: Array, side: str, shape: tuple, where: str, notes: list,
               total: float) -> tuple:
@@ -352,6 +352,17 @@ class KronInverse:
         self._setup(eig, method, lam)
 
     # -- construction -----------------------------------------------------------------
+    @classmethod
+    def _of_estimate(cls, kron: Kron, damping: float, method: str = "exact") -> "KronInverse":
+        """The damped inverse of an estimate the library made itself (factors symmetric and
+        finite by construction, e.g. a :class:`~kronsum.RunningEstimate`'s): as the
+        constructor, but the eigendecompositions skip their input checks (finiteness,
+        symmetry, the symmetrisation: four passes over each factor); their results are still
+        checked for finite values."""
+        method = _check_method(method)
+        lam = _check_damping(damping)
+        return cls._from_eig(_Eig(kron, f"damping={lam!r}, method={method!r}", check=False), method, lam)
+
     @classmethod
     def _from_eig(cls, eig: _Eig, method: str, damping: float | None, **kw) -> "KronInverse":
         obj = cls.__new__(cls)

@@ -154,6 +154,7 @@ class Preconditioner:
         self._running: dict[str, RunningEstimate] = {}
         self._inverses: dict[str, Any] = {}
         self._params: dict[str, Any] | None = None  # block -> (spec, weight, bias), per refresh
+        self._specs: tuple | None = None  # (the model's modules, their block specs)
         self._xp = namespace(torch.empty(0))  # the estimates' array-API namespace
         self.steps = 0
         self.refreshes = 0
@@ -189,7 +190,7 @@ class Preconditioner:
                 self.estimator, self.decay, **self._running_kw) for k in blocks}
             if self.group is None:
                 estimates = {k: running[k].update(F) for k, F in blocks.items()}
-                inverses = {k: est.inverse(lam, self.damping_method) for k, est in estimates.items()}
+                inverses = {k: _inverse(est, lam, self.damping_method) for k, est in estimates.items()}
                 self.inverted_here = list(inverses)
             else:
                 from .distributed import spread_inverses
@@ -204,7 +205,10 @@ class Preconditioner:
         if not self._running:
             raise RuntimeError("no estimate yet: the first step needs the batch")
         if self._params is None:  # per block (spec, weight, bias), kept until the next refresh
-            specs = _specs_by_key(self.model)
+            modules = tuple((name, id(mod)) for name, mod in self.model.named_modules())
+            if self._specs is None or self._specs[0] != modules:  # the model's layers changed
+                self._specs = (modules, _specs_by_key(self.model))
+            specs = self._specs[1]
             self._params = {k: (specs[k], self.model.get_parameter(specs[k].weight),
                                 None if specs[k].bias is None else self.model.get_parameter(specs[k].bias))
                             for k in self._inverses}
@@ -265,6 +269,14 @@ class Preconditioner:
     def __repr__(self) -> str:
         return (f"Preconditioner(estimator={self.estimator!r}, fisher={self.fisher!r}, "
                 f"update_every={self.update_every}, blocks={len(self._running)}, steps={self.steps})")
+
+
+def _inverse(est: Any, lam: float, method: str) -> Any:
+    """The cached damped inverse of a running estimate (made by the library: symmetric, finite)."""
+    from .._inverse import KronInverse
+    from .._kron import Kron
+
+    return KronInverse._of_estimate(est, lam, method) if isinstance(est, Kron) else est.inverse(lam, method)
 
 
 def _positive(name: str, value: Any) -> None:
