@@ -86,7 +86,7 @@ class MethodChoice:
 # per entry of a K×K matrix for what is memory-bound there (the Hadamard squares and
 # scaling, once, and two K×K matrix-vector products per Lanczos step), and per call.
 _SEC_PER_GEMM_MAC = 1.0e-10
-_SEC_PER_CONTRACTION_MAC = 1.5e-10
+_SEC_PER_CONTRACTION_MAC = 6e-11
 _SEC_PER_GRAM_ENTRY = 8e-9
 _SEC_PER_GRAM_ENTRY_STEP = 1.6e-9
 _SEC_PER_CALL = 5e-5  # Python and dispatch per contraction, or per call of the Gram solver
@@ -117,6 +117,8 @@ def _costs(F: KronSum) -> dict:
     if F.dtype == F.xp.float32:  # float32 halves the products; the numba Gram route is float64
         lanczos /= 2
         gram -= (build + finish) * _SEC_PER_GEMM_MAC / 2
+    elif _float32_iterations(F):  # float64 inputs, Lanczos iterating on a float32 copy
+        lanczos /= 2
     gram += _SEC_PER_CALL + (0 if numba_enabled(F.xp, F.weights) else its * _SEC_PER_GRAM_STEP_CALL)
     lanczos += (2 * its + 2) * _SEC_PER_CALL
     return {"gram": gram, "lanczos": lanczos}
@@ -142,7 +144,7 @@ def _conv_costs(F: KronSum) -> dict:
         return K * cost
 
     lanczos = (its + 1) * (contraction(m, n) + contraction(n, m)) * _SEC_PER_CONTRACTION_MAC
-    if F.dtype == F.xp.float32 or K * T * (m * m + n * n) >= 1 << 26:  # float32 iterations
+    if F.dtype == F.xp.float32 or _float32_iterations(F):  # float32 iterations
         lanczos /= 2
     lanczos += (2 * its + 2) * _SEC_PER_CALL
     return {"gram": gram, "lanczos": lanczos}
@@ -473,15 +475,21 @@ def _low_image_error(Fn: KronSum) -> float:
     return 64 * float(Fn.xp.finfo(Fn.xp.float32).eps)
 
 
+def _float32_iterations(F: KronSum) -> bool:
+    """Whether Lanczos on the contractions of float64 ``F`` iterates in float32 under the
+    default (accuracy) rule: contractions of at least 2²⁶ multiply-adds (below, the copy and
+    the float64 check cost more than the float32 steps save), not Dask (whose contractions are
+    bound by the map-reduce, not the arithmetic), and ``mixed_precision`` on."""
+    xp = F.xp
+    large = F.num_terms * F.num_positions * (F.m * F.m + F.n * F.n) >= 1 << 26
+    return (large and F.dtype == xp.float64 and not is_dask_namespace(xp)
+            and get_config()["mixed_precision"])
+
+
 def _mixed_precision(Fn: KronSum, stop: Stop) -> bool:
     """Whether Lanczos on the contractions iterates in float32 (:func:`kronsum._eigen.lanczos_two_precision`):
-    float64 inputs under the accuracy rule, contractions of at least 2²⁶ multiply-adds
-    (below, the copy and the float64 check cost more than the float32 steps save), not Dask
-    (whose contractions are bound by the map-reduce, not the arithmetic)."""
-    xp = Fn.xp
-    large = Fn.num_terms * Fn.num_positions * (Fn.m * Fn.m + Fn.n * Fn.n) >= 1 << 26
-    return (large and stop.accuracy is not None and Fn.dtype == xp.float64
-            and not is_dask_namespace(xp) and get_config()["mixed_precision"])
+    :func:`_float32_iterations`, under the accuracy rule."""
+    return stop.accuracy is not None and _float32_iterations(Fn)
 
 
 def _gram_start(Fn: KronSum, init, seed) -> Array:
