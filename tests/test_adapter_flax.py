@@ -38,6 +38,21 @@ class CNN(nn.Module):
         return nn.Dense(3)(h.reshape(h.shape[0], -1))
 
 
+class CNN1D(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        h = nn.relu(nn.Conv(4, (3,), strides=2, padding="SAME")(x))
+        h = nn.relu(nn.Conv(3, 2, padding="VALID", kernel_dilation=2, use_bias=False)(h))
+        return nn.Dense(3)(h.reshape(h.shape[0], -1))
+
+
+class CNN3D(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        h = nn.tanh(nn.Conv(3, (2, 2, 2), strides=(1, 2, 1), padding=((1, 0), (0, 1), 1))(x))
+        return nn.Dense(3)(h.reshape(h.shape[0], -1))
+
+
 def _setup(model, shape, n=12, seed=0):
     k1, k2, k3 = jax.random.split(jax.random.PRNGKey(seed), 3)
     X = jax.random.normal(k1, (n,) + shape, dtype=jnp.float64)
@@ -58,7 +73,8 @@ def _per_sample_fisher(model, variables, X, y, path):
     for k in path:
         layer = layer[k]
     K = layer["kernel"]
-    V = jnp.swapaxes(K, 1, 2) if K.ndim == 3 else jnp.reshape(jnp.transpose(K, (0, 4, 3, 1, 2)), (K.shape[0], K.shape[-1], -1))
+    d = K.ndim - 3  # spatial axes of a conv kernel (N, k…, in, out); 0 for dense (N, in, out)
+    V = jnp.reshape(jnp.transpose(K, (0, d + 2, d + 1, *range(1, d + 1))), (K.shape[0], K.shape[-1], -1))
     if "bias" in layer:
         V = jnp.concatenate([V, layer["bias"][..., None]], axis=-1)
     V = jnp.reshape(V, (V.shape[0], -1))
@@ -68,6 +84,8 @@ def _per_sample_fisher(model, variables, X, y, path):
 @pytest.mark.parametrize("model,shape,paths", [
     (MLP(), (4,), {"block/inner": ("block", "inner"), "Dense_0": ("Dense_0",), "Dense_1": ("Dense_1",)}),
     (CNN(), (6, 6, 2), {"Conv_0": ("Conv_0",), "Conv_1": ("Conv_1",), "Dense_0": ("Dense_0",)}),
+    (CNN1D(), (11, 2), {"Conv_0": ("Conv_0",), "Conv_1": ("Conv_1",), "Dense_0": ("Dense_0",)}),
+    (CNN3D(), (3, 4, 3, 2), {"Conv_0": ("Conv_0",), "Dense_0": ("Dense_0",)}),
 ])
 def test_blocks_are_the_per_sample_fisher(model, shape, paths):
     X, y, variables = _setup(model, shape)
@@ -79,6 +97,43 @@ def test_blocks_are_the_per_sample_fisher(model, shape, paths):
         ref = _per_sample_fisher(model, variables, X, y, path)
         np.testing.assert_allclose(np.asarray(blocks[name].to_dense()), np.asarray(ref),
                                    rtol=1e-10, atol=1e-12 * float(jnp.abs(ref).max()))
+
+
+@pytest.mark.parametrize("model,shape", [(CNN1D(), (11, 2)), (CNN3D(), (3, 4, 3, 2))])
+def test_preconditioner_rewrites_1d_and_3d_conv_kernels(model, shape):
+    X, y, variables = _setup(model, shape, n=16)
+    pre = Preconditioner(flax_apply(model), estimator="kfac", fisher="exact")
+    pre.refresh(variables, X, y)
+    g = jax.tree_util.tree_map(lambda a: jax.random.normal(jax.random.PRNGKey(a.size), a.shape, a.dtype),
+                               variables)
+    tx = pre.transform(0.1)
+    out, _ = tx.update(g, tx.init(variables), curvature=pre.curvature())
+    K, b, Ko = (g["params"]["Conv_0"]["kernel"], g["params"]["Conv_0"]["bias"],
+                out["params"]["Conv_0"]["kernel"])
+    d = K.ndim - 2
+
+    def view(kernel):  # (k…, in, out) → (out, in·∏k), input channel major
+        return jnp.reshape(jnp.transpose(kernel, (d + 1, d, *range(d))), (kernel.shape[-1], -1))
+
+    V = jnp.concatenate([view(K), b[:, None]], axis=1)
+    P = pre.estimates["Conv_0"].solve(V, 0.1)
+    np.testing.assert_allclose(view(Ko), P[:, :-1], rtol=1e-9)
+    np.testing.assert_allclose(out["params"]["Conv_0"]["bias"], P[:, -1], rtol=1e-9)
+
+
+def test_tape_conv_rejects_mismatched_shapes_and_options():
+    x, k = jnp.ones((2, 5, 3)), jnp.ones((2, 3, 4))
+    assert PLAIN.conv("c", x, k).shape == (2, 4, 4)
+    with pytest.raises(ValueError, match=r"layer 'c': conv takes x"):
+        PLAIN.conv("c", jnp.ones((2, 5, 5, 3)), k)  # 2-D input, 1-D kernel
+    with pytest.raises(ValueError, match=r"layer 'c': conv takes x"):
+        PLAIN.conv("c", x, jnp.ones((2, 2, 4)))  # 2 input channels in the kernel, 3 in x
+    with pytest.raises(ValueError, match=r"stride must be an int or 1 ints"):
+        PLAIN.conv("c", x, k, stride=(1, 2))
+    with pytest.raises(ValueError, match=r"padding must be a string, an int or 1 ints"):
+        PLAIN.conv("c", x, k, padding=((1, 1), (0, 0)))
+    with pytest.raises(ValueError, match=r"conv2d takes an HWIO kernel"):
+        PLAIN.conv2d("c", x, k)
 
 
 def test_layers_left_to_flax_are_reported():
@@ -114,8 +169,8 @@ def test_preconditioner_on_flax_variables():
 
 def test_unchanged_outputs_with_flax_dtype_rules_and_fallbacks():
     """Float32 parameters with float64 inputs, a bfloat16 layer, a 1-D conv with an int kernel
-    size and a masked conv: the plain pass is Flax's own, dtype included; the layers the tape
-    does not compute are left to Flax and named."""
+    size (through the tape) and a masked conv: the plain pass is Flax's own, dtype included;
+    the layers the tape does not compute are left to Flax and named."""
     class Mixed(nn.Module):
         @nn.compact
         def __call__(self, x):
@@ -129,8 +184,9 @@ def test_unchanged_outputs_with_flax_dtype_rules_and_fallbacks():
     X = jax.random.normal(jax.random.PRNGKey(0), (5, 6, 6, 2), dtype=jnp.float64)
     variables = model.init(jax.random.PRNGKey(1), X)  # float32 parameters
     apply = flax_apply(model)
-    with pytest.warns(UserWarning, match=r"Conv_1 \(Conv\).*Conv_2 \(Conv\)"):
+    with pytest.warns(UserWarning, match=r"Conv_2 \(Conv\)") as record:
         out = apply(variables, X, PLAIN)
+    assert not any("Conv_1" in str(w.message) for w in record)
     ref = model.apply(variables, X)
     assert out.dtype == ref.dtype == jnp.bfloat16
     np.testing.assert_array_equal(np.asarray(out, np.float32), np.asarray(ref, np.float32))

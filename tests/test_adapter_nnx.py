@@ -52,6 +52,18 @@ class CNN(nnx.Module):
         return self.head(h.reshape(h.shape[0], -1))
 
 
+class CNN1D(nnx.Module):  # 1-D and 3-D convolutions route as 2-D ones do
+    def __init__(self, rngs):
+        self.c1 = nnx.Conv(2, 4, (3,), strides=2, padding="SAME", rngs=rngs, **F64)
+        self.c3 = nnx.Conv(1, 2, (2, 2, 2), padding="VALID", kernel_dilation=(1, 2, 1), rngs=rngs, **F64)
+        self.head = nnx.Linear(4 * 6 + 2 * 2 * 1 * 2, 3, rngs=rngs, **F64)
+
+    def __call__(self, x):
+        h = jax.nn.relu(self.c1(x))  # x (N, 12, 2)
+        v = jnp.tanh(self.c3(jnp.reshape(x, (x.shape[0], 3, 4, 2, 1))))  # (N, 2, 2, 1, 2)
+        return self.head(jnp.concatenate([h.reshape(h.shape[0], -1), v.reshape(v.shape[0], -1)], axis=1))
+
+
 def _setup(cls, shape, n=12, seed=0):
     k1, k2 = jax.random.split(jax.random.PRNGKey(seed))
     X = jax.random.normal(k1, (n,) + shape, dtype=jnp.float64)
@@ -74,8 +86,8 @@ def _per_sample_fisher(model, X, y, path):
     for k in path:
         layer = layer[k]
     K = layer["kernel"][...]
-    V = jnp.swapaxes(K, 1, 2) if K.ndim == 3 else jnp.reshape(
-        jnp.transpose(K, (0, 4, 3, 1, 2)), (K.shape[0], K.shape[-1], -1))
+    d = K.ndim - 3  # spatial axes of a conv kernel (N, k…, in, out); 0 for dense (N, in, out)
+    V = jnp.reshape(jnp.transpose(K, (0, d + 2, d + 1, *range(1, d + 1))), (K.shape[0], K.shape[-1], -1))
     if "bias" in layer:
         V = jnp.concatenate([V, layer["bias"][...][..., None]], axis=-1)
     V = jnp.reshape(V, (V.shape[0], -1))
@@ -86,6 +98,7 @@ def _per_sample_fisher(model, X, y, path):
     (MLP, (4,), {"block/inner": ("block", "inner"), "layers/0": ("layers", 0),
                  "layers/1": ("layers", 1)}),
     (CNN, (6, 6, 2), {"c1": ("c1",), "c2": ("c2",), "head": ("head",)}),
+    (CNN1D, (12, 2), {"c1": ("c1",), "c3": ("c3",), "head": ("head",)}),
 ])
 def test_blocks_are_the_per_sample_fisher(cls, shape, paths):
     model, X, y = _setup(cls, shape)

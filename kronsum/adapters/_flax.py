@@ -15,15 +15,15 @@ def flax_apply(module: Any) -> Callable[[Any, Any, Any], Any]:
     (``"Dense_0"``, ``"block/Conv_1"``, ``"MultiHeadDotProductAttention_0/query"``):
     ``nn.Dense`` and ``nn.DenseGeneral`` contracting trailing axes without ``batch_dims``
     (``tape.dense``, a general kernel ``(in…, out…)`` as the ``(∏in, ∏out)`` matrix it is),
-    2-D ``nn.Conv`` (NHWC, ``feature_group_count=1``, padding ``"SAME"``, ``"VALID"``, an int
-    or pairs; ``tape.conv2d``), all with the default product (no custom ``dot_general`` /
+    1-, 2- and 3-D ``nn.Conv`` on batched channels-last inputs (``feature_group_count=1``,
+    padding ``"SAME"``, ``"VALID"``, an int or pairs; ``tape.conv``), all with the default product (no custom ``dot_general`` /
     ``conv_general_dilated``, default ``precision``, no ``mask``); ``nn.Embed`` on integer ids
     (``tape.embed``); ``nn.LayerNorm`` and ``nn.RMSNorm`` over the last axis (``tape.norm``,
     the normalised input recomputed as Flax computes it). With :data:`PLAIN` the result is
     ``module.apply(variables, inputs)`` (to rounding); with
     :func:`~kronsum.adapters.jax.collect` each such layer gets its block, in Flax's layout
-    (:class:`~kronsum.adapters.jax.Tape`). Other layers with parameters (grouped, 1-D, 3-D,
-    masked or circular convolutions, ``BatchNorm``, ``GroupNorm``) are computed by Flax and get
+    (:class:`~kronsum.adapters.jax.Tape`). Other layers with parameters (grouped, masked,
+    circular or causal convolutions, unbatched inputs, ``BatchNorm``, ``GroupNorm``) are computed by Flax and get
     no block; a ``UserWarning`` names them once per ``apply`` function. A layer called twice in one pass
     (a shared module) is refused by ``collect`` (``RuntimeError``): one block per call site
     would be a different matrix; so is an ``nn.Embed`` whose table also serves ``attend``
@@ -67,10 +67,11 @@ def flax_apply(module: Any) -> Callable[[Any, Any, Any], Any]:
             if type(mod) is nn.Dense and _plain(mod):
                 x, kernel, bias = _promoted(mod, args[0])
                 return tape.dense(name, x, kernel, bias)
-            if type(mod) is nn.Conv and _plain(mod) and _conv2d_ok(mod, args[0]):
+            if type(mod) is nn.Conv and _plain(mod) and _conv_ok(mod.kernel_size, mod.feature_group_count,
+                                                                 mod.padding, mod.input_dilation, args[0]):
                 x, kernel, bias = _promoted(mod, args[0])
-                return tape.conv2d(name, x, kernel, bias, stride=mod.strides or 1,
-                                   padding=_padding(mod.padding), dilation=mod.kernel_dilation or 1)
+                return tape.conv(name, x, kernel, bias, stride=mod.strides or 1,
+                                 padding=_padding(mod.padding), dilation=mod.kernel_dilation or 1)
             if type(mod) is nn.DenseGeneral and _plain(mod) and not tuple(mod.batch_dims):
                 k = _trailing(mod.axis, getattr(args[0], "ndim", 0))
                 if k is not None:
@@ -129,12 +130,13 @@ def _promoted(mod: Any, x: Any) -> tuple:
     return tuple(mod.promote_dtype(x, p["kernel"], p.get("bias"), dtype=mod.dtype))
 
 
-def _conv2d_ok(mod: Any, x: Any) -> bool:
-    ks = mod.kernel_size
-    ks = (ks,) if isinstance(ks, int) else tuple(ks)
-    return (len(ks) == 2 and getattr(x, "ndim", 0) == 4 and mod.feature_group_count == 1
-            and not (isinstance(mod.padding, str) and mod.padding.upper() not in ("SAME", "VALID"))
-            and (mod.input_dilation in (None, 1) or tuple(mod.input_dilation) == (1, 1)))
+def _conv_ok(kernel_size: Any, groups: int, padding: Any, input_dilation: Any, x: Any) -> bool:
+    """A Flax (linen or NNX) ``Conv`` that ``tape.conv`` computes: 1 to 3 spatial axes and a
+    batch axis, no feature groups, ``"SAME"``/``"VALID"``/explicit padding, no input dilation."""
+    ks = (kernel_size,) if isinstance(kernel_size, int) else tuple(kernel_size)
+    return (1 <= len(ks) <= 3 and getattr(x, "ndim", 0) == len(ks) + 2 and groups == 1
+            and not (isinstance(padding, str) and padding.upper() not in ("SAME", "VALID"))
+            and (input_dilation in (None, 1) or all(int(v) == 1 for v in input_dilation)))
 
 
 def _padding(p: Any) -> Any:
@@ -151,7 +153,7 @@ def nnx_apply(model: Any) -> Callable[[Any, Any, Any], Any]:
     module's graph and its other variables (batch statistics, RNG state) as they were when
     ``nnx_apply`` was called (pass the full ``nnx.state(model)`` to use newer ones), and calls
     the module. The NNX counterparts of the layers :func:`flax_apply` routes — ``nnx.Linear``,
-    ``nnx.LinearGeneral`` (so ``nnx.MultiHeadAttention``'s projections), 2-D ``nnx.Conv``,
+    ``nnx.LinearGeneral`` (so ``nnx.MultiHeadAttention``'s projections), 1- to 3-D ``nnx.Conv``,
     ``nnx.Embed``, ``nnx.LayerNorm``, ``nnx.RMSNorm``, on the same conditions (no
     ``preferred_element_type``, no ``out_sharding``) — go through the tape, named by their
     attribute path joined with ``"/"`` (``"linear1"``, ``"blocks/0"``, ``"attn/query"``). Other
@@ -254,15 +256,6 @@ def _nnx_promoted(mod: Any, x: Any) -> tuple:
     return tuple(mod.promote_dtype((x, kernel, bias), dtype=mod.dtype))
 
 
-def _nnx_conv2d_ok(mod: Any, x: Any) -> bool:
-    ks = tuple(mod.kernel_size)
-    dil = mod.input_dilation
-    pad = mod.padding
-    return (len(ks) == 2 and getattr(x, "ndim", 0) == 4 and mod.feature_group_count == 1
-            and not (isinstance(pad, str) and pad.upper() not in ("SAME", "VALID"))
-            and (dil in (None, 1) or tuple(dil) == (1, 1)))
-
-
 def _nnx_routes(nnx: Any) -> dict:
     """NNX layer class → ``route(module, inputs, name, tape)``, the tape's output or None (the
     layer is left to NNX)."""
@@ -274,11 +267,12 @@ def _nnx_routes(nnx: Any) -> dict:
         return tape.dense(name, x, kernel, bias)
 
     def conv(mod, x, name, tape):
-        if not (_nnx_plain(mod) and _nnx_conv2d_ok(mod, x)):
+        if not (_nnx_plain(mod) and _conv_ok(mod.kernel_size, mod.feature_group_count, mod.padding,
+                                             mod.input_dilation, x)):
             return None
         x, kernel, bias = _nnx_promoted(mod, x)
-        return tape.conv2d(name, x, kernel, bias, stride=mod.strides or 1,
-                           padding=_padding(mod.padding), dilation=mod.kernel_dilation or 1)
+        return tape.conv(name, x, kernel, bias, stride=mod.strides or 1,
+                         padding=_padding(mod.padding), dilation=mod.kernel_dilation or 1)
 
     def general(mod, x, name, tape):
         k = _trailing(mod.axis, getattr(x, "ndim", 0))

@@ -81,8 +81,8 @@ class Preconditioner:
     Notes
     -----
     Layouts are the JAX adapter's: a dense kernel ``(in, out)`` has the block of ``kernel.T``
-    with the bias as the last column; a conv kernel ``(kh, kw, in, out)`` that of
-    ``kernel.transpose(3, 2, 0, 1).reshape(out, -1)``. The damping enters exactly
+    with the bias as the last column; a conv kernel ``(k…, in, out)`` that of its
+    ``(out, in·∏k)`` view (2-D: ``kernel.transpose(3, 2, 0, 1).reshape(out, -1)``). The damping enters exactly
     (``E + λ``); ``damping`` may be a schedule ``λ(count)`` (optax style, ``count`` the number
     of ``update`` calls). Cost per refresh: ``collect`` and the estimator per block and two
     eigendecompositions (``m³ + n³``); per update: four GEMMs per block (``O(mn(m + n))``).
@@ -324,13 +324,14 @@ def _block(name, leaves, kpath, bpath, layout, cur) -> Any:
         V = jnp.stack([leaves[p] for p in (kpath, bpath) if p is not None], axis=1)
     else:
         K = leaves[kpath]
-        if layout == "conv" or (layout is None and K.ndim == 4):
-            V = jnp.reshape(jnp.transpose(K, (3, 2, 0, 1)), (K.shape[3], -1))
+        if layout == "conv" or (layout is None and K.ndim == 4):  # (k…, in, out) → (out, in·∏k)
+            d = K.ndim - 2
+            V = jnp.reshape(jnp.transpose(K, (d + 1, d, *range(d))), (K.shape[-1], -1))
         elif K.ndim >= 2 and K.size % m == 0 and (layout is not None or K.ndim == 2):
             V = jnp.reshape(K, (-1, m)).T
         else:
             raise ValueError(f"layer {name!r}: a kernel of shape {K.shape} is neither dense "
-                             f"(in, out) nor conv (kh, kw, in, out) for a ({m}, {n}) block")
+                             f"(in, out) nor conv (k…, in, out) for a ({m}, {n}) block")
         if bpath is not None:
             V = jnp.concatenate([V, jnp.reshape(leaves[bpath], (-1, 1))], axis=1)
     if V.shape != (m, n):
@@ -347,8 +348,9 @@ def _unblock(P, leaves, kpath, bpath, layout) -> dict:
     cols = P.shape[1] - (bpath is not None)
     Pw = P[:, :cols]
     if layout == "conv" or (layout is None and K.ndim == 4):
-        kh, kw, cin, cout = K.shape
-        kernel = jnp.transpose(jnp.reshape(Pw, (cout, cin, kh, kw)), (2, 3, 1, 0))
+        d = K.ndim - 2
+        cin, cout = K.shape[-2:]
+        kernel = jnp.transpose(jnp.reshape(Pw, (cout, cin, *K.shape[:d])), (*range(2, d + 2), 1, 0))
     else:
         kernel = jnp.reshape(Pw.T, K.shape)
     out = {kpath: kernel}

@@ -13,10 +13,11 @@ layer's pre-activation and keeps the layer's inputs; one ``jax.vjp`` with respec
 perturbations, vmapped over the output-gradient terms, gives the gradients with respect to the
 pre-activations — no parameter gradient is formed.
 
-Layouts are Flax's: a dense ``kernel`` is ``(in, out)``, a conv ``kernel`` ``(kh, kw, in, out)``
-(HWIO) with NHWC images. The blocks follow kronsum's conventions for the weight **stored
-(out, in)**, i.e. ``kernel.T`` for dense and ``kernel.transpose(3, 2, 0, 1).reshape(out, -1)``
-for conv (input channel major, then kh, kw), with the bias as an extra last column:
+Layouts are Flax's: a dense ``kernel`` is ``(in, out)``, a conv ``kernel`` ``(k…, in, out)``
+(WIO, HWIO, DHWIO) with channels-last inputs (NWC, NHWC, NDHWC). The blocks follow kronsum's
+conventions for the weight **stored (out, in)**, i.e. ``kernel.T`` for dense and, for a 2-D
+conv, ``kernel.transpose(3, 2, 0, 1).reshape(out, -1)`` (input channel major, then kh, kw;
+1-D and 3-D alike), with the bias as an extra last column:
 gradient-side ⊗ activation-side in row-major vec. The Fisher types and the reduction weights are
 those of :mod:`kronsum.adapters.torch`: ``loss="cross_entropy"`` (integer labels) or ``"mse"``
 (``ℓ_n = ‖f_n − y_n‖²``, Fisher ``Σ 2 JᵀJ``), ``reduction="sum"`` or ``"mean"`` (``1/N`` for
@@ -61,7 +62,7 @@ __all__ = ["FISHER_TYPES", "PLAIN", "LayerCurvature", "Preconditioner", "Tape", 
 
 #: The Fisher types :func:`collect` knows.
 FISHER_TYPES = ("mc", "empirical", "exact")
-_DN = ("NHWC", "HWIO", "NHWC")
+_SPATIAL = {1: "W", 2: "HW", 3: "DHW"}  # the spatial axes' letters of 1-, 2- and 3-D convolutions
 
 
 def _require_jax() -> None:
@@ -69,16 +70,27 @@ def _require_jax() -> None:
         raise ImportError("kronsum.adapters.jax needs JAX; install it with `pip install 'kronsum[jax]'`")
 
 
-def _pair(v: Any) -> tuple[int, int]:
-    return (int(v), int(v)) if isinstance(v, int) else (int(v[0]), int(v[1]))
+def _ints(v: Any, d: int, what: str, name: str) -> tuple[int, ...]:
+    """An int or ``d`` ints as a ``d``-tuple (a convolution's stride or dilation)."""
+    out = (int(v),) * d if isinstance(v, int) else tuple(int(a) for a in v)
+    if len(out) != d:
+        raise ValueError(f"layer {name!r}: {what} must be an int or {d} ints for a {d}-D "
+                         f"convolution, got {v!r}")
+    return out
 
 
-def _padding(p: Any) -> Any:
+def _padding(p: Any, d: int, name: str) -> Any:
+    """``"SAME"``/``"VALID"``, or ``d`` ``(low, high)`` pairs, from a string, an int, or ``d``
+    ints or pairs."""
     if isinstance(p, str):
         return p.upper()
     if isinstance(p, int):
-        return ((p, p), (p, p))
-    return tuple((int(a), int(a)) if isinstance(a, int) else (int(a[0]), int(a[1])) for a in p)
+        return ((p, p),) * d
+    out = tuple((int(a), int(a)) if isinstance(a, int) else (int(a[0]), int(a[1])) for a in p)
+    if len(out) != d:
+        raise ValueError(f"layer {name!r}: padding must be a string, an int or {d} ints or "
+                         f"pairs for a {d}-D convolution, got {p!r}")
+    return out
 
 
 class Tape:
@@ -86,9 +98,13 @@ class Tape:
 
     ``dense(name, x, kernel, bias=None)``: ``x @ kernel + bias`` for ``x`` (N, ..., in) and
     ``kernel`` (in, out).
-    ``conv2d(name, x, kernel, bias=None, *, stride=1, padding=0, dilation=1)``: a 2-D
-    convolution of NHWC ``x`` with an HWIO ``kernel``; ``padding`` an int, pairs, ``"SAME"`` or
-    ``"VALID"`` (as :func:`jax.lax.conv_general_dilated`).
+    ``conv(name, x, kernel, bias=None, *, stride=1, padding=0, dilation=1)``: a 1-, 2- or 3-D
+    convolution of channels-last ``x`` (``(N, W, C)``, ``(N, H, W, C)``, ``(N, D, H, W, C)``)
+    with a ``kernel`` of shape ``(k…, in, out)`` (Flax's WIO, HWIO, DHWIO); ``stride`` and
+    ``dilation`` an int or one per spatial axis, ``padding`` an int, one int or pair per axis,
+    ``"SAME"`` or ``"VALID"`` (as :func:`jax.lax.conv_general_dilated`). Its block is for the
+    kernel viewed ``(out, in·∏k)``, input channel major. ``conv2d(...)``: the same for a 2-D
+    kernel.
     ``embed(name, ids, table)``: ``table[ids]`` for integer ``ids`` (N, ...) and ``table``
     (num, dim): a dense layer of one-hot inputs whose kernel is ``table``, so its block is for
     ``table.T`` (``dim × num``, ``num × num`` activation factors).
@@ -108,15 +124,30 @@ class Tape:
             y = y + bias
         return self._out(name, y, "dense", (x, bias is not None))
 
-    def conv2d(self, name: str, x: Any, kernel: Any, bias: Any = None, *, stride: Any = 1,
-               padding: Any = 0, dilation: Any = 1) -> Any:
-        stride, dilation, padding = _pair(stride), _pair(dilation), _padding(padding)
+    def conv(self, name: str, x: Any, kernel: Any, bias: Any = None, *, stride: Any = 1,
+             padding: Any = 0, dilation: Any = 1) -> Any:
+        d = jnp.ndim(kernel) - 2
+        if d not in _SPATIAL or jnp.ndim(x) != d + 2 or jnp.shape(x)[-1] != jnp.shape(kernel)[-2]:
+            raise ValueError(f"layer {name!r}: conv takes x (N, spatial…, in) with 1 to 3 spatial "
+                             f"axes and a kernel (k…, in, out) of as many, got x {jnp.shape(x)} and "
+                             f"kernel {jnp.shape(kernel)}")
+        stride, dilation = _ints(stride, d, "stride", name), _ints(dilation, d, "dilation", name)
+        padding = _padding(padding, d, name)
+        sp = _SPATIAL[d]
         y = lax.conv_general_dilated(x, kernel, window_strides=stride, padding=padding,
-                                     rhs_dilation=dilation, dimension_numbers=_DN)
+                                     rhs_dilation=dilation,
+                                     dimension_numbers=("N" + sp + "C", sp + "IO", "N" + sp + "C"))
         if bias is not None:
             y = y + bias
-        conv = (x, kernel.shape[:2], stride, padding, dilation)
+        conv = (x, tuple(kernel.shape[:d]), stride, padding, dilation, sp)
         return self._out(name, y, "conv", (conv, bias is not None))
+
+    def conv2d(self, name: str, x: Any, kernel: Any, bias: Any = None, *, stride: Any = 1,
+               padding: Any = 0, dilation: Any = 1) -> Any:
+        if jnp.ndim(kernel) != 4:
+            raise ValueError(f"layer {name!r}: conv2d takes an HWIO kernel (kh, kw, in, out), got "
+                             f"shape {jnp.shape(kernel)}; use tape.conv for 1-D and 3-D kernels")
+        return self.conv(name, x, kernel, bias, stride=stride, padding=padding, dilation=dilation)
 
     def embed(self, name: str, ids: Any, table: Any) -> Any:
         if not jnp.issubdtype(jnp.result_type(ids), jnp.integer):
@@ -181,10 +212,10 @@ class _RecordingTape(Tape):
             x = payload
             A = jnp.reshape(x, (x.shape[0], -1, x.shape[-1]))  # (N, T, in)
         else:
-            x, ksize, stride, padding, dilation = payload
-            P = lax.conv_general_dilated_patches(
+            x, ksize, stride, padding, dilation, sp = payload
+            P = lax.conv_general_dilated_patches(  # (N, out positions…, in·∏k), in major
                 x, ksize, stride, padding, rhs_dilation=dilation,
-                dimension_numbers=("NHWC", "OIHW", "NHWC"))  # (N, oh, ow, in·kh·kw), in major
+                dimension_numbers=("N" + sp + "C", "OI" + sp, "N" + sp + "C"))
             A = jnp.reshape(P, (P.shape[0], -1, P.shape[-1]))
         if has_bias:
             A = jnp.concatenate([A, jnp.ones(A.shape[:-1] + (1,), A.dtype)], axis=-1)
@@ -306,7 +337,7 @@ def collect(
     ----------
     apply : callable
         ``apply(params, inputs, tape) -> outputs``, ``(N, C)`` logits or ``(N, ...)``
-        predictions; its layers go through ``tape.dense`` / ``tape.conv2d`` (see :class:`Tape`).
+        predictions; its layers go through ``tape.dense`` / ``tape.conv`` (see :class:`Tape`).
         Names must be unique within a pass.
     params : pytree
         Passed through to ``apply``.
@@ -383,7 +414,7 @@ def _collect(
     shape_tape = _ShapeTape()
     shape_tape.out_shape = jax.eval_shape(lambda p, x: apply(p, x, shape_tape), params, inputs).shape
     if not shape_tape.shapes:
-        raise ValueError("apply called no tape layer (dense, conv2d, embed, norm)")
+        raise ValueError("apply called no tape layer (dense, conv, conv2d, embed, norm)")
     out_shape = tuple(shape_tape.out_shape)
     if loss == "cross_entropy" and len(out_shape) != 2:
         raise ValueError(f"cross_entropy: the model output must be (N, C), got {out_shape}")
