@@ -121,6 +121,67 @@ def test_preconditioner_rewrites_1d_and_3d_conv_kernels(model, shape):
     np.testing.assert_allclose(out["params"]["Conv_0"]["bias"], P[:, -1], rtol=1e-9)
 
 
+class Grouped(nn.Module):
+    @nn.compact
+    def __call__(self, x):  # x (N, 5, 5, 4)
+        h = nn.relu(nn.Conv(6, (3, 3), feature_group_count=2, padding="SAME")(x))
+        h = nn.tanh(nn.Conv(6, (2,), feature_group_count=6, use_bias=False)(h.reshape(h.shape[0], 25, 6)))
+        return nn.Dense(3)(h.reshape(h.shape[0], -1))  # depthwise 1-D conv above
+
+
+def _group_fisher(model, variables, X, y, layer_name, i, groups):
+    """The per-sample Fisher of group ``i`` of a grouped conv: its output channels' kernel
+    slice viewed (out/groups, in/groups·∏k), its bias slice last."""
+    def loss(v, x, t):
+        return -jax.nn.log_softmax(model.apply(v, x[None])[0])[t]
+
+    layer = jax.vmap(jax.grad(loss), in_axes=(None, 0, 0))(variables, X, y)["params"][layer_name]
+    K = layer["kernel"]
+    og = K.shape[-1] // groups
+    K = K[..., i * og:(i + 1) * og]
+    d = K.ndim - 3
+    V = jnp.reshape(jnp.transpose(K, (0, d + 2, d + 1, *range(1, d + 1))), (K.shape[0], og, -1))
+    if "bias" in layer:
+        V = jnp.concatenate([V, layer["bias"][:, i * og:(i + 1) * og, None]], axis=-1)
+    V = jnp.reshape(V, (V.shape[0], -1))
+    return V.T @ V
+
+
+def test_grouped_and_depthwise_convs_have_one_block_per_group():
+    model = Grouped()
+    X, y, variables = _setup(model, (5, 5, 4))
+    apply = flax_apply(model)
+    np.testing.assert_allclose(apply(variables, X, PLAIN), model.apply(variables, X), rtol=1e-12)
+    blocks = collect(apply, variables, X, y, fisher="empirical", reduction="sum")
+    assert set(blocks) == {"Conv_0[0]", "Conv_0[1]", "Dense_0"} | {f"Conv_1[{i}]" for i in range(6)}
+    assert (blocks["Conv_0[1]"].m, blocks["Conv_0[1]"].n) == (3, 2 * 9 + 1)
+    assert (blocks["Conv_1[5]"].m, blocks["Conv_1[5]"].n) == (1, 2)
+    for layer, groups in (("Conv_0", 2), ("Conv_1", 6)):
+        for i in (0, groups - 1):
+            ref = _group_fisher(model, variables, X, y, layer, i, groups)
+            np.testing.assert_allclose(np.asarray(blocks[f"{layer}[{i}]"].to_dense()), np.asarray(ref),
+                                       rtol=1e-10, atol=1e-12 * float(jnp.abs(ref).max()))
+    # the optax preconditioner solves each group against its own estimate
+    pre = Preconditioner(apply, estimator="kfac", fisher="exact")
+    pre.refresh(variables, X, y)
+    g = jax.tree_util.tree_map(lambda a: jax.random.normal(jax.random.PRNGKey(a.size), a.shape, a.dtype),
+                               variables)
+    tx = pre.transform(0.1)
+    out, _ = tx.update(g, tx.init(variables), curvature=pre.curvature())
+    K, b = g["params"]["Conv_0"]["kernel"], g["params"]["Conv_0"]["bias"]
+    Ko, bo = out["params"]["Conv_0"]["kernel"], out["params"]["Conv_0"]["bias"]
+    for i in range(2):
+        sl = slice(3 * i, 3 * i + 3)
+        view = lambda k: jnp.reshape(jnp.transpose(k[..., sl], (3, 2, 0, 1)), (3, -1))  # noqa: E731
+        P = pre.estimates[f"Conv_0[{i}]"].solve(jnp.concatenate([view(K), b[sl, None]], axis=1), 0.1)
+        np.testing.assert_allclose(view(Ko), P[:, :-1], rtol=1e-9)
+        np.testing.assert_allclose(bo[sl], P[:, -1], rtol=1e-9)
+    Kd, Kdo = g["params"]["Conv_1"]["kernel"], out["params"]["Conv_1"]["kernel"]  # (2, 1, 6)
+    for i in range(6):
+        P = pre.estimates[f"Conv_1[{i}]"].solve(Kd[:, 0, i][None, :], 0.1)
+        np.testing.assert_allclose(Kdo[:, 0, i], P[0], rtol=1e-9)
+
+
 def test_tape_conv_rejects_mismatched_shapes_and_options():
     x, k = jnp.ones((2, 5, 3)), jnp.ones((2, 3, 4))
     assert PLAIN.conv("c", x, k).shape == (2, 4, 4)
@@ -134,6 +195,10 @@ def test_tape_conv_rejects_mismatched_shapes_and_options():
         PLAIN.conv("c", x, k, padding=((1, 1), (0, 0)))
     with pytest.raises(ValueError, match=r"conv2d takes an HWIO kernel"):
         PLAIN.conv2d("c", x, k)
+    with pytest.raises(ValueError, match=r"groups must be an integer >= 1"):
+        PLAIN.conv("c", x, k, groups=0)
+    with pytest.raises(ValueError, match=r"out divisible by groups = 3"):
+        PLAIN.conv("c", x, jnp.ones((2, 1, 4)), groups=3)  # 4 outputs in 3 groups
 
 
 def test_layers_left_to_flax_are_reported():

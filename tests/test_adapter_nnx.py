@@ -171,3 +171,32 @@ def test_preconditioner_with_nnx_optimizer():
     g1 = grads["layers"][0]["kernel"][...]
     W1 = nnx.state(model, nnx.Param)["layers"][0]["kernel"][...]
     assert not np.allclose(W1, before["layers"][0]["kernel"][...] - g1)  # preconditioned too
+
+
+class GroupedNNX(nnx.Module):
+    def __init__(self, rngs):
+        self.c = nnx.Conv(4, 6, (3,), feature_group_count=2, padding="SAME", rngs=rngs, **F64)
+        self.head = nnx.Linear(6 * 7, 3, rngs=rngs, **F64)
+
+    def __call__(self, x):
+        h = jnp.tanh(self.c(x))
+        return self.head(h.reshape(h.shape[0], -1))
+
+
+def test_grouped_conv_one_block_per_group():
+    model, X, y = _setup(GroupedNNX, (7, 4))
+    apply, params = nnx_apply(model), nnx.state(model, nnx.Param)
+    blocks = collect(apply, params, X, y, fisher="empirical", reduction="sum")
+    assert set(blocks) == {"c[0]", "c[1]", "head"}
+    graphdef, p, rest = nnx.split(model, nnx.Param, ...)
+
+    def loss(p, x, t):
+        return -jax.nn.log_softmax(nnx.merge(graphdef, p, rest)(x[None])[0])[t]
+
+    g = jax.vmap(jax.grad(loss), in_axes=(None, 0, 0))(p, X, y)["c"]
+    K, b = g["kernel"][...][..., 3:], g["bias"][...][:, 3:]  # group 1: outputs 3..5, inputs 2..3
+    V = jnp.concatenate([jnp.reshape(jnp.transpose(K, (0, 3, 2, 1)), (K.shape[0], 3, -1)), b[..., None]], axis=-1)
+    V = jnp.reshape(V, (V.shape[0], -1))
+    ref = V.T @ V
+    np.testing.assert_allclose(np.asarray(blocks["c[1]"].to_dense()), np.asarray(ref),
+                               rtol=1e-10, atol=1e-12 * float(jnp.abs(ref).max()))

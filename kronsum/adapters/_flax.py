@@ -15,15 +15,16 @@ def flax_apply(module: Any) -> Callable[[Any, Any, Any], Any]:
     (``"Dense_0"``, ``"block/Conv_1"``, ``"MultiHeadDotProductAttention_0/query"``):
     ``nn.Dense`` and ``nn.DenseGeneral`` contracting trailing axes without ``batch_dims``
     (``tape.dense``, a general kernel ``(in…, out…)`` as the ``(∏in, ∏out)`` matrix it is),
-    1-, 2- and 3-D ``nn.Conv`` on batched channels-last inputs (``feature_group_count=1``,
-    padding ``"SAME"``, ``"VALID"``, an int or pairs; ``tape.conv``), all with the default product (no custom ``dot_general`` /
+    1-, 2- and 3-D ``nn.Conv`` on batched channels-last inputs (padding ``"SAME"``, ``"VALID"``,
+    an int or pairs; with ``feature_group_count = g > 1`` one block per group, ``"name[i]"``;
+    ``tape.conv``), all with the default product (no custom ``dot_general`` /
     ``conv_general_dilated``, default ``precision``, no ``mask``); ``nn.Embed`` on integer ids
     (``tape.embed``); ``nn.LayerNorm`` and ``nn.RMSNorm`` over the last axis (``tape.norm``,
     the normalised input recomputed as Flax computes it). With :data:`PLAIN` the result is
     ``module.apply(variables, inputs)`` (to rounding); with
     :func:`~kronsum.adapters.jax.collect` each such layer gets its block, in Flax's layout
-    (:class:`~kronsum.adapters.jax.Tape`). Other layers with parameters (grouped, masked,
-    circular or causal convolutions, unbatched inputs, ``BatchNorm``, ``GroupNorm``) are computed by Flax and get
+    (:class:`~kronsum.adapters.jax.Tape`). Other layers with parameters (masked, circular or
+    causal convolutions, unbatched inputs, ``BatchNorm``, ``GroupNorm``) are computed by Flax and get
     no block; a ``UserWarning`` names them once per ``apply`` function. A layer called twice in one pass
     (a shared module) is refused by ``collect`` (``RuntimeError``): one block per call site
     would be a different matrix; so is an ``nn.Embed`` whose table also serves ``attend``
@@ -71,7 +72,8 @@ def flax_apply(module: Any) -> Callable[[Any, Any, Any], Any]:
                                                                  mod.padding, mod.input_dilation, args[0]):
                 x, kernel, bias = _promoted(mod, args[0])
                 return tape.conv(name, x, kernel, bias, stride=mod.strides or 1,
-                                 padding=_padding(mod.padding), dilation=mod.kernel_dilation or 1)
+                                 padding=_padding(mod.padding), dilation=mod.kernel_dilation or 1,
+                                 groups=mod.feature_group_count)
             if type(mod) is nn.DenseGeneral and _plain(mod) and not tuple(mod.batch_dims):
                 k = _trailing(mod.axis, getattr(args[0], "ndim", 0))
                 if k is not None:
@@ -132,9 +134,9 @@ def _promoted(mod: Any, x: Any) -> tuple:
 
 def _conv_ok(kernel_size: Any, groups: int, padding: Any, input_dilation: Any, x: Any) -> bool:
     """A Flax (linen or NNX) ``Conv`` that ``tape.conv`` computes: 1 to 3 spatial axes and a
-    batch axis, no feature groups, ``"SAME"``/``"VALID"``/explicit padding, no input dilation."""
+    batch axis, any feature groups, ``"SAME"``/``"VALID"``/explicit padding, no input dilation."""
     ks = (kernel_size,) if isinstance(kernel_size, int) else tuple(kernel_size)
-    return (1 <= len(ks) <= 3 and getattr(x, "ndim", 0) == len(ks) + 2 and groups == 1
+    return (1 <= len(ks) <= 3 and getattr(x, "ndim", 0) == len(ks) + 2
             and not (isinstance(padding, str) and padding.upper() not in ("SAME", "VALID"))
             and (input_dilation in (None, 1) or all(int(v) == 1 for v in input_dilation)))
 
@@ -272,7 +274,8 @@ def _nnx_routes(nnx: Any) -> dict:
             return None
         x, kernel, bias = _nnx_promoted(mod, x)
         return tape.conv(name, x, kernel, bias, stride=mod.strides or 1,
-                         padding=_padding(mod.padding), dilation=mod.kernel_dilation or 1)
+                         padding=_padding(mod.padding), dilation=mod.kernel_dilation or 1,
+                         groups=mod.feature_group_count)
 
     def general(mod, x, name, tape):
         k = _trailing(mod.axis, getattr(x, "ndim", 0))

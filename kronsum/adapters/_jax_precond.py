@@ -233,7 +233,7 @@ class Preconditioner:
             repl = {}
             for name, P in new.items():
                 kpath, bpath = _in_tree(leaves, paths[name])
-                repl.update(_unblock(P * nu, leaves, kpath, bpath, paths[name][2]))
+                repl.update(_unblock(P * nu, leaves, kpath, bpath, paths[name][2], repl))
             out = jax.tree_util.tree_map_with_path(
                 lambda kp, x: repl.get(_keys(kp), x).astype(x.dtype), updates)
             return out, optax.ScaleByScheduleState(count=optax.safe_int32_increment(state.count))
@@ -267,8 +267,9 @@ def _flax_paths(params: Any, blocks: Mapping[str, Any], layouts: Mapping[str, st
     out = {}
     for name in blocks:
         layout = layouts.get(name, "dense")
-        kkey, bkey = keys_of.get(layout, ("kernel", "bias"))
-        keys = tuple(name.split("/"))  # flax_apply / nnx_apply name nested modules "outer/inner"
+        kkey, bkey = keys_of.get(layout, ("kernel", "bias")) if isinstance(layout, str) else ("kernel", "bias")
+        base = name if isinstance(layout, str) else name.rsplit("[", 1)[0]  # a conv group "name[i]"
+        keys = tuple(base.split("/"))  # flax_apply / nnx_apply name nested modules "outer/inner"
         for root in ((), ("params",)):  # a bare tree, or Flax's variables {"params": ...}
             for tail in ((), ("value",)):  # NNX's State: a Variable's array under "value"
                 k = by_str.get((*root, *keys, kkey, *tail))
@@ -324,8 +325,10 @@ def _block(name, leaves, kpath, bpath, layout, cur) -> Any:
         V = jnp.stack([leaves[p] for p in (kpath, bpath) if p is not None], axis=1)
     else:
         K = leaves[kpath]
-        if layout == "conv" or (layout is None and K.ndim == 4):  # (k…, in, out) → (out, in·∏k)
-            d = K.ndim - 2
+        if isinstance(layout, tuple):  # group i of a grouped conv: its output channels' slice
+            K = K[..., _group(layout, K.shape[-1])]
+        if layout == "conv" or isinstance(layout, tuple) or (layout is None and K.ndim == 4):
+            d = K.ndim - 2  # (k…, in, out) → (out, in·∏k)
             V = jnp.reshape(jnp.transpose(K, (d + 1, d, *range(d))), (K.shape[-1], -1))
         elif K.ndim >= 2 and K.size % m == 0 and (layout is not None or K.ndim == 2):
             V = jnp.reshape(K, (-1, m)).T
@@ -333,29 +336,48 @@ def _block(name, leaves, kpath, bpath, layout, cur) -> Any:
             raise ValueError(f"layer {name!r}: a kernel of shape {K.shape} is neither dense "
                              f"(in, out) nor conv (k…, in, out) for a ({m}, {n}) block")
         if bpath is not None:
-            V = jnp.concatenate([V, jnp.reshape(leaves[bpath], (-1, 1))], axis=1)
+            b = leaves[bpath]
+            b = b[_group(layout, b.shape[-1])] if isinstance(layout, tuple) else b
+            V = jnp.concatenate([V, jnp.reshape(b, (-1, 1))], axis=1)
     if V.shape != (m, n):
         raise ValueError(f"layer {name!r}: the estimate is for a ({m}, {n}) block, the gradient "
                          f"(with bias column) is {tuple(V.shape)}")
     return V.astype(cur.E.dtype)
 
 
-def _unblock(P, leaves, kpath, bpath, layout) -> dict:
+def _group(layout: tuple, out: int) -> slice:
+    """The output channels of group ``i`` of ``groups`` (layout ``("conv", i, groups)``)."""
+    _, i, groups = layout
+    size = out // groups
+    return slice(i * size, (i + 1) * size)
+
+
+def _unblock(P, leaves, kpath, bpath, layout, done: Mapping | None = None) -> dict:
+    """The leaves of one block's result ``P``: the kernel (and bias) in their own layout. A
+    group of a grouped conv writes its slice into the leaf as ``done`` (the other groups'
+    results so far) holds it."""
     if layout == "norm":
         cols = [p for p in (kpath, bpath) if p is not None]
         return {p: P[:, i] for i, p in enumerate(cols)}
     K = leaves[kpath]
     cols = P.shape[1] - (bpath is not None)
     Pw = P[:, :cols]
-    if layout == "conv" or (layout is None and K.ndim == 4):
+    if layout == "conv" or isinstance(layout, tuple) or (layout is None and K.ndim == 4):
         d = K.ndim - 2
-        cin, cout = K.shape[-2:]
+        cin, cout = K.shape[-2], P.shape[0]
         kernel = jnp.transpose(jnp.reshape(Pw, (cout, cin, *K.shape[:d])), (*range(2, d + 2), 1, 0))
     else:
         kernel = jnp.reshape(Pw.T, K.shape)
+    bias = None if bpath is None else P[:, cols]
+    if isinstance(layout, tuple):
+        done = done or {}
+        sl = _group(layout, K.shape[-1])
+        kernel = done.get(kpath, K).at[..., sl].set(kernel.astype(K.dtype))
+        if bpath is not None:
+            bias = done.get(bpath, leaves[bpath]).at[sl].set(bias.astype(leaves[bpath].dtype))
     out = {kpath: kernel}
     if bpath is not None:
-        out[bpath] = jnp.reshape(P[:, cols], leaves[bpath].shape)
+        out[bpath] = jnp.reshape(bias, leaves[bpath].shape)
     return out
 
 

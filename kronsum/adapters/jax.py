@@ -125,22 +125,26 @@ class Tape:
         return self._out(name, y, "dense", (x, bias is not None))
 
     def conv(self, name: str, x: Any, kernel: Any, bias: Any = None, *, stride: Any = 1,
-             padding: Any = 0, dilation: Any = 1) -> Any:
+             padding: Any = 0, dilation: Any = 1, groups: int = 1) -> Any:
         d = jnp.ndim(kernel) - 2
-        if d not in _SPATIAL or jnp.ndim(x) != d + 2 or jnp.shape(x)[-1] != jnp.shape(kernel)[-2]:
+        if isinstance(groups, bool) or not isinstance(groups, int) or groups < 1:
+            raise ValueError(f"layer {name!r}: groups must be an integer >= 1, got {groups!r}")
+        if (d not in _SPATIAL or jnp.ndim(x) != d + 2
+                or jnp.shape(x)[-1] != jnp.shape(kernel)[-2] * groups or jnp.shape(kernel)[-1] % groups):
             raise ValueError(f"layer {name!r}: conv takes x (N, spatial…, in) with 1 to 3 spatial "
-                             f"axes and a kernel (k…, in, out) of as many, got x {jnp.shape(x)} and "
-                             f"kernel {jnp.shape(kernel)}")
+                             f"axes and a kernel (k…, in/groups, out) of as many, out divisible by "
+                             f"groups = {groups}; got x {jnp.shape(x)} and kernel {jnp.shape(kernel)}")
         stride, dilation = _ints(stride, d, "stride", name), _ints(dilation, d, "dilation", name)
         padding = _padding(padding, d, name)
         sp = _SPATIAL[d]
         y = lax.conv_general_dilated(x, kernel, window_strides=stride, padding=padding,
-                                     rhs_dilation=dilation,
+                                     rhs_dilation=dilation, feature_group_count=groups,
                                      dimension_numbers=("N" + sp + "C", sp + "IO", "N" + sp + "C"))
         if bias is not None:
             y = y + bias
         conv = (x, tuple(kernel.shape[:d]), stride, padding, dilation, sp)
-        return self._out(name, y, "conv", (conv, bias is not None))
+        kind = "conv" if groups == 1 else ("conv", groups, bias is not None)
+        return self._out(name, y, kind, (conv, bias is not None))
 
     def conv2d(self, name: str, x: Any, kernel: Any, bias: Any = None, *, stride: Any = 1,
                padding: Any = 0, dilation: Any = 1) -> Any:
@@ -188,7 +192,7 @@ class _ShapeTape(Tape):
         if name in self.shapes:
             raise RuntimeError(f"layer {name!r} is called twice in one pass; names must be unique")
         self.shapes[name] = jax.ShapeDtypeStruct(y.shape, y.dtype)
-        self.kinds[name] = ("norm",) + a[1:] if kind == "norm" else kind
+        self.kinds[name] = ("norm",) + a[1:] if kind == "norm" else kind  # grouped conv: a tuple
         return y
 
 
@@ -208,6 +212,8 @@ class _RecordingTape(Tape):
             self.inputs[name] = jax.nn.one_hot(ids, num, dtype=dtype)
             return y + self.eps[name]
         payload, has_bias = a
+        if isinstance(kind, tuple):  # a grouped conv: the bias column is appended per group in collect
+            has_bias = False
         if kind == "dense":
             x = payload
             A = jnp.reshape(x, (x.shape[0], -1, x.shape[-1]))  # (N, T, in)
@@ -402,7 +408,8 @@ def _collect(
     check_finite: bool = True,
 ) -> tuple[dict[str, KronSum], dict[str, str]]:
     """:func:`collect` and each block's parameter layout (``"dense"``, ``"conv"``, ``"embed"``,
-    ``"norm"``), which the optax preconditioner needs to find the parameters."""
+    ``"norm"``, or ``("conv", i, groups)`` for group ``i`` of a grouped convolution), which the
+    optax preconditioner needs to find the parameters."""
     _require_jax()
     _check_options(fisher, loss, reduction, weight_sharing, n_samples)
     if fisher == "empirical" and targets is None:
@@ -434,6 +441,18 @@ def _collect(
         kind, A = shape_tape.kinds[name], acts[name]
         g = grads[name]  # (S, N, ..., out)
         G = jnp.reshape(g, (S * N, -1, g.shape[-1]))  # (S·N, T, out)
+        if isinstance(kind, tuple) and kind[0] == "conv":  # groups: one block per group
+            _, groups, has_bias = kind
+            A = jnp.reshape(jnp.broadcast_to(A[None], (S,) + A.shape), (S * N,) + A.shape[1:])
+            og, ig = G.shape[-1] // groups, A.shape[-1] // groups  # ig = in/groups·∏k columns
+            for i in range(groups):
+                Ai = A[..., i * ig:(i + 1) * ig]
+                if has_bias:
+                    Ai = jnp.concatenate([Ai, jnp.ones(Ai.shape[:-1] + (1,), Ai.dtype)], axis=-1)
+                key = f"{name}[{i}]"
+                result[key] = KronSum.from_conv(G[..., i * og:(i + 1) * og], Ai, wf, check_finite=check_finite)
+                layouts[key] = ("conv", i, groups)
+            continue
         if isinstance(kind, tuple):  # norm: rows Σ_t g_t ∘ x̂_t and Σ_t g_t, identity inputs
             _, has_scale, has_bias = kind
             X = jnp.reshape(jnp.broadcast_to(A[None], (S,) + A.shape), G.shape)
