@@ -205,12 +205,12 @@ def test_layers_left_to_flax_are_reported():
     class WithNorm(nn.Module):
         @nn.compact
         def __call__(self, x):
-            return nn.Dense(3)(nn.GroupNorm(num_groups=1)(nn.Dense(5)(x)))
+            return nn.Dense(3)(nn.Einsum((5, 5), "nd,de->ne")(nn.Dense(5)(x)))
 
     model = WithNorm()
     X, y, variables = _setup(model, (4,))
     apply = flax_apply(model)
-    with pytest.warns(UserWarning, match=r"no Kronecker block.*GroupNorm_0 \(GroupNorm\)"):
+    with pytest.warns(UserWarning, match=r"no Kronecker block.*Einsum_0 \(Einsum\)"):
         blocks = collect(apply, variables, X, y, fisher="exact")
     assert set(blocks) == {"Dense_0", "Dense_1"}
 

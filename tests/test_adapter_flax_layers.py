@@ -244,3 +244,91 @@ def test_tape_embed_and_norm_reject_bad_input():
 
     with pytest.raises(ValueError, match="norm needs a scale or a bias"):
         collect(no_params, {"t": jnp.ones((VOCAB, C))}, ids, y)
+
+
+class LinenNorms(nn.Module):
+    @nn.compact
+    def __call__(self, x, train: bool = False):  # x (N, 6, 4)
+        h = nn.Dense(6)(x)
+        h = nn.BatchNorm(use_running_average=not train)(h)
+        h = jnp.tanh(nn.GroupNorm(num_groups=3)(h))
+        h = nn.BatchNorm(use_scale=False)(h, use_running_average=True)
+        return nn.Dense(C)(jnp.mean(h, axis=1))
+
+
+class NnxNorms(nnx.Module):
+    def __init__(self, rngs):
+        self.d1 = nnx.Linear(4, 6, rngs=rngs, param_dtype=jnp.float64)
+        self.bn = nnx.BatchNorm(6, use_running_average=True, rngs=rngs, param_dtype=jnp.float64)
+        self.gn = nnx.GroupNorm(6, num_groups=None, group_size=3, rngs=rngs, param_dtype=jnp.float64)
+        self.bn2 = nnx.BatchNorm(6, use_scale=False, rngs=rngs, param_dtype=jnp.float64)
+        self.head = nnx.Linear(6, C, rngs=rngs, param_dtype=jnp.float64)
+
+    def __call__(self, x):
+        h = jnp.tanh(self.gn(self.bn(self.d1(x))))
+        return self.head(jnp.mean(self.bn2(h, use_running_average=True), axis=1))
+
+
+def _randomised(tree, seed):
+    """Every leaf replaced by random values (positive for variances): non-trivial statistics."""
+    leaves, treedef = jax.tree_util.tree_flatten_with_path(tree)
+    keys = jax.random.split(jax.random.PRNGKey(seed), len(leaves))
+    out = [jnp.abs(jax.random.normal(k, x.shape, jnp.float64)) + 0.5
+           if "var" in jax.tree_util.keystr(p) else jax.random.normal(k, x.shape, jnp.float64)
+           for k, (p, x) in zip(keys, leaves)]
+    return jax.tree_util.tree_unflatten(treedef, out)
+
+
+@pytest.mark.parametrize("flavour", ["linen", "nnx"])
+def test_batch_norm_running_statistics_and_group_norm_blocks(flavour):
+    """BatchNorm with its running statistics (a per-sample map) and GroupNorm (per-sample
+    statistics): exact [scale bias] blocks equal to the per-sample Fisher."""
+    X = jax.random.normal(jax.random.PRNGKey(3), (9, 6, 4), jnp.float64)
+    y = jax.random.randint(jax.random.PRNGKey(4), (9,), 0, C)
+    if flavour == "linen":
+        model = LinenNorms()
+        variables = _randomised(model.init(jax.random.PRNGKey(1), X), 5)
+        apply, params = flax_apply(model), variables
+        call = lambda v, x: model.apply(v, x)  # noqa: E731
+        names = {"Dense_0", "BatchNorm_0", "GroupNorm_0", "BatchNorm_1", "Dense_1"}
+    else:
+        model = NnxNorms(nnx.Rngs(1))
+        graphdef, p, rest = nnx.split(model, nnx.Param, ...)
+        model = nnx.merge(graphdef, _randomised(p, 5), _randomised(rest, 6))
+        graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+        apply = nnx_apply(model)
+        call = lambda q, x: nnx.merge(graphdef, q, rest)(x)  # noqa: E731
+        names = {"d1", "bn", "gn", "bn2", "head"}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # every layer routed
+        blocks = collect(apply, params, X, y, fisher="empirical", reduction="sum", weight_sharing="sample")
+    assert set(blocks) == names
+    np.testing.assert_allclose(apply(params, X, PLAIN), call(params, X), rtol=1e-12)
+
+    def loss(q, x, t):
+        return -jax.nn.log_softmax(call(q, x[None])[0])[t]
+
+    g = jax.vmap(jax.grad(loss), in_axes=(None, 0, 0))(params, X, y)
+    if not isinstance(g, dict):
+        g = nnx.to_pure_dict(g)
+    g = g.get("params", g)
+    for name, ref in _reference(blocks, g).items():
+        np.testing.assert_allclose(np.asarray(blocks[name].to_dense()), np.asarray(ref), rtol=1e-10,
+                                   atol=1e-12 * float(jnp.abs(ref).max()), err_msg=name)
+    # the optax preconditioner finds and rewrites the normalisation layers' scale and bias
+    pre = Preconditioner(apply, estimator="kfac", fisher="exact")
+    pre.refresh(params, X, y)
+    upd = jax.tree_util.tree_map(lambda a: jax.random.normal(jax.random.PRNGKey(a.size), a.shape, a.dtype), params)
+    tx = pre.transform(0.1)
+    out, _ = tx.update(upd, tx.init(params), curvature=pre.curvature())
+    bn = "BatchNorm_0" if flavour == "linen" else "bn"
+    u, o = _sub(_pure(upd), bn), _sub(_pure(out), bn)
+    P = pre.estimates[bn].solve(jnp.stack([u["scale"], u["bias"]], axis=1), 0.1)
+    np.testing.assert_allclose(jnp.stack([o["scale"], o["bias"]], axis=1), P, rtol=1e-9)
+
+
+def _pure(tree):
+    """Flax variables' params, or an NNX state as a plain dict."""
+    if isinstance(tree, dict):
+        return tree.get("params", tree)
+    return nnx.to_pure_dict(tree)

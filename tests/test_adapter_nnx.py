@@ -85,6 +85,10 @@ def _per_sample_fisher(model, X, y, path):
     layer = g
     for k in path:
         layer = layer[k]
+    if "kernel" not in layer:  # a normalisation layer's [scale bias] columns
+        V = jnp.stack([layer[k][...] for k in ("scale", "bias") if k in layer], axis=-1)
+        V = jnp.reshape(V, (V.shape[0], -1))
+        return V.T @ V
     K = layer["kernel"][...]
     d = K.ndim - 3  # spatial axes of a conv kernel (N, k…, in, out); 0 for dense (N, in, out)
     V = jnp.reshape(jnp.transpose(K, (0, d + 2, d + 1, *range(1, d + 1))), (K.shape[0], K.shape[-1], -1))
@@ -97,13 +101,13 @@ def _per_sample_fisher(model, X, y, path):
 @pytest.mark.parametrize("cls,shape,paths", [
     (MLP, (4,), {"block/inner": ("block", "inner"), "layers/0": ("layers", 0),
                  "layers/1": ("layers", 1)}),
-    (CNN, (6, 6, 2), {"c1": ("c1",), "c2": ("c2",), "head": ("head",)}),
+    (CNN, (6, 6, 2), {"c1": ("c1",), "bn": ("bn",), "c2": ("c2",), "head": ("head",)}),
     (CNN1D, (12, 2), {"c1": ("c1",), "c3": ("c3",), "head": ("head",)}),
 ])
 def test_blocks_are_the_per_sample_fisher(cls, shape, paths):
     model, X, y = _setup(cls, shape)
     apply, params = nnx_apply(model), nnx.state(model, nnx.Param)
-    with pytest.warns(UserWarning, match=r"bn \(BatchNorm\)") if cls is CNN else _no_warning():
+    with _no_warning():  # every layer routed (the BatchNorm normalises with its running statistics)
         blocks = collect(apply, params, X, y, fisher="empirical", reduction="sum")
     np.testing.assert_allclose(apply(params, X, PLAIN), model(X), rtol=1e-12)
     assert set(blocks) == set(paths)
@@ -130,7 +134,7 @@ def test_layers_left_to_nnx_are_reported_and_options_fall_back():
     class WithNorm(nnx.Module):
         def __init__(self, rngs):
             self.a = nnx.Linear(4, 5, rngs=rngs, **F64)
-            self.ln = nnx.GroupNorm(5, num_groups=1, rngs=rngs, **F64)
+            self.ln = nnx.Einsum("nd,de->ne", (5, 5), (5,), rngs=rngs, **F64)
             self.b = nnx.Linear(5, 3, precision=jax.lax.Precision.HIGHEST, rngs=rngs, **F64)
 
         def __call__(self, x):
@@ -139,7 +143,7 @@ def test_layers_left_to_nnx_are_reported_and_options_fall_back():
     model, X, y = _setup(WithNorm, (4,))
     apply = nnx_apply(model)
     params = nnx.state(model, nnx.Param)
-    with pytest.warns(UserWarning, match=r"no Kronecker block.*'b \(Linear, options.*ln \(GroupNorm\)"):
+    with pytest.warns(UserWarning, match=r"no Kronecker block.*'b \(Linear, options.*ln \(Einsum\)"):
         blocks = collect(apply, params, X, y, fisher="exact")
     assert set(blocks) == {"a"}
     np.testing.assert_allclose(apply(params, X, PLAIN), model(X), rtol=1e-12)

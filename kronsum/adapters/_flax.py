@@ -19,12 +19,15 @@ def flax_apply(module: Any) -> Callable[[Any, Any, Any], Any]:
     an int or pairs; with ``feature_group_count = g > 1`` one block per group, ``"name[i]"``;
     ``tape.conv``), all with the default product (no custom ``dot_general`` /
     ``conv_general_dilated``, default ``precision``, no ``mask``); ``nn.Embed`` on integer ids
-    (``tape.embed``); ``nn.LayerNorm`` and ``nn.RMSNorm`` over the last axis (``tape.norm``,
-    the normalised input recomputed as Flax computes it). With :data:`PLAIN` the result is
+    (``tape.embed``); ``nn.LayerNorm`` and ``nn.RMSNorm`` over the last axis, ``nn.GroupNorm``
+    over its default axes and ``nn.BatchNorm`` normalising with its running statistics
+    (``use_running_average``, as at evaluation; a per-sample map) over the last axis
+    (``tape.norm``, the normalised input recomputed as Flax computes it). With :data:`PLAIN` the result is
     ``module.apply(variables, inputs)`` (to rounding); with
     :func:`~kronsum.adapters.jax.collect` each such layer gets its block, in Flax's layout
     (:class:`~kronsum.adapters.jax.Tape`). Other layers with parameters (masked, circular or
-    causal convolutions, unbatched inputs, ``BatchNorm``, ``GroupNorm``) are computed by Flax and get
+    causal convolutions, unbatched inputs, a ``BatchNorm`` with batch statistics, whose
+    statistics couple the samples, ``Einsum``) are computed by Flax and get
     no block; a ``UserWarning`` names them once per ``apply`` function. A layer called twice in one pass
     (a shared module) is refused by ``collect`` (``RuntimeError``): one block per call site
     would be a different matrix; so is an ``nn.Embed`` whose table also serves ``attend``
@@ -62,9 +65,20 @@ def flax_apply(module: Any) -> Callable[[Any, Any, Any], Any]:
             mod = context.module
             if context.method_name == "attend" and type(mod) is nn.Embed:
                 _refuse_tied("/".join(str(p) for p in mod.path), tape)
-            if context.method_name != "__call__" or kwargs or len(args) != 1:
-                return next_fun(*args, **kwargs)
             name = "/".join(str(p) for p in mod.path)
+            if context.method_name == "__call__" and type(mod) is nn.BatchNorm and args:
+                running = _running_average(mod.use_running_average, args[1:], kwargs)
+                stats = mod.variables.get("batch_stats", {})
+                if running and "mean" in stats:
+                    p = mod.variables.get("params", {})
+                    y = _batch_norm(tape, name, mod, args[0], stats["mean"], stats["var"],
+                                    p.get("scale"), p.get("bias"))
+                    if y is not None:
+                        return y
+            if context.method_name != "__call__" or kwargs or len(args) != 1:
+                if context.method_name == "__call__" and type(mod) is nn.BatchNorm and mod.variables.get("params"):
+                    skipped.append(f"{name} (BatchNorm)")
+                return next_fun(*args, **kwargs)
             if type(mod) is nn.Dense and _plain(mod):
                 x, kernel, bias = _promoted(mod, args[0])
                 return tape.dense(name, x, kernel, bias)
@@ -87,6 +101,11 @@ def flax_apply(module: Any) -> Callable[[Any, Any, Any], Any]:
                 p = mod.variables["params"]
                 y = _norm(tape, name, mod, args[0], p.get("scale"), p.get("bias"),
                           use_mean=type(mod) is nn.LayerNorm)
+                if y is not None:
+                    return y
+            if type(mod) is nn.GroupNorm and mod.variables.get("params"):
+                p = mod.variables["params"]
+                y = _group_norm(tape, name, mod, args[0], p.get("scale"), p.get("bias"))
                 if y is not None:
                     return y
             if isinstance(mod, nn.Module) and mod.variables.get("params") and not _container(mod):
@@ -156,7 +175,8 @@ def nnx_apply(model: Any) -> Callable[[Any, Any, Any], Any]:
     ``nnx_apply`` was called (pass the full ``nnx.state(model)`` to use newer ones), and calls
     the module. The NNX counterparts of the layers :func:`flax_apply` routes — ``nnx.Linear``,
     ``nnx.LinearGeneral`` (so ``nnx.MultiHeadAttention``'s projections), 1- to 3-D ``nnx.Conv``,
-    ``nnx.Embed``, ``nnx.LayerNorm``, ``nnx.RMSNorm``, on the same conditions (no
+    ``nnx.Embed``, ``nnx.LayerNorm``, ``nnx.RMSNorm``, ``nnx.GroupNorm``, ``nnx.BatchNorm``
+    (running statistics), on the same conditions (no
     ``preferred_element_type``, no ``out_sharding``) — go through the tape, named by their
     attribute path joined with ``"/"`` (``"linear1"``, ``"blocks/0"``, ``"attn/query"``). Other
     layers with parameters are computed by NNX and named in a ``UserWarning`` once per
@@ -209,8 +229,11 @@ def nnx_apply(model: Any) -> Callable[[Any, Any, Any], Any]:
             def call(self, inputs, *args, **kwargs):
                 name = names.get(id(self))
                 y = None
-                if name is not None and not args and not any(v is not None for v in kwargs.values()):
+                opts = {k: v for k, v in kwargs.items() if v is not None}
+                if name is not None and not args and not opts:
                     y = routes[cls](self, inputs, name, tape)
+                elif name is not None and cls is nnx.BatchNorm and _running_average(None, args, kwargs):
+                    y = routes[cls](self, inputs, name, tape, running=True)
                 if y is None:
                     if name is not None:
                         skipped.append(f"{name} ({cls.__name__}, options kronsum does not mirror)")
@@ -290,15 +313,27 @@ def _nnx_routes(nnx: Any) -> dict:
         (table,) = mod.promote_dtype((mod.embedding[...],), dtype=mod.dtype, inexact=False)
         return tape.embed(name, ids, table)
 
+    def affine(mod):
+        scale = mod.scale[...] if getattr(mod, "scale", None) is not None else None
+        bias = mod.bias[...] if getattr(mod, "bias", None) is not None else None
+        return scale, bias
+
     def norm(use_mean):
         def route(mod, x, name, tape):
-            scale = mod.scale[...] if getattr(mod, "scale", None) is not None else None
-            bias = mod.bias[...] if getattr(mod, "bias", None) is not None else None
-            return _norm(tape, name, mod, x, scale, bias, use_mean)
+            return _norm(tape, name, mod, x, *affine(mod), use_mean)
         return route
 
+    def batch_norm(mod, x, name, tape, running=None):
+        if not (mod.use_running_average if running is None else running):
+            return None
+        return _batch_norm(tape, name, mod, x, mod.mean[...], mod.var[...], *affine(mod))
+
+    def group_norm(mod, x, name, tape):
+        return _group_norm(tape, name, mod, x, *affine(mod))
+
     return {nnx.Linear: linear, nnx.Conv: conv, nnx.LinearGeneral: general, nnx.Embed: embed,
-            nnx.LayerNorm: norm(True), nnx.RMSNorm: norm(False)}
+            nnx.LayerNorm: norm(True), nnx.RMSNorm: norm(False), nnx.BatchNorm: batch_norm,
+            nnx.GroupNorm: group_norm}
 
 
 def _integer(x: Any) -> bool:
@@ -359,10 +394,76 @@ def _norm(tape: Any, name: str, mod: Any, x: Any, scale: Any, bias: Any, use_mea
         xhat = (xs - mu) * lax.rsqrt(var + mod.epsilon)
     else:
         xhat = xs * lax.rsqrt(jnp.mean(xs * xs, axis=-1, keepdims=True) + mod.epsilon)
+    return _norm_out(tape, name, mod, x, xhat, scale, bias)
+
+
+def _running_average(attribute: Any, args: tuple, kwargs: dict) -> bool:
+    """Whether a BatchNorm call normalises with its running statistics: the call's
+    ``use_running_average`` (positional or keyword) or else the attribute, and no ``mask``."""
+    if kwargs.get("mask") is not None or len(args) > 1 or set(kwargs) - {"use_running_average", "mask"}:
+        return False
+    call = args[0] if args else kwargs.get("use_running_average")
+    return bool(attribute if call is None else call)
+
+
+def _norm_out(tape: Any, name: str, mod: Any, x: Any, xhat: Any, scale: Any, bias: Any) -> Any:
+    """The affine part ``xhat·scale + bias`` through ``tape.norm``, in the layer's output dtype."""
+    import jax.numpy as jnp
+
     params = [v for v in (scale, bias) if v is not None]
     out = mod.dtype or jnp.result_type(x, *params)
     cast = (lambda v: None if v is None else jnp.asarray(v, out))
     return tape.norm(name, xhat.astype(out), cast(scale), cast(bias))
+
+
+def _batch_norm(tape: Any, name: str, mod: Any, x: Any, mean: Any, var: Any, scale: Any,
+                bias: Any) -> Any:
+    """BatchNorm normalising with its running statistics (evaluation mode): a per-sample map,
+    ``x̂ = (x − mean)/√(var + ε)`` over the last (feature) axis, whose affine part goes through
+    ``tape.norm``; None for another feature axis, a named parallel axis or no parameters. (With
+    batch statistics the samples are coupled: left to Flax.)"""
+    import jax.numpy as jnp
+    from jax import lax
+
+    ndim = getattr(x, "ndim", 0)
+    if (ndim < 2 or not _last_axis(mod.axis, ndim) or mod.axis_name is not None
+            or (scale is None and bias is None) or jnp.iscomplexobj(x)):
+        return None
+    dt = jnp.result_type(x, mean, var) if mod.dtype is None else jnp.promote_types(mod.dtype, jnp.result_type(mean))
+    xhat = (x.astype(dt) - mean) * lax.rsqrt(var.astype(dt) + mod.epsilon)
+    return _norm_out(tape, name, mod, x, xhat, scale, bias)
+
+
+def _group_norm(tape: Any, name: str, mod: Any, x: Any, scale: Any, bias: Any) -> Any:
+    """GroupNorm over the default axes (every non-batch axis of each group of channels; the
+    statistics are per sample), as Flax computes it (at least float32, its fast variance where
+    chosen), its affine part through ``tape.norm``; None for other reduction axes, a named
+    parallel axis or no parameters."""
+    import jax.numpy as jnp
+    from jax import lax
+
+    ndim = getattr(x, "ndim", 0)
+    if ndim < 2 or mod.axis_name is not None or (scale is None and bias is None) or jnp.iscomplexobj(x):
+        return None
+    default = list(range(1, ndim - 1)) + [ndim - 1]
+    if mod.reduction_axes is not None:
+        axes = [mod.reduction_axes] if isinstance(mod.reduction_axes, int) else list(mod.reduction_axes)
+        if sorted(a % ndim for a in axes) != default:
+            return None
+    C = x.shape[-1]
+    groups = C // mod.group_size if mod.group_size is not None else mod.num_groups
+    dt = mod.dtype or jnp.result_type(x)
+    if getattr(mod, "force_float32_reductions", True):
+        dt = jnp.promote_types(dt, jnp.float32)
+    xg = jnp.reshape(x.astype(dt), x.shape[:-1] + (groups, C // groups))
+    axes = tuple(range(1, ndim - 1)) + (ndim,)  # the spatial axes and the channels within a group
+    mu = jnp.mean(xg, axis=axes, keepdims=True)
+    if mod.use_fast_variance:
+        var = jnp.maximum(0.0, jnp.mean(xg * xg, axis=axes, keepdims=True) - mu * mu)
+    else:
+        var = jnp.mean((xg - mu) ** 2, axis=axes, keepdims=True)
+    xhat = jnp.reshape((xg - mu) * lax.rsqrt(var + mod.epsilon), x.shape)
+    return _norm_out(tape, name, mod, x, xhat, scale, bias)
 
 
 def _refuse_tied(name: str, tape: Any) -> None:
