@@ -412,46 +412,56 @@ def format_table(records: list[dict[str, Any]], step: int | None = None) -> str:
 
 
 def _plot_errors(records: list[dict[str, Any]], path: str) -> None:
+    """Each estimator's error as a fraction of K-FAC's at the same step, one panel per layer
+    (a linear axis where the estimators differ; K-FAC's own error in each panel's title), the
+    legend in the grid's free cell or under the panels."""
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import PercentFormatter
 
     cols = _cols(records)
     nets = [n for n in NETWORKS if any(r["network"] == n for r in records)]
-    layers = {n: list(OrderedDict.fromkeys(r["layer"] for r in records if r["network"] == n))
-              for n in nets}
-    ncol = max(len(v) for v in layers.values())
-    fig, axes = plt.subplots(len(nets), ncol, figsize=(3.1 * ncol, 2.7 * len(nets)), squeeze=False)
-    for i, net in enumerate(nets):
-        for j in range(ncol):
-            ax = axes[i][j]
-            if j >= len(layers[net]):
-                ax.axis("off")
-                continue
-            layer = layers[net][j]
-            recs = [r for r in records if r["network"] == net and r["layer"] == layer]
-            steps = [r["step"] for r in recs]
-            for c in cols:
-                ax.plot(steps, [np.nan if r[c] is None else r[c] for r in recs], marker="o", ms=3, lw=1.4,
-                        color=COLORS[c], label=LABELS[c],
-                        ls="-" if c in METHODS else "--")
-            m, n = recs[0]["shape"]
-            ax.set_title(f"{net} {layer} ({m}×{n}, {recs[0]['form']})", fontsize=9)
-            ax.set_yscale("log")
-            ax.grid(True, which="both", alpha=0.3)
-            ax.tick_params(labelsize=7)
-            if i == len(nets) - 1:
-                ax.set_xlabel("SGD step", fontsize=8)
-            if j == 0:
-                ax.set_ylabel("‖F − F̂‖ / ‖F‖", fontsize=8)
-    axes[0][0].legend(fontsize=7, loc="best")
-    fig.suptitle("Relative Frobenius error of the exact Fisher block's approximations "
-                 "(digits, exact Fisher)", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
+    panels = [(net, layer) for net in nets
+              for layer in OrderedDict.fromkeys(r["layer"] for r in records if r["network"] == net)]
+    ncol = 4
+    nrow = -(-(len(panels) + 1) // ncol)  # one cell for the legend
+    fig, axes = plt.subplots(nrow, ncol, figsize=(3.3 * ncol, 2.9 * nrow), squeeze=False,
+                             sharey=True, layout="constrained")
+    lines = {}
+    for k, (net, layer) in enumerate(panels):
+        ax = axes[k // ncol][k % ncol]
+        recs = [r for r in records if r["network"] == net and r["layer"] == layer]
+        steps = [r["step"] for r in recs]
+        base = np.array([r["kfac"] for r in recs], dtype=float)
+        for c in cols:
+            vals = np.array([np.nan if r[c] is None else r[c] for r in recs], dtype=float) / base
+            lines[c], = ax.plot(steps, vals, marker="o", ms=3.5, lw=1.6, color=COLORS[c], label=LABELS[c],
+                                ls="-" if c in METHODS else "--")
+        m, n = recs[0]["shape"]
+        ax.set_title(f"{net} {layer} ({m}×{n}, {recs[0]['form']})\nK-FAC's error "
+                     f"{base.min():.2g}–{base.max():.2g}", fontsize=9)
+        ax.set_ylim(0, 1.08)
+        ax.yaxis.set_major_formatter(PercentFormatter(1.0, decimals=0))
+        ax.grid(True, alpha=0.35)
+        ax.tick_params(labelsize=8)
+        ax.set_xticks(steps)
+        if k % ncol == 0:
+            ax.set_ylabel("error / K-FAC's error", fontsize=9)
+        if k // ncol == nrow - 1 or k + ncol >= len(panels):
+            ax.set_xlabel("SGD step", fontsize=9)
+    for k in range(len(panels), nrow * ncol):
+        axes[k // ncol][k % ncol].axis("off")
+    free = axes[(nrow * ncol - 1) // ncol][(nrow * ncol - 1) % ncol]
+    free.legend(handles=[lines[c] for c in cols], loc="center", fontsize=9, frameon=False,
+                title="‖F − F̂‖ / ‖F‖ relative to K-FAC's", title_fontsize=9)
+    fig.suptitle("Each estimate's Frobenius error as a fraction of K-FAC's, per layer and SGD step "
+                 "(digits, exact Fisher; lower is closer to the exact block)", fontsize=10.5)
+    fig.savefig(path, dpi=150)
     plt.close(fig)
 
 
 def _plot_heatmaps(heat: dict[str, Any], path: str, units: int = 5) -> None:
-    """Exact block, approximations and |differences| on the entries of the first output units."""
+    """Exact block, approximations and |differences| on the entries of the first output units,
+    with lines between the units' sub-blocks and labelled colour scales."""
     import matplotlib.pyplot as plt
 
     names = ["exact"] + [k for k in ("kfac", "tkfac", "kfoc", "rank3") if k in heat]
@@ -463,31 +473,47 @@ def _plot_heatmaps(heat: dict[str, Any], path: str, units: int = 5) -> None:
     vmax = float(np.quantile(np.abs(F), 0.995)) or 1.0  # a few large entries would wash it out
     diffs = {k: np.abs(F - blocks[k]) for k in names[1:]}
     dmax = vmax / 2
-    fig, axes = plt.subplots(2, len(names), figsize=(2.5 * len(names) + 0.8, 5.3), squeeze=False,
+    fig, axes = plt.subplots(2, len(names), figsize=(2.9 * len(names) + 1.2, 6.4), squeeze=False,
                              layout="constrained")
+    ticks = [u * n + (n - 1) / 2 for u in range(units)]
+
+    def frame(ax, color, xlabel):  # unit boundaries and unit labels on both axes
+        for u in range(1, units):
+            ax.axhline(u * n - 0.5, color=color, lw=0.6)
+            ax.axvline(u * n - 0.5, color=color, lw=0.6)
+        ax.set_xticks(ticks, [str(u) for u in range(units)], fontsize=8)
+        ax.set_yticks(ticks, [str(u) for u in range(units)], fontsize=8)
+        if xlabel:
+            ax.set_xlabel(f"output unit ({n} inputs each)", fontsize=8)
+
     im = im2 = None
     for j, k in enumerate(names):
         ax = axes[0][j]
         im = ax.imshow(blocks[k], cmap="RdBu_r", vmin=-vmax, vmax=vmax, interpolation="nearest")
-        title = "exact F" if k == "exact" else f"{LABELS[k]}  (error {heat['errors'][k]:.3f})"
-        ax.set_title(title, fontsize=9)
-        ax.set_xticks([])
-        ax.set_yticks([])
+        title = "exact F" if k == "exact" else f"{LABELS[k]}\nerror {heat['errors'][k]:.3f}"
+        ax.set_title(title, fontsize=10)
+        frame(ax, "k", k == "exact")
+        if j == 0:
+            ax.set_ylabel("output unit", fontsize=8)
         ax = axes[1][j]
         if k == "exact":
             ax.axis("off")
             continue
         im2 = ax.imshow(diffs[k], cmap="magma", vmin=0, vmax=dmax, interpolation="nearest")
-        ax.set_title(f"|F − {LABELS[k]}|", fontsize=9)
-        ax.set_xticks([])
-        ax.set_yticks([])
-    fig.colorbar(im, ax=list(axes[0]), shrink=0.8, extend="both")
-    fig.colorbar(im2, ax=list(axes[1]), shrink=0.8, extend="max")
-    fig.suptitle(f"{heat['network']} layer {heat['layer']} ({m}×{n}) at step {heat['step']}: the "
-                 f"exact Fisher block and its approximations (relative Frobenius error of the whole "
-                 f"{m * n}×{m * n} block); shown: the {d}×{d} entries of output units 0–{units - 1}",
-                 fontsize=8.5)
-    fig.savefig(path, dpi=80)
+        ax.set_title(f"|F − {LABELS[k]}|", fontsize=10)
+        frame(ax, "0.75", True)
+        if j == 1:
+            ax.set_ylabel("output unit", fontsize=8)
+    cb = fig.colorbar(im, ax=list(axes[0]), shrink=0.85, extend="both")
+    cb.set_label("entry of the block", fontsize=9)
+    cb2 = fig.colorbar(im2, ax=list(axes[1]), shrink=0.85, extend="max")
+    cb2.set_label("absolute difference", fontsize=9)
+    fig.suptitle(f"{heat['network']} layer {heat['layer']} ({m}×{n}) after {heat['step']} SGD steps: "
+                 f"the exact Fisher block and its approximations\n(errors: relative Frobenius error "
+                 f"of the whole {m * n}×{m * n} block; shown: the {d}×{d} entries of output units "
+                 f"0–{units - 1}, {n} inputs each; colour scales clipped at the 99.5th percentile of |F|)",
+                 fontsize=10)
+    fig.savefig(path, dpi=150)
     plt.close(fig)
 
 
