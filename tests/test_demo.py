@@ -94,3 +94,8 @@ def test_quick_demo_json_records_and_kfoc_is_best(quick_run):
     for run in train["runs"].values():
         assert len(run["steps"]) == len(run["wall_seconds"]) == len(run["train_loss"])
         assert all(map(lambda v: v == v, run["train_loss"]))  # no NaN
+        # the median over the seeds within their range; one record per seed
+        assert len(run["seeds"]) == len(run["final_losses"]) == train["train_seeds"] >= 2
+        assert all(lo <= mid <= hi for lo, mid, hi in
+                   zip(run["train_loss_min"], run["train_loss"], run["train_loss_max"]))
+        assert min(run["final_losses"]) <= run["final_loss"] <= max(run["final_losses"])

@@ -81,6 +81,7 @@ class Config:
     sgd_lr: float = 1.0  # the plain-SGD baseline of part 2 (best of 0.3, 1, 2 on this task)
     update_every: int = 5  # recompute the blocks and estimates every this many steps
     eval_every: int = 5  # full-data loss every this many steps (not timed)
+    train_seeds: int = 3  # part 2 runs per method (initial weights, batch order, MC labels)
     seed: int = 0
 
     @classmethod
@@ -90,7 +91,7 @@ class Config:
     @classmethod
     def quick(cls, seed: int = 0) -> "Config":
         return cls(fisher_samples=64, checkpoints=(0, 20, 60), train_steps=40, update_every=4,
-                   eval_every=4, seed=seed)
+                   eval_every=4, train_seeds=2, seed=seed)
 
 
 def build_parser(prog: str = "python -m kronsum demo") -> argparse.ArgumentParser:
@@ -311,66 +312,83 @@ def fisher_study(net: str, X: Any, y: Any, cfg: Config, sync: Callable[[], None]
 
 def ngd_study(X: Any, y: Any, cfg: Config, sync: Callable[[], None],
               progress: bool) -> dict[str, Any]:
-    """Train the MLP by SGD and by NGD with K-FAC, TKFAC, K-FOC (same lr, damping, data order)."""
+    """Train the MLP by SGD and by NGD with K-FAC, TKFAC, K-FOC (same lr, damping, data order),
+    ``cfg.train_seeds`` times (initial weights, batch order and Monte-Carlo labels from seed
+    ``cfg.seed + 1000·s``); per method the medians over the seeds and their range."""
+    runs: dict[str, Any] = {}
+    for method in ("sgd",) + METHODS:
+        seeds = [_ngd_run(method, X, y, cfg, cfg.seed + 1000 * s, sync, progress)
+                 for s in range(cfg.train_seeds)]
+        loss = np.array([r["train_loss"] for r in seeds])
+        med = lambda key: float(np.median([r[key] for r in seeds]))  # noqa: E731
+        runs[method] = {"lr": seeds[0]["lr"], "steps": seeds[0]["steps"],
+                        "wall_seconds": np.median([r["wall_seconds"] for r in seeds], axis=0).tolist(),
+                        "train_loss": np.median(loss, axis=0).tolist(),
+                        "train_loss_min": loss.min(axis=0).tolist(), "train_loss_max": loss.max(axis=0).tolist(),
+                        "final_loss": med("final_loss"), "final_losses": [r["final_loss"] for r in seeds],
+                        "final_accuracy": med("final_accuracy"), "total_seconds": med("total_seconds"),
+                        "estimator_seconds": med("estimator_seconds"), "seeds": seeds}
+    return {"network": "mlp", "fisher": "mc (1 sample per input, mini-batch)",
+            "damping": cfg.train_damping, "lr": cfg.train_lr, "sgd_lr": cfg.sgd_lr,
+            "batch_size": cfg.train_batch, "update_every": cfg.update_every,
+            "precondition_method": "exact", "train_seeds": cfg.train_seeds, "runs": runs}
+
+
+def _ngd_run(method: str, X: Any, y: Any, cfg: Config, seed: int, sync: Callable[[], None],
+             progress: bool) -> dict[str, Any]:
+    """One training run of :func:`ngd_study` (one method, one seed)."""
     from kronsum.adapters.torch import collect, precondition
     from tqdm import tqdm
 
-    order_rng = np.random.default_rng(cfg.seed + 2)
+    order_rng = np.random.default_rng(seed + 2)
     per_epoch = X.shape[0] // cfg.train_batch
     order = np.concatenate([order_rng.permutation(X.shape[0])[: per_epoch * cfg.train_batch]
                             for _ in range(cfg.train_steps // per_epoch + 1)])
     batches = [order[i * cfg.train_batch: (i + 1) * cfg.train_batch] for i in range(cfg.train_steps)]
     loss_fn = nn.CrossEntropyLoss()
-    runs: dict[str, Any] = {}
-    for method in ("sgd",) + METHODS:
-        torch.manual_seed(cfg.seed)
-        model = make_mlp().to(X.device)
-        gen = torch.Generator(device=X.device).manual_seed(cfg.seed + 3)
-        lr = cfg.sgd_lr if method == "sgd" else cfg.train_lr
-        opt = torch.optim.SGD(model.parameters(), lr=lr)  # plain SGD step on the (preconditioned) gradient
-        estimator = getattr(ks, method, None)
-        estimates = None
-        wall, steps, walls, losses, batch_losses = 0.0, [], [], [], []
-        estimate_seconds = 0.0
-        bar = tqdm(batches, desc=f"train mlp: {LABELS[method]}", unit="step",
-                   disable=not progress, leave=True, file=sys.stderr)
-        for step, b in enumerate(bar):
-            if step % cfg.eval_every == 0:
-                steps.append(step)
-                walls.append(wall)
-                losses.append(_full_loss(model, X, y)[0])
-            idx = torch.as_tensor(b, device=X.device)
-            xb, yb = X[idx], y[idx]
+    torch.manual_seed(seed)
+    model = make_mlp().to(X.device)
+    gen = torch.Generator(device=X.device).manual_seed(seed + 3)
+    lr = cfg.sgd_lr if method == "sgd" else cfg.train_lr
+    opt = torch.optim.SGD(model.parameters(), lr=lr)  # plain SGD step on the (preconditioned) gradient
+    estimator = getattr(ks, method, None)
+    estimates = None
+    wall, steps, walls, losses, batch_losses = 0.0, [], [], [], []
+    estimate_seconds = 0.0
+    bar = tqdm(batches, desc=f"train mlp: {LABELS[method]} (seed {seed})", unit="step",
+               disable=not progress, leave=True, file=sys.stderr)
+    for step, b in enumerate(bar):
+        if step % cfg.eval_every == 0:
+            steps.append(step)
+            walls.append(wall)
+            losses.append(_full_loss(model, X, y)[0])
+        idx = torch.as_tensor(b, device=X.device)
+        xb, yb = X[idx], y[idx]
+        sync()
+        t0 = time.perf_counter()
+        if method != "sgd" and step % cfg.update_every == 0:
+            blocks = collect(model, loss_fn, xb, yb, fisher="mc", generator=gen)
+            t1 = time.perf_counter()
+            estimates = {name: estimator(F) for name, F in blocks.items()}
             sync()
-            t0 = time.perf_counter()
-            if method != "sgd" and step % cfg.update_every == 0:
-                blocks = collect(model, loss_fn, xb, yb, fisher="mc", generator=gen)
-                t1 = time.perf_counter()
-                estimates = {name: estimator(F) for name, F in blocks.items()}
-                sync()
-                estimate_seconds += time.perf_counter() - t1
-            opt.zero_grad()
-            loss = loss_fn(model(xb), yb)
-            loss.backward()
-            if estimates is not None:
-                precondition(model, estimates, cfg.train_damping, method="exact")
-            opt.step()
-            sync()
-            wall += time.perf_counter() - t0
-            batch_losses.append(loss.item())
-        bar.close()
-        steps.append(cfg.train_steps)
-        walls.append(wall)
-        final_loss, final_acc = _full_loss(model, X, y)
-        losses.append(final_loss)
-        runs[method] = {"lr": lr, "steps": steps, "wall_seconds": walls, "train_loss": losses,
-                        "batch_loss": batch_losses, "final_loss": final_loss,
-                        "final_accuracy": final_acc, "total_seconds": wall,
-                        "estimator_seconds": estimate_seconds}
-    return {"network": "mlp", "fisher": "mc (1 sample per input, mini-batch)",
-            "damping": cfg.train_damping, "lr": cfg.train_lr, "sgd_lr": cfg.sgd_lr,
-            "batch_size": cfg.train_batch, "update_every": cfg.update_every,
-            "precondition_method": "exact", "runs": runs}
+            estimate_seconds += time.perf_counter() - t1
+        opt.zero_grad()
+        loss = loss_fn(model(xb), yb)
+        loss.backward()
+        if estimates is not None:
+            precondition(model, estimates, cfg.train_damping, method="exact")
+        opt.step()
+        sync()
+        wall += time.perf_counter() - t0
+        batch_losses.append(loss.item())
+    bar.close()
+    steps.append(cfg.train_steps)
+    walls.append(wall)
+    final_loss, final_acc = _full_loss(model, X, y)
+    losses.append(final_loss)
+    return {"seed": seed, "lr": lr, "steps": steps, "wall_seconds": walls, "train_loss": losses,
+            "batch_loss": batch_losses, "final_loss": final_loss, "final_accuracy": final_acc,
+            "total_seconds": wall, "estimator_seconds": estimate_seconds}
 
 
 # -- output --------------------------------------------------------------------------------
@@ -518,23 +536,27 @@ def _plot_heatmaps(heat: dict[str, Any], path: str, units: int = 5) -> None:
 
 
 def _plot_train(ngd: dict[str, Any], path: str) -> None:
+    """Training loss against step and wall time: the median over the seeds, their range shaded."""
     import matplotlib.pyplot as plt
 
-    fig, (a1, a2) = plt.subplots(1, 2, figsize=(9, 3.4))
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4.2), layout="constrained")
+    styles = {"sgd": "-", "kfac": "-", "tkfac": "--", "kfoc": ":"}
     for method, r in ngd["runs"].items():
-        kw = dict(color=COLORS[method], label=f"{LABELS[method]} (lr {r['lr']:g})", lw=1.5)
-        a1.plot(r["steps"], r["train_loss"], **kw)
-        a2.plot(r["wall_seconds"], r["train_loss"], **kw)
-    for ax, xl in ((a1, "step"), (a2, "wall time (s, training only)")):
+        kw = dict(color=COLORS[method], ls=styles.get(method, "-"), lw=2.0,
+                  label=f"{LABELS[method]} (lr {r['lr']:g}): final {r['final_loss']:.3f}")
+        for ax, x in ((a1, r["steps"]), (a2, r["wall_seconds"])):
+            ax.plot(x, r["train_loss"], **kw)
+            ax.fill_between(x, r["train_loss_min"], r["train_loss_max"], color=COLORS[method], alpha=0.15, lw=0)
+    for ax, xl in ((a1, "step"), (a2, "wall time (s, training only; median over the seeds)")):
         ax.set_yscale("log")
-        ax.set_xlabel(xl)
-        ax.set_ylabel("training loss (all 1797 digits)")
+        ax.set_xlabel(xl, fontsize=10)
+        ax.set_ylabel("training loss (all 1797 digits)", fontsize=10)
         ax.grid(True, which="both", alpha=0.3)
-    a1.legend(fontsize=8)
-    fig.suptitle(f"MLP on digits: natural gradient with each estimator (damping "
-                 f"{ngd['damping']:g}, blocks every {ngd['update_every']} steps) vs SGD", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
+        ax.tick_params(labelsize=9)
+    a1.legend(fontsize=9, title=f"median of {ngd['train_seeds']} seeds (range shaded)", title_fontsize=9)
+    fig.suptitle(f"MLP on digits: natural gradient with each estimator (damping {ngd['damping']:g}, "
+                 f"blocks every {ngd['update_every']} steps) against SGD", fontsize=11)
+    fig.savefig(path, dpi=150)
     plt.close(fig)
 
 
@@ -651,9 +673,10 @@ def _run(args: argparse.Namespace) -> int:
         print()
         print(f"Natural-gradient training of the MLP ({cfg.train_steps} steps, batch "
               f"{cfg.train_batch}, lr {cfg.train_lr:g}, damping {cfg.train_damping:g}; "
-              f"SGD lr {cfg.sgd_lr:g}):")
+              f"SGD lr {cfg.sgd_lr:g}; medians of {cfg.train_seeds} seeds, range in brackets):")
         for method, r in ngd["runs"].items():
-            print(f"  {LABELS[method]:6s} final training loss {r['final_loss']:.4f}, accuracy "
+            print(f"  {LABELS[method]:6s} final training loss {r['final_loss']:.4f} "
+                  f"[{min(r['final_losses']):.4f}–{max(r['final_losses']):.4f}], accuracy "
                   f"{r['final_accuracy']:.3f}, {r['total_seconds']:.2f} s")
     print()
     if bad:
