@@ -23,7 +23,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 CHROMIUM = next((p for p in (shutil.which("chromium"), shutil.which("chromium-browser"),
                              shutil.which("google-chrome")) if p), None)
-ROLE = re.compile(r":(func|meth|class|attr|mod|data|obj|exc|ref):`")
+ROLE = re.compile(r":(func|meth|class|attr|mod|data|obj|exc|ref):")  # markdown turns the `name` after it into code
 
 pytestmark = [
     pytest.mark.slow,
