@@ -129,8 +129,8 @@ def eig_quadratic_sum(P: Array, Q: Array, M: Array | None, w: Array) -> Array:
 
 
 def syrk_available(xp: Any) -> bool:
-    """Whether :func:`weighted_gram` is a ``syrk`` (half a ``gemm``) in ``xp``: NumPy, and
-    PyTorch CPU tensors that the estimators read through NumPy views."""
+    """Whether :func:`weighted_gram` is a ``syrk`` (half a ``gemm``) in ``xp``: NumPy (which
+    the estimators also use for PyTorch CPU tensors, through NumPy views of their memory)."""
     return is_numpy_namespace(xp)
 
 

@@ -573,7 +573,9 @@ def lanczos_two_precision(low: Space, x0, high: Space, resume: Callable[[], Spac
         # widened by ``low_image`` × θ; the working-precision image only when that does not stop
         half = materialize(high.half(x))
         th = to_float(xp.sum(half * half))
-        r_low = 0.0 if lo.residual == 0 else (lo.residual * stop_low.th1 if stop_low.th1 else math.inf)
+        # a breakdown exit reports 0 for a remainder up to 64·ε·θ (the low precision's): take that
+        eps_low = float(xp.finfo(x0.dtype).eps)
+        r_low = (lo.residual * stop_low.th1 if stop_low.th1 else math.inf) if lo.residual else 64 * eps_low * th
         res = (r_low / th + low_image) if th > 0 else 0.0
         if th <= 0 or stop.met(th, res, stop_low.th2, stop_low.r2) or its >= max_iter:
             conv = th <= 0 or stop.bound <= stop.accuracy or res <= stop.tol

@@ -357,8 +357,8 @@ class KronInverse:
         """The damped inverse of an estimate the library made itself (factors symmetric and
         finite by construction, e.g. a :class:`~kronsum.RunningEstimate`'s): as the
         constructor, but the eigendecompositions skip their input checks (finiteness,
-        symmetry, the symmetrisation: four passes over each factor); their results are still
-        checked for finite values."""
+        symmetry, the symmetrisation: four passes over each factor); their eigenvalues are
+        still checked for finite values (a non-finite factor makes them non-finite)."""
         method = _check_method(method)
         lam = _check_damping(damping)
         return cls._from_eig(_Eig(kron, f"damping={lam!r}, method={method!r}", check=False), method, lam)

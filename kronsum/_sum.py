@@ -663,9 +663,12 @@ _POW2_RANGE_32 = (2.0**-8, 2.0**8)
 
 
 def _symmetric(M: Array) -> bool:
-    """Whether a NumPy matrix is symmetric to rounding: ``|M − Mᵀ| ≤ p·ε·max|M|``."""
+    """Whether a float32/float64 NumPy matrix is symmetric to rounding: ``|M − Mᵀ| ≤ p·ε·max|M|``
+    (other dtypes: False, so that they keep the GEMM routes)."""
     import numpy as np
 
+    if M.dtype not in (np.float32, np.float64):
+        return False
     scale = float(np.max(np.abs(M))) if M.size else 0.0
     return bool(np.max(np.abs(M - M.T)) <= M.shape[0] * np.finfo(M.dtype).eps * scale) if scale else True
 

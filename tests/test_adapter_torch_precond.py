@@ -208,3 +208,26 @@ def test_ekfac_refreshes_its_basis_every_basis_every_and_round_trips():
     b = _grads(model)
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-12, atol=0)
+
+
+def test_unfreezing_a_layer_adds_its_block_at_the_next_refresh():
+    """Gradual unfreezing: a layer frozen at the first refresh is covered from the refresh after
+    it trains again, and its gradient is then preconditioned (the damped solve of its block)."""
+    model, X, y = _setup()
+    loss_fn = nn.CrossEntropyLoss()
+    model[0].requires_grad_(False)
+    pre = kt.Preconditioner(model, loss_fn, estimator="kfac", fisher="empirical", update_every=1, damping=0.1)
+    loss_fn(model(X), y).backward()
+    pre.step(X, y)
+    assert set(pre.estimates) == {"2"}
+    model.zero_grad()
+    model[0].requires_grad_(True)
+    loss_fn(model(X), y).backward()
+    before = _grads(model)
+    pre.step(X, y)
+    assert set(pre.estimates) == {"0", "2"}
+    e = pre.estimates["0"]
+    want = torch.linalg.solve(e.to_dense() + 0.1 * torch.eye(e.m * e.n, dtype=DT),
+                              _block(model, "0", before).reshape(-1))
+    np.testing.assert_allclose(_block(model, "0", _grads(model)).reshape(-1).numpy(), want.numpy(),
+                               rtol=1e-7, atol=1e-9 * float(want.abs().max()))

@@ -3,9 +3,8 @@
 // every instant-navigation page change of mkdocs-material.
 document$.subscribe(({ body }) => {
   renderMathInElement(body, {
+    // arithmatex (generic mode) writes \( … \) and \[ … \]; a dollar sign in prose stays text
     delimiters: [
-      { left: "$$", right: "$$", display: true },
-      { left: "$", right: "$", display: false },
       { left: "\\(", right: "\\)", display: false },
       { left: "\\[", right: "\\]", display: true }
     ],

@@ -205,9 +205,12 @@ class Preconditioner:
         if not self._running:
             raise RuntimeError("no estimate yet: the first step needs the batch")
         if self._params is None:  # per block (spec, weight, bias), kept until the next refresh
-            modules = tuple((name, id(mod)) for name, mod in self.model.named_modules())
-            if self._specs is None or self._specs[0] != modules:  # the model's layers changed
-                self._specs = (modules, _specs_by_key(self.model))
+            # the covered layers follow the modules and which parameters train (coverage keeps
+            # layers with trainable parameters): a frozen or unfrozen layer changes them
+            layout = (tuple((name, id(mod)) for name, mod in self.model.named_modules()),
+                      tuple((name, id(q), q.requires_grad) for name, q in self.model.named_parameters()))
+            if self._specs is None or self._specs[0] != layout or not set(self._inverses) <= set(self._specs[1]):
+                self._specs = (layout, _specs_by_key(self.model))
             specs = self._specs[1]
             self._params = {k: (specs[k], self.model.get_parameter(specs[k].weight),
                                 None if specs[k].bias is None else self.model.get_parameter(specs[k].bias))
