@@ -1,5 +1,5 @@
-"""kronsum.adapters.distributed on gloo process groups of 2 and 4 CPU processes: K-FAC, TKFAC
-and K-FOC of a sum split over ranks equal the single-process estimates of the gathered sum
+"""kronsum.adapters.distributed on gloo process groups of 2 and 4 CPU processes: K-FAC, TKFAC,
+K-FOC and EKFAC of a sum split over ranks equal the single-process estimates of the gathered sum
 (outer, conv and terms forms, uneven splits), every rank returns the same estimate, only m×m /
 n×n matrices are all-reduced (counted by ``info.allreduces``), the caller's arrays are not
 written, and ranks whose blocks differ get a ValueError on every rank instead of a hang."""
@@ -45,7 +45,8 @@ def _sums(world: int):
 
 def _digest(est) -> str:
     h = hashlib.sha256()
-    for t in (est.left, est.right, torch.as_tensor(est.scale)):
+    arrays = (est.U, est.V, est.S) if isinstance(est, ks.EigenKron) else (est.left, est.right, torch.as_tensor(est.scale))
+    for t in arrays:
         h.update(t.numpy().tobytes())
     return h.hexdigest()
 
@@ -68,14 +69,16 @@ def _worker(rank: int, world: int, path: str, queue) -> None:
             before = [a.clone() for a in local_arrays]
             local = make(*local_arrays)
             refs = {"kfac": ks.kfac(full), "tkfac": ks.tkfac(full),
-                    "kfoc": ks.kfoc(full, tol=TOL, accuracy=None, method="lanczos")}
+                    "kfoc": ks.kfoc(full, tol=TOL, accuracy=None, method="lanczos"),
+                    "ekfac": ks.ekfac(full)}
             for name, ref in refs.items():
                 sizes.clear()
                 est = getattr(ksd, name)(local, tol=TOL) if name == "kfoc" else getattr(ksd, name)(local)
                 D, Dr = est.to_dense(), ref.to_dense()
+                tr = (lambda e: float(e.trace())) if name == "ekfac" else (lambda e: float(e.scale))  # noqa: E731
                 out[form, name] = dict(
                     err=float((D - Dr).abs().max() / Dr.abs().max()),
-                    scale_err=abs(float(est.scale) - float(ref.scale)) / abs(float(ref.scale)),
+                    scale_err=abs(tr(est) - tr(ref)) / abs(tr(ref)),
                     allreduces=est.info.allreduces, calls=len(sizes), largest=max(sizes),
                     mn=(full.m, full.n), digest=_digest(est),
                     unchanged=all(torch.equal(a, b) for a, b in zip(local_arrays, before)),
@@ -205,6 +208,8 @@ def test_split_sums_give_the_gathered_estimates(world):
         assert r["largest"] <= m * m + n * n + 6, key  # factors only, never the statistics
         if name == "kfoc":
             assert r["converged"] and r["allreduces"] == 2 * r["its"] + 3, (key, r)
+        elif name == "ekfac":  # the K-FAC basis (2) and the corrected eigenvalues S (1)
+            assert r["allreduces"] == 3, key
         else:
             assert r["allreduces"] == 2, key
         # the same bits on every rank

@@ -17,6 +17,9 @@ kfac       ``Σ w L_k``, ``Σ w R_k``, ``Σ w`` (one call)            ``kronsum.
 tkfac      ``𝓡(F) vec I``, ``𝓡(F)ᵀ vec I`` (one call)              ``kronsum.tkfac(F)``
 kfoc       two half-steps per Lanczos step, one each for the      ``kronsum.kfoc(F)``
            start and the finish
+ekfac      the basis estimate's, then the ``m × n`` corrected     ``kronsum.ekfac(F)``
+           eigenvalues ``S`` (the basis broadcast from the
+           group's first rank)
 =========  ====================================================  ==========================
 
 ``info.allreduces`` counts the all-reduces of the solve (one more for the shape check that
@@ -46,6 +49,7 @@ from __future__ import annotations
 from typing import Any
 
 from .._closed_forms import _require_sum
+from .._ekfac import BASES, EigenKron, _eigenbasis, diag_in_basis
 from .._compat import to_float
 from .._eigen import Stop, contraction_space, default_tol, finish, lanczos
 from .._inverse import KronInverse, _Eig
@@ -54,7 +58,7 @@ from .._running import RunningEstimate as _RunningEstimate
 from .._sum import KronSum
 from .._validation import check_int, check_real
 
-__all__ = ["RunningEstimate", "kfac", "kfoc", "spread_inverses", "tkfac"]
+__all__ = ["RunningEstimate", "ekfac", "kfac", "kfoc", "spread_inverses", "tkfac"]
 
 
 class _Reduced:
@@ -271,6 +275,57 @@ def kfoc(F: KronSum, *, group: Any = None, tol: float | None = None, max_iter: i
                     converged=eig.converged, residual=eig.residual,
                     sigma1=sigma, sigma2=eig.sigma2, notes=notes, allreduces=R.count)
     return Kron(fac.left, fac.right, scale=fac.sigma, info=info)
+
+
+def ekfac(F: KronSum, *, basis: str | Kron = "kfac", group: Any = None) -> EigenKron:
+    r"""EKFAC (George et al. 2018) of ``Σ_r F_r``: the eigenbasis ``U ⊗ V`` of the distributed
+    ``basis`` estimate (:func:`kfac`, :func:`tkfac` or :func:`kfoc` over the group, or a
+    :class:`~kronsum.Kron` that is the same on every rank) and the corrected eigenvalues
+    ``S_ij = Σ_r Σ_{k∈r} w_k (u_i ⊗ v_j)ᵀ (L_k ⊗ R_k) (u_i ⊗ v_j)``: each rank's ``(m, n)``
+    share from its own samples, all-reduced (:func:`kronsum.ekfac`'s ``diag_in_basis``).
+
+    The basis is decomposed on every rank and broadcast from the group's first rank, so
+    every rank holds the same bits whatever its LAPACK threads do (one broadcast of
+    ``m² + n²`` numbers, not counted in ``info.allreduces``).
+
+    Parameters
+    ----------
+    F : KronSum
+        This rank's terms (torch tensors).
+    basis : {"kfac", "tkfac", "kfoc"} or Kron
+    group : torch.distributed.ProcessGroup, optional
+
+    Returns
+    -------
+    EigenKron
+        The same on every rank, equal to :func:`kronsum.ekfac` of the gathered sum to
+        rounding; ``info.method == "ekfac/<basis>[distributed]"``, ``info.allreduces`` the
+        basis estimate's plus one.
+    """
+    import torch
+    import torch.distributed as dist
+
+    if isinstance(basis, Kron):
+        R = _setup(F, "ekfac", group)
+        if (basis.m, basis.n) != (F.m, F.n):
+            raise ValueError(f"ekfac: basis has factor sizes ({basis.m}, {basis.n}) but F has "
+                             f"({F.m}, {F.n})")
+        est, name, before = basis, basis.info.method, R.count
+    elif isinstance(basis, str) and basis in BASES:
+        est = {"kfac": kfac, "tkfac": tkfac, "kfoc": kfoc}[basis](F, group=group)
+        R, name, before = _Reduced(F, group), basis, est.info.allreduces
+    else:
+        raise ValueError(f"ekfac: basis must be one of {BASES} or a kronsum.Kron, got {basis!r}")
+    U, V = _eigenbasis(est, F.xp)
+    buf = torch.cat([U.reshape(-1), V.reshape(-1)]).contiguous()
+    dist.broadcast(buf, src=dist.get_global_rank(group, 0) if group is not None else 0, group=group)
+    m2 = F.m * F.m
+    U, V = buf[:m2].reshape(F.m, F.m), buf[m2:].reshape(F.n, F.n)
+    S = R.reduce(diag_in_basis(F, U, V))
+    _finite("ekfac", "S", float(S.abs().max()))
+    info = KronInfo(method=f"ekfac/{name}[distributed]", notes=tuple(est.info.notes),
+                    allreduces=before + R.count)
+    return EigenKron._new(U, V, S, info, F.xp)
 
 
 class RunningEstimate(_RunningEstimate):
