@@ -451,6 +451,16 @@ class RunningEstimate:
         warm = choose_method(S, opts.get("method", "auto")) != "gram"
         return kfoc(S, init=prev, **opts) if warm else kfoc(S, **opts)
 
+    def _ekfac_basis(self, kron: Kron) -> tuple:
+        """The eigenvectors ``(U, V)`` of K-FAC's factors (``"ekfac"``'s basis refreshes)."""
+        from ._ekfac import _eigenbasis
+
+        return _eigenbasis(kron, kron._xp)
+
+    def _ekfac_diag(self, F: KronSum, U: Array, V: Array) -> Array:
+        """The batch's corrected eigenvalues ``S`` (its diagonal in ``U ⊗ V``), true scale."""
+        return _ekfac_in(F, U, V, KronInfo(method="ekfac")).S
+
     def _prev_share(self) -> float:
         """The share of the previous estimate this object adds to ``S`` (1: it alone holds
         the batch; ``1/world`` when every rank adds it to its part of a split batch)."""
@@ -459,21 +469,19 @@ class RunningEstimate:
     def _ekfac_update(self, F: KronSum, left: Array, right: Array, t: int, a: float,
                       b: float) -> KronInfo:
         """Set ``_U``, ``_V``, ``_S`` of update ``t`` (see the class docstring)."""
-        from ._ekfac import _eigenbasis
-
         xp = F.xp
         U, V, S_prev = self._U, self._V, self._S
         notes: tuple[str, ...] = ()
         if (t - 1) % self._basis_every == 0:
             kron = _new_kron(left, right, 1.0, KronInfo(method="kfac"), xp)
             # checked and symmetrised always: a restored state continues bit for bit
-            U, V = _eigenbasis(kron, xp)
+            U, V = self._ekfac_basis(kron)
             notes = ("eigenbasis refreshed at this update",)
             if a != 0.0:  # the previous estimate's diagonal in the new basis
                 Mu = (xp.matrix_transpose(U) @ self._U) ** 2
                 Mv = (xp.matrix_transpose(V) @ self._V) ** 2
                 S_prev = Mu @ S_prev @ xp.matrix_transpose(Mv)
-        S = _ekfac_in(F, U, V, KronInfo(method="ekfac")).S
+        S = self._ekfac_diag(F, U, V)
         if a != 0.0:
             S = _mix(a, S_prev, b, S, reuse_new=True)
         self._U, self._V, self._S = U, V, S

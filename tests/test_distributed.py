@@ -131,10 +131,11 @@ def _training_worker(rank: int, world: int, path: str, queue) -> None:
         g = torch.Generator().manual_seed(1)
         batches = [(torch.randn(12, 5, generator=g, dtype=torch.float64),
                     torch.randn(12, 6, generator=g, dtype=torch.float64)) for _ in range(3)]
-        for name in ("kfac", "tkfac", "kfoc_approx", "kfoc_running"):
-            split = ksd.RunningEstimate(name, 0.7, kfoc_options={"tol": TOL})
+        for name in ("kfac", "tkfac", "kfoc_approx", "kfoc_running", "ekfac"):
+            extra = {"basis_every": 2} if name == "ekfac" else {}  # a kept and a refreshed basis
+            split = ksd.RunningEstimate(name, 0.7, kfoc_options={"tol": TOL}, **extra)
             one = ks.RunningEstimate(name, 0.7, kfoc_options={"tol": TOL, "accuracy": None,
-                                                             "method": "lanczos"})
+                                                             "method": "lanczos"}, **extra)
             for G, A in batches:
                 a = split.update(ks.KronSum.from_outer(G[rank::world], A[rank::world]))
                 b = one.update(ks.KronSum.from_outer(G, A))
@@ -143,7 +144,7 @@ def _training_worker(rank: int, world: int, path: str, queue) -> None:
         # the preconditioner under DDP against one process with the whole batch
         X = torch.randn(16, 4, generator=g, dtype=torch.float64)
         y = torch.randint(0, 3, (16,), generator=g)
-        for est in ("kfac", "kfoc_running"):
+        for est in ("kfac", "kfoc_running", "ekfac"):
             torch.manual_seed(0)
             make = lambda: torch.nn.Sequential(  # noqa: E731
                 torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 6), torch.nn.Tanh(),
@@ -190,6 +191,9 @@ def test_streaming_estimates_and_the_ddp_preconditioner():
         blocks = results[0]["blocks", est]
         mine = [results[r]["inverted", est] for r in results]
         assert sorted(sum(mine, [])) == blocks and all(mine), mine  # each block on one rank
+    # EKFAC's estimates are in their eigenbasis: every rank forms the inverses, none is spread
+    assert all(results[r]["inverted", "ekfac"] == [] for r in results)
+    assert len(results[0]["blocks", "ekfac"]) == 3
 
 
 @pytest.mark.slow

@@ -76,7 +76,8 @@ class Preconditioner:
         all-reduced). Each block's damped inverse is decomposed on one rank and broadcast
         (:func:`kronsum.adapters.distributed.spread_inverses`; :attr:`inverted_here` lists
         this rank's). Pass the wrapped module (``ddp.module``) as ``model``. ``None``
-        (default): one process. Not with ``estimator="ekfac"``.
+        (default): one process. With ``estimator="ekfac"`` every rank forms each block's
+        inverse itself (it is already in its eigenbasis).
 
     Notes
     -----

@@ -302,9 +302,6 @@ def ekfac(F: KronSum, *, basis: str | Kron = "kfac", group: Any = None) -> Eigen
         rounding; ``info.method == "ekfac/<basis>[distributed]"``, ``info.allreduces`` the
         basis estimate's plus one.
     """
-    import torch
-    import torch.distributed as dist
-
     if isinstance(basis, Kron):
         R = _setup(F, "ekfac", group)
         if (basis.m, basis.n) != (F.m, F.n):
@@ -316,16 +313,26 @@ def ekfac(F: KronSum, *, basis: str | Kron = "kfac", group: Any = None) -> Eigen
         R, name, before = _Reduced(F, group), basis, est.info.allreduces
     else:
         raise ValueError(f"ekfac: basis must be one of {BASES} or a kronsum.Kron, got {basis!r}")
-    U, V = _eigenbasis(est, F.xp)
-    buf = torch.cat([U.reshape(-1), V.reshape(-1)]).contiguous()
-    dist.broadcast(buf, src=dist.get_global_rank(group, 0) if group is not None else 0, group=group)
-    m2 = F.m * F.m
-    U, V = buf[:m2].reshape(F.m, F.m), buf[m2:].reshape(F.n, F.n)
+    U, V = _shared_basis(est, group)
     S = R.reduce(diag_in_basis(F, U, V))
     _finite("ekfac", "S", float(S.abs().max()))
     info = KronInfo(method=f"ekfac/{name}[distributed]", notes=tuple(est.info.notes),
                     allreduces=before + R.count)
     return EigenKron._new(U, V, S, info, F.xp)
+
+
+def _shared_basis(est: Kron, group: Any) -> tuple:
+    """The eigenvectors ``(U, V)`` of an estimate every rank holds alike, decomposed on every
+    rank and broadcast from the group's first rank: the same bits on every rank whatever each
+    rank's LAPACK threads do (one broadcast of ``m² + n²`` numbers)."""
+    import torch
+    import torch.distributed as dist
+
+    U, V = _eigenbasis(est, est._xp)
+    buf = torch.cat([U.reshape(-1), V.reshape(-1)]).contiguous()
+    dist.broadcast(buf, src=dist.get_global_rank(group, 0) if group is not None else 0, group=group)
+    m, n = U.shape[0], V.shape[0]
+    return buf[:m * m].reshape(m, m), buf[m * m:].reshape(n, n)
 
 
 class RunningEstimate(_RunningEstimate):
@@ -336,8 +343,10 @@ class RunningEstimate(_RunningEstimate):
     estimates of :func:`kfac` / :func:`tkfac`, ``"kfoc_approx"`` those of :func:`kfoc`, and
     ``"kfoc_running"`` solves :func:`kfoc` for ``decay · previous + (1 − decay) · batch``,
     each rank adding ``1/world`` of the previous estimate to its part (warm started from the
-    previous estimate). ``kfoc_options`` may hold ``tol`` and ``max_iter``. ``"ekfac"`` is
-    not offered (its corrected eigenvalues are a further sum over samples). Checkpoints are
+    previous estimate). ``"ekfac"`` averages the all-reduced K-FAC factors, refreshes their
+    eigenbasis as :class:`kronsum.RunningEstimate` does (broadcast from the group's first
+    rank) and averages the batch's corrected eigenvalues, one all-reduce of each rank's
+    ``(m, n)`` share. ``kfoc_options`` may hold ``tol`` and ``max_iter``. Checkpoints are
     those of :class:`kronsum.RunningEstimate`.
 
     Parameters
@@ -350,9 +359,6 @@ class RunningEstimate(_RunningEstimate):
 
     def __init__(self, estimator: str = "kfoc_running", decay: float = 0.95, *,
                  group: Any = None, **kw: Any):
-        if estimator == "ekfac":
-            raise ValueError("estimator='ekfac' is not offered over a process group; use "
-                             "'kfac', 'tkfac', 'kfoc_approx' or 'kfoc_running'")
         extra = set(kw.get("kfoc_options") or {}) - {"tol", "max_iter"}
         if extra:
             raise ValueError(f"kfoc_options over a process group take 'tol' and 'max_iter' "
@@ -382,6 +388,12 @@ class RunningEstimate(_RunningEstimate):
 
         return 1.0 / dist.get_world_size(self.group)
 
+    def _ekfac_basis(self, kron: Kron) -> tuple:
+        return _shared_basis(kron, self.group)
+
+    def _ekfac_diag(self, F: KronSum, U: Any, V: Any) -> Any:
+        return _Reduced(F, self.group).reduce(super()._ekfac_diag(F, U, V))
+
 
 def spread_inverses(estimates: dict, damping: float, method: str = "exact", *,
                     group: Any = None) -> tuple[dict, list]:
@@ -390,8 +402,10 @@ def spread_inverses(estimates: dict, damping: float, method: str = "exact", *,
     Block ``i`` (in the dict's order, which must be the same on every rank) is decomposed on
     rank ``i mod world`` (:meth:`kronsum.Kron.inverse`: two eigendecompositions) and its
     eigenvectors, eigenvalues and scale broadcast to the others in one buffer, as KAISA
-    spreads K-FAC's inversions. A block whose decomposition fails raises ``ValueError`` on
-    every rank (one all-reduce of failure flags first), naming the block.
+    spreads K-FAC's inversions. An :class:`~kronsum.EigenKron` (EKFAC) is already in its
+    eigenbasis: every rank forms its inverse itself, nothing is decomposed or sent. A block
+    whose decomposition fails raises ``ValueError`` on every rank (one all-reduce of failure
+    flags first), naming the block.
 
     Returns
     -------
@@ -403,7 +417,8 @@ def spread_inverses(estimates: dict, damping: float, method: str = "exact", *,
     import torch.distributed as dist
 
     world, rank = dist.get_world_size(group), dist.get_rank(group)
-    keys = list(estimates)
+    local = {k: e.inverse(damping, method) for k, e in estimates.items() if isinstance(e, EigenKron)}
+    keys = [k for k in estimates if k not in local]
     eigs, mine, errors = {}, [], {}
     for i, k in enumerate(keys):
         if i % world == rank:
@@ -412,7 +427,9 @@ def spread_inverses(estimates: dict, damping: float, method: str = "exact", *,
                 eigs[k] = estimates[k].inverse(damping, method)
             except ValueError as exc:
                 errors[k] = str(exc)
-    ref = next(iter(estimates.values())).left
+    if not keys:
+        return local, mine
+    ref = estimates[keys[0]].left
     failed = torch.tensor([1.0 if k in errors else 0.0 for k in keys], dtype=torch.float64,
                           device=ref.device)
     dist.all_reduce(failed, group=group)
@@ -445,4 +462,4 @@ def spread_inverses(estimates: dict, damping: float, method: str = "exact", *,
             o += size
         eig = _Eig.assembled(est._xp, parts[0], parts[1], parts[2], parts[3], float(buf[o]))
         out[k] = KronInverse._from_eig(eig, method, float(damping))
-    return out, mine
+    return {k: out[k] if k in out else local[k] for k in estimates}, mine
