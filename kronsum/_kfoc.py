@@ -43,7 +43,7 @@ from ._eigen import (Solution, Stop, aux_fits, contraction_space, conv_gram_solv
 from ._eigen import default_accuracy as _default_accuracy
 from ._eigen import default_tol as _default_tol
 from ._kron import Kron, KronInfo
-from ._sum import KronSum, times_scale
+from ._sum import KronSum, conv_contraction_costs, times_scale
 from ._validation import check_in_range, check_int, check_real, check_seed, underflow_notes
 
 __all__ = ["kfoc"]
@@ -138,10 +138,7 @@ def _conv_costs(F: KronSum) -> dict:
     syrk = syrk_available(F.xp)
 
     def contraction(p, q):  # Σ_k Y_kᵀ M Y_k from side p to side q, the cheapest association
-        cost = min(T * p * p + T * T * (p + q) + T * q * q, T * p * q + p * p * q + p * q * q)
-        if syrk:  # the weighted Gram product of the rows of M's eigenvectors (syrk)
-            cost = min(cost, T * p * p + T * p * q + p * q * q / 2 + (12 * p ** 3 + 5e5) / K)
-        return K * cost
+        return K * min(conv_contraction_costs(K, T, p, q, syrk=syrk).values())
 
     lanczos = (its + 1) * (contraction(m, n) + contraction(n, m)) * _SEC_PER_CONTRACTION_MAC
     if F.dtype == F.xp.float32 or _float32_iterations(F):  # float32 iterations

@@ -383,15 +383,10 @@ class KronSum:
         K, T, p = P.shape
         q = Q.shape[-1]
         w = self.weights[:, None, None]
-        m_cost = 0 if M is None else p * p
-        flops_positions = T * m_cost + T * T * (p + q) + T * q * q
-        flops_samples = T * p * q + m_cost * q + p * q * q
-        # eigh ≈ 12p³ + 5·10⁵ multiply-adds of a GEMM's speed (one BLAS thread, p = 16 to 576)
-        flops_rows = T * m_cost + T * p * q + p * q * q / 2 + (0 if M is None else 12 * p ** 3 + 5e5) / K
-        if (syrk_available(xp) and flops_rows < min(flops_positions, flops_samples)
-                and (M is None or _symmetric(M))):
+        costs = conv_contraction_costs(K, T, p, q, identity=M is None, syrk=syrk_available(xp))
+        if costs.get("rows", math.inf) < min(costs["positions"], costs["samples"]) and (M is None or _symmetric(M)):
             return eig_quadratic_sum(P, Q, M, self.weights)
-        if flops_positions <= flops_samples:
+        if costs["positions"] <= costs["samples"]:
             PM = P if M is None else P @ M
             B = w * (PM @ xp.matrix_transpose(P))  # (K, T, T): w_k P_k M P_kᵀ
             C = B @ Q  # (K, T, q); the weights folded into B: one array of the inputs' size
@@ -660,6 +655,22 @@ _POW2_RANGE = (2.0**-30, 2.0**30)
 # float32: the squared norm takes fourth powers of the entries times squared weights, which
 # leave float32's range (2¹²⁸) from entries of 2³⁰; entries within 2^±8 keep it inside
 _POW2_RANGE_32 = (2.0**-8, 2.0**8)
+
+
+def conv_contraction_costs(K: int, T: int, p: int, q: int, *, identity: bool = False,
+                           syrk: bool = False) -> dict:
+    """Multiply-adds per sample of each association of the conv contraction
+    ``Σ_k w_k Y_kᵀ M Y_k`` (``Y_k = P_kᵀQ_k``, ``M`` (p, p), ``identity``: ``M = I``):
+    ``"positions"`` through ``P_k M P_kᵀ``, ``"samples"`` through ``Y_k``, and with ``syrk``
+    ``"rows"``, the weighted Gram product of the rows of ``M``'s eigenvectors (its ``eigh``,
+    about ``12p³ + 5·10⁵`` multiply-adds at a GEMM's speed on one BLAS thread, shared by the K
+    samples). The one cost model of :meth:`KronSum._conv_contract` and K-FOC's method choice."""
+    m_cost = 0 if identity else p * p
+    out = {"positions": T * m_cost + T * T * (p + q) + T * q * q,
+           "samples": T * p * q + m_cost * q + p * q * q}
+    if syrk:
+        out["rows"] = T * m_cost + T * p * q + p * q * q / 2 + (0 if identity else 12 * p ** 3 + 5e5) / K
+    return out
 
 
 def _symmetric(M: Array) -> bool:

@@ -104,6 +104,18 @@ def _sub(tree, name):
     return tree
 
 
+def _per_sample_grads(call, params, X, y):
+    """Per-sample gradients of the cross-entropy of ``call(params, x)``, as a plain dict of
+    the parameters (``"params"`` stripped)."""
+    def loss(p, x, t):
+        return -jax.nn.log_softmax(call(p, x[None])[0])[t]
+
+    g = jax.vmap(jax.grad(loss), in_axes=(None, 0, 0))(params, X, y)
+    if not isinstance(g, dict):
+        g = nnx.to_pure_dict(g)
+    return g.get("params", g)
+
+
 def _reference(blocks, per_sample_grads, weights=None):
     """``Σ_n w_n vec(V_n) vec(V_n)ᵀ`` for each block from the per-sample gradient pytree."""
     out = {}
@@ -123,14 +135,7 @@ def test_every_parameter_has_a_block_equal_to_the_per_sample_fisher(build):
         blocks = collect(apply, params, ids, y, fisher="empirical", reduction="sum",
                          weight_sharing="sample")
     np.testing.assert_allclose(apply(params, ids, PLAIN), call(params, ids), rtol=1e-12)
-
-    def loss(p, x, t):
-        return -jax.nn.log_softmax(call(p, x[None])[0])[t]
-
-    g = jax.vmap(jax.grad(loss), in_axes=(None, 0, 0))(params, ids, y)
-    if not isinstance(g, dict):
-        g = nnx.to_pure_dict(g)
-    g = g.get("params", g)
+    g = _per_sample_grads(call, params, ids, y)
     # every parameter of the model is in exactly one block
     counted = sum(F.m * F.n for F in blocks.values())
     assert counted == sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(pure))
@@ -304,14 +309,7 @@ def test_batch_norm_running_statistics_and_group_norm_blocks(flavour):
         blocks = collect(apply, params, X, y, fisher="empirical", reduction="sum", weight_sharing="sample")
     assert set(blocks) == names
     np.testing.assert_allclose(apply(params, X, PLAIN), call(params, X), rtol=1e-12)
-
-    def loss(q, x, t):
-        return -jax.nn.log_softmax(call(q, x[None])[0])[t]
-
-    g = jax.vmap(jax.grad(loss), in_axes=(None, 0, 0))(params, X, y)
-    if not isinstance(g, dict):
-        g = nnx.to_pure_dict(g)
-    g = g.get("params", g)
+    g = _per_sample_grads(call, params, X, y)
     for name, ref in _reference(blocks, g).items():
         np.testing.assert_allclose(np.asarray(blocks[name].to_dense()), np.asarray(ref), rtol=1e-10,
                                    atol=1e-12 * float(jnp.abs(ref).max()), err_msg=name)
