@@ -343,7 +343,7 @@ class KronInverse:
 
     __slots__ = ("method", "damping", "eigvecs_left", "eigvals_left", "eigvecs_right",
                  "eigvals_right", "scale", "damped_left", "damped_right", "pi", "delta", "nu",
-                 "beta", "notes", "_eig", "_E", "_inv_left", "_inv_right", "_xp")
+                 "beta", "notes", "_eig", "_E", "_inv_left", "_inv_right", "_xp", "_ops")
 
     def __init__(self, kron: Kron, damping: Any, method: str = "exact"):
         method = _check_method(method)
@@ -374,6 +374,7 @@ class KronInverse:
         xp = eig.xp
         self._xp = xp
         self._eig = eig
+        self._ops = None  # the solve's operands per dtype (see _operands)
         self.method = method
         self.damping = lam
         self.eigvecs_left, self.eigvals_left = eig.UL, eig.a
@@ -513,13 +514,30 @@ class KronInverse:
         """:meth:`solve`'s arithmetic without its checks: ``V`` a real floating array of shape
         ``(..., m, n)`` of the factors' library ``xp`` (callers that checked once, e.g. a
         preconditioner's step)."""
-        dtype = xp.result_type(V.dtype, self.dtype)
+        ops = self._ops.get(V.dtype) if self._ops is not None else None
+        if ops is None:
+            ops = self._operands(V.dtype, xp)
+        if V.dtype != ops[0].dtype:
+            V = xp.astype(V, ops[0].dtype)
+        if len(ops) == 2:
+            return ops[0] @ V @ ops[1]
+        UL, ULt, UR, URt, E = ops
+        return UL @ ((ULt @ V @ UR) / E) @ URt
+
+    def _operands(self, dtype: Any, xp: Any) -> tuple:
+        """The solve's operands in ``result_type(dtype, factors)``, cached per ``dtype``:
+        ``(D_L⁻¹, D_R⁻¹)`` for the factored methods, else ``(U_L, U_Lᵀ, U_R, U_Rᵀ, E)`` (a
+        repeated solve, e.g. every optimiser step, does no casting or dtype promotion)."""
+        rt = xp.result_type(dtype, self.dtype)
         if self._inv_left is not None:
-            V, Li, Ri = self._cast(xp, dtype, V, self._inv_left, self._inv_right)
-            return Li @ V @ Ri
-        V, UL, UR, E = self._cast(xp, dtype, V, self.eigvecs_left, self.eigvecs_right, self._E)
-        W = xp.matrix_transpose(UL) @ V @ UR
-        return UL @ (W / E) @ xp.matrix_transpose(UR)
+            ops = tuple(self._cast(xp, rt, self._inv_left, self._inv_right))
+        else:
+            UL, UR, E = self._cast(xp, rt, self.eigvecs_left, self.eigvecs_right, self._E)
+            ops = (UL, xp.matrix_transpose(UL), UR, xp.matrix_transpose(UR), E)
+        if self._ops is None:
+            self._ops = {}
+        self._ops[dtype] = ops
+        return ops
 
     def matvec(self, V: Array) -> Array:
         """``D vec(V)`` reshaped (the damped matrix itself), for ``V`` of shape ``(..., m, n)``."""

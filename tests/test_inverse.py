@@ -133,6 +133,26 @@ def test_float32_dtype_and_mixed_precision(backend):
         assert inv.solve(V64).dtype == V64.dtype  # promoted as result_type(V, factors)
 
 
+@pytest.mark.parametrize("method", METHODS)
+def test_repeated_solves_in_two_dtypes_match_dense(method):
+    """One inverse solving right-hand sides of two dtypes in turn (an optimiser's steps reuse
+    it): each solve has the dtype ``result_type(V, factors)`` and equals the dense solve,
+    whatever came before."""
+    rng = np.random.default_rng(3)
+    L, R, s = factors(4)
+    for fdtype in ("float64", "float32"):
+        inv = ks.Kron(L.astype(fdtype), R.astype(fdtype), scale=s).inverse(0.1, method)
+        D = dense_damped(L.astype(fdtype).astype("float64"), R.astype(fdtype).astype("float64"),
+                         s, 0.1, method)
+        for dtype in ("float64", "float32", "float64", "float32"):
+            V = rng.standard_normal((2, 3, 4)).astype(dtype)
+            X = inv.solve(V)
+            assert X.dtype == np.result_type(fdtype, dtype)
+            ref = np.linalg.solve(D, V.reshape(2, 12).astype("float64").T).T.reshape(2, 3, 4)
+            tol = 1e-12 if fdtype == dtype == "float64" else 1e-5
+            np.testing.assert_allclose(X, ref, rtol=tol, atol=tol * np.abs(ref).max())
+
+
 # -- methods against the papers' formulas ---------------------------------------------------------
 
 
