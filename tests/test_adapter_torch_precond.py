@@ -231,3 +231,112 @@ def test_unfreezing_a_layer_adds_its_block_at_the_next_refresh():
                               _block(model, "0", before).reshape(-1))
     np.testing.assert_allclose(_block(model, "0", _grads(model)).reshape(-1).numpy(), want.numpy(),
                                rtol=1e-7, atol=1e-9 * float(want.abs().max()))
+
+
+def _train(model, loss_fn, pre, batches, *, capture, opt_lr=0.05, loss_call=None):
+    """SGD steps preconditioned by ``pre``; the batch goes to step() only with capture='batch'."""
+    opt = torch.optim.SGD(model.parameters(), lr=opt_lr)
+    call = loss_call or (lambda out, yb: loss_fn(out, yb))
+    for Xb, yb in batches:
+        opt.zero_grad()
+        call(model(Xb), yb).backward()
+        if capture == "batch":
+            pre.step(Xb if pre.due() else None, yb)
+        else:
+            pre.step()
+        opt.step()
+    return {k: p.detach().clone() for k, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("fisher", ["mc", "empirical", "exact"])
+@pytest.mark.parametrize("estimator", ["kfac", "kfoc_running", "ekfac"])
+def test_hooks_capture_equals_the_batch_given_to_step(fisher, estimator):
+    """capture='hooks' records the user's own forward pass and runs the Fisher type's backward
+    passes at the loss call: the same estimates (same MC draws) as collect on the batch, so
+    the same trajectory over refreshes and the steps between them."""
+    batches = []
+    g = torch.Generator().manual_seed(7)
+    for _ in range(5):
+        batches.append((torch.randn(16, 5, generator=g, dtype=DT), torch.randint(0, 3, (16,), generator=g)))
+    params = {}
+    for capture in ("batch", "hooks"):
+        model, _, _ = _setup(2)
+        loss_fn = nn.CrossEntropyLoss()
+        pre = kt.Preconditioner(model, loss_fn, estimator=estimator, fisher=fisher, update_every=2,
+                                damping=0.1, capture=capture, generator=torch.Generator().manual_seed(3))
+        params[capture] = _train(model, loss_fn, pre, batches, capture=capture)
+        assert pre.refreshes == 3 and pre.steps == 5
+    for k in params["batch"]:
+        torch.testing.assert_close(params["hooks"][k], params["batch"][k], rtol=1e-10, atol=1e-12)
+
+
+def test_hooks_capture_covers_a_sequence_model_with_ignore_index_and_conv():
+    """(N, C, T) logits with ignored positions and a CNN: equal to the batch route."""
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(1)
+    X = torch.randn(6, 2, 9, generator=g, dtype=DT)
+    y = torch.randint(0, 4, (6, 7), generator=g)
+    y[0, :3] = -100  # ignore_index positions: not counted, in either route
+    out = {}
+    for capture in ("batch", "hooks"):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Conv1d(2, 5, 3), nn.Tanh(), nn.Conv1d(5, 4, 1)).to(DT)
+        loss_fn = nn.CrossEntropyLoss()
+        pre = kt.Preconditioner(model, loss_fn, estimator="kfac", fisher="mc", damping=0.1,
+                                capture=capture, generator=torch.Generator().manual_seed(3))
+        out[capture] = _train(model, loss_fn, pre, [(X, y)] * 3, capture=capture)
+    for k in out["batch"]:
+        torch.testing.assert_close(out["hooks"][k], out["batch"][k], rtol=1e-10, atol=1e-12)
+
+
+def test_hooks_capture_records_only_refresh_forward_passes_with_gradients():
+    model, X, y = _setup(3)
+    loss_fn = nn.CrossEntropyLoss()
+    pre = kt.Preconditioner(model, loss_fn, estimator="kfac", update_every=2, damping=0.1,
+                            capture="hooks")
+    hooks = {name: (len(m._forward_hooks), len(m._forward_pre_hooks)) for name, m in model.named_modules()}
+    # an evaluation pass under no_grad is not recorded
+    with torch.no_grad():
+        loss_fn(model(X), y)
+    loss = nn.functional.cross_entropy(model(X), y)  # nor a loss computed without loss_fn
+    loss.backward()
+    with pytest.raises(ValueError, match="no statistics were recorded"):
+        pre.step()
+    assert pre.steps == 0 and pre.refreshes == 0
+    model.zero_grad()
+    loss_fn(model(X), y).backward()
+    pre.step()  # step 0: a refresh from the recorded pass
+    assert pre.refreshes == 1
+    # step 1 is not a refresh: the pass is not recorded, and no layer hook stays behind
+    model.zero_grad()
+    loss_fn(model(X), y).backward()
+    assert {name: (len(m._forward_hooks), len(m._forward_pre_hooks))
+            for name, m in model.named_modules()} == hooks
+    pre.step()
+    with pytest.raises(ValueError, match="without the batch"):
+        pre.step(X, y)
+    pre.remove()  # no hook of the preconditioner is left on the model or the loss
+    assert all(len(m._forward_hooks) == 0 and len(m._forward_pre_hooks) == 0 for m in model.modules())
+    assert len(loss_fn._forward_hooks) == 0
+    loss_fn(model(X), y).backward()
+    with pytest.raises(ValueError, match="removed"):
+        pre.step()
+    with pytest.raises(ValueError, match="capture"):
+        kt.Preconditioner(model, loss_fn, capture="graph")
+
+
+def test_hooks_capture_errors_name_the_problem_and_keep_the_model_clean():
+    model, X, y = _setup(4)
+    loss_fn = nn.CrossEntropyLoss()
+    pre = kt.Preconditioner(model, loss_fn, fisher="empirical", capture="hooks")
+    Xn = X.clone()
+    Xn[0, 0] = float("nan")
+    with pytest.raises(ValueError, match="NaN or inf"):
+        loss_fn(model(Xn), y)
+    # a forward pass that raises leaves no layer hook behind
+    with pytest.raises(RuntimeError):
+        model(torch.randn(16, 4, dtype=DT))
+    assert all(len(m._forward_hooks) == 0 for m in list(model.modules())[1:])
+    loss_fn(model(X), y).backward()
+    pre.step()
+    assert pre.refreshes == 1

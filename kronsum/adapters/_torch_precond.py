@@ -15,14 +15,18 @@ from .._compat import namespace
 from .._running import ESTIMATORS, RunningEstimate
 
 _DAMPING_METHODS = ("exact", "factored", "tkfac")
+_CAPTURES = ("batch", "hooks")
 
 
 class Preconditioner:
     r"""Replace a model's gradients by ``(F̂ + λI)⁻¹ ∇`` between ``backward()`` and ``step()``.
 
-    Every ``update_every`` steps the preconditioner takes the layer statistics of the batch it
-    is given with :func:`~kronsum.adapters.torch.collect` (one extra forward pass and the
-    backward passes of the Fisher type), feeds each block to a
+    Every ``update_every`` steps the preconditioner takes the layer statistics of a batch —
+    with ``capture="batch"`` the batch given to :meth:`step`, through
+    :func:`~kronsum.adapters.torch.collect` (one extra forward pass and the backward passes of
+    the Fisher type); with ``capture="hooks"`` your own forward pass, recorded by hooks, and
+    the backward passes of the Fisher type run when ``loss_fn`` is called on its output — feeds
+    each block to a
     :class:`~kronsum.RunningEstimate` (an exponential moving average of K-FAC, TKFAC or K-FOC
     estimates, or the eigenvalue-corrected EKFAC), and caches each block's damped inverse
     (:class:`~kronsum.KronInverse`: two eigendecompositions per refresh, reused across steps
@@ -68,6 +72,21 @@ class Preconditioner:
         Passed to :class:`~kronsum.RunningEstimate` (e.g. ``{"accuracy": 1e-4}``).
     generator : torch.Generator, optional
         Random source of ``fisher="mc"``.
+    capture : {"batch", "hooks"}
+        Where a refresh step's statistics come from. ``"batch"`` (default): :meth:`step` takes
+        the batch, ``step(inputs, targets)``, and runs :func:`~kronsum.adapters.torch.collect`
+        on it. ``"hooks"``: :meth:`step` takes no batch; on a refresh step (:meth:`due`) the
+        next forward pass of ``model`` with gradients enabled records the covered layers'
+        inputs (the hooks are installed for that pass only), and the call of ``loss_fn`` on
+        its output runs the backward passes of the Fisher type at once (``torch.autograd.grad``
+        with the graph kept for your ``loss.backward()``; one pass for ``"mc"`` with
+        ``n_samples=1``), so the forward pass is not repeated. The loss must be computed by
+        calling ``loss_fn`` — the object given here — on the model's output (as
+        :func:`~kronsum.adapters.torch.collect` takes it: batch first) and the targets; the
+        statistics are those of the last such forward pass before the refresh step
+        (with gradient accumulation over micro-batches: the last micro-batch's). Forward
+        passes under ``torch.no_grad()`` (evaluation) are not recorded. Call :meth:`remove`
+        to take the hooks off.
     group : torch.distributed.ProcessGroup, optional
         Data parallelism (e.g. under ``DistributedDataParallel``, whose gradients are the
         ranks' average): each rank passes :meth:`step` its own part of the batch, and the
@@ -112,7 +131,7 @@ class Preconditioner:
                  kl_clip: float | None = None, layers: Iterable[str] | None = None,
                  n_samples: int = 1, class_dim: int = 1, weight_sharing: str = "expand",
                  kfoc_options: Mapping[str, Any] | None = None, generator: Any = None,
-                 basis_every: int | None = None, group: Any = None):
+                 basis_every: int | None = None, group: Any = None, capture: str = "batch"):
         from .torch import FISHER_TYPES, _require_torch, coverage
         from ._torch_losses import loss_spec
 
@@ -132,6 +151,8 @@ class Preconditioner:
             _positive("damping", damping)
         if kl_clip is not None:
             _positive("kl_clip", kl_clip)
+        if capture not in _CAPTURES:
+            raise ValueError(f"capture must be one of {_CAPTURES}, got {capture!r}")
         loss_spec(loss_fn)  # a loss collect knows, checked now
         self.model, self.loss_fn = model, loss_fn
         self.estimator, self.fisher, self.update_every = estimator, fisher, update_every
@@ -160,6 +181,71 @@ class Preconditioner:
         self.steps = 0
         self.refreshes = 0
         self.last_scale = 1.0  # ν of the last step (1 without KL clipping)
+        self.capture = capture
+        self._run: Any = None  # capture="hooks": the recording forward pass (layers' hooks on)
+        self._layer_hooks: list = []
+        self._captured: dict | None = None  # its blocks, once loss_fn ran on its output
+        self._hooks: list = []
+        if capture == "hooks":
+            from .torch import _check_options
+
+            _check_options(fisher, weight_sharing, n_samples, class_dim)
+            self._hooks = [
+                model.register_forward_pre_hook(self._record_forward),
+                model.register_forward_hook(self._end_forward, always_call=True),
+                loss_fn.register_forward_hook(self._record_loss),
+            ]
+
+    # -- capture="hooks" -----------------------------------------------------------------
+    def _record_forward(self, module: Any, args: tuple) -> None:
+        """Before a forward pass of the model: on a refresh step, install the layers' hooks."""
+        from .torch import _batch_size, _install
+
+        self._drop_layer_hooks()
+        self._run = None
+        if not (self.due() and torch.is_grad_enabled()):
+            return
+        N = _batch_size(args[0]) if args else None
+        if N == 0:
+            raise ValueError(f"inputs: an empty batch (shape {tuple(args[0].shape)})")
+        self._run, self._layer_hooks = _install(
+            self.model, self.layers, N, self._collect_kw["weight_sharing"], True, True, stacklevel=6)
+
+    def _end_forward(self, module: Any, args: tuple, out: Any) -> None:
+        """After the model's forward pass (also when it raised): the layers' hooks come off."""
+        self._drop_layer_hooks()
+
+    def _record_loss(self, module: Any, args: tuple, loss: Any) -> None:
+        """``loss_fn(output, targets)`` after a recording forward pass: the Fisher type's
+        backward passes now, with the graph kept for the user's own backward."""
+        from .torch import _blocks, _start
+        from ._torch_losses import loss_spec
+
+        run, self._run = self._run, None
+        if run is None:
+            return
+        out = args[0]
+        targets = args[1] if len(args) > 1 else None
+        kw = self._collect_kw
+        if self.fisher == "empirical" and targets is None:
+            raise ValueError("fisher='empirical' needs the targets: call loss_fn(output, targets)")
+        _start(run, loss_spec(self.loss_fn), out, targets, self.fisher, kw["n_samples"],
+               kw["generator"], kw["class_dim"], True)
+        self._captured = _blocks(run, keep_graph=True)
+
+    def _drop_layer_hooks(self) -> None:
+        for h in self._layer_hooks:
+            h.remove()
+        self._layer_hooks = []
+
+    def remove(self) -> None:
+        """Take every hook of ``capture="hooks"`` off the model and the loss (a no-op for
+        ``capture="batch"``); :meth:`step` then needs the batch no more and records nothing."""
+        self._drop_layer_hooks()
+        for h in self._hooks:
+            h.remove()
+        self._hooks = []
+        self._run = None
 
     # -- the step ------------------------------------------------------------------------
     def due(self) -> bool:
@@ -179,14 +265,28 @@ class Preconditioner:
             raise ValueError(f"kl_clip needs the learning rate: step(..., lr=...) > 0, got {lr!r}")
         lam = self.damping(self.steps) if callable(self.damping) else self.damping
         _positive("damping", lam)
+        if self.capture == "hooks" and (inputs is not None or targets is not None):
+            raise ValueError("capture='hooks' records the statistics of your forward pass: call "
+                             "step() without the batch")
         if self.due():
-            if inputs is None:
+            if self.capture == "hooks":
+                if self._captured is None:
+                    raise ValueError(
+                        f"step {self.steps} refreshes the estimates (update_every="
+                        f"{self.update_every}) but no statistics were recorded: with "
+                        "capture='hooks', run the model's forward pass with gradients enabled and "
+                        "compute the loss by calling the loss_fn given to the Preconditioner on "
+                        "its output before step()" + ("" if self._hooks else
+                                                      " (the hooks were removed by remove())"))
+                blocks, self._captured = self._captured, None
+            elif inputs is None:
                 raise ValueError(
                     f"step {self.steps} refreshes the estimates (update_every={self.update_every}): "
                     "pass the batch, step(inputs, targets)"
                 )
-            blocks = collect(self.model, self.loss_fn, inputs, targets, fisher=self.fisher,
-                             layers=self.layers, **self._collect_kw)
+            else:
+                blocks = collect(self.model, self.loss_fn, inputs, targets, fisher=self.fisher,
+                                 layers=self.layers, **self._collect_kw)
             running = {k: self._running.get(k) or self._running_cls(
                 self.estimator, self.decay, **self._running_kw) for k in blocks}
             if self.group is None:
@@ -217,14 +317,15 @@ class Preconditioner:
                                 None if specs[k].bias is None else self.model.get_parameter(specs[k].bias))
                             for k in self._inverses}
         jobs = []  # every block solved and checked before any gradient is written
+        lam, xp, inverses = float(lam), self._xp, self._inverses
         for key, (spec, W, b) in self._params.items():
             if W.grad is None:
                 raise ValueError(f"block {key!r} has no weight.grad: call loss.backward() first")
-            inv = self._inverses[key]
-            if inv.damping != float(lam):
-                inv = self._inverses[key] = inv.with_damping(lam)
+            inv = inverses[key]
+            if inv.damping != lam:
+                inv = inverses[key] = inv.with_damping(lam)
             V = _block_matrix(spec, W.grad, None if b is None else b.grad, b)
-            jobs.append((key, spec, W, b, V, inv._apply(V, self._xp)))  # shapes fixed at refresh
+            jobs.append((key, spec, W, b, V, inv._apply(V, xp)))  # shapes fixed at refresh
         # a NaN or inf in a gradient reaches its solve: one check of all results, one host read
         if not bool(torch.isfinite(torch.cat([P.reshape(-1) for *_, P in jobs])).all()):
             for key, *_, V, P in jobs:
@@ -241,7 +342,7 @@ class Preconditioner:
         self.last_scale = nu
         with torch.no_grad():
             for _, spec, W, b, _, P in jobs:
-                _write_block(spec, (P if nu == 1.0 else P * nu).to(W.grad.dtype), W, b)
+                _write_block(spec, P if nu == 1.0 else P * nu, W, b)
         self.steps += 1
 
     @property
@@ -272,7 +373,8 @@ class Preconditioner:
 
     def __repr__(self) -> str:
         return (f"Preconditioner(estimator={self.estimator!r}, fisher={self.fisher!r}, "
-                f"update_every={self.update_every}, blocks={len(self._running)}, steps={self.steps})")
+                f"update_every={self.update_every}, capture={self.capture!r}, "
+                f"blocks={len(self._running)}, steps={self.steps})")
 
 
 def _inverse(est: Any, lam: float, method: str) -> Any:

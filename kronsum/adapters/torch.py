@@ -395,8 +395,14 @@ def collect(
     """
     run = _forward(model, loss_fn, inputs, targets, fisher, n_samples, generator, layers,
                    weight_sharing, class_dim, check_finite, keep_inputs=True)
+    return _blocks(run)
+
+
+def _blocks(run: "_Run", keep_graph: bool = False) -> dict[str, KronSum]:
+    """:func:`collect`'s result from a started run: its backward passes (the graph kept for a
+    later backward with ``keep_graph``), then one KronSum per capture."""
     G_parts: list[list[Any]] = [[] for _ in run.captures]
-    for _, grads in run.passes():
+    for _, grads in run.passes(keep_graph):
         for i, (cap, g) in enumerate(zip(run.captures, grads)):
             G_parts[i].append(run.arranged_G(cap, g))
     result: dict[str, KronSum] = {}
@@ -566,6 +572,7 @@ class _Run:
         self.weights: list[float] = []
         self._seen: set[str] = set()
         self.ran: set[str] = set()
+        self.modules: list[str] = []  # the covered layers' names (each must run)
 
     def record(self, cap: Capture) -> None:
         key = cap.spec.key
@@ -620,12 +627,13 @@ class _Run:
         self._which = [next(j for j, e in enumerate(self._eps) if e is cap.eps)
                        for cap in self.captures]
 
-    def passes(self):
+    def passes(self, keep_graph: bool = False):
         out, terms, eps = self._out, self._terms, self._eps
         self._out = self._terms = None
         for s, (V, wt) in enumerate(terms):
             gs = torch.autograd.grad(out, eps, grad_outputs=V.to(out.dtype),
-                                     retain_graph=s < len(terms) - 1, allow_unused=True)
+                                     retain_graph=keep_graph or s < len(terms) - 1,
+                                     allow_unused=True)
             gs = [torch.zeros_like(e) if g is None else g for g, e in zip(gs, eps)]
             yield wt, [gs[j] for j in self._which]
             del gs
@@ -636,6 +644,25 @@ def _forward(model, loss_fn, inputs, targets, fisher, n_samples, generator, laye
     """Check :func:`collect`'s options, run the forward pass with the layers' hooks and draw
     the output-gradient terms; the backward passes are left to ``_Run.passes``."""
     _require_torch()
+    _check_options(fisher, weight_sharing, n_samples, class_dim)
+    if fisher == "empirical" and targets is None:
+        raise ValueError("fisher='empirical' needs the targets")
+    spec = loss_spec(loss_fn)
+    N = _batch_size(inputs)
+    if N == 0:
+        raise ValueError(f"inputs: an empty batch (shape {tuple(inputs.shape)})")
+    run, handles = _install(model, layers, N, weight_sharing, check_finite, keep_inputs, stacklevel=4)
+    try:
+        with torch.enable_grad():
+            out = model(inputs)
+    finally:
+        for h in handles:
+            h.remove()
+    _start(run, spec, out, targets, fisher, n_samples, generator, class_dim, check_finite)
+    return run
+
+
+def _check_options(fisher, weight_sharing, n_samples, class_dim) -> None:
     if fisher not in FISHER_TYPES:
         raise ValueError(f"fisher must be one of {FISHER_TYPES}, got {fisher!r}")
     if weight_sharing not in _SHARING:
@@ -643,14 +670,13 @@ def _forward(model, loss_fn, inputs, targets, fisher, n_samples, generator, laye
     if fisher == "mc" and (isinstance(n_samples, bool) or not isinstance(n_samples, int)
                            or n_samples < 1):
         raise ValueError(f"n_samples must be a positive integer, got {n_samples!r}")
-    if fisher == "empirical" and targets is None:
-        raise ValueError("fisher='empirical' needs the targets")
     if isinstance(class_dim, bool) or not isinstance(class_dim, int):
         raise TypeError(f"class_dim must be an int, got {class_dim!r}")
-    spec = loss_spec(loss_fn)
-    N = _batch_size(inputs)
-    if N == 0:
-        raise ValueError(f"inputs: an empty batch (shape {tuple(inputs.shape)})")
+
+
+def _install(model, layers, N, weight_sharing, check_finite, keep_inputs, stacklevel) -> tuple:
+    """``(run, hook handles)``: the covered layers' capture hooks on ``model`` for the next
+    forward pass of a batch of ``N``, after the coverage and train-mode BatchNorm warnings."""
     cov = coverage(model, layers)
     mods = cov.layers
     if not mods:
@@ -660,26 +686,32 @@ def _forward(model, loss_fn, inputs, targets, fisher, n_samples, generator, laye
         warnings.warn(
             "collect: trainable parameters without a Fisher block: "
             + "; ".join(f"{p} ({why})" for p, why in others.items()),
-            UncoveredParametersWarning, stacklevel=3,
+            UncoveredParametersWarning, stacklevel=stacklevel,
         )
     if any(isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training for m in model.modules()):
         warnings.warn(
             "collect: a BatchNorm layer is in train mode, so each sample's output depends on the "
             "whole batch; the blocks treat the samples as independent (call model.eval() for "
-            "per-sample statistics)", UserWarning, stacklevel=3,
+            "per-sample statistics)", UserWarning, stacklevel=stacklevel,
         )
-
     run = _Run(N, weight_sharing, check_finite, keep_inputs)
+    run.modules = list(mods)
     handles = []
     try:
         for name, mod in mods.items():
             handles += rule_for(mod).install(name, mod, run.record)
-        with torch.enable_grad():
-            out = model(inputs)
-    finally:
+    except BaseException:
         for h in handles:
             h.remove()
-    not_run = [name for name in mods if name not in run.ran]
+        raise
+    return run, handles
+
+
+def _start(run, spec, out, targets, fisher, n_samples, generator, class_dim, check_finite) -> None:
+    """After the forward pass: check that every covered layer ran and the output's batch axis
+    and targets, then draw the output-gradient terms of ``out`` (``run.start``)."""
+    N = run.N
+    not_run = [name for name in run.modules if name not in run.ran]
     if not_run:
         raise RuntimeError(f"layers not called in the forward pass: {not_run}")
     if N is not None and (out.ndim == 0 or out.shape[0] != N):
@@ -696,7 +728,6 @@ def _forward(model, loss_fn, inputs, targets, fisher, n_samples, generator, laye
             )
     run.start(out, output_grad_terms(spec, out, targets, fisher, n_samples, generator,
                                      class_dim, check_finite))
-    return run
 
 
 # -- precondition --------------------------------------------------------------------------
@@ -809,30 +840,40 @@ def _specs_by_key(model: Any) -> dict:
 
 def _block_matrix(spec: Any, gW: Any, gb: Any, b: Any) -> Any:
     """The block's ``(m, n)`` gradient matrix: weight rows (transposed if so), bias last column."""
-    r0, r1 = spec.rows or (0, gW.shape[0])
-    M = gW.T if spec.transpose else gW[r0:r1]
-    M = M.reshape(-1, 1) if spec.vector else M.reshape(M.shape[0], -1)
+    if spec.rows is None and not (spec.transpose or spec.vector) and gW.ndim == 2:
+        M = gW  # a whole linear layer's weight: the common case, no views to take
+    else:
+        r0, r1 = spec.rows or (0, gW.shape[0])
+        M = gW.T if spec.transpose else gW[r0:r1]
+        M = M.reshape(-1, 1) if spec.vector else M.reshape(M.shape[0], -1)
     if b is None:
         return M
-    b0, b1 = spec.bias_slice() or (0, b.shape[0])
+    bias = spec.bias_slice()
     gb = torch.zeros_like(b) if gb is None else gb
-    return torch.cat([M, gb[b0:b1].reshape(-1, 1).to(M.dtype)], dim=1)
+    if bias is not None:
+        gb = gb[bias[0]:bias[1]]
+    return torch.cat([M, gb.reshape(-1, 1).to(M.dtype)], dim=1)
 
 
 def _write_block(spec: Any, P: Any, W: Any, b: Any) -> None:
-    r0, r1 = spec.rows or (0, W.shape[0])
+    """Write the ``(m, n)`` matrix ``P`` back into the gradients :func:`_block_matrix` read."""
     cols = P.shape[1] - (b is not None)
+    if P.dtype != W.grad.dtype:
+        P = P.to(W.grad.dtype)
     if spec.transpose:
         W.grad.copy_(P[:, :cols].T)
     elif spec.vector:
         W.grad.copy_(P[:, 0].reshape(W.shape))
+    elif spec.rows is None:
+        W.grad.copy_(P[:, :cols].reshape(W.grad.shape))
     else:
+        r0, r1 = spec.rows
         W.grad[r0:r1].copy_(P[:, :cols].reshape(W.grad[r0:r1].shape))
     if b is not None:
-        b0, b1 = spec.bias_slice() or (0, b.shape[0])
         if b.grad is None:
             b.grad = torch.zeros_like(b)
-        b.grad[b0:b1].copy_(P[:, cols])
+        bias = spec.bias_slice()
+        (b.grad if bias is None else b.grad[bias[0]:bias[1]]).copy_(P[:, cols])
 
 
 from ._torch_precond import Preconditioner  # noqa: E402  (it uses the functions above)
