@@ -170,6 +170,26 @@ def _training_worker(rank: int, world: int, path: str, queue) -> None:
             out["precond", est] = max(errs)
             out["inverted", est] = list(pre.inverted_here)
             out["blocks", est] = sorted(pre.estimates)
+        # capture="hooks" under DDP: each rank records its own forward pass through the wrapper
+        torch.manual_seed(0)
+        model_h = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3)).double()
+        ref = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3)).double()
+        ref.load_state_dict(model_h.state_dict())
+        ddp, loss_h, loss_fn = DistributedDataParallel(model_h), torch.nn.CrossEntropyLoss(), torch.nn.CrossEntropyLoss()
+        kw = dict(estimator="kfac", fisher="empirical", update_every=2, damping=0.1)
+        pre = Preconditioner(model_h, loss_h, group=dist.group.WORLD, capture="hooks", **kw)
+        pre1 = Preconditioner(ref, loss_fn, **kw)
+        errs = []
+        for _ in range(3):
+            ddp.zero_grad()
+            loss_h(ddp(X[rank::world]), y[rank::world]).backward()
+            pre.step()
+            ref.zero_grad()
+            loss_fn(ref(X), y).backward()
+            pre1.step(X, y)
+            for a, b in zip(model_h.parameters(), ref.parameters()):
+                errs.append(float((a.grad - b.grad).abs().max() / b.grad.abs().max()))
+        out["precond", "hooks"] = max(errs)
         queue.put((rank, out))
     except Exception as exc:  # pragma: no cover - reported by the test
         import traceback
