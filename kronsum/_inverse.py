@@ -280,7 +280,7 @@ class KronInverse:
     kron : Kron
         ``scale · left ⊗ right``, symmetric positive semi-definite: a factor whose
         eigenvalues are negative only by rounding (``>= −10·dim·eps·max|eig|``) is clipped to
-        0 and the clip recorded in :attr:`notes`; a clearly indefinite factor, or a negative
+        0 and the clip recorded in ``notes``; a clearly indefinite factor, or a negative
         product, raises ``ValueError``. Negative-definite pairs (``−L ⊗ −R``) are accepted
         (the sign is moved into the scale).
     damping : float or 0-d array

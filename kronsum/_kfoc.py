@@ -175,7 +175,7 @@ def choose_method(F: KronSum, method: str = "auto", *, explain: bool = False) ->
         A named method is checked (``"gram"`` needs the outer/terms forms and no Dask) and
         returned as it is.
     explain : bool
-        Return a :class:`MethodChoice` (method, reason, modelled costs) instead of the name.
+        Return a :class:`~kronsum.MethodChoice` (method, reason, modelled costs) instead of the name.
 
     Examples
     --------

@@ -14,7 +14,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 @pytest.mark.skipif(shutil.which("mkdocs") is None, reason="mkdocs is not installed (extra 'docs')")
 def test_mkdocs_build_strict(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "mkdocs", "build", "--strict", "-q", "-d", str(tmp_path / "site")],
+    proc = subprocess.run([sys.executable, "-m", "mkdocs", "build", "--strict", "-d", str(tmp_path / "site")],
                           cwd=ROOT, capture_output=True, text=True, timeout=300,
                           env={"NO_MKDOCS_2_WARNING": "1", "PATH": str(pathlib.Path(sys.executable).parent) + ":/usr/bin:/bin"})
     assert proc.returncode == 0, proc.stdout + proc.stderr
@@ -51,7 +51,7 @@ def test_maths_is_left_for_katex_and_katex_is_loaded(tmp_path):
     import re
 
     site = tmp_path / "site"
-    proc = subprocess.run([sys.executable, "-m", "mkdocs", "build", "--strict", "-q", "-d", str(site)],
+    proc = subprocess.run([sys.executable, "-m", "mkdocs", "build", "--strict", "-d", str(site)],
                           cwd=ROOT, capture_output=True, text=True, timeout=300,
                           env={"NO_MKDOCS_2_WARNING": "1", "PATH": str(pathlib.Path(sys.executable).parent) + ":/usr/bin:/bin"})
     assert proc.returncode == 0, proc.stdout + proc.stderr

@@ -22,7 +22,7 @@ def flax_apply(module: Any) -> Callable[[Any, Any, Any], Any]:
     (``tape.embed``); ``nn.LayerNorm`` and ``nn.RMSNorm`` over the last axis, ``nn.GroupNorm``
     over its default axes and ``nn.BatchNorm`` normalising with its running statistics
     (``use_running_average``, as at evaluation; a per-sample map) over the last axis
-    (``tape.norm``, the normalised input recomputed as Flax computes it). With :data:`PLAIN` the result is
+    (``tape.norm``, the normalised input recomputed as Flax computes it). With ``PLAIN`` the result is
     ``module.apply(variables, inputs)`` (to rounding); with
     :func:`~kronsum.adapters.jax.collect` each such layer gets its block, in Flax's layout
     (:class:`~kronsum.adapters.jax.Tape`). Other layers with parameters (masked, circular or

@@ -7,7 +7,7 @@ and convolution layers through a *tape* it receives as an argument::
         h = jnp.tanh(tape.dense("hidden", x, params["hidden"]["kernel"], params["hidden"]["bias"]))
         return tape.dense("out", h, params["out"]["kernel"])
 
-Called with :data:`PLAIN` it is the ordinary model (``apply(params, x, PLAIN)``, jit it as
+Called with ``PLAIN`` it is the ordinary model (``apply(params, x, PLAIN)``, jit it as
 usual). :func:`collect` calls it with a recording tape that adds a zero perturbation to every
 layer's pre-activation and keeps the layer's inputs; one ``jax.vjp`` with respect to the
 perturbations, vmapped over the output-gradient terms, gives the gradients with respect to the
@@ -94,7 +94,7 @@ def _padding(p: Any, d: int, name: str) -> Any:
 
 
 class Tape:
-    """The layers a model writes through; the plain tape (:data:`PLAIN`) only computes them.
+    """The layers a model writes through; the plain tape (``PLAIN``) only computes them.
 
     ``dense(name, x, kernel, bias=None)``: ``x @ kernel + bias`` for ``x`` (N, ..., in) and
     ``kernel`` (in, out).
