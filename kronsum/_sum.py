@@ -18,7 +18,7 @@ The rearrangement (Van Loan & Pitsianis) maps F to the ``(m², n²)`` matrix
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Sequence
 
 from ._accel import eig_quadratic_sum, syrk_available, weighted_gram
 from ._compat import (Array, count, device_of, host_floats, is_dask_namespace, namespace, persist_all,
@@ -155,7 +155,7 @@ class KronSum:
                    check_finite: bool = True) -> "KronSum":
         """``F = Σ_k w_k L_k ⊗ R_k`` from stacks ``L`` (K, m, m) and ``R`` (K, n, n).
 
-        The terms need not be symmetric; :attr:`symmetric` records whether they are (then the
+        The terms need not be symmetric; ``F.symmetric`` records whether they are (then the
         estimators return symmetric factors).
         """
         L = check_array(L, "L", ndim=3, what="(K, m, m)")
@@ -636,19 +636,32 @@ class KronSum:
             parts = [Q.scaled(1.0 if zero else _ldexp1(t - top))
                      for (Q, *_, zero), t in zip(normed, totals)]
             return KronSum.concat(*parts), top, 0, 0, not live
+        maxima = host_floats([xp.max(xp.abs(x)) for x in self._scaled_arrays()])
+        return self._normalized_by(maxima)
+
+    def _scaled_arrays(self) -> tuple:
+        """The three inputs :meth:`normalized` scales, of a single-form sum: ``(weights, L, R)``
+        (terms) or ``(weights, G, A)``."""
         if self.form == "terms":
-            (ew, el, er), zero = _pow2_exponents((self.weights, self.L, self.R), xp)
-            if ew == el == er == 0:
-                return self, 0, 0, 0, zero
-            out = KronSum("terms", _div_pow2(self.weights, ew), L=_div_pow2(self.L, el),
-                          R=_div_pow2(self.R, er), symmetric=self.symmetric, _xp=xp)
-            return out, ew, el, er, zero
-        (ew, eg, ea), zero = _pow2_exponents((self.weights, self.G, self.A), xp)
-        if ew == eg == ea == 0:
+            return self.weights, self.L, self.R
+        return self.weights, self.G, self.A
+
+    def _normalized_by(self, maxima: Sequence[float]) -> tuple["KronSum", int, int, int, bool]:
+        """:meth:`_normalized` of a single-form sum with the largest magnitudes ``maxima`` of
+        its :meth:`_scaled_arrays` given (e.g. the largest over the ranks of a process group,
+        so that every rank scales its part alike)."""
+        xp = self._xp
+        (ew, e1, e2), zero = _pow2_exponents(maxima, self.dtype, xp)
+        if ew == e1 == e2 == 0:
             return self, 0, 0, 0, zero
-        out = KronSum(self.form, _div_pow2(self.weights, ew), G=_div_pow2(self.G, eg),
-                      A=_div_pow2(self.A, ea), symmetric=True, _xp=xp)
-        return out, ew, 2 * eg, 2 * ea, zero
+        w, P, Q = self._scaled_arrays()
+        if self.form == "terms":
+            out = KronSum("terms", _div_pow2(w, ew), L=_div_pow2(P, e1), R=_div_pow2(Q, e2),
+                          symmetric=self.symmetric, _xp=xp)
+            return out, ew, e1, e2, zero
+        out = KronSum(self.form, _div_pow2(w, ew), G=_div_pow2(P, e1), A=_div_pow2(Q, e2),
+                      symmetric=True, _xp=xp)
+        return out, ew, 2 * e1, 2 * e2, zero
 
 
 _POW2_RANGE = (2.0**-30, 2.0**30)
@@ -770,14 +783,14 @@ def _terms_conv_inner(P: KronSum, Q: KronSum) -> Array:
     return total
 
 
-def _pow2_exponents(arrays, xp: Any) -> tuple[list[int], bool]:
-    """``(exponents, any array all zero)``. Per array: 0 when ``max|x|`` is 0, not finite or
-    within the dtype's window, else the ``e`` with ``2^e ≤ max|x| < 2^(e+1)`` (so ``2^e`` is
-    representable in the array's dtype, even for a largest entry of 2¹⁰²³ or a subnormal one).
-    The maxima are read to the host together (one synchronisation on a GPU)."""
+def _pow2_exponents(maxima: Sequence[float], dtype: Any, xp: Any) -> tuple[list[int], bool]:
+    """``(exponents, any array all zero)`` from the arrays' largest magnitudes ``maxima``. Per
+    array: 0 when ``max|x|`` is 0, not finite or within the dtype's window, else the ``e`` with
+    ``2^e ≤ max|x| < 2^(e+1)`` (so ``2^e`` is representable in the dtype, even for a largest
+    entry of 2¹⁰²³ or a subnormal one)."""
+    lo, hi = _POW2_RANGE if xp.finfo(dtype).bits >= 64 else _POW2_RANGE_32
     out, zero = [], False
-    for x, c in zip(arrays, host_floats([xp.max(xp.abs(x)) for x in arrays])):
-        lo, hi = _POW2_RANGE if xp.finfo(x.dtype).bits >= 64 else _POW2_RANGE_32
+    for c in maxima:
         zero = zero or c == 0.0
         if c == 0.0 or lo <= c <= hi or not math.isfinite(c):
             out.append(0)

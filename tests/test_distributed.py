@@ -83,6 +83,27 @@ def _worker(rank: int, world: int, path: str, queue) -> None:
                     mn=(full.m, full.n), digest=_digest(est),
                     unchanged=all(torch.equal(a, b) for a, b in zip(local_arrays, before)),
                     its=est.info.iterations, converged=est.info.converged)
+        # opposite scales beyond float64's range in each factor (G·2⁶⁰⁰, A·2⁻⁶⁰⁰) and a
+        # moderate F: every rank rescales by the group's powers of two, as one process does
+        G, A, wo = _sums(world)["outer"][1]
+        G, A = G * 2.0**600, A * 2.0**-600
+        for r in range(world):  # the ranks' parts of different magnitudes
+            G[r::world] *= 2.0 ** (-40 * r)
+        full = ks.KronSum.from_outer(G, A, wo)
+        local = ks.KronSum.from_outer(G[rank::world], A[rank::world], wo[rank::world])
+        refs = {"tkfac": ks.tkfac(full), "kfoc": ks.kfoc(full, tol=TOL, accuracy=None, method="lanczos"),
+                "ekfac": ks.ekfac(full, basis="tkfac")}
+        for name, ref in refs.items():
+            est = (ksd.kfoc(local, tol=TOL) if name == "kfoc" else
+                   ksd.ekfac(local, basis="tkfac") if name == "ekfac" else ksd.tkfac(local))
+            D, Dr = est.to_dense(), ref.to_dense()
+            out["extreme", name] = float((D - Dr).abs().max() / Dr.abs().max())
+        for name in ("kfac",):  # K-FAC's factors themselves are beyond the range: as one process
+            try:
+                ksd.kfac(local)
+                out["extreme", name] = "no error"
+            except OverflowError as exc:
+                out["extreme", name] = str(exc)
         # a rank whose block has another shape: every rank raises instead of waiting
         G = torch.ones(3, 4 if rank else 5, dtype=torch.float64)
         try:
@@ -222,7 +243,7 @@ def test_split_sums_give_the_gathered_estimates(world):
     results = _spawn(world, _worker)
     first = results[0]
     for key, r in first.items():
-        if key == "mismatch":
+        if key == "mismatch" or key[0] == "extreme":
             continue
         form, name = key
         m, n = r["mn"]
@@ -240,6 +261,9 @@ def test_split_sums_give_the_gathered_estimates(world):
         assert len({results[k][key]["digest"] for k in results}) == 1, key
     for rank, res in results.items():
         assert res["mismatch"] is not None and "the ranks' blocks differ" in res["mismatch"], rank
+        for name in ("tkfac", "kfoc", "ekfac"):
+            assert res["extreme", name] < 1e-10, (rank, name, res["extreme", name])
+        assert "kfac" in res["extreme", "kfac"] and "left factor" in res["extreme", "kfac"], res
 
 
 def test_inputs_that_cannot_be_reduced_are_refused():

@@ -26,8 +26,13 @@ ekfac      the basis estimate's, then the ``m × n`` corrected     ``kronsum.ekf
 every call starts with). K-FOC here iterates Lanczos on the factors (the smaller one) and
 stops on the relative eigen-residual ``tol``: the single-process Gram route and the error-gap
 certificate need products between samples on different ranks (``‖F‖²`` is not a sum over
-ranks), so they are not used. Inputs are used at their own scale (the single-process solvers
-first rescale by powers of two): a reduced matrix that overflows raises ``OverflowError``.
+ranks), so they are not used. As the single-process estimators do, every rank first divides
+its weights and statistics by powers of two (exact), the same on every rank: those of the
+group's largest magnitudes, which ride on the shape check's all-reduce. So inputs of any
+magnitude the dtype holds give the single-process answer where that answer fits (K-FAC's
+factors must fit themselves, as for :func:`kronsum.kfac`); a ``"sum"``-form ``F``, or ranks
+holding sums of different forms, are used at their own scale. A reduced result that is not
+finite raises ``OverflowError``.
 
 Examples
 --------
@@ -46,6 +51,7 @@ In each process of a group (``torchrun --nproc-per-node 2 script.py``, or
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from .._closed_forms import _require_sum
@@ -55,7 +61,7 @@ from .._eigen import Stop, contraction_space, default_tol, finish, lanczos
 from .._inverse import KronInverse, _Eig
 from .._kron import Kron, KronInfo
 from .._running import RunningEstimate as _RunningEstimate
-from .._sum import KronSum
+from .._sum import KronSum, _ldexp1, _pow2_floats, times_scale
 from .._validation import check_int, check_real
 
 __all__ = ["RunningEstimate", "ekfac", "kfac", "kfoc", "spread_inverses", "tkfac"]
@@ -66,13 +72,17 @@ class _Reduced:
     (and the attributes the eigensolver core reads) of the local ``F_r``, each contraction's
     result all-reduced. ``count`` is the number of all-reduces so far."""
 
-    def __init__(self, F: KronSum, group: Any):
+    def __init__(self, F: KronSum, group: Any, exponents: tuple = (0, 0, 0)):
         import torch.distributed as dist
 
         self._dist, self.F, self.group = dist, F, group
         self.xp, self.m, self.n, self.dtype = F.xp, F.m, F.n, F.dtype
         self.symmetric, self.weights = F.symmetric, F.weights
         self.count = 0
+        # F is this rank's part divided by 2^(e_w + e_L + e_R), the same powers on every rank
+        self.exponents = tuple(exponents)
+        ew, el, er = self.exponents
+        self.scale = _prod(_pow2_floats(ew, el, er))  # 2^(e_w + e_L + e_R), inf/0 beyond float64
 
     def reduce(self, x: Any) -> Any:
         x = x.contiguous().clone()  # a fresh buffer: the caller's arrays are never written
@@ -102,18 +112,31 @@ def _setup(F: Any, fname: str, group: Any) -> _Reduced:
     if not (dist.is_available() and dist.is_initialized()):
         raise RuntimeError(f"{fname}: no torch.distributed process group; call "
                            "torch.distributed.init_process_group first")
-    R = _Reduced(F, group)
     code = {torch.float64: 64, torch.float32: 32}.get(F.dtype, 0)
-    v = torch.tensor([F.m, F.n, code, -F.m, -F.n, -code], dtype=torch.float64,
-                     device=F.weights.device)
+    # the inputs' largest magnitudes ride along: every rank rescales by the group's powers of
+    # two (single-form sums of one kind on every rank; a "sum" form is used at its own scale)
+    kind = 0 if F.form == "sum" else (2 if F.form == "terms" else 1)
+    maxima = ([0.0] * 3 if kind == 0 else
+              [float(F.xp.max(F.xp.abs(x))) if x.numel() else 0.0 for x in F._scaled_arrays()])
+    maxima = [c if math.isfinite(c) else math.inf for c in maxima]  # NaN: no MAX of NaN
+    v = torch.tensor([F.m, F.n, code, -F.m, -F.n, -code, kind, -kind, *maxima],
+                     dtype=torch.float64, device=F.weights.device)
     dist.all_reduce(v, op=dist.ReduceOp.MAX, group=group)
-    R.count += 1
     if (v[0] != F.m or -v[3] != F.m or v[1] != F.n or -v[4] != F.n or v[2] != code
             or -v[5] != code):
         raise ValueError(f"{fname}: the ranks' blocks differ: this rank's F is ({F.m}, {F.n}) "
                          f"{F.dtype}, others have m in [{int(-v[3])}, {int(v[0])}], n in "
                          f"[{int(-v[4])}, {int(v[1])}] or another dtype")
+    exps = (0, 0, 0)
+    if kind != 0 and v[6] == -v[7]:  # the same kind of sum on every rank
+        F, *exps, _ = F._normalized_by([float(c) for c in v[8:]])
+    R = _Reduced(F, group, exps)
+    R.count += 1
     return R
+
+
+def _prod(c: tuple) -> float:
+    return c[0] * (c[1] * c[2])
 
 
 def _finite(fname: str, what: str, *values: float) -> None:
@@ -141,12 +164,16 @@ def kfac(F: KronSum, *, group: Any = None) -> Kron:
     Kron
         The same on every rank; ``info.allreduces == 2`` (the shape check and the factors).
     """
+    return _kfac(_setup(F, "kfac", group))
+
+
+def _kfac(R: _Reduced) -> Kron:
     import torch
 
     from .. import kfac as local_kfac
 
-    R = _setup(F, "kfac", group)
-    est = local_kfac(F)  # Σw·(mean factors): the weighted sums, up to the scale
+    F = R.F
+    est = local_kfac(F)  # Σw·(mean factors) of the rescaled part: the weighted sums
     sw = torch.as_tensor(est.scale, dtype=F.dtype, device=est.left.device)
     SL, SR = est.left * sw, est.right * sw
     buf = R.reduce(torch.cat([SL.reshape(-1), SR.reshape(-1), sw.reshape(1)]))
@@ -159,8 +186,23 @@ def kfac(F: KronSum, *, group: Any = None) -> Kron:
         inv = 1.0
     else:
         inv = 1.0 / s
-    return Kron(SL * inv, SR * inv, scale=s,
+    # back to the true scale: left·2^e_L, right·2^e_R, Σw·2^e_w (each must fit, as for kfac)
+    ew, el, er = R.exponents
+    left, right = _times_pow2(SL * inv, el), _times_pow2(SR * inv, er)
+    scale = _times_pow2(s, ew)
+    for what, x in (("the left factor", left), ("the right factor", right), ("Σ w", scale)):
+        _finite("kfac", what, float(x.abs().max()))
+    return Kron(left, right, scale=scale,
                 info=KronInfo(method="kfac", notes=notes, allreduces=R.count))
+
+
+def _times_pow2(x: Any, e: int) -> Any:
+    """``x · 2^e`` in steps that each stay within float64's exponent range."""
+    while e != 0:
+        step = max(-1000, min(1000, e))
+        x = times_scale(x, _ldexp1(step))
+        e -= step
+    return x
 
 
 def tkfac(F: KronSum, *, group: Any = None) -> Kron:
@@ -174,22 +216,26 @@ def tkfac(F: KronSum, *, group: Any = None) -> Kron:
         The same on every rank; ``info.allreduces == 2``. A zero trace gives ``scale = 0``
         with ``Φ = I/m``, ``Ψ = I/n`` and a note, as :func:`kronsum.tkfac` does.
     """
+    return _tkfac(_setup(F, "tkfac", group))
+
+
+def _tkfac(R: _Reduced) -> Kron:
     import torch
 
-    R = _setup(F, "tkfac", group)
+    F = R.F
     phi, psi = F.contract_right(), F.contract_left()
     m2 = F.m * F.m
     buf = R.reduce(torch.cat([phi.reshape(-1), psi.reshape(-1)]))
     phi, psi = buf[:m2].reshape(F.m, F.m), buf[m2:].reshape(F.n, F.n)
     delta = torch.trace(phi)
     d = float(delta)
-    _finite("tkfac", "tr F", d)
+    _finite("tkfac", "tr F", d, d * R.scale)
     if d == 0:
         eye = (lambda k: torch.eye(k, dtype=F.dtype, device=phi.device) / k)
         return Kron(eye(F.m), eye(F.n), scale=delta, info=KronInfo(
             method="tkfac/trace", notes=("zero trace (zero sum): the estimate is zero",),
             allreduces=R.count))
-    return Kron(phi / delta, psi / delta, scale=delta,
+    return Kron(phi / delta, psi / delta, scale=times_scale(delta, R.scale),
                 info=KronInfo(method="tkfac/trace", allreduces=R.count))
 
 
@@ -250,8 +296,13 @@ def kfoc(F: KronSum, *, group: Any = None, tol: float | None = None, max_iter: i
     >>> dist.destroy_process_group()
     """
     R = _setup(F, "kfoc", group)
-    tol = default_tol(F.xp, F.dtype) if tol is None else check_real(tol, "tol", positive=True)
+    tol = default_tol(R.xp, R.dtype) if tol is None else check_real(tol, "tol", positive=True)
     max_iter = check_int(max_iter, "max_iter", minimum=1)
+    return _kfoc(R, tol, max_iter, init)
+
+
+def _kfoc(R: _Reduced, tol: float, max_iter: int, init: Kron | None) -> Kron:
+    F = R.F  # this rank's part, rescaled (R.scale restores σ₁)
     side = "left" if F.m <= F.n else "right"
     if init is not None:
         if not isinstance(init, Kron) or (init.m, init.n) != (F.m, F.n):
@@ -266,15 +317,17 @@ def kfoc(F: KronSum, *, group: Any = None, tol: float | None = None, max_iter: i
     eig = lanczos(contraction_space(R, side), x0, stop, max_iter)
     fac = finish(R, side, eig)
     sigma = to_float(fac.sigma)
-    _finite("kfoc", "σ₁", sigma)
+    _finite("kfoc", "σ₁", sigma, sigma * R.scale)
     notes = tuple(fac.notes)
     if not eig.converged:
         notes += (f"not converged: residual {eig.residual:.3g}, not below tol {tol:.3g} after "
                   f"{eig.iterations} applications",)
     info = KronInfo(method="kfoc/lanczos[distributed]", iterations=eig.iterations,
                     converged=eig.converged, residual=eig.residual,
-                    sigma1=sigma, sigma2=eig.sigma2, notes=notes, allreduces=R.count)
-    return Kron(fac.left, fac.right, scale=fac.sigma, info=info)
+                    sigma1=sigma * R.scale,
+                    sigma2=None if eig.sigma2 is None else eig.sigma2 * R.scale,
+                    notes=notes, allreduces=R.count)
+    return Kron(fac.left, fac.right, scale=times_scale(fac.sigma, R.scale), info=info)
 
 
 def ekfac(F: KronSum, *, basis: str | Kron = "kfac", group: Any = None) -> EigenKron:
@@ -302,22 +355,26 @@ def ekfac(F: KronSum, *, basis: str | Kron = "kfac", group: Any = None) -> Eigen
         rounding; ``info.method == "ekfac/<basis>[distributed]"``, ``info.allreduces`` the
         basis estimate's plus one.
     """
+    if not (isinstance(basis, Kron) or (isinstance(basis, str) and basis in BASES)):
+        raise ValueError(f"ekfac: basis must be one of {BASES} or a kronsum.Kron, got {basis!r}")
+    R = _setup(F, "ekfac", group)
     if isinstance(basis, Kron):
-        R = _setup(F, "ekfac", group)
         if (basis.m, basis.n) != (F.m, F.n):
             raise ValueError(f"ekfac: basis has factor sizes ({basis.m}, {basis.n}) but F has "
                              f"({F.m}, {F.n})")
-        est, name, before = basis, basis.info.method, R.count
-    elif isinstance(basis, str) and basis in BASES:
-        est = {"kfac": kfac, "tkfac": tkfac, "kfoc": kfoc}[basis](F, group=group)
-        R, name, before = _Reduced(F, group), basis, est.info.allreduces
+        est, name = basis, basis.info.method
     else:
-        raise ValueError(f"ekfac: basis must be one of {BASES} or a kronsum.Kron, got {basis!r}")
+        if basis == "kfoc":
+            est = _kfoc(R, default_tol(F.xp, F.dtype), 500, None)
+        else:
+            est = (_kfac if basis == "kfac" else _tkfac)(R)
+        name = basis
     U, V = _shared_basis(est, group)
-    S = R.reduce(diag_in_basis(F, U, V))
-    _finite("ekfac", "S", float(S.abs().max()))
+    S = R.reduce(diag_in_basis(R.F, U, V))
+    _finite("ekfac", "S", float(S.abs().max()), float(S.abs().max()) * R.scale)
+    S = times_scale(S, R.scale)
     info = KronInfo(method=f"ekfac/{name}[distributed]", notes=tuple(est.info.notes),
-                    allreduces=before + R.count)
+                    allreduces=R.count)
     return EigenKron._new(U, V, S, info, F.xp)
 
 
@@ -351,10 +408,13 @@ class RunningEstimate(_RunningEstimate):
 
     Parameters
     ----------
-    estimator, decay, update_every, kfoc_options
+    estimator, decay
         As for :class:`kronsum.RunningEstimate`.
     group : torch.distributed.ProcessGroup, optional
         Default: the world group.
+    **kw
+        The other options of :class:`kronsum.RunningEstimate` (``update_every``,
+        ``kfoc_options``, ``basis_every``, ...).
     """
 
     def __init__(self, estimator: str = "kfoc_running", decay: float = 0.95, *,
