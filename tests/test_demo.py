@@ -58,7 +58,7 @@ def quick_run(tmp_path_factory):
 def test_quick_demo_runs_and_writes_its_files(quick_run):
     res, out = quick_run
     assert res.returncode == 0, res.stdout + res.stderr
-    for name in ("demo-errors.png", "demo-heatmaps.png", "demo-train.png"):
+    for name in ("demo-errors.png", "demo-heatmaps.png", "demo-heatmaps-layers.png", "demo-train.png"):
         data = (out / name).read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 1000
     assert "K-FOC" in res.stdout and "fc1" in res.stdout and "conv2" in res.stdout

@@ -243,8 +243,10 @@ def _full_loss(model: Any, X: Any, y: Any) -> tuple[float, float]:
 
 
 def fisher_study(net: str, X: Any, y: Any, cfg: Config, sync: Callable[[], None],
-                 progress: bool) -> tuple[list[dict[str, Any]], dict[str, Any] | None]:
-    """Train ``net`` with SGD; at each checkpoint evaluate every layer's exact Fisher block."""
+                 progress: bool) -> tuple[list[dict[str, Any]], dict[str, Any] | None, list[dict[str, Any]]]:
+    """Train ``net`` with SGD; at each checkpoint evaluate every layer's exact Fisher block.
+    Returns the records, the heat-map layer's dense blocks and every layer's leading output
+    units at the last checkpoint (:func:`_leading_units`)."""
     from kronsum.adapters.torch import collect
     from tqdm import tqdm
 
@@ -258,6 +260,7 @@ def fisher_study(net: str, X: Any, y: Any, cfg: Config, sync: Callable[[], None]
     estimators = _estimators(cfg.ranks)
     records: list[dict[str, Any]] = []
     heat = None
+    layers_heat: list[dict[str, Any]] = []  # every layer's leading output units, last step
     last = max(cfg.checkpoints)
     order_rng = np.random.default_rng(cfg.seed + 1)
     perm, pos = order_rng.permutation(X.shape[0]), 0
@@ -284,6 +287,8 @@ def fisher_study(net: str, X: Any, y: Any, cfg: Config, sync: Callable[[], None]
                     "train_loss": loss, "train_accuracy": acc,
                     "info": rec["info"], "notes": rec["notes"],
                 })
+                if step == last:
+                    layers_heat.append(_leading_units(net, layer, step, F, ests, rec))
                 if step == last and (net, layer) == tuple(cfg.heatmap):
                     heat = {"network": net, "layer": layer, "step": step,
                             "shape": [F.m, F.n],
@@ -304,7 +309,25 @@ def fisher_study(net: str, X: Any, y: Any, cfg: Config, sync: Callable[[], None]
         opt.step()
         bar.update(1)
     bar.close()
-    return records, heat
+    return records, heat, layers_heat
+
+
+def _leading_units(net: str, layer: str, step: int, F: Any, ests: dict[str, Any],
+                   rec: dict[str, Any], units: int = 3) -> dict[str, Any]:
+    """The exact block's entries of the first ``units`` output units (the leading
+    ``units·n × units·n`` sub-block in row-major vec: ``G`` restricted to its first ``units``
+    columns, without the whole ``mn × mn`` matrix) and each estimate's, as NumPy arrays."""
+    u = min(units, F.m)
+    d = u * F.n
+    G = F.G[..., :u]
+    sub = (ks.KronSum.from_outer(G, F.A, F.weights) if F.form == "outer"
+           else ks.KronSum.from_conv(G, F.A, F.weights))
+    out = {"network": net, "layer": layer, "step": step, "shape": [F.m, F.n], "units": u,
+           "exact": sub.to_dense().cpu().numpy(), "errors": {}}
+    for k, e in ests.items():
+        out[k] = e.to_dense()[:d, :d].cpu().numpy()
+        out["errors"][k] = rec[k]
+    return out
 
 
 # -- part 2: natural-gradient training ------------------------------------------------------
@@ -535,6 +558,55 @@ def _plot_heatmaps(heat: dict[str, Any], path: str, units: int = 5) -> None:
     plt.close(fig)
 
 
+def _plot_layer_heatmaps(layers: list[dict[str, Any]], path: str) -> None:
+    """Every layer (rows): the exact block and each estimate's |F − F̂| on the entries of its
+    first output units, each row on the scale of its own |F| (99.5th percentile)."""
+    import matplotlib.pyplot as plt
+
+    names = [k for k in ("kfac", "tkfac", "kfoc", "rank3") if any(k in h for h in layers)]
+    rows, cols = len(layers), 1 + len(names)
+    fig, axes = plt.subplots(rows, cols, figsize=(2.35 * cols + 1.3, 2.05 * rows + 0.9),
+                             squeeze=False, layout="constrained")
+    im = im2 = None
+    for i, h in enumerate(layers):
+        m, n = h["shape"]
+        u = h["units"]
+        F = h["exact"]
+        scale = float(np.quantile(np.abs(F), 0.995)) or 1.0
+        for j, k in enumerate(["exact"] + names):
+            ax = axes[i][j]
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if k != "exact" and k not in h:
+                ax.axis("off")
+                continue
+            if k == "exact":
+                im = ax.imshow(F / scale, cmap="RdBu_r", vmin=-1, vmax=1, interpolation="nearest")
+                ax.set_ylabel(f"{h['network']} {h['layer']}\n{m}×{n}, units 0–{u - 1}", fontsize=9)
+            else:
+                im2 = ax.imshow(np.abs(F - h[k]) / scale, cmap="magma", vmin=0, vmax=0.5,
+                                interpolation="nearest")
+                ax.set_title(f"error {h['errors'][k]:.3f}", fontsize=8, pad=2)
+            for q in range(1, u):  # lines between the output units' sub-blocks
+                ax.axhline(q * n - 0.5, color="0.6", lw=0.5)
+                ax.axvline(q * n - 0.5, color="0.6", lw=0.5)
+            if i == 0:
+                head = "exact F" if k == "exact" else f"|F − {LABELS[k]}|"
+                ax.set_title(head + ("" if k == "exact" else f"\nerror {h['errors'][k]:.3f}"),
+                             fontsize=9)
+    cb = fig.colorbar(im, ax=[a[0] for a in axes], shrink=0.6, location="left", extend="both")
+    cb.set_label("F / (99.5th percentile of |F|, per row)", fontsize=8)
+    cb2 = fig.colorbar(im2, ax=[a[j] for a in axes for j in range(1, cols)], shrink=0.6, extend="max")
+    cb2.set_label("|F − F̂| / (99.5th percentile of |F|, per row)", fontsize=8)
+    step = layers[0]["step"] if layers else 0
+    fig.suptitle(f"Every layer after {step} SGD steps: the exact Fisher block and the absolute "
+                 f"differences of each approximation, on the entries of the first output units\n"
+                 f"(lines between units; errors: relative Frobenius error of the whole block)",
+                 fontsize=10)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def _plot_train(ngd: dict[str, Any], path: str) -> None:
     """Training loss against step and wall time: the median over the seeds, their range shaded."""
     import matplotlib.pyplot as plt
@@ -618,20 +690,24 @@ def _run(args: argparse.Namespace) -> int:
 
     records: list[dict[str, Any]] = []
     heat = None
+    layers_heat: list[dict[str, Any]] = []
     for net in NETWORKS:
-        recs, h = fisher_study(net, X, y, cfg, sync, progress)
+        recs, h, hl = fisher_study(net, X, y, cfg, sync, progress)
         records += recs
         heat = heat or h
+        layers_heat += hl
     ngd = ngd_study(X, y, cfg, sync, progress) if args.train else None
 
     files = {"errors": os.path.join(args.out, "demo-errors.png"),
              "heatmaps": os.path.join(args.out, "demo-heatmaps.png"),
+             "heatmaps_layers": os.path.join(args.out, "demo-heatmaps-layers.png"),
              "json": os.path.join(args.out, "demo.json")}
     _plot_errors(records, files["errors"])
     if heat is not None:
         _plot_heatmaps(heat, files["heatmaps"])
     else:  # pragma: no cover - the heat-map layer is always collected
         del files["heatmaps"]
+    _plot_layer_heatmaps(layers_heat, files["heatmaps_layers"])
     if ngd is not None:
         files["train"] = os.path.join(args.out, "demo-train.png")
         _plot_train(ngd, files["train"])
