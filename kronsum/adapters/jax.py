@@ -57,7 +57,7 @@ except ImportError:  # pragma: no cover - depends on the environment
 
 from .._sum import KronSum
 
-__all__ = ["FISHER_TYPES", "PLAIN", "LayerCurvature", "Preconditioner", "Tape", "collect", "flax_apply",
+__all__ = ["FISHER_TYPES", "PLAIN", "LayerCurvature", "Preconditioner", "Tape", "collect", "equinox_apply", "flax_apply",
            "nnx_apply"]
 
 #: The Fisher types :func:`collect` knows.
@@ -117,6 +117,13 @@ class Tape:
 
     def _out(self, name: str, y: Any, kind: str, a: Any) -> Any:  # the recording hook
         return y
+
+    def _vmap(self, make: Callable[["Tape"], Callable[[Any], Any]], x: Any) -> Any:
+        """``jax.vmap(make(tape))(x)``: a model written per sample (as Equinox models are),
+        whose layers write through the tape ``make`` is given, mapped over the batch axis 0.
+        Inside, each layer is called on a batch of one; a recording tape hands its statistics
+        out of the map as batched arrays."""
+        return jax.vmap(make(self))(x)
 
     def dense(self, name: str, x: Any, kernel: Any, bias: Any = None) -> Any:
         y = x @ kernel
@@ -195,6 +202,17 @@ class _ShapeTape(Tape):
         self.kinds[name] = ("norm",) + a[1:] if kind == "norm" else kind  # grouped conv: a tuple
         return y
 
+    def _vmap(self, make, x):
+        inner = _ShapeTape()
+        out = jax.vmap(make(inner))(x)  # under collect's eval_shape: shapes only
+        N = jnp.shape(x)[0]
+        for name, s in inner.shapes.items():
+            if name in self.shapes:
+                raise RuntimeError(f"layer {name!r} is called twice in one pass; names must be unique")
+            self.shapes[name] = jax.ShapeDtypeStruct((N,) + tuple(s.shape), s.dtype)
+            self.kinds[name] = inner.kinds[name]
+        return out
+
 
 class _RecordingTape(Tape):
     def __init__(self, eps: dict[str, Any]):
@@ -227,6 +245,23 @@ class _RecordingTape(Tape):
             A = jnp.concatenate([A, jnp.ones(A.shape[:-1] + (1,), A.dtype)], axis=-1)
         self.inputs[name] = lax.stop_gradient(A)
         return y + self.eps[name]
+
+    def _vmap(self, make, x):
+        def one(xi, eps_i):  # one sample: its layers' perturbations, inputs recorded inside
+            inner = _RecordingTape(eps_i)
+            return make(inner)(xi), inner.inputs
+
+        try:
+            out, inputs = jax.vmap(one)(x, self.eps)
+        except jax.errors.UnexpectedTracerError as exc:
+            raise ValueError(
+                "a layer of the per-sample model was called inside a transformation of its own "
+                "(e.g. jax.vmap over positions, as eqx.nn.MultiheadAttention and sequence models "
+                "do): its inputs cannot leave that map; such layers are not supported here"
+            ) from exc
+        for name, v in inputs.items():  # (N, 1, ...): each sample was a batch of one
+            self.inputs[name] = jnp.reshape(v, (v.shape[0],) + v.shape[2:])
+        return out
 
 
 def _output_grad_terms(loss, f, targets, fisher, n_samples, key):
@@ -476,5 +511,6 @@ def _collect(
     return result, layouts
 
 
+from ._equinox import equinox_apply  # noqa: E402
 from ._flax import flax_apply, nnx_apply  # noqa: E402
 from ._jax_precond import LayerCurvature, Preconditioner  # noqa: E402  (it uses collect above)

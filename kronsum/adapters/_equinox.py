@@ -1,0 +1,169 @@
+r"""Equinox models through the JAX adapter's tape, without rewriting them (see :func:`equinox_apply`)."""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+_TAPED: dict[str, Any] = {}  # the wrapper module classes, made on first use (they need Equinox)
+
+
+def equinox_apply(model: Any) -> tuple[Callable[[Any, Any, Any], Any], Any]:
+    r"""``(apply, params)``: a tape-written ``apply(params, inputs, tape)`` for an Equinox model.
+
+    Equinox models compute one sample (``model(x)``) and are mapped over a batch with
+    ``jax.vmap(model)(X)``; ``apply(params, X, PLAIN)`` is exactly that, with the model's
+    inexact arrays taken from ``params`` (``eqx.partition(model, eqx.is_inexact_array)``, so
+    ``params`` is the model itself with its static parts replaced by ``None``). Under
+    :func:`~kronsum.adapters.jax.collect`, the map over the batch is the tape's own, and these
+    layers write through it, named by their path in the model (``"layers[0]"``,
+    ``"encoder.conv"``), each with its block for the weight as Equinox stores it,
+    ``(out, in)`` or ``(out, in/groups, k…)``, bias last:
+
+    * ``eqx.nn.Linear`` (``"scalar"`` features included): ``tape.dense``;
+    * ``eqx.nn.Conv`` (1-, 2- and 3-D, any stride, padding, dilation, ``groups`` — one block
+      per group, ``"name[i]"`` — and padding mode; channels-first per sample as Equinox has
+      it): ``tape.conv``;
+    * ``eqx.nn.Embedding`` called on a sample's scalar index: ``tape.embed``;
+    * ``eqx.nn.LayerNorm`` over a 1-D ``shape`` (the exact ``[weight bias]`` block of
+      ``tape.norm``, the normalised input computed as Equinox computes it).
+
+    Each layer must be called once per sample, directly by the model's code: a layer called
+    under a transformation inside the model (``jax.vmap`` over positions, as
+    ``eqx.nn.MultiheadAttention`` and most sequence models do, or ``jax.lax.scan``) cannot hand
+    its inputs out of it, and :func:`~kronsum.adapters.jax.collect` raises ``ValueError``
+    saying so; ``eqx.nn.MultiheadAttention`` is left to Equinox as a whole. Layers of other
+    types with parameters (and LayerNorm over more than one axis) are computed by Equinox and
+    get no block: one ``UserWarning`` per ``apply`` function names them.
+
+    Examples
+    --------
+    >>> import jax
+    >>> import equinox as eqx
+    >>> from kronsum.adapters.jax import PLAIN, collect, equinox_apply
+    >>> model = eqx.nn.MLP(4, 3, width_size=8, depth=1, activation=jax.nn.tanh,
+    ...                    key=jax.random.PRNGKey(0))
+    >>> X = jax.random.normal(jax.random.PRNGKey(1), (16, 4))
+    >>> apply, params = equinox_apply(model)
+    >>> bool(jax.numpy.allclose(apply(params, X, PLAIN), jax.vmap(model)(X)))
+    True
+    >>> {k: (F.m, F.n) for k, F in collect(apply, params, X, fisher="exact").items()}
+    {'layers[0]': (8, 5), 'layers[1]': (3, 9)}
+    """
+    try:
+        import equinox as eqx
+    except ImportError as exc:  # pragma: no cover - depends on the environment
+        raise ImportError("equinox_apply needs Equinox: pip install equinox") from exc
+    from ._flax import _warn_once
+
+    params, static = eqx.partition(model, eqx.is_inexact_array)
+    warned: set = set()
+
+    def apply(params: Any, inputs: Any, tape: Any) -> Any:
+        m = eqx.combine(params, static)
+        skipped: list = []
+        out = tape._vmap(lambda t: _routed(m, t, skipped), inputs)
+        _warn_once(skipped, warned, "equinox_apply", "Equinox")
+        return out
+
+    return apply, params
+
+
+def _routed(model: Any, tape: Any, skipped: list) -> Any:
+    """``model`` with every covered layer replaced by a module that writes through ``tape``
+    (the same arrays); the modules holding other parameters appended to ``skipped``."""
+    import equinox as eqx
+    import jax
+
+    nn = eqx.nn
+    cls = _classes()
+    layers = (nn.Linear, nn.Conv, nn.Embedding, nn.LayerNorm, nn.MultiheadAttention)
+
+    def route(path, leaf):
+        name = jax.tree_util.keystr(path).lstrip(".")
+        if isinstance(leaf, nn.Linear):
+            return cls["linear"](leaf, name, tape)
+        if isinstance(leaf, nn.Conv) and not isinstance(leaf, nn.ConvTranspose):
+            return cls["conv"](leaf, name, tape)
+        if isinstance(leaf, nn.Embedding):
+            return cls["embed"](leaf, name, tape)
+        if isinstance(leaf, nn.LayerNorm) and len(leaf.shape) == 1 and (leaf.use_weight or leaf.use_bias):
+            return cls["norm"](leaf, name, tape)
+        return leaf  # another layer (MultiheadAttention whole), an array or a static value
+
+    routed = (route((), model) if isinstance(model, layers)
+              else jax.tree_util.tree_map_with_path(route, model, is_leaf=lambda x: isinstance(x, layers)))
+    taped = cls["base"]
+    flat, _ = jax.tree_util.tree_flatten_with_path(routed, is_leaf=lambda x: isinstance(x, taped))
+    for path, leaf in flat:  # parameters outside the routed layers: their modules, named
+        if not isinstance(leaf, taped) and eqx.is_inexact_array(leaf):
+            owner = jax.tree_util.keystr(path[:-1]).lstrip(".") or "the model"
+            skipped.append(owner)
+    return routed
+
+
+def _classes() -> dict[str, Any]:
+    """The wrapper modules (one class per layer type, made once)."""
+    if _TAPED:
+        return _TAPED
+    import equinox as eqx
+    import jax.numpy as jnp
+
+    import jax
+
+    class _Taped(eqx.Module):
+        layer: Any
+        name: str = eqx.field(static=True)
+        tape: Any = eqx.field(static=True)
+
+    class _Linear(_Taped):
+        def __call__(self, x, *, key=None):
+            lin = self.layer
+            if lin.in_features == "scalar" and jnp.shape(x) != ():
+                raise ValueError(f"layer {self.name!r}: x must have scalar shape")
+            xb = jnp.reshape(x, (1, -1))  # a batch of one
+            y = self.tape.dense(self.name, xb, lin.weight.T, lin.bias)[0]
+            return jnp.squeeze(y) if lin.out_features == "scalar" else y
+
+    class _Conv(_Taped):
+        def __call__(self, x, *, key=None):
+            c = self.layer
+            d = c.num_spatial_dims
+            if x.ndim != d + 1:
+                raise ValueError(f"layer {self.name!r}: Conv takes an input of rank {d + 1} "
+                                 f"(channels, spatial…), got shape {x.shape}")
+            padding = c.padding
+            if c.padding_mode != "ZEROS":
+                x, padding = c._nonzero_pad(x), "VALID"
+            xb = jnp.moveaxis(x, 0, -1)[None]  # (1, spatial…, in): channels-last, a batch of one
+            kernel = jnp.transpose(c.weight, tuple(range(2, d + 2)) + (1, 0))  # (k…, in/g, out)
+            bias = None if c.bias is None else jnp.reshape(c.bias, (-1,))
+            y = self.tape.conv(self.name, xb, kernel, bias, stride=c.stride, padding=padding,
+                               dilation=c.dilation, groups=c.groups)
+            return jnp.moveaxis(y[0], -1, 0)
+
+    class _Embed(_Taped):
+        def __call__(self, x, *, key=None):
+            if jnp.shape(x) != ():
+                raise ValueError(f"layer {self.name!r}: eqx.nn.Embedding takes a scalar index, "
+                                 f"got shape {jnp.shape(x)}")
+            return self.tape.embed(self.name, jnp.reshape(x, (1, 1)), self.layer.weight)[0, 0]
+
+    class _Norm(_Taped):
+        def __call__(self, x, state=None, *, key=None):
+            ln = self.layer
+            if x.shape != ln.shape:
+                raise ValueError(f"layer {self.name!r}: LayerNorm({ln.shape}) got shape {x.shape}")
+            orig = x.dtype
+            with jax.numpy_dtype_promotion("standard"):
+                dtype = jnp.result_type(x.dtype, jnp.float32)
+            x = x.astype(dtype)
+            mean = jnp.mean(x, keepdims=True)
+            var = jnp.maximum(0.0, jnp.var(x, keepdims=True))
+            xhat = (x - mean) * jax.lax.rsqrt(var + ln.eps)
+            w = ln.weight.astype(dtype) if ln.use_weight else None
+            b = ln.bias.astype(dtype) if ln.use_bias else None
+            y = self.tape.norm(self.name, xhat[None], w, b)[0].astype(orig)
+            return y if state is None else (y, state)
+
+    _TAPED.update(base=_Taped, linear=_Linear, conv=_Conv, embed=_Embed, norm=_Norm)
+    return _TAPED

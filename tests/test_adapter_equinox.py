@@ -1,0 +1,205 @@
+"""Equinox models through equinox_apply and the tape: Linear (scalar features too), 1-/2-/3-D
+Conv with stride, padding, dilation, groups and padding modes, Embedding and LayerNorm. Every
+block equals the Fisher from per-sample gradients (jax.vmap(jax.grad) of the model itself),
+empirical and exact; layers left to Equinox are named in one warning; a layer called under a
+map inside the model gets a clear error."""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pytest
+
+jax = pytest.importorskip("jax")
+eqx = pytest.importorskip("equinox")
+import jax.numpy as jnp  # noqa: E402
+
+jax.config.update("jax_enable_x64", True)
+
+from kronsum.adapters.jax import PLAIN, collect, equinox_apply  # noqa: E402
+
+C = 3
+
+
+def _keys(n, seed=0):
+    return jax.random.split(jax.random.PRNGKey(seed), n)
+
+
+class CNN(eqx.Module):
+    """2-D conv (stride, padding), grouped 2-D conv, 1-D conv (reflect padding, dilation),
+    3-D conv, LayerNorm and a Linear head: every parameter in a routed layer."""
+    c1: eqx.nn.Conv2d
+    c2: eqx.nn.Conv2d
+    c3: eqx.nn.Conv1d
+    c4: eqx.nn.Conv3d
+    ln: eqx.nn.LayerNorm
+    head: eqx.nn.Linear
+
+    def __init__(self, key):
+        k = jax.random.split(key, 6)
+        f = dict(dtype=jnp.float64)
+        self.c1 = eqx.nn.Conv2d(2, 4, 3, stride=2, padding=1, key=k[0], **f)
+        self.c2 = eqx.nn.Conv2d(4, 4, 2, groups=2, key=k[1], **f)
+        self.c3 = eqx.nn.Conv1d(4, 3, 2, dilation=2, padding=1, padding_mode="REFLECT", key=k[2], **f)
+        self.c4 = eqx.nn.Conv3d(1, 2, (1, 2, 2), use_bias=False, key=k[3], **f)
+        self.ln = eqx.nn.LayerNorm(6, **f)
+        self.head = eqx.nn.Linear(6, C, key=k[4], **f)
+
+    def __call__(self, x):  # x (2, 6, 6)
+        h = jnp.tanh(self.c1(x))  # (4, 3, 3)
+        h = jnp.tanh(self.c2(h))  # (4, 2, 2)
+        h = jnp.tanh(self.c3(jnp.reshape(h, (4, 4))))  # (3, 3)
+        h = jnp.tanh(self.c4(jnp.reshape(h[:, :2], (1, 1, 3, 2))))  # (2, 1, 2, 1)
+        h = self.ln(jnp.concatenate([jnp.ravel(h), jnp.ravel(h[:, 0, 0, 0])]))
+        return self.head(h)
+
+
+class Scalars(eqx.Module):
+    """An embedding of one index per sample, and Linear layers with scalar features."""
+    emb: eqx.nn.Embedding
+    up: eqx.nn.Linear
+    out: eqx.nn.Linear
+    to_scalar: eqx.nn.Linear
+
+    def __init__(self, key):
+        k = jax.random.split(key, 4)
+        self.emb = eqx.nn.Embedding(5, 4, key=k[0], dtype=jnp.float64)
+        self.up = eqx.nn.Linear("scalar", 4, key=k[1], dtype=jnp.float64)
+        self.out = eqx.nn.Linear(4, C, key=k[2], dtype=jnp.float64)
+        self.to_scalar = eqx.nn.Linear(4, "scalar", key=k[3], dtype=jnp.float64)
+
+    def __call__(self, x):  # x = (index, value)
+        h = jnp.tanh(self.emb(x[0].astype(jnp.int32)) + self.up(x[1]))
+        return self.out(h).at[0].add(self.to_scalar(h))  # a scalar output feeding one class
+
+
+def _cnn():
+    model = CNN(jax.random.PRNGKey(0))
+    X = jax.random.normal(jax.random.PRNGKey(1), (9, 2, 6, 6), dtype=jnp.float64)
+    return model, X
+
+
+def _scalars():
+    model = Scalars(jax.random.PRNGKey(0))
+    k1, k2 = _keys(2, 5)
+    X = jnp.stack([jax.random.randint(k1, (9,), 0, 5).astype(jnp.float64),
+                   jax.random.normal(k2, (9,), dtype=jnp.float64)], axis=1)
+    return model, X
+
+
+def _layer(model, name):
+    for part in name.replace("]", "").replace("[", ".").split("."):
+        model = model[int(part)] if part.isdigit() else getattr(model, part)
+    return model
+
+
+def _matrix(layer, g, group=None):
+    """Per-sample gradient matrices (N, m, n) of one layer's gradient module ``g`` in the
+    block's layout: the weight as Equinox stores it viewed (out, -1), bias last column;
+    LayerNorm ``[weight bias]``; an embedding's table transposed."""
+    if isinstance(layer, eqx.nn.Embedding):
+        return jnp.swapaxes(g.weight, 1, 2)
+    if isinstance(layer, eqx.nn.LayerNorm):
+        return jnp.stack([g.weight, g.bias], axis=2)
+    W = g.weight
+    N, out = W.shape[0], layer.out_features if isinstance(layer, eqx.nn.Linear) else W.shape[1]
+    W = jnp.reshape(W, (N, 1 if out == "scalar" else out, -1))
+    b = None if g.bias is None else jnp.reshape(g.bias, (N, W.shape[1], 1))
+    if group is not None:
+        og = W.shape[1] // layer.groups
+        W = W[:, group * og:(group + 1) * og]
+        b = None if b is None else b[:, group * og:(group + 1) * og]
+    return W if b is None else jnp.concatenate([W, b], axis=2)
+
+
+def _per_sample(model, X, y):
+    def loss(m, x, t):
+        return -jax.nn.log_softmax(m(x))[t]
+
+    return jax.vmap(jax.grad(loss), in_axes=(None, 0, 0))(model, X, y)
+
+
+def _reference(model, blocks, grads, weights):
+    out = {}
+    for key in blocks:
+        name, group = (key[:key.index("[", len(key) - 3)], int(key[-2])) if key.endswith("]") and \
+            isinstance(_layer(model, key[:key.rindex("[")]), eqx.nn.Conv) else (key, None)
+        layer = _layer(model, name)
+        V = _matrix(layer, _layer(grads, name), group)
+        V = jnp.reshape(V, (V.shape[0], -1))
+        out[key] = (V * weights[:, None]).T @ V
+    return out
+
+
+@pytest.mark.parametrize("build", [_cnn, _scalars], ids=["cnn", "scalars"])
+@pytest.mark.parametrize("fisher", ["empirical", "exact"])
+def test_every_parameter_has_a_block_equal_to_the_per_sample_fisher(build, fisher):
+    model, X = build()
+    y = jax.random.randint(jax.random.PRNGKey(7), (X.shape[0],), 0, C)
+    apply, params = equinox_apply(model)
+    np.testing.assert_allclose(apply(params, X, PLAIN), jax.vmap(model)(X), rtol=1e-13)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # every layer routed: no warning
+        blocks = collect(apply, params, X, y if fisher == "empirical" else None, fisher=fisher,
+                         reduction="mean", weight_sharing="sample")
+    n_params = sum(int(np.prod(a.shape)) for a in jax.tree_util.tree_leaves(eqx.filter(model, eqx.is_inexact_array)))
+    assert sum(F.m * F.n for F in blocks.values()) == n_params
+    N = X.shape[0]
+    if fisher == "empirical":
+        refs = _reference(model, blocks, _per_sample(model, X, y), jnp.full(N, 1.0 / N))
+    else:
+        probs = jax.nn.softmax(jax.vmap(model)(X), axis=-1)
+        refs = None
+        for c in range(C):
+            r = _reference(model, blocks, _per_sample(model, X, jnp.full(N, c)), probs[:, c] / N)
+            refs = r if refs is None else {k: refs[k] + r[k] for k in r}
+    for key, ref in refs.items():
+        np.testing.assert_allclose(np.asarray(blocks[key].to_dense()), np.asarray(ref), rtol=1e-10,
+                                   atol=1e-12 * float(jnp.abs(ref).max()), err_msg=key)
+
+
+def test_names_and_shapes_follow_the_model():
+    model, X = _cnn()
+    apply, params = equinox_apply(model)
+    blocks = collect(apply, params, X, fisher="mc", key=jax.random.PRNGKey(0))
+    assert {k: (F.m, F.n) for k, F in blocks.items()} == {
+        "c1": (4, 2 * 9 + 1), "c2[0]": (2, 2 * 4 + 1), "c2[1]": (2, 2 * 4 + 1), "c3": (3, 4 * 2 + 1),
+        "c4": (2, 4), "ln": (6, 2), "head": (C, 7)}
+
+
+def test_layers_left_to_equinox_are_named_once():
+    class WithGRU(eqx.Module):
+        cell: eqx.nn.GRUCell
+        head: eqx.nn.Linear
+        scale: jax.Array
+
+        def __call__(self, x):
+            return self.head(self.cell(x, jnp.zeros(4, x.dtype))) * self.scale
+
+    k1, k2 = _keys(2)
+    model = WithGRU(eqx.nn.GRUCell(3, 4, key=k1, dtype=jnp.float64),
+                    eqx.nn.Linear(4, C, key=k2, dtype=jnp.float64), jnp.ones((), jnp.float64))
+    X = jnp.ones((5, 3), jnp.float64)
+    apply, params = equinox_apply(model)
+    with pytest.warns(UserWarning, match=r"equinox_apply: .*'cell'.*'the model'|equinox_apply: .*'the model'.*'cell'"):
+        blocks = collect(apply, params, X, fisher="mc")
+    assert set(blocks) == {"head"}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the same apply function: warned once
+        collect(apply, params, X, fisher="mc")
+
+
+def test_a_layer_under_a_map_inside_the_model_is_refused_clearly():
+    class PerPosition(eqx.Module):
+        lin: eqx.nn.Linear
+
+        def __call__(self, x):  # x (T, d): the layer mapped over positions
+            return jnp.mean(jax.vmap(self.lin)(x), axis=0)
+
+    model = PerPosition(eqx.nn.Linear(3, C, key=jax.random.PRNGKey(0), dtype=jnp.float64))
+    X = jnp.ones((4, 5, 3), jnp.float64)
+    apply, params = equinox_apply(model)
+    np.testing.assert_allclose(apply(params, X, PLAIN), jax.vmap(model)(X))
+    with pytest.raises(ValueError, match="inside a transformation of its own"):
+        collect(apply, params, X, fisher="mc")
