@@ -33,7 +33,9 @@ def equinox_apply(model: Any) -> tuple[Callable[[Any, Any, Any], Any], Any]:
     its inputs out of it, and :func:`~kronsum.adapters.jax.collect` raises ``ValueError``
     saying so; ``eqx.nn.MultiheadAttention`` is left to Equinox as a whole. Layers of other
     types with parameters (and LayerNorm over more than one axis) are computed by Equinox and
-    get no block: one ``UserWarning`` per ``apply`` function names them.
+    get no block: one ``UserWarning`` per ``apply`` function names them. The optax
+    :class:`~kronsum.adapters.jax.Preconditioner` of this ``apply`` finds each layer's
+    ``weight`` and ``bias`` in ``params`` (and in the updates) by the same paths.
 
     Examples
     --------
@@ -65,6 +67,7 @@ def equinox_apply(model: Any) -> tuple[Callable[[Any, Any, Any], Any], Any]:
         _warn_once(skipped, warned, "equinox_apply", "Equinox")
         return out
 
+    apply._kronsum_layout = "equinox"  # the optax Preconditioner finds the weights by path
     return apply, params
 
 

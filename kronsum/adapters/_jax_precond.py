@@ -155,7 +155,12 @@ class Preconditioner:
         from .jax import _collect
 
         blocks, layouts = _collect(self.apply, params, inputs, targets, key=key, **self._collect_kw)
-        paths = self.layers if self.layers is not None else _flax_paths(params, blocks, layouts)
+        if self.layers is not None:
+            paths = self.layers
+        elif getattr(self.apply, "_kronsum_layout", None) == "equinox":
+            paths = _equinox_paths(params, blocks, layouts)
+        else:
+            paths = _flax_paths(params, blocks, layouts)
         missing = [k for k in paths if k not in blocks]
         if missing:
             raise ValueError(f"layers {missing} were not recorded by the tape (recorded: {list(blocks)})")
@@ -285,6 +290,35 @@ def _flax_paths(params: Any, blocks: Mapping[str, Any], layouts: Mapping[str, st
     return out
 
 
+def _equinox_paths(params: Any, blocks: Mapping[str, Any], layouts: Mapping[str, Any]) -> dict[str, tuple]:
+    """Equinox's layout (:func:`~kronsum.adapters.jax.equinox_apply`): the layer at the block's
+    path (``"layers[0]"``, ``"encoder.conv[1]"`` for group 1) with its ``weight`` stored
+    ``(out, …)`` (layout ``"stored"``, or ``("stored", i, groups)``) and ``bias``; an
+    embedding's ``weight`` (num, dim); a LayerNorm's ``weight`` and ``bias``."""
+    import re
+
+    by_str = {tuple(str(k) for k in path): path for path, _ in _leaves(params)}
+    out = {}
+    for name in blocks:
+        layout = layouts.get(name, "dense")
+        base = name.rsplit("[", 1)[0] if isinstance(layout, tuple) else name
+        keys = tuple(re.findall(r"[^.\[\]]+", base))
+        k, b = by_str.get((*keys, "weight")), by_str.get((*keys, "bias"))
+        if layout == "embed":
+            b, new = None, "embed"
+        elif layout == "norm":
+            new = "norm"
+        elif isinstance(layout, tuple):
+            new = ("stored", layout[1], layout[2])
+        else:
+            new = "stored"
+        if k is None and b is None:
+            raise ValueError(f"layer {name!r}: no weight at {keys} in the Equinox parameters; pass "
+                             "layers={name: (kernel path, bias path or None)}")
+        out[name] = (k, b, new)
+    return out
+
+
 def _keys(keypath) -> tuple:
     return tuple(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k))) for k in keypath)
 
@@ -323,6 +357,12 @@ def _block(name, leaves, kpath, bpath, layout, cur) -> Any:
     m, n = cur.E.shape
     if layout == "norm":
         V = jnp.stack([leaves[p] for p in (kpath, bpath) if p is not None], axis=1)
+    elif _stored(layout):  # Equinox: the weight stored (out, …), bias of any shape with out entries
+        K = leaves[kpath]
+        rows = _group(layout, K.shape[0]) if isinstance(layout, tuple) else slice(None)
+        V = jnp.reshape(K[rows], (-1, n - (bpath is not None)))
+        if bpath is not None:
+            V = jnp.concatenate([V, jnp.reshape(jnp.reshape(leaves[bpath], (-1,))[rows], (-1, 1))], axis=1)
     else:
         K = leaves[kpath]
         if isinstance(layout, tuple):  # group i of a grouped conv: its output channels' slice
@@ -345,6 +385,10 @@ def _block(name, leaves, kpath, bpath, layout, cur) -> Any:
     return V.astype(cur.E.dtype)
 
 
+def _stored(layout: Any) -> bool:
+    return layout == "stored" or (isinstance(layout, tuple) and layout[0] == "stored")
+
+
 def _group(layout: tuple, out: int) -> slice:
     """The output channels of group ``i`` of ``groups`` (layout ``("conv", i, groups)``)."""
     _, i, groups = layout
@@ -362,6 +406,16 @@ def _unblock(P, leaves, kpath, bpath, layout, done: Mapping | None = None) -> di
     K = leaves[kpath]
     cols = P.shape[1] - (bpath is not None)
     Pw = P[:, :cols]
+    if _stored(layout):
+        done = done or {}
+        rows = _group(layout, K.shape[0]) if isinstance(layout, tuple) else slice(None)
+        kernel = done.get(kpath, K).at[rows].set(jnp.reshape(Pw, K[rows].shape).astype(K.dtype))
+        out = {kpath: kernel}
+        if bpath is not None:
+            b = leaves[bpath]
+            flat = jnp.reshape(done.get(bpath, b), (-1,)).at[rows].set(P[:, cols].astype(b.dtype))
+            out[bpath] = jnp.reshape(flat, b.shape)
+        return out
     if layout == "conv" or isinstance(layout, tuple) or (layout is None and K.ndim == 4):
         d = K.ndim - 2
         cin, cout = K.shape[-2], P.shape[0]
