@@ -156,7 +156,7 @@ def main(argv=None):
         ap.error(f"--cases: unknown {sorted(only - set(CASES))}; known: {', '.join(CASES)}")
     rounds = args.rounds or (3 if args.quick else 7)
     print(f"kronsum {ks.__version__} | numpy {np.__version__} | {platform.processor() or platform.machine()} "
-          f"| {os.cpu_count()} cores | 1 BLAS thread | numba: {ks._accel._numba_importable()} | {rounds} rounds")
+          f"| {os.cpu_count()} cores | 1 BLAS thread | numba: {ks.get_config()['use_numba']} | {rounds} rounds")
     print(HEADER)
     records = run(args.quick, rounds, only, args.accuracy)
     if args.json:

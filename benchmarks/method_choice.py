@@ -92,7 +92,7 @@ def main(argv=None):
     args = ap.parse_args(argv)
     rounds = args.rounds or (1 if args.quick else 3)
     print(f"kronsum {ks.__version__} | numpy {np.__version__} | {platform.processor() or platform.machine()} "
-          f"| {os.cpu_count()} cores | 1 BLAS thread | numba: {ks._accel._numba_importable()} | {rounds} rounds")
+          f"| {os.cpu_count()} cores | 1 BLAS thread | numba: {ks.get_config()['use_numba']} | {rounds} rounds")
     print(HEADER)
     records = run(args.quick, rounds, tuple(args.families.split(",")), tuple(args.dtypes.split(",")))
     worst = max(r["chosen_over_faster"] for r in records)

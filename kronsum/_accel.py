@@ -5,6 +5,8 @@ both paths, ``rtol 1e-10`` in float64). Fast paths are taken only for NumPy arra
 
 * :func:`weighted_gram` — ``Vᵀ diag(c) V`` through BLAS ``syrk`` (half the flops of ``gemm``)
   by splitting the rows by the sign of ``c``;
+* :func:`row_gram` — the K×K Gram matrix ``V Vᵀ`` of many short rows through ``gemm``, where
+  NumPy's ``syrk`` route costs more;
 * :func:`numba_enabled` — whether a numba kernel may run: option on
   (:func:`kronsum.config`), numba importable, NumPy namespace, float32/float64;
 * :func:`via_numpy_on_cpu` — the estimators' entry: PyTorch CPU tensors are handed to the
@@ -27,24 +29,15 @@ from typing import Any, Callable
 import array_api_compat
 
 from ._compat import Array, is_numpy_namespace
-from ._config import get_config
+from ._config import _options, numba_importable
 
-__all__ = ["gram", "weighted_gram", "numba_enabled", "numba_kernels", "via_numpy_on_cpu", "cuda_graph",
+__all__ = ["gram", "row_gram", "row_sq_norms", "weighted_gram", "numba_enabled", "numba_kernels", "via_numpy_on_cpu", "cuda_graph",
            "clear_cuda_graphs"]
-
-
-@functools.lru_cache(maxsize=1)
-def _numba_importable() -> bool:
-    try:
-        import numba  # noqa: F401
-    except ImportError:
-        return False
-    return True
 
 
 def numba_enabled(xp: Any, *arrays: Array) -> bool:
     """Whether the numba kernels may run for ``arrays`` of namespace ``xp``."""
-    if not (get_config()["use_numba"] and is_numpy_namespace(xp) and _numba_importable()):
+    if not (_options()["use_numba"] and is_numpy_namespace(xp) and numba_importable()):
         return False
     import numpy as np
 
@@ -58,13 +51,20 @@ def numba_kernels():
     return _numba_kernels
 
 
+# K·d² multiply-adds below which weighted_gram's row splits cost more than one gemm
+# (measured crossover on one BLAS thread: about 10⁶; docs/kfoc.md)
+_SMALL_WEIGHTED_GRAM = 1_000_000
+
+
 def weighted_gram(V: Array, c: Array, xp: Any, alpha: Any = None) -> Array:
     """``alpha · Vᵀ diag(c) V`` for ``V`` (K, d), ``c`` (K,) and a positive scalar ``alpha``
     (a Python float or a 0-d array of ``V``'s dtype; default 1): the weighted Gram product.
 
     NumPy: ``Bᵀ B`` with ``B = sqrt(|c|) V`` over the rows of each sign, which NumPy hands
     to BLAS ``syrk`` (equal weights, e.g. a mean: ``VᵀV`` scaled in place, without the scaled
-    copy of ``V``); elsewhere one ``gemm`` with ``alpha`` folded into ``c``.
+    copy of ``V``); below ``K·d² = 10⁶`` multiply-adds, where the splits and copies cost more
+    than the flops they save, one ``gemm`` averaged with its transpose (symmetric bit for
+    bit); elsewhere one ``gemm`` with ``alpha`` folded into ``c``.
     """
     if not is_numpy_namespace(xp):
         ca = c if alpha is None else c * alpha
@@ -78,6 +78,12 @@ def weighted_gram(V: Array, c: Array, xp: Any, alpha: Any = None) -> Array:
         return P
     if alpha is not None:
         c = c * alpha
+    K, d = V.shape
+    if K * d * d <= _SMALL_WEIGHTED_GRAM:  # the row splits and scaled copies cost more than a gemm
+        P = V.T @ (c[:, None] * V)
+        P += P.T  # (a + b)/2 both ways: symmetric bit for bit
+        P *= 0.5
+        return P
     pos = c > 0
     neg = c < 0
     if not neg.any():
@@ -128,6 +134,33 @@ def eig_quadratic_sum(P: Array, Q: Array, M: Array | None, w: Array) -> Array:
     return np.zeros((q, q), dtype=Q.dtype) if out is None else out
 
 
+def row_gram(V: Array, xp: Any) -> Array:
+    """``V Vᵀ`` (K, K) of a 2-D array ``V`` (K, d): the K×K Gram matrix of its rows.
+
+    NumPy turns ``V @ V.T`` into BLAS ``syrk`` and then copies the computed triangle into the
+    other, entry by entry across rows; for K×K results with few columns that copy costs more
+    than the ``syrk`` saves (3× a ``gemm`` at K = 4096, d = 36). There ``V @ copy(V).T``, one
+    ``gemm`` (NumPy does not recognise the copy as ``Vᵀ``), is taken: for
+    ``d < max(96, K/8)``, the crossover measured on one BLAS thread (docs/kfoc.md). Other
+    namespaces use their own ``matmul``. Symmetric to rounding, not always bit for bit.
+    """
+    if is_numpy_namespace(xp) and V.ndim == 2 and V.shape[1] < max(96, V.shape[0] // 8):
+        import numpy as np
+
+        return V @ np.copy(V).T
+    return V @ xp.matrix_transpose(V)
+
+
+def row_sq_norms(V: Array, xp: Any) -> Array:
+    """``(‖v_k‖²)_k`` of the rows of ``V`` (K, d), shape (K,): one ``einsum`` pass on NumPy
+    (no ``V∘V`` temporary), ``sum(V * V, axis=1)`` elsewhere."""
+    if is_numpy_namespace(xp):
+        import numpy as np
+
+        return np.einsum("ij,ij->i", V, V)
+    return xp.sum(V * V, axis=1)
+
+
 def syrk_available(xp: Any) -> bool:
     """Whether :func:`weighted_gram` is a ``syrk`` (half a ``gemm``) in ``xp``: NumPy (which
     the estimators also use for PyTorch CPU tensors, through NumPy views of their memory)."""
@@ -142,7 +175,7 @@ def gram(V: Array) -> Array:
     (a copy only when ``V`` is not contiguous) when the option ``torch_cpu_via_numpy`` is on;
     other arrays use their own ``matmul``.
     """
-    if get_config()["torch_cpu_via_numpy"] and _torch_cpu_plain([V]):
+    if _options()["torch_cpu_via_numpy"] and _torch_cpu_plain([V]):
         import torch
 
         Vn = V.contiguous().numpy()
@@ -206,7 +239,7 @@ def via_numpy_on_cpu(fn: Callable) -> Callable:
         from ._kron import Kron
         from ._sum import KronSum
 
-        if not (isinstance(F, KronSum) and get_config()["torch_cpu_via_numpy"]):
+        if not (isinstance(F, KronSum) and _options()["torch_cpu_via_numpy"]):
             return fn(F, *args, **kwargs)
         krons = {k: v for k, v in kwargs.items() if isinstance(v, Kron)}
         arrays = F._arrays() + [a for K in krons.values() for a in (K.left, K.right, K.scale)]
@@ -283,7 +316,7 @@ def cuda_graph(tag: Any, build: Callable[[list], Any], arrays: list) -> Any | No
     that device, in ``"thread_local"`` error mode (other threads' CUDA calls do not break it);
     PyTorch synchronises the device and empties its allocator cache before each capture.
     """
-    if not (get_config()["cuda_graphs"] and arrays
+    if not (_options()["cuda_graphs"] and arrays
             and all(array_api_compat.is_torch_array(a) and a.device.type == "cuda"
                     and not a.requires_grad for a in arrays)):
         return None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib.util
 import os
 import threading
@@ -21,13 +22,31 @@ def _defaults() -> dict:
             "cuda_graphs": False, "gram_squaring": None, "mixed_precision": True}
 
 
+@functools.lru_cache(maxsize=1)
+def numba_importable() -> bool:
+    """Whether ``import numba`` succeeds here (tried once, on first need: it takes a second)."""
+    try:
+        import numba  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _options() -> dict:
+    """This thread's options as stored (not a copy; read-only for callers)."""
+    if not hasattr(_local, "options"):
+        _local.options = _defaults()
+    return _local.options
+
+
 def get_config() -> dict:
     """The current options (a copy).
 
     ``use_numba``
-        Whether NumPy inputs on the CPU may take the numba kernels (default ``True`` when numba
-        is installed and the environment variable ``KRONSUM_DISABLE_NUMBA=1`` is not set;
-        ``False`` otherwise. Setting it ``True`` without numba installed has no effect).
+        Whether NumPy inputs on the CPU take the numba kernels: ``True`` by default when numba
+        imports and the environment variable ``KRONSUM_DISABLE_NUMBA=1`` is not set, ``False``
+        otherwise. Reported as in effect: with numba missing or failing to import it reads
+        ``False`` whatever was set.
     ``check_every``
         How many iterations the iterative solvers (:func:`kfoc`'s ``"lanczos"``, ``"power"``
         and ``"gram"`` on non-NumPy arrays) run between reads of their convergence scalars
@@ -78,9 +97,9 @@ def get_config() -> dict:
     >>> sorted(ks.get_config())
     ['check_every', 'cuda_graphs', 'gram_squaring', 'mixed_precision', 'torch_cpu_via_numpy', 'use_numba']
     """
-    if not hasattr(_local, "options"):
-        _local.options = _defaults()
-    return dict(_local.options)
+    out = dict(_options())
+    out["use_numba"] = bool(out["use_numba"]) and numba_importable()
+    return out
 
 
 def set_config(**options) -> None:

@@ -51,10 +51,10 @@ from typing import Any, Callable
 
 import numpy as np
 
-from ._accel import cuda_graph, numba_enabled, numba_kernels, weighted_gram
+from ._accel import cuda_graph, numba_enabled, numba_kernels, row_gram, weighted_gram
 from ._compat import (Array, all_finite, device_of, eye_like, fro_norm, host_floats, host_vector,
                       is_dask_namespace, materialize, on_accelerator, symmetrize, to_float, trace)
-from ._config import get_config
+from ._config import _options
 from ._stopping import gap_bound
 
 KRYLOV_DIM = 20  # Lanczos basis size before a restart
@@ -323,7 +323,7 @@ def random_like(x, seed, symmetric, xp):
 
 def check_every(x) -> int:
     """Iterations between host reads of the convergence scalars (see :func:`kronsum.get_config`)."""
-    k = get_config()["check_every"]
+    k = _options()["check_every"]
     if k is not None:
         return k
     return 4 if on_accelerator(x) else 1
@@ -781,7 +781,7 @@ def gram_solve(Fn, alpha0, stop: Stop, max_iter: int) -> Solution:
         SP, SQ = Fn._gram("left", float64=True), Fn._gram("right", float64=True)
         space = GramSpace(SP, SQ, xp.astype(w, xp.float64, copy=False), xp)
         alpha0 = xp.astype(alpha0, xp.float64)
-        if not bool(space.norm(alpha0) > 0):
+        if not float(alpha0 @ (SP @ alpha0)) > 0:  # NumPy float64: ‖L₀‖² = α₀ᵀS_Pα₀ (or NaN)
             alpha0 = space.w
             if not bool(space.norm(alpha0) > 0):  # every term is zero (S_P = 0) or NaN
                 require_finite(xp, SP)
@@ -819,8 +819,8 @@ def conv_gram_solve(Fn, start: str | Array, stop: Stop, max_iter: int, seed=None
     K, T, m, n = Fn.num_terms, Fn.num_positions, Fn.m, Fn.n
     G, A, w = Fn.G, Fn.A, Fn.weights
     Gf, Af = xp.reshape(G, (K * T, m)), xp.reshape(A, (K * T, n))
-    SG = materialize(Gf @ xp.matrix_transpose(Gf))
-    SA = materialize(Af @ xp.matrix_transpose(Af))
+    SG = materialize(row_gram(Gf, xp))
+    SA = materialize(row_gram(Af, xp))
     space = ConvGramSpace(SG, SA, w, K, T, xp)
     if isinstance(start, str) and start == "random":
         c0 = space.random_like(xp.zeros((K, T, T), dtype=Fn.dtype), seed, False)
@@ -916,7 +916,7 @@ def use_squaring(Fn) -> bool:
     """The squaring route (option ``gram_squaring``; by default: arrays on an accelerator and
     its 4 K×K products (8K³ flops) at most two fifths of the final weighted Gram products'
     2K(m² + n²), ``10K² ≤ m² + n²``)."""
-    forced = get_config()["gram_squaring"]
+    forced = _options()["gram_squaring"]
     if forced is not None:
         return forced
     K = Fn.num_terms

@@ -35,7 +35,7 @@ from dataclasses import dataclass, field, replace
 from ._accel import numba_enabled, syrk_available, via_numpy_on_cpu
 from ._closed_forms import _new_kron, _require_sum, kfac
 from ._compat import Array, counted, eye_like, fro_norm, is_dask_namespace, to_float
-from ._config import get_config
+from ._config import _options
 from ._eigen import (Solution, Stop, aux_fits, contraction_space, conv_gram_solve, deflated_top, finish, gram_solve,
                      psd_sum,
                      lanczos, lanczos_two_precision,
@@ -480,7 +480,7 @@ def _float32_iterations(F: KronSum) -> bool:
     xp = F.xp
     large = F.num_terms * F.num_positions * (F.m * F.m + F.n * F.n) >= 1 << 26
     return (large and F.dtype == xp.float64 and not is_dask_namespace(xp)
-            and get_config()["mixed_precision"])
+            and _options()["mixed_precision"])
 
 
 def _mixed_precision(Fn: KronSum, stop: Stop) -> bool:

@@ -20,9 +20,9 @@ from __future__ import annotations
 import math
 from typing import Any, Sequence
 
-from ._accel import eig_quadratic_sum, syrk_available, weighted_gram
-from ._compat import (Array, count, device_of, host_floats, is_dask_namespace, namespace, persist_all,
-                      to_float, trace)
+from ._accel import eig_quadratic_sum, row_gram, row_sq_norms, syrk_available, weighted_gram
+from ._compat import (Array, count, device_of, host_floats, is_dask_namespace, max_abs, namespace,
+                      persist_all, to_float, trace)
 from ._validation import (DEFAULT_MAX_ELEMENTS, check_array, check_dense_size, check_finite_values,
                           check_in_range, check_real, check_weights)
 
@@ -357,8 +357,7 @@ class KronSum:
             return xp.concat([P._traces(side) for P in self.parts])
         if self.form == "terms":
             return trace(self.L if side == "left" else self.R, xp)
-        V = self.G if side == "left" else self.A
-        return xp.sum(V * V, axis=1)
+        return row_sq_norms(self.G if side == "left" else self.A, xp)
 
     def _combine(self, side: str, c: Array) -> Array:
         xp = self._xp
@@ -547,7 +546,8 @@ class KronSum:
             S = Tf[i0:i1, :] @ xp.matrix_transpose(Tf)
             return xp.astype(S, xp.float64, copy=False) if float64 else S
         V = self.G if side == "left" else self.A
-        return _squared(V[i0:i1, :] @ xp.matrix_transpose(V), float64)
+        S = row_gram(V, xp) if (i0, i1) == (0, self.num_terms) else V[i0:i1, :] @ xp.matrix_transpose(V)
+        return _squared(S, float64)
 
     def _arrays(self) -> list:
         """Every input array (weights and statistics; a sum: its parts')."""
@@ -636,7 +636,7 @@ class KronSum:
             parts = [Q.scaled(1.0 if zero else _ldexp1(t - top))
                      for (Q, *_, zero), t in zip(normed, totals)]
             return KronSum.concat(*parts), top, 0, 0, not live
-        maxima = host_floats([xp.max(xp.abs(x)) for x in self._scaled_arrays()])
+        maxima = host_floats([max_abs(x, xp) for x in self._scaled_arrays()])
         return self._normalized_by(maxima)
 
     def _scaled_arrays(self) -> tuple:

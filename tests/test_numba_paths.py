@@ -82,18 +82,34 @@ def test_float32_on_numba_path_keeps_dtype(use_numba):
     assert est.left.dtype == est.right.dtype == est.scale.dtype == np.float32
 
 
-def test_weighted_gram_fast_path_matches_gemm():
+@pytest.mark.parametrize("K, d", [(50, 7), (300, 64)])  # one gemm / rows split by sign for syrk
+def test_weighted_gram_fast_path_matches_gemm(K, d):
     from kronsum._accel import weighted_gram
 
     rng = np.random.default_rng(0)
-    V = rng.standard_normal((50, 7))
-    for c in (rng.uniform(0, 1, 50), rng.standard_normal(50), np.zeros(50), -np.ones(50),
-              np.full(50, 0.02)):
+    V = rng.standard_normal((K, d))
+    for c in (rng.uniform(0, 1, K), rng.standard_normal(K), np.zeros(K), -np.ones(K),
+              np.full(K, 0.02)):
         ref = V.T @ (c[:, None] * V)
-        assert np.allclose(weighted_gram(V, c, np), ref, rtol=1e-12, atol=1e-12)
+        got = weighted_gram(V, c, np)
+        assert np.allclose(got, ref, rtol=1e-12, atol=1e-12 * d)
+        assert np.array_equal(got, got.T)  # symmetric bit for bit on every route
         for alpha in (0.3, np.asarray(2.0**-40)):  # the scale kfac folds in (1/Σw, powers of 2)
             got = weighted_gram(V, c, np, alpha)
-            assert np.allclose(got, alpha * ref, rtol=1e-12, atol=1e-12 * float(alpha))
+            assert np.allclose(got, alpha * ref, rtol=1e-12, atol=1e-12 * d * float(alpha))
+
+
+@pytest.mark.parametrize("K, d", [(128, 36), (64, 200), (2048, 100), (40, 120)])
+def test_row_gram_routes_match_the_product(K, d):
+    """``V Vᵀ`` by gemm (many short rows) or NumPy's syrk route, the same numbers to rounding."""
+    from kronsum._accel import row_gram
+
+    V = np.random.default_rng(1).standard_normal((K, d))
+    got = row_gram(V, np)
+    ref = np.einsum("id,jd->ij", V, V)
+    assert got.shape == (K, K)
+    assert np.allclose(got, ref, rtol=1e-12, atol=1e-12 * d)
+    assert np.allclose(got, got.T, rtol=1e-14, atol=1e-13 * d)
 
 
 def test_weighted_gram_alpha_on_other_backends(backend):
@@ -131,3 +147,23 @@ def test_get_config_reports_whether_the_kernels_can_run():
         capture_output=True, text=True, env={k: v for k, v in os.environ.items() if k != "KRONSUM_DISABLE_NUMBA"},
         check=True).stdout.strip()
     assert hidden == "False"
+
+
+def test_get_config_reads_false_when_numba_fails_to_import(tmp_path):
+    """An installed numba that fails on import (e.g. built for another NumPy) is reported off,
+    and the estimators take the array-API path."""
+    import os
+    import subprocess
+    import sys
+
+    broken = tmp_path / "numba"
+    broken.mkdir()
+    (broken / "__init__.py").write_text("raise ImportError('numba built for another NumPy')\n")
+    code = ("import numpy as np, kronsum as ks; ks.set_config(use_numba=True); "
+            "F = ks.KronSum.from_outer(np.ones((8, 3)), np.ones((8, 2))); "
+            "print(ks.get_config()['use_numba'], ks.kfoc(F, method='gram').info.method)")
+    env = {k: v for k, v in os.environ.items() if k != "KRONSUM_DISABLE_NUMBA"}
+    env["PYTHONPATH"] = os.pathsep.join([str(tmp_path), env.get("PYTHONPATH", "")])
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                         check=True).stdout.strip()
+    assert out == "False kfoc/gram"

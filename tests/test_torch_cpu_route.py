@@ -64,7 +64,7 @@ def test_the_route_reaches_the_numpy_kernels(dtype):
     G, A = random_inputs("outer", 40, 5, 6, seed=3)
     F = _torch_sum("outer", (G, A), None, dtype)
     on, off = _both(ks.kfoc, F, method="gram")
-    numba = _accel._numba_importable()
+    numba = ks.get_config()["use_numba"]
     assert on.info.method == ("kfoc/gram[numba]" if numba else "kfoc/gram")
     assert off.info.method == "kfoc/gram"
     assert on.left.dtype == dtype and on.scale.dtype == dtype
