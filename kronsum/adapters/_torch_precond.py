@@ -95,8 +95,10 @@ class Preconditioner:
         all-reduced). Each block's damped inverse is decomposed on one rank and broadcast
         (:func:`kronsum.adapters.distributed.spread_inverses`; :attr:`inverted_here` lists
         this rank's). Pass the wrapped module (``ddp.module``) as ``model``. ``None``
-        (default): one process. With ``estimator="ekfac"`` every rank forms each block's
-        inverse itself (it is already in its eigenbasis).
+        (default): one process. With ``estimator="ekfac"`` each block's eigenbasis is
+        decomposed on one rank (block ``i`` on rank ``i mod world``) and broadcast, and every
+        rank forms the inverse in that basis itself (no decomposition; :attr:`inverted_here`
+        lists the bases this rank decomposed).
 
     Notes
     -----
@@ -288,7 +290,8 @@ class Preconditioner:
                 blocks = collect(self.model, self.loss_fn, inputs, targets, fisher=self.fisher,
                                  layers=self.layers, **self._collect_kw)
             running = {k: self._running.get(k) or self._running_cls(
-                self.estimator, self.decay, **self._running_kw) for k in blocks}
+                self.estimator, self.decay, **self._running_kw, **self._placement(i))
+                for i, k in enumerate(blocks)}
             if self.group is None:
                 estimates = {k: running[k].update(F) for k, F in blocks.items()}
                 inverses = {k: _inverse(est, lam, self.damping_method) for k, est in estimates.items()}
@@ -300,6 +303,9 @@ class Preconditioner:
                 estimates = {k: running[k].update(F.scaled(share)) for k, F in blocks.items()}
                 inverses, self.inverted_here = spread_inverses(
                     estimates, lam, self.damping_method, group=self.group)
+                if self.estimator == "ekfac":  # the eigenbases are what was decomposed, spread
+                    self.inverted_here = [k for k, r in running.items()
+                                          if r.basis_rank == torch.distributed.get_rank(self.group)]
             self._running, self._inverses = running, inverses
             self._params = None  # looked up again below: the model may have changed
             self.refreshes += 1
@@ -351,6 +357,13 @@ class Preconditioner:
         return {k: r.estimate for k, r in self._running.items()}
 
     # -- checkpoints ---------------------------------------------------------------------
+    def _placement(self, i: int) -> dict:
+        """Keyword of the ``i``-th block's running estimate under a process group: EKFAC's
+        eigenbasis decomposed on rank ``i mod world`` (none without a group)."""
+        if self.group is None or self.estimator != "ekfac":
+            return {}
+        return {"basis_rank": i % torch.distributed.get_world_size(self.group)}
+
     def state_dict(self) -> dict[str, Any]:
         """The step counters and every block's :meth:`RunningEstimate.state_dict`."""
         return {"steps": self.steps, "refreshes": self.refreshes, "estimator": self.estimator,
@@ -363,8 +376,9 @@ class Preconditioner:
         if state["estimator"] != self.estimator:
             raise ValueError(f"state is for estimator {state['estimator']!r}, this one is {self.estimator!r}")
         extra = {} if self.group is None else {"group": self.group}
-        running = {k: self._running_cls.from_state_dict(s, kfoc_options=self._kfoc_options, **extra)
-                   for k, s in state["running"].items()}
+        running = {k: self._running_cls.from_state_dict(s, kfoc_options=self._kfoc_options, **extra,
+                                                        **self._placement(i))
+                   for i, (k, s) in enumerate(state["running"].items())}
         lam = self.damping(int(state["steps"])) if callable(self.damping) else self.damping
         inverses = {k: r.estimate.inverse(lam, self.damping_method) for k, r in running.items()
                     if r.estimate is not None}

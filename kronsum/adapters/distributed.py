@@ -18,8 +18,8 @@ tkfac      ``𝓡(F) vec I``, ``𝓡(F)ᵀ vec I`` (one call)              ``kro
 kfoc       two half-steps per Lanczos step, one each for the      ``kronsum.kfoc(F)``
            start and the finish
 ekfac      the basis estimate's, then the ``m × n`` corrected     ``kronsum.ekfac(F)``
-           eigenvalues ``S`` (the basis broadcast from the
-           group's first rank)
+           eigenvalues ``S`` (the basis decomposed on one
+           rank and broadcast from it)
 =========  ====================================================  ==========================
 
 ``info.allreduces`` counts the all-reduces of the solve (one more for the shape check that
@@ -337,9 +337,10 @@ def ekfac(F: KronSum, *, basis: str | Kron = "kfac", group: Any = None) -> Eigen
     ``S_ij = Σ_r Σ_{k∈r} w_k (u_i ⊗ v_j)ᵀ (L_k ⊗ R_k) (u_i ⊗ v_j)``: each rank's ``(m, n)``
     share from its own samples, all-reduced (:func:`kronsum.ekfac`'s ``diag_in_basis``).
 
-    The basis is decomposed on every rank and broadcast from the group's first rank, so
-    every rank holds the same bits whatever its LAPACK threads do (one broadcast of
-    ``m² + n²`` numbers, not counted in ``info.allreduces``).
+    The basis is decomposed on the group's first rank only and broadcast from it, so every
+    rank holds the same bits whatever its LAPACK threads do and the others spend nothing on
+    the two eigendecompositions (one broadcast of ``m² + n²`` numbers, not counted in
+    ``info.allreduces``).
 
     Parameters
     ----------
@@ -378,17 +379,21 @@ def ekfac(F: KronSum, *, basis: str | Kron = "kfac", group: Any = None) -> Eigen
     return EigenKron._new(U, V, S, info, F.xp)
 
 
-def _shared_basis(est: Kron, group: Any) -> tuple:
-    """The eigenvectors ``(U, V)`` of an estimate every rank holds alike, decomposed on every
-    rank and broadcast from the group's first rank: the same bits on every rank whatever each
-    rank's LAPACK threads do (one broadcast of ``m² + n²`` numbers)."""
+def _shared_basis(est: Kron, group: Any, owner: int = 0) -> tuple:
+    """The eigenvectors ``(U, V)`` of an estimate every rank holds alike, decomposed on the
+    group's rank ``owner`` only and broadcast from it: the same bits on every rank whatever
+    each rank's LAPACK threads do (one broadcast of ``m² + n²`` numbers)."""
     import torch
     import torch.distributed as dist
 
-    U, V = _eigenbasis(est, est._xp)
-    buf = torch.cat([U.reshape(-1), V.reshape(-1)]).contiguous()
-    dist.broadcast(buf, src=dist.get_global_rank(group, 0) if group is not None else 0, group=group)
-    m, n = U.shape[0], V.shape[0]
+    m, n = est.m, est.n
+    if dist.get_rank(group) == owner:
+        U, V = _eigenbasis(est, est._xp)
+        buf = torch.cat([U.reshape(-1), V.reshape(-1)]).contiguous()
+    else:
+        buf = torch.empty(m * m + n * n, dtype=est.left.dtype, device=est.left.device)
+    dist.broadcast(buf, src=dist.get_global_rank(group, owner) if group is not None else owner,
+                   group=group)
     return buf[:m * m].reshape(m, m), buf[m * m:].reshape(n, n)
 
 
@@ -401,10 +406,10 @@ class RunningEstimate(_RunningEstimate):
     ``"kfoc_running"`` solves :func:`kfoc` for ``decay · previous + (1 − decay) · batch``,
     each rank adding ``1/world`` of the previous estimate to its part (warm started from the
     previous estimate). ``"ekfac"`` averages the all-reduced K-FAC factors, refreshes their
-    eigenbasis as :class:`kronsum.RunningEstimate` does (broadcast from the group's first
-    rank) and averages the batch's corrected eigenvalues, one all-reduce of each rank's
-    ``(m, n)`` share. ``kfoc_options`` may hold ``tol`` and ``max_iter``. Checkpoints are
-    those of :class:`kronsum.RunningEstimate`.
+    eigenbasis as :class:`kronsum.RunningEstimate` does (decomposed on the group's rank
+    ``basis_rank`` only and broadcast from it) and averages the batch's corrected eigenvalues,
+    one all-reduce of each rank's ``(m, n)`` share. ``kfoc_options`` may hold ``tol`` and
+    ``max_iter``. Checkpoints are those of :class:`kronsum.RunningEstimate`.
 
     Parameters
     ----------
@@ -412,26 +417,33 @@ class RunningEstimate(_RunningEstimate):
         As for :class:`kronsum.RunningEstimate`.
     group : torch.distributed.ProcessGroup, optional
         Default: the world group.
+    basis_rank : int, optional
+        ``"ekfac"``: the rank (within ``group``) that decomposes the eigenbasis, default 0.
+        Give the layers of a network different ranks to spread the decompositions, as
+        :class:`~kronsum.adapters.torch.Preconditioner` does (layer ``i`` on rank
+        ``i mod world``).
     **kw
         The other options of :class:`kronsum.RunningEstimate` (``update_every``,
         ``kfoc_options``, ``basis_every``, ...).
     """
 
     def __init__(self, estimator: str = "kfoc_running", decay: float = 0.95, *,
-                 group: Any = None, **kw: Any):
+                 group: Any = None, basis_rank: int = 0, **kw: Any):
         extra = set(kw.get("kfoc_options") or {}) - {"tol", "max_iter"}
         if extra:
             raise ValueError(f"kfoc_options over a process group take 'tol' and 'max_iter' "
                              f"only, got {sorted(extra)}")
         super().__init__(estimator, decay, **kw)
         self.group = group
+        self.basis_rank = _check_rank(basis_rank, group)
 
     @classmethod
     def from_state_dict(cls, state: Any, *, kfoc_options: Any = None,
-                        group: Any = None) -> "RunningEstimate":
+                        group: Any = None, basis_rank: int = 0) -> "RunningEstimate":
         """:meth:`kronsum.RunningEstimate.from_state_dict`, over ``group``."""
         out = super().from_state_dict(state, kfoc_options=kfoc_options)
         out.group = group
+        out.basis_rank = _check_rank(basis_rank, group)
         return out
 
     def _kfac(self, F: KronSum) -> Kron:
@@ -449,10 +461,20 @@ class RunningEstimate(_RunningEstimate):
         return 1.0 / dist.get_world_size(self.group)
 
     def _ekfac_basis(self, kron: Kron) -> tuple:
-        return _shared_basis(kron, self.group)
+        return _shared_basis(kron, self.group, self.basis_rank)
 
     def _ekfac_diag(self, F: KronSum, U: Any, V: Any) -> Any:
         return _Reduced(F, self.group).reduce(super()._ekfac_diag(F, U, V))
+
+
+def _check_rank(rank: Any, group: Any) -> int:
+    """``rank`` as a rank of ``group`` (an ``int`` in ``[0, world)``), or ``ValueError``."""
+    import torch.distributed as dist
+
+    world = dist.get_world_size(group) if dist.is_initialized() else None
+    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 0 or (world is not None and rank >= world):
+        raise ValueError(f"basis_rank must be a rank of the group (an int in [0, {world})), got {rank!r}")
+    return rank
 
 
 def spread_inverses(estimates: dict, damping: float, method: str = "exact", *,
@@ -463,7 +485,8 @@ def spread_inverses(estimates: dict, damping: float, method: str = "exact", *,
     rank ``i mod world`` (:meth:`kronsum.Kron.inverse`: two eigendecompositions) and its
     eigenvectors, eigenvalues and scale broadcast to the others in one buffer, as KAISA
     spreads K-FAC's inversions. An :class:`~kronsum.EigenKron` (EKFAC) is already in its
-    eigenbasis: every rank forms its inverse itself, nothing is decomposed or sent. A block
+    eigenbasis: every rank forms its inverse itself, nothing is decomposed or sent (its basis
+    is decomposed on one rank by :class:`RunningEstimate`, ``basis_rank``). A block
     whose decomposition fails raises ``ValueError`` on every rank (one all-reduce of failure
     flags first), naming the block.
 
