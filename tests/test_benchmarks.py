@@ -169,3 +169,22 @@ def test_laplace_and_training_reports_quick(tmp_path):
     for runs in nets.values():
         assert set(runs) == {"SGD", "Adam", "K-FAC", "K-FOC", "EKFAC"}
         assert all(r["loss"][-1] < r["loss"][0] and r["cpu_s"][-1] > 0 for r in runs.values())
+
+
+def test_estimator_memory_table(tmp_path):
+    """benchmarks/estimator_memory.py (the memory table of docs/which-estimator.md): every layer of
+    both demo networks, every estimator, a positive peak and a stored estimate; K-FAC's working
+    memory below the rank-2 SVD's, which holds K×K Gram matrices."""
+    pytest.importorskip("sklearn")
+    pytest.importorskip("torch")
+    out = tmp_path / "mem.json"
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "estimator_memory.py"), "--json", str(out)],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    rows = json.loads(out.read_text())["rows"]
+    assert len(rows) == 7 and {r["network"] for r in rows} == {"mlp", "cnn"}
+    for r in rows:
+        assert set(r["peak_mib"]) == {"kfac", "tkfac", "kfoc", "ekfac", "ekfac_kfoc", "rank2", "rank3"}
+        assert all(v > 0 for v in r["peak_mib"].values()) and all(v > 0 for v in r["stored_mib"].values())
+        assert r["peak_mib"]["kfac"] < r["peak_mib"]["rank2"]
+    assert "| layer (block, K terms) | inputs MiB |" in proc.stdout
