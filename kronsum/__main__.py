@@ -1,7 +1,8 @@
 """``python -m kronsum`` (and the ``kronsum`` console script): subcommands.
 
 ``python -m kronsum demo [--out DIR] [--quick] [--device cpu|cuda] [--train]`` runs the demo
-(:mod:`kronsum.demo`), which needs the ``demo`` extra: ``pip install -e ".[demo]"``.
+(:mod:`kronsum.demo`), which needs the ``demo`` extra:
+``pip install -e ".[demo]" --config-settings editable_mode=compat``.
 """
 
 from __future__ import annotations

@@ -23,7 +23,7 @@ __all__ = ["INSTALL_HINT", "main", "missing_dependencies"]
 _DEPENDENCIES = {"torch": "torch", "sklearn": "scikit-learn", "matplotlib": "matplotlib", "tqdm": "tqdm"}
 
 #: What to run when a dependency is missing.
-INSTALL_HINT = 'pip install -e ".[demo]"   (or: pip install "kronsum[demo]")'
+INSTALL_HINT = 'pip install -e ".[demo]" --config-settings editable_mode=compat   (in the clone)'
 
 
 def missing_dependencies() -> list[str]:
