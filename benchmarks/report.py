@@ -176,7 +176,7 @@ def main(argv=None):
     for th in settings:
         records += run(args.quick, th, repeats)
     print(f"kronsum {ks.__version__} | numpy {np.__version__} | {platform.processor() or platform.machine()} "
-          f"| {os.cpu_count()} cores | numba kernels available: {ks.get_config()['use_numba']}")
+          f"| {os.cpu_count()} cores | numba kernels in use: {ks.get_config()['use_numba']}")
     print(table(records))
     if args.json:
         with open(args.json, "w", encoding="utf-8") as fh:

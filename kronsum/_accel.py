@@ -4,7 +4,7 @@ Everything here has a generic array-API fallback and must give the same numbers 
 both paths, ``rtol 1e-10`` in float64). Fast paths are taken only for NumPy arrays:
 
 * :func:`weighted_gram` — ``Vᵀ diag(c) V`` through BLAS ``syrk`` (half the flops of ``gemm``)
-  by splitting the rows by the sign of ``c``;
+  by splitting the rows by the sign of ``c`` (small products: one ``gemm``);
 * :func:`row_gram` — the K×K Gram matrix ``V Vᵀ`` of many short rows through ``gemm``, where
   NumPy's ``syrk`` route costs more;
 * :func:`numba_enabled` — whether a numba kernel may run: option on
@@ -52,7 +52,7 @@ def numba_kernels():
 
 
 # K·d² multiply-adds below which weighted_gram's row splits cost more than one gemm
-# (measured crossover on one BLAS thread: about 10⁶; docs/kfoc.md)
+# (measured crossover on one BLAS thread: about 10⁶; docs/benchmarks.md, small layers)
 _SMALL_WEIGHTED_GRAM = 1_000_000
 
 
@@ -81,8 +81,8 @@ def weighted_gram(V: Array, c: Array, xp: Any, alpha: Any = None) -> Array:
     K, d = V.shape
     if K * d * d <= _SMALL_WEIGHTED_GRAM:  # the row splits and scaled copies cost more than a gemm
         P = V.T @ (c[:, None] * V)
-        P += P.T  # (a + b)/2 both ways: symmetric bit for bit
-        P *= 0.5
+        P *= 0.5  # halved first: no overflow for entries above half the largest number
+        P += P.T  # a/2 + b/2 both ways: symmetric bit for bit
         return P
     pos = c > 0
     neg = c < 0
@@ -141,10 +141,11 @@ def row_gram(V: Array, xp: Any) -> Array:
     other, entry by entry across rows; for K×K results with few columns that copy costs more
     than the ``syrk`` saves (3× a ``gemm`` at K = 4096, d = 36). There ``V @ copy(V).T``, one
     ``gemm`` (NumPy does not recognise the copy as ``Vᵀ``), is taken: for
-    ``d < max(96, K/8)``, the crossover measured on one BLAS thread (docs/kfoc.md). Other
+    ``d < max(96, min(K/8, 384))``, the crossover measured on one BLAS thread (K = 128 to 4096;
+    docs/benchmarks.md, small layers: the copy is O(K²), the extra flops O(K²d)). Other
     namespaces use their own ``matmul``. Symmetric to rounding, not always bit for bit.
     """
-    if is_numpy_namespace(xp) and V.ndim == 2 and V.shape[1] < max(96, V.shape[0] // 8):
+    if is_numpy_namespace(xp) and V.ndim == 2 and V.shape[1] < max(96, min(V.shape[0] // 8, 384)):
         import numpy as np
 
         return V @ np.copy(V).T
@@ -162,8 +163,9 @@ def row_sq_norms(V: Array, xp: Any) -> Array:
 
 
 def syrk_available(xp: Any) -> bool:
-    """Whether :func:`weighted_gram` is a ``syrk`` (half a ``gemm``) in ``xp``: NumPy (which
-    the estimators also use for PyTorch CPU tensors, through NumPy views of their memory)."""
+    """Whether :func:`weighted_gram` is a ``syrk`` (half a ``gemm``) in ``xp`` for products
+    beyond the small ones: NumPy (which the estimators also use for PyTorch CPU tensors,
+    through NumPy views of their memory)."""
     return is_numpy_namespace(xp)
 
 

@@ -116,8 +116,9 @@ def is_numpy_namespace(xp: Any) -> bool:
 
 def max_abs(x: Array, xp: Any) -> Array:
     """``max |x|`` of a non-empty real array, a 0-d array of ``x``'s namespace (NaN when ``x``
-    holds one). NumPy: as ``max(max x, −min x)``, two reductions without the ``|x|`` copy."""
-    if is_numpy_namespace(xp) and x.size:
+    holds one). NumPy floating arrays: as ``max(max x, −min x)``, two reductions without the
+    ``|x|`` copy."""
+    if is_numpy_namespace(xp) and x.size and x.dtype.kind == "f":
         import numpy as np
 
         return np.maximum(x.max(), -x.min())

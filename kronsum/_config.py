@@ -24,10 +24,11 @@ def _defaults() -> dict:
 
 @functools.lru_cache(maxsize=1)
 def numba_importable() -> bool:
-    """Whether ``import numba`` succeeds here (tried once, on first need: it takes a second)."""
+    """Whether ``import numba`` succeeds here (tried once, on first need: it takes a second;
+    any exception of the import counts as failure)."""
     try:
         import numba  # noqa: F401
-    except ImportError:
+    except Exception:  # ImportError, or e.g. OSError from a broken llvmlite
         return False
     return True
 
@@ -116,7 +117,7 @@ def set_config(**options) -> None:
     False
     >>> ks.set_config(use_numba=before)
     """
-    current = get_config()
+    current = dict(_options())  # as stored: setting options never imports numba
     unknown = set(options) - set(current)
     if unknown:
         raise ValueError(f"unknown kronsum option(s) {sorted(unknown)}; known: {sorted(current)}")
@@ -146,7 +147,7 @@ def config(**options) -> Iterator[dict]:
     ...     ks.get_config()["use_numba"]
     False
     """
-    before = get_config()
+    before = dict(_options())
     set_config(**options)
     try:
         yield get_config()

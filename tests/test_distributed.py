@@ -284,3 +284,40 @@ def test_inputs_that_cannot_be_reduced_are_refused():
 def test_basis_rank_must_be_a_rank(bad):
     with pytest.raises(ValueError, match="basis_rank must be a rank of the group"):
         ksd.RunningEstimate("ekfac", 0.9, basis_rank=bad)
+
+
+def _basis_worker(rank: int, world: int, path: str, queue) -> None:
+    """EKFAC's basis is decomposed on its owner rank only: a basis the other ranks could not
+    decompose is never decomposed there, and one the owner cannot decompose raises on every
+    rank instead of leaving the others waiting in the broadcast."""
+    try:
+        dist.init_process_group("gloo", init_method=f"file://{path}", rank=rank, world_size=world)
+        g = torch.Generator().manual_seed(rank)
+        F = ks.KronSum.from_outer(torch.randn(6, 3, generator=g, dtype=torch.float64),
+                                  torch.randn(6, 4, generator=g, dtype=torch.float64))
+        good = ks.Kron(torch.eye(3, dtype=torch.float64) * 2.0, torch.diag(torch.arange(1.0, 5.0, dtype=torch.float64)))
+        bad = ks.Kron(torch.triu(torch.ones(3, 3, dtype=torch.float64)), torch.eye(4, dtype=torch.float64))
+        out = {}
+        est = ksd.ekfac(F, basis=good if rank == 0 else bad)  # owner: rank 0
+        out["owner ok"] = _digest(est)
+        try:
+            ksd.ekfac(F, basis=bad if rank == 0 else good)
+            out["owner fails"] = None
+        except ValueError as exc:
+            out["owner fails"] = str(exc)
+        queue.put((rank, out))
+    except Exception as exc:  # pragma: no cover - reported by the test
+        import traceback
+
+        queue.put((rank, traceback.format_exc() + repr(exc)))
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_ekfac_basis_is_decomposed_on_its_owner_only():
+    results = _spawn(2, _basis_worker)
+    assert results[0]["owner ok"] == results[1]["owner ok"]  # rank 1 never decomposed its bad basis
+    assert "not symmetric" in results[0]["owner fails"]
+    assert "failed on rank 0" in results[1]["owner fails"]

@@ -98,7 +98,7 @@ class Preconditioner:
         (default): one process. With ``estimator="ekfac"`` each block's eigenbasis is
         decomposed on one rank (block ``i`` on rank ``i mod world``) and broadcast, and every
         rank forms the inverse in that basis itself (no decomposition; :attr:`inverted_here`
-        lists the bases this rank decomposed).
+        lists the blocks whose bases this rank decomposes at their refreshes).
 
     Notes
     -----

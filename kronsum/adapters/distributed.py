@@ -382,19 +382,33 @@ def ekfac(F: KronSum, *, basis: str | Kron = "kfac", group: Any = None) -> Eigen
 def _shared_basis(est: Kron, group: Any, owner: int = 0) -> tuple:
     """The eigenvectors ``(U, V)`` of an estimate every rank holds alike, decomposed on the
     group's rank ``owner`` only and broadcast from it: the same bits on every rank whatever
-    each rank's LAPACK threads do (one broadcast of ``m² + n²`` numbers)."""
+    each rank's LAPACK threads do (one broadcast of ``1 + m² + n²`` numbers). A decomposition
+    that fails on the owner raises ``ValueError`` on every rank (its first number is the
+    owner's failure flag), not a hang."""
     import torch
     import torch.distributed as dist
 
     m, n = est.m, est.n
+    world = dist.get_world_size(group)
+    if not 0 <= owner < world:
+        raise ValueError(f"basis_rank must be a rank of the group (an int in [0, {world})), got {owner}")
+    buf = torch.zeros(1 + m * m + n * n, dtype=est.left.dtype, device=est.left.device)
+    error = None
     if dist.get_rank(group) == owner:
-        U, V = _eigenbasis(est, est._xp)
-        buf = torch.cat([U.reshape(-1), V.reshape(-1)]).contiguous()
-    else:
-        buf = torch.empty(m * m + n * n, dtype=est.left.dtype, device=est.left.device)
+        try:
+            U, V = _eigenbasis(est, est._xp)
+            buf[1:] = torch.cat([U.reshape(-1), V.reshape(-1)])
+        except (ValueError, RuntimeError) as exc:  # DecompositionError is a ValueError
+            error = exc
+            buf[0] = 1.0
     dist.broadcast(buf, src=dist.get_global_rank(group, owner) if group is not None else owner,
                    group=group)
-    return buf[:m * m].reshape(m, m), buf[m * m:].reshape(n, n)
+    if error is not None:
+        raise error
+    if bool(buf[0] != 0):
+        raise ValueError(f"the eigendecomposition of the basis estimate ({m}, {m}) ⊗ ({n}, {n}) "
+                         f"failed on rank {owner}, which decomposes it (its error names why)")
+    return buf[1:1 + m * m].reshape(m, m), buf[1 + m * m:].reshape(n, n)
 
 
 class RunningEstimate(_RunningEstimate):
@@ -440,7 +454,8 @@ class RunningEstimate(_RunningEstimate):
     @classmethod
     def from_state_dict(cls, state: Any, *, kfoc_options: Any = None,
                         group: Any = None, basis_rank: int = 0) -> "RunningEstimate":
-        """:meth:`kronsum.RunningEstimate.from_state_dict`, over ``group``."""
+        """:meth:`kronsum.RunningEstimate.from_state_dict`, over ``group``; ``basis_rank`` is
+        where the process runs, not part of the checkpoint: give it again (default 0)."""
         out = super().from_state_dict(state, kfoc_options=kfoc_options)
         out.group = group
         out.basis_rank = _check_rank(basis_rank, group)
@@ -468,11 +483,20 @@ class RunningEstimate(_RunningEstimate):
 
 
 def _check_rank(rank: Any, group: Any) -> int:
-    """``rank`` as a rank of ``group`` (an ``int`` in ``[0, world)``), or ``ValueError``."""
+    """``rank`` as a rank of ``group`` (an integer in ``[0, world)``; before the group exists,
+    any non-negative integer, checked again at its first use), or ``ValueError``."""
+    import operator
+
     import torch.distributed as dist
 
+    try:
+        if isinstance(rank, bool):
+            raise TypeError
+        rank = operator.index(rank)
+    except TypeError:
+        raise ValueError(f"basis_rank must be a rank of the group (an integer), got {rank!r}") from None
     world = dist.get_world_size(group) if dist.is_initialized() else None
-    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 0 or (world is not None and rank >= world):
+    if rank < 0 or (world is not None and rank >= world):
         raise ValueError(f"basis_rank must be a rank of the group (an int in [0, {world})), got {rank!r}")
     return rank
 
