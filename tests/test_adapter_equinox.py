@@ -1,8 +1,9 @@
 """Equinox models through equinox_apply and the tape: Linear (scalar features too), 1-/2-/3-D
 Conv with stride, padding, dilation, groups and padding modes, Embedding and LayerNorm. Every
 block equals the Fisher from per-sample gradients (jax.vmap(jax.grad) of the model itself),
-empirical and exact; layers left to Equinox are named in one warning; a layer called under a
-map inside the model gets a clear error."""
+empirical and exact, also for a transformer whose layers are mapped over positions inside the
+model (eqx.nn.MultiheadAttention included); layers left to Equinox are named in one warning; a
+layer under lax.scan or nested maps gets a clear error."""
 
 from __future__ import annotations
 
@@ -74,6 +75,41 @@ class Scalars(eqx.Module):
         return self.out(h).at[0].add(self.to_scalar(h))  # a scalar output feeding one class
 
 
+class Transformer(eqx.Module):
+    """A token-sequence classifier written as Equinox models are: the embedding, the LayerNorms
+    and the feed-forward MLP mapped over positions with ``jax.vmap`` inside the model, and
+    ``eqx.nn.MultiheadAttention``, which maps its own projections over positions."""
+    emb: eqx.nn.Embedding
+    ln1: eqx.nn.LayerNorm
+    attn: eqx.nn.MultiheadAttention
+    ln2: eqx.nn.LayerNorm
+    ff: eqx.nn.MLP
+    head: eqx.nn.Linear
+
+    def __init__(self, key):
+        k = jax.random.split(key, 4)
+        f, D = dict(dtype=jnp.float64), 4
+        self.emb = eqx.nn.Embedding(7, D, key=k[0], **f)
+        self.ln1 = eqx.nn.LayerNorm(D, **f)
+        self.attn = eqx.nn.MultiheadAttention(2, D, use_query_bias=True, use_output_bias=True, key=k[1], **f)
+        self.ln2 = eqx.nn.LayerNorm(D, **f)
+        self.ff = eqx.nn.MLP(D, D, width_size=6, depth=1, activation=jnp.tanh, key=k[2], **f)
+        self.head = eqx.nn.Linear(D, C, key=k[3], **f)
+
+    def __call__(self, tokens):  # (T,) integer tokens
+        h = jax.vmap(self.emb)(tokens)
+        a = jax.vmap(self.ln1)(h)
+        h = h + self.attn(a, a, a)
+        h = h + jax.vmap(self.ff)(jax.vmap(self.ln2)(h))
+        return self.head(jnp.mean(h, axis=0))
+
+
+def _transformer():
+    model = Transformer(jax.random.PRNGKey(0))
+    X = jax.random.randint(jax.random.PRNGKey(1), (6, 5), 0, 7)
+    return model, X
+
+
 def _cnn():
     model = CNN(jax.random.PRNGKey(0))
     X = jax.random.normal(jax.random.PRNGKey(1), (9, 2, 6, 6), dtype=jnp.float64)
@@ -117,14 +153,13 @@ def _per_sample(model, X, y):
     def loss(m, x, t):
         return -jax.nn.log_softmax(m(x))[t]
 
-    return jax.vmap(jax.grad(loss), in_axes=(None, 0, 0))(model, X, y)
+    return jax.vmap(eqx.filter_grad(loss), in_axes=(None, 0, 0))(model, X, y)
 
 
 def _reference(model, blocks, grads, weights):
     out = {}
     for key in blocks:
-        name, group = (key[:key.index("[", len(key) - 3)], int(key[-2])) if key.endswith("]") and \
-            isinstance(_layer(model, key[:key.rindex("[")]), eqx.nn.Conv) else (key, None)
+        name, group = _split_group(model, key)
         layer = _layer(model, name)
         V = _matrix(layer, _layer(grads, name), group)
         V = jnp.reshape(V, (V.shape[0], -1))
@@ -132,7 +167,7 @@ def _reference(model, blocks, grads, weights):
     return out
 
 
-@pytest.mark.parametrize("build", [_cnn, _scalars], ids=["cnn", "scalars"])
+@pytest.mark.parametrize("build", [_cnn, _scalars, _transformer], ids=["cnn", "scalars", "transformer"])
 @pytest.mark.parametrize("fisher", ["empirical", "exact"])
 def test_every_parameter_has_a_block_equal_to_the_per_sample_fisher(build, fisher):
     model, X = build()
@@ -190,28 +225,63 @@ def test_layers_left_to_equinox_are_named_once():
         collect(apply, params, X, fisher="mc")
 
 
-def test_a_layer_under_a_map_inside_the_model_is_refused_clearly():
-    class PerPosition(eqx.Module):
+def test_transformer_blocks_are_named_by_path_and_expand_is_per_position():
+    """The attention's projections get blocks named by their path; with weight_sharing="expand"
+    a layer mapped over T positions is an outer-form block of N·T terms (K-FAC-expand)."""
+    model, X = _transformer()
+    apply, params = equinox_apply(model)
+    np.testing.assert_allclose(apply(params, X, PLAIN), jax.vmap(model)(X), rtol=1e-13)
+    blocks = collect(apply, params, X, fisher="mc", key=jax.random.PRNGKey(0))
+    assert {k: (F.m, F.n, F.form, F.num_terms) for k, F in blocks.items()} == {
+        "emb": (4, 7, "outer", 30), "ln1": (4, 2, "conv", 6), "ln2": (4, 2, "conv", 6),
+        "attn.query_proj": (4, 5, "outer", 30), "attn.key_proj": (4, 4, "outer", 30),
+        "attn.value_proj": (4, 4, "outer", 30), "attn.output_proj": (4, 5, "outer", 30),
+        "ff.layers[0]": (6, 5, "outer", 30), "ff.layers[1]": (4, 7, "outer", 30),
+        "head": (C, 5, "outer", 6)}
+
+
+def test_a_layer_under_a_scan_or_nested_maps_is_refused_clearly():
+    class Scanned(eqx.Module):
         lin: eqx.nn.Linear
 
-        def __call__(self, x):  # x (T, d): the layer mapped over positions
-            return jnp.mean(jax.vmap(self.lin)(x), axis=0)
+        def __call__(self, x):  # x (T, d): the layer applied by lax.scan over positions
+            return jax.lax.scan(lambda c, xt: (c + self.lin(xt), None), jnp.zeros(C, x.dtype), x)[0]
 
-    model = PerPosition(eqx.nn.Linear(3, C, key=jax.random.PRNGKey(0), dtype=jnp.float64))
-    X = jnp.ones((4, 5, 3), jnp.float64)
-    apply, params = equinox_apply(model)
-    np.testing.assert_allclose(apply(params, X, PLAIN), jax.vmap(model)(X))
-    with pytest.raises(ValueError, match="inside a transformation of its own"):
-        collect(apply, params, X, fisher="mc")
+    class Nested(eqx.Module):
+        lin: eqx.nn.Linear
+
+        def __call__(self, x):  # x (T, U, d): a map over positions inside a map
+            return jnp.mean(jax.vmap(jax.vmap(self.lin))(x), axis=(0, 1))
+
+    for model, shape in ((Scanned(eqx.nn.Linear(3, C, key=jax.random.PRNGKey(0), dtype=jnp.float64)), (4, 5, 3)),
+                         (Nested(eqx.nn.Linear(3, C, key=jax.random.PRNGKey(0), dtype=jnp.float64)), (4, 2, 5, 3))):
+        X = jnp.ones(shape, jnp.float64)
+        apply, params = equinox_apply(model)
+        np.testing.assert_allclose(apply(params, X, PLAIN), jax.vmap(model)(X))
+        with pytest.raises(ValueError, match="inside a transformation of (its|the model's) own"):
+            collect(apply, params, X, fisher="mc")
 
 
-def test_optax_preconditioner_rewrites_each_equinox_layout():
-    """Linear, plain and grouped Conv (weights stored (out, ...), conv bias (out, 1, 1)), LayerNorm:
-    each block of the update equals the damped solve with its estimate."""
+def _split_group(model, key):
+    """``(layer name, group)`` of a block key: ``"c2[1]"`` of a grouped Conv is group 1."""
+    if key.endswith("]") and isinstance(_layer(model, key[:key.rindex("[")]), eqx.nn.Conv):
+        return key[:key.rindex("[")], int(key[key.rindex("[") + 1:-1])
+    return key, None
+
+
+@pytest.mark.parametrize("build, keys", [
+    (_cnn, {"c1", "c2[0]", "c2[1]", "c3", "c4", "ln", "head"}),
+    (_transformer, {"emb", "ln1", "attn.query_proj", "attn.key_proj", "attn.value_proj",
+                    "attn.output_proj", "ln2", "ff.layers[0]", "ff.layers[1]", "head"}),
+], ids=["cnn", "transformer"])
+def test_optax_preconditioner_rewrites_each_equinox_layout(build, keys):
+    """Linear, plain and grouped Conv (weights stored (out, ...), conv bias (out, 1, 1)), LayerNorm,
+    Embedding, attention projections: each block of the update equals the damped solve with its
+    estimate."""
     optax = pytest.importorskip("optax")
     from kronsum.adapters.jax import Preconditioner
 
-    model, X = _cnn()
+    model, X = build()
     y = jax.random.randint(jax.random.PRNGKey(7), (X.shape[0],), 0, C)
     apply, params = equinox_apply(model)
     pre = Preconditioner(apply, estimator="kfac", fisher="empirical")
@@ -221,9 +291,9 @@ def test_optax_preconditioner_rewrites_each_equinox_layout():
     tx = optax.chain(pre.transform(0.1))
     out, _ = tx.update(g, tx.init(params), curvature=pre.curvature())
     one = lambda tree: jax.tree_util.tree_map(lambda x: x[None], tree)  # noqa: E731  a batch of one
-    assert set(pre.estimates) == {"c1", "c2[0]", "c2[1]", "c3", "c4", "ln", "head"}
+    assert set(pre.estimates) == keys
     for key, est in pre.estimates.items():
-        name, group = (key[:-3], int(key[-2])) if key.endswith("]") else (key, None)
+        name, group = _split_group(model, key)
         layer = _layer(model, name)
         V = _matrix(layer, one(_layer(g, name)), group)[0]
         P = _matrix(layer, one(_layer(out, name)), group)[0]

@@ -131,7 +131,8 @@ def test_blocks_against_the_dense_ggn(likelihood):
             errs[est] = float(torch.linalg.norm(D - torch.kron(B, A)))
         # K-FOC is the Frobenius-nearest Kronecker product of the weight's block
         assert errs["kfoc"] == pytest.approx(opt, rel=1e-6, abs=1e-9 * float(torch.linalg.norm(D)))
-        assert errs["kfoc"] <= min(errs["kfac"], errs["tkfac"]) * (1 + 1e-9)
+        # the optimum, up to rounding (blocks of one output row are exact Kronecker products)
+        assert errs["kfoc"] <= min(errs["kfac"], errs["tkfac"]) * (1 + 1e-9) + 1e-12 * float(torch.linalg.norm(D))
 
 
 def test_kfoc_posterior_and_minibatches():

@@ -25,15 +25,22 @@ def equinox_apply(model: Any) -> tuple[Callable[[Any, Any, Any], Any], Any]:
       it): ``tape.conv``;
     * ``eqx.nn.Embedding`` called on a sample's scalar index: ``tape.embed``;
     * ``eqx.nn.LayerNorm`` over a 1-D ``shape`` (the exact ``[weight bias]`` block of
-      ``tape.norm``, the normalised input computed as Equinox computes it).
+      ``tape.norm``, the normalised input computed as Equinox computes it);
+    * the four ``eqx.nn.Linear`` projections of ``eqx.nn.MultiheadAttention``, one block each
+      (``"attn.query_proj"``, ``"attn.key_proj"``, ``"attn.value_proj"``,
+      ``"attn.output_proj"``); the attention itself is Equinox's.
 
-    Each layer must be called once per sample, directly by the model's code: a layer called
-    under a transformation inside the model (``jax.vmap`` over positions, as
-    ``eqx.nn.MultiheadAttention`` and most sequence models do, or ``jax.lax.scan``) cannot hand
-    its inputs out of it, and :func:`~kronsum.adapters.jax.collect` raises ``ValueError``
-    saying so; ``eqx.nn.MultiheadAttention`` is left to Equinox as a whole. Layers of other
-    types with parameters (and LayerNorm over more than one axis) are computed by Equinox and
-    get no block: one ``UserWarning`` per ``apply`` function names them. The optax
+    A layer may be called directly on a sample's input or mapped over positions by the model's
+    own ``jax.vmap`` (``jax.vmap(self.linear)(x)`` for ``x`` of shape ``(T, d)``, as
+    ``eqx.nn.MultiheadAttention`` does with its four projections, and as transformers apply
+    their embedding, LayerNorms and feed-forward layers): it is then one weight-shared layer of
+    ``T`` positions per sample, whose block ``weight_sharing`` chooses (``"expand"``,
+    ``"sample"``). The wrappers see both maps through :func:`jax.custom_batching.custom_vmap`.
+    A convolution mapped over positions, a layer under nested maps inside the model or under
+    ``jax.lax.scan``, and a layer called twice in one pass raise ``ValueError`` in
+    :func:`~kronsum.adapters.jax.collect`. Layers of other types with parameters (and
+    LayerNorm over more than one axis) are computed by Equinox and get no block: one
+    ``UserWarning`` per ``apply`` function names them. The optax
     :class:`~kronsum.adapters.jax.Preconditioner` of this ``apply`` finds each layer's
     ``weight`` and ``bias`` in ``params`` (and in the updates) by the same paths.
 
@@ -79,7 +86,7 @@ def _routed(model: Any, tape: Any, skipped: list) -> Any:
 
     nn = eqx.nn
     cls = _classes()
-    layers = (nn.Linear, nn.Conv, nn.Embedding, nn.LayerNorm, nn.MultiheadAttention)
+    layers = (nn.Linear, nn.Conv, nn.Embedding, nn.LayerNorm)
 
     def route(path, leaf):
         name = jax.tree_util.keystr(path).lstrip(".")
@@ -91,7 +98,7 @@ def _routed(model: Any, tape: Any, skipped: list) -> Any:
             return cls["embed"](leaf, name, tape)
         if isinstance(leaf, nn.LayerNorm) and len(leaf.shape) == 1 and (leaf.use_weight or leaf.use_bias):
             return cls["norm"](leaf, name, tape)
-        return leaf  # another layer (MultiheadAttention whole), an array or a static value
+        return leaf  # an array or a static value
 
     routed = (route((), model) if isinstance(model, layers)
               else jax.tree_util.tree_map_with_path(route, model, is_leaf=lambda x: isinstance(x, layers)))
@@ -123,9 +130,13 @@ def _classes() -> dict[str, Any]:
             lin = self.layer
             if lin.in_features == "scalar" and jnp.shape(x) != ():
                 raise ValueError(f"layer {self.name!r}: x must have scalar shape")
-            xb = jnp.reshape(x, (1, -1))  # a batch of one
-            y = self.tape.dense(self.name, xb, lin.weight.T, lin.bias)[0]
-            return jnp.squeeze(y) if lin.out_features == "scalar" else y
+
+            def write(tape, xs, lead):  # xs: (A, ...) samples or positions; lead: (1, A) or (A, 1)
+                xb = jnp.reshape(xs, lead + (-1,))
+                return tape.dense(self.name, xb, lin.weight.T, lin.bias)
+
+            y = _mapped(self, x, write)
+            return jnp.squeeze(y, -1) if lin.out_features == "scalar" else y
 
     class _Conv(_Taped):
         def __call__(self, x, *, key=None):
@@ -134,22 +145,33 @@ def _classes() -> dict[str, Any]:
             if x.ndim != d + 1:
                 raise ValueError(f"layer {self.name!r}: Conv takes an input of rank {d + 1} "
                                  f"(channels, spatial…), got shape {x.shape}")
-            padding = c.padding
-            if c.padding_mode != "ZEROS":
-                x, padding = c._nonzero_pad(x), "VALID"
-            xb = jnp.moveaxis(x, 0, -1)[None]  # (1, spatial…, in): channels-last, a batch of one
             kernel = jnp.transpose(c.weight, tuple(range(2, d + 2)) + (1, 0))  # (k…, in/g, out)
             bias = None if c.bias is None else jnp.reshape(c.bias, (-1,))
-            y = self.tape.conv(self.name, xb, kernel, bias, stride=c.stride, padding=padding,
-                               dilation=c.dilation, groups=c.groups)
-            return jnp.moveaxis(y[0], -1, 0)
+
+            def write(tape, xs, lead):
+                if lead[0] == 1 and xs.shape[0] > 1:
+                    raise ValueError(f"layer {self.name!r}: a convolution under a map over "
+                                     "positions inside the model is not supported")
+                padding = c.padding
+                if c.padding_mode != "ZEROS":
+                    xs, padding = jax.vmap(c._nonzero_pad)(xs), "VALID"
+                xb = jnp.moveaxis(xs, 1, -1)  # (A, spatial…, in): channels-last
+                y = tape.conv(self.name, xb, kernel, bias, stride=c.stride, padding=padding,
+                              dilation=c.dilation, groups=c.groups)
+                return jnp.moveaxis(y, -1, 1)[:, None]  # (A, 1, out, spatial…)
+
+            return _mapped(self, x, write)
 
     class _Embed(_Taped):
         def __call__(self, x, *, key=None):
             if jnp.shape(x) != ():
                 raise ValueError(f"layer {self.name!r}: eqx.nn.Embedding takes a scalar index, "
                                  f"got shape {jnp.shape(x)}")
-            return self.tape.embed(self.name, jnp.reshape(x, (1, 1)), self.layer.weight)[0, 0]
+
+            def write(tape, xs, lead):
+                return tape.embed(self.name, jnp.reshape(xs, lead), self.layer.weight)
+
+            return _mapped(self, x, write)
 
     class _Norm(_Taped):
         def __call__(self, x, state=None, *, key=None):
@@ -157,16 +179,67 @@ def _classes() -> dict[str, Any]:
             if x.shape != ln.shape:
                 raise ValueError(f"layer {self.name!r}: LayerNorm({ln.shape}) got shape {x.shape}")
             orig = x.dtype
-            with jax.numpy_dtype_promotion("standard"):
-                dtype = jnp.result_type(x.dtype, jnp.float32)
-            x = x.astype(dtype)
-            mean = jnp.mean(x, keepdims=True)
-            var = jnp.maximum(0.0, jnp.var(x, keepdims=True))
-            xhat = (x - mean) * jax.lax.rsqrt(var + ln.eps)
-            w = ln.weight.astype(dtype) if ln.use_weight else None
-            b = ln.bias.astype(dtype) if ln.use_bias else None
-            y = self.tape.norm(self.name, xhat[None], w, b)[0].astype(orig)
+
+            def write(tape, xs, lead):
+                with jax.numpy_dtype_promotion("standard"):
+                    dtype = jnp.result_type(xs.dtype, jnp.float32)
+                xs = xs.astype(dtype)
+                mean = jnp.mean(xs, axis=-1, keepdims=True)
+                var = jnp.maximum(0.0, jnp.var(xs, axis=-1, keepdims=True))
+                xhat = jnp.reshape((xs - mean) * jax.lax.rsqrt(var + ln.eps), lead + (-1,))
+                w = ln.weight.astype(dtype) if ln.use_weight else None
+                b = ln.bias.astype(dtype) if ln.use_bias else None
+                return tape.norm(self.name, xhat, w, b).astype(orig)
+
+            y = _mapped(self, x, write)
             return y if state is None else (y, state)
 
     _TAPED.update(base=_Taped, linear=_Linear, conv=_Conv, embed=_Embed, norm=_Norm)
     return _TAPED
+
+
+def _mapped(wrapper: Any, x: Any, write: Callable) -> Any:
+    """One sample's call of a layer wrapper, written through its tape.
+
+    ``write(tape, xs, lead)`` writes the layer for ``xs`` of shape ``(A, …)`` (``A`` samples
+    or positions, each an input of the layer's per-sample shape), reshaped with ``lead``, and
+    returns the output of shape ``lead + (…)``: ``lead = (A, 1)`` for ``A`` samples of one
+    position each, ``(1, A)`` for one sample of ``A`` positions.
+
+    Without a recording tape (``PLAIN``) the layer is computed directly. Under
+    :func:`~kronsum.adapters.jax.collect` the call is a :func:`jax.custom_batching.custom_vmap`
+    function whose batching rule sees the maps it is under: the tape's map over the samples
+    (the tape's ``marker`` is mapped) writes all samples at once through the tape's
+    ``parent``; a map of the model's own over positions (``jax.vmap(layer)(x)``, as in
+    ``eqx.nn.MultiheadAttention``; the marker is not mapped) writes this sample's positions
+    as one weight-shared layer call (``T`` positions) through the sample's own tape.
+    """
+    import jax.numpy as jnp
+    from jax.custom_batching import custom_vmap
+
+    from .jax import PLAIN
+
+    tape = wrapper.tape
+    parent = getattr(tape, "parent", None)
+    if parent is None:  # PLAIN, or a tape used without its per-sample map
+        return write(tape, x[None], (1, 1))[0, 0]
+
+    @custom_vmap
+    def call(marker, x):  # traced for its output's shape; under collect it always runs mapped
+        return write(PLAIN, x[None], (1, 1))[0, 0]
+
+    @call.def_vmap
+    def rule(axis_size, in_batched, marker, x):
+        mapped_marker, mapped_x = in_batched
+        if not mapped_x:
+            x = jnp.broadcast_to(x, (axis_size,) + jnp.shape(x))
+        if mapped_marker:  # the tape's map over the samples: all of them at once
+            if wrapper.name in getattr(parent, "shapes", ()) or wrapper.name in getattr(parent, "inputs", ()):
+                raise ValueError(  # a second trace of the call: lax.scan, or a shared layer
+                    f"layer {wrapper.name!r} was called twice in one pass, or inside a "
+                    "transformation of its own (e.g. jax.lax.scan over positions): its inputs "
+                    "cannot leave it; such layers are not supported here")
+            return write(parent, x, (axis_size, 1))[:, 0], True
+        return write(tape, x, (1, axis_size))[0], True  # positions of one sample
+
+    return call(tape.marker, x)

@@ -203,9 +203,16 @@ class _ShapeTape(Tape):
         return y
 
     def _vmap(self, make, x):
-        inner = _ShapeTape()
-        out = jax.vmap(make(inner))(x)  # under collect's eval_shape: shapes only
         N = jnp.shape(x)[0]
+        inner = _ShapeTape()
+        inner.parent = self  # see _RecordingTape._vmap
+
+        def one(xi, marker):
+            inner.marker = marker
+            return make(inner)(xi)
+
+        out = jax.vmap(one)(x, jnp.zeros((N,), jnp.float32))  # under eval_shape: shapes only
+        inner.marker = None
         for name, s in inner.shapes.items():
             if name in self.shapes:
                 raise RuntimeError(f"layer {name!r} is called twice in one pass; names must be unique")
@@ -247,12 +254,16 @@ class _RecordingTape(Tape):
         return y + self.eps[name]
 
     def _vmap(self, make, x):
-        def one(xi, eps_i):  # one sample: its layers' perturbations, inputs recorded inside
+        def one(xi, eps_i, marker):  # one sample: its layers' perturbations, inputs recorded inside
             inner = _RecordingTape(eps_i)
+            # a layer wrapper that meets a map inside the model (jax.custom_batching) tells the
+            # map over the samples (``marker`` mapped) from one over positions (not mapped)
+            # and writes a whole batch through ``parent`` in the first case
+            inner.parent, inner.marker = self, marker
             return make(inner)(xi), inner.inputs
 
         try:
-            out, inputs = jax.vmap(one)(x, self.eps)
+            out, inputs = jax.vmap(one)(x, self.eps, jnp.zeros((jnp.shape(x)[0],), jnp.float32))
         except jax.errors.UnexpectedTracerError as exc:
             raise ValueError(
                 "a layer of the per-sample model was called inside a transformation of its own "
