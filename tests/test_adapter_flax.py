@@ -53,6 +53,17 @@ class CNN3D(nn.Module):
         return nn.Dense(3)(h.reshape(h.shape[0], -1))
 
 
+class PaddedCNN(nn.Module):
+    """Flax's input paddings: circular (2-D, dilated), reflect (2-D, strided), causal (1-D)."""
+    @nn.compact
+    def __call__(self, x):  # (N, 5, 6, 2)
+        h = nn.tanh(nn.Conv(4, (3, 2), padding="CIRCULAR", kernel_dilation=(1, 2))(x))
+        h = nn.tanh(nn.Conv(4, (2, 3), strides=2, padding="REFLECT")(h))
+        h = jnp.reshape(h, (h.shape[0], -1, 4))  # (N, 6, 4): a sequence
+        h = nn.tanh(nn.Conv(3, (3,), padding="CAUSAL", kernel_dilation=2)(h))
+        return nn.Dense(3)(h.reshape(h.shape[0], -1))
+
+
 def _setup(model, shape, n=12, seed=0):
     k1, k2, k3 = jax.random.split(jax.random.PRNGKey(seed), 3)
     X = jax.random.normal(k1, (n,) + shape, dtype=jnp.float64)
@@ -86,6 +97,8 @@ def _per_sample_fisher(model, variables, X, y, path):
     (CNN(), (6, 6, 2), {"Conv_0": ("Conv_0",), "Conv_1": ("Conv_1",), "Dense_0": ("Dense_0",)}),
     (CNN1D(), (11, 2), {"Conv_0": ("Conv_0",), "Conv_1": ("Conv_1",), "Dense_0": ("Dense_0",)}),
     (CNN3D(), (3, 4, 3, 2), {"Conv_0": ("Conv_0",), "Dense_0": ("Dense_0",)}),
+    (PaddedCNN(), (5, 6, 2), {"Conv_0": ("Conv_0",), "Conv_1": ("Conv_1",), "Conv_2": ("Conv_2",),
+                              "Dense_0": ("Dense_0",)}),
 ])
 def test_blocks_are_the_per_sample_fisher(model, shape, paths):
     X, y, variables = _setup(model, shape)

@@ -64,6 +64,18 @@ class CNN1D(nnx.Module):  # 1-D and 3-D convolutions route as 2-D ones do
         return self.head(jnp.concatenate([h.reshape(h.shape[0], -1), v.reshape(v.shape[0], -1)], axis=1))
 
 
+class PaddedCNN(nnx.Module):  # NNX's input paddings: circular (2-D, dilated), causal (1-D)
+    def __init__(self, rngs):
+        self.c1 = nnx.Conv(2, 4, (3, 2), padding="CIRCULAR", kernel_dilation=(1, 2), rngs=rngs, **F64)
+        self.c2 = nnx.Conv(4, 3, (3,), padding="CAUSAL", kernel_dilation=2, rngs=rngs, **F64)
+        self.head = nnx.Linear(3 * 30, 3, rngs=rngs, **F64)
+
+    def __call__(self, x):  # x (N, 5, 6, 2)
+        h = jnp.tanh(self.c1(x))  # (N, 5, 6, 4)
+        h = jnp.tanh(self.c2(jnp.reshape(h, (h.shape[0], 30, 4))))  # (N, 30, 3)
+        return self.head(h.reshape(h.shape[0], -1))
+
+
 def _setup(cls, shape, n=12, seed=0):
     k1, k2 = jax.random.split(jax.random.PRNGKey(seed))
     X = jax.random.normal(k1, (n,) + shape, dtype=jnp.float64)
@@ -103,6 +115,7 @@ def _per_sample_fisher(model, X, y, path):
                  "layers/1": ("layers", 1)}),
     (CNN, (6, 6, 2), {"c1": ("c1",), "bn": ("bn",), "c2": ("c2",), "head": ("head",)}),
     (CNN1D, (12, 2), {"c1": ("c1",), "c3": ("c3",), "head": ("head",)}),
+    (PaddedCNN, (5, 6, 2), {"c1": ("c1",), "c2": ("c2",), "head": ("head",)}),
 ])
 def test_blocks_are_the_per_sample_fisher(cls, shape, paths):
     model, X, y = _setup(cls, shape)

@@ -16,7 +16,8 @@ def flax_apply(module: Any) -> Callable[[Any, Any, Any], Any]:
     ``nn.Dense`` and ``nn.DenseGeneral`` contracting trailing axes without ``batch_dims``
     (``tape.dense``, a general kernel ``(in…, out…)`` as the ``(∏in, ∏out)`` matrix it is),
     1-, 2- and 3-D ``nn.Conv`` on batched channels-last inputs (padding ``"SAME"``, ``"VALID"``,
-    an int or pairs; with ``feature_group_count = g > 1`` one block per group, ``"name[i]"``;
+    an int or pairs, ``"CIRCULAR"``, ``"REFLECT"`` and 1-D ``"CAUSAL"`` — the input padded as
+    Flax pads it; with ``feature_group_count = g > 1`` one block per group, ``"name[i]"``;
     ``tape.conv``), all with the default product (no custom ``dot_general`` /
     ``conv_general_dilated``, default ``precision``, no ``mask``); ``nn.Embed`` on integer ids
     (``tape.embed``); ``nn.LayerNorm`` and ``nn.RMSNorm`` over the last axis, ``nn.GroupNorm``
@@ -25,8 +26,8 @@ def flax_apply(module: Any) -> Callable[[Any, Any, Any], Any]:
     (``tape.norm``, the normalised input recomputed as Flax computes it). With ``PLAIN`` the result is
     ``module.apply(variables, inputs)`` (to rounding); with
     :func:`~kronsum.adapters.jax.collect` each such layer gets its block, in Flax's layout
-    (:class:`~kronsum.adapters.jax.Tape`). Other layers with parameters (masked, circular or
-    causal convolutions, unbatched inputs, a ``BatchNorm`` with batch statistics, whose
+    (:class:`~kronsum.adapters.jax.Tape`). Other layers with parameters (masked convolutions,
+    convolutions with input dilation, unbatched inputs, a ``BatchNorm`` with batch statistics, whose
     statistics couple the samples, ``Einsum``) are computed by Flax and get
     no block; a ``UserWarning`` names them once per ``apply`` function. A layer called twice in one pass
     (a shared module) is refused by ``collect`` (``RuntimeError``): one block per call site
@@ -85,8 +86,9 @@ def flax_apply(module: Any) -> Callable[[Any, Any, Any], Any]:
             if type(mod) is nn.Conv and _plain(mod) and _conv_ok(mod.kernel_size, mod.feature_group_count,
                                                                  mod.padding, mod.input_dilation, args[0]):
                 x, kernel, bias = _promoted(mod, args[0])
+                x, padding = _pre_pad(x, mod.padding, mod.kernel_size, mod.kernel_dilation)
                 return tape.conv(name, x, kernel, bias, stride=mod.strides or 1,
-                                 padding=_padding(mod.padding), dilation=mod.kernel_dilation or 1,
+                                 padding=_padding(padding), dilation=mod.kernel_dilation or 1,
                                  groups=mod.feature_group_count)
             if type(mod) is nn.DenseGeneral and _plain(mod) and not tuple(mod.batch_dims):
                 k = _trailing(mod.axis, getattr(args[0], "ndim", 0))
@@ -151,13 +153,42 @@ def _promoted(mod: Any, x: Any) -> tuple:
     return tuple(mod.promote_dtype(x, p["kernel"], p.get("bias"), dtype=mod.dtype))
 
 
+_PADDED = {"CIRCULAR": "wrap", "REFLECT": "reflect", "CAUSAL": "constant"}
+
+
 def _conv_ok(kernel_size: Any, groups: int, padding: Any, input_dilation: Any, x: Any) -> bool:
     """A Flax (linen or NNX) ``Conv`` that ``tape.conv`` computes: 1 to 3 spatial axes and a
-    batch axis, any feature groups, ``"SAME"``/``"VALID"``/explicit padding, no input dilation."""
+    batch axis, any feature groups, ``"SAME"``/``"VALID"``/explicit padding or the input
+    paddings ``"CIRCULAR"``, ``"REFLECT"`` and (1-D) ``"CAUSAL"`` (:func:`_pre_pad`), no input
+    dilation."""
     ks = (kernel_size,) if isinstance(kernel_size, int) else tuple(kernel_size)
+    mode = padding.upper() if isinstance(padding, str) else None
     return (1 <= len(ks) <= 3 and getattr(x, "ndim", 0) == len(ks) + 2
-            and not (isinstance(padding, str) and padding.upper() not in ("SAME", "VALID"))
+            and mode in (None, "SAME", "VALID", "CIRCULAR", "REFLECT", "CAUSAL")
+            and not (mode == "CAUSAL" and len(ks) != 1)
             and (input_dilation in (None, 1) or all(int(v) == 1 for v in input_dilation)))
+
+
+def _pre_pad(x: Any, padding: Any, kernel_size: Any, kernel_dilation: Any) -> tuple:
+    """``(x, padding)`` for ``tape.conv``: Flax's ``"CIRCULAR"``/``"REFLECT"`` padding (the
+    dilated kernel's ``((k−1)//2, k//2)`` on each spatial axis, wrapped or reflected) and
+    ``"CAUSAL"`` (``dilation·(k−1)`` zeros before a 1-D input) applied to the input, then
+    ``"VALID"``, as Flax's ``Conv`` computes them; other paddings unchanged. The block is then
+    that of the padded input's patches: exact."""
+    mode = padding.upper() if isinstance(padding, str) else None
+    if mode not in _PADDED:
+        return x, padding
+    import jax.numpy as jnp
+
+    ks = (kernel_size,) if isinstance(kernel_size, int) else tuple(kernel_size)
+    dil = (1,) * len(ks) if kernel_dilation is None else (
+        (kernel_dilation,) * len(ks) if isinstance(kernel_dilation, int) else tuple(kernel_dilation))
+    if mode == "CAUSAL":
+        pads = [(0, 0), (dil[0] * (ks[0] - 1), 0), (0, 0)]
+    else:
+        dilated = [(k - 1) * d + 1 for k, d in zip(ks, dil)]
+        pads = [(0, 0)] + [((k - 1) // 2, k // 2) for k in dilated] + [(0, 0)]
+    return jnp.pad(x, pads, mode=_PADDED[mode]), "VALID"
 
 
 def _padding(p: Any) -> Any:
@@ -296,8 +327,9 @@ def _nnx_routes(nnx: Any) -> dict:
                                              mod.input_dilation, x)):
             return None
         x, kernel, bias = _nnx_promoted(mod, x)
+        x, padding = _pre_pad(x, mod.padding, mod.kernel_size, mod.kernel_dilation)
         return tape.conv(name, x, kernel, bias, stride=mod.strides or 1,
-                         padding=_padding(mod.padding), dilation=mod.kernel_dilation or 1,
+                         padding=_padding(padding), dilation=mod.kernel_dilation or 1,
                          groups=mod.feature_group_count)
 
     def general(mod, x, name, tape):
