@@ -104,6 +104,32 @@ class Transformer(eqx.Module):
         return self.head(jnp.mean(h, axis=0))
 
 
+class Norms(eqx.Module):
+    """GroupNorm on a conv's channels (channel-first, spatial positions) and RMSNorm."""
+    conv: eqx.nn.Conv2d
+    gn: eqx.nn.GroupNorm
+    rms: eqx.nn.RMSNorm
+    head: eqx.nn.Linear
+
+    def __init__(self, key):
+        k = jax.random.split(key, 2)
+        f = dict(dtype=jnp.float64)
+        self.conv = eqx.nn.Conv2d(2, 4, 2, key=k[0], **f)
+        self.gn = eqx.nn.GroupNorm(2, 4, **f)
+        self.rms = eqx.nn.RMSNorm(8, use_bias=True, **f)
+        self.head = eqx.nn.Linear(8, C, key=k[1], **f)
+
+    def __call__(self, x):  # x (2, 3, 3)
+        h = jnp.tanh(self.gn(self.conv(x)))  # (4, 2, 2)
+        return self.head(jnp.tanh(self.rms(jnp.reshape(h, (2, 8))[0] + h[1, 0, 0])))
+
+
+def _norms():
+    model = Norms(jax.random.PRNGKey(2))
+    X = jax.random.normal(jax.random.PRNGKey(3), (7, 2, 3, 3), dtype=jnp.float64)
+    return model, X
+
+
 def _transformer():
     model = Transformer(jax.random.PRNGKey(0))
     X = jax.random.randint(jax.random.PRNGKey(1), (6, 5), 0, 7)
@@ -136,8 +162,8 @@ def _matrix(layer, g, group=None):
     LayerNorm ``[weight bias]``; an embedding's table transposed."""
     if isinstance(layer, eqx.nn.Embedding):
         return jnp.swapaxes(g.weight, 1, 2)
-    if isinstance(layer, eqx.nn.LayerNorm):
-        return jnp.stack([g.weight, g.bias], axis=2)
+    if isinstance(layer, (eqx.nn.LayerNorm, eqx.nn.RMSNorm, eqx.nn.GroupNorm)):
+        return jnp.stack([v for v in (g.weight, g.bias) if v is not None], axis=2)
     W = g.weight
     N, out = W.shape[0], layer.out_features if isinstance(layer, eqx.nn.Linear) else W.shape[1]
     W = jnp.reshape(W, (N, 1 if out == "scalar" else out, -1))
@@ -167,7 +193,8 @@ def _reference(model, blocks, grads, weights):
     return out
 
 
-@pytest.mark.parametrize("build", [_cnn, _scalars, _transformer], ids=["cnn", "scalars", "transformer"])
+@pytest.mark.parametrize("build", [_cnn, _scalars, _norms, _transformer],
+                         ids=["cnn", "scalars", "norms", "transformer"])
 @pytest.mark.parametrize("fisher", ["empirical", "exact"])
 def test_every_parameter_has_a_block_equal_to_the_per_sample_fisher(build, fisher):
     model, X = build()
@@ -273,7 +300,8 @@ def _split_group(model, key):
     (_cnn, {"c1", "c2[0]", "c2[1]", "c3", "c4", "ln", "head"}),
     (_transformer, {"emb", "ln1", "attn.query_proj", "attn.key_proj", "attn.value_proj",
                     "attn.output_proj", "ln2", "ff.layers[0]", "ff.layers[1]", "head"}),
-], ids=["cnn", "transformer"])
+    (_norms, {"conv", "gn", "rms", "head"}),
+], ids=["cnn", "transformer", "norms"])
 def test_optax_preconditioner_rewrites_each_equinox_layout(build, keys):
     """Linear, plain and grouped Conv (weights stored (out, ...), conv bias (out, 1, 1)), LayerNorm,
     Embedding, attention projections: each block of the update equals the damped solve with its

@@ -24,8 +24,9 @@ def equinox_apply(model: Any) -> tuple[Callable[[Any, Any, Any], Any], Any]:
       per group, ``"name[i]"`` — and padding mode; channels-first per sample as Equinox has
       it): ``tape.conv``;
     * ``eqx.nn.Embedding`` called on a sample's scalar index: ``tape.embed``;
-    * ``eqx.nn.LayerNorm`` over a 1-D ``shape`` (the exact ``[weight bias]`` block of
-      ``tape.norm``, the normalised input computed as Equinox computes it);
+    * ``eqx.nn.LayerNorm`` and ``eqx.nn.RMSNorm`` over a 1-D ``shape`` and ``eqx.nn.GroupNorm``
+      with ``channelwise_affine`` (its spatial axes as positions): the exact ``[weight bias]``
+      block of ``tape.norm``, the normalised input computed as Equinox computes it;
     * the four ``eqx.nn.Linear`` projections of ``eqx.nn.MultiheadAttention``, one block each
       (``"attn.query_proj"``, ``"attn.key_proj"``, ``"attn.value_proj"``,
       ``"attn.output_proj"``); the attention itself is Equinox's.
@@ -86,7 +87,7 @@ def _routed(model: Any, tape: Any, skipped: list) -> Any:
 
     nn = eqx.nn
     cls = _classes()
-    layers = (nn.Linear, nn.Conv, nn.Embedding, nn.LayerNorm)
+    layers = (nn.Linear, nn.Conv, nn.Embedding, nn.LayerNorm, nn.RMSNorm, nn.GroupNorm)
 
     def route(path, leaf):
         name = jax.tree_util.keystr(path).lstrip(".")
@@ -96,8 +97,11 @@ def _routed(model: Any, tape: Any, skipped: list) -> Any:
             return cls["conv"](leaf, name, tape)
         if isinstance(leaf, nn.Embedding):
             return cls["embed"](leaf, name, tape)
-        if isinstance(leaf, nn.LayerNorm) and len(leaf.shape) == 1 and (leaf.use_weight or leaf.use_bias):
+        if (isinstance(leaf, (nn.LayerNorm, nn.RMSNorm)) and len(leaf.shape) == 1
+                and (leaf.use_weight or leaf.use_bias)):
             return cls["norm"](leaf, name, tape)
+        if isinstance(leaf, nn.GroupNorm) and leaf.channelwise_affine:
+            return cls["group"](leaf, name, tape)
         return leaf  # an array or a static value
 
     routed = (route((), model) if isinstance(model, layers)
@@ -173,28 +177,60 @@ def _classes() -> dict[str, Any]:
 
             return _mapped(self, x, write)
 
-    class _Norm(_Taped):
+    def _dtype(x):  # the normalisation's dtype, as Equinox takes it
+        with jax.numpy_dtype_promotion("standard"):
+            return jnp.result_type(x.dtype, jnp.float32)
+
+    class _Norm(_Taped):  # LayerNorm and RMSNorm over one axis
         def __call__(self, x, state=None, *, key=None):
             ln = self.layer
+            kind = type(ln).__name__
             if x.shape != ln.shape:
-                raise ValueError(f"layer {self.name!r}: LayerNorm({ln.shape}) got shape {x.shape}")
+                raise ValueError(f"layer {self.name!r}: {kind}({ln.shape}) got shape {x.shape}")
             orig = x.dtype
 
             def write(tape, xs, lead):
-                with jax.numpy_dtype_promotion("standard"):
-                    dtype = jnp.result_type(xs.dtype, jnp.float32)
+                dtype = _dtype(xs)
                 xs = xs.astype(dtype)
-                mean = jnp.mean(xs, axis=-1, keepdims=True)
-                var = jnp.maximum(0.0, jnp.var(xs, axis=-1, keepdims=True))
-                xhat = jnp.reshape((xs - mean) * jax.lax.rsqrt(var + ln.eps), lead + (-1,))
+                if isinstance(ln, eqx.nn.RMSNorm):
+                    xhat = xs * jax.lax.rsqrt(jnp.mean(xs**2, axis=-1, keepdims=True) + ln.eps)
+                else:
+                    mean = jnp.mean(xs, axis=-1, keepdims=True)
+                    var = jnp.maximum(0.0, jnp.var(xs, axis=-1, keepdims=True))
+                    xhat = (xs - mean) * jax.lax.rsqrt(var + ln.eps)
                 w = ln.weight.astype(dtype) if ln.use_weight else None
                 b = ln.bias.astype(dtype) if ln.use_bias else None
-                return tape.norm(self.name, xhat, w, b).astype(orig)
+                return tape.norm(self.name, jnp.reshape(xhat, lead + (-1,)), w, b).astype(orig)
 
             y = _mapped(self, x, write)
             return y if state is None else (y, state)
 
-    _TAPED.update(base=_Taped, linear=_Linear, conv=_Conv, embed=_Embed, norm=_Norm)
+    class _GroupNorm(_Taped):  # channel-first (C, spatial…) per sample, per-channel affine
+        def __call__(self, x, state=None, *, key=None):
+            gn = self.layer
+            if x.ndim < 1 or x.shape[0] != gn.channels:
+                raise ValueError(f"layer {self.name!r}: GroupNorm({gn.groups}, {gn.channels}) got "
+                                 f"shape {x.shape}")
+            orig = x.dtype
+
+            def write(tape, xs, lead):  # xs (A, C, spatial…)
+                dtype = _dtype(xs)
+                xs = xs.astype(dtype)
+                A, C = xs.shape[0], xs.shape[1]
+                g = jnp.reshape(xs, (A, gn.groups, -1))
+                mean = jnp.mean(g, axis=-1, keepdims=True)
+                var = jnp.maximum(0.0, jnp.var(g, axis=-1, keepdims=True))
+                xhat = jnp.reshape((g - mean) * jax.lax.rsqrt(var + gn.eps), xs.shape)
+                xl = jnp.moveaxis(xhat, 1, -1)  # (A, spatial…, C)
+                y = tape.norm(self.name, jnp.reshape(xl, lead + (-1, C)), gn.weight.astype(dtype),
+                              gn.bias.astype(dtype))
+                y = jnp.moveaxis(jnp.reshape(y, (A,) + xl.shape[1:]), -1, 1)  # (A, C, spatial…)
+                return jnp.reshape(y, lead + xs.shape[1:]).astype(orig)
+
+            y = _mapped(self, x, write)
+            return y if state is None else (y, state)
+
+    _TAPED.update(base=_Taped, linear=_Linear, conv=_Conv, embed=_Embed, norm=_Norm, group=_GroupNorm)
     return _TAPED
 
 
