@@ -39,9 +39,10 @@ def equinox_apply(model: Any) -> tuple[Callable[[Any, Any, Any], Any], Any]:
     ``"sample"``). The wrappers see both maps through :func:`jax.custom_batching.custom_vmap`.
     A convolution mapped over positions, a layer under nested maps inside the model or under
     ``jax.lax.scan``, and a layer called twice in one pass raise ``ValueError`` in
-    :func:`~kronsum.adapters.jax.collect`. Layers of other types with parameters (and
-    LayerNorm over more than one axis) are computed by Equinox and get no block: one
-    ``UserWarning`` per ``apply`` function names them. The optax
+    :func:`~kronsum.adapters.jax.collect`. Layers of other types with parameters (and norms
+    over more than one axis) are computed by Equinox and get no block (``eqx.nn.BatchNorm``,
+    whose batch statistics couple the samples, among them): one ``UserWarning`` per ``apply``
+    function names them. The optax
     :class:`~kronsum.adapters.jax.Preconditioner` of this ``apply`` finds each layer's
     ``weight`` and ``bias`` in ``params`` (and in the updates) by the same paths.
 
