@@ -153,11 +153,14 @@ def row_gram(V: Array, xp: Any) -> Array:
 
 
 def row_sq_norms(V: Array, xp: Any) -> Array:
-    """``(‖v_k‖²)_k`` of the rows of ``V`` (K, d), shape (K,): one ``einsum`` pass on NumPy
-    (no ``V∘V`` temporary), ``sum(V * V, axis=1)`` elsewhere."""
+    """``(‖v_k‖²)_k`` of the rows of ``V`` (K, d), shape (K,): on NumPy one pass without a
+    ``V∘V`` temporary (``vecdot``, NumPy ≥ 2; ``einsum`` before, whose call costs more),
+    ``sum(V * V, axis=1)`` elsewhere."""
     if is_numpy_namespace(xp):
         import numpy as np
 
+        if hasattr(np, "vecdot"):
+            return np.vecdot(V, V)
         return np.einsum("ij,ij->i", V, V)
     return xp.sum(V * V, axis=1)
 

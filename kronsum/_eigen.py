@@ -780,7 +780,7 @@ def gram_solve(Fn, alpha0, stop: Stop, max_iter: int) -> Solution:
         # the Gram matrices in float64 straight away (one pass each, no cast of a copy)
         SP, SQ = Fn._gram("left", float64=True), Fn._gram("right", float64=True)
         space = GramSpace(SP, SQ, xp.astype(w, xp.float64, copy=False), xp)
-        alpha0 = xp.astype(alpha0, xp.float64)
+        alpha0 = xp.astype(alpha0, xp.float64, copy=False)  # the kernel does not write to it
         if not float(alpha0 @ (SP @ alpha0)) > 0:  # NumPy float64: ‖L₀‖² = α₀ᵀS_Pα₀ (or NaN)
             alpha0 = space.w
             if not bool(space.norm(alpha0) > 0):  # every term is zero (S_P = 0) or NaN

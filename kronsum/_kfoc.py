@@ -29,6 +29,7 @@ second order in that angle, which is why the error rule stops earlier. A rule on
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, field, replace
 
@@ -99,10 +100,24 @@ _EXPECTED_APPLICATIONS = 10  # the median over the benchmark's data families is 
 def _costs(F: KronSum) -> dict:
     """Modelled seconds of the Gram and the Lanczos solver on ``F`` (outer/terms parts, or the
     conv form)."""
-    if F.form == "conv":
-        return _conv_costs(F)
-    K, m, n = F.num_terms, F.m, F.n
-    parts = [(P.num_terms, P.form) for P in (F.parts if F.form == "sum" else (F,))]
+    return dict(zip(("gram", "lanczos"), _modelled(_cost_key(F))))
+
+
+def _cost_key(F: KronSum) -> tuple:
+    """Everything the cost model reads of ``F`` and the options, as a hashable key."""
+    xp = F.xp
+    parts = tuple((P.num_terms, P.form) for P in (F.parts if F.form == "sum" else (F,)))
+    return (F.form, parts, F.num_terms, F.num_positions, F.m, F.n, F.dtype == xp.float32,
+            _float32_iterations(F), numba_enabled(xp, F.weights), syrk_available(xp))
+
+
+@functools.lru_cache(maxsize=256)
+def _modelled(key: tuple) -> tuple[float, float]:
+    """``(gram, lanczos)`` modelled seconds for a :func:`_cost_key` (a pure function of it,
+    cached: layers of one network repeat their shapes at every refresh)."""
+    form, parts, K, T, m, n, f32, f32_iterations, numba, syrk = key
+    if form == "conv":
+        return _conv_costs(K, T, m, n, f32 or f32_iterations, syrk)
     # the two Gram matrices: outer × outer blocks from the statistics, the others from the terms
     build = sum(Ki * Kj * ((m + n) if fi == fj == "outer" else (m * m + n * n))
                 for Ki, fi in parts for Kj, fj in parts) / 2
@@ -114,37 +129,34 @@ def _costs(F: KronSum) -> dict:
     # a contraction: K quadratic forms on one side, one weighted Gram product on the other
     contraction = K * (m * m + n * n) * 0.75
     lanczos = (2 * its + 2) * contraction * _SEC_PER_CONTRACTION_MAC
-    if F.dtype == F.xp.float32:  # float32 halves the products; the numba Gram route is float64
+    if f32:  # float32 halves the products; the numba Gram route is float64
         lanczos /= 2
         gram -= (build + finish) * _SEC_PER_GEMM_MAC / 2
-    elif _float32_iterations(F):  # float64 inputs, Lanczos iterating on a float32 copy
+    elif f32_iterations:  # float64 inputs, Lanczos iterating on a float32 copy
         lanczos /= 2
-    gram += _SEC_PER_CALL + (0 if numba_enabled(F.xp, F.weights) else its * _SEC_PER_GRAM_STEP_CALL)
+    gram += _SEC_PER_CALL + (0 if numba else its * _SEC_PER_GRAM_STEP_CALL)
     lanczos += (2 * its + 2) * _SEC_PER_CALL
-    return {"gram": gram, "lanczos": lanczos}
+    return gram, lanczos
 
 
-def _conv_costs(F: KronSum) -> dict:
+def _conv_costs(K: int, T: int, m: int, n: int, f32_iterations: bool, syrk: bool) -> tuple[float, float]:
     """The conv form: the Gram solver on per-sample ``T × T`` coefficients (its two ``KT × KT``
     Gram matrices, two batched block products of ``K²T³`` per application, two weighted Gram
     products of ``KT`` rows to finish) against Lanczos on the contractions (each the cheapest
-    association of :meth:`KronSum.contract_left`)."""
-    K, T, m, n = F.num_terms, F.num_positions, F.m, F.n
+    association of :meth:`KronSum.contract_left`; float32 iterations halve them)."""
     its = _EXPECTED_APPLICATIONS
     rows = K * T
     gram = ((rows * rows * (m + n) / 2 + rows * (m * m + n * n) / 2) * _SEC_PER_GEMM_MAC
             + (its + 2) * 4 * K * K * T ** 3 * _SEC_PER_BLOCK_MAC + (its + 2) * 2 * _SEC_PER_CALL)
 
-    syrk = syrk_available(F.xp)
-
     def contraction(p, q):  # Σ_k Y_kᵀ M Y_k from side p to side q, the cheapest association
         return K * min(conv_contraction_costs(K, T, p, q, syrk=syrk).values())
 
     lanczos = (its + 1) * (contraction(m, n) + contraction(n, m)) * _SEC_PER_CONTRACTION_MAC
-    if F.dtype == F.xp.float32 or _float32_iterations(F):  # float32 iterations
+    if f32_iterations:
         lanczos /= 2
     lanczos += (2 * its + 2) * _SEC_PER_CALL
-    return {"gram": gram, "lanczos": lanczos}
+    return gram, lanczos
 
 
 def choose_method(F: KronSum, method: str = "auto", *, explain: bool = False) -> str | MethodChoice:
@@ -343,16 +355,16 @@ def kfoc(
     F = _require_sum(F, "kfoc")._outer_positions()  # T = 1 conv parts: outer parts, same F
     method = choose_method(F, method)
     xp = F.xp
-    if accuracy is None and tol is None:
-        accuracy = _default_accuracy(xp, F.dtype)
-    if tol is None:
-        tol = _default_tol(xp, F.dtype)
-    tol = check_real(tol, "tol", positive=True)
+    # the user's options are checked; the defaults are known to be valid floats
     if accuracy is not None:
         accuracy = check_real(accuracy, "accuracy", positive=True)
+    elif tol is None:
+        accuracy = _default_accuracy(xp, F.dtype)
+    tol = _default_tol(xp, F.dtype) if tol is None else check_real(tol, "tol", positive=True)
     if max_iter is None:
         max_iter = 5000 if method == "power" else 500
-    max_iter = check_int(max_iter, "max_iter", minimum=1)
+    else:
+        max_iter = check_int(max_iter, "max_iter", minimum=1)
     seed = check_seed(seed)
     if isinstance(init, Kron):
         if (init.m, init.n) != (F.m, F.n):

@@ -22,14 +22,18 @@ _gap_bound = njit(cache=True, nogil=True)(gap_bound)
 
 @njit(cache=True, nogil=True)
 def weighted_hadamard_sum(SP, SQ, w):  # pragma: no cover - compiled
-    """``wᵀ(S_P ∘ S_Q)w`` (``‖F‖²`` of the Gram space) in one pass, without a K×K temporary."""
+    """``wᵀ(S_P ∘ S_Q)w`` (``‖F‖²`` of the Gram space) in one pass, without a K×K temporary:
+    the column sums ``Σ_k w_k (S_P ∘ S_Q)_kj`` accumulate along the rows (independent lanes,
+    so the compiler vectorises them without fastmath), then one dot product with ``w``."""
     K = SP.shape[0]
-    total = 0.0
+    acc = np.zeros(K, dtype=np.float64)
     for k in range(K):
-        row = 0.0
+        wk = w[k]
         for j in range(K):
-            row += SP[k, j] * SQ[k, j] * w[j]
-        total += w[k] * row
+            acc[j] += SP[k, j] * SQ[k, j] * wk
+    total = 0.0
+    for j in range(K):
+        total += acc[j] * w[j]
     return total
 
 
