@@ -324,6 +324,23 @@ def test_method_rule_follows_the_cost_model(K, m, n, expected):
     assert ks.choose_method(F, "power", explain=True).reason == "requested"
 
 
+def test_method_choice_follows_the_options_and_dtype():
+    """The modelled costs change with what they depend on, also when the same shape was asked
+    before: the numba option (the Gram solver's per-step Python calls) and float32 inputs."""
+    F = ks.KronSum.from_outer(np.ones((256, 48)), np.ones((256, 40)))
+    with ks.config(use_numba=True):
+        on = ks.choose_method(F, explain=True).costs
+    with ks.config(use_numba=False):
+        off = ks.choose_method(F, explain=True).costs
+    assert off["lanczos"] == on["lanczos"]
+    assert off["gram"] > on["gram"] or not ks.get_config()["use_numba"]
+    f32 = ks.choose_method(F.astype(np.float32), explain=True).costs
+    assert f32["lanczos"] < ks.choose_method(F, explain=True).costs["lanczos"]
+    choice = ks.choose_method(F, explain=True)
+    choice.costs["gram"] = -1.0  # the caller's copy: the next choice is not affected
+    assert ks.choose_method(F, explain=True).costs["gram"] > 0
+
+
 @pytest.mark.parametrize("K, T, m, n, expected", [(64, 4, 64, 576, "gram"), (16, 2, 40, 300, "gram"),
                                                   (32, 64, 64, 576, "lanczos"), (64, 9, 64, 64, "lanczos")])
 def test_conv_rule_follows_the_cost_model(K, T, m, n, expected):
