@@ -252,6 +252,81 @@ def test_layers_left_to_equinox_are_named_once():
         collect(apply, params, X, fisher="mc")
 
 
+class Tokens(eqx.Module):
+    """An embedding looked up directly (one index per sample) or mapped over a sequence."""
+    emb: eqx.nn.Embedding
+    head: eqx.nn.Linear
+    mapped: bool = eqx.field(static=True)
+
+    def __call__(self, x):
+        h = jnp.mean(jax.vmap(self.emb)(x), axis=0) if self.mapped else self.emb(x)
+        return self.head(jnp.tanh(h))
+
+
+@pytest.mark.parametrize("mapped", [False, True], ids=["direct", "positions"])
+def test_embedding_ids_are_looked_up_as_equinox_looks_them_up(mapped):
+    """``weight[x]``: a negative id counts from the end, one out of range is clamped; the
+    recorded inputs index the same rows, so the block is the per-sample Fisher's."""
+    k1, k2 = _keys(2, 3)
+    model = Tokens(eqx.nn.Embedding(5, 3, key=k1, dtype=jnp.float64),
+                   eqx.nn.Linear(3, C, key=k2, dtype=jnp.float64), mapped)
+    ids = jnp.array([-1, 0, 7, -9, 2, -5, 4, 1])
+    X = jnp.stack([ids, jnp.roll(ids, 3), jnp.roll(ids, 5)], axis=1) if mapped else ids
+    y = jnp.arange(len(ids)) % C
+    apply, params = equinox_apply(model)
+    np.testing.assert_allclose(apply(params, X, PLAIN), jax.vmap(model)(X), rtol=1e-13)
+    blocks = collect(apply, params, X, y, fisher="empirical", reduction="sum", weight_sharing="sample")
+    refs = _reference(model, blocks, _per_sample(model, X, y), jnp.ones(len(ids)))
+    for key, ref in refs.items():
+        np.testing.assert_allclose(np.asarray(blocks[key].to_dense()), np.asarray(ref), rtol=1e-10,
+                                   atol=1e-12 * float(jnp.abs(ref).max()), err_msg=key)
+
+
+def test_a_subclass_that_changes_the_call_is_left_to_equinox():
+    """A subclass of a routed layer that overrides ``__call__`` or adds parameters computes
+    something else: it is left to Equinox and named in the warning, not given the base's
+    block; a subclass that only renames the class is routed."""
+
+    class Scaled(eqx.nn.Linear):
+        scale: jax.Array
+
+        def __init__(self, i, o, key):
+            super().__init__(i, o, key=key, dtype=jnp.float64)
+            self.scale = jnp.full((o,), 2.0, jnp.float64)
+
+        def __call__(self, x, *, key=None):
+            return super().__call__(x) * self.scale
+
+    class Causal(eqx.nn.Conv1d):
+        def __call__(self, x, *, key=None):
+            return super().__call__(jnp.pad(x, ((0, 0), (self.kernel_size[0] - 1, 0))))
+
+    class Renamed(eqx.nn.Linear):
+        pass
+
+    class Net(eqx.Module):
+        conv: Causal
+        a: Renamed
+        head: Scaled
+
+        def __call__(self, x):  # x (2, 6)
+            return self.head(jnp.tanh(self.a(jnp.mean(jnp.tanh(self.conv(x)), axis=1))))
+
+    k = _keys(4, 11)
+    model = Net(Causal(2, 4, 3, key=k[0], dtype=jnp.float64), Renamed(4, 4, key=k[1], dtype=jnp.float64),
+                Scaled(4, C, k[2]))
+    X = jax.random.normal(k[3], (6, 2, 6), jnp.float64)
+    y = jnp.arange(6) % C
+    apply, params = equinox_apply(model)
+    with pytest.warns(UserWarning, match=r"equinox_apply: .*'conv'.*'head'"):
+        np.testing.assert_allclose(apply(params, X, PLAIN), jax.vmap(model)(X), rtol=1e-13)
+    blocks = collect(apply, params, X, y, fisher="empirical", reduction="sum")
+    assert set(blocks) == {"a"}
+    ref = _reference(model, blocks, _per_sample(model, X, y), jnp.ones(6))["a"]
+    np.testing.assert_allclose(np.asarray(blocks["a"].to_dense()), np.asarray(ref), rtol=1e-10,
+                               atol=1e-12 * float(jnp.abs(ref).max()))
+
+
 def test_transformer_blocks_are_named_by_path_and_expand_is_per_position():
     """The attention's projections get blocks named by their path; with weight_sharing="expand"
     a layer mapped over T positions is an outer-form block of N·T terms (K-FAC-expand)."""

@@ -127,9 +127,12 @@ def _reference(blocks, per_sample_grads, weights=None):
     return out
 
 
+@pytest.mark.parametrize("negative", [False, True], ids=["ids", "negative-ids"])
 @pytest.mark.parametrize("build", [_linen, _nnx], ids=["linen", "nnx"])
-def test_every_parameter_has_a_block_equal_to_the_per_sample_fisher(build):
+def test_every_parameter_has_a_block_equal_to_the_per_sample_fisher(build, negative):
     apply, params, ids, y, call, pure = build()
+    if negative:  # Flax looks ids up with jnp.take: -VOCAB ≤ id < 0 counts from the end
+        ids = jnp.where(ids % 2 == 1, ids - VOCAB, ids)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # nothing left to Flax: no warning
         blocks = collect(apply, params, ids, y, fisher="empirical", reduction="sum",

@@ -92,18 +92,18 @@ def _routed(model: Any, tape: Any, skipped: list) -> Any:
 
     def route(path, leaf):
         name = jax.tree_util.keystr(path).lstrip(".")
-        if isinstance(leaf, nn.Linear):
+        if _plain(leaf, nn.Linear):
             return cls["linear"](leaf, name, tape)
-        if isinstance(leaf, nn.Conv) and not isinstance(leaf, nn.ConvTranspose):
+        if _plain(leaf, nn.Conv) and not isinstance(leaf, nn.ConvTranspose):
             return cls["conv"](leaf, name, tape)
-        if isinstance(leaf, nn.Embedding):
+        if _plain(leaf, nn.Embedding):
             return cls["embed"](leaf, name, tape)
-        if (isinstance(leaf, (nn.LayerNorm, nn.RMSNorm)) and len(leaf.shape) == 1
+        if ((_plain(leaf, nn.LayerNorm) or _plain(leaf, nn.RMSNorm)) and len(leaf.shape) == 1
                 and (leaf.use_weight or leaf.use_bias)):
             return cls["norm"](leaf, name, tape)
-        if isinstance(leaf, nn.GroupNorm) and leaf.channelwise_affine:
+        if _plain(leaf, nn.GroupNorm) and leaf.channelwise_affine:
             return cls["group"](leaf, name, tape)
-        return leaf  # an array or a static value
+        return leaf  # an array, a static value, or a module left to Equinox (named if it trains)
 
     routed = (route((), model) if isinstance(model, layers)
               else jax.tree_util.tree_map_with_path(route, model, is_leaf=lambda x: isinstance(x, layers)))
@@ -114,6 +114,22 @@ def _routed(model: Any, tape: Any, skipped: list) -> Any:
             owner = jax.tree_util.keystr(path[:-1]).lstrip(".") or "the model"
             skipped.append(owner)
     return routed
+
+
+def _plain(leaf: Any, base: type) -> bool:
+    """Whether ``leaf`` computes what the Equinox layer ``base`` computes: an instance of it or
+    of a subclass (e.g. ``nn.Conv1d`` of ``nn.Conv``) that keeps ``__call__`` and adds no
+    fields. A user's subclass that overrides the call (padding first, an extra learned scale)
+    is left to Equinox, so its parameters are reported instead of blocked wrongly."""
+    import dataclasses
+
+    if not isinstance(leaf, base):
+        return False
+    cls = type(leaf)
+    if cls is base:
+        return True
+    fields = {f.name for f in dataclasses.fields(cls)} == {f.name for f in dataclasses.fields(base)}
+    return fields and cls.__call__ is base.__call__
 
 
 def _classes() -> dict[str, Any]:
@@ -174,7 +190,11 @@ def _classes() -> dict[str, Any]:
                                  f"got shape {jnp.shape(x)}")
 
             def write(tape, xs, lead):
-                return tape.embed(self.name, jnp.reshape(xs, lead), self.layer.weight)
+                # Equinox looks up ``weight[x]``: JAX indexing wraps a negative index once and
+                # clamps one out of range; the same rows are looked up (and recorded) here
+                num = self.layer.weight.shape[0]
+                ids = jnp.clip(jnp.where(xs < 0, xs + num, xs), 0, num - 1)
+                return tape.embed(self.name, jnp.reshape(ids, lead), self.layer.weight)
 
             return _mapped(self, x, write)
 

@@ -107,7 +107,9 @@ class Tape:
     kernel.
     ``embed(name, ids, table)``: ``table[ids]`` for integer ``ids`` (N, ...) and ``table``
     (num, dim): a dense layer of one-hot inputs whose kernel is ``table``, so its block is for
-    ``table.T`` (``dim × num``, ``num × num`` activation factors).
+    ``table.T`` (``dim × num``, ``num × num`` activation factors). Ids follow ``jnp.take``
+    (Flax's lookup): ``-num ≤ id < 0`` counts from the end, an id out of range gives a NaN row
+    (``collect`` then refuses the non-finite statistics).
     ``norm(name, xhat, scale=None, bias=None)``: ``xhat * scale + bias`` over the last axis of
     the normalised input ``xhat`` (N, ..., C), ``scale``/``bias`` (C,) (one may be None): the
     affine part of LayerNorm / RMSNorm. Its block is for ``W = [scale bias]`` (``C × 2``, or
@@ -167,8 +169,13 @@ class Tape:
         if jnp.ndim(table) != 2:
             raise ValueError(f"layer {name!r}: embed table must be (num, dim), got shape "
                              f"{jnp.shape(table)}")
-        y = jnp.take(table, ids, axis=0)
-        return self._out(name, y, "embed", (ids, table.shape[0], table.dtype))
+        # ``jnp.take``'s rule (Flax's lookup): a negative id counts from the end once, an id
+        # out of range gives NaN rows; the recorded one-hot inputs index the same rows
+        num = table.shape[0]
+        ids = jnp.where(ids < 0, ids + num, ids)
+        ids = jnp.where(ids < 0, num, ids)  # below -num: out of range, as jnp.take has it
+        y = jnp.take(table, ids, axis=0, mode="fill")
+        return self._out(name, y, "embed", (ids, num, table.dtype))
 
     def norm(self, name: str, xhat: Any, scale: Any = None, bias: Any = None) -> Any:
         C = jnp.shape(xhat)[-1]
