@@ -398,6 +398,39 @@ def test_coverage_reports_every_uncovered_parameter():
         kt.coverage(model, layers=["2"])
 
 
+def test_a_subclass_with_its_own_forward_is_reported_not_blocked():
+    """A Linear subclass whose forward scales the output computes another map: the hooks'
+    statistics would give a block off by the square of the scale, so it gets no rule and its
+    parameters are reported; a subclass that keeps Linear's forward is covered as Linear."""
+
+    class Scaled(nn.Linear):
+        def forward(self, x):
+            return 2 * super().forward(x)
+
+    class Renamed(nn.Linear):
+        pass
+
+    class Twice(nn.Module):
+        def forward(self, x):
+            return 2 * x
+
+    torch.manual_seed(0)
+    model = nn.Sequential(Renamed(3, 4), nn.Tanh(), Scaled(4, 2)).to(DT)
+    plain = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2), Twice()).to(DT)
+    plain.load_state_dict(model.state_dict())  # the same function, built from plain layers
+    cov = kt.coverage(model)
+    assert list(cov.layers) == ["0"] and set(cov.uncovered) == {"2.weight", "2.bias"}
+    assert "subclass of Linear with its own forward" in cov.uncovered["2.weight"]
+    X = torch.randn(6, 3, dtype=DT)
+    with pytest.warns(kt.UncoveredParametersWarning, match="2.weight"):
+        got = kt.collect(model, nn.MSELoss(), X, fisher="exact")
+    ref = kt.collect(plain, nn.MSELoss(), X, fisher="exact", layers=["0"])
+    assert set(got) == {"0"}
+    np.testing.assert_allclose(got["0"].to_dense(), ref["0"].to_dense(), rtol=1e-12)
+    # attention's out-projection is a Linear subclass that keeps Linear's forward
+    assert kt.coverage(nn.MultiheadAttention(4, 2)).uncovered == {}
+
+
 def test_train_mode_batchnorm_warns():
     model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4, affine=False), nn.Linear(4, 2)).to(DT)
     X = torch.randn(5, 3, dtype=DT)

@@ -450,8 +450,8 @@ def _rules() -> list:
 
 
 def _norm_types() -> tuple:
-    types = (nn.LayerNorm, nn.GroupNorm, nn.modules.batchnorm._BatchNorm,
-             nn.modules.instancenorm._InstanceNorm)
+    types = (nn.LayerNorm, nn.GroupNorm, nn.modules.batchnorm._BatchNorm, nn.SyncBatchNorm,
+             nn.modules.instancenorm._InstanceNorm)  # SyncBatchNorm: its own forward, same map
     return types + ((nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ())
 
 
@@ -459,11 +459,21 @@ _USER_RULES: list = []
 
 
 def rule_for(mod: Any) -> LayerRule | None:
-    """The first rule (user-registered ones first) whose types include ``type(mod)``."""
+    """The first rule (user-registered ones first) whose types include ``type(mod)``: one of
+    them or a subclass that keeps its ``forward`` (e.g. attention's out-projection, a
+    ``Linear`` subclass). A subclass with its own ``forward`` (a scaled or padded output)
+    computes something else, whose weight gradient the hooks' statistics would not give:
+    no rule (its parameters are reported, :func:`uncovered_reason`)."""
     for rule in _USER_RULES + _rules():
-        if isinstance(mod, rule.types):
+        if isinstance(mod, rule.types) and _keeps_forward(mod, rule.types):
             return rule
     return None
+
+
+def _keeps_forward(mod: Any, types: tuple) -> bool:
+    cls = type(mod)
+    return any(isinstance(mod, t) and getattr(cls, "forward", None) is getattr(t, "forward", None)
+               for t in types)
 
 
 def custom_rule(types: tuple, inputs: Callable) -> LayerRule:
@@ -510,6 +520,11 @@ _UNCOVERED_REASONS = (
 
 def uncovered_reason(mod: Any) -> str:
     kind = type(mod).__name__
+    for rule in _USER_RULES + _rules():
+        base = next((t for t in rule.types if isinstance(mod, t)), None)
+        if base is not None:
+            return (f"a parameter of {kind}, a subclass of {base.__name__} with its own forward "
+                    "(register_layer adds a rule for it)")
     for prefix, why in _UNCOVERED_REASONS:
         if kind.startswith(prefix):
             return why
