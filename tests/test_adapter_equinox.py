@@ -355,13 +355,65 @@ def test_a_layer_under_a_scan_or_nested_maps_is_refused_clearly():
         def __call__(self, x):  # x (T, U, d): a map over positions inside a map
             return jnp.mean(jax.vmap(jax.vmap(self.lin))(x), axis=(0, 1))
 
-    for model, shape in ((Scanned(eqx.nn.Linear(3, C, key=jax.random.PRNGKey(0), dtype=jnp.float64)), (4, 5, 3)),
-                         (Nested(eqx.nn.Linear(3, C, key=jax.random.PRNGKey(0), dtype=jnp.float64)), (4, 2, 5, 3))):
+    class Mapped(eqx.Module):  # jax.lax.map, jit and checkpoint around the layer
+        lin: eqx.nn.Linear
+        how: str = eqx.field(static=True)
+
+        def __call__(self, x):  # x (T, d)
+            if self.how == "lax.map":
+                return jnp.mean(jax.lax.map(self.lin, x), axis=0)
+            wrap = jax.jit if self.how == "jit" else jax.checkpoint
+            return jnp.mean(wrap(jax.vmap(self.lin))(x), axis=0)
+
+    lin = eqx.nn.Linear(3, C, key=jax.random.PRNGKey(0), dtype=jnp.float64)
+    cases = [(Scanned(lin), (4, 5, 3)), (Nested(lin), (4, 2, 5, 3))]
+    cases += [(Mapped(lin, how), (4, 5, 3)) for how in ("lax.map", "jit", "checkpoint")]
+    for model, shape in cases:
         X = jnp.ones(shape, jnp.float64)
         apply, params = equinox_apply(model)
         np.testing.assert_allclose(apply(params, X, PLAIN), jax.vmap(model)(X))
-        with pytest.raises(ValueError, match="inside a transformation of (its|the model's) own"):
+        with pytest.raises(ValueError, match="inside a (JAX )?transformation of (its|the model's) own"):
             collect(apply, params, X, fisher="mc")
+
+
+def test_parameters_used_outside_their_layer_are_not_blocked():
+    """Tied or reparametrised weights: eqx.nn.WeightNorm and eqx.nn.Shared are left to Equinox
+    (named in the warning); a model that reads a routed layer's weight itself (manual tying)
+    gets a clear error instead of a block that misses that use."""
+
+    class Normed(eqx.Module):
+        wn: eqx.nn.WeightNorm
+        head: eqx.nn.Linear
+
+        def __call__(self, x):
+            return self.head(jnp.tanh(self.wn(x)))
+
+    class Tied(eqx.Module):
+        emb: eqx.nn.Embedding
+        up: eqx.nn.Linear
+
+        def __call__(self, i):  # reads the configuration (fine) and the table (a tied use)
+            h = jnp.tanh(self.up(self.emb(i)))[:self.emb.num_embeddings]
+            return h @ self.emb.weight[:, :self.emb.num_embeddings]
+
+    k = _keys(4, 2)
+    normed = Normed(eqx.nn.WeightNorm(eqx.nn.Linear(3, 4, key=k[0], dtype=jnp.float64)),
+                    eqx.nn.Linear(4, C, key=k[1], dtype=jnp.float64))
+    X = jax.random.normal(k[2], (6, 3), jnp.float64)
+    y = jnp.arange(6) % C
+    apply, params = equinox_apply(normed)
+    with pytest.warns(UserWarning, match=r"equinox_apply: .*'wn"):
+        np.testing.assert_allclose(apply(params, X, PLAIN), jax.vmap(normed)(X), rtol=1e-13)
+    blocks = collect(apply, params, X, y, fisher="empirical", reduction="sum")
+    assert set(blocks) == {"head"}
+    ref = _reference(normed, blocks, _per_sample(normed, X, y), jnp.ones(6))["head"]
+    np.testing.assert_allclose(np.asarray(blocks["head"].to_dense()), np.asarray(ref), rtol=1e-10,
+                               atol=1e-12 * float(jnp.abs(ref).max()))
+    tied = Tied(eqx.nn.Embedding(C, 4, key=k[0], dtype=jnp.float64),
+                eqx.nn.Linear(4, 4, key=k[1], dtype=jnp.float64))
+    apply, params = equinox_apply(tied)
+    with pytest.raises(AttributeError, match="'emb' is routed through kronsum's tape: its 'weight'"):
+        apply(params, jnp.arange(6) % C, PLAIN)
 
 
 def _split_group(model, key):

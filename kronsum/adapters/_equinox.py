@@ -38,11 +38,16 @@ def equinox_apply(model: Any) -> tuple[Callable[[Any, Any, Any], Any], Any]:
     ``T`` positions per sample, whose block ``weight_sharing`` chooses (``"expand"``,
     ``"sample"``). The wrappers see both maps through :func:`jax.custom_batching.custom_vmap`.
     A convolution mapped over positions, a layer under nested maps inside the model or under
-    ``jax.lax.scan``, and a layer called twice in one pass raise ``ValueError`` in
-    :func:`~kronsum.adapters.jax.collect`. Layers of other types with parameters (and norms
-    over more than one axis) are computed by Equinox and get no block (``eqx.nn.BatchNorm``,
-    whose batch statistics couple the samples, among them): one ``UserWarning`` per ``apply``
-    function names them. The optax
+    another transformation of the model's own (``jax.lax.scan``/``map``/``cond``, ``jax.jit``,
+    ``jax.checkpoint``), and a layer called twice in one pass raise ``ValueError`` in
+    :func:`~kronsum.adapters.jax.collect`; reading a routed layer's ``weight`` outside its call
+    (manual weight tying) raises ``AttributeError``. Layers of other types with parameters (and
+    norms over more than one axis), subclasses that override a layer's ``__call__`` or add
+    fields, and ``eqx.nn.Shared``, ``WeightNorm`` and ``SpectralNorm`` (which use a layer's
+    parameters outside its call) are computed by Equinox and get no block
+    (``eqx.nn.BatchNorm``, whose batch statistics couple the samples, among them): one
+    ``UserWarning`` per ``apply`` function names them. Embedding ids are looked up as
+    ``weight[x]`` does (negative from the end, out of range clamped). The optax
     :class:`~kronsum.adapters.jax.Preconditioner` of this ``apply`` finds each layer's
     ``weight`` and ``bias`` in ``params`` (and in the updates) by the same paths.
 
@@ -105,8 +110,13 @@ def _routed(model: Any, tape: Any, skipped: list) -> Any:
             return cls["group"](leaf, name, tape)
         return leaf  # an array, a static value, or a module left to Equinox (named if it trains)
 
+    # modules that use a layer's parameters outside its call (tied weights, reparametrised
+    # weights) are left to Equinox whole: a block of the inner layer would not be the Fisher
+    # of the parameters they train
+    opaque = tuple(getattr(nn, n) for n in ("Shared", "WeightNorm", "SpectralNorm") if hasattr(nn, n))
     routed = (route((), model) if isinstance(model, layers)
-              else jax.tree_util.tree_map_with_path(route, model, is_leaf=lambda x: isinstance(x, layers)))
+              else jax.tree_util.tree_map_with_path(route, model,
+                                                     is_leaf=lambda x: isinstance(x, layers + opaque)))
     taped = cls["base"]
     flat, _ = jax.tree_util.tree_flatten_with_path(routed, is_leaf=lambda x: isinstance(x, taped))
     for path, leaf in flat:  # parameters outside the routed layers: their modules, named
@@ -145,6 +155,19 @@ def _classes() -> dict[str, Any]:
         layer: Any
         name: str = eqx.field(static=True)
         tape: Any = eqx.field(static=True)
+
+        def __getattr__(self, attr):  # only for names the wrapper lacks: the layer's own
+            layer = self.__dict__.get("layer")
+            if attr.startswith("__") or attr not in getattr(type(layer), "__dataclass_fields__", {}):
+                raise AttributeError(attr)
+            value = getattr(layer, attr)
+            if eqx.is_array(value):  # a parameter used outside the layer's call
+                raise AttributeError(
+                    f"layer {self.__dict__.get('name')!r} is routed through kronsum's tape: its "
+                    f"{attr!r} was read outside its call (weight tying, a reparametrised weight), "
+                    "which its Kronecker block would not account for; such uses are not supported "
+                    "(eqx.nn.Shared, WeightNorm and SpectralNorm are left to Equinox)")
+            return value  # configuration (in_features, kernel_size, ...) reads through
 
     class _Linear(_Taped):
         def __call__(self, x, *, key=None):

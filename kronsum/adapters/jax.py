@@ -43,6 +43,7 @@ Examples
 
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Any, Callable
 
@@ -269,14 +270,7 @@ class _RecordingTape(Tape):
             inner.parent, inner.marker = self, marker
             return make(inner)(xi), inner.inputs
 
-        try:
-            out, inputs = jax.vmap(one)(x, self.eps, jnp.zeros((jnp.shape(x)[0],), jnp.float32))
-        except jax.errors.UnexpectedTracerError as exc:
-            raise ValueError(
-                "a layer of the per-sample model was called inside a transformation of its own "
-                "(e.g. jax.vmap over positions, as eqx.nn.MultiheadAttention and sequence models "
-                "do): its inputs cannot leave that map; such layers are not supported here"
-            ) from exc
+        out, inputs = jax.vmap(one)(x, self.eps, jnp.zeros((jnp.shape(x)[0],), jnp.float32))
         for name, v in inputs.items():  # (N, 1, ...): each sample was a batch of one
             self.inputs[name] = jnp.reshape(v, (v.shape[0],) + v.shape[2:])
         return out
@@ -446,6 +440,21 @@ def collect(
                     check_finite=check_finite)[0]
 
 
+@contextlib.contextmanager
+def _inner_transformations_refused():
+    """A layer written inside a transformation of the model's own that the tape cannot see
+    through leaks the recorded inputs as tracers: a ``ValueError`` that says so."""
+    try:
+        yield
+    except jax.errors.UnexpectedTracerError as exc:
+        raise ValueError(
+            "a layer was called inside a JAX transformation of the model's own that kronsum "
+            "cannot see through (jax.jit, jax.checkpoint, jax.lax.map/scan/cond/while_loop, "
+            "custom_vjp/custom_jvp, jax.jvp/grad inside the model); its inputs cannot leave it. "
+            "Call the layers outside such transformations (a jax.vmap over positions of an "
+            "Equinox model's layers is supported)") from exc
+
+
 def _collect(
     apply: Callable[..., Any],
     params: Any,
@@ -472,7 +481,8 @@ def _collect(
     if N == 0:
         raise ValueError(f"inputs: an empty batch (shape {tuple(jnp.shape(inputs))})")
     shape_tape = _ShapeTape()
-    shape_tape.out_shape = jax.eval_shape(lambda p, x: apply(p, x, shape_tape), params, inputs).shape
+    with _inner_transformations_refused():
+        shape_tape.out_shape = jax.eval_shape(lambda p, x: apply(p, x, shape_tape), params, inputs).shape
     if not shape_tape.shapes:
         raise ValueError("apply called no tape layer (dense, conv, conv2d, embed, norm)")
     out_shape = tuple(shape_tape.out_shape)
@@ -481,7 +491,8 @@ def _collect(
     if targets is not None:
         _check_targets(loss, targets, out_shape)
     key = jax.random.PRNGKey(0) if key is None else key
-    acts, grads, w = _statistics(apply, loss, fisher, int(n_samples), params, inputs, targets, key)
+    with _inner_transformations_refused():
+        acts, grads, w = _statistics(apply, loss, fisher, int(n_samples), params, inputs, targets, key)
 
     S, N = w.shape
     if reduction == "mean":  # 1/N for cross-entropy, 1/(N·D) for MSE (the mean over all entries)
