@@ -431,6 +431,32 @@ def test_a_subclass_with_its_own_forward_is_reported_not_blocked():
     assert kt.coverage(nn.MultiheadAttention(4, 2)).uncovered == {}
 
 
+def test_tied_weights_are_reported_not_blocked():
+    """A language model whose output layer holds its embedding's tensor: the gradient of the
+    tied weight sums both uses, so neither layer gets a block; both names are in the reason."""
+
+    class LM(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb, self.mid = nn.Embedding(7, 4), nn.Linear(4, 4)
+            self.head = nn.Linear(4, 7, bias=False)
+            self.head.weight = self.emb.weight
+
+        def forward(self, x):
+            return self.head(torch.tanh(self.mid(self.emb(x))))
+
+    torch.manual_seed(0)
+    model = LM().to(DT)
+    cov = kt.coverage(model)
+    assert list(cov.layers) == ["mid"]
+    assert set(cov.uncovered) == {"emb.weight"} and "head.weight" in cov.uncovered["emb.weight"]
+    X, y = torch.randint(0, 7, (5,)), torch.randint(0, 7, (5,))
+    with pytest.warns(kt.UncoveredParametersWarning, match="tied"):
+        assert set(kt.collect(model, nn.CrossEntropyLoss(), X, y, fisher="empirical")) == {"mid"}
+    with pytest.raises(KeyError, match="tied"):
+        kt.coverage(model, layers=["head"])
+
+
 def test_train_mode_batchnorm_warns():
     model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4, affine=False), nn.Linear(4, 2)).to(DT)
     X = torch.randn(5, 3, dtype=DT)

@@ -137,6 +137,16 @@ def _rule_params(mod: Any, paths: tuple) -> list:
     return out
 
 
+def _parameter_slots(model: Any) -> dict[int, set]:
+    """``{id(parameter): {"module.name", ...}}``: every place a parameter is registered, a
+    module registered under several names counted under each (tied weights show as two)."""
+    slots: dict[int, set] = {}
+    for mname, mod in model.named_modules(remove_duplicate=False):
+        for pn, p in mod.named_parameters(recurse=False):
+            slots.setdefault(id(p), set()).add(f"{mname}.{pn}" if mname else pn)
+    return slots
+
+
 def coverage(model: Any, layers: Iterable[str] | None = None) -> Coverage:
     """The layers :func:`collect` covers and the trainable parameters it leaves out, with reasons.
 
@@ -146,7 +156,9 @@ def coverage(model: Any, layers: Iterable[str] | None = None) -> Coverage:
     :func:`register_layer`; every one with a trainable weight, or exactly those named in
     ``layers`` (``KeyError`` for a name that is not a covered layer). Parameters of other
     modules (``ConvTranspose``, ``PReLU``, bare parameters such as a class token, attention's
-    ``bias_k``/``bias_v``, ...) are listed in ``uncovered`` with the reason.
+    ``bias_k``/``bias_v``, ...) are listed in ``uncovered`` with the reason, and so are tied
+    weights (one tensor held by two modules, e.g. a language model's embedding and output
+    layer): the gradient of a tied weight sums both uses, which no one layer's block gives.
 
     Examples
     --------
@@ -162,19 +174,28 @@ def coverage(model: Any, layers: Iterable[str] | None = None) -> Coverage:
     """
     _require_torch()
     wanted = None if layers is None else list(layers)
+    slots = _parameter_slots(model)
     candidates: dict[str, Any] = {}  # every module a rule covers (not inside another one)
+    tied: dict[str, str] = {}  # covered layers whose parameters other modules hold too
     for name, mod in model.named_modules():
         if any(name.startswith(o + ".") or (o == "" and name) for o in candidates):
             continue
         rule = rule_for(mod)
         if rule is not None and _rule_params(mod, rule.params):
+            others = sorted({o for p in mod.parameters() for o in slots[id(p)]
+                             if not (o.startswith(name + ".") if name else True)})
+            if others:
+                tied[name] = ", ".join(others)
+                continue
             candidates[name] = mod
     if wanted is None:
         found = candidates
     else:
         missing = [n for n in wanted if n not in candidates]
         if missing:
-            raise KeyError(f"not a layer kronsum covers: {missing}")
+            why = "; ".join(f"{n!r} shares parameters with {tied[n]} (tied weights)"
+                            for n in missing if n in tied)
+            raise KeyError(f"not a layer kronsum covers: {missing}" + (f" ({why})" if why else ""))
         found = {n: m for n, m in candidates.items() if n in wanted}
     covered: dict[str, str] = {}
     for name, mod in found.items():
@@ -193,7 +214,11 @@ def coverage(model: Any, layers: Iterable[str] | None = None) -> Coverage:
             continue
         owner = next((n for n in candidates if n == "" or pname.startswith(n + ".")), None)
         mname = pname.rsplit(".", 1)[0] if "." in pname else ""
-        if owner is not None and owner not in found:
+        tie = next((n for n in tied if n == "" or pname.startswith(n + ".")), None)
+        if owner is None and tie is not None:
+            uncovered[pname] = (f"tied: the same tensor is also {tied[tie]}; its gradient sums "
+                                "both uses, which no one layer's Kronecker block gives")
+        elif owner is not None and owner not in found:
             uncovered[pname] = "its layer is not in `layers=`"
         elif owner is not None:
             uncovered[pname] = f"{type(candidates[owner]).__name__}.{pname[len(owner):].lstrip('.')} has no Kronecker block"
