@@ -457,6 +457,84 @@ def test_tied_weights_are_reported_not_blocked():
         kt.coverage(model, layers=["head"])
 
 
+def test_inputs_kronsum_cannot_block_are_refused_or_reported():
+    """Each case once gave a block that was not the Fisher, without a word."""
+    torch.manual_seed(0)
+    X, y = torch.randn(4, 3, dtype=DT), torch.randint(0, 2, (4,))
+
+    class TempCE(nn.CrossEntropyLoss):  # a loss subclass with its own forward
+        def forward(self, out, t):
+            return super().forward(out / 2.0, t)
+
+    mlp = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).to(DT)
+    with pytest.raises(TypeError, match="subclass of CrossEntropyLoss with its own forward"):
+        kt.collect(mlp, TempCE(), X, y, fisher="empirical")
+    emb = nn.Sequential(nn.Embedding(5, 2, scale_grad_by_freq=True), nn.Flatten(), nn.Linear(2, 2)).to(DT)
+    with pytest.raises(NotImplementedError, match="scale_grad_by_freq"):
+        kt.collect(emb, nn.CrossEntropyLoss(), torch.randint(0, 5, (4, 1)), y, fisher="empirical")
+    # a frozen weight with a trainable bias (BitFit), and a parametrized weight: reported
+    frozen = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).to(DT)
+    frozen[0].weight.requires_grad_(False)
+    normed = nn.Sequential(torch.nn.utils.parametrizations.weight_norm(nn.Linear(3, 4)), nn.Tanh(),
+                           nn.Linear(4, 2)).to(DT)
+    for model, why in ((frozen, "weight is frozen"), (normed, "parametrized")):
+        cov = kt.coverage(model)
+        assert list(cov.layers) == ["2"] and any(why in r for r in cov.uncovered.values()), cov.uncovered
+        with pytest.warns(kt.UncoveredParametersWarning, match=why):
+            assert set(kt.collect(model, nn.CrossEntropyLoss(), X, y, fisher="empirical")) == {"2"}
+    # dropout in train mode and BatchNorm without running statistics: one random Fisher / coupled samples
+    drop = nn.Sequential(nn.Linear(3, 4), nn.Dropout(0.5), nn.Linear(4, 2)).to(DT)
+    with pytest.warns(UserWarning, match="dropout layer is in train mode"):
+        kt.collect(drop, nn.CrossEntropyLoss(), X, y, fisher="empirical")
+    kt.collect(drop.eval(), nn.CrossEntropyLoss(), X, y, fisher="empirical")  # no warning
+    bn = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4, track_running_stats=False), nn.Linear(4, 2)).to(DT)
+    with pytest.warns(UserWarning, match="keeps no running statistics"):
+        kt.collect(bn.eval(), nn.CrossEntropyLoss(), X, y, fisher="empirical")
+    with pytest.raises(ValueError, match="class_dim does not apply"):
+        kt.Preconditioner(mlp, nn.CrossEntropyLoss(), class_dim=-1, capture="hooks")
+
+
+class _PositionalLM(nn.Module):
+    """Token and learned positional embeddings; ``ids_shape`` (T,) or (1, T) for the positions."""
+
+    def __init__(self, T, ids_shape):
+        super().__init__()
+        self.tok, self.pos, self.head = nn.Embedding(7, 4), nn.Embedding(T, 4), nn.Linear(4, 7)
+        self.T, self.ids_shape = T, ids_shape
+
+    def forward(self, x):
+        pos = self.pos(torch.arange(self.T).reshape(self.ids_shape))
+        return self.head(torch.tanh(self.tok(x) + pos))
+
+
+@pytest.mark.parametrize("T, ids_shape", [(3, (3,)), (4, (1, 4)), (8, (8,))],
+                         ids=["T!=N", "T=N,(1,T)", "T=2N"])
+@pytest.mark.parametrize("weight_sharing", ["expand", "sample"])
+def test_a_layer_without_the_batch_axis_is_refused(T, ids_shape, weight_sharing):
+    """A positional embedding of arange(T), broadcast over the samples: its rows are positions
+    whose gradients are sums over the batch, not per-sample statistics."""
+    torch.manual_seed(0)
+    model = _PositionalLM(T, ids_shape).to(DT)
+    X, y = torch.randint(0, 7, (4, T)), torch.randint(0, 7, (4, T))
+    with pytest.raises(ValueError, match="'pos'.*(neither axis is the batch|needs batch-first)"):
+        kt.collect(model, nn.CrossEntropyLoss(), X, y, fisher="empirical", class_dim=-1,
+                   weight_sharing=weight_sharing)
+    blocks = kt.collect(model, nn.CrossEntropyLoss(), X, y, fisher="empirical", class_dim=-1,
+                        weight_sharing=weight_sharing, layers=["tok", "head"])
+    assert set(blocks) == {"tok", "head"}
+
+
+def test_sequence_first_transformer_layers_are_refused_also_when_lengths_match():
+    """batch_first=False (PyTorch's default): the norm layers' inputs are (L, N, E); with L = N
+    their first axis still is not the batch."""
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0).to(DT).eval()
+    model = nn.Sequential(layer, nn.Linear(8, 3)).to(DT)
+    X = torch.randn(4, 4, 8, dtype=DT)  # (L, N, E) with L = N
+    with pytest.raises(ValueError, match="batch_first=False"):
+        kt.collect(model, nn.MSELoss(), X, torch.randn(4, 4, 3, dtype=DT), fisher="empirical")
+
+
 def test_train_mode_batchnorm_warns():
     model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4, affine=False), nn.Linear(4, 2)).to(DT)
     X = torch.randn(5, 3, dtype=DT)

@@ -238,6 +238,12 @@ def _embedding_install(name, mod, record):
             f"layer {name!r}: Embedding with max_norm rescales its weight in the forward pass; "
             "its Fisher block is not supported (leave it out with `layers=[...]`)"
         )
+    if mod.scale_grad_by_freq:
+        raise NotImplementedError(
+            f"layer {name!r}: Embedding with scale_grad_by_freq divides each row's gradient by "
+            "its count in the batch, which is not a per-sample gradient; its Fisher block is not "
+            "supported (leave it out with `layers=[...]`)"
+        )
     spec = _embedding_specs(name, mod)[0]
 
     def hook(m, args, out):
@@ -515,6 +521,8 @@ def unregister_types(types: tuple) -> None:
 
 _UNCOVERED_REASONS = (
     ("ConvTranspose", "transposed convolutions are not covered"),
+    ("ParametrizationList", "a tensor of a parametrized weight (weight_norm, spectral_norm, ...): "
+                            "its gradient is not a layer weight's"),
 )
 
 
@@ -522,7 +530,7 @@ def uncovered_reason(mod: Any) -> str:
     kind = type(mod).__name__
     for rule in _USER_RULES + _rules():
         base = next((t for t in rule.types if isinstance(mod, t)), None)
-        if base is not None:
+        if base is not None and not _keeps_forward(mod, rule.types):
             return (f"a parameter of {kind}, a subclass of {base.__name__} with its own forward "
                     "(register_layer adds a rule for it)")
     for prefix, why in _UNCOVERED_REASONS:

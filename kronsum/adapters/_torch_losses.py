@@ -119,6 +119,13 @@ def loss_spec(loss_fn: Any) -> LossSpec:
         if loss_fn.reduction not in ("sum", "mean"):
             raise ValueError(f"the loss's reduction must be 'sum' or 'mean', got {loss_fn.reduction!r}")
         return LossSpec("custom", loss_fn.reduction, None, loss_fn)
+    for base in (nn.CrossEntropyLoss, nn.MSELoss, nn.BCEWithLogitsLoss):
+        if isinstance(loss_fn, base) and type(loss_fn).forward is not base.forward:
+            raise TypeError(
+                f"loss_fn is a {type(loss_fn).__name__}, a subclass of {base.__name__} with its own "
+                "forward: kronsum cannot know its negative log-likelihood (a temperature or a "
+                "factor changes the Fisher); wrap it as a kronsum.adapters.torch."
+                "NegativeLogLikelihood, or use the plain loss")
     if isinstance(loss_fn, nn.CrossEntropyLoss):
         if loss_fn.weight is not None or loss_fn.label_smoothing != 0.0:
             raise NotImplementedError(

@@ -67,7 +67,9 @@ class Preconditioner:
         Module names to cover (default: every layer :func:`~kronsum.adapters.torch.coverage`
         covers); other parameters keep their gradients.
     n_samples, class_dim, weight_sharing
-        Passed to :func:`~kronsum.adapters.torch.collect`.
+        Passed to :func:`~kronsum.adapters.torch.collect` (``class_dim`` with
+        ``capture="batch"`` only: with ``"hooks"`` the logits are the tensor given to
+        ``loss_fn``, class axis 1 as ``CrossEntropyLoss`` takes them).
     kfoc_options : mapping, optional
         Passed to :class:`~kronsum.RunningEstimate` (e.g. ``{"accuracy": 1e-4}``).
     generator : torch.Generator, optional
@@ -192,6 +194,12 @@ class Preconditioner:
             from .torch import _check_options
 
             _check_options(fisher, weight_sharing, n_samples, class_dim)
+            if class_dim != 1:
+                raise ValueError(
+                    f"class_dim={class_dim} with capture='hooks': the statistics come from the "
+                    "tensor given to loss_fn, which CrossEntropyLoss takes as (N, C, ...) logits, "
+                    "so class_dim does not apply here (leave it 1; it describes the model's output "
+                    "for capture='batch')")
             self._hooks = [
                 model.register_forward_pre_hook(self._record_forward),
                 model.register_forward_hook(self._end_forward, always_call=True),

@@ -137,6 +137,29 @@ def _rule_params(mod: Any, paths: tuple) -> list:
     return out
 
 
+def _unblockable(name: str, mod: Any, rule: Any) -> str | None:
+    """Why a module a rule matches still gets no block (``None``: it gets its blocks): each
+    block's weight must be a trainable parameter of the module itself. A parametrized weight
+    (``weight_norm``, ``spectral_norm``, ``orthogonal``, ``torch.nn.utils.parametrize``) trains
+    other tensors, whose gradient is not the weight's; a frozen weight has no gradient to
+    precondition (a trainable bias alone gets no block)."""
+    from torch.nn.utils import parametrize
+
+    if parametrize.is_parametrized(mod) or hasattr(mod, "weight_g"):  # new- or old-style
+        return ("its weight or bias is parametrized (weight_norm, spectral_norm, orthogonal, "
+                "...): the trained tensors are the parametrization's, whose gradient is not the "
+                "layer's")
+    for spec in rule.specs(name, mod):
+        rel = spec.weight[len(name) + 1:] if name else spec.weight
+        try:
+            p = mod.get_parameter(rel)
+        except AttributeError:
+            return f"its weight {spec.weight!r} is not a parameter of the layer"
+        if not p.requires_grad:
+            return "its weight is frozen (requires_grad=False); a trainable bias alone gets no block"
+    return None
+
+
 def _parameter_slots(model: Any) -> dict[int, set]:
     """``{id(parameter): {"module.name", ...}}``: every place a parameter is registered, a
     module registered under several names counted under each (tied weights show as two)."""
@@ -185,7 +208,12 @@ def coverage(model: Any, layers: Iterable[str] | None = None) -> Coverage:
             others = sorted({o for p in mod.parameters() for o in slots[id(p)]
                              if not (o.startswith(name + ".") if name else True)})
             if others:
-                tied[name] = ", ".join(others)
+                tied[name] = "tied: the same tensor is also " + ", ".join(others) + (
+                    "; its gradient sums both uses, which no one layer's Kronecker block gives")
+                continue
+            why = _unblockable(name, mod, rule)
+            if why:
+                tied[name] = why
                 continue
             candidates[name] = mod
     if wanted is None:
@@ -193,8 +221,7 @@ def coverage(model: Any, layers: Iterable[str] | None = None) -> Coverage:
     else:
         missing = [n for n in wanted if n not in candidates]
         if missing:
-            why = "; ".join(f"{n!r} shares parameters with {tied[n]} (tied weights)"
-                            for n in missing if n in tied)
+            why = "; ".join(f"{n!r}: {tied[n]}" for n in missing if n in tied)
             raise KeyError(f"not a layer kronsum covers: {missing}" + (f" ({why})" if why else ""))
         found = {n: m for n, m in candidates.items() if n in wanted}
     covered: dict[str, str] = {}
@@ -216,8 +243,7 @@ def coverage(model: Any, layers: Iterable[str] | None = None) -> Coverage:
         mname = pname.rsplit(".", 1)[0] if "." in pname else ""
         tie = next((n for n in tied if n == "" or pname.startswith(n + ".")), None)
         if owner is None and tie is not None:
-            uncovered[pname] = (f"tied: the same tensor is also {tied[tie]}; its gradient sums "
-                                "both uses, which no one layer's Kronecker block gives")
+            uncovered[pname] = tied[tie]
         elif owner is not None and owner not in found:
             uncovered[pname] = "its layer is not in `layers=`"
         elif owner is not None:
@@ -598,6 +624,7 @@ class _Run:
         self._seen: set[str] = set()
         self.ran: set[str] = set()
         self.modules: list[str] = []  # the covered layers' names (each must run)
+        self.seq_first: set[str] = set()  # layers inside batch_first=False transformer layers
 
     def record(self, cap: Capture) -> None:
         key = cap.spec.key
@@ -611,10 +638,24 @@ class _Run:
         B, T = cap.A.shape[:2]  # B = N unless the layer's first axis is not the batch
         reduce = self.weight_sharing == "reduce" and not cap.exact and (cap.conv or T > 1)
         sample = not reduce and (cap.conv or (self.weight_sharing == "sample" and T > 1))
-        if (sample or reduce) and self.N is not None and B != self.N:
+        if (sample or reduce) and self.N is not None and (B != self.N or cap.spec.module in self.seq_first):
+            where = (" (it is inside a transformer layer built with batch_first=False: its first "
+                     "axis is the sequence; build it with batch_first=True)"
+                     if cap.spec.module in self.seq_first else "")
             raise ValueError(
                 f"layer {key!r}: its input's first axis has {B} entries for a batch of {self.N}; "
-                f"weight_sharing={self.weight_sharing!r} needs batch-first layers"
+                f"weight_sharing={self.weight_sharing!r} needs batch-first layers{where}"
+            )
+        if self.N is not None and self.N > 1 and B != self.N and (T != self.N or B == 1):
+            # neither batch first (N, ...) nor sequence first (L, N, ...): an input without the
+            # batch axis, broadcast over the samples later (its rows' gradients are sums over
+            # the samples), or a layer that sees only some of them
+            raise ValueError(
+                f"layer {key!r}: its input is {B}×{T} (rows × positions) for a batch of {self.N}: "
+                "neither axis is the batch. A layer applied to something without the batch axis "
+                "(e.g. a positional embedding of torch.arange(T), broadcast over the samples) or "
+                "to some of the samples only has no per-sample statistics here; leave it out with "
+                "`layers=[...]`"
             )
         self.layouts[key] = _Layout(B, T, reduce, sample)
         if self.check_finite:
@@ -687,6 +728,16 @@ def _forward(model, loss_fn, inputs, targets, fisher, n_samples, generator, laye
     return run
 
 
+def _sequence_first(model: Any, mods: dict) -> set:
+    """The covered layers inside ``nn.TransformerEncoderLayer``/``DecoderLayer`` modules built
+    with ``batch_first=False`` (PyTorch's default): their inputs are (L, N, E), sequence first."""
+    layer_types = (nn.TransformerEncoderLayer, nn.TransformerDecoderLayer)
+    roots = [n for n, m in model.named_modules()
+             if isinstance(m, layer_types) and not m.self_attn.batch_first]
+    return {name for name in mods
+            if any(r == "" or name.startswith(r + ".") for r in roots)}
+
+
 def _check_options(fisher, weight_sharing, n_samples, class_dim) -> None:
     if fisher not in FISHER_TYPES:
         raise ValueError(f"fisher must be one of {FISHER_TYPES}, got {fisher!r}")
@@ -713,14 +764,25 @@ def _install(model, layers, N, weight_sharing, check_finite, keep_inputs, stackl
             + "; ".join(f"{p} ({why})" for p, why in others.items()),
             UncoveredParametersWarning, stacklevel=stacklevel,
         )
-    if any(isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training for m in model.modules()):
+    if any(isinstance(m, nn.modules.batchnorm._BatchNorm)
+           and (m.training or not m.track_running_stats) for m in model.modules()):
         warnings.warn(
-            "collect: a BatchNorm layer is in train mode, so each sample's output depends on the "
-            "whole batch; the blocks treat the samples as independent (call model.eval() for "
-            "per-sample statistics)", UserWarning, stacklevel=stacklevel,
+            "collect: a BatchNorm layer is in train mode (or keeps no running statistics), so "
+            "each sample's output depends on the whole batch; the blocks treat the samples as "
+            "independent (call model.eval() for per-sample statistics)", UserWarning,
+            stacklevel=stacklevel,
+        )
+    if any(m.training and ((isinstance(m, nn.modules.dropout._DropoutNd) and m.p > 0)
+                           or (isinstance(m, nn.MultiheadAttention) and m.dropout > 0))
+           for m in model.modules()):
+        warnings.warn(
+            "collect: a dropout layer is in train mode, so the statistics are those of one random "
+            "dropout mask (a different Fisher at every call); call model.eval() for the "
+            "network's own Fisher", UserWarning, stacklevel=stacklevel,
         )
     run = _Run(N, weight_sharing, check_finite, keep_inputs)
     run.modules = list(mods)
+    run.seq_first = _sequence_first(model, mods)
     handles = []
     try:
         for name, mod in mods.items():
