@@ -492,6 +492,14 @@ def test_inputs_kronsum_cannot_block_are_refused_or_reported():
         kt.collect(bn.eval(), nn.CrossEntropyLoss(), X, y, fisher="empirical")
     with pytest.raises(ValueError, match="class_dim does not apply"):
         kt.Preconditioner(mlp, nn.CrossEntropyLoss(), class_dim=-1, capture="hooks")
+    sparse = nn.Sequential(nn.Embedding(5, 2, sparse=True), nn.Flatten(), nn.Linear(2, 2)).to(DT)
+    ids = torch.randint(0, 5, (4, 1))
+    est = {k: ks.kfac(F) for k, F in kt.collect(sparse, nn.CrossEntropyLoss(), ids, y, fisher="empirical").items()}
+    nn.CrossEntropyLoss()(sparse(ids), y).backward()
+    before = sparse[2].weight.grad.clone()
+    with pytest.raises(ValueError, match="sparse"):
+        kt.precondition(sparse, est, 0.1)
+    assert torch.equal(sparse[2].weight.grad, before)  # nothing written
 
 
 class _PositionalLM(nn.Module):

@@ -927,6 +927,11 @@ def _specs_by_key(model: Any) -> dict:
 
 def _block_matrix(spec: Any, gW: Any, gb: Any, b: Any) -> Any:
     """The block's ``(m, n)`` gradient matrix: weight rows (transposed if so), bias last column."""
+    if gW.layout != torch.strided:
+        raise ValueError(
+            f"block {spec.key!r}: its weight's gradient is sparse ({gW.layout}, e.g. "
+            "Embedding(sparse=True)); a preconditioned gradient is dense: leave the layer out "
+            "with `layers=[...]` or use a dense embedding")
     if spec.rows is None and not (spec.transpose or spec.vector) and gW.ndim == 2:
         M = gW  # a whole linear layer's weight: the common case, no views to take
     else:
