@@ -231,6 +231,60 @@ def test_preconditioner_rewrites_embedding_norm_and_general_dense_updates():
         *(f"MultiHeadDotProductAttention_0/{p}" for p in ("query", "key", "value", "out"))}
 
 
+def test_layers_kronsum_cannot_block_are_left_to_flax_or_refused():
+    """Each case once ran wrong or crashed: a Dense inside nn.WeightNorm sees a kernel computed
+    from the stored one (left to Flax, named); an int input_dilation and a LayerNorm without
+    parameters crashed even plain evaluation; NNX layers holding one Param (tied) got a block
+    each; an embedding of jnp.arange(T) broadcast over the samples has no batch axis."""
+
+    class Normed(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            h = nn.WeightNorm(nn.Dense(4, **F64))(x)
+            h = nn.LayerNorm(use_scale=False, use_bias=False, **F64)(jnp.tanh(h))
+            h = nn.Conv(2, (3,), input_dilation=2, padding=1, **F64)(h[..., None])
+            return nn.Dense(C, **F64)(jnp.reshape(h, (h.shape[0], -1)))
+
+    X = jax.random.normal(jax.random.PRNGKey(0), (5, 3), jnp.float64)
+    y = jnp.arange(5) % C
+    model = Normed()
+    variables = model.init(jax.random.PRNGKey(1), X)
+    apply = flax_apply(model)
+    with pytest.warns(UserWarning, match=r"parameters transformed before it"):
+        np.testing.assert_allclose(apply(variables, X, PLAIN), model.apply(variables, X), rtol=1e-13)
+    blocks = collect(apply, variables, X, y, fisher="empirical", reduction="sum")
+    assert set(blocks) == {"Dense_1"}
+
+    class Tied(nnx.Module):
+        def __init__(self, rngs):
+            self.a = nnx.Linear(3, 3, rngs=rngs, **F64)
+            self.b = nnx.Linear(3, 3, rngs=rngs, **F64)
+            self.b.kernel = self.a.kernel
+            self.h = nnx.Linear(3, C, rngs=rngs, **F64)
+
+        def __call__(self, x):
+            return self.h(jnp.tanh(self.b(jnp.tanh(self.a(x)))))
+
+    tied = Tied(nnx.Rngs(0))
+    _, params, _ = nnx.split(tied, nnx.Param, ...)
+    apply = nnx_apply(tied)
+    with pytest.warns(UserWarning, match=r"tied"):
+        blocks = collect(apply, params, X, y, fisher="empirical", reduction="sum")
+    assert set(blocks) == {"h"}
+
+    class Positions(nn.Module):
+        @nn.compact
+        def __call__(self, ids):
+            h = nn.Embed(VOCAB, D, **F64)(ids) + nn.Embed(T, D, name="pos", **F64)(jnp.arange(T))
+            return jnp.mean(nn.Dense(C, **F64)(h), axis=1)
+
+    ids, y = _data()
+    model = Positions()
+    variables = model.init(jax.random.PRNGKey(1), ids)
+    with pytest.raises(ValueError, match="'pos'.*first axis is not the batch"):
+        collect(flax_apply(model), variables, ids, y, fisher="empirical")
+
+
 def test_tape_embed_and_norm_reject_bad_input():
     ids, y = _data()
 

@@ -58,6 +58,7 @@ def flax_apply(module: Any) -> Callable[[Any, Any, Any], Any]:
     except ImportError as exc:  # pragma: no cover - depends on the environment
         raise ImportError("flax_apply needs Flax: pip install flax") from exc
     warned: set = set()
+    routed = _routed_linen()
 
     def apply(variables: Any, inputs: Any, tape: Any) -> Any:
         skipped: list = []
@@ -77,8 +78,14 @@ def flax_apply(module: Any) -> Callable[[Any, Any, Any], Any]:
                     if y is not None:
                         return y
             if context.method_name != "__call__" or kwargs or len(args) != 1:
-                if context.method_name == "__call__" and type(mod) is nn.BatchNorm and mod.variables.get("params"):
-                    skipped.append(f"{name} (BatchNorm)")
+                if (context.method_name == "__call__" and type(mod) in routed
+                        and mod.variables.get("params")):
+                    skipped.append(f"{name} ({type(mod).__name__}, options kronsum does not mirror)")
+                return next_fun(*args, **kwargs)
+            if type(mod) in routed and not _own_params(mod, variables):
+                # WeightNorm, SpectralNorm, map_variables, lifted vmap: the layer sees parameters
+                # computed from the stored ones, whose gradient its block would not be
+                skipped.append(f"{name} ({type(mod).__name__}, parameters transformed before it)")
                 return next_fun(*args, **kwargs)
             if type(mod) is nn.Dense and _plain(mod):
                 x, kernel, bias = _promoted(mod, args[0])
@@ -99,7 +106,7 @@ def flax_apply(module: Any) -> Callable[[Any, Any, Any], Any]:
                 (table,) = mod.promote_dtype(mod.variables["params"]["embedding"], dtype=mod.dtype,
                                              inexact=False)
                 return tape.embed(name, args[0], table)
-            if type(mod) in (nn.LayerNorm, nn.RMSNorm):
+            if type(mod) in (nn.LayerNorm, nn.RMSNorm) and mod.variables.get("params"):
                 p = mod.variables["params"]
                 y = _norm(tape, name, mod, args[0], p.get("scale"), p.get("bias"),
                           use_mean=type(mod) is nn.LayerNorm)
@@ -122,6 +129,13 @@ def flax_apply(module: Any) -> Callable[[Any, Any, Any], Any]:
     return apply
 
 
+def _routed_linen() -> tuple:
+    import flax.linen as nn
+
+    return (nn.Dense, nn.Conv, nn.DenseGeneral, nn.Embed, nn.LayerNorm, nn.RMSNorm, nn.GroupNorm,
+            nn.BatchNorm)
+
+
 def _warn_once(skipped: list, warned: set, who: str, framework: str) -> None:
     """One ``UserWarning`` (at the caller of ``apply``) naming the layers left to the
     framework that this ``apply`` function has not warned about yet."""
@@ -136,6 +150,18 @@ def _container(mod: Any) -> bool:
     """A module whose own parameters are all in submodules (a parent, not a layer)."""
     own = mod.variables.get("params", {})
     return all(isinstance(v, dict) or hasattr(v, "keys") for v in own.values())
+
+
+def _own_params(mod: Any, variables: Any) -> bool:
+    """Whether the linen module ``mod`` sees its stored parameters themselves (the leaves of
+    ``variables["params"]`` at its path, the same arrays or tracers), not ones computed from
+    them by a wrapper (``nn.WeightNorm``, ``nn.SpectralNorm``, ``nn.map_variables``, a lifted
+    ``nn.vmap`` slicing stacked parameters)."""
+    stored: Any = variables.get("params", {}) if hasattr(variables, "get") else {}
+    for part in mod.path:
+        stored = stored.get(part, {}) if hasattr(stored, "get") else {}
+    seen = mod.variables.get("params", {})
+    return bool(seen) and all(hasattr(stored, "get") and stored.get(k) is v for k, v in seen.items())
 
 
 def _plain(mod: Any) -> bool:
@@ -166,7 +192,8 @@ def _conv_ok(kernel_size: Any, groups: int, padding: Any, input_dilation: Any, x
     return (1 <= len(ks) <= 3 and getattr(x, "ndim", 0) == len(ks) + 2
             and mode in (None, "SAME", "VALID", "CIRCULAR", "REFLECT", "CAUSAL")
             and not (mode == "CAUSAL" and len(ks) != 1)
-            and (input_dilation in (None, 1) or all(int(v) == 1 for v in input_dilation)))
+            and (input_dilation in (None, 1) or (not isinstance(input_dilation, int)
+                                                 and all(int(v) == 1 for v in input_dilation))))
 
 
 def _pre_pad(x: Any, padding: Any, kernel_size: Any, kernel_dilation: Any) -> tuple:
@@ -246,15 +273,23 @@ def nnx_apply(model: Any) -> Callable[[Any, Any, Any], Any]:
 
     def apply(state: Any, inputs: Any, tape: Any) -> Any:
         m = nnx.merge(graphdef, rest, state)
-        names, skipped = {}, []
+        names, skipped, holders = {}, [], {}
         for path, mod in nnx.iter_graph(m):
             if not isinstance(mod, nnx.Module):
                 continue
             name = "/".join(str(p) for p in path)
             if type(mod) in routes:
                 names[id(mod)] = name
+                for v in vars(mod).values():
+                    if isinstance(v, nnx.Param):
+                        holders.setdefault(id(v), []).append(id(mod))
             elif any(isinstance(v, nnx.Param) for v in vars(mod).values()):
                 skipped.append(f"{name} ({type(mod).__name__})")
+        for owners in holders.values():  # one Param held by two layers (tied): neither gets a block
+            if len(owners) > 1:
+                for o in owners:
+                    if o in names:
+                        skipped.append(f"{names.pop(o)} (tied: a parameter held by another layer too)")
 
         def routed(cls, fallback):
             def call(self, inputs, *args, **kwargs):

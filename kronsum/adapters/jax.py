@@ -485,6 +485,13 @@ def _collect(
         shape_tape.out_shape = jax.eval_shape(lambda p, x: apply(p, x, shape_tape), params, inputs).shape
     if not shape_tape.shapes:
         raise ValueError("apply called no tape layer (dense, conv, conv2d, embed, norm)")
+    for name, sd in shape_tape.shapes.items():
+        if N is not None and (len(sd.shape) == 0 or sd.shape[0] != N):
+            raise ValueError(
+                f"layer {name!r}: its output has shape {tuple(sd.shape)}, whose first axis is not "
+                f"the batch of {N}: a layer applied to something without the batch axis (e.g. an "
+                "embedding of jnp.arange(T) or a parameter table, broadcast over the samples) or "
+                "to stacked members (a lifted vmap) has no per-sample statistics here")
     out_shape = tuple(shape_tape.out_shape)
     if loss == "cross_entropy" and len(out_shape) != 2:
         raise ValueError(f"cross_entropy: the model output must be (N, C), got {out_shape}")
