@@ -285,6 +285,24 @@ def test_layers_kronsum_cannot_block_are_left_to_flax_or_refused():
         collect(flax_apply(model), variables, ids, y, fisher="empirical")
 
 
+def test_batch_norm_with_float32_statistics_in_a_float64_model_matches_flax():
+    """Flax keeps batch_stats in float32 and takes 1/√(var + ε) in that dtype; so does the
+    routed BatchNorm (it cast var to float64 first: off by float32 rounding)."""
+
+    class M(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            h = jnp.tanh(nn.BatchNorm(use_running_average=True, **F64)(nn.Dense(6, **F64)(x)))
+            return nn.Dense(C, **F64)(h)
+
+    X = jax.random.normal(jax.random.PRNGKey(0), (4, 3), jnp.float64)
+    model = M()
+    v = model.init(jax.random.PRNGKey(1), X)
+    stats = {"mean": jnp.linspace(-1, 1, 6, dtype=jnp.float32), "var": jnp.linspace(0.3, 2.1, 6, dtype=jnp.float32)}
+    v = {"params": v["params"], "batch_stats": {"BatchNorm_0": stats}}
+    np.testing.assert_allclose(flax_apply(model)(v, X, PLAIN), model.apply(v, X), rtol=1e-14)
+
+
 def test_tape_embed_and_norm_reject_bad_input():
     ids, y = _data()
 

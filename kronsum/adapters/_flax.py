@@ -497,7 +497,9 @@ def _batch_norm(tape: Any, name: str, mod: Any, x: Any, mean: Any, var: Any, sca
             or (scale is None and bias is None) or jnp.iscomplexobj(x)):
         return None
     dt = jnp.result_type(x, mean, var) if mod.dtype is None else jnp.promote_types(mod.dtype, jnp.result_type(mean))
-    xhat = (x.astype(dt) - mean) * lax.rsqrt(var.astype(dt) + mod.epsilon)
+    # 1/√(var + ε) in the statistics' own dtype, as Flax computes it (float32 batch_stats of a
+    # float64 model stay float32 there), then promoted
+    xhat = (x.astype(dt) - mean) * lax.rsqrt(var + mod.epsilon).astype(dt)
     return _norm_out(tape, name, mod, x, xhat, scale, bias)
 
 
