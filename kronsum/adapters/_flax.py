@@ -74,7 +74,7 @@ def flax_apply(module: Any) -> Callable[[Any, Any, Any], Any]:
                 if running and "mean" in stats:
                     p = mod.variables.get("params", {})
                     y = _batch_norm(tape, name, mod, args[0], stats["mean"], stats["var"],
-                                    p.get("scale"), p.get("bias"))
+                                    p.get("scale"), p.get("bias"), linen=True)
                     if y is not None:
                         return y
             if context.method_name != "__call__" or kwargs or len(args) != 1:
@@ -484,7 +484,7 @@ def _norm_out(tape: Any, name: str, mod: Any, x: Any, xhat: Any, scale: Any, bia
 
 
 def _batch_norm(tape: Any, name: str, mod: Any, x: Any, mean: Any, var: Any, scale: Any,
-                bias: Any) -> Any:
+                bias: Any, *, linen: bool = False) -> Any:
     """BatchNorm normalising with its running statistics (evaluation mode): a per-sample map,
     ``x̂ = (x − mean)/√(var + ε)`` over the last (feature) axis, whose affine part goes through
     ``tape.norm``; None for another feature axis, a named parallel axis or no parameters. (With
@@ -497,9 +497,10 @@ def _batch_norm(tape: Any, name: str, mod: Any, x: Any, mean: Any, var: Any, sca
             or (scale is None and bias is None) or jnp.iscomplexobj(x)):
         return None
     dt = jnp.result_type(x, mean, var) if mod.dtype is None else jnp.promote_types(mod.dtype, jnp.result_type(mean))
-    # 1/√(var + ε) in the statistics' own dtype, as Flax computes it (float32 batch_stats of a
-    # float64 model stay float32 there), then promoted
-    xhat = (x.astype(dt) - mean) * lax.rsqrt(var + mod.epsilon).astype(dt)
+    # linen takes 1/√(var + ε) in the statistics' own dtype (float32 batch_stats of a float64
+    # model stay float32 there) and then promotes; NNX promotes the statistics first
+    inv = lax.rsqrt(var + mod.epsilon).astype(dt) if linen else lax.rsqrt(var.astype(dt) + mod.epsilon)
+    xhat = (x.astype(dt) - mean) * inv
     return _norm_out(tape, name, mod, x, xhat, scale, bias)
 
 
