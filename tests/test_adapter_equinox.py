@@ -193,6 +193,24 @@ def _reference(model, blocks, grads, weights):
     return out
 
 
+def _assert_equal(blocks, refs):
+    for key, ref in refs.items():
+        np.testing.assert_allclose(np.asarray(blocks[key].to_dense()), np.asarray(ref), rtol=1e-10,
+                                   atol=1e-12 * float(jnp.abs(ref).max()), err_msg=key)
+
+
+def _check_empirical(model, X, y, keys=None, warns=None, **options):
+    """``apply(PLAIN)`` is the model (while the warning ``warns`` names what Equinox computes),
+    and every empirical block (sum reduction) equals the per-sample Fisher; ``keys``: the
+    blocks expected."""
+    apply, params = equinox_apply(model)
+    with pytest.warns(UserWarning, match=warns) if warns else warnings.catch_warnings():
+        np.testing.assert_allclose(apply(params, X, PLAIN), jax.vmap(model)(X), rtol=1e-13)
+    blocks = collect(apply, params, X, y, fisher="empirical", reduction="sum", **options)
+    assert keys is None or set(blocks) == keys
+    _assert_equal(blocks, _reference(model, blocks, _per_sample(model, X, y), jnp.ones(len(y))))
+
+
 @pytest.mark.parametrize("build", [_cnn, _scalars, _norms, _transformer],
                          ids=["cnn", "scalars", "norms", "transformer"])
 @pytest.mark.parametrize("fisher", ["empirical", "exact"])
@@ -216,9 +234,7 @@ def test_every_parameter_has_a_block_equal_to_the_per_sample_fisher(build, fishe
         for c in range(C):
             r = _reference(model, blocks, _per_sample(model, X, jnp.full(N, c)), probs[:, c] / N)
             refs = r if refs is None else {k: refs[k] + r[k] for k in r}
-    for key, ref in refs.items():
-        np.testing.assert_allclose(np.asarray(blocks[key].to_dense()), np.asarray(ref), rtol=1e-10,
-                                   atol=1e-12 * float(jnp.abs(ref).max()), err_msg=key)
+    _assert_equal(blocks, refs)
 
 
 def test_names_and_shapes_follow_the_model():
@@ -272,14 +288,7 @@ def test_embedding_ids_are_looked_up_as_equinox_looks_them_up(mapped):
                    eqx.nn.Linear(3, C, key=k2, dtype=jnp.float64), mapped)
     ids = jnp.array([-1, 0, 7, -9, 2, -5, 4, 1])
     X = jnp.stack([ids, jnp.roll(ids, 3), jnp.roll(ids, 5)], axis=1) if mapped else ids
-    y = jnp.arange(len(ids)) % C
-    apply, params = equinox_apply(model)
-    np.testing.assert_allclose(apply(params, X, PLAIN), jax.vmap(model)(X), rtol=1e-13)
-    blocks = collect(apply, params, X, y, fisher="empirical", reduction="sum", weight_sharing="sample")
-    refs = _reference(model, blocks, _per_sample(model, X, y), jnp.ones(len(ids)))
-    for key, ref in refs.items():
-        np.testing.assert_allclose(np.asarray(blocks[key].to_dense()), np.asarray(ref), rtol=1e-10,
-                                   atol=1e-12 * float(jnp.abs(ref).max()), err_msg=key)
+    _check_empirical(model, X, jnp.arange(len(ids)) % C, {"emb", "head"}, weight_sharing="sample")
 
 
 def test_a_subclass_that_changes_the_call_is_left_to_equinox():
@@ -316,15 +325,7 @@ def test_a_subclass_that_changes_the_call_is_left_to_equinox():
     model = Net(Causal(2, 4, 3, key=k[0], dtype=jnp.float64), Renamed(4, 4, key=k[1], dtype=jnp.float64),
                 Scaled(4, C, k[2]))
     X = jax.random.normal(k[3], (6, 2, 6), jnp.float64)
-    y = jnp.arange(6) % C
-    apply, params = equinox_apply(model)
-    with pytest.warns(UserWarning, match=r"equinox_apply: .*'conv'.*'head'"):
-        np.testing.assert_allclose(apply(params, X, PLAIN), jax.vmap(model)(X), rtol=1e-13)
-    blocks = collect(apply, params, X, y, fisher="empirical", reduction="sum")
-    assert set(blocks) == {"a"}
-    ref = _reference(model, blocks, _per_sample(model, X, y), jnp.ones(6))["a"]
-    np.testing.assert_allclose(np.asarray(blocks["a"].to_dense()), np.asarray(ref), rtol=1e-10,
-                               atol=1e-12 * float(jnp.abs(ref).max()))
+    _check_empirical(model, X, jnp.arange(6) % C, {"a"}, warns=r"equinox_apply: .*'conv'.*'head'")
 
 
 def test_transformer_blocks_are_named_by_path_and_expand_is_per_position():
@@ -400,15 +401,7 @@ def test_parameters_used_outside_their_layer_are_not_blocked():
     normed = Normed(eqx.nn.WeightNorm(eqx.nn.Linear(3, 4, key=k[0], dtype=jnp.float64)),
                     eqx.nn.Linear(4, C, key=k[1], dtype=jnp.float64))
     X = jax.random.normal(k[2], (6, 3), jnp.float64)
-    y = jnp.arange(6) % C
-    apply, params = equinox_apply(normed)
-    with pytest.warns(UserWarning, match=r"equinox_apply: .*'wn"):
-        np.testing.assert_allclose(apply(params, X, PLAIN), jax.vmap(normed)(X), rtol=1e-13)
-    blocks = collect(apply, params, X, y, fisher="empirical", reduction="sum")
-    assert set(blocks) == {"head"}
-    ref = _reference(normed, blocks, _per_sample(normed, X, y), jnp.ones(6))["head"]
-    np.testing.assert_allclose(np.asarray(blocks["head"].to_dense()), np.asarray(ref), rtol=1e-10,
-                               atol=1e-12 * float(jnp.abs(ref).max()))
+    _check_empirical(normed, X, jnp.arange(6) % C, {"head"}, warns=r"equinox_apply: .*'wn")
     tied = Tied(eqx.nn.Embedding(C, 4, key=k[0], dtype=jnp.float64),
                 eqx.nn.Linear(4, 4, key=k[1], dtype=jnp.float64))
     apply, params = equinox_apply(tied)

@@ -36,6 +36,7 @@ except ImportError:  # pragma: no cover - depends on the environment
     nn = None  # type: ignore[assignment]
 
 from .._compat import all_finite, namespace
+from ._torch_layers import _keeps_forward
 
 
 class NegativeLogLikelihood:
@@ -120,7 +121,7 @@ def loss_spec(loss_fn: Any) -> LossSpec:
             raise ValueError(f"the loss's reduction must be 'sum' or 'mean', got {loss_fn.reduction!r}")
         return LossSpec("custom", loss_fn.reduction, None, loss_fn)
     for base in (nn.CrossEntropyLoss, nn.MSELoss, nn.BCEWithLogitsLoss):
-        if isinstance(loss_fn, base) and type(loss_fn).forward is not base.forward:
+        if isinstance(loss_fn, base) and not _keeps_forward(loss_fn, (base,)):
             raise TypeError(
                 f"loss_fn is a {type(loss_fn).__name__}, a subclass of {base.__name__} with its own "
                 "forward: kronsum cannot know its negative log-likelihood (a temperature or a "

@@ -199,7 +199,7 @@ def coverage(model: Any, layers: Iterable[str] | None = None) -> Coverage:
     wanted = None if layers is None else list(layers)
     slots = _parameter_slots(model)
     candidates: dict[str, Any] = {}  # every module a rule covers (not inside another one)
-    tied: dict[str, str] = {}  # covered layers whose parameters other modules hold too
+    excluded: dict[str, str] = {}  # layers a rule matches that get no block: why
     for name, mod in model.named_modules():
         if any(name.startswith(o + ".") or (o == "" and name) for o in candidates):
             continue
@@ -208,12 +208,12 @@ def coverage(model: Any, layers: Iterable[str] | None = None) -> Coverage:
             others = sorted({o for p in mod.parameters() for o in slots[id(p)]
                              if not (o.startswith(name + ".") if name else True)})
             if others:
-                tied[name] = "tied: the same tensor is also " + ", ".join(others) + (
+                excluded[name] = "tied: the same tensor is also " + ", ".join(others) + (
                     "; its gradient sums both uses, which no one layer's Kronecker block gives")
                 continue
             why = _unblockable(name, mod, rule)
             if why:
-                tied[name] = why
+                excluded[name] = why
                 continue
             candidates[name] = mod
     if wanted is None:
@@ -221,7 +221,7 @@ def coverage(model: Any, layers: Iterable[str] | None = None) -> Coverage:
     else:
         missing = [n for n in wanted if n not in candidates]
         if missing:
-            why = "; ".join(f"{n!r}: {tied[n]}" for n in missing if n in tied)
+            why = "; ".join(f"{n!r}: {excluded[n]}" for n in missing if n in excluded)
             raise KeyError(f"not a layer kronsum covers: {missing}" + (f" ({why})" if why else ""))
         found = {n: m for n, m in candidates.items() if n in wanted}
     covered: dict[str, str] = {}
@@ -241,9 +241,9 @@ def coverage(model: Any, layers: Iterable[str] | None = None) -> Coverage:
             continue
         owner = next((n for n in candidates if n == "" or pname.startswith(n + ".")), None)
         mname = pname.rsplit(".", 1)[0] if "." in pname else ""
-        tie = next((n for n in tied if n == "" or pname.startswith(n + ".")), None)
-        if owner is None and tie is not None:
-            uncovered[pname] = tied[tie]
+        left_out = next((n for n in excluded if n == "" or pname.startswith(n + ".")), None)
+        if owner is None and left_out is not None:
+            uncovered[pname] = excluded[left_out]
         elif owner is not None and owner not in found:
             uncovered[pname] = "its layer is not in `layers=`"
         elif owner is not None:
@@ -638,15 +638,9 @@ class _Run:
         B, T = cap.A.shape[:2]  # B = N unless the layer's first axis is not the batch
         reduce = self.weight_sharing == "reduce" and not cap.exact and (cap.conv or T > 1)
         sample = not reduce and (cap.conv or (self.weight_sharing == "sample" and T > 1))
-        if (sample or reduce) and self.N is not None and (B != self.N or cap.spec.module in self.seq_first):
-            where = (" (it is inside a transformer layer built with batch_first=False: its first "
-                     "axis is the sequence; build it with batch_first=True)"
-                     if cap.spec.module in self.seq_first else "")
-            raise ValueError(
-                f"layer {key!r}: its input's first axis has {B} entries for a batch of {self.N}; "
-                f"weight_sharing={self.weight_sharing!r} needs batch-first layers{where}"
-            )
-        if self.N is not None and self.N > 1 and B != self.N and (T != self.N or B == 1):
+        seq_first = cap.spec.module in self.seq_first
+        batch_first = self.N is None or (B == self.N and not seq_first)
+        if not batch_first and B != self.N and self.N > 1 and (T != self.N or B == 1):
             # neither batch first (N, ...) nor sequence first (L, N, ...): an input without the
             # batch axis, broadcast over the samples later (its rows' gradients are sums over
             # the samples), or a layer that sees only some of them
@@ -656,6 +650,13 @@ class _Run:
                 "(e.g. a positional embedding of torch.arange(T), broadcast over the samples) or "
                 "to some of the samples only has no per-sample statistics here; leave it out with "
                 "`layers=[...]`"
+            )
+        if (sample or reduce) and not batch_first:
+            where = (" (it is inside a transformer layer built with batch_first=False: its first "
+                     "axis is the sequence; build it with batch_first=True)" if seq_first else "")
+            raise ValueError(
+                f"layer {key!r}: its input's first axis has {B} entries for a batch of {self.N}; "
+                f"weight_sharing={self.weight_sharing!r} needs batch-first layers{where}"
             )
         self.layouts[key] = _Layout(B, T, reduce, sample)
         if self.check_finite:
