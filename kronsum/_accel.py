@@ -7,6 +7,9 @@ both paths, ``rtol 1e-10`` in float64). Fast paths are taken only for NumPy arra
   by splitting the rows by the sign of ``c`` (small products: one ``gemm``);
 * :func:`row_gram` — the K×K Gram matrix ``V Vᵀ`` of many short rows through ``gemm``, where
   NumPy's ``syrk`` route costs more;
+* :func:`quadratic_rows` and :func:`quadratic_blocks` — ``v_kᵀ M v_k`` and ``P_k M P_kᵀ`` for a
+  symmetric ``M`` through BLAS ``trmm`` with ``M``'s upper triangle (half the multiply-adds of
+  ``V M``), where SciPy's BLAS wrappers are importable and the shapes make it pay;
 * :func:`numba_enabled` — whether a numba kernel may run: option on
   (:func:`kronsum.config`), numba importable, NumPy namespace, float32/float64;
 * :func:`via_numpy_on_cpu` — the estimators' entry: PyTorch CPU tensors are handed to the
@@ -31,7 +34,8 @@ import array_api_compat
 from ._compat import Array, is_numpy_namespace
 from ._config import _options, numba_importable
 
-__all__ = ["gram", "row_gram", "row_sq_norms", "weighted_gram", "numba_enabled", "numba_kernels", "via_numpy_on_cpu", "cuda_graph",
+__all__ = ["gram", "row_gram", "row_sq_norms", "row_dots", "weighted_gram", "quadratic_rows", "quadratic_blocks", "trmm_pays", "TRMM_TIME",
+           "symmetric_to_rounding", "numba_enabled", "numba_kernels", "via_numpy_on_cpu", "cuda_graph",
            "clear_cuda_graphs"]
 
 
@@ -120,9 +124,10 @@ def eig_quadratic_sum(P: Array, Q: Array, M: Array | None, w: Array) -> Array:
         idx = np.flatnonzero(sel)
         if idx.size == 0:
             continue
-        PV = P if V is None else P @ V[:, idx]  # M = None: d = 1, every row positive
-        Z = np.matmul(np.swapaxes(PV, 1, 2), Q)  # (K, p_s, q): the rows (P_k v_i)ᵀ Q_k
-        Z *= np.sqrt(w[:, None, None] * np.abs(d[idx])[None, :, None]).astype(Z.dtype)
+        PV = P if V is None else np.reshape(np.reshape(P, (K * T, p)) @ V[:, idx], (K, T, idx.size))
+        # the weights scale the (K, T, p_s) PV, not the (K, p_s, q) rows: q/T times fewer products
+        PV = PV * np.sqrt(w[:, None, None] * np.abs(d[idx])[None, None, :]).astype(P.dtype)
+        Z = np.matmul(np.swapaxes(PV, 1, 2), Q)  # (K, p_s, q): the rows √(w_k|d_i|) (P_k v_i)ᵀ Q_k
         Z2 = Z.reshape(K * idx.size, q)
         part = Z2.T @ Z2
         if out is None:
@@ -153,16 +158,116 @@ def row_gram(V: Array, xp: Any) -> Array:
 
 
 def row_sq_norms(V: Array, xp: Any) -> Array:
-    """``(‖v_k‖²)_k`` of the rows of ``V`` (K, d), shape (K,): on NumPy one pass without a
-    ``V∘V`` temporary (``vecdot``, NumPy ≥ 2; ``einsum`` before, whose call costs more),
-    ``sum(V * V, axis=1)`` elsewhere."""
+    """``(‖v_k‖²)_k`` of the rows of ``V`` (K, d), shape (K,): :func:`row_dots` of ``V`` with itself."""
+    return row_dots(V, V, xp)
+
+
+def row_dots(U: Array, V: Array, xp: Any) -> Array:
+    """``(u_k · v_k)_k`` of the rows of two (K, d) arrays, shape (K,): on NumPy one pass without
+    a ``U∘V`` temporary (``vecdot``, NumPy ≥ 2; ``einsum`` before, whose call costs more),
+    ``sum(U * V, axis=1)`` elsewhere."""
     if is_numpy_namespace(xp):
         import numpy as np
 
         if hasattr(np, "vecdot"):
-            return np.vecdot(V, V)
-        return np.einsum("ij,ij->i", V, V)
-    return xp.sum(V * V, axis=1)
+            return np.vecdot(U, V)
+        return np.einsum("ij,ij->i", U, V)
+    return xp.sum(U * V, axis=1)
+
+
+# trmm (a triangular times a general matrix) runs at about a gemm's speed per multiply-add on
+# one BLAS thread only when the triangle is at least 128 wide and the other operand has at
+# least twice as many rows: there it takes 0.6–0.8 of ``V @ M``'s time; below, it is slower
+# (measured with OpenBLAS, float32 and float64; docs/benchmarks.md, "K-FOC against K-FAC")
+_TRMM_MIN_WIDTH = 128
+_TRMM_MIN_ROW_RATIO = 2
+
+
+# trmm's time over gemm's for the products it takes (measured 0.61–0.83): the cost models' factor
+TRMM_TIME = 0.7
+
+
+def trmm_pays(rows: int, d: int, xp: Any) -> bool:
+    """Whether a product ``V M`` of ``V`` (rows, d) with a symmetric ``M`` (d, d) goes through
+    ``trmm`` (:func:`quadratic_rows`, :func:`quadratic_blocks`): NumPy, SciPy importable,
+    ``d ≥ 128`` and ``rows ≥ 2d`` (the one shape rule, shared with the cost models)."""
+    return (is_numpy_namespace(xp) and d >= _TRMM_MIN_WIDTH and rows >= _TRMM_MIN_ROW_RATIO * d
+            and _scipy_blas() is not None)
+
+
+def symmetric_to_rounding(M: Array) -> bool:
+    """Whether a float32/float64 NumPy matrix ``M`` (p, p) is symmetric to rounding:
+    ``|M − Mᵀ| ≤ p·ε·max|M|``. The routes that use one triangle (or the eigenvectors) of such
+    an ``M`` leave out its antisymmetric rest, which is then below the rounding of a ``gemm``
+    with ``M``. Other dtypes: False, so that they keep the ``gemm`` routes."""
+    import numpy as np
+
+    if M.dtype not in (np.float32, np.float64):
+        return False
+    scale = float(np.max(np.abs(M))) if M.size else 0.0
+    return bool(np.max(np.abs(M - M.T)) <= M.shape[0] * np.finfo(M.dtype).eps * scale) if scale else True
+
+
+def _trmm_route(V: Array, M: Array, xp: Any) -> bool:
+    """Whether ``V M`` (``V`` (r, d), ``M`` (d, d)) goes through :func:`_upper_half_product`:
+    :func:`trmm_pays`, operands of one dtype, ``M`` :func:`symmetric_to_rounding`."""
+    return trmm_pays(*V.shape, xp) and V.dtype == M.dtype and symmetric_to_rounding(M)
+
+
+@functools.lru_cache(maxsize=1)
+def _scipy_blas():
+    """SciPy's BLAS wrappers (``scipy.linalg.blas``), or None when SciPy is not installed."""
+    try:
+        from scipy.linalg import blas
+    except ImportError:  # pragma: no cover - SciPy comes with the test and numba extras
+        return None
+    return blas
+
+
+def _upper_half_product(V: Array, M: Array) -> Array:
+    """``H = V U`` with ``U = triu(M) − diag(M)/2`` for NumPy ``V`` (r, d) and symmetric ``M``:
+    ``V M Vᵀ = H Vᵀ + (H Vᵀ)ᵀ`` and ``v_kᵀ M v_k = 2 h_k · v_k``. One BLAS ``trmm`` on the
+    Fortran view ``Vᵀ`` (``(Uᵀ Vᵀ)ᵀ``): ``r·d²/2`` multiply-adds, no copy of ``V`` beyond the
+    result; the caller checked :func:`_trmm_route`."""
+    import numpy as np
+
+    U = np.triu(M)
+    U[np.diag_indices_from(U)] *= 0.5
+    blas = _scipy_blas()
+    trmm = blas.strmm if V.dtype == np.float32 else blas.dtrmm
+    return trmm(1.0, U, np.ascontiguousarray(V).T, side=0, lower=0, trans_a=1).T
+
+
+def quadratic_rows(V: Array, M: Array, xp: Any) -> Array:
+    """``(v_kᵀ M v_k)_k`` for ``V`` (r, d) and ``M`` (d, d), shape (r,).
+
+    NumPy, where :func:`_trmm_route` says so (symmetric ``M``): ``2 (V U)·V`` row by row with
+    ``U`` ``M``'s upper triangle, diagonal halved (one ``trmm``, ``r·d²/2`` multiply-adds);
+    elsewhere the row dots of ``V Mᵀ`` and ``V`` (one ``gemm``, ``r·d²``). Equal to rounding.
+    """
+    if _trmm_route(V, M, xp):
+        return 2 * row_dots(_upper_half_product(V, M), V, xp)
+    return row_dots(V @ xp.matrix_transpose(M), V, xp)
+
+
+def quadratic_blocks(P: Array, M: Array, xp: Any) -> Array:
+    """``(P_k M P_kᵀ)_k`` for ``P`` (K, T, d) and ``M`` (d, d), shape (K, T, T).
+
+    On NumPy ``P`` is taken as one (K·T, d) matrix for the product with ``M`` (one ``gemm``,
+    not K), and where :func:`_trmm_route` says so (symmetric ``M``), through ``H = P U`` with
+    ``U`` ``M``'s upper triangle, diagonal halved: ``H_k P_kᵀ + (H_k P_kᵀ)ᵀ``, symmetric bit
+    for bit. Cost ``K·T·d²/2`` (trmm) or ``K·T·d²`` (gemm), plus ``K·T²·d``.
+    """
+    if not is_numpy_namespace(xp):
+        return (P @ M) @ xp.matrix_transpose(P)
+    import numpy as np
+
+    K, T, d = P.shape
+    P2 = np.reshape(P, (K * T, d))
+    if _trmm_route(P2, M, xp):
+        B = np.reshape(_upper_half_product(P2, M), (K, T, d)) @ np.swapaxes(P, 1, 2)
+        return B + np.swapaxes(B, 1, 2)
+    return np.reshape(P2 @ M, (K, T, d)) @ np.swapaxes(P, 1, 2)
 
 
 def syrk_available(xp: Any) -> bool:

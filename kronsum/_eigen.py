@@ -539,7 +539,8 @@ def _ritz(space: Space, Q: list, MQ: list, coef, AUX: list | None = None) -> tup
 
 
 def lanczos_two_precision(low: Space, x0, high: Space, resume: Callable[[], Space], dtype,
-                          stop: Stop, max_iter: int, low_image: float | None = None) -> EigenResult:
+                          stop: Stop, max_iter: int, low_image: float | None = None,
+                          symmetric: bool = False) -> EigenResult:
     """:func:`lanczos` on ``low`` (the operator in a lower precision, e.g. float32), checked
     and finished on ``high`` (the working precision, with ``apply_aux``).
 
@@ -557,6 +558,11 @@ def lanczos_two_precision(low: Space, x0, high: Space, resume: Callable[[], Spac
     ``low_image·θ``, the low precision's relative error of the operator (the Rayleigh
     quotient minimises the residual over shifts). Only when that bound does not stop is the
     working-precision image computed, and the check goes on as above.
+
+    ``symmetric`` (an operator that maps symmetric iterates to symmetric ones, e.g. a
+    :attr:`KronSum.symmetric` sum's): the cast answer is symmetrised, removing the low
+    precision's asymmetric rounding, so that the working-precision contractions may take their
+    routes for symmetric matrices (:func:`kronsum._accel.symmetric_to_rounding`).
     """
     xp = high.xp
     stop_low = Stop(max(stop.tol, default_tol(xp, x0.dtype)), stop.accuracy)
@@ -565,6 +571,8 @@ def lanczos_two_precision(low: Space, x0, high: Space, resume: Callable[[], Spac
         stop_low.f2_err = stop.f2_err + 64 * float(xp.finfo(x0.dtype).eps) * abs(stop.f2)
     lo = lanczos(low, x0, stop_low, max_iter)
     x = xp.astype(lo.x, dtype)
+    if symmetric:
+        x = symmetrize(x, xp)
     x = materialize(x / high.norm(x))
     its = lo.iterations
     if low_image is not None and high.half is not None and high.second is not None:

@@ -33,7 +33,7 @@ import functools
 import math
 from dataclasses import dataclass, field, replace
 
-from ._accel import numba_enabled, syrk_available, via_numpy_on_cpu
+from ._accel import TRMM_TIME, numba_enabled, syrk_available, trmm_pays, via_numpy_on_cpu
 from ._closed_forms import _new_kron, _require_sum, kfac
 from ._compat import Array, counted, eye_like, fro_norm, is_dask_namespace, to_float
 from ._config import _options
@@ -107,17 +107,19 @@ def _cost_key(F: KronSum) -> tuple:
     """Everything the cost model reads of ``F`` and the options, as a hashable key."""
     xp = F.xp
     parts = tuple((P.num_terms, P.form) for P in (F.parts if F.form == "sum" else (F,)))
+    rows = F.num_terms * (F.num_positions if F.form == "conv" else 1)
     return (F.form, parts, F.num_terms, F.num_positions, F.m, F.n, F.dtype == xp.float32,
-            _float32_iterations(F), numba_enabled(xp, F.weights), syrk_available(xp))
+            _float32_iterations(F), numba_enabled(xp, F.weights), syrk_available(xp),
+            trmm_pays(rows, F.m, xp), trmm_pays(rows, F.n, xp))
 
 
 @functools.lru_cache(maxsize=256)
 def _modelled(key: tuple) -> tuple[float, float]:
     """``(gram, lanczos)`` modelled seconds for a :func:`_cost_key` (a pure function of it,
     cached: layers of one network repeat their shapes at every refresh)."""
-    form, parts, K, T, m, n, f32, f32_iterations, numba, syrk = key
+    form, parts, K, T, m, n, f32, f32_iterations, numba, syrk, trmm_m, trmm_n = key
     if form == "conv":
-        return _conv_costs(K, T, m, n, f32 or f32_iterations, syrk)
+        return _conv_costs(K, T, m, n, f32 or f32_iterations, syrk, (trmm_m, trmm_n))
     # the two Gram matrices: outer × outer blocks from the statistics, the others from the terms
     build = sum(Ki * Kj * ((m + n) if fi == fj == "outer" else (m * m + n * n))
                 for Ki, fi in parts for Kj, fj in parts) / 2
@@ -126,8 +128,10 @@ def _modelled(key: tuple) -> tuple[float, float]:
     cached = min(1.0, 0.35 + 0.65 * K / 2000)  # K×K matrices within the caches cost less per entry
     gram = ((build + finish) * _SEC_PER_GEMM_MAC
             + K * K * cached * (_SEC_PER_GRAM_ENTRY + its * _SEC_PER_GRAM_ENTRY_STEP))
-    # a contraction: K quadratic forms on one side, one weighted Gram product on the other
-    contraction = K * (m * m + n * n) * 0.75
+    # a contraction: K quadratic forms on one side (a gemm, or a trmm at TRMM_TIME of one),
+    # one weighted Gram product (a syrk: half a gemm) on the other; the two contractions' mean
+    fm, fn = (TRMM_TIME if trmm_m else 1.0), (TRMM_TIME if trmm_n else 1.0)
+    contraction = K * (m * m * (fm + 0.5) + n * n * (fn + 0.5)) / 2
     lanczos = (2 * its + 2) * contraction * _SEC_PER_CONTRACTION_MAC
     if f32:  # float32 halves the products; the numba Gram route is float64
         lanczos /= 2
@@ -139,20 +143,22 @@ def _modelled(key: tuple) -> tuple[float, float]:
     return gram, lanczos
 
 
-def _conv_costs(K: int, T: int, m: int, n: int, f32_iterations: bool, syrk: bool) -> tuple[float, float]:
+def _conv_costs(K: int, T: int, m: int, n: int, f32_iterations: bool, syrk: bool,
+                trmm: tuple[bool, bool] = (False, False)) -> tuple[float, float]:
     """The conv form: the Gram solver on per-sample ``T × T`` coefficients (its two ``KT × KT``
     Gram matrices, two batched block products of ``K²T³`` per application, two weighted Gram
     products of ``KT`` rows to finish) against Lanczos on the contractions (each the cheapest
-    association of :meth:`KronSum.contract_left`; float32 iterations halve them)."""
+    association of :meth:`KronSum.contract_left`; float32 iterations halve them). ``trmm``:
+    whether the (m, m) and the (n, n) factor's products per position go through ``trmm``."""
     its = _EXPECTED_APPLICATIONS
     rows = K * T
     gram = ((rows * rows * (m + n) / 2 + rows * (m * m + n * n) / 2) * _SEC_PER_GEMM_MAC
             + (its + 2) * 4 * K * K * T ** 3 * _SEC_PER_BLOCK_MAC + (its + 2) * 2 * _SEC_PER_CALL)
 
-    def contraction(p, q):  # Σ_k Y_kᵀ M Y_k from side p to side q, the cheapest association
-        return K * min(conv_contraction_costs(K, T, p, q, syrk=syrk).values())
+    def contraction(p, q, trmm_p):  # Σ_k Y_kᵀ M Y_k from side p to side q, the cheapest association
+        return K * min(conv_contraction_costs(K, T, p, q, syrk=syrk, trmm=trmm_p).values())
 
-    lanczos = (its + 1) * (contraction(m, n) + contraction(n, m)) * _SEC_PER_CONTRACTION_MAC
+    lanczos = (its + 1) * (contraction(m, n, trmm[0]) + contraction(n, m, trmm[1])) * _SEC_PER_CONTRACTION_MAC
     if f32_iterations:
         lanczos /= 2
     lanczos += (2 * its + 2) * _SEC_PER_CALL
@@ -447,7 +453,7 @@ def _solve_factors(Fn: KronSum, method: str, init, seed, stop: Stop, max_iter: i
             contraction_space(F32, side), _initial(F32, init, seed, side),  # a Kron start is cast
             contraction_space(Fn, side, keep_aux=True),
             lambda: contraction_space(Fn, side, keep_aux=aux_fits(Fn, side)), Fn.dtype, stop, max_iter,
-            low_image=_low_image_error(Fn) if side == "left" else None)
+            low_image=_low_image_error(Fn) if side == "left" else None, symmetric=Fn.symmetric)
         # the float32 copy's rounding (e.g. of gradients whose rows sum to zero) can leave the
         # iterate indefinite beyond float64 rounding: projected onto the PSD cone in the finish
         return Solution(finish(Fn, side, eig, psd=psd_sum(Fn)), eig, "lanczos[float32]")

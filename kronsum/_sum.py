@@ -20,7 +20,8 @@ from __future__ import annotations
 import math
 from typing import Any, Sequence
 
-from ._accel import eig_quadratic_sum, row_gram, row_sq_norms, syrk_available, weighted_gram
+from ._accel import (TRMM_TIME, eig_quadratic_sum, quadratic_blocks, quadratic_rows, row_gram, row_sq_norms,
+                     symmetric_to_rounding, syrk_available, trmm_pays, weighted_gram)
 from ._compat import (Array, count, device_of, host_floats, is_dask_namespace, max_abs, namespace,
                       persist_all, to_float, trace)
 from ._validation import (DEFAULT_MAX_ELEMENTS, check_array, check_dense_size, check_finite_values,
@@ -347,8 +348,7 @@ class KronSum:
             T = self.L if side == "left" else self.R
             d = T.shape[-1]
             return xp.reshape(T, (T.shape[0], d * d)) @ xp.reshape(X, (d * d,))
-        V = self.G if side == "left" else self.A
-        return xp.sum((V @ xp.matrix_transpose(X)) * V, axis=1)  # g_kᵀ X g_k
+        return quadratic_rows(self.G if side == "left" else self.A, X, xp)  # g_kᵀ X g_k
 
     def _traces(self, side: str) -> Array:
         """``(tr L_k)_k`` (side="left") or ``(tr R_k)_k``, shape (K,) (terms/outer)."""
@@ -374,20 +374,21 @@ class KronSum:
         ``M=None`` is the identity. The association (per position through ``P_k M P_kᵀ``, per
         sample through ``Y_k``, or, where ``syrk`` is at hand and ``M`` is symmetric, the
         weighted Gram product of the rows ``(P_k v_i)ᵀ Q_k`` of ``M``'s eigenvectors:
-        :func:`kronsum._accel.eig_quadratic_sum`) is chosen by multiply-add count. A
-        symmetric ``M`` means ``|M − Mᵀ| ≤ p·ε·max|M|``: the antisymmetric rest, which the
-        rows route leaves out, is then below the rounding of the other associations.
+        :func:`kronsum._accel.eig_quadratic_sum`) is chosen by multiply-add count; the
+        positions route takes ``P_k M P_kᵀ`` from :func:`kronsum._accel.quadratic_blocks`
+        (``trmm`` with ``M``'s triangle where that pays). Symmetric means
+        :func:`kronsum._accel.symmetric_to_rounding`.
         """
         xp = self._xp
         K, T, p = P.shape
         q = Q.shape[-1]
         w = self.weights[:, None, None]
-        costs = conv_contraction_costs(K, T, p, q, identity=M is None, syrk=syrk_available(xp))
-        if costs.get("rows", math.inf) < min(costs["positions"], costs["samples"]) and (M is None or _symmetric(M)):
+        costs = conv_contraction_costs(K, T, p, q, identity=M is None, syrk=syrk_available(xp),
+                                       trmm=trmm_pays(K * T, p, xp))
+        if costs.get("rows", math.inf) < min(costs["positions"], costs["samples"]) and (M is None or symmetric_to_rounding(M)):
             return eig_quadratic_sum(P, Q, M, self.weights)
         if costs["positions"] <= costs["samples"]:
-            PM = P if M is None else P @ M
-            B = w * (PM @ xp.matrix_transpose(P))  # (K, T, T): w_k P_k M P_kᵀ
+            B = w * (P @ xp.matrix_transpose(P) if M is None else quadratic_blocks(P, M, xp))  # w_k P_k M P_kᵀ
             C = B @ Q  # (K, T, q); the weights folded into B: one array of the inputs' size
             return xp.matrix_transpose(xp.reshape(Q, (K * T, q))) @ xp.reshape(C, (K * T, q))
         Y = xp.matrix_transpose(P) @ Q  # (K, p, q)
@@ -671,30 +672,21 @@ _POW2_RANGE_32 = (2.0**-8, 2.0**8)
 
 
 def conv_contraction_costs(K: int, T: int, p: int, q: int, *, identity: bool = False,
-                           syrk: bool = False) -> dict:
+                           syrk: bool = False, trmm: bool = False) -> dict:
     """Multiply-adds per sample of each association of the conv contraction
     ``Σ_k w_k Y_kᵀ M Y_k`` (``Y_k = P_kᵀQ_k``, ``M`` (p, p), ``identity``: ``M = I``):
     ``"positions"`` through ``P_k M P_kᵀ``, ``"samples"`` through ``Y_k``, and with ``syrk``
     ``"rows"``, the weighted Gram product of the rows of ``M``'s eigenvectors (its ``eigh``,
     about ``12p³ + 5·10⁵`` multiply-adds at a GEMM's speed on one BLAS thread, shared by the K
-    samples). The one cost model of :meth:`KronSum._conv_contract` and K-FOC's method choice."""
+    samples; ``trmm``: the positions route's ``P_k M`` through ``trmm``,
+    :func:`kronsum._accel.quadratic_blocks`, at :data:`kronsum._accel.TRMM_TIME` of a gemm).
+    The one cost model of :meth:`KronSum._conv_contract` and K-FOC's method choice."""
     m_cost = 0 if identity else p * p
-    out = {"positions": T * m_cost + T * T * (p + q) + T * q * q,
+    out = {"positions": T * m_cost * (TRMM_TIME if trmm else 1) + T * T * (p + q) + T * q * q,
            "samples": T * p * q + m_cost * q + p * q * q}
     if syrk:
         out["rows"] = T * m_cost + T * p * q + p * q * q / 2 + (0 if identity else 12 * p ** 3 + 5e5) / K
     return out
-
-
-def _symmetric(M: Array) -> bool:
-    """Whether a float32/float64 NumPy matrix is symmetric to rounding: ``|M − Mᵀ| ≤ p·ε·max|M|``
-    (other dtypes: False, so that they keep the GEMM routes)."""
-    import numpy as np
-
-    if M.dtype not in (np.float32, np.float64):
-        return False
-    scale = float(np.max(np.abs(M))) if M.size else 0.0
-    return bool(np.max(np.abs(M - M.T)) <= M.shape[0] * np.finfo(M.dtype).eps * scale) if scale else True
 
 
 def _sum_over(arrays):

@@ -86,6 +86,44 @@ def test_contractions_are_rearranged_products(form):
     assert np.allclose(F.contract_right(Y).reshape(-1), Rm @ Y.reshape(-1))
 
 
+@pytest.mark.parametrize("dtype, rtol", [(np.float64, 1e-11), (np.float32, 2e-5)])
+@pytest.mark.parametrize("form", ["outer", "conv"])
+def test_contractions_with_a_wide_side_agree_with_the_definition(form, dtype, rtol):
+    # a side of 128 or more with at least twice as many rows (samples, or samples × positions)
+    # takes the quadratic forms with a symmetric factor through its triangle on NumPy (trmm);
+    # a general factor through the full product: both equal the definition, computed here
+    # term by term in float64
+    rng = np.random.default_rng(11)
+    if form == "outer":
+        K, m, n = 300, 130, 3
+        G, A = rng.standard_normal((K, m)), rng.standard_normal((K, n))
+        X_k = G[:, :, None] * A[:, None, :]  # (K, m, n): the per-term matrices g_k a_kᵀ
+        F = ks.KronSum.from_outer(G.astype(dtype), A.astype(dtype), np.linspace(0.5, 2, K).astype(dtype))
+    else:
+        K, T, m, n = 8, 40, 48, 130  # T < m ≪ n: the (n, n) factor taken per position
+        G, A = rng.standard_normal((K, T, m)), rng.standard_normal((K, T, n))
+        X_k = np.swapaxes(G, 1, 2) @ A  # (K, m, n): X_k = G_kᵀ A_k
+        F = ks.KronSum.from_conv(G.astype(dtype), A.astype(dtype), np.linspace(0.5, 2, K).astype(dtype))
+    w = np.linspace(0.5, 2, K)
+    X_k = X_k.astype(dtype).astype(np.float64)  # the inputs' own rounding
+    for side, d in (("left", m), ("right", n)):
+        Z = rng.standard_normal((d, d))
+        for M in (Z, Z + Z.T):  # general, symmetric
+            Mc = M.astype(dtype)
+            M64 = Mc.astype(np.float64)
+            if side == "left":  # Σ_k w_k X_kᵀ M X_k, (n, n)
+                ref = np.einsum("k,kia,ij,kjb->ab", w, X_k, M64, X_k, optimize=True)
+                got = F.contract_left(Mc.copy())
+            else:  # Σ_k w_k X_k M X_kᵀ, (m, m)
+                ref = np.einsum("k,kai,ij,kbj->ab", w, X_k, M64, X_k, optimize=True)
+                got = F.contract_right(Mc.copy())
+            assert got.dtype == dtype
+            scale = np.abs(np.einsum("k,kia,ij,kjb->ab", w, np.abs(X_k), np.abs(M64), np.abs(X_k), optimize=True)
+                           if side == "left" else
+                           np.einsum("k,kai,ij,kbj->ab", w, np.abs(X_k), np.abs(M64), np.abs(X_k), optimize=True)).max()
+            np.testing.assert_allclose(got, ref, rtol=0, atol=rtol * scale)
+
+
 @pytest.mark.parametrize("K, T, m, n", [(3, 2, 6, 7), (3, 40, 2, 3), (64, 16, 8, 64), (64, 16, 64, 8)])
 def test_conv_contraction_every_association_agrees(K, T, m, n):
     # T small: per position; T large beside m, n: per sample through X_k; many samples of a
