@@ -130,12 +130,14 @@ def eig_quadratic_sum(P: Array, Q: Array, M: Array | None, w: Array) -> Array:
         Z = np.matmul(np.swapaxes(PV, 1, 2), Q)  # (K, p_s, q): the rows √(w_k|d_i|) (P_k v_i)ᵀ Q_k
         Z2 = Z.reshape(K * idx.size, q)
         part = Z2.T @ Z2
+        del PV, Z, Z2  # one sign's rows alive at a time
         if out is None:
-            out = part if sign > 0 else -part
+            out = part if sign > 0 else np.negative(part, out=part)
         elif sign > 0:
             out += part
         else:
             out -= part
+        del part
     return np.zeros((q, q), dtype=Q.dtype) if out is None else out
 
 
@@ -205,7 +207,11 @@ def symmetric_to_rounding(M: Array) -> bool:
     if M.dtype not in (np.float32, np.float64):
         return False
     scale = float(np.max(np.abs(M))) if M.size else 0.0
-    return bool(np.max(np.abs(M - M.T)) <= M.shape[0] * np.finfo(M.dtype).eps * scale) if scale else True
+    if not scale:
+        return True
+    p, b = M.shape[0], 64  # a block of rows at a time: temporaries of 64 rows, not of M's size
+    tol = p * np.finfo(M.dtype).eps * scale
+    return all(float(np.max(np.abs(M[i:i + b] - M[:, i:i + b].T))) <= tol for i in range(0, p, b))
 
 
 def _trmm_route(V: Array, M: Array, xp: Any) -> bool:
@@ -235,7 +241,8 @@ def _upper_half_product(V: Array, M: Array) -> Array:
     U[np.diag_indices_from(U)] *= 0.5
     blas = _scipy_blas()
     trmm = blas.strmm if V.dtype == np.float32 else blas.dtrmm
-    return trmm(1.0, U, np.ascontiguousarray(V).T, side=0, lower=0, trans_a=1).T
+    # Uᵀ as the Fortran view of U (lower triangular) and Vᵀ as V's: BLAS copies neither
+    return trmm(1.0, U.T, np.ascontiguousarray(V).T, side=0, lower=1).T
 
 
 def quadratic_rows(V: Array, M: Array, xp: Any) -> Array:

@@ -91,13 +91,32 @@ class Stop:
     th1: float | None = None  # the Ritz value at the last call
     th2: float | None = None  # the second Ritz value and its residual at the last call
     r2: float = 0.0
+    # a low-precision solve whose own answer may be returned (:func:`lanczos_two_precision`):
+    # ``answer_floor(θ₁)`` bounds what the low-precision copy's rounding of F adds to the
+    # error gap, ``answer_slack`` the operator's relative error in that precision (added to
+    # the residual); ``answer`` records a stop on the bound with both
+    answer_floor: Callable[[float], float] | None = None
+    answer_slack: float = 0.0
+    answer: bool = False
 
     def met(self, th1: float, res: float, th2: float | None = None, r2: float = 0.0) -> bool:
-        """Whether the Ritz pair ``(th1, relative residual res)`` stops the solver."""
+        """Whether the Ritz pair ``(th1, relative residual res)`` stops the solver.
+
+        With ``answer_floor``: stop with ``answer = True`` once the bound with the residual
+        widened by ``answer_slack``, plus ``answer_floor(th1)``, meets ``accuracy``; while that
+        is reachable (at most half of ``accuracy`` with a zero residual) the rule goes on
+        toward it (or ``tol``); otherwise the plain rule applies."""
         self.th1, self.th2, self.r2 = th1, th2, r2
-        self.bound, self.certified = gap_bound(
-            th1, res * th1, -1.0 if th2 is None else th2, r2, -1.0 if self.f2 is None else self.f2,
-            self.f2_err)
+        t2, f2 = -1.0 if th2 is None else th2, -1.0 if self.f2 is None else self.f2
+        self.bound, self.certified = gap_bound(th1, res * th1, t2, r2, f2, self.f2_err)
+        if self.answer_floor is not None and self.accuracy is not None and th1 > 0:
+            floor = self.answer_floor(th1)
+            bound, certified = gap_bound(th1, (res + self.answer_slack) * th1, t2, r2, f2, self.f2_err)
+            if bound + floor <= self.accuracy:
+                self.bound, self.certified, self.answer = bound + floor, certified, True
+                return True
+            if gap_bound(th1, self.answer_slack * th1, t2, r2, f2, self.f2_err)[0] + floor <= self.accuracy / 2:
+                return res <= self.tol
         return res <= self.tol or (self.accuracy is not None and self.bound <= self.accuracy)
 
 
@@ -109,7 +128,9 @@ class EigenResult:
     (probes included); ``converged``; ``residual``: the relative eigen-residual of ``x``;
     ``sigma2``: ``√θ₂`` (θ₂ the second Ritz value, or the deflated probe's), ``None`` when
     unknown; ``aux``: the half-step image of ``x`` when the space keeps them; ``image``: the
-    full application of ``x`` when at hand (it replaces the finish's last contraction).
+    full application of ``x`` when at hand (it replaces the finish's last contraction);
+    ``low``: the answer is a low-precision solve's (:func:`lanczos_two_precision`), to be
+    finished on that precision's operator.
     """
 
     x: Array
@@ -119,6 +140,7 @@ class EigenResult:
     sigma2: float | None
     aux: Array | None = None
     image: Array | None = None
+    low: bool = False
 
 
 @dataclass
@@ -540,7 +562,8 @@ def _ritz(space: Space, Q: list, MQ: list, coef, AUX: list | None = None) -> tup
 
 def lanczos_two_precision(low: Space, x0, high: Space, resume: Callable[[], Space], dtype,
                           stop: Stop, max_iter: int, low_image: float | None = None,
-                          symmetric: bool = False) -> EigenResult:
+                          symmetric: bool = False,
+                          answer_floor: Callable[[float], float] | None = None) -> EigenResult:
     """:func:`lanczos` on ``low`` (the operator in a lower precision, e.g. float32), checked
     and finished on ``high`` (the working precision, with ``apply_aux``).
 
@@ -563,13 +586,27 @@ def lanczos_two_precision(low: Space, x0, high: Space, resume: Callable[[], Spac
     :attr:`KronSum.symmetric` sum's): the cast answer is symmetrised, removing the low
     precision's asymmetric rounding, so that the working-precision contractions may take their
     routes for symmetric matrices (:func:`kronsum._accel.symmetric_to_rounding`).
+
+    ``answer_floor(θ₁)`` (a loose ``accuracy``): a bound of what the low-precision copy's
+    rounding of F adds to the error gap. The low solve may then stop on its own bound, its
+    residual widened by ``low_image`` (or 64·ε of the low precision) plus that floor
+    (:class:`Stop`); its answer is returned with ``low=True``, without the working-precision
+    check, and ``stop`` takes its bound.
     """
     xp = high.xp
     stop_low = Stop(max(stop.tol, default_tol(xp, x0.dtype)), stop.accuracy)
     if stop.f2 is not None:  # ‖F‖², widened by the low precision's rounding of the operator
         stop_low.f2 = stop.f2
         stop_low.f2_err = stop.f2_err + 64 * float(xp.finfo(x0.dtype).eps) * abs(stop.f2)
+    if answer_floor is not None and stop.accuracy is not None:
+        stop_low.answer_floor = answer_floor
+        stop_low.answer_slack = low_image if low_image is not None else 64 * float(xp.finfo(x0.dtype).eps)
     lo = lanczos(low, x0, stop_low, max_iter)
+    if stop_low.answer:
+        stop.bound, stop.certified = stop_low.bound, stop_low.certified
+        stop.th1, stop.th2, stop.r2 = stop_low.th1, stop_low.th2, stop_low.r2
+        lo.converged, lo.low = True, True
+        return lo
     x = xp.astype(lo.x, dtype)
     if symmetric:
         x = symmetrize(x, xp)

@@ -37,7 +37,7 @@ from ._accel import TRMM_TIME, numba_enabled, syrk_available, trmm_pays, via_num
 from ._closed_forms import _new_kron, _require_sum, kfac
 from ._compat import Array, counted, eye_like, fro_norm, is_dask_namespace, to_float
 from ._config import _options
-from ._eigen import (Solution, Stop, aux_fits, contraction_space, conv_gram_solve, deflated_top, finish, gram_solve,
+from ._eigen import (Factors, Solution, Stop, aux_fits, contraction_space, conv_gram_solve, deflated_top, finish, gram_solve,
                      psd_sum,
                      lanczos, lanczos_two_precision,
                      power, random_like)
@@ -292,7 +292,11 @@ def kfoc(
         application, e.g. conv blocks with few samples) and K-FOC explains more than half of
         it, and an estimate otherwise: see ``info.error_gap_bound`` and
         ``info.error_gap_certified``, and docs/kfoc.md for the inequalities. The power
-        method has no second Ritz value and stops on ``tol`` alone.
+        method has no second Ritz value and stops on ``tol`` alone. For large float64 blocks
+        Lanczos iterates on a float32 copy; at a loose ``accuracy`` (an optimiser's 1e-4)
+        that solve's own answer is returned, finished in float32, when its bound plus what
+        rounding F to float32 can move (from the inputs' magnitudes) meets ``accuracy``
+        (a note says so), and is checked and finished in float64 otherwise.
     max_iter : int, optional
         Most operator applications (each = both contractions, the cost of one iteration of
         the paper's Algorithm 1). Default 500 (``lanczos``), 5000 (``power``).
@@ -449,13 +453,22 @@ def _solve_factors(Fn: KronSum, method: str, init, seed, stop: Stop, max_iter: i
         stop.f2_err = Fn.num_terms * Fn.num_positions ** 2 * float(xp.finfo(Fn.dtype).eps) * abs(stop.f2)
     if method == "lanczos" and _mixed_precision(Fn, stop):
         F32 = Fn.astype(xp.float32)  # a float32 copy of the inputs for the solve
+        floor = _float32_answer_floor(F32, stop)
         eig = lanczos_two_precision(
-            contraction_space(F32, side), _initial(F32, init, seed, side),  # a Kron start is cast
+            contraction_space(F32, side, keep_aux=floor is not None and aux_fits(F32, side)),
+            _initial(F32, init, seed, side),  # a Kron start is cast
             contraction_space(Fn, side, keep_aux=True),
             lambda: contraction_space(Fn, side, keep_aux=aux_fits(Fn, side)), Fn.dtype, stop, max_iter,
-            low_image=_low_image_error(Fn) if side == "left" else None, symmetric=Fn.symmetric)
+            low_image=_low_image_error(Fn) if side == "left" else None, symmetric=Fn.symmetric,
+            answer_floor=floor)
         # the float32 copy's rounding (e.g. of gradients whose rows sum to zero) can leave the
         # iterate indefinite beyond float64 rounding: projected onto the PSD cone in the finish
+        if eig.low:  # the accuracy allows the float32 solve's own answer: finished in float32
+            f = finish(F32, side, eig, psd=psd_sum(Fn))
+            note = (f"finished in float32: the error-gap bound {stop.bound:.2g} includes the "
+                    f"float32 copy's rounding of F",)
+            return Solution(Factors(xp.astype(f.left, Fn.dtype), xp.astype(f.right, Fn.dtype),
+                                    to_float(f.sigma), f.notes + note), eig, "lanczos[float32]")
         return Solution(finish(Fn, side, eig, psd=psd_sum(Fn)), eig, "lanczos[float32]")
     x0 = _initial(Fn, init, seed, side)
     if method == "lanczos":
@@ -488,6 +501,25 @@ def _low_image_error(Fn: KronSum) -> float:
     64·ε₃₂ of θ (measured: 2–3·ε₃₂ on the benchmark's conv and outer families, whose float32
     copies round the inputs and accumulate over K·T = 2048–4096 terms)."""
     return 64 * float(Fn.xp.finfo(Fn.xp.float32).eps)
+
+
+def _float32_answer_floor(F32: KronSum, stop: Stop):
+    """For an ``accuracy`` that float32 can meet (at least 64·ε₃₂), ``θ₁ ↦`` the bound of what
+    the float32 copy ``F32`` of F adds to ``(‖F − F̂‖ − optimal)/‖F‖``: F moves by at most
+    ``δ = 3ε₃₂·S`` (:meth:`KronSum._rounding_scale`, summed in float32 and widened by 0.1 %
+    for that sum's own rounding), which moves both the answer's error and the optimum by at
+    most δ; ``‖F‖ ≥ σ₁ ≥ √θ₁ − δ``. ``None`` (the float64 check always runs) for a tighter
+    ``accuracy``."""
+    eps32 = float(F32.xp.finfo(F32.xp.float32).eps)
+    if stop.accuracy is None or stop.accuracy < 64 * eps32:
+        return None
+    delta = 3 * eps32 * F32._rounding_scale() * 1.001
+
+    def floor(th1: float) -> float:
+        lower = math.sqrt(th1) - delta
+        return 2 * delta / lower if lower > 0 else math.inf
+
+    return floor
 
 
 def _float32_iterations(F: KronSum) -> bool:

@@ -510,6 +510,27 @@ class KronSum:
             total = total + xp.sum((w[i0:i1] @ self._pair_gram(i0, i1, Xf)) * w)
         return total
 
+    def _rounding_scale(self) -> float:
+        """``S = Σ_k |w_k| β_k`` with ``β_k`` the inputs' magnitude in term k: ``‖g_k‖²‖a_k‖²``
+        (outer), ``‖G_k‖²_F ‖A_k‖²_F`` (conv), ``‖L_k‖_F ‖R_k‖_F`` (terms); sums add their parts'.
+        Rounding every input (weights included) to a precision of unit roundoff ``u`` moves F by
+        at most ``5u·S`` to first order (outer and conv: ``4u`` from the two sides' products and
+        ``u`` from the weight; terms ``3u``), so by at most ``3ε·S`` with ``ε = 2u``. Cost
+        O(K·T·(m + n)) (terms O(K(m² + n²))); a host float."""
+        if self.form == "sum":
+            return sum(P._rounding_scale() for P in self.parts)
+        xp = self._xp
+        K = self.num_terms
+        if self.form == "terms":
+            L2 = xp.reshape(self.L, (K, self.m * self.m))
+            R2 = xp.reshape(self.R, (K, self.n * self.n))
+            beta = xp.sqrt(row_sq_norms(L2, xp) * row_sq_norms(R2, xp))
+        else:
+            G2 = xp.reshape(self.G, (K, -1))
+            A2 = xp.reshape(self.A, (K, -1))
+            beta = row_sq_norms(G2, xp) * row_sq_norms(A2, xp)
+        return to_float(xp.sum(xp.abs(self.weights) * beta))
+
     def _pair_gram(self, i0: int, i1: int, Xf: Array | None = None) -> Array:
         """Rows i0:i1 of the K×K matrix ``⟨L_k, L_l⟩⟨R_k, R_l⟩``; conv form: from ``Xf``, the
         flattened per-sample matrices (K, m·n), formed here when ``None``."""

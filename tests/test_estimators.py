@@ -506,6 +506,55 @@ def test_float32_iterations_meet_the_float64_accuracy(shape, kind):
     np.testing.assert_allclose(float(est.scale), float(plain.scale), rtol=1e-8)
 
 
+@pytest.mark.parametrize("form", ["outer", "conv"])
+@pytest.mark.parametrize("accuracy", [1e-4, 1e-3])
+def test_a_loose_accuracy_takes_the_float32_answer_within_its_bound(form, accuracy):
+    """At an optimiser's accuracy, a large float64 block's float32 solve may be returned
+    itself (finished in float32, without the float64 check) when its bound, which adds the
+    float32 copy's rounding of F, meets the accuracy: the answer is then within that bound of
+    the optimum, float64, PSD, with the sign rule, and its note says so; at a tight accuracy
+    the float64 check runs as before."""
+    if form == "outer":
+        G, A = random_inputs("outer", 2400, 130, 120, seed=3, kind="heavy")
+        F = ks.KronSum.from_outer(G, A, np.linspace(0.5, 2.0, 2400))
+    else:  # few positions: the conv rounding bound ‖G_k‖²‖A_k‖² is tight enough
+        G, A = random_inputs("conv", 700, 100, 130, T=4, seed=3, kind="heavy")
+        F = ks.KronSum.from_conv(G, A)
+    est = ks.kfoc(F, method="lanczos", accuracy=accuracy)
+    notes = " ".join(est.info.notes)
+    assert est.info.method == "kfoc/lanczos[float32]" and est.info.converged, est.info
+    assert "finished in float32" in notes, est.info
+    assert est.left.dtype == est.right.dtype == np.float64
+    assert est.info.error_gap_bound <= accuracy
+    ref = ks.kfoc(F, method="lanczos", tol=1e-12)
+    normF = float(F.frobenius_norm())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ks.AccuracyWarning)
+        gap = (float(ks.frobenius_error(F, est)) - float(ks.frobenius_error(F, ref))) / normF
+    assert gap <= est.info.error_gap_bound, (gap, est.info)
+    for factor in (est.left, est.right):
+        np.testing.assert_allclose(factor, factor.T, rtol=0, atol=1e-12)
+        assert np.linalg.eigvalsh(factor).min() >= -1e-6 * np.linalg.norm(factor)
+    assert np.trace(est.left) > 0
+    np.testing.assert_allclose(float(est.scale), float(ref.scale), rtol=10 * accuracy)
+    tight = ks.kfoc(F, method="lanczos", accuracy=1e-6)
+    assert not any("float32" in note for note in tight.info.notes), tight.info
+
+
+def test_the_float32_answer_is_refused_where_rounding_f_could_cost_the_accuracy():
+    """Many positions per sample: rounding the inputs to float32 may move F by about 3e-3 of
+    σ₁ here (the bound from the inputs' magnitudes), so at accuracy 1e-3 the float32 solve
+    is checked and finished in float64; at 1e-2 its own answer is returned with that bound."""
+    G, A = random_inputs("conv", 16, 32, 256, T=64, seed=4)
+    F = ks.KronSum.from_conv(G, A)
+    checked = ks.kfoc(F, method="lanczos", accuracy=1e-3)
+    assert checked.info.method == "kfoc/lanczos[float32]"
+    assert not any("float32" in note for note in checked.info.notes), checked.info
+    loose = ks.kfoc(F, method="lanczos", accuracy=1e-2)
+    assert any("finished in float32" in note for note in loose.info.notes), loose.info
+    assert 1e-3 < loose.info.error_gap_bound <= 1e-2
+
+
 @pytest.mark.parametrize("method", ["auto", "gram", "lanczos", "power"])
 def test_a_start_at_a_smaller_singular_pair_is_not_returned(method):
     """TKFAC's start ∝ I is an eigenvector of the smaller singular pair here (σ = 2 against

@@ -74,7 +74,11 @@ def materialise_outer(G: np.ndarray, A: np.ndarray):
 
 @contextlib.contextmanager
 def blas_threads(n: int | None):
-    """Limit BLAS threads inside the block (``None``: leave the default)."""
+    """Limit BLAS threads inside the block (``None``: leave the default).
+
+    threadpoolctl limits the BLAS libraries loaded when the block is entered: SciPy's (its own
+    OpenBLAS, which kronsum's ``trmm`` route imports on first use) is loaded first, so that it
+    does not run, and spin, on every core inside the block."""
     if n is None:
         yield
         return
@@ -83,6 +87,10 @@ def blas_threads(n: int | None):
     except ImportError:  # pragma: no cover
         yield
         return
+    try:
+        import scipy.linalg  # noqa: F401
+    except ImportError:  # pragma: no cover
+        pass
     with threadpool_limits(limits=n, user_api="blas"):
         yield
 
