@@ -46,6 +46,15 @@ class _Floor:
 
     track_cpu_ratio.unit = "kfoc / kfac CPU time"
 
+    def track_cpu_ratio_accuracy_1e4(self, shape, family):
+        """The same at an optimiser's accuracy, ``kfoc(F, accuracy=1e-4)``."""
+        with blas_threads(1):
+            t = interleaved({"kfac": lambda: ks.kfac(self.F),
+                             "kfoc": lambda: ks.kfoc(self.F, accuracy=1e-4)}, 5)
+        return t["kfoc"]["cpu_s"] / t["kfac"]["cpu_s"]
+
+    track_cpu_ratio_accuracy_1e4.unit = "kfoc / kfac CPU time"
+
 
 class OuterFloor(_Floor):
     params = (_OUTER, list(OUTER_FAMILIES))
