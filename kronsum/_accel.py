@@ -125,9 +125,12 @@ def eig_quadratic_sum(P: Array, Q: Array, M: Array | None, w: Array) -> Array:
         if idx.size == 0:
             continue
         PV = P if V is None else np.reshape(np.reshape(P, (K * T, p)) @ V[:, idx], (K, T, idx.size))
-        # the weights scale the (K, T, p_s) PV, not the (K, p_s, q) rows: q/T times fewer products
-        PV = PV * np.sqrt(w[:, None, None] * np.abs(d[idx])[None, None, :]).astype(P.dtype)
+        scale = np.sqrt(w[:, None] * np.abs(d[idx])[None, :]).astype(P.dtype)  # (K, p_s)
+        if T < q:  # the weights scale the smaller of PV (K, T, p_s) and the rows (K, p_s, q)
+            PV = PV * scale[:, None, :]
         Z = np.matmul(np.swapaxes(PV, 1, 2), Q)  # (K, p_s, q): the rows √(w_k|d_i|) (P_k v_i)ᵀ Q_k
+        if T >= q:
+            Z *= scale[:, :, None]
         Z2 = Z.reshape(K * idx.size, q)
         part = Z2.T @ Z2
         del PV, Z, Z2  # one sign's rows alive at a time

@@ -110,16 +110,16 @@ def _cost_key(F: KronSum) -> tuple:
     rows = F.num_terms * (F.num_positions if F.form == "conv" else 1)
     return (F.form, parts, F.num_terms, F.num_positions, F.m, F.n, F.dtype == xp.float32,
             _float32_iterations(F), numba_enabled(xp, F.weights), syrk_available(xp),
-            trmm_pays(rows, F.m, xp), trmm_pays(rows, F.n, xp))
+            trmm_pays(rows, F.m, xp), trmm_pays(rows, F.n, xp), F._per_sample_pays())
 
 
 @functools.lru_cache(maxsize=256)
 def _modelled(key: tuple) -> tuple[float, float]:
     """``(gram, lanczos)`` modelled seconds for a :func:`_cost_key` (a pure function of it,
     cached: layers of one network repeat their shapes at every refresh)."""
-    form, parts, K, T, m, n, f32, f32_iterations, numba, syrk, trmm_m, trmm_n = key
+    form, parts, K, T, m, n, f32, f32_iterations, numba, syrk, trmm_m, trmm_n, per_sample = key
     if form == "conv":
-        return _conv_costs(K, T, m, n, f32 or f32_iterations, syrk, (trmm_m, trmm_n))
+        return _conv_costs(K, T, m, n, f32 or f32_iterations, syrk, (trmm_m, trmm_n), per_sample)
     # the two Gram matrices: outer × outer blocks from the statistics, the others from the terms
     build = sum(Ki * Kj * ((m + n) if fi == fj == "outer" else (m * m + n * n))
                 for Ki, fi in parts for Kj, fj in parts) / 2
@@ -144,21 +144,23 @@ def _modelled(key: tuple) -> tuple[float, float]:
 
 
 def _conv_costs(K: int, T: int, m: int, n: int, f32_iterations: bool, syrk: bool,
-                trmm: tuple[bool, bool] = (False, False)) -> tuple[float, float]:
+                trmm: tuple[bool, bool] = (False, False), per_sample: bool = False) -> tuple[float, float]:
     """The conv form: the Gram solver on per-sample ``T × T`` coefficients (its two ``KT × KT``
     Gram matrices, two batched block products of ``K²T³`` per application, two weighted Gram
     products of ``KT`` rows to finish) against Lanczos on the contractions (each the cheapest
     association of :meth:`KronSum.contract_left`; float32 iterations halve them). ``trmm``:
-    whether the (m, m) and the (n, n) factor's products per position go through ``trmm``."""
+    whether the (m, m) and the (n, n) factor's products per position go through ``trmm``;
+    ``per_sample``: whether the solve holds ``X_k = G_kᵀA_k`` (formed once, ``KTmn``)."""
     its = _EXPECTED_APPLICATIONS
     rows = K * T
     gram = ((rows * rows * (m + n) / 2 + rows * (m * m + n * n) / 2) * _SEC_PER_GEMM_MAC
             + (its + 2) * 4 * K * K * T ** 3 * _SEC_PER_BLOCK_MAC + (its + 2) * 2 * _SEC_PER_CALL)
 
     def contraction(p, q, trmm_p):  # Σ_k Y_kᵀ M Y_k from side p to side q, the cheapest association
-        return K * min(conv_contraction_costs(K, T, p, q, syrk=syrk, trmm=trmm_p).values())
+        return K * min(conv_contraction_costs(K, T, p, q, syrk=syrk, trmm=trmm_p, per_sample=per_sample).values())
 
-    lanczos = (its + 1) * (contraction(m, n, trmm[0]) + contraction(n, m, trmm[1])) * _SEC_PER_CONTRACTION_MAC
+    lanczos = ((its + 1) * (contraction(m, n, trmm[0]) + contraction(n, m, trmm[1]))
+               + (K * T * m * n if per_sample else 0)) * _SEC_PER_CONTRACTION_MAC
     if f32_iterations:
         lanczos /= 2
     lanczos += (2 * its + 2) * _SEC_PER_CALL
@@ -446,6 +448,7 @@ def _solve_factors(Fn: KronSum, method: str, init, seed, stop: Stop, max_iter: i
     :func:`_mixed_precision` says so (route ``"lanczos[float32]"``)."""
     xp = Fn.xp
     side = "left" if Fn.m <= Fn.n else "right"
+    Fn = Fn._with_per_sample()  # conv: X_k = G_kᵀA_k formed once where they fit
     if method == "lanczos" and stop.accuracy is not None and _norm_pays(Fn):
         # ‖F‖² bounds the answer's error from below: the error-gap bound becomes proven, or
         # far tighter when K-FOC explains little of ‖F‖² (the estimate's 2√θ₂ ≪ ‖F − F̂‖)
@@ -453,6 +456,8 @@ def _solve_factors(Fn: KronSum, method: str, init, seed, stop: Stop, max_iter: i
         stop.f2_err = Fn.num_terms * Fn.num_positions ** 2 * float(xp.finfo(Fn.dtype).eps) * abs(stop.f2)
     if method == "lanczos" and _mixed_precision(Fn, stop):
         F32 = Fn.astype(xp.float32)  # a float32 copy of the inputs for the solve
+        if Fn._Xp is not None:  # and of the per-sample matrices, rounded from float64
+            F32 = F32._with_per_sample(xp.astype(Fn._Xp, xp.float32))
         floor = _float32_answer_floor(F32, stop)
         eig = lanczos_two_precision(
             contraction_space(F32, side, keep_aux=floor is not None and aux_fits(F32, side)),

@@ -22,7 +22,8 @@ from typing import Any, Sequence
 
 from ._accel import (TRMM_TIME, eig_quadratic_sum, quadratic_blocks, quadratic_rows, row_gram, row_sq_norms,
                      symmetric_to_rounding, syrk_available, trmm_pays, weighted_gram)
-from ._compat import (Array, count, device_of, host_floats, is_dask_namespace, max_abs, namespace,
+from ._compat import (Array, count, device_of, host_floats, is_dask_namespace, is_numpy_namespace, max_abs,
+                      namespace,
                       persist_all, to_float, trace)
 from ._validation import (DEFAULT_MAX_ELEMENTS, check_array, check_dense_size, check_finite_values,
                           check_in_range, check_real, check_weights)
@@ -56,7 +57,7 @@ class KronSum:
     True
     """
 
-    __slots__ = ("form", "weights", "L", "R", "G", "A", "symmetric", "parts", "_xp")
+    __slots__ = ("form", "weights", "L", "R", "G", "A", "symmetric", "parts", "_xp", "_Xp")
 
     def __init__(self, form: str, weights: Array, *, L=None, R=None, G=None, A=None,
                  symmetric: bool, _xp: Any, parts: tuple = ()):
@@ -68,6 +69,7 @@ class KronSum:
         self.symmetric = symmetric
         self.parts = parts
         self._xp = _xp
+        self._Xp = None  # conv: the per-sample matrices, (m, K, n), when held (_with_per_sample)
 
     # -- sums of sums ------------------------------------------------------------------
     @classmethod
@@ -383,16 +385,22 @@ class KronSum:
         K, T, p = P.shape
         q = Q.shape[-1]
         w = self.weights[:, None, None]
+        held = self._Xp is not None
         costs = conv_contraction_costs(K, T, p, q, identity=M is None, syrk=syrk_available(xp),
-                                       trmm=trmm_pays(K * T, p, xp))
-        if costs.get("rows", math.inf) < min(costs["positions"], costs["samples"]) and (M is None or symmetric_to_rounding(M)):
+                                       trmm=trmm_pays(K * T, p, xp), per_sample=held)
+        if held:
+            best = min(costs, key=costs.get)
+            if best != "positions":
+                rows = best == "held-rows" and (M is None or symmetric_to_rounding(M))
+                return _per_sample_contract(self._Xp, M, left=P is self.G, rows=rows, xp=xp)
+        elif costs.get("rows", math.inf) < min(costs["positions"], costs["samples"]) and (M is None or symmetric_to_rounding(M)):
             return eig_quadratic_sum(P, Q, M, self.weights)
-        if costs["positions"] <= costs["samples"]:
+        if held or costs["positions"] <= costs["samples"]:
             B = w * (P @ xp.matrix_transpose(P) if M is None else quadratic_blocks(P, M, xp))  # w_k P_k M P_kᵀ
             C = B @ Q  # (K, T, q); the weights folded into B: one array of the inputs' size
             return xp.matrix_transpose(xp.reshape(Q, (K * T, q))) @ xp.reshape(C, (K * T, q))
         Y = xp.matrix_transpose(P) @ Q  # (K, p, q)
-        MY = w * Y if M is None else (w * M) @ Y
+        MY = w * Y if M is None else w * (M @ Y)  # not (w·M) @ Y: no (K, p, p) array
         Yt = xp.reshape(Y, (K * p, q))
         return xp.matrix_transpose(Yt) @ xp.reshape(MY, (K * p, q))
 
@@ -401,6 +409,44 @@ class KronSum:
         """``X_k = G_kᵀ A_k``, shape (K, m, n). Materialises K·m·n numbers."""
         xp = self._xp
         return xp.matrix_transpose(self.G) @ self.A
+
+    def _per_sample_pays(self) -> bool:
+        """Whether a solve on this conv sum should hold its weighted per-sample matrices
+        (:meth:`_with_per_sample`): their K·m·n numbers are at most the inputs' K·T·(m + n)
+        (``mn ≤ T(m + n)``), not on Dask (whose contractions are one map-reduce over the
+        inputs' chunks), and the contractions they make cheaper save, over three
+        applications, more than forming them costs (``KTmn``; :func:`conv_contraction_costs`)."""
+        if self.form != "conv" or is_dask_namespace(self._xp):
+            return False
+        K, T, m, n = self.num_terms, self.num_positions, self.m, self.n
+        if m * n > T * (m + n):
+            return False
+        xp = self._xp
+        saved = 0.0
+        for p, q in ((m, n), (n, m)):
+            kw = dict(syrk=syrk_available(xp), trmm=trmm_pays(K * T, p, xp))
+            saved += (min(conv_contraction_costs(K, T, p, q, **kw).values())
+                      - min(conv_contraction_costs(K, T, p, q, per_sample=True, **kw).values()))
+        return 3 * saved > T * m * n
+
+    def _with_per_sample(self, Xp: Array | None = None) -> "KronSum":
+        """The same conv sum holding ``√w_k X_k`` (``X_k = G_kᵀA_k``) in the layout (m, K, n)
+        (``Xp``, or computed: ``K·T·m·n`` multiply-adds), so that every contraction may take
+        them instead of forming the per-sample products again (:func:`_per_sample_contract`);
+        ``self`` where that does not pay (:meth:`_per_sample_pays`)."""
+        if not self._per_sample_pays():
+            return self
+        xp = self._xp
+        out = KronSum(self.form, self.weights, G=self.G, A=self.A, symmetric=self.symmetric, _xp=xp)
+        if Xp is None:
+            sw = xp.sqrt(self.weights)[:, None, None]
+            Xp = xp.permute_dims((xp.matrix_transpose(self.G) @ self.A) * sw, (1, 0, 2))
+            if is_numpy_namespace(xp):
+                import numpy as np
+
+                Xp = np.ascontiguousarray(Xp)
+        out._Xp = Xp
+        return out
 
     # -- dense views -----------------------------------------------------------------------
     def _rearranged_rows(self, i0: int, i1: int) -> Array:
@@ -503,7 +549,12 @@ class KronSum:
         xp = self._xp
         w = self.weights
         K = self.num_terms
-        Xf = xp.reshape(self._conv_X(), (K, self.m * self.n)) if self.form == "conv" else None
+        Xf = None
+        if self.form == "conv" and self._Xp is not None:  # the held √w_k X_k: weights folded in
+            Xf = xp.reshape(xp.permute_dims(self._Xp, (1, 0, 2)), (K, self.m * self.n))
+            w = xp.ones_like(w)
+        elif self.form == "conv":
+            Xf = xp.reshape(self._conv_X(), (K, self.m * self.n))
         total = xp.zeros((), dtype=self.dtype, device=self.device)
         for i0 in range(0, K, _CHUNK):
             i1 = min(K, i0 + _CHUNK)
@@ -692,8 +743,47 @@ _POW2_RANGE = (2.0**-30, 2.0**30)
 _POW2_RANGE_32 = (2.0**-8, 2.0**8)
 
 
+def _per_sample_contract(Xp: Array, M: Array | None, *, left: bool, rows: bool, xp: Any) -> Array:
+    """``Σ_k Z_kᵀ M Z_k`` (``left``: M (m, m), the (n, n) result of ``contract_left``) or
+    ``Σ_k Z_k M Z_kᵀ`` (M (n, n), the (m, m) result of ``contract_right``) from the held
+    weighted per-sample matrices ``Z_k = √w_k X_k``, ``Xp`` (m, K, n); ``M=None`` is the
+    identity. Each is one or two products over all samples: in this layout the sums over k
+    and over X's rows are one contraction. ``rows`` (NumPy, symmetric ``M``):
+    ``M = V diag(d) Vᵀ`` (one ``eigh``) and the Gram product of the rows ``√|d_i| v_iᵀZ_k``
+    (or the columns ``√|d_i| Z_k v_i``) of each sign of ``d`` (``syrk``: half the
+    multiply-adds of the second product); the identity is one such Gram product."""
+    m, K, n = Xp.shape
+    X2 = xp.reshape(Xp, (m, K * n))
+    Xr = xp.reshape(Xp, (m * K, n))
+    if M is not None and not rows:
+        if left:
+            return xp.matrix_transpose(Xr) @ xp.reshape(M @ X2, (m * K, n))
+        return xp.reshape(Xr @ M, (m, K * n)) @ xp.matrix_transpose(X2)
+    if M is None:
+        return xp.matrix_transpose(Xr) @ Xr if left else X2 @ xp.matrix_transpose(X2)
+    import numpy as np
+
+    d, V = np.linalg.eigh(M)
+    out = None
+    for sel, sign in ((d < 0, -1.0), (d > 0, 1.0)):
+        if not sel.any():
+            continue
+        sd = np.sqrt(np.abs(d[sel])).astype(Xp.dtype)
+        if left:  # rows √|d_i| v_iᵀ Z_k (length n), as (p_s·K, n)
+            Z = np.reshape((V[:, sel] * sd).T @ X2, (-1, n))
+            part = Z.T @ Z
+        else:  # columns √|d_i| Z_k v_i (length m), as (m, K·p_s)
+            Z = np.reshape(Xr @ (V[:, sel] * sd), (m, -1))
+            part = Z @ Z.T
+        del Z
+        out = (part if sign > 0 else np.negative(part, out=part)) if out is None else (
+            out + part if sign > 0 else out - part)
+    d_out = n if left else m
+    return np.zeros((d_out, d_out), dtype=Xp.dtype) if out is None else out
+
+
 def conv_contraction_costs(K: int, T: int, p: int, q: int, *, identity: bool = False,
-                           syrk: bool = False, trmm: bool = False) -> dict:
+                           syrk: bool = False, trmm: bool = False, per_sample: bool = False) -> dict:
     """Multiply-adds per sample of each association of the conv contraction
     ``Σ_k w_k Y_kᵀ M Y_k`` (``Y_k = P_kᵀQ_k``, ``M`` (p, p), ``identity``: ``M = I``):
     ``"positions"`` through ``P_k M P_kᵀ``, ``"samples"`` through ``Y_k``, and with ``syrk``
@@ -701,12 +791,21 @@ def conv_contraction_costs(K: int, T: int, p: int, q: int, *, identity: bool = F
     about ``12p³ + 5·10⁵`` multiply-adds at a GEMM's speed on one BLAS thread, shared by the K
     samples; ``trmm``: the positions route's ``P_k M`` through ``trmm``,
     :func:`kronsum._accel.quadratic_blocks`, at :data:`kronsum._accel.TRMM_TIME` of a gemm).
-    The one cost model of :meth:`KronSum._conv_contract` and K-FOC's method choice."""
+    ``per_sample``: the per-sample matrices are held (:meth:`KronSum._with_per_sample`), which
+    replaces ``"samples"`` and ``"rows"`` by ``"held"`` and ``"held-rows"`` (the same
+    associations without forming ``Y_k``). The one cost model of
+    :meth:`KronSum._conv_contract` and K-FOC's method choice."""
     m_cost = 0 if identity else p * p
-    out = {"positions": T * m_cost * (TRMM_TIME if trmm else 1) + T * T * (p + q) + T * q * q,
-           "samples": T * p * q + m_cost * q + p * q * q}
+    out = {"positions": T * m_cost * (TRMM_TIME if trmm else 1) + T * T * (p + q) + T * q * q}
+    eig = (0 if identity else 12 * p ** 3 + 5e5) / K
+    if per_sample:
+        out["held"] = m_cost * q + (p * q * q / 2 if identity else p * q * q)
+        if syrk:
+            out["held-rows"] = m_cost * q + p * q * q / 2 + eig
+        return out
+    out["samples"] = T * p * q + m_cost * q + p * q * q
     if syrk:
-        out["rows"] = T * m_cost + T * p * q + p * q * q / 2 + (0 if identity else 12 * p ** 3 + 5e5) / K
+        out["rows"] = T * m_cost + T * p * q + p * q * q / 2 + eig
     return out
 
 

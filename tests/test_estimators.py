@@ -555,6 +555,30 @@ def test_the_float32_answer_is_refused_where_rounding_f_could_cost_the_accuracy(
     assert 1e-3 < loose.info.error_gap_bound <= 1e-2
 
 
+@pytest.mark.parametrize("shape", [(40, 32, 4, 6), (40, 32, 6, 4), (1000, 16, 8, 73), (1000, 16, 73, 8)],
+                         ids=["left", "right", "left-wide", "right-wide"])
+@pytest.mark.parametrize("method", ["lanczos", "power"])
+def test_conv_blocks_with_many_positions_reach_the_optimum(shape, method):
+    """Many positions per sample and small factors (like a small CNN's convolutions): the
+    solve forms the weighted per-sample matrices √w_k G_kᵀA_k once and contracts through
+    them — by products over all samples, or, for a wide side and many samples, by the Gram
+    product of the rows of the factor's eigenvectors; the answer is the SVD optimum."""
+    K, T, m, n = shape
+    G, A = random_inputs("conv", K, m, n, T=T, seed=7)
+    w = np.random.default_rng(8).random(K)
+    w[0] = 0.0
+    F = ks.KronSum.from_conv(G, A, w)
+    V = np.reshape(np.swapaxes(G, 1, 2) @ A, (K, m * n))  # rows vec(X_k), X_k = G_kᵀA_k
+    D = (V.T * w) @ V  # F = Σ_k w_k vec(X_k) vec(X_k)ᵀ
+    opt, s = svd_optimum(D, m, n)
+    est = ks.kfoc(F, method=method)
+    err = float(np.linalg.norm(D - est.to_dense()))
+    assert (err - opt) / np.linalg.norm(D) <= 1e-8, est.info
+    np.testing.assert_allclose(float(est.scale), s[0], rtol=1e-7)
+    for factor in (est.left, est.right):
+        assert np.linalg.eigvalsh(factor).min() >= -1e-12
+
+
 @pytest.mark.parametrize("method", ["auto", "gram", "lanczos", "power"])
 def test_a_start_at_a_smaller_singular_pair_is_not_returned(method):
     """TKFAC's start ∝ I is an eigenvector of the smaller singular pair here (σ = 2 against
