@@ -132,6 +132,35 @@ def test_state_dict_round_trip_gives_the_same_step():
         kt.Preconditioner(model, loss_fn, estimator="kfac").load_state_dict(state)
 
 
+def test_hooks_capture_resumes_from_a_checkpoint_at_the_refresh_it_is_due():
+    """capture='hooks' keeps its hooks on the model only while a refresh is next: a
+    preconditioner restored mid-interval records nothing until its own next refresh, and
+    then records that step's pass."""
+    model, X, y = _setup(4)
+    loss_fn = nn.CrossEntropyLoss()
+    pre = kt.Preconditioner(model, loss_fn, estimator="kfac", update_every=3, damping=0.1,
+                            capture="hooks")
+    for _ in range(2):  # a refresh at step 0, then step 1
+        model.zero_grad()
+        loss_fn(model(X), y).backward()
+        pre.step()
+    state = pre.state_dict()
+    pre.remove()
+    other = kt.Preconditioner(model, loss_fn, estimator="kfac", update_every=3, damping=0.1,
+                              capture="hooks")
+    assert len(model._forward_pre_hooks) == 1  # step 0 of a fresh one is a refresh
+    other.load_state_dict(state)  # step 2: not a refresh
+    assert len(model._forward_pre_hooks) == 0 and len(loss_fn._forward_hooks) == 0
+    model.zero_grad()
+    loss_fn(model(X), y).backward()
+    other.step()
+    assert other.refreshes == 1 and len(model._forward_pre_hooks) == 1  # step 3 refreshes
+    model.zero_grad()
+    loss_fn(model(X), y).backward()
+    other.step()
+    assert other.refreshes == 2 and len(model._forward_pre_hooks) == 0
+
+
 def test_errors_are_clear_and_leave_gradients_alone():
     model, X, y = _setup(5)
     loss_fn = nn.CrossEntropyLoss()
@@ -295,6 +324,7 @@ def test_hooks_capture_records_only_refresh_forward_passes_with_gradients():
     pre = kt.Preconditioner(model, loss_fn, estimator="kfac", update_every=2, damping=0.1,
                             capture="hooks")
     hooks = {name: (len(m._forward_hooks), len(m._forward_pre_hooks)) for name, m in model.named_modules()}
+    assert hooks[""] == (1, 1) and len(loss_fn._forward_hooks) == 1  # a refresh is next
     # an evaluation pass under no_grad is not recorded
     with torch.no_grad():
         loss_fn(model(X), y)
@@ -307,12 +337,16 @@ def test_hooks_capture_records_only_refresh_forward_passes_with_gradients():
     loss_fn(model(X), y).backward()
     pre.step()  # step 0: a refresh from the recorded pass
     assert pre.refreshes == 1
-    # step 1 is not a refresh: the pass is not recorded, and no layer hook stays behind
+    # step 1 is not a refresh: the pass is not recorded, no layer hook stays behind, and the
+    # model and the loss carry no hook of the preconditioner until the next refresh is due
     model.zero_grad()
     loss_fn(model(X), y).backward()
     assert {name: (len(m._forward_hooks), len(m._forward_pre_hooks))
-            for name, m in model.named_modules()} == hooks
+            for name, m in model.named_modules()} == {**hooks, "": (0, 0)}
+    assert len(loss_fn._forward_hooks) == 0
     pre.step()
+    assert {name: (len(m._forward_hooks), len(m._forward_pre_hooks))
+            for name, m in model.named_modules()} == hooks  # step 2 refreshes: armed again
     with pytest.raises(ValueError, match="without the batch"):
         pre.step(X, y)
     pre.remove()  # no hook of the preconditioner is left on the model or the loss

@@ -189,7 +189,8 @@ class Preconditioner:
         self._run: Any = None  # capture="hooks": the recording forward pass (layers' hooks on)
         self._layer_hooks: list = []
         self._captured: dict | None = None  # its blocks, once loss_fn ran on its output
-        self._hooks: list = []
+        self._hooks: list = []  # on the model and the loss while a refresh step is next
+        self._removed = False  # remove() was called: nothing is recorded any more
         if capture == "hooks":
             from .torch import _check_options
 
@@ -200,13 +201,24 @@ class Preconditioner:
                     "tensor given to loss_fn, which CrossEntropyLoss takes as (N, C, ...) logits, "
                     "so class_dim does not apply here (leave it 1; it describes the model's output "
                     "for capture='batch')")
-            self._hooks = [
-                model.register_forward_pre_hook(self._record_forward),
-                model.register_forward_hook(self._end_forward, always_call=True),
-                loss_fn.register_forward_hook(self._record_loss),
-            ]
+            self._arm()
 
     # -- capture="hooks" -----------------------------------------------------------------
+    def _arm(self) -> None:
+        """Hooks on the model and the loss exactly while the next :meth:`step` refreshes
+        (:meth:`due`): the other steps' passes run without any (no per-pass cost)."""
+        want = self.capture == "hooks" and not self._removed and self.due()
+        if want and not self._hooks:
+            self._hooks = [
+                self.model.register_forward_pre_hook(self._record_forward),
+                self.model.register_forward_hook(self._end_forward, always_call=True),
+                self.loss_fn.register_forward_hook(self._record_loss),
+            ]
+        elif not want and self._hooks:
+            for h in self._hooks:
+                h.remove()
+            self._hooks = []
+
     def _record_forward(self, module: Any, args: tuple) -> None:
         """Before a forward pass of the model: on a refresh step, install the layers' hooks."""
         from .torch import _batch_size, _install
@@ -228,12 +240,12 @@ class Preconditioner:
     def _record_loss(self, module: Any, args: tuple, loss: Any) -> None:
         """``loss_fn(output, targets)`` after a recording forward pass: the Fisher type's
         backward passes now, with the graph kept for the user's own backward."""
-        from .torch import _blocks, _start
-        from ._torch_losses import loss_spec
-
         run, self._run = self._run, None
         if run is None:
             return
+        from .torch import _blocks, _start
+        from ._torch_losses import loss_spec
+
         out = args[0]
         targets = args[1] if len(args) > 1 else None
         kw = self._collect_kw
@@ -251,10 +263,9 @@ class Preconditioner:
     def remove(self) -> None:
         """Take every hook of ``capture="hooks"`` off the model and the loss (a no-op for
         ``capture="batch"``); :meth:`step` then needs the batch no more and records nothing."""
+        self._removed = True
         self._drop_layer_hooks()
-        for h in self._hooks:
-            h.remove()
-        self._hooks = []
+        self._arm()
         self._run = None
 
     # -- the step ------------------------------------------------------------------------
@@ -286,7 +297,7 @@ class Preconditioner:
                         f"{self.update_every}) but no statistics were recorded: with "
                         "capture='hooks', run the model's forward pass with gradients enabled and "
                         "compute the loss by calling the loss_fn given to the Preconditioner on "
-                        "its output before step()" + ("" if self._hooks else
+                        "its output before step()" + ("" if not self._removed else
                                                       " (the hooks were removed by remove())"))
                 blocks, self._captured = self._captured, None
             elif inputs is None:
@@ -358,6 +369,7 @@ class Preconditioner:
             for _, spec, W, b, _, P in jobs:
                 _write_block(spec, P if nu == 1.0 else P * nu, W, b)
         self.steps += 1
+        self._arm()
 
     @property
     def estimates(self) -> dict:
@@ -392,6 +404,7 @@ class Preconditioner:
                     if r.estimate is not None}
         self._running, self._inverses, self._params = running, inverses, None
         self.steps, self.refreshes = int(state["steps"]), int(state["refreshes"])
+        self._arm()
 
     def __repr__(self) -> str:
         return (f"Preconditioner(estimator={self.estimator!r}, fisher={self.fisher!r}, "
