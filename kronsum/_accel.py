@@ -34,7 +34,7 @@ import array_api_compat
 from ._compat import Array, is_numpy_namespace
 from ._config import _options, numba_importable
 
-__all__ = ["gram", "row_gram", "row_sq_norms", "row_dots", "weighted_gram", "quadratic_rows", "quadratic_blocks", "trmm_pays", "TRMM_TIME",
+__all__ = ["gram", "row_gram", "row_sq_norms", "row_dots", "weighted_gram", "eig_gram", "quadratic_rows", "quadratic_blocks", "trmm_pays", "TRMM_TIME",
            "symmetric_to_rounding", "numba_enabled", "numba_kernels", "via_numpy_on_cpu", "cuda_graph",
            "clear_cuda_graphs"]
 
@@ -98,49 +98,64 @@ def weighted_gram(V: Array, c: Array, xp: Any, alpha: Any = None) -> Array:
     return Bp.T @ Bp - Bn.T @ Bn
 
 
-def eig_quadratic_sum(P: Array, Q: Array, M: Array | None, w: Array) -> Array:
-    """``Σ_k w_k Y_kᵀ M Y_k`` with ``Y_k = P_kᵀ Q_k``, for ``P`` (K, T, p), ``Q`` (K, T, q), a
-    symmetric ``M`` (p, p) (``None``: the identity) and non-negative weights ``w`` (K,; a
-    :class:`~kronsum.KronSum`'s are), on NumPy.
-
-    With ``M = V diag(d) Vᵀ`` (one ``eigh``) the sum is the weighted Gram product of the
-    ``K·p`` rows ``z_ki = (P_k v_i)ᵀ Q_k`` with weights ``w_k d_i``: ``syrk`` over the rows of
-    each sign, ``K·p·q²/2`` multiply-adds instead of the ``K·p·q²`` of ``Σ_k Y_kᵀ (M Y_k)``,
-    and a result symmetric bit for bit. The rows of each sign of ``d`` are computed apart, so
-    they take ``K·p·q`` numbers and nothing is copied. Cost ``K(T p² + T p q) + K p q²/2``
-    plus the ``eigh``; the caller decides that it
-    pays (:func:`syrk_available`) and that ``M`` is symmetric.
-    """
+def eig_gram(M: Array, rows_of: Callable[[Array], Array]) -> Array | None:
+    """``Σ_{±} ± ZᵀZ`` over the signs of the eigenvalues of a symmetric NumPy ``M`` (p, p):
+    with ``M = V diag(d) Vᵀ`` (one ``eigh``), ``Z = rows_of(V_s diag(√|d_s|))`` for the
+    eigenvectors ``V_s`` (p, p_s) of each sign, a 2-D array of rows whose Gram product NumPy
+    hands to ``syrk`` (half the multiply-adds of a ``gemm``; symmetric bit for bit). One
+    sign's rows are alive at a time. ``None`` when ``d`` has no non-zero entry (a zero
+    ``M``). The one signed-Gram routine of the contractions' row routes
+    (:func:`eig_quadratic_sum`, the held per-sample matrices)."""
     import numpy as np
 
-    K, T, p = P.shape
-    q = Q.shape[-1]
-    if M is None:
-        d, V = np.ones(p, dtype=P.dtype), None
-    else:
-        d, V = np.linalg.eigh(M)
+    d, V = np.linalg.eigh(M)
     out = None
     for sel, sign in ((d < 0, -1.0), (d > 0, 1.0)):  # eigh's d is ascending: two slices
-        idx = np.flatnonzero(sel)
-        if idx.size == 0:
+        if not sel.any():
             continue
-        PV = P if V is None else np.reshape(np.reshape(P, (K * T, p)) @ V[:, idx], (K, T, idx.size))
-        scale = np.sqrt(w[:, None] * np.abs(d[idx])[None, :]).astype(P.dtype)  # (K, p_s)
-        if T < q:  # the weights scale the smaller of PV (K, T, p_s) and the rows (K, p_s, q)
-            PV = PV * scale[:, None, :]
-        Z = np.matmul(np.swapaxes(PV, 1, 2), Q)  # (K, p_s, q): the rows √(w_k|d_i|) (P_k v_i)ᵀ Q_k
-        if T >= q:
-            Z *= scale[:, :, None]
-        Z2 = Z.reshape(K * idx.size, q)
-        part = Z2.T @ Z2
-        del PV, Z, Z2  # one sign's rows alive at a time
+        Z = rows_of(V[:, sel] * np.sqrt(np.abs(d[sel])).astype(V.dtype, copy=False))
+        part = Z.T @ Z
+        del Z
         if out is None:
             out = part if sign > 0 else np.negative(part, out=part)
         elif sign > 0:
             out += part
         else:
             out -= part
-        del part
+    return out
+
+
+def eig_quadratic_sum(P: Array, Q: Array, M: Array | None, w: Array) -> Array:
+    """``Σ_k w_k Y_kᵀ M Y_k`` with ``Y_k = P_kᵀ Q_k``, for ``P`` (K, T, p), ``Q`` (K, T, q), a
+    symmetric ``M`` (p, p) (``None``: the identity) and non-negative weights ``w`` (K,; a
+    :class:`~kronsum.KronSum`'s are), on NumPy.
+
+    With ``M = V diag(d) Vᵀ`` (:func:`eig_gram`) the sum is the signed Gram product of the
+    ``K·p`` rows ``√(w_k|d_i|) (P_k v_i)ᵀ Q_k``: ``syrk``, ``K·p·q²/2`` multiply-adds
+    instead of the ``K·p·q²`` of ``Σ_k Y_kᵀ (M Y_k)``. ``√|d_i|`` scales the eigenvectors
+    and ``√w_k`` the smaller of ``P_k V`` (T × p_s) and the rows (p_s × q). Cost
+    ``K(T p² + T p q) + K p q²/2`` plus the ``eigh``; the caller decides that it pays
+    (:func:`syrk_available`) and that ``M`` is symmetric.
+    """
+    import numpy as np
+
+    K, T, p = P.shape
+    q = Q.shape[-1]
+    sw = np.sqrt(w).astype(P.dtype)
+
+    def rows_of(Vs):  # (K·p_s, q); Vs None: the identity
+        PV = P if Vs is None else np.reshape(np.reshape(P, (K * T, p)) @ Vs, (K, T, Vs.shape[1]))
+        if T < q:
+            PV = PV * sw[:, None, None]
+        Z = np.matmul(np.swapaxes(PV, 1, 2), Q)
+        if T >= q:
+            Z *= sw[:, None, None]
+        return Z.reshape(-1, q)
+
+    if M is None:
+        Z = rows_of(None)
+        return Z.T @ Z
+    out = eig_gram(M, rows_of)
     return np.zeros((q, q), dtype=Q.dtype) if out is None else out
 
 

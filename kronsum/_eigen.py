@@ -111,9 +111,11 @@ class Stop:
         self.bound, self.certified = gap_bound(th1, res * th1, t2, r2, f2, self.f2_err)
         if self.answer_floor is not None and self.accuracy is not None and th1 > 0:
             floor = self.answer_floor(th1)
-            bound, certified = gap_bound(th1, (res + self.answer_slack) * th1, t2, r2, f2, self.f2_err)
+            bound = gap_bound(th1, (res + self.answer_slack) * th1, t2, r2, f2, self.f2_err)[0]
             if bound + floor <= self.accuracy:
-                self.bound, self.certified, self.answer = bound + floor, certified, True
+                # an estimate: the slack for the low precision's operator error is measured,
+                # not proven
+                self.bound, self.certified, self.answer = bound + floor, False, True
                 return True
             if gap_bound(th1, self.answer_slack * th1, t2, r2, f2, self.f2_err)[0] + floor <= self.accuracy / 2:
                 return res <= self.tol
@@ -560,10 +562,24 @@ def _ritz(space: Space, Q: list, MQ: list, coef, AUX: list | None = None) -> tup
     return materialize(x / nx), materialize(Mx / nx), aux
 
 
+@dataclass(frozen=True)
+class LowPrecisionCopy:
+    """A low-precision copy F̃ of F with ``‖F − F̃‖ ≤ delta`` (in the solver's units)."""
+
+    delta: float
+
+    def floor(self, th1: float) -> float:
+        """What solving F̃ instead of F adds to ``(‖F − F̂‖ − optimal)/‖F‖`` at the copy's Ritz
+        value ``th1``: both the answer's error and the optimum move by at most δ, and
+        ``‖F‖ ≥ σ₁ ≥ √θ₁ − δ``; ``inf`` when that lower bound is not positive."""
+        lower = math.sqrt(th1) - self.delta
+        return 2 * self.delta / lower if lower > 0 else math.inf
+
+
 def lanczos_two_precision(low: Space, x0, high: Space, resume: Callable[[], Space], dtype,
                           stop: Stop, max_iter: int, low_image: float | None = None,
                           symmetric: bool = False,
-                          answer_floor: Callable[[float], float] | None = None) -> EigenResult:
+                          rounding: "LowPrecisionCopy | None" = None) -> EigenResult:
     """:func:`lanczos` on ``low`` (the operator in a lower precision, e.g. float32), checked
     and finished on ``high`` (the working precision, with ``apply_aux``).
 
@@ -587,20 +603,24 @@ def lanczos_two_precision(low: Space, x0, high: Space, resume: Callable[[], Spac
     precision's asymmetric rounding, so that the working-precision contractions may take their
     routes for symmetric matrices (:func:`kronsum._accel.symmetric_to_rounding`).
 
-    ``answer_floor(θ₁)`` (a loose ``accuracy``): a bound of what the low-precision copy's
-    rounding of F adds to the error gap. The low solve may then stop on its own bound, its
-    residual widened by ``low_image`` (or 64·ε of the low precision) plus that floor
-    (:class:`Stop`); its answer is returned with ``low=True``, without the working-precision
-    check, and ``stop`` takes its bound.
+    ``rounding`` (a loose ``accuracy``): how far the low-precision copy of F lies from F
+    (:class:`LowPrecisionCopy`). The low solve may then stop on its own bound, its residual
+    widened by ``low_image`` (or 64·ε of the low precision) plus what that distance adds to the
+    error gap (:class:`Stop`); its answer is returned with ``low=True``, without the
+    working-precision check, and ``stop`` takes its bound, an estimate (the allowance for the
+    low precision's operator error is measured, not proven). ``‖F‖²`` (``stop.f2``) is
+    widened by the distance too: the low solve's Ritz values are the copy's.
     """
     xp = high.xp
     stop_low = Stop(max(stop.tol, default_tol(xp, x0.dtype)), stop.accuracy)
     if stop.f2 is not None:  # ‖F‖², widened by the low precision's rounding of the operator
         stop_low.f2 = stop.f2
         stop_low.f2_err = stop.f2_err + 64 * float(xp.finfo(x0.dtype).eps) * abs(stop.f2)
-    if answer_floor is not None and stop.accuracy is not None:
-        stop_low.answer_floor = answer_floor
+    if rounding is not None and stop.accuracy is not None:
+        stop_low.answer_floor = rounding.floor
         stop_low.answer_slack = low_image if low_image is not None else 64 * float(xp.finfo(x0.dtype).eps)
+        if stop.f2 is not None:  # | ‖F̃‖² − ‖F‖² | ≤ 2δ‖F‖ + δ²
+            stop_low.f2_err += 2 * rounding.delta * math.sqrt(abs(stop.f2)) + rounding.delta ** 2
     lo = lanczos(low, x0, stop_low, max_iter)
     if stop_low.answer:
         stop.bound, stop.certified = stop_low.bound, stop_low.certified

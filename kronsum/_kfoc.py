@@ -37,7 +37,7 @@ from ._accel import TRMM_TIME, numba_enabled, syrk_available, trmm_pays, via_num
 from ._closed_forms import _new_kron, _require_sum, kfac
 from ._compat import Array, counted, eye_like, fro_norm, is_dask_namespace, to_float
 from ._config import _options
-from ._eigen import (Factors, Solution, Stop, aux_fits, contraction_space, conv_gram_solve, deflated_top, finish, gram_solve,
+from ._eigen import (Factors, LowPrecisionCopy, Solution, Stop, aux_fits, contraction_space, conv_gram_solve, deflated_top, finish, gram_solve,
                      psd_sum,
                      lanczos, lanczos_two_precision,
                      power, random_like)
@@ -110,7 +110,8 @@ def _cost_key(F: KronSum) -> tuple:
     rows = F.num_terms * (F.num_positions if F.form == "conv" else 1)
     return (F.form, parts, F.num_terms, F.num_positions, F.m, F.n, F.dtype == xp.float32,
             _float32_iterations(F), numba_enabled(xp, F.weights), syrk_available(xp),
-            trmm_pays(rows, F.m, xp), trmm_pays(rows, F.n, xp), F._per_sample_pays())
+            F.form in ("outer", "conv") and trmm_pays(rows, F.m, xp),
+            F.form in ("outer", "conv") and trmm_pays(rows, F.n, xp), F._per_sample_pays())
 
 
 @functools.lru_cache(maxsize=256)
@@ -431,7 +432,8 @@ def kfoc(
     if not conv:
         rule = f"tol {tol:.3g}" + ("" if accuracy is None else f" or an error-gap bound ≤ {accuracy:.3g}")
         notes = notes + (f"not converged: residual {res:.3g}, not below {rule} after {its} applications",)
-    if s2 is not None and sig1 > 0 and s2 >= sig1 * (1 - math.sqrt(xp.finfo(F.dtype).eps)):
+    tie_eps = xp.finfo(xp.float32 if sol.eig.low else F.dtype).eps  # the precision σ's came in
+    if s2 is not None and sig1 > 0 and s2 >= sig1 * (1 - math.sqrt(tie_eps)):
         notes = notes + ("sigma1 == sigma2 to working precision: the optimum is not unique; "
                          "one optimal pair is returned",)
     notes = notes + underflow_notes(sig1, c, "sigma1", xp, F.dtype)
@@ -458,14 +460,14 @@ def _solve_factors(Fn: KronSum, method: str, init, seed, stop: Stop, max_iter: i
         F32 = Fn.astype(xp.float32)  # a float32 copy of the inputs for the solve
         if Fn._Xp is not None:  # and of the per-sample matrices, rounded from float64
             F32 = F32._with_per_sample(xp.astype(Fn._Xp, xp.float32))
-        floor = _float32_answer_floor(F32, stop)
+        rounding = _float32_copy(F32, stop)
         eig = lanczos_two_precision(
-            contraction_space(F32, side, keep_aux=floor is not None and aux_fits(F32, side)),
+            contraction_space(F32, side, keep_aux=rounding is not None and aux_fits(F32, side)),
             _initial(F32, init, seed, side),  # a Kron start is cast
             contraction_space(Fn, side, keep_aux=True),
             lambda: contraction_space(Fn, side, keep_aux=aux_fits(Fn, side)), Fn.dtype, stop, max_iter,
             low_image=_low_image_error(Fn) if side == "left" else None, symmetric=Fn.symmetric,
-            answer_floor=floor)
+            rounding=rounding)
         # the float32 copy's rounding (e.g. of gradients whose rows sum to zero) can leave the
         # iterate indefinite beyond float64 rounding: projected onto the PSD cone in the finish
         if eig.low:  # the accuracy allows the float32 solve's own answer: finished in float32
@@ -508,23 +510,15 @@ def _low_image_error(Fn: KronSum) -> float:
     return 64 * float(Fn.xp.finfo(Fn.xp.float32).eps)
 
 
-def _float32_answer_floor(F32: KronSum, stop: Stop):
-    """For an ``accuracy`` that float32 can meet (at least 64·ε₃₂), ``θ₁ ↦`` the bound of what
-    the float32 copy ``F32`` of F adds to ``(‖F − F̂‖ − optimal)/‖F‖``: F moves by at most
-    ``δ = 3ε₃₂·S`` (:meth:`KronSum._rounding_scale`, summed in float32 and widened by 0.1 %
-    for that sum's own rounding), which moves both the answer's error and the optimum by at
-    most δ; ``‖F‖ ≥ σ₁ ≥ √θ₁ − δ``. ``None`` (the float64 check always runs) for a tighter
-    ``accuracy``."""
+def _float32_copy(F32: KronSum, stop: Stop) -> LowPrecisionCopy | None:
+    """For an ``accuracy`` that float32 can meet (at least 64·ε₃₂), how far the float32 copy
+    ``F32`` lies from F: at most ``δ = 3ε₃₂·S`` (:meth:`KronSum._rounding_scale`, summed in
+    float32 and widened by 0.1 % for that sum's own rounding). ``None`` (the float64 check
+    always runs) for a tighter ``accuracy``."""
     eps32 = float(F32.xp.finfo(F32.xp.float32).eps)
     if stop.accuracy is None or stop.accuracy < 64 * eps32:
         return None
-    delta = 3 * eps32 * F32._rounding_scale() * 1.001
-
-    def floor(th1: float) -> float:
-        lower = math.sqrt(th1) - delta
-        return 2 * delta / lower if lower > 0 else math.inf
-
-    return floor
+    return LowPrecisionCopy(3 * eps32 * F32._rounding_scale() * 1.001)
 
 
 def _float32_iterations(F: KronSum) -> bool:

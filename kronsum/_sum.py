@@ -20,10 +20,9 @@ from __future__ import annotations
 import math
 from typing import Any, Sequence
 
-from ._accel import (TRMM_TIME, eig_quadratic_sum, quadratic_blocks, quadratic_rows, row_gram, row_sq_norms,
+from ._accel import (TRMM_TIME, eig_gram, eig_quadratic_sum, quadratic_blocks, quadratic_rows, row_gram, row_sq_norms,
                      symmetric_to_rounding, syrk_available, trmm_pays, weighted_gram)
-from ._compat import (Array, count, device_of, host_floats, is_dask_namespace, is_numpy_namespace, max_abs,
-                      namespace,
+from ._compat import (Array, count, device_of, host_floats, is_dask_namespace, max_abs, namespace,
                       persist_all, to_float, trace)
 from ._validation import (DEFAULT_MAX_ELEMENTS, check_array, check_dense_size, check_finite_values,
                           check_in_range, check_real, check_weights)
@@ -439,12 +438,11 @@ class KronSum:
         xp = self._xp
         out = KronSum(self.form, self.weights, G=self.G, A=self.A, symmetric=self.symmetric, _xp=xp)
         if Xp is None:
-            sw = xp.sqrt(self.weights)[:, None, None]
-            Xp = xp.permute_dims((xp.matrix_transpose(self.G) @ self.A) * sw, (1, 0, 2))
-            if is_numpy_namespace(xp):
-                import numpy as np
-
-                Xp = np.ascontiguousarray(Xp)
+            m, K, n = self.m, self.num_terms, self.n
+            Z = xp.permute_dims(self._conv_X() * xp.sqrt(self.weights)[:, None, None], (1, 0, 2))
+            # flattened and back: a copy in the (m, K, n) layout itself, so that the
+            # contractions' reshapes of it are views on every library
+            Xp = xp.reshape(xp.reshape(Z, (m, K * n)), (m, K, n))
         out._Xp = Xp
         return out
 
@@ -763,21 +761,10 @@ def _per_sample_contract(Xp: Array, M: Array | None, *, left: bool, rows: bool, 
         return xp.matrix_transpose(Xr) @ Xr if left else X2 @ xp.matrix_transpose(X2)
     import numpy as np
 
-    d, V = np.linalg.eigh(M)
-    out = None
-    for sel, sign in ((d < 0, -1.0), (d > 0, 1.0)):
-        if not sel.any():
-            continue
-        sd = np.sqrt(np.abs(d[sel])).astype(Xp.dtype)
-        if left:  # rows √|d_i| v_iᵀ Z_k (length n), as (p_s·K, n)
-            Z = np.reshape((V[:, sel] * sd).T @ X2, (-1, n))
-            part = Z.T @ Z
-        else:  # columns √|d_i| Z_k v_i (length m), as (m, K·p_s)
-            Z = np.reshape(Xr @ (V[:, sel] * sd), (m, -1))
-            part = Z @ Z.T
-        del Z
-        out = (part if sign > 0 else np.negative(part, out=part)) if out is None else (
-            out + part if sign > 0 else out - part)
+    if left:  # rows √|d_i| v_iᵀ Z_k (length n), as (p_s·K, n)
+        out = eig_gram(M, lambda Vs: np.reshape(Vs.T @ X2, (-1, n)))
+    else:  # columns √|d_i| Z_k v_i (length m), as the rows of (K·p_s, m)
+        out = eig_gram(M, lambda Vs: np.reshape(Xr @ Vs, (m, -1)).T)
     d_out = n if left else m
     return np.zeros((d_out, d_out), dtype=Xp.dtype) if out is None else out
 

@@ -159,6 +159,14 @@ def test_hooks_capture_resumes_from_a_checkpoint_at_the_refresh_it_is_due():
     loss_fn(model(X), y).backward()
     other.step()
     assert other.refreshes == 2 and len(model._forward_pre_hooks) == 0
+    other.update_every = 1  # set by hand: the next step refreshes, and its pass is recorded
+    assert len(model._forward_pre_hooks) == 1
+    model.zero_grad()
+    loss_fn(model(X), y).backward()
+    other.step()
+    assert other.refreshes == 3
+    with pytest.raises(ValueError, match="update_every"):
+        other.update_every = 0
 
 
 def test_errors_are_clear_and_leave_gradients_alone():

@@ -144,8 +144,6 @@ class Preconditioner:
             raise ValueError(f"estimator must be one of {ESTIMATORS}, got {estimator!r}")
         if fisher not in FISHER_TYPES:
             raise ValueError(f"fisher must be one of {FISHER_TYPES}, got {fisher!r}")
-        if isinstance(update_every, bool) or not isinstance(update_every, int) or update_every < 1:
-            raise ValueError(f"update_every must be an integer >= 1, got {update_every!r}")
         if damping_method not in _DAMPING_METHODS:
             raise ValueError(f"damping_method must be one of {_DAMPING_METHODS}, got {damping_method!r}")
         if estimator == "ekfac" and damping_method != "exact":
@@ -269,6 +267,30 @@ class Preconditioner:
         self._run = None
 
     # -- the step ------------------------------------------------------------------------
+    @property
+    def update_every(self) -> int:
+        """Steps between refreshes (settable; ``capture="hooks"`` follows a change)."""
+        return self._update_every
+
+    @update_every.setter
+    def update_every(self, value: int) -> None:
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"update_every must be an integer >= 1, got {value!r}")
+        self._update_every = value
+        if hasattr(self, "_hooks"):
+            self._arm()
+
+    @property
+    def steps(self) -> int:
+        """Steps taken (settable; ``capture="hooks"`` follows a change)."""
+        return self._steps
+
+    @steps.setter
+    def steps(self, value: int) -> None:
+        self._steps = int(value)
+        if hasattr(self, "_hooks"):
+            self._arm()
+
     def due(self) -> bool:
         """Whether the next :meth:`step` refreshes the estimates (and needs the batch)."""
         return self.steps % self.update_every == 0
@@ -368,8 +390,7 @@ class Preconditioner:
         with torch.no_grad():
             for _, spec, W, b, _, P in jobs:
                 _write_block(spec, P if nu == 1.0 else P * nu, W, b)
-        self.steps += 1
-        self._arm()
+        self.steps += 1  # arms or disarms capture="hooks" for the next step
 
     @property
     def estimates(self) -> dict:
@@ -404,7 +425,6 @@ class Preconditioner:
                     if r.estimate is not None}
         self._running, self._inverses, self._params = running, inverses, None
         self.steps, self.refreshes = int(state["steps"]), int(state["refreshes"])
-        self._arm()
 
     def __repr__(self) -> str:
         return (f"Preconditioner(estimator={self.estimator!r}, fisher={self.fisher!r}, "
