@@ -82,7 +82,8 @@ def test_float32_on_numba_path_keeps_dtype(use_numba):
     assert est.left.dtype == est.right.dtype == est.scale.dtype == np.float32
 
 
-@pytest.mark.parametrize("K, d", [(50, 7), (300, 64)])  # one gemm / rows split by sign for syrk
+# one gemm / rows split by sign for syrk / results wide enough for the tiled triangle copy
+@pytest.mark.parametrize("K, d", [(50, 7), (300, 64), (40, 1024), (30, 2100)])
 def test_weighted_gram_fast_path_matches_gemm(K, d):
     from kronsum._accel import weighted_gram
 
