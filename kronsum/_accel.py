@@ -76,8 +76,9 @@ def syrk_gram(B: Array) -> Array:
 
     For narrow results (or without SciPy) NumPy's ``B.T @ B``, which calls ``syrk`` and copies
     the computed triangle; from ``d = 2048`` (1024 for multiples of 256) SciPy's ``syrk`` on
-    the Fortran view ``Bᵀ`` (no copy of ``B``) and the other triangle filled by transposed
-    tiles of 128 × 128, which stay in the cache where NumPy's row-by-row copy does not."""
+    ``B`` or its Fortran view ``Bᵀ`` (no copy of a C- or Fortran-ordered ``B``) and the other
+    triangle filled by transposed tiles of 128 × 128, which stay in the cache where NumPy's
+    row-by-row copy does not. The one Gram product of the NumPy routes."""
     import numpy as np
 
     K, d = B.shape
@@ -86,7 +87,10 @@ def syrk_gram(B: Array) -> Array:
     if blas is None or B.dtype not in (np.float32, np.float64):
         return B.T @ B
     syrk = blas.ssyrk if B.dtype == np.float32 else blas.dsyrk
-    P = syrk(1.0, np.ascontiguousarray(B).T, trans=0, lower=0).T  # C order: the lower triangle
+    if B.flags.f_contiguous and not B.flags.c_contiguous:  # B itself as Fortran: BᵀB directly
+        P = syrk(1.0, B, trans=1, lower=0).T
+    else:  # Bᵀ as the Fortran view of B: (Bᵀ)(Bᵀ)ᵀ
+        P = syrk(1.0, np.ascontiguousarray(B).T, trans=0, lower=0).T  # C order: lower triangle
     b = _MIRROR_TILE
     for i in range(0, d, b):
         i1 = min(i + b, d)
@@ -137,8 +141,8 @@ def weighted_gram(V: Array, c: Array, xp: Any, alpha: Any = None) -> Array:
 def eig_gram(M: Array, rows_of: Callable[[Array], Array]) -> Array | None:
     """``Σ_{±} ± ZᵀZ`` over the signs of the eigenvalues of a symmetric NumPy ``M`` (p, p):
     with ``M = V diag(d) Vᵀ`` (one ``eigh``), ``Z = rows_of(V_s diag(√|d_s|))`` for the
-    eigenvectors ``V_s`` (p, p_s) of each sign, a 2-D array of rows whose Gram product NumPy
-    hands to ``syrk`` (half the multiply-adds of a ``gemm``; symmetric bit for bit). One
+    eigenvectors ``V_s`` (p, p_s) of each sign, a 2-D array of rows whose Gram product goes
+    through :func:`syrk_gram` (half the multiply-adds of a ``gemm``; symmetric bit for bit). One
     sign's rows are alive at a time. ``None`` when ``d`` has no non-zero entry (a zero
     ``M``). The one signed-Gram routine of the contractions' row routes
     (:func:`eig_quadratic_sum`, the held per-sample matrices)."""
@@ -149,9 +153,7 @@ def eig_gram(M: Array, rows_of: Callable[[Array], Array]) -> Array | None:
     for sel, sign in ((d < 0, -1.0), (d > 0, 1.0)):  # eigh's d is ascending: two slices
         if not sel.any():
             continue
-        Z = rows_of(V[:, sel] * np.sqrt(np.abs(d[sel])).astype(V.dtype, copy=False))
-        part = Z.T @ Z
-        del Z
+        part = syrk_gram(rows_of(V[:, sel] * np.sqrt(np.abs(d[sel])).astype(V.dtype, copy=False)))
         if out is None:
             out = part if sign > 0 else np.negative(part, out=part)
         elif sign > 0:
@@ -189,8 +191,7 @@ def eig_quadratic_sum(P: Array, Q: Array, M: Array | None, w: Array) -> Array:
         return Z.reshape(-1, q)
 
     if M is None:
-        Z = rows_of(None)
-        return Z.T @ Z
+        return syrk_gram(rows_of(None))
     out = eig_gram(M, rows_of)
     return np.zeros((q, q), dtype=Q.dtype) if out is None else out
 

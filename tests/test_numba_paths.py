@@ -89,8 +89,10 @@ def test_weighted_gram_fast_path_matches_gemm(K, d):
 
     rng = np.random.default_rng(0)
     V = rng.standard_normal((K, d))
-    for c in (rng.uniform(0, 1, K), rng.standard_normal(K), np.zeros(K), -np.ones(K),
-              np.full(K, 0.02)):
+    cases = [(V, c) for c in (rng.uniform(0, 1, K), rng.standard_normal(K), np.zeros(K),
+                              -np.ones(K), np.full(K, 0.02))]
+    cases.append((np.asfortranarray(V), np.full(K, 0.5)))  # a Fortran-ordered V, used as it is
+    for V, c in cases:
         ref = V.T @ (c[:, None] * V)
         got = weighted_gram(V, c, np)
         assert np.allclose(got, ref, rtol=1e-12, atol=1e-12 * d)
