@@ -247,27 +247,84 @@ def test_ekfac_refreshes_its_basis_every_basis_every_and_round_trips():
         torch.testing.assert_close(a[k], b[k], rtol=1e-12, atol=0)
 
 
-def test_unfreezing_a_layer_adds_its_block_at_the_next_refresh():
+@pytest.mark.parametrize("capture", ["batch", "hooks"])
+def test_unfreezing_a_layer_adds_its_block_at_the_next_refresh(capture):
     """Gradual unfreezing: a layer frozen at the first refresh is covered from the refresh after
-    it trains again, and its gradient is then preconditioned (the damped solve of its block)."""
+    it trains again, and its gradient is then preconditioned (the damped solve of its block);
+    with either capture (the hooks' cached coverage follows the change)."""
     model, X, y = _setup()
     loss_fn = nn.CrossEntropyLoss()
     model[0].requires_grad_(False)
-    pre = kt.Preconditioner(model, loss_fn, estimator="kfac", fisher="empirical", update_every=1, damping=0.1)
+    pre = kt.Preconditioner(model, loss_fn, estimator="kfac", fisher="empirical", update_every=1,
+                            damping=0.1, capture=capture)
+    batch = (X, y) if capture == "batch" else ()
     loss_fn(model(X), y).backward()
-    pre.step(X, y)
+    pre.step(*batch)
     assert set(pre.estimates) == {"2"}
     model.zero_grad()
     model[0].requires_grad_(True)
     loss_fn(model(X), y).backward()
     before = _grads(model)
-    pre.step(X, y)
+    pre.step(*batch)
     assert set(pre.estimates) == {"0", "2"}
     e = pre.estimates["0"]
     want = torch.linalg.solve(e.to_dense() + 0.1 * torch.eye(e.m * e.n, dtype=DT),
                               _block(model, "0", before).reshape(-1))
     np.testing.assert_allclose(_block(model, "0", _grads(model)).reshape(-1).numpy(), want.numpy(),
                                rtol=1e-7, atol=1e-9 * float(want.abs().max()))
+
+
+class _Scaled(nn.Module):
+    """y = W (2x) + b: a layer no built-in rule covers."""
+
+    def __init__(self, n_in, n_out):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(n_out, n_in, dtype=DT) / n_in ** 0.5)
+        self.bias = nn.Parameter(torch.zeros(n_out, dtype=DT))
+
+    def forward(self, x):
+        return (2 * x) @ self.weight.T + self.bias
+
+
+def test_hooks_capture_follows_a_layer_rule_registered_between_refreshes():
+    """A custom layer registered (or unregistered) after some refreshes is covered (or left
+    out) from the next refresh on: the cached coverage of capture='hooks' is not stale."""
+    torch.manual_seed(0)
+    model = nn.Sequential(_Scaled(5, 6), nn.Tanh(), nn.Linear(6, 3)).to(DT)
+    X, y = torch.randn(16, 5, dtype=DT), torch.randint(0, 3, (16,))
+    loss_fn = nn.CrossEntropyLoss()
+    pre = kt.Preconditioner(model, loss_fn, estimator="kfac", fisher="empirical", update_every=1,
+                            damping=0.1, capture="hooks")
+
+    def step():
+        model.zero_grad()
+        with pytest.warns(kt.UncoveredParametersWarning) if "0" not in kt.coverage(model).layers \
+                else _no_warning():
+            loss_fn(model(X), y).backward()
+        pre.step()
+        return set(pre.estimates)
+
+    assert step() == {"2"}
+    kt.register_layer(_Scaled, lambda mod, args, out: 2 * args[0][:, None, :])
+    try:
+        assert step() == {"0", "2"}
+        F = kt.collect(model, loss_fn, X, y, fisher="empirical")["0"]
+        torch.testing.assert_close(pre.estimates["0"].to_dense(), ks.kfac(F).to_dense())
+    finally:
+        kt.unregister_layer(_Scaled)
+    assert step() == {"2"}
+
+
+class _no_warning:
+    def __enter__(self):
+        import warnings
+
+        self._w = warnings.catch_warnings()
+        self._w.__enter__()
+        warnings.simplefilter("error", kt.UncoveredParametersWarning)
+
+    def __exit__(self, *exc):
+        return self._w.__exit__(*exc)
 
 
 def _train(model, loss_fn, pre, batches, *, capture, opt_lr=0.05, loss_call=None):

@@ -39,6 +39,7 @@ Rules by module type (first match in :data:`_RULES`, user rules first):
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -443,8 +444,10 @@ def _mha_install(name, mod, record):
 # -- the registry ----------------------------------------------------------------------------
 
 
-def _rules() -> list:
-    return [
+@functools.cache
+def _rules() -> tuple:
+    """The built-in rules (made once: every covered-layer lookup walks them)."""
+    return (
         LayerRule((nn.Linear,), _linear_specs, _linear_install),
         LayerRule((nn.Conv1d, nn.Conv2d, nn.Conv3d), _conv_specs, _conv_install),
         LayerRule((nn.Embedding,), _embedding_specs, _embedding_install, params=("weight",)),
@@ -452,7 +455,7 @@ def _rules() -> list:
         LayerRule((nn.MultiheadAttention,), _mha_specs, _mha_install,
                   params=("in_proj_weight", "q_proj_weight", "k_proj_weight", "v_proj_weight",
                           "in_proj_bias", "out_proj.weight", "out_proj.bias")),
-    ]
+    )
 
 
 def _norm_types() -> tuple:
@@ -470,7 +473,7 @@ def rule_for(mod: Any) -> LayerRule | None:
     ``Linear`` subclass). A subclass with its own ``forward`` (a scaled or padded output)
     computes something else, whose weight gradient the hooks' statistics would not give:
     no rule (its parameters are reported, :func:`uncovered_reason`)."""
-    for rule in _USER_RULES + _rules():
+    for rule in (*_USER_RULES, *_rules()):
         if isinstance(mod, rule.types) and _keeps_forward(mod, rule.types):
             return rule
     return None
@@ -511,12 +514,22 @@ def custom_rule(types: tuple, inputs: Callable) -> LayerRule:
     return LayerRule(tuple(types), _linear_specs, install)
 
 
+_RULES_CHANGED = [0]  # counts register_rule/unregister_types calls (see rules_version)
+
+
+def rules_version() -> int:
+    """A number that changes whenever the registered rules do (cached coverage is stale)."""
+    return _RULES_CHANGED[0]
+
+
 def register_rule(rule: LayerRule) -> None:
     _USER_RULES.insert(0, rule)
+    _RULES_CHANGED[0] += 1
 
 
 def unregister_types(types: tuple) -> None:
     _USER_RULES[:] = [r for r in _USER_RULES if tuple(r.types) != tuple(types)]
+    _RULES_CHANGED[0] += 1
 
 
 _UNCOVERED_REASONS = (
@@ -528,7 +541,7 @@ _UNCOVERED_REASONS = (
 
 def uncovered_reason(mod: Any) -> str:
     kind = type(mod).__name__
-    for rule in _USER_RULES + _rules():
+    for rule in (*_USER_RULES, *_rules()):
         base = next((t for t in rule.types if isinstance(mod, t)), None)
         if base is not None and not _keeps_forward(mod, rule.types):
             return (f"a parameter of {kind}, a subclass of {base.__name__} with its own forward "

@@ -178,7 +178,8 @@ class Preconditioner:
         self._running: dict[str, RunningEstimate] = {}
         self._inverses: dict[str, Any] = {}
         self._params: dict[str, Any] | None = None  # block -> (spec, weight, bias), per refresh
-        self._specs: tuple | None = None  # (the model's modules, their block specs)
+        self._specs: tuple | None = None  # (the model's layout key, its block specs)
+        self._plan: tuple | None = None  # (the model's layout key, its capture plan)
         self._xp = namespace(torch.empty(0))  # the estimates' array-API namespace
         self.steps = 0
         self.refreshes = 0
@@ -219,7 +220,7 @@ class Preconditioner:
 
     def _record_forward(self, module: Any, args: tuple) -> None:
         """Before a forward pass of the model: on a refresh step, install the layers' hooks."""
-        from .torch import _batch_size, _install
+        from .torch import _batch_size, _install, _layout_key, _plan
 
         self._drop_layer_hooks()
         self._run = None
@@ -228,8 +229,12 @@ class Preconditioner:
         N = _batch_size(args[0]) if args else None
         if N == 0:
             raise ValueError(f"inputs: an empty batch (shape {tuple(args[0].shape)})")
+        key = _layout_key(self.model)  # the coverage is worked out again when the model changed
+        if self._plan is None or self._plan[0] != key:
+            self._plan = (key, _plan(self.model, self.layers))
         self._run, self._layer_hooks = _install(
-            self.model, self.layers, N, self._collect_kw["weight_sharing"], True, True, stacklevel=6)
+            self.model, self.layers, N, self._collect_kw["weight_sharing"], True, True,
+            stacklevel=6, plan=self._plan[1])
 
     def _end_forward(self, module: Any, args: tuple, out: Any) -> None:
         """After the model's forward pass (also when it raised): the layers' hooks come off."""
@@ -302,7 +307,7 @@ class Preconditioner:
         ``targets`` for ``fisher="empirical"``) are needed on refresh steps (:meth:`due`);
         ``lr`` when ``kl_clip`` is set.
         """
-        from .torch import _block_matrix, _specs_by_key, _write_block, collect
+        from .torch import _block_matrix, _layout_key, _specs_by_key, _write_block, collect
 
         if self.kl_clip is not None and (lr is None or not lr > 0):
             raise ValueError(f"kl_clip needs the learning rate: step(..., lr=...) > 0, got {lr!r}")
@@ -355,8 +360,7 @@ class Preconditioner:
         if self._params is None:  # per block (spec, weight, bias), kept until the next refresh
             # the covered layers follow the modules and which parameters train (coverage keeps
             # layers with trainable parameters): a frozen or unfrozen layer changes them
-            layout = (tuple((name, id(mod)) for name, mod in self.model.named_modules()),
-                      tuple((name, id(q), q.requires_grad) for name, q in self.model.named_parameters()))
+            layout = _layout_key(self.model)
             if self._specs is None or self._specs[0] != layout or not set(self._inverses) <= set(self._specs[1]):
                 self._specs = (layout, _specs_by_key(self.model))
             specs = self._specs[1]

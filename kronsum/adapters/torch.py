@@ -72,6 +72,7 @@ from ._torch_layers import (
     custom_rule,
     register_rule,
     rule_for,
+    rules_version,
     uncovered_reason,
     unregister_types,
 )
@@ -751,14 +752,41 @@ def _check_options(fisher, weight_sharing, n_samples, class_dim) -> None:
         raise TypeError(f"class_dim must be an int, got {class_dim!r}")
 
 
-def _install(model, layers, N, weight_sharing, check_finite, keep_inputs, stacklevel) -> tuple:
-    """``(run, hook handles)``: the covered layers' capture hooks on ``model`` for the next
-    forward pass of a batch of ``N``, after the coverage and train-mode BatchNorm warnings."""
+@dataclass(frozen=True)
+class _Plan:
+    """What :func:`_install` needs of the model beyond one pass: the covered layers, the
+    trainable parameters left out (with reasons) and the sequence-first layers."""
+
+    layers: dict
+    left_out: dict
+    seq_first: frozenset
+
+
+def _layout_key(model: Any) -> tuple:
+    """Everything :func:`coverage`, the block specs and a :class:`_Plan` depend on: every
+    module and parameter by name and identity (module type, whether the parameter trains,
+    ties included) and the registered layer rules. Equal keys: a cached plan still holds."""
+    return (tuple((n, id(m), type(m)) for n, m in model.named_modules(remove_duplicate=False)),
+            tuple((n, id(q), q.requires_grad)
+                  for n, q in model.named_parameters(remove_duplicate=False)),
+            rules_version())
+
+
+def _plan(model: Any, layers: Iterable[str] | None) -> _Plan:
     cov = coverage(model, layers)
-    mods = cov.layers
-    if not mods:
+    if not cov.layers:
         raise ValueError("the model has no layer kronsum covers (see kronsum.adapters.torch.coverage)")
-    others = {p: why for p, why in cov.uncovered.items() if why != "its layer is not in `layers=`"}
+    left_out = {p: why for p, why in cov.uncovered.items() if why != "its layer is not in `layers=`"}
+    return _Plan(cov.layers, left_out, frozenset(_sequence_first(model, cov.layers)))
+
+
+def _install(model, layers, N, weight_sharing, check_finite, keep_inputs, stacklevel,
+             plan: _Plan | None = None) -> tuple:
+    """``(run, hook handles)``: the covered layers' capture hooks on ``model`` for the next
+    forward pass of a batch of ``N``, after the coverage and train-mode BatchNorm warnings
+    (``plan``: :func:`_plan`'s result for this model and ``layers``, when the caller holds it)."""
+    plan = _plan(model, layers) if plan is None else plan
+    mods, others = plan.layers, plan.left_out
     if others:
         warnings.warn(
             "collect: trainable parameters without a Fisher block: "
@@ -783,7 +811,7 @@ def _install(model, layers, N, weight_sharing, check_finite, keep_inputs, stackl
         )
     run = _Run(N, weight_sharing, check_finite, keep_inputs)
     run.modules = list(mods)
-    run.seq_first = _sequence_first(model, mods)
+    run.seq_first = set(plan.seq_first)
     handles = []
     try:
         for name, mod in mods.items():
