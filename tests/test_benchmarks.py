@@ -7,6 +7,7 @@ import shutil
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 pytestmark = pytest.mark.slow  # subprocesses, a cluster or a site build: `-m "not slow"` skips them
@@ -167,8 +168,30 @@ def test_laplace_and_training_reports_quick(tmp_path):
     nets = json.loads(out.read_text())["networks"]
     assert set(nets) == {"mlp", "cnn"}
     for runs in nets.values():
-        assert set(runs) == {"SGD", "Adam", "K-FAC", "K-FOC", "EKFAC"}
+        assert set(runs) == {"SGD", "Adam", "K-FAC", "K-FOC", "EKFAC", "K-FAC (minimal loop)"}
         assert all(r["loss"][-1] < r["loss"][0] and r["cpu_s"][-1] > 0 for r in runs.values())
+
+
+def test_training_report_minimal_loop_is_kronsums_kfac_preconditioner():
+    """The training report's timing reference (K-FAC written directly in PyTorch, no checks)
+    takes the same steps as Preconditioner(estimator="kfac", capture="hooks"): the same
+    sampled labels, estimates and damped solves, on the MLP and on the CNN's convolutions."""
+    pytest.importorskip("sklearn")
+    torch = pytest.importorskip("torch")
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        from training_report import train
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    from kronsum.demo.run import load_data, make_cnn, make_mlp
+
+    X, y = load_data("cpu")
+    batches = [torch.arange(i * 64, (i + 1) * 64) for i in range(22)]
+    for make in (make_mlp, make_cnn):
+        losses = [train(make, X, y, batches, method, lr=0.03, damping=0.1, eval_every=3)["loss"]
+                  for method in ("K-FAC", "K-FAC (minimal loop)")]
+        np.testing.assert_allclose(losses[1], losses[0], rtol=1e-10)
+        assert losses[0][-1] < losses[0][0]
 
 
 def test_estimator_memory_table(tmp_path):
