@@ -105,8 +105,8 @@ def weighted_gram(V: Array, c: Array, xp: Any, alpha: Any = None) -> Array:
     """``alpha · Vᵀ diag(c) V`` for ``V`` (K, d), ``c`` (K,) and a positive scalar ``alpha``
     (a Python float or a 0-d array of ``V``'s dtype; default 1): the weighted Gram product.
 
-    NumPy: ``Bᵀ B`` with ``B = sqrt(|c|) V`` over the rows of each sign, which NumPy hands
-    to BLAS ``syrk`` (equal weights, e.g. a mean: ``VᵀV`` scaled in place, without the scaled
+    NumPy: ``Bᵀ B`` with ``B = sqrt(|c|) V`` over the rows of each sign (gathered in one
+    copy, positive rows first), which NumPy hands to BLAS ``syrk`` (equal weights, e.g. a mean: ``VᵀV`` scaled in place, without the scaled
     copy of ``V``); below ``K·d² = 10⁶`` multiply-adds, where the splits and copies cost more
     than the flops they save, one ``gemm`` averaged with its transpose (symmetric bit for
     bit); elsewhere one ``gemm`` with ``alpha`` folded into ``c``.
@@ -129,13 +129,17 @@ def weighted_gram(V: Array, c: Array, xp: Any, alpha: Any = None) -> Array:
         P *= 0.5  # halved first: no overflow for entries above half the largest number
         P += P.T  # a/2 + b/2 both ways: symmetric bit for bit
         return P
-    pos = c > 0
     neg = c < 0
-    if not neg.any():
+    kn = int(np.count_nonzero(neg))
+    if kn == 0:
         return syrk_gram(np.sqrt(c)[:, None] * V)
-    Bp = np.sqrt(c[pos])[:, None] * V[pos]
-    Bn = np.sqrt(-c[neg])[:, None] * V[neg]
-    return syrk_gram(Bp) - syrk_gram(Bn)
+    # the rows of each sign gathered once, in their order (a stable partition), and scaled in
+    # place: one copy of V where a gather and a scaled copy per sign cost two
+    order = np.argsort(neg, kind="stable")
+    B = V[order]
+    B *= np.sqrt(np.abs(c[order]))[:, None]
+    kp = K - kn
+    return syrk_gram(B[:kp]) - syrk_gram(B[kp:])
 
 
 def eig_gram(M: Array, rows_of: Callable[[Array], Array]) -> Array | None:

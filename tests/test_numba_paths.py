@@ -89,12 +89,15 @@ def test_weighted_gram_fast_path_matches_gemm(K, d):
 
     rng = np.random.default_rng(0)
     V = rng.standard_normal((K, d))
+    mixed = rng.standard_normal(K) * (rng.uniform(0, 1, K) > 0.3)  # both signs and zeros
     cases = [(V, c) for c in (rng.uniform(0, 1, K), rng.standard_normal(K), np.zeros(K),
-                              -np.ones(K), np.full(K, 0.02))]
+                              -np.ones(K), np.full(K, 0.02), mixed)]
     cases.append((np.asfortranarray(V), np.full(K, 0.5)))  # a Fortran-ordered V, used as it is
     for V, c in cases:
         ref = V.T @ (c[:, None] * V)
+        V0, c0 = V.copy(), c.copy()
         got = weighted_gram(V, c, np)
+        assert np.array_equal(V, V0) and np.array_equal(c, c0)  # the inputs are left alone
         assert np.allclose(got, ref, rtol=1e-12, atol=1e-12 * d)
         assert np.array_equal(got, got.T)  # symmetric bit for bit on every route
         for alpha in (0.3, np.asarray(2.0**-40)):  # the scale kfac folds in (1/Σw, powers of 2)
