@@ -209,6 +209,23 @@ def test_errors_are_clear_and_leave_gradients_alone():
         pre.step()
     for k, p in model.named_parameters():
         torch.testing.assert_close(p.grad, before[k], rtol=0, atol=0)
+    # finite preconditioned gradients whose sum alone is beyond the range: written, no error
+    pre = kt.Preconditioner(model, loss_fn, fisher="empirical", damping=1.0)
+    model.zero_grad()
+    loss_fn(model(X), y).backward()
+    pre.step(X, y)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.grad.fill_(1e307)
+    before = _grads(model)
+    pre.step()
+    e = pre.estimates["0"]
+    want = torch.linalg.solve(e.to_dense() + torch.eye(e.m * e.n, dtype=DT),
+                              _block(model, "0", before).reshape(-1))
+    got = _block(model, "0", _grads(model)).reshape(-1)
+    every = torch.cat([p.grad.reshape(-1) for p in model.parameters()])
+    assert torch.isfinite(every).all() and float(every.sum()) == float("inf")
+    np.testing.assert_allclose(got.numpy(), want.numpy(), rtol=1e-10)
 
 
 def test_ekfac_refreshes_its_basis_every_basis_every_and_round_trips():

@@ -377,14 +377,16 @@ class Preconditioner:
                 inv = inverses[key] = inv.with_damping(lam)
             V = _block_matrix(spec, W.grad, None if b is None else b.grad, b)
             jobs.append((key, spec, W, b, V, inv._apply(V, xp)))  # shapes fixed at refresh
-        # a NaN or inf in a gradient reaches its solve: one check of all results, one host read
-        if not bool(torch.isfinite(torch.cat([P.reshape(-1) for *_, P in jobs])).all()):
+        # a NaN or inf in a gradient reaches its solve: one sum of all results, one host read
+        # (NaN or inf when an entry is; a sum beyond the range alone is found finite below)
+        if not math.isfinite(float(torch.cat([P.reshape(-1) for *_, P in jobs]).sum())):
             for key, *_, V, P in jobs:
                 if not bool(torch.isfinite(V).all()):
                     raise ValueError(f"block {key!r}: its gradient holds NaN or inf")
-            bad = next(key for key, *_, P in jobs if not bool(torch.isfinite(P).all()))
-            raise ValueError(f"block {bad!r}: the preconditioned gradient overflows (inf); "
-                             f"raise the damping")
+            bad = next((key for key, *_, P in jobs if not bool(torch.isfinite(P).all())), None)
+            if bad is not None:
+                raise ValueError(f"block {bad!r}: the preconditioned gradient overflows (inf); "
+                                 f"raise the damping")
         nu = 1.0
         if self.kl_clip is not None:
             quad = float(sum((P * V.to(P.dtype)).sum() for *_, V, P in jobs))
