@@ -973,7 +973,8 @@ def _block_matrix(spec: Any, gW: Any, gb: Any, b: Any) -> Any:
     gb = torch.zeros_like(b) if gb is None else gb
     if bias is not None:
         gb = gb[bias[0]:bias[1]]
-    return torch.cat([M, gb.reshape(-1, 1).to(M.dtype)], dim=1)
+    col = gb[:, None] if gb.ndim == 1 else gb.reshape(-1, 1)
+    return torch.cat([M, col if col.dtype == M.dtype else col.to(M.dtype)], dim=1)
 
 
 def _write_block(spec: Any, P: Any, W: Any, b: Any) -> None:
@@ -986,7 +987,7 @@ def _write_block(spec: Any, P: Any, W: Any, b: Any) -> None:
     elif spec.vector:
         W.grad.copy_(P[:, 0].reshape(W.shape))
     elif spec.rows is None:
-        W.grad.copy_(P[:, :cols].reshape(W.grad.shape))
+        W.grad.copy_(P[:, :cols] if W.grad.ndim == 2 else P[:, :cols].reshape(W.grad.shape))
     else:
         r0, r1 = spec.rows
         W.grad[r0:r1].copy_(P[:, :cols].reshape(W.grad[r0:r1].shape))
