@@ -42,7 +42,7 @@ from typing import Any
 
 import numpy as np
 
-from ._compat import Array, all_finite, device_of, fro_norm, is_array, is_dask_namespace, namespace, to_float
+from ._compat import Array, all_finite, device_of, fro_norm, host_vector, is_array, is_dask_namespace, namespace, to_float
 from ._kron import Kron
 from ._validation import check_int, check_real
 
@@ -190,15 +190,18 @@ class _Eig:
             raise ValueError(f"scale of the {where} is not finite: {s}")
         self.UL, a = self._eigh(kron.left, "left", (self.m, self.m), where, check)
         self.UR, b = self._eigh(kron.right, "right", (self.n, self.n), where, check)
-        sum_a, sum_b = to_float(xp.sum(a)), to_float(xp.sum(b))
+        # the eigenvalues' sums, signs and clipping from one host copy of each (finite: checked
+        # by sym_eigh), not a device reduction and host read per quantity
+        ha, hb = host_vector(a), host_vector(b)
+        sum_a, sum_b = math.fsum(ha), math.fsum(hb)
         if sum_a < 0:
-            a, s, sum_a = -a, -s, -sum_a
+            a, s, sum_a, ha = -a, -s, -sum_a, [-v for v in ha]
             notes.append("left factor is negative semi-definite: its sign was moved into scale")
         if sum_b < 0:
-            b, s, sum_b = -b, -s, -sum_b
+            b, s, sum_b, hb = -b, -s, -sum_b, [-v for v in hb]
             notes.append("right factor is negative semi-definite: its sign was moved into scale")
-        a, sum_a = self._clip(a, "left", (self.m, self.m), where, notes, sum_a)
-        b, sum_b = self._clip(b, "right", (self.n, self.n), where, notes, sum_b)
+        a, sum_a = self._clip(a, ha, "left", (self.m, self.m), where, notes, sum_a)
+        b, sum_b = self._clip(b, hb, "right", (self.n, self.n), where, notes, sum_b)
         if s < 0 and sum_a > 0 and sum_b > 0:
             raise ValueError(
                 f"scale·left ⊗ right is negative semi-definite (scale = {s:.6g} < 0 with "
@@ -227,13 +230,15 @@ class _Eig:
     def _eigh(self, M: Array, side: str, shape: tuple, where: str, check: bool) -> tuple:
         return sym_eigh(self.xp, M, f"{side} factor of shape {shape} of the {where}", check=check)
 
-    def _clip(self, w: Array, side: str, shape: tuple, where: str, notes: list,
+    def _clip(self, w: Array, h: list, side: str, shape: tuple, where: str, notes: list,
               total: float) -> tuple:
-        xp = self.xp
-        wmin = to_float(xp.min(w))
+        """``(w, Σw)`` with rounding-level negative eigenvalues set to 0 (``h``: ``w`` on the
+        host, as floats); ``ValueError`` for a clearly negative one."""
+        wmin = min(h) if h else 0.0
         if wmin >= 0:
             return w, total
-        wmax = to_float(xp.max(xp.abs(w)))
+        xp = self.xp
+        wmax = max(-wmin, max(h))
         tol = 10 * shape[0] * _eps(xp, w.dtype) * wmax
         if wmin < -tol:
             raise ValueError(
@@ -242,13 +247,13 @@ class _Eig:
                 f"rounding tolerance {tol:.3g}); damped inverses, log-determinants and "
                 "sampling need a positive semi-definite Kronecker estimate"
             )
-        k = int(to_float(xp.sum(xp.where(w < 0, xp.ones_like(w), xp.zeros_like(w)))))
+        k = sum(1 for v in h if v < 0)
         notes.append(
             f"clipped {k} negative eigenvalue(s) of the {side} factor (smallest {wmin:.3g}, "
             f"within the rounding tolerance {tol:.3g}) to 0"
         )
         w = xp.where(w < 0, xp.zeros_like(w), w)
-        return w, to_float(xp.sum(w))
+        return w, math.fsum(v for v in h if v > 0)
 
 
 # -- the inverse ------------------------------------------------------------------------------

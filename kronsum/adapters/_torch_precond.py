@@ -178,7 +178,7 @@ class Preconditioner:
         self._running: dict[str, RunningEstimate] = {}
         self._inverses: dict[str, Any] = {}
         self._params: dict[str, Any] | None = None  # block -> (spec, weight, bias), per refresh
-        self._specs: tuple | None = None  # (the model's layout key, its block specs)
+        self._specs: tuple | None = None  # (the model's layout key, its block specs, their parameters)
         self._plan: tuple | None = None  # (the model's layout key, its capture plan)
         self._xp = namespace(torch.empty(0))  # the estimates' array-API namespace
         self.steps = 0
@@ -362,11 +362,13 @@ class Preconditioner:
             # layers with trainable parameters): a frozen or unfrozen layer changes them
             layout = _layout_key(self.model)
             if self._specs is None or self._specs[0] != layout or not set(self._inverses) <= set(self._specs[1]):
-                self._specs = (layout, _specs_by_key(self.model))
-            specs = self._specs[1]
-            self._params = {k: (specs[k], self.model.get_parameter(specs[k].weight),
+                self._specs = (layout, _specs_by_key(self.model), {})
+            specs, found = self._specs[1], self._specs[2]  # found: parameters looked up (same layout)
+            for k in self._inverses:
+                if k not in found:
+                    found[k] = (specs[k], self.model.get_parameter(specs[k].weight),
                                 None if specs[k].bias is None else self.model.get_parameter(specs[k].bias))
-                            for k in self._inverses}
+            self._params = {k: found[k] for k in self._inverses}
         jobs = []  # every block solved and checked before any gradient is written
         lam, xp, inverses = float(lam), self._xp, self._inverses
         for key, (spec, W, b) in self._params.items():
