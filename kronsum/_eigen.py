@@ -86,6 +86,7 @@ class Stop:
     accuracy: float | None = None
     f2: float | None = None
     f2_err: float = 0.0  # a bound of f2's rounding error
+    f2_abs: float | None = None  # the sum of the magnitudes of f2's terms (Gram routes, signed sums)
     bound: float | None = None
     certified: bool = False
     th1: float | None = None  # the Ritz value at the last call
@@ -98,6 +99,11 @@ class Stop:
     answer_floor: Callable[[float], float] | None = None
     answer_slack: float = 0.0
     answer: bool = False
+    # the rounding of the operator the solver applies, for sums whose terms can cancel (signed
+    # weights or terms): ``‖ΔM x‖ ≤ op_scale·√θ`` for a unit x (``2·c·u·S`` with S the
+    # inputs' magnitude, :meth:`KronSum._rounding_scale`), passed to ``gap_bound`` as
+    # ``th_err``; 0 for sums of PSD terms, whose rounding stays at F's own scale
+    op_scale: float = 0.0
 
     def met(self, th1: float, res: float, th2: float | None = None, r2: float = 0.0) -> bool:
         """Whether the Ritz pair ``(th1, relative residual res)`` stops the solver.
@@ -108,18 +114,24 @@ class Stop:
         toward it (or ``tol``); otherwise the plain rule applies."""
         self.th1, self.th2, self.r2 = th1, th2, r2
         t2, f2 = -1.0 if th2 is None else th2, -1.0 if self.f2 is None else self.f2
-        self.bound, self.certified = gap_bound(th1, res * th1, t2, r2, f2, self.f2_err)
+        te = self.op_scale * math.sqrt(th1) if self.op_scale > 0 and th1 > 0 else 0.0
+        self.bound, self.certified = gap_bound(th1, res * th1, t2, r2, f2, self.f2_err, te)
         if self.answer_floor is not None and self.accuracy is not None and th1 > 0:
             floor = self.answer_floor(th1)
-            bound = gap_bound(th1, (res + self.answer_slack) * th1, t2, r2, f2, self.f2_err)[0]
+            bound = gap_bound(th1, (res + self.answer_slack) * th1, t2, r2, f2, self.f2_err, te)[0]
             if bound + floor <= self.accuracy:
                 # an estimate: the slack for the low precision's operator error is measured,
                 # not proven
                 self.bound, self.certified, self.answer = bound + floor, False, True
                 return True
-            if gap_bound(th1, self.answer_slack * th1, t2, r2, f2, self.f2_err)[0] + floor <= self.accuracy / 2:
+            if gap_bound(th1, self.answer_slack * th1, t2, r2, f2, self.f2_err, te)[0] + floor <= self.accuracy / 2:
                 return res <= self.tol
         return res <= self.tol or (self.accuracy is not None and self.bound <= self.accuracy)
+
+
+class MetricBreakdown(ArithmeticError):
+    """A solve in a metric space (the Gram route's ``S_P`` inner product) whose iterate lost its
+    length to rounding: the Gram matrix is numerically singular where the answer lives."""
 
 
 @dataclass
@@ -553,6 +565,10 @@ def _ritz(space: Space, Q: list, MQ: list, coef, AUX: list | None = None) -> tup
     for cj, q, mq in zip(coef[1:], Q[1:], MQ[1:]):
         x, Mx = x + cj * q, Mx + cj * mq
     nx = to_float(space.norm(x, Mx))
+    if not nx > 0:
+        raise MetricBreakdown(
+            "the Ritz vector has no length in the solver's metric (a Gram matrix of the terms, "
+            "numerically singular: terms nearly collinear, their rounding hiding F)")
     aux = None
     if AUX:
         aux = coef[0] * AUX[0]
@@ -851,8 +867,12 @@ def gram_solve(Fn, alpha0, stop: Stop, max_iter: int) -> Solution:
             if not bool(space.norm(alpha0) > 0):  # every term is zero (S_P = 0) or NaN
                 require_finite(xp, SP)
                 require_finite(xp, SQ)
+                if not psd_sum(Fn) and bool(xp.any(xp.linalg.diagonal(SP) > 0)):
+                    raise MetricBreakdown(  # non-zero terms whose metric rounding made indefinite
+                        "the start has no length in the Gram matrices' metric, which the terms' "
+                        "rounding made indefinite (terms nearly collinear and cancelling)")
                 return Solution(zero_answer(Fn), EigenResult(None, 0, True, 0.0, 0.0), "gram[numba]")
-        eig = _numba_lanczos(space, alpha0, stop, max_iter, xp.finfo(Fn.dtype).eps)
+        eig = _numba_lanczos(space, Fn, alpha0, stop, max_iter, xp.finfo(Fn.dtype).eps)
         return finish_coef(Fn, space, eig, stop, "gram[numba]", on_host=True)
 
     st = None
@@ -870,7 +890,7 @@ def gram_solve(Fn, alpha0, stop: Stop, max_iter: int) -> Solution:
     alpha0 = xp.where(space.norm(alpha0) > 0, alpha0, w)
     # ‖F̃‖² in scaled units: it certifies the stop, and bounds σ₂ when the solver gave none
     stop.f2 = to_float(space.f2())
-    stop.f2_err = Fn.num_terms * float(xp.finfo(Fn.dtype).eps) * abs(stop.f2)
+    stop.f2_err = Fn.num_terms * float(xp.finfo(Fn.dtype).eps) * _f2_scale(space, Fn, stop)
     eig = lanczos(space, alpha0, stop, max_iter)
     return finish_coef(Fn, space, eig, stop, "gram", (st.cP, st.cQ, st.cw))
 
@@ -937,6 +957,19 @@ def _finish_conv_coef(Fn, space: ConvGramSpace, eig: EigenResult, stop: Stop) ->
     return Solution(Factors(symmetrize(L, xp), symmetrize(R, xp), nrs / nls), eig, "gram")
 
 
+def _f2_scale(space: "GramSpace", Fn, stop: Stop) -> float:
+    """The magnitude ``‖F‖²`` (``stop.f2``)'s rounding is relative to, in the space's units:
+    ``|f2|`` for a sum of PSD terms (every term of ``wᵀ(S_P∘S_Q)w`` is non-negative), else the
+    sum of the terms' magnitudes ``|w|ᵀ(|S_P|∘|S_Q|)|w|`` (one more pass over the K×K
+    matrices), which terms that cancel leave far above ``‖F‖²``; recorded as ``stop.f2_abs``."""
+    if psd_sum(Fn):
+        return abs(stop.f2)
+    xp = space.xp
+    aw = xp.abs(space.w)
+    stop.f2_abs = to_float(xp.sum(aw * ((xp.abs(space.SP) * xp.abs(space.SQ)) @ aw)))
+    return stop.f2_abs
+
+
 def _blocks_gram(C, V, scale: float, xp) -> Array:
     """``scale · Σ_k V_kᵀ C_k V_k`` for symmetric ``C`` (K, T, T) and ``V`` (K, T, d): the
     eigenvectors of each ``C_k`` turn it into one weighted Gram product over ``K·T`` rows."""
@@ -946,16 +979,18 @@ def _blocks_gram(C, V, scale: float, xp) -> Array:
     return weighted_gram(rows, xp.reshape(lam, (K * T,)) * scale, xp)
 
 
-def _numba_lanczos(space: GramSpace, x0, stop: Stop, max_iter, eps) -> EigenResult:
+def _numba_lanczos(space: GramSpace, Fn, x0, stop: Stop, max_iter, eps) -> EigenResult:
     """:func:`lanczos` on a float64 NumPy :class:`GramSpace`, as the compiled kernel
     :func:`kronsum._numba_kernels.coef_lanczos` (same recurrence, same :class:`Stop` rule);
-    ``eps`` of the inputs' dtype (the breakdown threshold). Sets ``stop.f2``
+    ``eps`` of the inputs' dtype (the breakdown threshold), ``Fn`` the sum (whether its terms can
+    cancel, :func:`_f2_scale`). Sets ``stop.f2``
     (``wᵀ(S_P∘S_Q)w``, one pass in the kernel) and the bound of the returned iterate."""
     kern = numba_kernels()
     SP, SQ, w = space.SP, space.SQ, space.w
     stop.f2 = float(kern.weighted_hadamard_sum(SP, SQ, w))
     # the Gram matrices and the sum are float64, from inputs of precision eps
-    stop.f2_err = SP.shape[0] * max(float(eps), float(np.finfo(np.float64).eps)) * abs(stop.f2)
+    stop.f2_err = (SP.shape[0] * max(float(eps), float(np.finfo(np.float64).eps))
+                   * _f2_scale(space, Fn, stop))
     acc = -1.0 if stop.accuracy is None else stop.accuracy
     x, its, conv, res, s2, bound, certified = kern.coef_lanczos(
         SP, SQ, w, x0, float(stop.tol), acc, stop.f2, stop.f2_err, int(max_iter), KRYLOV_DIM,
@@ -1292,6 +1327,10 @@ def finish_coef(Fn, space: GramSpace, eig: EigenResult, stop: Stop, route: str,
         fac.sigma = fac.sigma * (fw * fP)  # R's coefficients are β / (c_w c_P)
         return Solution(fac, eig, route)
     if not (nls2 > 0 and nrs2 > 0):
+        if stop.f2_abs is not None and stop.f2_abs > 0:  # terms that are not zero: rounding
+            raise MetricBreakdown(
+                "the answer's coefficients have no length in the Gram matrices' metric, which "
+                "the terms' rounding made indefinite (terms nearly collinear and cancelling)")
         return Solution(zero_answer(Fn), EigenResult(alpha, eig.iterations, True, 0.0, 0.0), route)
     sign = -1.0 if tr < 0 else 1.0
     nls, nrs = math.sqrt(nls2), math.sqrt(nrs2)
@@ -1305,8 +1344,51 @@ def finish_coef(Fn, space: GramSpace, eig: EigenResult, stop: Stop, route: str,
         if s2 is not None:
             eig.sigma2, eig.iterations = s2 * unit, eig.iterations + k
     L = Fn._combine("left", xp.astype(alpha * (sign / (nls * math.sqrt(fP))), dt, copy=False))
+    if stop.f2_abs is not None and stop.f2_abs > 2 * abs(stop.f2):
+        # terms that cancel: the Gram entries' rounding (at the terms' scale) can move the
+        # coefficient problem far more than F's own scale shows: the answer is checked and
+        # finished on the contractions instead (one application in the working precision)
+        u2 = unit * unit
+        fac, res = verified_left(Fn, L, stop, stop.f2 * u2, stop.f2_err * u2,
+                                 None if eig.sigma2 is None else eig.sigma2 * eig.sigma2)
+        eig.residual = res
+        eig.converged = res <= stop.tol or (stop.accuracy is not None and stop.bound <= stop.accuracy)
+        return Solution(fac, eig, route)
     R = Fn._combine("right", xp.astype(beta * (sign / (nrs * math.sqrt(fQ))), dt, copy=False))
     return Solution(Factors(L, R, unit * nrs / nls), eig, route)
+
+
+def verified_left(Fn, L, stop: Stop, f2: float, f2_err: float, th2: float | None) -> tuple:
+    """``(factors, relative residual)`` from a left factor ``L`` (with the sign rule) found by
+    a solve whose arithmetic F's cancelling terms may have spoiled (the Gram route of a signed
+    sum), checked on the contractions in the working precision: ``L`` normalised as formed,
+    ``R = 𝓡ᵀvec L/σ`` with ``σ = ‖𝓡ᵀvec L‖`` (the best right factor for ``L``), and
+    ``stop``'s bound from ``L``'s residual ``‖𝓡𝓡ᵀvec L − σ²L‖`` with the contractions' own
+    rounding (``stop.op_scale``), ``‖F‖² = f2`` (error ``f2_err``) and ``th2`` (σ₂², an
+    estimate) in the units of the contractions."""
+    xp = Fn.xp
+    nl = to_float(fro_norm(L, xp))  # unit in the solve's arithmetic, perhaps not as formed
+    require_finite(xp, nl)
+    if not nl > 0:
+        stop.bound, stop.certified = 0.0 if f2 == 0 else math.inf, f2 == 0
+        return zero_answer(Fn), 0.0
+    L = materialize(L / nl)
+    half = Fn.contract_left(L)
+    if Fn.symmetric:
+        half = symmetrize(half, xp)
+    back = Fn.contract_right(half)
+    if Fn.symmetric:
+        back = symmetrize(back, xp)
+    th = to_float(xp.sum(half * half))
+    require_finite(xp, th)
+    if not th > 0:
+        stop.bound, stop.certified = 0.0 if f2 == 0 else math.inf, f2 == 0
+        return zero_answer(Fn), 0.0
+    r = to_float(fro_norm(back - th * L, xp))
+    te = stop.op_scale * math.sqrt(th)
+    stop.bound, stop.certified = gap_bound(th, r, -1.0 if th2 is None else th2, 0.0, f2, f2_err, te)
+    sigma = math.sqrt(th)
+    return Factors(L, materialize(half / sigma), sigma), r / th
 
 
 def finish_block(Fn, side: str, space: Space, vecs, rank: int, rng, unit_terms, kind: str):

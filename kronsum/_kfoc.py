@@ -37,7 +37,7 @@ from ._accel import TRMM_TIME, numba_enabled, syrk_available, trmm_pays, via_num
 from ._closed_forms import _new_kron, _require_sum, kfac
 from ._compat import Array, counted, eye_like, fro_norm, is_dask_namespace, to_float
 from ._config import _options
-from ._eigen import (Factors, LowPrecisionCopy, Solution, Stop, aux_fits, contraction_space, conv_gram_solve, deflated_top, finish, gram_solve,
+from ._eigen import (Factors, LowPrecisionCopy, MetricBreakdown, Solution, Stop, aux_fits, contraction_space, conv_gram_solve, deflated_top, finish, gram_solve,
                      psd_sum,
                      lanczos, lanczos_two_precision,
                      power, random_like)
@@ -366,6 +366,7 @@ def kfoc(
     (True, 'kfoc/lanczos')
     """
     F = _require_sum(F, "kfoc")._outer_positions()  # T = 1 conv parts: outer parts, same F
+    auto, tol_given = method == "auto", tol
     method = choose_method(F, method)
     xp = F.xp
     # the user's options are checked; the defaults are known to be valid floats
@@ -390,22 +391,49 @@ def kfoc(
     if precision not in ("input", "float64"):
         raise ValueError(f"precision must be 'input' or 'float64', got {precision!r}")
     if precision == "float64" and F.dtype != xp.float64:
-        out = kfoc(F.astype(xp.float64), method=method, tol=tol, max_iter=max_iter,
+        out = kfoc(F.astype(xp.float64), method="auto" if auto else method, tol=tol_given, max_iter=max_iter,
                    init=init, seed=seed, accuracy=accuracy)
         check_in_range(out.info.sigma1, "kfoc's scale σ₁ (the largest singular value of 𝓡(F))", xp, F.dtype)
+        info = out.info
+        if info.error_gap_bound is not None:  # the cast rounds each factor and the scale: 3u·σ₁
+            info = replace(info, error_gap_bound=info.error_gap_bound + 1.5 * float(xp.finfo(F.dtype).eps))
         return _new_kron(xp.astype(out.left, F.dtype), xp.astype(out.right, F.dtype),
-                         xp.astype(out.scale, F.dtype), out.info, xp)
+                         xp.astype(out.scale, F.dtype), info, xp)
     Fn, (cw, cl, cr) = F.normalized()
     Fn = Fn.persisted()  # Dask: inputs computed once, each iteration one map-reduce
     c = cw * (cl * cr)
-    stop = Stop(float(tol), None if accuracy is None else float(accuracy))
-    requested = method
+    stop = _stop(Fn, tol, accuracy)
+    requested = "auto" if auto else method
     if method == "gram" and Fn.form == "conv":
         sol = conv_gram_solve(Fn, _conv_gram_start(Fn, init), stop, max_iter, seed)
     elif method == "gram":
-        sol = gram_solve(Fn, _gram_start(Fn, init, seed), stop, max_iter)
+        try:
+            sol = gram_solve(Fn, _gram_start(Fn, init, seed), stop, max_iter)
+        except MetricBreakdown as exc:
+            if not auto:
+                raise ValueError(f"kfoc's Gram solver broke down: {exc}; use method='lanczos' "
+                                 "or precision='float64'") from None
+            stop = _stop(Fn, tol, accuracy)
+            sol = _solve_factors(Fn, "lanczos", init, seed, stop, max_iter)
+            sol.factors.notes = sol.factors.notes + (
+                f"the Gram route broke down ({exc}): solved by Lanczos on the contractions",)
     else:
         sol = _solve_factors(Fn, method, init, seed, stop, max_iter)
+    if (auto and sol.route.startswith("gram") and stop.f2_abs is not None
+            and stop.accuracy is not None and stop.bound is not None
+            and not stop.bound <= stop.accuracy):
+        # the sum's terms cancel beyond what the Gram route's rounding can resolve (its
+        # answer, checked on the contractions, misses the accuracy): Lanczos on the
+        # contractions, started from that answer, whose rounding stays at the terms' scale
+        # once rather than twice
+        gram_bound, ratio = stop.bound, stop.f2_abs / stop.f2 if stop.f2 > 0 else math.inf
+        stop = _stop(Fn, tol, accuracy)
+        f = sol.factors
+        sol = _solve_factors(Fn, "lanczos", Kron(f.left, f.right, 1.0), seed, stop, max_iter)
+        sol.factors.notes = sol.factors.notes + (
+            f"the terms cancel (the sum of their magnitudes is {ratio:.3g} times ‖F‖²): the "
+            f"Gram route's answer had an error-gap bound of {gram_bound:.2g}; solved again by "
+            "Lanczos on the contractions",)
     L, R, sigma, notes = sol.factors.left, sol.factors.right, sol.factors.sigma, sol.factors.notes
     its, conv, res, s2 = sol.eig.iterations, sol.eig.converged, sol.eig.residual, sol.eig.sigma2
     method = sol.route
@@ -427,8 +455,22 @@ def kfoc(
         # the solver stopped at an invariant subspace (or a zero sum) without a bound: the
         # residual is 0, and Temple's inequality with the probe's σ₂ (an estimate) bounds the gap
         stop.met(sig1 * sig1, 0.0, None if s2 is None else s2 * s2)
+    if (precision == "input" and F.dtype != xp.float64 and stop.op_scale > 0
+            and stop.accuracy is not None and not stop.bound <= stop.accuracy):
+        # terms that cancel, in a precision whose rounding at the terms' scale hides F: the
+        # same solve in float64 (what precision="float64" does)
+        out = kfoc(F, method="auto" if auto else requested, tol=tol_given, max_iter=max_iter,
+                   init=init, seed=seed, precision="float64", accuracy=accuracy)
+        out.info = replace(out.info, notes=out.info.notes + (
+            f"the terms cancel and {F.dtype} arithmetic bounded the error gap by only "
+            f"{stop.bound:.2g} (accuracy {accuracy:.2g}): solved in float64",))
+        return out
+    bound = stop.bound
+    if F.dtype != xp.float64 and sig1 > 0 and not sol.eig.low:
+        # the bound is the solve's; the factors and scale as stored round by u each: 3u·σ₁
+        bound = bound + 1.5 * float(xp.finfo(F.dtype).eps)
     info = dict(method=f"kfoc/{method}", iterations=its, converged=conv, residual=res,
-                error_gap_bound=stop.bound, error_gap_certified=stop.certified)
+                error_gap_bound=bound, error_gap_certified=stop.certified)
     if not conv:
         rule = f"tol {tol:.3g}" + ("" if accuracy is None else f" or an error-gap bound ≤ {accuracy:.3g}")
         notes = notes + (f"not converged: residual {res:.3g}, not below {rule} after {its} applications",)
@@ -442,6 +484,21 @@ def kfoc(
 
 
 # -- set-up: starts and the factor-space solve -----------------------------------------------
+
+
+def _stop(Fn: KronSum, tol: float, accuracy: float | None) -> Stop:
+    """The stopping rule of a solve on ``Fn``: below float64, ``accuracy`` less the rounding of
+    the stored answer (``1.5ε``, added back to the reported bound) where it leaves room; for a
+    sum whose terms can cancel (signed weights or terms, :func:`psd_sum` false) with the
+    contractions' rounding, ``4ε·S`` per unit of σ (``S`` the inputs' magnitude,
+    :meth:`KronSum._rounding_scale`; ``Stop.op_scale``)."""
+    eps = float(Fn.xp.finfo(Fn.dtype).eps)
+    if accuracy is not None and Fn.dtype != Fn.xp.float64 and accuracy > 3 * eps:
+        accuracy = accuracy - 1.5 * eps
+    stop = Stop(float(tol), None if accuracy is None else float(accuracy))
+    if not psd_sum(Fn):
+        stop.op_scale = 4 * eps * Fn._rounding_scale()
+    return stop
 
 
 def _solve_factors(Fn: KronSum, method: str, init, seed, stop: Stop, max_iter: int) -> Solution:

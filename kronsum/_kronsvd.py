@@ -745,9 +745,23 @@ def kronecker_svd(F: KronSum, rank: int = 1, *, method: str = "auto", tol: float
     w = Fn.weights
     unit_terms = None  # the Gram solver's (1/‖L_k‖, 1/‖R_k‖)
     kind = _range_kind(Fn)
+    notes = []
     if method == "gram":
         SP, SQ = Fn._gram("left"), Fn._gram("right")
         f2 = GramSpace(SP, SQ, w, xp).f2()
+        aw = xp.abs(w)
+        ratio = to_float(xp.sum(aw * ((xp.abs(SP) * xp.abs(SQ)) @ aw))) / max(to_float(f2), 1e-300)
+        if ratio > 2:  # terms that cancel: ‖F‖² a small part of its terms' magnitudes
+            # the Gram entries' rounding comes at the terms' scale, ratio times F's own; Lanczos
+            # on the contractions meets it once rather than twice
+            how = ("solved by Lanczos on the contractions" if requested == "auto" else
+                   "the Gram route's singular values carry rounding of about ε·ratio·σ₁²/σ_i; "
+                   "method='lanczos' avoids it")
+            notes.append(f"the terms cancel (the sum of their magnitudes is {ratio:.3g} times "
+                         f"‖F‖²): {how}")
+            if requested == "auto":
+                method = "lanczos"
+    if method == "gram":
         # equilibrate: coefficients of the unit terms L_k/‖L_k‖, R_k/‖R_k‖, so that the metric is
         # a correlation matrix (unit diagonal) and the per-sample magnitudes, which are
         # heavy-tailed, sit in the weights w̃_k = w_k‖L_k‖‖R_k‖ (zero terms drop out)
@@ -792,7 +806,7 @@ def kronecker_svd(F: KronSum, rank: int = 1, *, method: str = "auto", tol: float
     its, conv, res, theta_next = top.iterations, top.converged, top.residual, top.theta_next
     Ls, Rs, sig, pad_notes = finish_block(Fn, side, space, top.vectors, rank, rng, unit_terms, kind)
     sig_host = [to_float(s) for s in sig]
-    notes = list(pad_notes)
+    notes += list(pad_notes)
     eps = float(xp.finfo(dtype).eps)
     s1 = sig_host[0]
     if s1 > 0:

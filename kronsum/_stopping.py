@@ -36,35 +36,41 @@ ESTIMATE_SAFETY = 4.0
 
 
 def gap_bound(th1: float, r1: float, th2: float, r2: float, f2: float,
-              f2_err: float = 0.0) -> tuple[float, bool]:
+              f2_err: float = 0.0, th_err: float = 0.0) -> tuple[float, bool]:
     """``(bound, certified)``: an upper bound of ``(‖F − F̂‖ − optimal error)/‖F‖``.
 
     ``th1``, ``r1``: the top Ritz value and its absolute residual; ``th2``, ``r2``: the second
     Ritz value and its residual (``th2 < 0``: unknown); ``f2``: ``‖F‖²`` in the same units
     (``< 0``: unknown), ``f2_err`` a bound of its rounding error (it widens ``μ`` and narrows
     ``‖F − F̂‖`` by that much, so that a nearly exact Kronecker product, where ``f2 − θ_1``
-    cancels, is not certified on rounding noise). ``certified`` when the bound rests on
-    ``f2`` alone (see the module docstring). ``inf`` when nothing bounds ``λ_2`` below
-    ``θ_1``; 0 for a zero operator (certified when ``f2 = 0`` says the sum is zero).
+    cancels, is not certified on rounding noise). ``th_err``: how far the operator the solver
+    applied may lie from F's at the Ritz vector (its rounding, in the units of ``th1``; 0: the
+    solver's arithmetic taken as exact): F's Rayleigh quotient of the vector is then at least
+    ``th1 − th_err``, its residual at most ``r1 + 2·th_err``, and the Ritz values may sit
+    ``th_err`` from F's. ``certified`` when the bound rests on ``f2`` alone (see the module
+    docstring). ``inf`` when nothing bounds ``λ_2`` below ``θ_1``; 0 for a zero operator
+    (certified when ``f2 = 0`` says the sum is zero).
     """
     if not th1 > 0.0:
         return 0.0, f2 == 0.0
     certified = False
     mu = math.inf
-    if f2 >= 0.0 and f2 + f2_err - th1 < th1:
-        mu = max(f2 + f2_err - th1, 0.0)
+    lo1 = th1 - th_err  # F's Rayleigh quotient of the Ritz vector, at least
+    if f2 >= 0.0 and f2 + f2_err - lo1 < lo1:
+        mu = max(f2 + f2_err - lo1, 0.0)
         certified = True
     elif th2 >= 0.0:
-        mu = th2 + r2
-    d = th1 - mu
+        mu = th2 + r2 + th_err
+    d = lo1 - mu
     if not d > 0.0:
         return math.inf, False
-    dl = r1 * r1 / d
+    r = r1 + 2.0 * th_err
+    dl = r * r / d
     if f2 >= 0.0:
-        nf2 = max(f2 - f2_err, th1)
-        lower = math.sqrt(max(f2 - f2_err - th1, 0.0))
+        nf2 = max(f2 - f2_err, lo1)
+        lower = math.sqrt(max(f2 - f2_err - th1 - th_err, 0.0))
     else:
-        nf2 = th1 + max(th2, 0.0)
+        nf2 = lo1 + max(th2, 0.0)
         lower = 2.0 * math.sqrt(max(th2, 0.0))
     nf = math.sqrt(nf2)
     bound = math.sqrt(dl) / nf
