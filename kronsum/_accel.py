@@ -256,6 +256,24 @@ def trmm_pays(rows: int, d: int, xp: Any) -> bool:
             and _scipy_blas() is not None)
 
 
+def positive_definite(x: Array, xp: Any) -> bool:
+    """Whether the symmetric ``x`` (or ``−x`` when its trace is negative: an eigenvector's
+    sign is arbitrary) is numerically positive definite, by a Cholesky factorisation (a third
+    of an ``eigvalsh``'s cost): its smallest eigenvalue is then above ``−c·d·ε·‖x‖``, within
+    any rounding tolerance. NumPy only (LAPACK reports a failed factorisation); other libraries
+    return False, so that the caller decides from the eigenvalues."""
+    if not is_numpy_namespace(xp):
+        return False
+    import numpy as np
+
+    y = -x if float(np.trace(x)) < 0 else x
+    try:
+        np.linalg.cholesky(y)
+    except np.linalg.LinAlgError:
+        return False
+    return True
+
+
 def symmetric_to_rounding(M: Array) -> bool:
     """Whether a float32/float64 NumPy matrix ``M`` (p, p) is symmetric to rounding:
     ``|M − Mᵀ| ≤ p·ε·max|M|``. The routes that use one triangle (or the eigenvectors) of such

@@ -51,7 +51,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from ._accel import cuda_graph, numba_enabled, numba_kernels, row_gram, weighted_gram
+from ._accel import cuda_graph, numba_enabled, numba_kernels, positive_definite, row_gram, weighted_gram
 from ._compat import (Array, all_finite, device_of, eye_like, fro_norm, host_floats, host_vector,
                       is_dask_namespace, materialize, on_accelerator, symmetrize, to_float, trace)
 from ._config import _options
@@ -952,9 +952,27 @@ def _finish_conv_coef(Fn, space: ConvGramSpace, eig: EigenResult, stop: Stop) ->
             eig.sigma2, eig.iterations = s2, eig.iterations + k
     sign = -1.0 if tr < 0 else 1.0
     nls, nrs = math.sqrt(nls2), math.sqrt(nrs2)
-    L = _blocks_gram(xp.reshape(c, (K, T, T)), Fn.G, sign / nls, xp)
+    L = symmetrize(_blocks_gram(xp.reshape(c, (K, T, T)), Fn.G, sign / nls, xp), xp)
+    fac = _psd_finish(Fn, L, eig)
+    if fac is not None:
+        return Solution(fac, eig, "gram")
     R = _blocks_gram(xp.reshape(D, (K, T, T)), Fn.A, sign / nrs, xp)
-    return Solution(Factors(symmetrize(L, xp), symmetrize(R, xp), nrs / nls), eig, "gram")
+    return Solution(Factors(L, symmetrize(R, xp), nrs / nls), eig, "gram")
+
+
+def _psd_finish(Fn, L, eig: EigenResult) -> Factors | None:
+    """For a :func:`psd_sum` ``Fn``: the factors from ``L`` projected onto the PSD cone
+    (:func:`_psd_projection`) and its half-step, when ``L`` (a Gram-space answer, formed from
+    coefficients of both signs) has eigenvalues below rounding; ``None`` when it has none (or
+    the sum is not PSD by form). The optimum's factors are PSD; an iterate stopped at an
+    error-gap accuracy has the angle of about its square root, which shows as negative
+    eigenvalues where the optimum's are near zero (a factor of rank below its size)."""
+    if not (psd_sum(Fn) and Fn.symmetric):
+        return None
+    proj = _psd_projection(L, Fn.xp)
+    if proj is None:
+        return None
+    return finish(Fn, "left", EigenResult(proj, eig.iterations, eig.converged, eig.residual, eig.sigma2))
 
 
 def _f2_scale(space: "GramSpace", Fn, stop: Stop) -> float:
@@ -1229,8 +1247,16 @@ def _psd_projection(x, xp):
     """``x`` (symmetric, of either sign: an eigenvector's sign is arbitrary) turned to
     ``tr ≥ 0``, with its eigenvalues below ``−10·d·ε·max|λ|`` set to 0; ``None`` when it has
     none. The nearest PSD matrix in Frobenius norm, never farther from a PSD optimum than
-    ``±x`` (projection onto a convex set). One ``eigvalsh`` of the ``d × d`` iterate, and an
-    ``eigh`` when it needs the projection."""
+    ``±x`` (projection onto a convex set). A Cholesky factorisation where it shows ``±x``
+    positive definite (:func:`kronsum._accel.positive_definite`), else one ``eigvalsh`` of the
+    ``d × d`` iterate, and an ``eigh`` when it needs the projection."""
+    if is_dask_namespace(xp):  # no linalg.eigh: the small d × d iterate in NumPy, wrapped back
+        import array_api_compat.numpy as npx
+
+        proj = _psd_projection(np.asarray(x.compute()), npx)
+        return None if proj is None else xp.asarray(proj)
+    if positive_definite(x, xp):
+        return None
     lam = xp.linalg.eigvalsh(x)  # the check alone: eigenvectors only when it fails
     lo, top, hi, tr = host_floats([xp.min(lam), xp.max(lam), xp.max(xp.abs(lam)), xp.sum(lam)])
     if tr < 0:
@@ -1256,10 +1282,10 @@ def finish(Fn, side: str, eig: EigenResult, psd: bool = False) -> Factors:
     ``eig.image`` (side="right", with ``aux``) is the full application ``contract_left(aux)``,
     which replaces the last contraction too. The side="left" form with ``aux`` also finishes
     an unnormalised pair ``(L, R ∝ 𝓡ᵀvec L)``: ``σ = ‖R‖/‖L‖``.
-    ``psd`` (for a :func:`psd_sum` ``Fn`` whose iterate carries rounding of a lower precision):
-    an iterate with eigenvalues below rounding is first projected onto the PSD cone
-    (:func:`_psd_projection`) and the half-steps recomputed from it, so that both factors are
-    PSD to rounding.
+    ``psd`` (for a :func:`psd_sum` ``Fn``): an iterate with eigenvalues below rounding (a
+    lower precision's, or an accuracy-stopped iterate's near a singular optimum) is first
+    projected onto the PSD cone (:func:`_psd_projection`) and the half-steps recomputed from
+    it, so that both factors are PSD to rounding.
     """
     xp = Fn.xp
     x, aux, image = eig.x, eig.aux, eig.image
@@ -1353,6 +1379,9 @@ def finish_coef(Fn, space: GramSpace, eig: EigenResult, stop: Stop, route: str,
                                  None if eig.sigma2 is None else eig.sigma2 * eig.sigma2)
         eig.residual = res
         eig.converged = res <= stop.tol or (stop.accuracy is not None and stop.bound <= stop.accuracy)
+        return Solution(fac, eig, route)
+    fac = _psd_finish(Fn, symmetrize(L, xp), eig) if Fn.symmetric else None
+    if fac is not None:
         return Solution(fac, eig, route)
     R = Fn._combine("right", xp.astype(beta * (sign / (nrs * math.sqrt(fQ))), dt, copy=False))
     return Solution(Factors(L, R, unit * nrs / nls), eig, route)

@@ -543,7 +543,7 @@ def _solve_factors(Fn: KronSum, method: str, init, seed, stop: Stop, max_iter: i
         if eig.sigma2 is None and eig.converged:  # σ₂ for the tie note (a stream apart from init's)
             eig.sigma2, k = deflated_top(space, eig.x, space.M(eig.x), seed=[0x5EED, 2])
             eig.iterations += k
-    return Solution(finish(Fn, side, eig), eig, method)
+    return Solution(finish(Fn, side, eig, psd=psd_sum(Fn)), eig, method)
 
 
 def _norm_pays(Fn: KronSum) -> bool:

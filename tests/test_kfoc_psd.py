@@ -6,6 +6,7 @@ damped inverses, log-determinants and sampling need."""
 from __future__ import annotations
 
 import numpy as np
+import pytest
 from hypothesis import given, settings, strategies as st
 
 import kronsum as ks
@@ -39,3 +40,36 @@ def test_factors_are_psd_with_a_null_space(seed, heavy, method):
     opt = ks.kfoc(F, method="power", tol=1e-13, accuracy=None)
     err, err_opt = (float(ks.frobenius_error(F, e)) for e in (est, opt))
     assert err <= err_opt * (1 + 1e-8)
+
+
+@pytest.mark.usefixtures("numba_path")
+@settings(max_examples=40, deadline=None)
+@given(seed=st.integers(0, 2**32 - 1), form=st.sampled_from(["outer", "conv"]),
+       accuracy=st.sampled_from([None, 1e-6, 1e-4]),
+       method=st.sampled_from(["auto", "gram", "lanczos"]))
+def test_factors_are_psd_where_the_optimum_is_singular(seed, form, accuracy, method):
+    """Fewer samples (or positions) than a factor's size: the optimum's factor is singular, and
+    an iterate stopped at an error-gap accuracy (its angle about the square root) would show
+    eigenvalues of −√accuracy there. The answer is PSD to rounding, invertible with damping,
+    and still within the accuracy of the optimal error (the projection onto the PSD cone
+    brings it no farther from the PSD optimum)."""
+    rng = np.random.default_rng(seed)
+    m, n = int(rng.integers(6, 30)), int(rng.integers(3, 20))
+    K = int(rng.integers(2, max(3, m // 2)))
+    scale = rng.standard_t(1.5, (K, 1))  # heavy-tailed magnitudes per sample
+    if form == "outer":
+        F = ks.KronSum.from_outer(rng.standard_normal((K, m)) * scale, rng.standard_normal((K, n)))
+    else:
+        T = int(rng.integers(1, 4))
+        F = ks.KronSum.from_conv(rng.standard_normal((K, T, m)) * scale[:, :, None],
+                                 rng.standard_normal((K, T, n)))
+    est = ks.kfoc(F, method=method, accuracy=accuracy)
+    for M in (est.left, est.right):
+        assert _min_rel_eig(M) >= -10 * M.shape[0] * np.finfo(M.dtype).eps, (est.info, _min_rel_eig(M))
+    est.inverse(1e-6)  # refused for an indefinite factor
+    D = F.to_dense()
+    R = D.reshape(m, n, m, n).transpose(0, 2, 1, 3).reshape(m * m, n * n)
+    s = np.linalg.svd(R, compute_uv=False)
+    opt, nF = float(np.sqrt(np.sum(s[1:] ** 2))), float(np.linalg.norm(D))
+    err = float(np.linalg.norm(D - est.to_dense()))
+    assert (err - opt) / nF <= (1e-8 if accuracy is None else accuracy) + 1e-12, est.info
