@@ -1243,17 +1243,17 @@ def psd_sum(Fn) -> bool:
     return Fn.form in ("outer", "conv")
 
 
-def _psd_projection(x, xp):
+def _psd_projection(x, xp, strict: bool = False):
     """``x`` (symmetric, of either sign: an eigenvector's sign is arbitrary) turned to
-    ``tr ≥ 0``, with its eigenvalues below ``−10·d·ε·max|λ|`` set to 0; ``None`` when it has
-    none. The nearest PSD matrix in Frobenius norm, never farther from a PSD optimum than
-    ``±x`` (projection onto a convex set). A Cholesky factorisation where it shows ``±x``
-    positive definite (:func:`kronsum._accel.positive_definite`), else one ``eigvalsh`` of the
-    ``d × d`` iterate, and an ``eigh`` when it needs the projection."""
+    ``tr ≥ 0``, with its eigenvalues below ``−10·d·ε·max|λ|`` (``strict``: ``−ε·max|λ|``) set
+    to 0; ``None`` when it has none. The nearest PSD matrix in Frobenius norm, never farther
+    from a PSD optimum than ``±x`` (projection onto a convex set). A Cholesky factorisation
+    where it shows ``±x`` positive definite (:func:`kronsum._accel.positive_definite`), else
+    one ``eigvalsh`` of the ``d × d`` iterate, and an ``eigh`` when it needs the projection."""
     if is_dask_namespace(xp):  # no linalg.eigh: the small d × d iterate in NumPy, wrapped back
         import array_api_compat.numpy as npx
 
-        proj = _psd_projection(np.asarray(x.compute()), npx)
+        proj = _psd_projection(np.asarray(x.compute()), npx, strict)
         return None if proj is None else xp.asarray(proj)
     if positive_definite(x, xp):
         return None
@@ -1261,7 +1261,7 @@ def _psd_projection(x, xp):
     lo, top, hi, tr = host_floats([xp.min(lam), xp.max(lam), xp.max(xp.abs(lam)), xp.sum(lam)])
     if tr < 0:
         lo = -top
-    if lo >= -10 * x.shape[0] * float(xp.finfo(x.dtype).eps) * hi:
+    if lo >= -(1 if strict else 10 * x.shape[0]) * float(xp.finfo(x.dtype).eps) * hi:
         return None
     lam, V = xp.linalg.eigh(x)
     if tr < 0:
@@ -1270,7 +1270,7 @@ def _psd_projection(x, xp):
     return symmetrize((V * lam) @ xp.matrix_transpose(V), xp)
 
 
-def finish(Fn, side: str, eig: EigenResult, psd: bool = False) -> Factors:
+def finish(Fn, side: str, eig: EigenResult, psd: bool = False, strict: bool = False) -> Factors:
     """Factors from a factor-space iterate ``eig.x``: ``L`` (unit), ``R = 𝓡ᵀvec(L)/σ``,
     ``σ = ‖𝓡ᵀvec L‖``, with the sign rule.
 
@@ -1286,11 +1286,13 @@ def finish(Fn, side: str, eig: EigenResult, psd: bool = False) -> Factors:
     lower precision's, or an accuracy-stopped iterate's near a singular optimum) is first
     projected onto the PSD cone (:func:`_psd_projection`) and the half-steps recomputed from
     it, so that both factors are PSD to rounding.
+    ``strict``: eigenvalues below one ε of the largest are projected (a lower
+    precision's answer handed on in a higher one).
     """
     xp = Fn.xp
     x, aux, image = eig.x, eig.aux, eig.image
     if psd and Fn.symmetric:
-        proj = _psd_projection(symmetrize(x, xp), xp)
+        proj = _psd_projection(symmetrize(x, xp), xp, strict)
         if proj is not None:
             x, aux, image = proj, None, None
     L = x if side == "left" else (Fn.contract_right(x) if aux is None else aux)

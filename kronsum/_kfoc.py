@@ -528,11 +528,15 @@ def _solve_factors(Fn: KronSum, method: str, init, seed, stop: Stop, max_iter: i
         # the float32 copy's rounding (e.g. of gradients whose rows sum to zero) can leave the
         # iterate indefinite beyond float64 rounding: projected onto the PSD cone in the finish
         if eig.low:  # the accuracy allows the float32 solve's own answer: finished in float32
-            f = finish(F32, side, eig, psd=psd_sum(Fn))
+            psd = psd_sum(Fn)
+            f = finish(F32, side, eig, psd=psd, strict=True)
+            L, R, sigma = xp.astype(f.left, Fn.dtype), xp.astype(f.right, Fn.dtype), to_float(f.sigma)
+            if psd:  # PSD to the working precision's rounding, as its inverses need
+                L, R, sigma, moved = _psd_factors(L, R, sigma, xp)
+                stop.bound += moved  # ‖σ(L⊗R − L′⊗R′)‖ ≤ σ(‖ΔL‖ + ‖ΔR‖), σ ≤ ‖F‖
             note = (f"finished in float32: the error-gap bound {stop.bound:.2g} includes the "
                     f"float32 copy's rounding of F",)
-            return Solution(Factors(xp.astype(f.left, Fn.dtype), xp.astype(f.right, Fn.dtype),
-                                    to_float(f.sigma), f.notes + note), eig, "lanczos[float32]")
+            return Solution(Factors(L, R, sigma, f.notes + note), eig, "lanczos[float32]")
         return Solution(finish(Fn, side, eig, psd=psd_sum(Fn)), eig, "lanczos[float32]")
     x0 = _initial(Fn, init, seed, side)
     if method == "lanczos":
@@ -544,6 +548,23 @@ def _solve_factors(Fn: KronSum, method: str, init, seed, stop: Stop, max_iter: i
             eig.sigma2, k = deflated_top(space, eig.x, space.M(eig.x), seed=[0x5EED, 2])
             eig.iterations += k
     return Solution(finish(Fn, side, eig, psd=psd_sum(Fn)), eig, method)
+
+
+def _psd_factors(L, R, sigma: float, xp) -> tuple:
+    """Unit factors of a lower precision's answer, each projected onto the PSD cone where it
+    has eigenvalues below the working precision's rounding (that precision's own rounding of
+    a PSD factor), with ``σ`` taking the projections' norms: ``(L, R, σ, ‖ΔL‖ + ‖ΔR‖)``."""
+    from ._eigen import _psd_projection
+
+    moved, out = 0.0, []
+    for M in (L, R):
+        P = _psd_projection(M, xp)
+        if P is not None:
+            moved += to_float(fro_norm(M - P, xp))
+            n = to_float(fro_norm(P, xp))
+            M, sigma = P / n, sigma * n
+        out.append(M)
+    return out[0], out[1], sigma, moved
 
 
 def _norm_pays(Fn: KronSum) -> bool:
