@@ -320,8 +320,12 @@ def kfoc(
     Kron
         ``left`` (m, m) and ``right`` (n, n) of unit Frobenius norm with ``tr(left) ≥ 0``,
         ``scale = σ₁``. Symmetric when the terms are (always for outer and conv; bit for bit
-        on NumPy, to rounding where the weighted Gram products are GEMMs); both PSD when
-        F is a PSD sum (non-negative weights, PSD terms, or the outer/conv forms).
+        on NumPy, to rounding where the weighted Gram products are GEMMs). For the outer and
+        conv forms (and sums of them), whose terms are PSD, both factors are PSD to rounding:
+        an iterate stopped at ``accuracy`` near a singular optimal factor is projected onto
+        the PSD cone first (see docs/kfoc.md). The optimum of any sum of PSD terms with
+        non-negative weights is PSD; other solves of such a ``terms`` sum reach it to
+        about ``√accuracy``.
         ``info`` holds the solver, iterations, convergence, estimates of σ₁ and σ₂ and notes:
         a zero sum gives ``scale = 0`` with identity-shaped factors; ``σ₁ = σ₂`` (the optimum
         is not unique) is noted and a finite optimal answer is still returned.
