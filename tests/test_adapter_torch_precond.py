@@ -196,28 +196,25 @@ def test_errors_are_clear_and_leave_gradients_alone():
         pre.step()
     for k, p in model.named_parameters():  # nothing written, not even the other blocks
         torch.testing.assert_close(p.grad, before[k], rtol=0, atol=0, equal_nan=True)
+
+    def refreshed_then_filled(damping, value):  # a refresh, then every gradient set to value
+        pre = kt.Preconditioner(model, loss_fn, fisher="empirical", damping=damping)
+        model.zero_grad()
+        loss_fn(model(X), y).backward()
+        pre.step(X, y)
+        with torch.no_grad():
+            for p in model.parameters():
+                p.grad.fill_(value)
+        return pre, _grads(model)
+
     # finite gradients whose preconditioned values overflow: named, nothing written
-    pre = kt.Preconditioner(model, loss_fn, fisher="empirical", damping=1e-300)
-    model.zero_grad()
-    loss_fn(model(X), y).backward()
-    pre.step(X, y)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.grad.fill_(1e300)
-    before = _grads(model)
+    pre, before = refreshed_then_filled(1e-300, 1e300)
     with pytest.raises(ValueError, match="overflows"):
         pre.step()
     for k, p in model.named_parameters():
         torch.testing.assert_close(p.grad, before[k], rtol=0, atol=0)
     # finite preconditioned gradients whose sum alone is beyond the range: written, no error
-    pre = kt.Preconditioner(model, loss_fn, fisher="empirical", damping=1.0)
-    model.zero_grad()
-    loss_fn(model(X), y).backward()
-    pre.step(X, y)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.grad.fill_(1e307)
-    before = _grads(model)
+    pre, before = refreshed_then_filled(1.0, 1e307)
     pre.step()
     e = pre.estimates["0"]
     want = torch.linalg.solve(e.to_dense() + torch.eye(e.m * e.n, dtype=DT),
