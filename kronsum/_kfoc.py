@@ -536,7 +536,7 @@ def _solve_factors(Fn: KronSum, method: str, init, seed, stop: Stop, max_iter: i
             f = finish(F32, side, eig, psd=psd, strict=True)
             L, R, sigma = xp.astype(f.left, Fn.dtype), xp.astype(f.right, Fn.dtype), to_float(f.sigma)
             if psd:  # PSD to the working precision's rounding, as its inverses need
-                L, R, sigma, moved = _psd_factors(L, R, sigma, xp)
+                L, R, sigma, moved = _psd_factors(L, R, sigma, xp, side, float(xp.finfo(xp.float32).eps))
                 stop.bound += moved  # ‖σ(L⊗R − L′⊗R′)‖ ≤ σ(‖ΔL‖ + ‖ΔR‖), σ ≤ ‖F‖
             note = (f"finished in float32: the error-gap bound {stop.bound:.2g} includes the "
                     f"float32 copy's rounding of F",)
@@ -554,17 +554,33 @@ def _solve_factors(Fn: KronSum, method: str, init, seed, stop: Stop, max_iter: i
     return Solution(finish(Fn, side, eig, psd=psd_sum(Fn)), eig, method)
 
 
-def _psd_factors(L, R, sigma: float, xp) -> tuple:
-    """Unit factors of a lower precision's answer, each projected onto the PSD cone where it
-    has eigenvalues below the working precision's rounding (that precision's own rounding of
-    a PSD factor), with ``σ`` taking the projections' norms: ``(L, R, σ, ‖ΔL‖ + ‖ΔR‖)``."""
+def _psd_factors(L, R, sigma: float, xp, iterated: str, eps_low: float) -> tuple:
+    """Unit factors of a lower precision's answer made PSD to the working precision's rounding,
+    as its inverses need: ``(L, R, σ, ‖ΔL‖ + ‖ΔR‖)``, ``σ`` taking the new norms. The
+    ``iterated`` factor (already projected at the lower precision) is projected onto the PSD
+    cone where the working precision sees it indefinite; the other, its half-step in the lower
+    precision, is PSD up to that precision's rounding: where a Cholesky factorisation fails it
+    is shifted by the least of ``ε_low·10^j·I`` (``j ≤ 3``) that makes it positive definite (a
+    move of ``τ√d``; one more factorisation a try), and projected only when none does."""
+    from ._accel import positive_definite
     from ._eigen import _psd_projection
 
     moved, out = 0.0, []
-    for M in (L, R):
-        P = _psd_projection(M, xp)
+    for name, M in (("left", L), ("right", R)):
+        P = None
+        if name != iterated and not positive_definite(M, xp):
+            d = M.shape[0]
+            eye = eye_like(d, M, xp)
+            for j in range(4):
+                tau = eps_low * 10.0 ** j
+                if positive_definite(M + tau * eye, xp):
+                    P, moved = M + tau * eye, moved + tau * math.sqrt(d)
+                    break
+        if P is None:
+            P = _psd_projection(M, xp)
+            if P is not None:
+                moved += to_float(fro_norm(M - P, xp))
         if P is not None:
-            moved += to_float(fro_norm(M - P, xp))
             n = to_float(fro_norm(P, xp))
             M, sigma = P / n, sigma * n
         out.append(M)
