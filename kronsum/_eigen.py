@@ -935,12 +935,6 @@ def _finish_conv_coef(Fn, space: ConvGramSpace, eig: EigenResult, stop: Stop) ->
     xp = Fn.xp
     K, T = space.K, space.T
     c = eig.x
-    if psd_sum(Fn):  # PSD C_k give a PSD L = Σ G_kᵀ C_k G_k and, through D = W𝒢C, a PSD R
-        c0, c = c, _psd_blocks(c, K, T, xp)
-        if c is not c0 and stop.bound is not None:  # 2σ‖ΔL‖/‖L‖ to first order, as finish_coef
-            d = c0 - c
-            d2, c2 = host_floats([xp.sum(d * space.M(d)), xp.sum(c0 * space.M(c0))])
-            stop.bound += 2 * math.sqrt(max(d2, 0.0) / c2) if c2 > 0 else 0.0
     MC = space.M(c)
     D = space.half(c, MC)
     diag = Fn.G @ xp.matrix_transpose(Fn.G)  # the diagonal blocks S^G_kk = G_k G_kᵀ
@@ -958,24 +952,14 @@ def _finish_conv_coef(Fn, space: ConvGramSpace, eig: EigenResult, stop: Stop) ->
             eig.sigma2, eig.iterations = s2, eig.iterations + k
     sign = -1.0 if tr < 0 else 1.0
     nls, nrs = math.sqrt(nls2), math.sqrt(nrs2)
-    L = _blocks_gram(xp.reshape(c, (K, T, T)), Fn.G, sign / nls, xp)
+    L = symmetrize(_blocks_gram(xp.reshape(c, (K, T, T)), Fn.G, sign / nls, xp), xp)
+    # PSD coefficient matrices C_k give a PSD L; otherwise (not unique where positions repeat a
+    # direction, or an iterate near a singular optimum) the formed factor is checked
+    fac = _psd_finish(Fn, L, eig) if psd_sum(Fn) else None
+    if fac is not None:
+        return Solution(fac, eig, "gram")
     R = _blocks_gram(xp.reshape(D, (K, T, T)), Fn.A, sign / nrs, xp)
-    return Solution(Factors(symmetrize(L, xp), symmetrize(R, xp), nrs / nls), eig, "gram")
-
-
-def _psd_blocks(c, K: int, T: int, xp):
-    """The conv Gram coefficients ``C_k`` (flat, K·T²) with the eigenvalues of the minority
-    sign set to 0 in each (the sign of ``Σ tr C_k``): ``±C_k ⪰ 0``, so that the factors are PSD
-    by construction. The optimum's are (its factors are PSD); an iterate stopped at an
-    accuracy near a singular optimum is not quite. ``K`` eigendecompositions of ``T × T``."""
-    C = xp.reshape(c, (K, T, T))
-    lam, U = xp.linalg.eigh(C)
-    lo, hi, tr = host_floats([xp.min(lam), xp.max(lam), xp.sum(lam)])
-    if (lo >= 0 and tr >= 0) or (hi <= 0 and tr <= 0):
-        return c
-    lam = xp.where(lam > 0, lam, xp.zeros_like(lam)) if tr >= 0 else xp.where(lam < 0, lam, xp.zeros_like(lam))
-    C = (U * lam[:, None, :]) @ xp.matrix_transpose(U)
-    return xp.reshape((C + xp.matrix_transpose(C)) / 2, (K * T * T,))
+    return Solution(Factors(L, symmetrize(R, xp), nrs / nls), eig, "gram")
 
 
 def _f2_scale(space: "GramSpace", Fn, stop: Stop) -> float:
@@ -1342,9 +1326,10 @@ def finish_coef(Fn, space: GramSpace, eig: EigenResult, stop: Stop, route: str,
     xp = Fn.xp
     dt = Fn.dtype
     alpha = eig.x
-    moved = 0.0
-    if psd_sum(Fn):  # PSD terms: coefficients of one sign give PSD factors by construction
-        alpha, moved = _one_sign(alpha, space, xp, on_host)
+    # PSD terms with coefficients of one sign give PSD factors by construction; where both signs
+    # occur (an iterate near a singular optimum, or terms that repeat a direction, whose
+    # coefficients are not unique), the formed factor is checked below
+    mixed = psd_sum(Fn) and _both_signs(alpha, xp, on_host)
     MA = space.SP @ alpha
     beta = space.half(alpha, MA)
     tl = xp.astype(Fn._traces("left"), alpha.dtype, copy=False)
@@ -1388,31 +1373,11 @@ def finish_coef(Fn, space: GramSpace, eig: EigenResult, stop: Stop, route: str,
         eig.residual = res
         eig.converged = res <= stop.tol or (stop.accuracy is not None and stop.bound <= stop.accuracy)
         return Solution(fac, eig, route)
-    if moved and stop.bound is not None:  # ‖σ(L⊗R − L′⊗R′)‖ ≤ 2σ‖ΔL‖/‖L‖ to first order
-        stop.bound += 2 * moved
+    fac = _psd_finish(Fn, L, eig) if mixed else None
+    if fac is not None:
+        return Solution(fac, eig, route)
     R = Fn._combine("right", xp.astype(beta * (sign / (nrs * math.sqrt(fQ))), dt, copy=False))
     return Solution(Factors(L, R, unit * nrs / nls), eig, route)
-
-
-def _one_sign(alpha, space: "GramSpace", xp, on_host: bool) -> tuple:
-    """``(α′, ‖α − α′‖/‖α‖)`` in the ``S_P`` metric: the Gram coefficients of a sum of PSD terms
-    with those of the minority sign set to 0. The optimum's are all of one sign (Perron:
-    ``S_P``, ``S_Q`` and the weights are non-negative entrywise), so ``Σ α′_k L_k`` and its
-    half-step ``Σ β_k R_k`` (``β = W S_P α′ ≥ 0``) are PSD by construction; an iterate stopped
-    at an accuracy near a singular optimum has small coefficients of the other sign, whose
-    factor would be indefinite."""
-    ends = [xp.min(alpha), xp.max(alpha)]
-    lo, hi = [float(v) for v in ends] if on_host else host_floats(ends)
-    if lo >= 0 or hi <= 0:  # one sign already: the common case, two reductions
-        return alpha, 0.0
-    zero = xp.zeros_like(alpha)
-    pos, neg = xp.where(alpha > 0, alpha, zero), xp.where(alpha < 0, alpha, zero)
-    sums = [xp.sum(pos), -xp.sum(neg)]
-    sp, sn = [float(v) for v in sums] if on_host else host_floats(sums)
-    keep, drop = (pos, neg) if sp >= sn else (neg, pos)
-    vals = [drop @ (space.SP @ drop), alpha @ (space.SP @ alpha)]
-    d2, a2 = [float(v) for v in vals] if on_host else host_floats(vals)
-    return keep, math.sqrt(max(d2, 0.0) / a2) if a2 > 0 else 0.0
 
 
 def verified_left(Fn, L, stop: Stop, f2: float, f2_err: float, th2: float | None) -> tuple:
@@ -1446,6 +1411,27 @@ def verified_left(Fn, L, stop: Stop, f2: float, f2_err: float, th2: float | None
     stop.bound, stop.certified = gap_bound(th, r, -1.0 if th2 is None else th2, 0.0, f2, f2_err, te)
     sigma = math.sqrt(th)
     return Factors(L, materialize(half / sigma), sigma), r / th
+
+
+def _both_signs(alpha, xp, on_host: bool) -> bool:
+    """Whether the coefficient vector ``alpha`` has entries of both signs (two reductions)."""
+    ends = [xp.min(alpha), xp.max(alpha)]
+    lo, hi = [float(v) for v in ends] if on_host else host_floats(ends)
+    return lo < 0 < hi
+
+
+def _psd_finish(Fn, L, eig: EigenResult) -> Factors | None:
+    """The factors from the formed left factor ``L`` of a :func:`psd_sum` ``Fn``, projected onto
+    the PSD cone (:func:`_psd_projection`) with its half-step, when ``L`` has eigenvalues below
+    rounding; ``None`` when it has none. The optimum's factors are PSD; an iterate stopped at
+    an error-gap accuracy has an angle of about its square root, which shows as negative
+    eigenvalues where the optimum's are near zero (a factor of rank below its size)."""
+    if not Fn.symmetric:
+        return None
+    proj = _psd_projection(symmetrize(L, Fn.xp), Fn.xp)
+    if proj is None:
+        return None
+    return finish(Fn, "left", EigenResult(proj, eig.iterations, eig.converged, eig.residual, eig.sigma2))
 
 
 def finish_block(Fn, side: str, space: Space, vecs, rank: int, rng, unit_terms, kind: str):
