@@ -953,13 +953,25 @@ def _finish_conv_coef(Fn, space: ConvGramSpace, eig: EigenResult, stop: Stop) ->
     sign = -1.0 if tr < 0 else 1.0
     nls, nrs = math.sqrt(nls2), math.sqrt(nrs2)
     L = symmetrize(_blocks_gram(xp.reshape(c, (K, T, T)), Fn.G, sign / nls, xp), xp)
-    # PSD coefficient matrices C_k give a PSD L; otherwise (not unique where positions repeat a
-    # direction, or an iterate near a singular optimum) the formed factor is checked
-    fac = _psd_finish(Fn, L, eig) if psd_sum(Fn) else None
-    if fac is not None:
+    if psd_sum(Fn) and (_indefinite_blocks(c, K, T, sign, xp) or _indefinite_blocks(D, K, T, sign, xp)):
+        # PSD coefficient matrices give PSD factors by construction; otherwise (C_k are not
+        # unique where positions repeat a direction, and an iterate near a singular optimum is
+        # indefinite) the formed L is checked (projected where indefinite) and R is its
+        # half-step on the contractions, which D = W𝒢C would carry C's indefiniteness into
+        fac = _psd_finish(Fn, L, eig) or finish(Fn, "left", EigenResult(
+            L, eig.iterations, eig.converged, eig.residual, eig.sigma2))
         return Solution(fac, eig, "gram")
     R = _blocks_gram(xp.reshape(D, (K, T, T)), Fn.A, sign / nrs, xp)
     return Solution(Factors(L, symmetrize(R, xp), nrs / nls), eig, "gram")
+
+
+def _indefinite_blocks(c, K: int, T: int, sign: float, xp) -> bool:
+    """Whether any of the ``K`` symmetric ``T × T`` coefficient matrices in ``c`` (flat), times
+    ``sign``, has an eigenvalue below ``−10·T·ε`` of the largest magnitude (one batched
+    ``eigvalsh`` of small matrices)."""
+    lam = xp.linalg.eigvalsh(xp.reshape(c, (K, T, T))) * sign
+    lo, hi = host_floats([xp.min(lam), xp.max(xp.abs(lam))])
+    return lo < -10 * T * float(xp.finfo(lam.dtype).eps) * hi
 
 
 def _f2_scale(space: "GramSpace", Fn, stop: Stop) -> float:
@@ -1224,10 +1236,11 @@ def negative(L, xp, first: bool = True) -> bool:
 
 def psd_sum(Fn) -> bool:
     """Whether ``Fn`` is a sum of PSD terms by its form (outer and conv forms, whose weights are
-    non-negative, and sums of such parts): its K-FOC factors are then PSD."""
+    non-negative; terms known PSD by construction, ``KronSum._psd_terms``; and sums of such
+    parts): its K-FOC factors are then PSD."""
     if Fn.form == "sum":
         return all(psd_sum(P) for P in Fn.parts)
-    return Fn.form in ("outer", "conv")
+    return Fn.form in ("outer", "conv") or (Fn.form == "terms" and Fn._psd_terms)
 
 
 def _psd_projection(x, xp, strict: bool = False):

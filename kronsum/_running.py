@@ -43,6 +43,7 @@ from typing import Any
 from ._closed_forms import _new_kron, kfac, tkfac
 from ._compat import Array, is_array, namespace
 from ._ekfac import EigenKron, _ekfac_in
+from ._eigen import psd_sum
 from ._kfoc import choose_method, kfoc
 from ._kron import Kron, KronInfo
 from ._sum import KronSum
@@ -268,6 +269,10 @@ class RunningEstimate:
         # whether every batch in the estimate had symmetric terms (its factors are then
         # symmetric); None: unknown (restored from a state_dict)
         self._symmetric: bool | None = None
+        # whether every batch was a sum of PSD terms (outer/conv forms): K-FOC's estimate is
+        # then PSD, and the previous estimate enters the next sum as a PSD term; False when
+        # unknown (restored from a state_dict)
+        self._psd = False
 
     # -- configuration and counters ------------------------------------------------------
     @property
@@ -425,8 +430,11 @@ class RunningEstimate:
         self._left, self._right, self._scale = left, right, scale
         if a == 0.0:
             self._symmetric = F.symmetric
-        elif self._symmetric is not None:
-            self._symmetric = self._symmetric and F.symmetric
+            self._psd = psd_sum(F)
+        else:
+            self._psd = self._psd and psd_sum(F)
+            if self._symmetric is not None:
+                self._symmetric = self._symmetric and F.symmetric
         self._info = dataclasses.replace(info if name == "ekfac" else est.info, method=f"running/{name}")
         self._num_updates = t
         return self.estimate
@@ -491,11 +499,14 @@ class RunningEstimate:
         """``a · prev`` as a one-term sum. ``prev`` is this object's own estimate, finite by
         construction (checked batches and solves, checked restores): no NaN scan, and no
         symmetry scan when the batches so far say whether its factors are symmetric."""
+        psd = self._estimator == "kfoc_running" and self._psd
         if self._symmetric is None:
-            return KronSum.from_kron(prev, check_finite=False).scaled(a)
+            term = KronSum.from_kron(prev, check_finite=False).scaled(a)
+            term._psd_terms = psd
+            return term
         xp = self._xp
         return KronSum("terms", xp.reshape(prev.scale, (1,)) * a, L=prev.left[None, ...],
-                       R=prev.right[None, ...], symmetric=self._symmetric, _xp=xp)
+                       R=prev.right[None, ...], symmetric=self._symmetric, _xp=xp, psd_terms=psd)
 
     def _check_batch(self, F: object) -> None:
         if not isinstance(F, KronSum):
@@ -645,6 +656,12 @@ class RunningEstimate:
         self._clear()
         self._step, self._num_updates = step, t
         self._left, self._right, self._scale, self._xp = left, right, scale, xp
+        if self._estimator == "kfoc_running" and t > 0:
+            # a previous estimate with PSD factors enters the next sums as a PSD term, as it
+            # would have in the stream that saved it (one eigvalsh of each factor, here only)
+            from ._eigen import _psd_projection
+
+            self._psd = all(_psd_projection(M, xp) is None for M in (left, right))
         if extra_arrays:
             self._U, self._V, self._S = extra_arrays["U"], extra_arrays["V"], extra_arrays["S"]
         self._info = KronInfo(method=f"running/{self._estimator}",

@@ -56,16 +56,19 @@ class KronSum:
     True
     """
 
-    __slots__ = ("form", "weights", "L", "R", "G", "A", "symmetric", "parts", "_xp", "_Xp")
+    __slots__ = ("form", "weights", "L", "R", "G", "A", "symmetric", "_psd_terms", "parts", "_xp", "_Xp")
 
     def __init__(self, form: str, weights: Array, *, L=None, R=None, G=None, A=None,
-                 symmetric: bool, _xp: Any, parts: tuple = ()):
+                 symmetric: bool, _xp: Any, parts: tuple = (), psd_terms: bool = False):
         if form not in _FORMS:
             raise ValueError(f"form must be one of {_FORMS}, got {form!r}")
         self.form = form
         self.weights = weights
         self.L, self.R, self.G, self.A = L, R, G, A
         self.symmetric = symmetric
+        # terms form: every L_k, R_k PSD and every weight ≥ 0, known by construction (an estimate
+        # the library made, e.g. a running estimate's previous one); outer/conv are by form
+        self._psd_terms = psd_terms
         self.parts = parts
         self._xp = _xp
         self._Xp = None  # conv: the per-sample matrices, (m, K, n), when held (_with_per_sample)
@@ -139,7 +142,7 @@ class KronSum:
         if self.form == "sum":
             return KronSum.concat(*(P.scaled(c) for P in self.parts))
         return KronSum(self.form, self.weights * c, L=self.L, R=self.R, G=self.G, A=self.A,
-                       symmetric=self.symmetric, _xp=self._xp)
+                       symmetric=self.symmetric, _xp=self._xp, psd_terms=self._psd_terms)
 
     def __add__(self, other: "KronSum") -> "KronSum":
         if not isinstance(other, KronSum):
@@ -650,7 +653,7 @@ class KronSum:
                            parts=tuple(P._map(f, xp) for P in self.parts))
         g = (lambda a: None if a is None else f(a))
         return KronSum(self.form, f(self.weights), L=g(self.L), R=g(self.R), G=g(self.G),
-                       A=g(self.A), symmetric=self.symmetric, _xp=xp)
+                       A=g(self.A), symmetric=self.symmetric, _xp=xp, psd_terms=self._psd_terms)
 
     def persisted(self) -> "KronSum":
         """The same sum with Dask inputs persisted (computed once, in one pass, kept in memory
@@ -728,7 +731,7 @@ class KronSum:
         w, P, Q = self._scaled_arrays()
         if self.form == "terms":
             out = KronSum("terms", _div_pow2(w, ew), L=_div_pow2(P, e1), R=_div_pow2(Q, e2),
-                          symmetric=self.symmetric, _xp=xp)
+                          symmetric=self.symmetric, _xp=xp, psd_terms=self._psd_terms)
             return out, ew, e1, e2, zero
         out = KronSum(self.form, _div_pow2(w, ew), G=_div_pow2(P, e1), A=_div_pow2(Q, e2),
                       symmetric=True, _xp=xp)

@@ -109,3 +109,26 @@ def test_terms_that_repeat_a_direction(seed, form, accuracy):
     opt, nF = float(np.sqrt(np.sum(s[1:] ** 2))), float(np.linalg.norm(D))
     err = float(np.linalg.norm(D - est.to_dense()))
     assert (err - opt) / nF <= (1e-8 if accuracy is None else accuracy) + 1e-12, est.info
+
+
+@pytest.mark.parametrize("form", ["outer", "conv"])
+def test_running_kfoc_estimates_stay_psd_and_invertible(form):
+    """``RunningEstimate("kfoc_running")`` on batches smaller than the factors (rank-deficient
+    statistics), 40 seeded streams: every update's estimate is PSD to rounding and its damped
+    inverse exists (the previous estimate enters each sum as a PSD term)."""
+    for seed in range(40):
+        rng = np.random.default_rng([21, seed])
+        m, n = int(rng.choice([2, 5, 16, 40])), int(rng.choice([3, 8, 33]))
+        run = ks.RunningEstimate("kfoc_running", 0.95)
+        for _ in range(6):
+            B = int(rng.choice([1, 2, 3, 8]))
+            if form == "outer":
+                F = ks.KronSum.from_outer(rng.standard_normal((B, m)), rng.standard_normal((B, n)))
+            else:
+                T = int(rng.integers(1, 4))
+                F = ks.KronSum.from_conv(rng.standard_normal((B, T, m)),
+                                         rng.standard_normal((B, T, n)))
+            est = run.update(F)
+            for M in (est.left, est.right):
+                assert _min_rel_eig(M) >= -10 * M.shape[0] * np.finfo(M.dtype).eps, (seed, est.info)
+            est.inverse(1e-3)  # refused for an indefinite factor
