@@ -105,6 +105,11 @@ class Stop:
     # ``th_err``; 0 for sums of PSD terms, whose rounding stays at F's own scale
     op_scale: float = 0.0
 
+    def op_error(self, th: float) -> float:
+        """The operator's rounding at a unit vector of Rayleigh quotient ``th`` (``gap_bound``'s
+        ``th_err``): ``op_scale·√th``."""
+        return self.op_scale * math.sqrt(th) if self.op_scale > 0 and th > 0 else 0.0
+
     def met(self, th1: float, res: float, th2: float | None = None, r2: float = 0.0) -> bool:
         """Whether the Ritz pair ``(th1, relative residual res)`` stops the solver.
 
@@ -114,7 +119,7 @@ class Stop:
         toward it (or ``tol``); otherwise the plain rule applies."""
         self.th1, self.th2, self.r2 = th1, th2, r2
         t2, f2 = -1.0 if th2 is None else th2, -1.0 if self.f2 is None else self.f2
-        te = self.op_scale * math.sqrt(th1) if self.op_scale > 0 and th1 > 0 else 0.0
+        te = self.op_error(th1)
         self.bound, self.certified = gap_bound(th1, res * th1, t2, r2, f2, self.f2_err, te)
         if self.answer_floor is not None and self.accuracy is not None and th1 > 0:
             floor = self.answer_floor(th1)
@@ -958,8 +963,8 @@ def _finish_conv_coef(Fn, space: ConvGramSpace, eig: EigenResult, stop: Stop) ->
         # unique where positions repeat a direction, and an iterate near a singular optimum is
         # indefinite) the formed L is checked (projected where indefinite) and R is its
         # half-step on the contractions, which D = W𝒢C would carry C's indefiniteness into
-        fac = _psd_finish(Fn, L, eig) or finish(Fn, "left", EigenResult(
-            L, eig.iterations, eig.converged, eig.residual, eig.sigma2))
+        fac = finish(Fn, "left", EigenResult(L, eig.iterations, eig.converged, eig.residual,
+                                              eig.sigma2), psd=True)
         return Solution(fac, eig, "gram")
     R = _blocks_gram(xp.reshape(D, (K, T, T)), Fn.A, sign / nrs, xp)
     return Solution(Factors(L, symmetrize(R, xp), nrs / nls), eig, "gram")
@@ -1420,8 +1425,8 @@ def verified_left(Fn, L, stop: Stop, f2: float, f2_err: float, th2: float | None
         stop.bound, stop.certified = 0.0 if f2 == 0 else math.inf, f2 == 0
         return zero_answer(Fn), 0.0
     r = to_float(fro_norm(back - th * L, xp))
-    te = stop.op_scale * math.sqrt(th)
-    stop.bound, stop.certified = gap_bound(th, r, -1.0 if th2 is None else th2, 0.0, f2, f2_err, te)
+    stop.bound, stop.certified = gap_bound(th, r, -1.0 if th2 is None else th2, 0.0, f2, f2_err,
+                                           stop.op_error(th))
     sigma = math.sqrt(th)
     return Factors(L, materialize(half / sigma), sigma), r / th
 

@@ -417,10 +417,8 @@ def kfoc(
             if not auto:
                 raise ValueError(f"kfoc's Gram solver broke down: {exc}; use method='lanczos' "
                                  "or precision='float64'") from None
-            stop = _stop(Fn, tol, accuracy)
-            sol = _solve_factors(Fn, "lanczos", init, seed, stop, max_iter)
-            sol.factors.notes = sol.factors.notes + (
-                f"the Gram route broke down ({exc}): solved by Lanczos on the contractions",)
+            sol, stop = _lanczos_instead(Fn, init, seed, tol, accuracy, max_iter,
+                                         f"the Gram route broke down ({exc})")
     else:
         sol = _solve_factors(Fn, method, init, seed, stop, max_iter)
     if (auto and sol.route.startswith("gram") and stop.f2_abs is not None
@@ -430,14 +428,12 @@ def kfoc(
         # answer, checked on the contractions, misses the accuracy): Lanczos on the
         # contractions, started from that answer, whose rounding stays at the terms' scale
         # once rather than twice
-        gram_bound, ratio = stop.bound, stop.f2_abs / stop.f2 if stop.f2 > 0 else math.inf
-        stop = _stop(Fn, tol, accuracy)
+        ratio = stop.f2_abs / stop.f2 if stop.f2 > 0 else math.inf
         f = sol.factors
-        sol = _solve_factors(Fn, "lanczos", Kron(f.left, f.right, 1.0), seed, stop, max_iter)
-        sol.factors.notes = sol.factors.notes + (
+        sol, stop = _lanczos_instead(
+            Fn, Kron(f.left, f.right, 1.0), seed, tol, accuracy, max_iter,
             f"the terms cancel (the sum of their magnitudes is {ratio:.3g} times ‖F‖²): the "
-            f"Gram route's answer had an error-gap bound of {gram_bound:.2g}; solved again by "
-            "Lanczos on the contractions",)
+            f"Gram route's answer had an error-gap bound of {stop.bound:.2g}")
     L, R, sigma, notes = sol.factors.left, sol.factors.right, sol.factors.sigma, sol.factors.notes
     its, conv, res, s2 = sol.eig.iterations, sol.eig.converged, sol.eig.residual, sol.eig.sigma2
     method = sol.route
@@ -488,6 +484,16 @@ def kfoc(
 
 
 # -- set-up: starts and the factor-space solve -----------------------------------------------
+
+
+def _lanczos_instead(Fn: KronSum, init, seed, tol: float, accuracy: float | None,
+                     max_iter: int, why: str) -> tuple:
+    """``(solution, stop)`` of Lanczos on the contractions in place of the Gram route's answer
+    (from ``init``, e.g. that answer), with ``why`` in its notes."""
+    stop = _stop(Fn, tol, accuracy)
+    sol = _solve_factors(Fn, "lanczos", init, seed, stop, max_iter)
+    sol.factors.notes = sol.factors.notes + (f"{why}: solved by Lanczos on the contractions",)
+    return sol, stop
 
 
 def _stop(Fn: KronSum, tol: float, accuracy: float | None) -> Stop:

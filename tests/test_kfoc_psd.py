@@ -10,6 +10,7 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 import kronsum as ks
+from conftest import svd_optimum
 
 
 def _softmax_block(K, m, n, seed, heavy):
@@ -26,6 +27,18 @@ def _softmax_block(K, m, n, seed, heavy):
 def _min_rel_eig(M):
     lam = np.linalg.eigvalsh(M)
     return lam[0] / np.abs(lam).max()
+
+
+def _assert_psd_at_the_optimum(F, est, accuracy):
+    """Both factors PSD to rounding, the damped inverse accepted, and the error within
+    ``accuracy`` (default 1e-8) of the SVD optimum of the dense F, relative to ‖F‖."""
+    for M in (est.left, est.right):
+        assert _min_rel_eig(M) >= -10 * M.shape[0] * np.finfo(M.dtype).eps, (est.info, _min_rel_eig(M))
+    est.inverse(1e-6)  # refused for an indefinite factor
+    D = F.to_dense()
+    opt, _ = svd_optimum(D, F.m, F.n)
+    err = float(np.linalg.norm(D - est.to_dense()))
+    assert (err - opt) / float(np.linalg.norm(D)) <= (1e-8 if accuracy is None else accuracy) + 1e-12, est.info
 
 
 @settings(max_examples=8, deadline=None)
@@ -69,16 +82,7 @@ def test_factors_are_psd_where_the_optimum_is_singular(seed, form, accuracy, met
         T = int(rng.integers(1, 4))
         F = ks.KronSum.from_conv(rng.standard_normal((K, T, m)) * scale[:, :, None],
                                  rng.standard_normal((K, T, n)))
-    est = ks.kfoc(F, method=method, accuracy=accuracy)
-    for M in (est.left, est.right):
-        assert _min_rel_eig(M) >= -10 * M.shape[0] * np.finfo(M.dtype).eps, (est.info, _min_rel_eig(M))
-    est.inverse(1e-6)  # refused for an indefinite factor
-    D = F.to_dense()
-    R = D.reshape(m, n, m, n).transpose(0, 2, 1, 3).reshape(m * m, n * n)
-    s = np.linalg.svd(R, compute_uv=False)
-    opt, nF = float(np.sqrt(np.sum(s[1:] ** 2))), float(np.linalg.norm(D))
-    err = float(np.linalg.norm(D - est.to_dense()))
-    assert (err - opt) / nF <= (1e-8 if accuracy is None else accuracy) + 1e-12, est.info
+    _assert_psd_at_the_optimum(F, ks.kfoc(F, method=method, accuracy=accuracy), accuracy)
 
 
 @pytest.mark.usefixtures("numba_path")
@@ -100,15 +104,7 @@ def test_terms_that_repeat_a_direction(seed, form, accuracy):
         T = int(rng.integers(2, 10))
         G = rng.standard_normal((K, T, 1)) * rng.standard_normal((K, 1, m))  # rank 1 per sample
         F = ks.KronSum.from_conv(G, rng.standard_normal((K, T, n)), w)
-    est = ks.kfoc(F, accuracy=accuracy)
-    for M in (est.left, est.right):
-        assert _min_rel_eig(M) >= -10 * M.shape[0] * np.finfo(M.dtype).eps, est.info
-    D = F.to_dense()
-    R = D.reshape(m, n, m, n).transpose(0, 2, 1, 3).reshape(m * m, n * n)
-    s = np.linalg.svd(R, compute_uv=False)
-    opt, nF = float(np.sqrt(np.sum(s[1:] ** 2))), float(np.linalg.norm(D))
-    err = float(np.linalg.norm(D - est.to_dense()))
-    assert (err - opt) / nF <= (1e-8 if accuracy is None else accuracy) + 1e-12, est.info
+    _assert_psd_at_the_optimum(F, ks.kfoc(F, accuracy=accuracy), accuracy)
 
 
 @pytest.mark.parametrize("form", ["outer", "conv"])
