@@ -51,7 +51,8 @@ from typing import Any, Callable
 
 import numpy as np
 
-from ._accel import cuda_graph, numba_enabled, numba_kernels, positive_definite, row_gram, weighted_gram
+from ._accel import (cuda_graph, numba_enabled, numba_kernels, positive_definite, row_gram, row_sq_norms,
+                     weighted_gram)
 from ._compat import (Array, all_finite, device_of, eye_like, fro_norm, host_floats, host_vector,
                       is_dask_namespace, materialize, on_accelerator, symmetrize, to_float, trace)
 from ._config import _options
@@ -104,6 +105,9 @@ class Stop:
     # inputs' magnitude, :meth:`KronSum._rounding_scale`), passed to ``gap_bound`` as
     # ``th_err``; 0 for sums of PSD terms, whose rounding stays at F's own scale
     op_scale: float = 0.0
+    # the relative rounding of the Rayleigh quotients the solver computes (``gap_bound``'s
+    # ``th_round = th_rel·θ``): ``(K·T + m + n)·ε`` of the working precision (:func:`_stop`)
+    th_rel: float = 0.0
 
     def op_error(self, th: float) -> float:
         """The operator's rounding at a unit vector of Rayleigh quotient ``th`` (``gap_bound``'s
@@ -119,17 +123,17 @@ class Stop:
         toward it (or ``tol``); otherwise the plain rule applies."""
         self.th1, self.th2, self.r2 = th1, th2, r2
         t2, f2 = -1.0 if th2 is None else th2, -1.0 if self.f2 is None else self.f2
-        te = self.op_error(th1)
-        self.bound, self.certified = gap_bound(th1, res * th1, t2, r2, f2, self.f2_err, te)
+        te, tr = self.op_error(th1), self.th_rel * th1
+        self.bound, self.certified = gap_bound(th1, res * th1, t2, r2, f2, self.f2_err, te, tr)
         if self.answer_floor is not None and self.accuracy is not None and th1 > 0:
             floor = self.answer_floor(th1)
-            bound = gap_bound(th1, (res + self.answer_slack) * th1, t2, r2, f2, self.f2_err, te)[0]
+            bound = gap_bound(th1, (res + self.answer_slack) * th1, t2, r2, f2, self.f2_err, te, tr)[0]
             if bound + floor <= self.accuracy:
                 # an estimate: the slack for the low precision's operator error is measured,
                 # not proven
                 self.bound, self.certified, self.answer = bound + floor, False, True
                 return True
-            if gap_bound(th1, self.answer_slack * th1, t2, r2, f2, self.f2_err, te)[0] + floor <= self.accuracy / 2:
+            if gap_bound(th1, self.answer_slack * th1, t2, r2, f2, self.f2_err, te, tr)[0] + floor <= self.accuracy / 2:
                 return res <= self.tol
         return res <= self.tol or (self.accuracy is not None and self.bound <= self.accuracy)
 
@@ -540,7 +544,8 @@ def lanczos(space: Space, x, stop: Stop, max_iter) -> EigenResult:
                         s2, k = deflated_top(space, Q[0], MQ[0], th1)
                         return EigenResult(Q[0], n_apply + k, True, 0.0, s2, AUX[0] if AUX else None)
                     s2 = math.sqrt(max(float(theta[-2]), 0.0)) if i > 0 else None
-                    res = float(bi * abs(S[-1, -1]) / th1)
+                    # a breakdown is a remainder below 64·ε·θ₁, not a zero one: the bound takes that
+                    res = float(max(bi, 64 * eps * th1) if breakdown else bi) * abs(float(S[-1, -1])) / th1
                     met = stop.met(th1, res, float(theta[-2]) if i > 0 else None,
                                    float(bi * abs(S[-1, -2])) if i > 0 else 0.0)
                     done = bool(met or breakdown or (i == j and n_apply >= max_iter))
@@ -633,7 +638,8 @@ def lanczos_two_precision(low: Space, x0, high: Space, resume: Callable[[], Spac
     widened by the distance too: the low solve's Ritz values are the copy's.
     """
     xp = high.xp
-    stop_low = Stop(max(stop.tol, default_tol(xp, x0.dtype)), stop.accuracy)
+    stop_low = Stop(max(stop.tol, default_tol(xp, x0.dtype)), stop.accuracy,
+                    th_rel=stop.th_rel * float(xp.finfo(x0.dtype).eps) / float(xp.finfo(dtype).eps))
     if stop.f2 is not None:  # ‖F‖², widened by the low precision's rounding of the operator
         stop_low.f2 = stop.f2
         stop_low.f2_err = stop.f2_err + 64 * float(xp.finfo(x0.dtype).eps) * abs(stop.f2)
@@ -957,26 +963,51 @@ def _finish_conv_coef(Fn, space: ConvGramSpace, eig: EigenResult, stop: Stop) ->
             eig.sigma2, eig.iterations = s2, eig.iterations + k
     sign = -1.0 if tr < 0 else 1.0
     nls, nrs = math.sqrt(nls2), math.sqrt(nrs2)
-    L = symmetrize(_blocks_gram(xp.reshape(c, (K, T, T)), Fn.G, sign / nls, xp), xp)
-    if psd_sum(Fn) and (_indefinite_blocks(c, K, T, sign, xp) or _indefinite_blocks(D, K, T, sign, xp)):
-        # PSD coefficient matrices give PSD factors by construction; otherwise (C_k are not
-        # unique where positions repeat a direction, and an iterate near a singular optimum is
-        # indefinite) the formed L is checked (projected where indefinite) and R is its
-        # half-step on the contractions, which D = W𝒢C would carry C's indefiniteness into
+    eC, eD = xp.linalg.eigh(xp.reshape(c, (K, T, T))), xp.linalg.eigh(xp.reshape(D, (K, T, T)))
+    psd = psd_sum(Fn)
+    eps = float(xp.finfo(Fn.dtype).eps)
+    # forming a factor from the blocks' eigenpairs rounds each at ε·max|λ_k|, which reaches
+    # the factor through the block's rows: at most 4Tε Σ_k max|λ_k|·‖G_k‖² (‖L‖ = 1). Positions
+    # of very different magnitudes give blocks whose eigenvalues span as wide a range, and
+    # this far above the factor's own rounding
+    nG = xp.sum(xp.linalg.diagonal(diag), axis=-1)  # ‖G_k‖²_F
+    nA = row_sq_norms(xp.reshape(Fn.A, (K, T * Fn.n)), xp)
+    sC, sD = eC[0] * sign, eD[0] * sign
+    loC, hiC, loD, hiD, errL, errR = host_floats([
+        xp.min(sC), xp.max(xp.abs(sC)), xp.min(sD), xp.max(xp.abs(sD)),
+        xp.sum(xp.max(xp.abs(sC), axis=-1) * nG), xp.sum(xp.max(xp.abs(sD), axis=-1) * nA)])
+    errL, errR = 4 * T * eps * errL / nls, 4 * T * eps * errR / nrs
+    unstable = not errL + errR <= 0.1 * (stop.tol if stop.accuracy is None else stop.accuracy)
+    # beyond rounding (−10Tε of the largest magnitude): C_k are not unique where positions
+    # repeat a direction, and an iterate near a singular optimum is indefinite
+    indefinite = psd and min(loC + 10 * T * eps * hiC, loD + 10 * T * eps * hiD) < 0
+    if unstable or _gram_blind(stop, K * T, nrs2 / nls2):
+        # L formed by products over the positions' rows (rounding ε·Σ_k |G_k|ᵀ|C_k||G_k|), and
+        # checked and finished on the contractions (one application)
+        Gf = xp.reshape(Fn.G, (K * T, Fn.m))
+        Y = xp.reshape(xp.reshape(c, (K, T, T)) @ Fn.G, (K * T, Fn.m))
+        L = symmetrize(xp.matrix_transpose(Gf) @ Y * (sign / nls), xp)
+        fac, res = verified_left(Fn, L, stop, stop.f2, stop.f2_err,
+                                 None if eig.sigma2 is None else eig.sigma2 * eig.sigma2)
+        eig.residual = res
+        eig.converged = res <= stop.tol or (stop.accuracy is not None and stop.bound <= stop.accuracy)
+        proj = _psd_finish(Fn, fac.left, eig) if psd else None
+        return Solution(fac if proj is None else proj, eig, "gram")
+    # coefficient matrices PSD to rounding: their eigenvalues below zero are dropped, the
+    # factors are PSD by construction, and what that moves them is added to the bound with
+    # the forming's rounding (σ‖L⊗R − L′⊗R′‖ ≤ σ(‖ΔL‖ + ‖ΔR‖), σ ≤ ‖F‖)
+    L, moved = _blocks_gram(eC, Fn.G, sign / nls, xp, clip=psd and loC < 0 and not indefinite)
+    L = symmetrize(L, xp)
+    if indefinite:
+        # the formed L is checked (projected where indefinite) and R is its half-step on the
+        # contractions, which D = W𝒢C would carry C's indefiniteness into
         fac = finish(Fn, "left", EigenResult(L, eig.iterations, eig.converged, eig.residual,
                                               eig.sigma2), psd=True)
         return Solution(fac, eig, "gram")
-    R = _blocks_gram(xp.reshape(D, (K, T, T)), Fn.A, sign / nrs, xp)
+    R, moved_R = _blocks_gram(eD, Fn.A, sign / nrs, xp, clip=psd and loD < 0)
+    if stop.bound is not None:
+        stop.bound += moved + moved_R + errL + errR
     return Solution(Factors(L, symmetrize(R, xp), nrs / nls), eig, "gram")
-
-
-def _indefinite_blocks(c, K: int, T: int, sign: float, xp) -> bool:
-    """Whether any of the ``K`` symmetric ``T × T`` coefficient matrices in ``c`` (flat), times
-    ``sign``, has an eigenvalue below ``−10·T·ε`` of the largest magnitude (one batched
-    ``eigvalsh`` of small matrices)."""
-    lam = xp.linalg.eigvalsh(xp.reshape(c, (K, T, T))) * sign
-    lo, hi = host_floats([xp.min(lam), xp.max(xp.abs(lam))])
-    return lo < -10 * T * float(xp.finfo(lam.dtype).eps) * hi
 
 
 def _f2_scale(space: "GramSpace", Fn, stop: Stop) -> float:
@@ -992,13 +1023,21 @@ def _f2_scale(space: "GramSpace", Fn, stop: Stop) -> float:
     return stop.f2_abs
 
 
-def _blocks_gram(C, V, scale: float, xp) -> Array:
-    """``scale · Σ_k V_kᵀ C_k V_k`` for symmetric ``C`` (K, T, T) and ``V`` (K, T, d): the
-    eigenvectors of each ``C_k`` turn it into one weighted Gram product over ``K·T`` rows."""
+def _blocks_gram(eig_C, V, scale: float, xp, clip: bool = False) -> tuple:
+    """``(scale · Σ_k V_kᵀ C_k V_k, moved)`` for symmetric ``C`` (K, T, T) given as its batched
+    ``eigh`` ``(λ, U)``, and ``V`` (K, T, d): the eigenvectors of each ``C_k`` turn it into one
+    weighted Gram product over ``K·T`` rows. ``clip``: the weights ``scale·λ`` below zero are
+    dropped (a PSD result for blocks PSD to rounding) and ``moved`` bounds what that changes,
+    ``Σ |w⁻|·‖row‖²`` (one host read; 0 without ``clip``)."""
+    lam, U = eig_C
     K, T, d = V.shape
-    lam, U = xp.linalg.eigh(C)
     rows = xp.reshape(xp.matrix_transpose(U) @ V, (K * T, d))  # u_kiᵀ V_k
-    return weighted_gram(rows, xp.reshape(lam, (K * T,)) * scale, xp)
+    w = xp.reshape(lam, (K * T,)) * scale
+    if not clip:
+        return weighted_gram(rows, w, xp), 0.0
+    neg = xp.where(w < 0, -w, xp.zeros_like(w))
+    moved = to_float(xp.sum(neg * row_sq_norms(rows, xp)))
+    return weighted_gram(rows, w + neg, xp), moved
 
 
 def _numba_lanczos(space: GramSpace, Fn, x0, stop: Stop, max_iter, eps) -> EigenResult:
@@ -1015,7 +1054,7 @@ def _numba_lanczos(space: GramSpace, Fn, x0, stop: Stop, max_iter, eps) -> Eigen
                    * _f2_scale(space, Fn, stop))
     acc = -1.0 if stop.accuracy is None else stop.accuracy
     x, its, conv, res, s2, bound, certified = kern.coef_lanczos(
-        SP, SQ, w, x0, float(stop.tol), acc, stop.f2, stop.f2_err, int(max_iter), KRYLOV_DIM,
+        SP, SQ, w, x0, float(stop.tol), acc, stop.f2, stop.f2_err, float(stop.th_rel), int(max_iter), KRYLOV_DIM,
         float(eps))
     stop.bound, stop.certified = float(bound), bool(certified)
     if s2 < 0 and its == 1 and res == 0.0:  # invariant start vector: probe for a repeated sigma1
@@ -1381,21 +1420,36 @@ def finish_coef(Fn, space: GramSpace, eig: EigenResult, stop: Stop, route: str,
         if s2 is not None:
             eig.sigma2, eig.iterations = s2 * unit, eig.iterations + k
     L = Fn._combine("left", xp.astype(alpha * (sign / (nls * math.sqrt(fP))), dt, copy=False))
-    if stop.f2_abs is not None and stop.f2_abs > 2 * abs(stop.f2):
-        # terms that cancel: the Gram entries' rounding (at the terms' scale) can move the
-        # coefficient problem far more than F's own scale shows: the answer is checked and
-        # finished on the contractions instead (one application in the working precision)
+    if _gram_blind(stop, Fn.num_terms, nrs2 / nls2):
+        # the Gram entries' rounding can move the coefficient problem far more than its residual
+        # shows: the answer is checked and finished on the contractions instead (one
+        # application in the working precision)
         u2 = unit * unit
         fac, res = verified_left(Fn, L, stop, stop.f2 * u2, stop.f2_err * u2,
                                  None if eig.sigma2 is None else eig.sigma2 * eig.sigma2)
         eig.residual = res
         eig.converged = res <= stop.tol or (stop.accuracy is not None and stop.bound <= stop.accuracy)
-        return Solution(fac, eig, route)
+        psd = _psd_finish(Fn, fac.left, eig) if mixed else None
+        return Solution(fac if psd is None else psd, eig, route)
     fac = _psd_finish(Fn, L, eig) if mixed else None
     if fac is not None:
         return Solution(fac, eig, route)
     R = Fn._combine("right", xp.astype(beta * (sign / (nrs * math.sqrt(fQ))), dt, copy=False))
     return Solution(Factors(L, R, unit * nrs / nls), eig, route)
+
+
+def _gram_blind(stop: Stop, dim: int, th: float) -> bool:
+    """Whether a Gram-space answer of Ritz value ``th`` (in the units of ``stop.f2``) needs
+    checking on the contractions (:func:`verified_left`): where the sum's terms cancel (their
+    magnitudes exceed ``2‖F‖²``: the Gram entries round at the terms' scale, not F's), or where
+    F is so nearly a Kronecker product that ``‖F‖² − θ`` (the optimal error², what separates the
+    coefficients' directions) is within the Gram matrices' rounding ``stop.f2_err`` of zero:
+    those matrices are products of F's data, so they resolve directions only to about the
+    square root of their rounding, and a coefficient space of ``dim`` > 1 directions can then
+    hold an answer whose residual in that metric is zero but whose error gap is not."""
+    if stop.f2_abs is not None and stop.f2_abs > 2 * abs(stop.f2):
+        return True
+    return dim > 1 and stop.f2 is not None and stop.f2 - th <= stop.f2_err
 
 
 def verified_left(Fn, L, stop: Stop, f2: float, f2_err: float, th2: float | None) -> tuple:
@@ -1426,7 +1480,7 @@ def verified_left(Fn, L, stop: Stop, f2: float, f2_err: float, th2: float | None
         return zero_answer(Fn), 0.0
     r = to_float(fro_norm(back - th * L, xp))
     stop.bound, stop.certified = gap_bound(th, r, -1.0 if th2 is None else th2, 0.0, f2, f2_err,
-                                           stop.op_error(th))
+                                           stop.op_error(th), stop.th_rel * th)
     sigma = math.sqrt(th)
     return Factors(L, materialize(half / sigma), sigma), r / th
 

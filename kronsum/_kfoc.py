@@ -421,19 +421,21 @@ def kfoc(
                                          f"the Gram route broke down ({exc})")
     else:
         sol = _solve_factors(Fn, method, init, seed, stop, max_iter)
-    if (auto and sol.route.startswith("gram") and stop.f2_abs is not None
-            and stop.accuracy is not None and stop.bound is not None
-            and not stop.bound <= stop.accuracy):
-        # the sum's terms cancel beyond what the Gram route's rounding can resolve (its
-        # answer, checked on the contractions, misses the accuracy): Lanczos on the
-        # contractions, started from that answer, whose rounding stays at the terms' scale
-        # once rather than twice
-        ratio = stop.f2_abs / stop.f2 if stop.f2 > 0 else math.inf
+    if (auto and sol.route.startswith("gram") and stop.accuracy is not None
+            and stop.bound is not None and not stop.bound <= stop.accuracy):
+        # the sum's terms cancel, or F is nearly a Kronecker product, beyond what the Gram
+        # route's rounding can resolve (its answer, checked on the contractions, misses the
+        # accuracy): Lanczos on the contractions, started from that answer, whose rounding
+        # stays at the scale of the terms (or of F) once rather than twice
+        if stop.f2_abs is not None and stop.f2_abs > 2 * abs(stop.f2):
+            why = (f"the terms cancel (the sum of their magnitudes is "
+                   f"{stop.f2_abs / stop.f2 if stop.f2 > 0 else math.inf:.3g} times ‖F‖²)")
+        else:
+            why = "F is nearly a Kronecker product (its optimal error is within the Gram matrices' rounding)"
         f = sol.factors
         sol, stop = _lanczos_instead(
             Fn, Kron(f.left, f.right, 1.0), seed, tol, accuracy, max_iter,
-            f"the terms cancel (the sum of their magnitudes is {ratio:.3g} times ‖F‖²): the "
-            f"Gram route's answer had an error-gap bound of {stop.bound:.2g}")
+            f"{why}: the Gram route's answer had an error-gap bound of {stop.bound:.2g}")
     L, R, sigma, notes = sol.factors.left, sol.factors.right, sol.factors.sigma, sol.factors.notes
     its, conv, res, s2 = sol.eig.iterations, sol.eig.converged, sol.eig.residual, sol.eig.sigma2
     method = sol.route
@@ -453,8 +455,9 @@ def kfoc(
             return out
     if stop.bound is None:
         # the solver stopped at an invariant subspace (or a zero sum) without a bound: the
-        # residual is 0, and Temple's inequality with the probe's σ₂ (an estimate) bounds the gap
-        stop.met(sig1 * sig1, 0.0, None if s2 is None else s2 * s2)
+        # residual is below the breakdown threshold 64·ε (relative), and Temple's inequality
+        # with the probe's σ₂ (an estimate) bounds the gap
+        stop.met(sig1 * sig1, 64 * float(xp.finfo(Fn.dtype).eps), None if s2 is None else s2 * s2)
     if (precision == "input" and F.dtype != xp.float64 and stop.op_scale > 0
             and stop.accuracy is not None and not stop.bound <= stop.accuracy):
         # terms that cancel, in a precision whose rounding at the terms' scale hides F: the
@@ -466,9 +469,13 @@ def kfoc(
             f"{stop.bound:.2g} (accuracy {accuracy:.2g}): solved in float64",))
         return out
     bound = stop.bound
-    if F.dtype != xp.float64 and sig1 > 0 and not sol.eig.low:
-        # the bound is the solve's; the factors and scale as stored round by u each: 3u·σ₁
-        bound = bound + 1.5 * float(xp.finfo(F.dtype).eps)
+    if sig1 > 0:
+        # the bound is the solve's; the factors and scale as stored round by u each (3u·σ₁,
+        # below float64), and forming them rounds too: never below 4ε of the working precision
+        eps = float(xp.finfo(F.dtype).eps)
+        if F.dtype != xp.float64 and not sol.eig.low:
+            bound = bound + 1.5 * eps
+        bound = max(bound, 4 * eps)
     info = dict(method=f"kfoc/{method}", iterations=its, converged=conv, residual=res,
                 error_gap_bound=bound, error_gap_certified=stop.certified)
     if not conv:
@@ -501,11 +508,13 @@ def _stop(Fn: KronSum, tol: float, accuracy: float | None) -> Stop:
     the stored answer (``1.5ε``, added back to the reported bound) where it leaves room; for a
     sum whose terms can cancel (signed weights or terms, :func:`psd_sum` false) with the
     contractions' rounding, ``4ε·S`` per unit of σ (``S`` the inputs' magnitude,
-    :meth:`KronSum._rounding_scale`; ``Stop.op_scale``)."""
+    :meth:`KronSum._rounding_scale`; ``Stop.op_scale``); the Rayleigh quotients' rounding
+    ``(K·T + m + n)·ε`` (``Stop.th_rel``: sums of K·T terms and products over m and n)."""
     eps = float(Fn.xp.finfo(Fn.dtype).eps)
     if accuracy is not None and Fn.dtype != Fn.xp.float64 and accuracy > 3 * eps:
         accuracy = accuracy - 1.5 * eps
-    stop = Stop(float(tol), None if accuracy is None else float(accuracy))
+    stop = Stop(float(tol), None if accuracy is None else float(accuracy),
+                th_rel=(Fn.num_terms * Fn.num_positions + Fn.m + Fn.n) * eps)
     if not psd_sum(Fn):
         stop.op_scale = 4 * eps * Fn._rounding_scale()
     return stop

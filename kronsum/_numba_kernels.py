@@ -38,12 +38,12 @@ def weighted_hadamard_sum(SP, SQ, w):  # pragma: no cover - compiled
 
 
 @njit(cache=True, nogil=True)
-def coef_lanczos(SP, SQ, w, x0, tol, accuracy, f2, f2_err, max_iter, kdim, eps):  # pragma: no cover - compiled
+def coef_lanczos(SP, SQ, w, x0, tol, accuracy, f2, f2_err, th_rel, max_iter, kdim, eps):  # pragma: no cover - compiled
     """Top eigenpair of ``α ↦ W S_Q W S_P α`` in the ``S_P`` inner product.
 
     Stops as :class:`kronsum._eigen.Stop` does: residual ≤ ``tol``, or the error-gap bound
     :func:`kronsum._stopping.gap_bound` (with ``f2 = ‖F‖²`` and its rounding bound
-    ``f2_err``) ≤ ``accuracy`` (``< 0``: off).
+    ``f2_err``, and ``th_rel·θ`` the Ritz value's rounding) ≤ ``accuracy`` (``< 0``: off).
     Returns ``(alpha, applications, converged, residual, s2, bound, certified)``; ``s2 < 0``
     means "unknown" (and, with ``applications == 1`` and ``residual == 0``, an invariant start
     vector).
@@ -91,9 +91,10 @@ def coef_lanczos(SP, SQ, w, x0, tol, accuracy, f2, f2_err, max_iter, kdim, eps):
             if j == 0 and breakdown:  # the caller probes for σ₂ and bounds the gap then
                 return Q[0].copy(), n_apply, True, 0.0, -1.0, math.inf, False
             s2 = math.sqrt(max(theta[j - 1], 0.0)) if j > 0 else -1.0
-            res = b * abs(S[j, j]) / th1
+            res = (max(b, 64.0 * eps * th1) if breakdown else b) * abs(S[j, j]) / th1
             bound, certified = _gap_bound(th1, res * th1, theta[j - 1] if j > 0 else -1.0,
-                                          b * abs(S[j, j - 1]) if j > 0 else 0.0, f2, f2_err)
+                                          b * abs(S[j, j - 1]) if j > 0 else 0.0, f2, f2_err,
+                                          0.0, th_rel * th1)
             met = res <= tol or (accuracy >= 0.0 and bound <= accuracy)
             done = met or breakdown or n_apply >= max_iter
             if done or j == kdim - 1:

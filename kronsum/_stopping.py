@@ -36,7 +36,7 @@ ESTIMATE_SAFETY = 4.0
 
 
 def gap_bound(th1: float, r1: float, th2: float, r2: float, f2: float,
-              f2_err: float = 0.0, th_err: float = 0.0) -> tuple[float, bool]:
+              f2_err: float = 0.0, th_err: float = 0.0, th_round: float = 0.0) -> tuple[float, bool]:
     """``(bound, certified)``: an upper bound of ``(‖F − F̂‖ − optimal error)/‖F‖``.
 
     ``th1``, ``r1``: the top Ritz value and its absolute residual; ``th2``, ``r2``: the second
@@ -47,7 +47,10 @@ def gap_bound(th1: float, r1: float, th2: float, r2: float, f2: float,
     applied may lie from F's at the Ritz vector (its rounding, in the units of ``th1``; 0: the
     solver's arithmetic taken as exact): F's Rayleigh quotient of the vector is then at least
     ``th1 − th_err``, its residual at most ``r1 + 2·th_err``, and the Ritz values may sit
-    ``th_err`` from F's. ``certified`` when the bound rests on ``f2`` alone (see the module
+    ``th_err`` from F's. ``th_round``: a bound of the rounding of ``th1`` itself (a scalar, not
+    the operator: it moves the Rayleigh quotient, not the residual), so that ``f2 − θ_1``
+    computed by different arithmetic than ``θ_1`` is not taken for an optimal error that
+    rounding made. ``certified`` when the bound rests on ``f2`` alone (see the module
     docstring). ``inf`` when nothing bounds ``λ_2`` below ``θ_1``; 0 for a zero operator
     (certified when ``f2 = 0`` says the sum is zero).
     """
@@ -55,7 +58,7 @@ def gap_bound(th1: float, r1: float, th2: float, r2: float, f2: float,
         return 0.0, f2 == 0.0
     certified = False
     mu = math.inf
-    lo1 = th1 - th_err  # F's Rayleigh quotient of the Ritz vector, at least
+    lo1 = th1 - th_err - th_round  # F's Rayleigh quotient of the Ritz vector, at least
     if f2 >= 0.0 and f2 + f2_err - lo1 < lo1:
         mu = max(f2 + f2_err - lo1, 0.0)
         certified = True
@@ -68,7 +71,7 @@ def gap_bound(th1: float, r1: float, th2: float, r2: float, f2: float,
     dl = r * r / d
     if f2 >= 0.0:
         nf2 = max(f2 - f2_err, lo1)
-        lower = math.sqrt(max(f2 - f2_err - th1 - th_err, 0.0))
+        lower = math.sqrt(max(f2 - f2_err - th1 - th_err - th_round, 0.0))
     else:
         nf2 = lo1 + max(th2, 0.0)
         lower = 2.0 * math.sqrt(max(th2, 0.0))

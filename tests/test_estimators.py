@@ -8,7 +8,7 @@ import warnings
 
 import numpy as np
 import pytest
-from hypothesis import assume, given
+from hypothesis import assume, example, given, settings
 from hypothesis import strategies as st
 
 import kronsum as ks
@@ -604,3 +604,61 @@ def test_a_warm_start_orthogonal_to_the_optimum_is_not_returned():
     assert not any("zero sum" in note for note in est.info.notes)
     zero = ks.kfoc(ks.KronSum.from_outer(np.zeros((3, 2)), np.ones((3, 2))))
     assert float(zero.scale) == 0 and zero.info.error_gap_bound == 0.0
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(0, 2**32 - 1), st.sampled_from([6, 8, 10, 12]), st.sampled_from(["outer", "conv"]),
+       st.sampled_from(["auto", "gram"]))
+@example(251936, 12, "outer", "auto")  # ‖F‖² (Gram) − θ (contractions) is their rounding alone
+def test_certified_bound_holds_on_nearly_kronecker_sums(seed, digits, form, method):
+    """F within ``10^-digits`` of one Kronecker product: the Gram matrices, products of F's
+    data, cannot tell the terms' directions apart there, so a zero residual in their metric
+    certifies nothing. Every certified bound must still hold (and ``auto`` meet the default
+    accuracy), against the dense SVD optimum."""
+    rng = np.random.default_rng(seed)
+    K, m, n = int(rng.integers(2, 13)), int(rng.integers(2, 18)), int(rng.integers(2, 6))
+    noise = 10.0 ** -digits
+    if form == "outer":
+        G = rng.standard_normal(m) + noise * rng.standard_normal((K, m))
+        arrays = [G, rng.standard_normal((K, n))]
+    else:
+        T = int(rng.integers(1, 5))
+        G = rng.standard_normal((K, T, 1)) * rng.standard_normal(m) + noise * rng.standard_normal((K, T, m))
+        arrays = [G, rng.standard_normal((K, T, n))]
+    F = getattr(ks.KronSum, f"from_{form}")(*arrays)
+    D = dense_F(form, arrays)
+    opt, _ = svd_optimum(D, F.m, F.n)
+    normF = np.linalg.norm(D)
+    est = ks.kfoc(F, method=method)
+    gap = (float(np.linalg.norm(D - est.to_dense())) - opt) / normF
+    floor = 1e-14  # the reference's own rounding, relative to ‖F‖
+    assert est.info.error_gap_bound > 0, est.info
+    if est.info.error_gap_certified:
+        assert gap <= est.info.error_gap_bound * (1 + 1e-6) + floor, (gap, est.info)
+    if method == "auto":
+        assert gap <= 1e-8 + floor and est.info.converged, (gap, est.info)
+
+
+@pytest.mark.skipif(np.finfo(np.longdouble).eps >= np.finfo(np.float64).eps,
+                    reason="needs an extended-precision np.longdouble for the reference")
+@pytest.mark.parametrize("form", ["outer", "conv"])
+def test_the_bound_covers_storing_an_exact_answer(form):
+    """One Kronecker product: the optimal error is 0 and the solver's residual can be exactly 0,
+    but the factors and scale as stored round (a gap of a few ε, measured in extended precision
+    from the stored numbers): the reported bound is never below that."""
+    rng = np.random.default_rng(7)
+    for _ in range(20):
+        m, n = int(rng.integers(2, 9)), int(rng.integers(2, 9))
+        g, a = rng.standard_normal(m), rng.standard_normal(n)
+        if form == "outer":
+            F = ks.KronSum.from_outer(g[None], a[None])
+        else:
+            F = ks.KronSum.from_conv(g * np.ones((1, 3, 1)), a * np.ones((1, 3, 1)))  # 9 ggᵀ ⊗ aaᵀ
+        est = ks.kfoc(F)
+        ld = np.longdouble
+        L, R = est.left.astype(ld), est.right.astype(ld)
+        D = np.einsum("i,j,k,l->ikjl", g.astype(ld), g.astype(ld), a.astype(ld), a.astype(ld))
+        D = D * (9 if form == "conv" else 1)
+        E = ld(float(est.scale)) * np.einsum("ij,kl->ikjl", L, R)
+        gap = float(np.sqrt(np.sum((D - E) ** 2)) / np.sqrt(np.sum(D ** 2)))
+        assert 0 < est.info.error_gap_bound and gap <= est.info.error_gap_bound, (gap, est.info)

@@ -107,6 +107,22 @@ def test_terms_that_repeat_a_direction(seed, form, accuracy):
     _assert_psd_at_the_optimum(F, ks.kfoc(F, accuracy=accuracy), accuracy)
 
 
+@settings(max_examples=30, deadline=None)
+@given(seed=st.integers(0, 2**32 - 1), accuracy=st.sampled_from([None, 1e-4]))
+def test_conv_gram_route_with_positions_of_very_different_magnitudes(seed, accuracy):
+    """Conv blocks whose positions' rows differ in magnitude by up to 10¹⁶: the rounding of the
+    per-sample T × T coefficient matrices, at their own scale, would reach the factors far above
+    the factors' rounding. The explicit Gram route keeps them PSD and within the accuracy."""
+    rng = np.random.default_rng(seed)
+    K, T, m, n = int(rng.integers(1, 4)), int(rng.choice([4, 9])), int(rng.integers(2, 14)), int(rng.integers(2, 6))
+    G = rng.standard_normal((K, T, m)) * 10.0 ** rng.uniform(-8, 8, (K, T, 1))
+    A = rng.standard_normal((K, T, n)) * 10.0 ** rng.uniform(-8, 8, (K, T, 1))
+    F = ks.KronSum.from_conv(G, A)
+    est = ks.kfoc(F, method="gram", accuracy=accuracy)
+    assert est.info.method == "kfoc/gram"
+    _assert_psd_at_the_optimum(F, est, accuracy)
+
+
 @pytest.mark.parametrize("form", ["outer", "conv"])
 def test_running_kfoc_estimates_stay_psd_and_invertible(form):
     """``RunningEstimate("kfoc_running")`` on batches smaller than the factors (rank-deficient
