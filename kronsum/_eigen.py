@@ -987,12 +987,7 @@ def _finish_conv_coef(Fn, space: ConvGramSpace, eig: EigenResult, stop: Stop) ->
         Gf = xp.reshape(Fn.G, (K * T, Fn.m))
         Y = xp.reshape(xp.reshape(c, (K, T, T)) @ Fn.G, (K * T, Fn.m))
         L = symmetrize(xp.matrix_transpose(Gf) @ Y * (sign / nls), xp)
-        fac, res = verified_left(Fn, L, stop, stop.f2, stop.f2_err,
-                                 None if eig.sigma2 is None else eig.sigma2 * eig.sigma2)
-        eig.residual = res
-        eig.converged = res <= stop.tol or (stop.accuracy is not None and stop.bound <= stop.accuracy)
-        proj = _psd_finish(Fn, fac.left, eig) if psd else None
-        return Solution(fac if proj is None else proj, eig, "gram")
+        return Solution(_verified_finish(Fn, L, stop, eig, psd), eig, "gram")
     # coefficient matrices PSD to rounding: their eigenvalues below zero are dropped, the
     # factors are PSD by construction, and what that moves them is added to the bound with
     # the forming's rounding (σ‖L⊗R − L′⊗R′‖ ≤ σ(‖ΔL‖ + ‖ΔR‖), σ ≤ ‖F‖)
@@ -1003,11 +998,20 @@ def _finish_conv_coef(Fn, space: ConvGramSpace, eig: EigenResult, stop: Stop) ->
         # contractions, which D = W𝒢C would carry C's indefiniteness into
         fac = finish(Fn, "left", EigenResult(L, eig.iterations, eig.converged, eig.residual,
                                               eig.sigma2), psd=True)
+        _widen(stop, eig, errL)
         return Solution(fac, eig, "gram")
     R, moved_R = _blocks_gram(eD, Fn.A, sign / nrs, xp, clip=psd and loD < 0)
-    if stop.bound is not None:
-        stop.bound += moved + moved_R + errL + errR
+    _widen(stop, eig, moved + moved_R + errL + errR)
     return Solution(Factors(L, symmetrize(R, xp), nrs / nls), eig, "gram")
+
+
+def _widen(stop: Stop, eig: EigenResult, by: float) -> None:
+    """``stop``'s bound widened by what forming the factors moved them (``‖ΔL‖ + ‖ΔR‖``, which
+    moves the error by at most ``σ`` times that, ``σ ≤ ‖F‖``), and ``eig.converged`` by the
+    rule again."""
+    if stop.bound is not None and by > 0:
+        stop.bound += by
+        eig.converged = eig.residual <= stop.tol or (stop.accuracy is not None and stop.bound <= stop.accuracy)
 
 
 def _f2_scale(space: "GramSpace", Fn, stop: Stop) -> float:
@@ -1130,6 +1134,7 @@ def _squaring(Fn, alpha0, stop: Stop, max_iter):
         s2, k = _probe_unless_proven(GramSpace(st.SPs, st.SQs, st.ws, xp), st.x, st.Mx, th, f2s,
                                      float(xp.finfo(Fn.dtype).eps))
         eig = EigenResult(st.x, its + k, True, res, None if s2 is None else s2 * unit)
+        _rescale_f2(stop, unit * unit)  # in the units of F's σ², as the caller's
         return Solution(Factors(L, R, unit * math.sqrt(th)), eig, "gram-squaring"), st
     return None, st
 
@@ -1401,6 +1406,7 @@ def finish_coef(Fn, space: GramSpace, eig: EigenResult, stop: Stop, route: str,
                                              0, True, 0.0, None,
                                              aux=Fn._combine("right", xp.astype(beta, dt, copy=False))))
         fac.sigma = fac.sigma * (fw * fP)  # R's coefficients are β / (c_w c_P)
+        stop.f2 = stop.f2_abs = None  # its units are out of range too: no ‖F‖² for the caller
         return Solution(fac, eig, route)
     if not (nls2 > 0 and nrs2 > 0):
         if stop.f2_abs is not None and stop.f2_abs > 0:  # terms that are not zero: rounding
@@ -1419,23 +1425,53 @@ def finish_coef(Fn, space: GramSpace, eig: EigenResult, stop: Stop, route: str,
                                      float(xp.finfo(dt).eps))
         if s2 is not None:
             eig.sigma2, eig.iterations = s2 * unit, eig.iterations + k
+    _rescale_f2(stop, unit * unit)  # from here on in the units of F's σ², as the caller's
     L = Fn._combine("left", xp.astype(alpha * (sign / (nls * math.sqrt(fP))), dt, copy=False))
-    if _gram_blind(stop, Fn.num_terms, nrs2 / nls2):
+    if _gram_blind(stop, Fn.num_terms, unit * unit * nrs2 / nls2):
         # the Gram entries' rounding can move the coefficient problem far more than its residual
         # shows: the answer is checked and finished on the contractions instead (one
         # application in the working precision)
-        u2 = unit * unit
-        fac, res = verified_left(Fn, L, stop, stop.f2 * u2, stop.f2_err * u2,
-                                 None if eig.sigma2 is None else eig.sigma2 * eig.sigma2)
-        eig.residual = res
-        eig.converged = res <= stop.tol or (stop.accuracy is not None and stop.bound <= stop.accuracy)
-        psd = _psd_finish(Fn, fac.left, eig) if mixed else None
-        return Solution(fac if psd is None else psd, eig, route)
+        return Solution(_verified_finish(Fn, L, stop, eig, mixed), eig, route)
     fac = _psd_finish(Fn, L, eig) if mixed else None
     if fac is not None:
         return Solution(fac, eig, route)
     R = Fn._combine("right", xp.astype(beta * (sign / (nrs * math.sqrt(fQ))), dt, copy=False))
     return Solution(Factors(L, R, unit * nrs / nls), eig, route)
+
+
+def _rescale_f2(stop: Stop, u2: float) -> None:
+    """``stop``'s ``‖F‖²``, its rounding and its terms' magnitudes multiplied by ``u2`` (a Gram
+    space's scaled units → those of F's σ²)."""
+    if stop.f2 is not None:
+        stop.f2, stop.f2_err = stop.f2 * u2, stop.f2_err * u2
+    if stop.f2_abs is not None:
+        stop.f2_abs = stop.f2_abs * u2
+
+
+def _verified_finish(Fn, L, stop: Stop, eig: EigenResult, project_left: bool) -> Factors:
+    """The factors of a Gram-space answer's formed left factor ``L`` checked on the contractions
+    (:func:`verified_left`, which sets ``stop``'s bound; ``stop.f2`` in the units of F's σ²),
+    with ``eig``'s residual and convergence updated. For a :func:`psd_sum` both factors are made
+    PSD to rounding: ``L`` projected where ``project_left`` and it is indefinite (finished
+    again from it), the half-step ``R`` (PSD in exact arithmetic, not where the arithmetic runs
+    at a scale far above F's, e.g. conv positions that cancel) projected where indefinite, the
+    move added to the bound (σ‖ΔR‖ ≤ ‖F‖·‖ΔR‖)."""
+    xp = Fn.xp
+    fac, res = verified_left(Fn, L, stop, stop.f2, stop.f2_err,
+                             None if eig.sigma2 is None else eig.sigma2 * eig.sigma2)
+    eig.residual = res
+    eig.converged = res <= stop.tol or (stop.accuracy is not None and stop.bound <= stop.accuracy)
+    if not psd_sum(Fn) or not fac.sigma > 0:
+        return fac
+    proj = _psd_finish(Fn, fac.left, eig) if project_left else None
+    fac = fac if proj is None else proj
+    if Fn.symmetric:
+        P = _psd_projection(symmetrize(fac.right, xp), xp)
+        if P is not None:
+            n = to_float(fro_norm(P, xp))
+            stop.bound += to_float(fro_norm(fac.right - P, xp))
+            fac = Factors(fac.left, P / n, fac.sigma * n, fac.notes)
+    return fac
 
 
 def _gram_blind(stop: Stop, dim: int, th: float) -> bool:
@@ -1470,19 +1506,23 @@ def verified_left(Fn, L, stop: Stop, f2: float, f2_err: float, th2: float | None
     half = Fn.contract_left(L)
     if Fn.symmetric:
         half = symmetrize(half, xp)
-    back = Fn.contract_right(half)
-    if Fn.symmetric:
-        back = symmetrize(back, xp)
-    th = to_float(xp.sum(half * half))
-    require_finite(xp, th)
-    if not th > 0:
+    # σ = ‖half‖ and the residual σ‖𝓡𝓡ᵀL/σ − σL‖ from the unit half-step, so that neither
+    # θ = σ² nor 𝓡𝓡ᵀL (of order θ) is formed in the working precision, where a θ below its
+    # range (float32 blocks of widely scaled rows) would read as a zero sum
+    sigma = to_float(fro_norm(half, xp))
+    require_finite(xp, sigma)
+    if not sigma > 0:
         stop.bound, stop.certified = 0.0 if f2 == 0 else math.inf, f2 == 0
         return zero_answer(Fn), 0.0
-    r = to_float(fro_norm(back - th * L, xp))
+    R = materialize(half / sigma)
+    back = Fn.contract_right(R)
+    if Fn.symmetric:
+        back = symmetrize(back, xp)
+    th = sigma * sigma
+    r = to_float(fro_norm(back - sigma * L, xp)) * sigma
     stop.bound, stop.certified = gap_bound(th, r, -1.0 if th2 is None else th2, 0.0, f2, f2_err,
                                            stop.op_error(th), stop.th_rel * th)
-    sigma = math.sqrt(th)
-    return Factors(L, materialize(half / sigma), sigma), r / th
+    return Factors(L, R, sigma), r / th
 
 
 def _both_signs(alpha, xp, on_host: bool) -> bool:

@@ -427,15 +427,24 @@ def kfoc(
         # route's rounding can resolve (its answer, checked on the contractions, misses the
         # accuracy): Lanczos on the contractions, started from that answer, whose rounding
         # stays at the scale of the terms (or of F) once rather than twice
-        if stop.f2_abs is not None and stop.f2_abs > 2 * abs(stop.f2):
+        if stop.f2_abs is not None and stop.f2 is not None and stop.f2_abs > 2 * abs(stop.f2):
             why = (f"the terms cancel (the sum of their magnitudes is "
                    f"{stop.f2_abs / stop.f2 if stop.f2 > 0 else math.inf:.3g} times ‖F‖²)")
         else:
             why = "F is nearly a Kronecker product (its optimal error is within the Gram matrices' rounding)"
         f = sol.factors
-        sol, stop = _lanczos_instead(
-            Fn, Kron(f.left, f.right, 1.0), seed, tol, accuracy, max_iter,
-            f"{why}: the Gram route's answer had an error-gap bound of {stop.bound:.2g}")
+        start = Kron(f.left, f.right, 1.0) if f.sigma > 0 else init
+        new_sol, new_stop = _lanczos_instead(
+            Fn, start, seed, tol, accuracy, max_iter,
+            f"{why}: the Gram route's answer had an error-gap bound of {stop.bound:.2g}",
+            None if stop.f2 is None else (stop.f2, stop.f2_err))
+        new_bound = math.inf if new_stop.bound is None else new_stop.bound
+        if new_bound <= stop.bound:
+            sol, stop = new_sol, new_stop
+        else:  # Lanczos bounded its answer no better: the Gram route's answer, with its bound
+            sol.factors.notes = sol.factors.notes + (
+                f"{why}: Lanczos on the contractions bounded its answer by only "
+                f"{new_bound:.2g}; the Gram route's answer is returned",)
     L, R, sigma, notes = sol.factors.left, sol.factors.right, sol.factors.sigma, sol.factors.notes
     its, conv, res, s2 = sol.eig.iterations, sol.eig.converged, sol.eig.residual, sol.eig.sigma2
     method = sol.route
@@ -494,10 +503,13 @@ def kfoc(
 
 
 def _lanczos_instead(Fn: KronSum, init, seed, tol: float, accuracy: float | None,
-                     max_iter: int, why: str) -> tuple:
+                     max_iter: int, why: str, f2: tuple | None = None) -> tuple:
     """``(solution, stop)`` of Lanczos on the contractions in place of the Gram route's answer
-    (from ``init``, e.g. that answer), with ``why`` in its notes."""
+    (from ``init``, e.g. that answer), with ``why`` in its notes; ``f2``: ``(‖F‖², its
+    rounding)`` in the units of F's σ² where the Gram route computed it (it certifies)."""
     stop = _stop(Fn, tol, accuracy)
+    if f2 is not None:
+        stop.f2, stop.f2_err = f2
     sol = _solve_factors(Fn, "lanczos", init, seed, stop, max_iter)
     sol.factors.notes = sol.factors.notes + (f"{why}: solved by Lanczos on the contractions",)
     return sol, stop

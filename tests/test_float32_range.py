@@ -38,3 +38,23 @@ def test_float32_large_magnitudes_reach_the_float64_optimum(method, use_numba):
     assert abs(np.sum(est.right * ref.right)) == pytest.approx(1.0, abs=1e-4)
     if est.info.sigma2 is not None:
         assert est.info.sigma2 == pytest.approx(ref.info.sigma2, rel=1e-3)
+
+
+@pytest.mark.parametrize("method", ["auto", "gram", "lanczos"])
+def test_float32_rows_of_opposite_scales_keep_their_certificate(method):
+    """One Kronecker product in float32 whose rows are scaled by 1e7, 1e-8 and 1e-1 on one side
+    and the reverse on the other: every side is normalised by its largest row, so the dominant
+    term's σ₁² lies below float32's range in those units. The check of a nearly exact answer on
+    the contractions must not read that as a zero sum: the answer is the product itself and a
+    certified bound holds (against the float64 dense optimum, 0)."""
+    rng = np.random.default_rng(0)
+    g, a = rng.standard_normal(4), rng.standard_normal(4)
+    G = np.stack([1e7 * g, 1e-8 * g, 1e-1 * g]).astype(np.float32)
+    A = np.stack([1e-8 * a, 1e7 * a, 1e-2 * a]).astype(np.float32)
+    F = ks.KronSum.from_outer(G, A)
+    est = ks.kfoc(F, method=method)
+    D = np.asarray(F.to_dense(), dtype=np.float64)
+    err = np.linalg.norm(D - np.asarray(est.to_dense(), dtype=np.float64)) / np.linalg.norm(D)
+    assert float(est.scale) > 0 and err <= 1e-5, (err, est.info)
+    if est.info.error_gap_certified:
+        assert err <= est.info.error_gap_bound * (1 + 1e-6) + 1e-7, (err, est.info)
