@@ -408,11 +408,12 @@ def kfoc(
     c = cw * (cl * cr)
     stop = _stop(Fn, tol, accuracy)
     requested = "auto" if auto else method
-    if method == "gram" and Fn.form == "conv":
-        sol = conv_gram_solve(Fn, _conv_gram_start(Fn, init), stop, max_iter, seed)
-    elif method == "gram":
+    if method == "gram":
         try:
-            sol = gram_solve(Fn, _gram_start(Fn, init, seed), stop, max_iter)
+            if Fn.form == "conv":
+                sol = conv_gram_solve(Fn, _conv_gram_start(Fn, init), stop, max_iter, seed)
+            else:
+                sol = gram_solve(Fn, _gram_start(Fn, init, seed), stop, max_iter)
         except MetricBreakdown as exc:
             if not auto:
                 raise ValueError(f"kfoc's Gram solver broke down: {exc}; use method='lanczos' "

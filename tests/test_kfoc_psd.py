@@ -149,6 +149,21 @@ def test_conv_gram_route_with_positions_that_cancel(seed):
         assert est.info.error_gap_certified and not est.info.converged and est.info.notes
 
 
+def test_conv_gram_route_breakdown_is_a_value_error():
+    """Positions that cancel to about 1e-7 of their magnitudes leave the conv Gram route's metric
+    numerically singular at the answer: an explicit ``method="gram"`` raises ``ValueError``
+    naming the alternative, and ``auto`` answers."""
+    rng = np.random.default_rng(184)
+    K, P, m, n = int(rng.integers(1, 6)), int(rng.integers(1, 4)), int(rng.integers(2, 8)), int(rng.integers(2, 8))
+    delta = 10.0 ** -rng.uniform(2, 7)
+    g, a = rng.standard_normal((K, P, m)), rng.standard_normal((K, P, n))
+    F = ks.KronSum.from_conv(np.concatenate([g, g], axis=1),
+                             np.concatenate([a, -a + delta * rng.standard_normal((K, P, n))], axis=1))
+    with pytest.raises(ValueError, match="method='lanczos'"):
+        ks.kfoc(F, method="gram")
+    assert float(ks.kfoc(F).scale) > 0
+
+
 @pytest.mark.parametrize("form", ["outer", "conv"])
 def test_running_kfoc_estimates_stay_psd_and_invertible(form):
     """``RunningEstimate("kfoc_running")`` on batches smaller than the factors (rank-deficient
