@@ -114,6 +114,15 @@ def is_numpy_namespace(xp: Any) -> bool:
     return bool(array_api_compat.is_numpy_namespace(xp))
 
 
+def float64_available(xp: Any) -> bool:
+    """Whether ``xp`` makes float64 arrays (JAX only with ``jax_enable_x64``)."""
+    if array_api_compat.is_jax_namespace(xp):
+        import jax
+
+        return bool(jax.config.read("jax_enable_x64"))
+    return True
+
+
 def max_abs(x: Array, xp: Any) -> Array:
     """``max |x|`` of a non-empty real array, a 0-d array of ``x``'s namespace (NaN when ``x``
     holds one). NumPy floating arrays: as ``max(max x, −min x)``, two reductions without the

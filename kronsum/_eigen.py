@@ -53,7 +53,7 @@ import numpy as np
 
 from ._accel import (cuda_graph, numba_enabled, numba_kernels, positive_definite, row_gram, row_sq_norms,
                      weighted_gram)
-from ._compat import (Array, all_finite, device_of, eye_like, fro_norm, host_floats, host_vector,
+from ._compat import (Array, all_finite, device_of, eye_like, float64_available, fro_norm, host_floats, host_vector,
                       is_dask_namespace, materialize, on_accelerator, symmetrize, to_float, trace)
 from ._config import _options
 from ._stopping import gap_bound
@@ -893,12 +893,13 @@ def gram_solve(Fn, alpha0, stop: Stop, max_iter: int) -> Solution:
             return done
     if st is None:
         st = _SquaringState()
-        _scaled_grams(Fn, st)
+        _scaled_grams(Fn, st, float64=_gram_float64(Fn))
+        alpha0 = xp.astype(alpha0, st.SPs.dtype, copy=False)
     # Lanczos (after the squaring route if it ran: its scaled Gram matrices are at hand)
     space = GramSpace(st.SPs, st.SQs, st.ws, xp)
     # a start with ‖L₀‖ = 0 (e.g. traceless terms) falls back to the weights, on the device;
     # if that is zero too, every term is zero (S_P = 0) and the solve returns a zero vector
-    alpha0 = xp.where(space.norm(alpha0) > 0, alpha0, w)
+    alpha0 = xp.where(space.norm(alpha0) > 0, alpha0, st.ws)
     # ‖F̃‖² in scaled units: it certifies the stop, and bounds σ₂ when the solver gave none
     stop.f2 = to_float(space.f2())
     stop.f2_err = Fn.num_terms * float(xp.finfo(Fn.dtype).eps) * _f2_scale(space, Fn, stop)
@@ -1120,7 +1121,7 @@ def _squaring(Fn, alpha0, stop: Stop, max_iter):
         if target > st.level:
             squaring_more(Fn, st, target - st.level)
         first = target == 3  # queue the final products before the read (dropped if it fails)
-        LR = (Fn._combine("left", st.cL), Fn._combine("right", st.cR)) if first else None
+        LR = _squaring_factors(Fn, st) if first else None
         th, rr, f2s, fP, fQ, fw = vals = host_vector(st.scalars)
         if not (all(math.isfinite(v) for v in vals) and th > 0):
             return None, st
@@ -1128,7 +1129,7 @@ def _squaring(Fn, alpha0, stop: Stop, max_iter):
         stop.f2, stop.f2_err = f2s, Fn.num_terms * float(xp.finfo(Fn.dtype).eps) * abs(f2s)
         if not stop.met(th, res):
             continue
-        L, R = LR if first else (Fn._combine("left", st.cL), Fn._combine("right", st.cR))
+        L, R = LR if first else _squaring_factors(Fn, st)
         unit = math.sqrt(fw * fw * fQ * fP)  # scaled → true units of σ
         its = APPLIES * 2**st.level + 1
         s2, k = _probe_unless_proven(GramSpace(st.SPs, st.SQs, st.ws, xp), st.x, st.Mx, th, f2s,
@@ -1174,6 +1175,13 @@ class _SquaringState:
         return out
 
 
+def _squaring_factors(Fn, st: _SquaringState) -> tuple:
+    """The squaring route's factors ``(Σ_k cL_k L_k, Σ_k cR_k R_k)`` in the inputs' dtype."""
+    xp, dt = Fn.xp, Fn.dtype
+    return (Fn._combine("left", xp.astype(st.cL, dt, copy=False)),
+            Fn._combine("right", xp.astype(st.cR, dt, copy=False)))
+
+
 def squaring_pass(Fn, alpha0, squarings: int = 3) -> _SquaringState:
     """The squaring route up to its first host read, as device work only (no read, no
     transfer, shapes fixed by the inputs'): Gram matrices, ``M = B^(2^squarings)``, the
@@ -1183,23 +1191,34 @@ def squaring_pass(Fn, alpha0, squarings: int = 3) -> _SquaringState:
     """
     xp = Fn.xp
     st = _SquaringState()
-    _scaled_grams(Fn, st)
+    _scaled_grams(Fn, st, float64=_gram_float64(Fn))
     space = GramSpace(st.SPs, st.SQs, st.ws, xp)
     outer = Fn.form == "outer"
+    alpha0 = xp.astype(alpha0, st.SPs.dtype, copy=False)
     a0 = alpha0 / xp.maximum(xp.max(xp.abs(alpha0)), st.tiny)  # a start's scale is free
     # a start with ‖L₀‖ = 0 (e.g. traceless terms) falls back to the weights
     st.a0 = xp.where(xp.sum(a0 * (st.SPs @ a0)) > 0, a0, st.ws)
     # the sign of tr L = Σ x_k tr L_k; outer: tr(g gᵀ) = ‖g‖² = S_P[k, k]^½ (no pass over G)
-    st.tl = xp.sqrt(xp.linalg.diagonal(st.SPs)) if outer else Fn._traces("left")
+    st.tl = xp.sqrt(xp.linalg.diagonal(st.SPs)) if outer else xp.astype(Fn._traces("left"), st.SPs.dtype)
     st.f2 = space.f2()  # ‖F̃‖² in scaled units: bounds σ₂
     st.M, st.level = space.matrix(), 0
     squaring_more(Fn, st, squarings)
     return st
 
 
-def _scaled_grams(Fn, st: _SquaringState) -> None:
+def _gram_float64(Fn) -> bool:
+    """Whether the array-API Gram routes do their K×K work in float64: below float64 (as the
+    numba kernel does), where the namespace has it. The Gram matrices, scaled by their largest
+    entries, would otherwise lose the terms of rows far smaller than the largest (entries ~‖g‖⁴:
+    rows 10⁸ apart) below the lower precision's range."""
+    xp = Fn.xp
+    return Fn.dtype != xp.float64 and float64_available(xp)
+
+
+def _scaled_grams(Fn, st: _SquaringState, float64: bool = False) -> None:
     """``st.SPs, st.SQs, st.ws`` = S_P, S_Q, w over their largest magnitudes ``st.cP, st.cQ,
-    st.cw`` (device scalars, no host read), and ``st.tiny``, float's smallest normal number.
+    st.cw`` (device scalars, no host read), and ``st.tiny``, float's smallest normal number;
+    ``float64``: all of them in float64.
 
     The Gram-space operator multiplies four K-scale quantities (entries of S_P ~ ‖g‖⁴): in
     float32 it would overflow for large layers; scaled, its eigenvector is the same. Divisors
@@ -1207,10 +1226,10 @@ def _scaled_grams(Fn, st: _SquaringState) -> None:
     ~0.3 ms a call on CuPy); the outer form's Gram entries (g_kᵀg_l)² need no ``abs``.
     """
     xp = Fn.xp
-    w = Fn.weights
+    w = xp.astype(Fn.weights, xp.float64) if float64 else Fn.weights
     st.tiny = tiny = xp.full((), xp.finfo(w.dtype).smallest_normal, dtype=w.dtype,
                              device=device_of(w))
-    SP, SQ = Fn._gram("left"), Fn._gram("right")
+    SP, SQ = Fn._gram("left", float64=float64), Fn._gram("right", float64=float64)
     if Fn.form != "outer":
         SP_abs, SQ_abs = xp.abs(SP), xp.abs(SQ)
     else:

@@ -596,8 +596,9 @@ class KronSum:
     def _gram(self, side: str, i0: int = 0, i1: int | None = None, *, float64: bool = False) -> Array:
         """Rows i0:i1 of ``S = [⟨L_k, L_l⟩]`` (side="left") or ``[⟨R_k, R_l⟩]`` (terms/outer).
 
-        ``float64=True`` (NumPy only, for the numba kernels) returns float64, the outer form's
-        Hadamard square written straight from the inputs' dtype in one pass.
+        ``float64=True`` returns float64 (the numba kernels; the array-API Gram route below
+        float64), the outer form's Hadamard square taken in float64 (NumPy: straight from the
+        inputs' dtype in one pass).
         """
         xp = self._xp
         if self.form == "sum":  # blocks between the parts (the whole matrix only)
@@ -837,17 +838,22 @@ def _cross_inner(P: KronSum, Q: KronSum) -> Array:
 
 def _squared(S: Array, float64: bool) -> Array:
     """The Hadamard square of a fresh Gram product ``S``: the outer form's ``(VWᵀ)∘(VWᵀ)``.
-    ``float64=True`` (NumPy, the numba route): in float64, in place when ``S`` already is."""
+    ``float64=True``: in float64 (NumPy: in place when ``S`` already is), so that squares below
+    a lower precision's range are kept."""
     if not float64:
         return S**2
     import numpy as np
 
-    return np.square(S, out=S) if S.dtype == np.float64 else np.square(S, dtype=np.float64)
+    if isinstance(S, np.ndarray):
+        return np.square(S, out=S) if S.dtype == np.float64 else np.square(S, dtype=np.float64)
+    xp = namespace(S)
+    S = xp.astype(S, xp.float64)
+    return S * S
 
 
 def _cross_gram(P: KronSum, Q: KronSum, side: str, float64: bool) -> Array:
     """``[⟨L_k, L'_l⟩]`` (side="left") or ``[⟨R_k, R'_l⟩]`` between the terms of two parts of
-    the terms/outer forms, shape (K_P, K_Q); float64 on request (NumPy, the numba route)."""
+    the terms/outer forms, shape (K_P, K_Q); float64 on request (see :meth:`KronSum._gram`)."""
     xp = P.xp
     if P.form == "outer" and Q.form == "outer":
         V, W = (P.G, Q.G) if side == "left" else (P.A, Q.A)
