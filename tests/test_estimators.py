@@ -662,3 +662,27 @@ def test_the_bound_covers_storing_an_exact_answer(form):
         E = ld(float(est.scale)) * np.einsum("ij,kl->ikjl", L, R)
         gap = float(np.sqrt(np.sum((D - E) ** 2)) / np.sqrt(np.sum(D ** 2)))
         assert 0 < est.info.error_gap_bound and gap <= est.info.error_gap_bound, (gap, est.info)
+
+
+@pytest.mark.skipif(np.finfo(np.longdouble).eps >= np.finfo(np.float64).eps,
+                    reason="needs an extended-precision np.longdouble for the reference")
+def test_an_exhausted_krylov_space_bounds_with_its_threshold():
+    """Tiny outer sums whose rows span 10^±8, so that one term nearly is F: Lanczos finds the
+    start invariant or exhausts its Krylov space at once (a remainder below 64εθ, read as
+    zero). The certified bound takes that threshold as the residual, not zero; the gap is
+    measured in extended precision from the stored answer (the optimum from the singular
+    values, accurate to ε·σ₁)."""
+    ld = np.longdouble
+    for seed in range(300):
+        rng = np.random.default_rng(seed)
+        K, m, n = 3, 2, 3
+        G = rng.standard_normal((K, m)) * 10.0 ** rng.uniform(-8, 8, (K, 1))
+        A = rng.standard_normal((K, n)) * 10.0 ** rng.uniform(-8, 8, (K, 1))
+        est = ks.kfoc(ks.KronSum.from_outer(G, A), method="lanczos")
+        Gl, Al = G.astype(ld), A.astype(ld)
+        D = np.einsum("ki,kj,kl,kr->iljr", Gl, Gl, Al, Al)
+        s = np.linalg.svd(D.transpose(0, 2, 1, 3).reshape(m * m, n * n).astype(np.float64), compute_uv=False)
+        E = ld(float(est.scale)) * np.einsum("ij,kl->ikjl", est.left.astype(ld), est.right.astype(ld))
+        gap = float((np.sqrt(np.sum((D - E) ** 2)) - ld(np.sqrt(np.sum(s[1:] ** 2)))) / np.sqrt(np.sum(D * D)))
+        if est.info.error_gap_certified:
+            assert gap <= est.info.error_gap_bound * (1 + 1e-6) + 2e-16, (seed, gap, est.info)
