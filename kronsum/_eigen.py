@@ -1477,8 +1477,8 @@ def _verified_finish(Fn, L, stop: Stop, eig: EigenResult, project_left: bool) ->
     with ``eig``'s residual and convergence updated. For a :func:`psd_sum` both factors are made
     PSD to rounding: ``L`` projected where ``project_left`` and it is indefinite (finished
     again from it), the half-step ``R`` (PSD in exact arithmetic, not where the arithmetic runs
-    at a scale far above F's, e.g. conv positions that cancel) projected where indefinite, the
-    move added to the bound (σ‖ΔR‖ ≤ ‖F‖·‖ΔR‖)."""
+    at a scale far above F's, e.g. conv positions that cancel) made PSD by :func:`psd_factors`,
+    the move added to the bound (σ‖ΔR‖ ≤ ‖F‖·‖ΔR‖)."""
     xp = Fn.xp
     fac, res = verified_left(Fn, L, stop, stop.f2, stop.f2_err,
                              None if eig.sigma2 is None else eig.sigma2 * eig.sigma2)
@@ -1489,12 +1489,42 @@ def _verified_finish(Fn, L, stop: Stop, eig: EigenResult, project_left: bool) ->
     proj = _psd_finish(Fn, fac.left, eig) if project_left else None
     fac = fac if proj is None else proj
     if Fn.symmetric:
-        P = _psd_projection(symmetrize(fac.right, xp), xp)
+        L, R, sigma, moved = psd_factors(fac.left, symmetrize(fac.right, xp), fac.sigma, xp, "left",
+                                         float(xp.finfo(Fn.dtype).eps))
+        stop.bound += moved
+        fac = Factors(L, R, sigma, fac.notes)
+    return fac
+
+
+def psd_factors(L, R, sigma: float, xp, iterated: str, eps_low: float) -> tuple:
+    """Unit factors made PSD to the working precision's rounding, as their inverses need:
+    ``(L, R, σ, ‖ΔL‖ + ‖ΔR‖)``, ``σ`` taking the new norms. The ``iterated`` factor (``"left"``
+    or ``"right"``; already projected) is projected onto the PSD cone where the working
+    precision sees it indefinite; the other, its half-step (PSD in exact arithmetic), is PSD up
+    to the rounding ``eps_low`` of the arithmetic that formed it (a lower precision's, or the
+    positions' scale of conv blocks whose positions cancel): where a Cholesky factorisation fails it
+    is shifted by the least of ``ε_low·10^j·I`` (``j ≤ 3``) that makes it positive definite (a
+    move of ``τ√d``; one more factorisation a try), and projected only when none does."""
+    moved, out = 0.0, []
+    for name, M in (("left", L), ("right", R)):
+        P = None
+        if name != iterated and not positive_definite(M, xp):
+            d = M.shape[0]
+            eye = eye_like(d, M, xp)
+            for j in range(4):
+                tau = eps_low * 10.0 ** j
+                if positive_definite(M + tau * eye, xp):
+                    P, moved = M + tau * eye, moved + tau * math.sqrt(d)
+                    break
+        if P is None:
+            P = _psd_projection(M, xp)
+            if P is not None:
+                moved += to_float(fro_norm(M - P, xp))
         if P is not None:
             n = to_float(fro_norm(P, xp))
-            stop.bound += to_float(fro_norm(fac.right - P, xp))
-            fac = Factors(fac.left, P / n, fac.sigma * n, fac.notes)
-    return fac
+            M, sigma = P / n, sigma * n
+        out.append(M)
+    return out[0], out[1], sigma, moved
 
 
 def _gram_blind(stop: Stop, dim: int, th: float) -> bool:

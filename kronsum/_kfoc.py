@@ -38,7 +38,7 @@ from ._closed_forms import _new_kron, _require_sum, kfac
 from ._compat import Array, counted, eye_like, fro_norm, is_dask_namespace, to_float
 from ._config import _options
 from ._eigen import (Factors, LowPrecisionCopy, MetricBreakdown, Solution, Stop, aux_fits, contraction_space, conv_gram_solve, deflated_top, finish, gram_solve,
-                     psd_sum,
+                     psd_factors, psd_sum,
                      lanczos, lanczos_two_precision,
                      power, random_like)
 from ._eigen import default_accuracy as _default_accuracy
@@ -564,7 +564,7 @@ def _solve_factors(Fn: KronSum, method: str, init, seed, stop: Stop, max_iter: i
             f = finish(F32, side, eig, psd=psd, strict=True)
             L, R, sigma = xp.astype(f.left, Fn.dtype), xp.astype(f.right, Fn.dtype), to_float(f.sigma)
             if psd:  # PSD to the working precision's rounding, as its inverses need
-                L, R, sigma, moved = _psd_factors(L, R, sigma, xp, side, float(xp.finfo(xp.float32).eps))
+                L, R, sigma, moved = psd_factors(L, R, sigma, xp, side, float(xp.finfo(xp.float32).eps))
                 stop.bound += moved  # ‖σ(L⊗R − L′⊗R′)‖ ≤ σ(‖ΔL‖ + ‖ΔR‖), σ ≤ ‖F‖
             note = (f"finished in float32: the error-gap bound {stop.bound:.2g} includes the "
                     f"float32 copy's rounding of F",)
@@ -580,39 +580,6 @@ def _solve_factors(Fn: KronSum, method: str, init, seed, stop: Stop, max_iter: i
             eig.sigma2, k = deflated_top(space, eig.x, space.M(eig.x), seed=[0x5EED, 2])
             eig.iterations += k
     return Solution(finish(Fn, side, eig, psd=psd_sum(Fn)), eig, method)
-
-
-def _psd_factors(L, R, sigma: float, xp, iterated: str, eps_low: float) -> tuple:
-    """Unit factors of a lower precision's answer made PSD to the working precision's rounding,
-    as its inverses need: ``(L, R, σ, ‖ΔL‖ + ‖ΔR‖)``, ``σ`` taking the new norms. The
-    ``iterated`` factor (already projected at the lower precision) is projected onto the PSD
-    cone where the working precision sees it indefinite; the other, its half-step in the lower
-    precision, is PSD up to that precision's rounding: where a Cholesky factorisation fails it
-    is shifted by the least of ``ε_low·10^j·I`` (``j ≤ 3``) that makes it positive definite (a
-    move of ``τ√d``; one more factorisation a try), and projected only when none does."""
-    from ._accel import positive_definite
-    from ._eigen import _psd_projection
-
-    moved, out = 0.0, []
-    for name, M in (("left", L), ("right", R)):
-        P = None
-        if name != iterated and not positive_definite(M, xp):
-            d = M.shape[0]
-            eye = eye_like(d, M, xp)
-            for j in range(4):
-                tau = eps_low * 10.0 ** j
-                if positive_definite(M + tau * eye, xp):
-                    P, moved = M + tau * eye, moved + tau * math.sqrt(d)
-                    break
-        if P is None:
-            P = _psd_projection(M, xp)
-            if P is not None:
-                moved += to_float(fro_norm(M - P, xp))
-        if P is not None:
-            n = to_float(fro_norm(P, xp))
-            M, sigma = P / n, sigma * n
-        out.append(M)
-    return out[0], out[1], sigma, moved
 
 
 def _norm_pays(Fn: KronSum) -> bool:
