@@ -22,7 +22,7 @@ from typing import Any, Sequence
 
 from ._accel import (TRMM_TIME, eig_gram, eig_quadratic_sum, quadratic_blocks, quadratic_rows, row_gram, row_sq_norms,
                      symmetric_to_rounding, syrk_available, trmm_pays, weighted_gram)
-from ._compat import (Array, count, device_of, host_floats, is_dask_namespace, max_abs, namespace,
+from ._compat import (Array, count, device_of, float64_available, host_floats, is_dask_namespace, max_abs, namespace,
                       persist_all, to_float, trace)
 from ._validation import (DEFAULT_MAX_ELEMENTS, check_array, check_dense_size, check_finite_values,
                           check_in_range, check_real, check_weights)
@@ -582,6 +582,45 @@ class KronSum:
             A2 = xp.reshape(self.A, (K, -1))
             beta = row_sq_norms(G2, xp) * row_sq_norms(A2, xp)
         return to_float(xp.sum(xp.abs(self.weights) * beta))
+
+    def _positions_scale(self) -> tuple[float, int]:
+        """``(S', T)`` of the conv parts: ``S' = Σ_k |w_k| (Σ_t ‖g_kt‖‖a_kt‖)²``, the magnitude
+        at which the contractions' per-position products round (``Σ_t g_t a_tᵀ`` rounds at
+        ``Σ_t ‖g_t‖‖a_t‖``, however much the positions cancel), and the most positions of a
+        part; ``(0.0, 1)`` without conv parts. Cost O(K·T·(m + n)); a host float."""
+        if self.form == "sum":
+            parts = [P._positions_scale() for P in self.parts]
+            return sum(s for s, _ in parts), max(t for _, t in parts)
+        if self.form != "conv":
+            return 0.0, 1
+        xp = self._xp
+        K, T = self.num_terms, self.num_positions
+        ng = row_sq_norms(xp.reshape(self.G, (K * T, self.m)), xp)
+        na = row_sq_norms(xp.reshape(self.A, (K * T, self.n)), xp)
+        per = xp.sum(xp.reshape(xp.sqrt(ng * na), (K, T)), axis=1)
+        return to_float(xp.sum(xp.abs(self.weights) * per * per)), T
+
+    def _conv_trace(self) -> float:
+        """``Σ_k |w_k| ‖G_kᵀA_k‖²_F`` over the conv parts (their trace of F), computed in float64
+        where the library has it (accurate however much the positions cancel), by the cheaper
+        of the per-sample matrices (``K·T·m·n`` multiply-adds, ``K·m·n`` numbers) and the
+        positions' Gram matrices (``K·T²·(m + n)``, ``K·T²`` numbers); 0.0 without conv parts."""
+        if self.form == "sum":
+            return sum(P._conv_trace() for P in self.parts)
+        if self.form != "conv":
+            return 0.0
+        xp = self._xp
+        G, A, w = self.G, self.A, xp.abs(self.weights)
+        if float64_available(xp) and G.dtype != xp.float64:
+            G, A, w = (xp.astype(v, xp.float64) for v in (G, A, w))
+        T, m, n = self.num_positions, self.m, self.n
+        if T * (m + n) < m * n:
+            SG = G @ xp.matrix_transpose(G)
+            per = xp.sum(xp.reshape(SG * (A @ xp.matrix_transpose(A)), (self.num_terms, T * T)), axis=1)
+        else:
+            X = xp.matrix_transpose(G) @ A
+            per = xp.sum(xp.reshape(X * X, (self.num_terms, m * n)), axis=1)
+        return to_float(xp.sum(w * per))
 
     def _pair_gram(self, i0: int, i1: int, Xf: Array | None = None) -> Array:
         """Rows i0:i1 of the K×K matrix ``⟨L_k, L_l⟩⟨R_k, R_l⟩``; conv form: from ``Xf``, the
