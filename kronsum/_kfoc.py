@@ -528,32 +528,40 @@ def _lanczos_instead(Fn: KronSum, init, seed, tol: float, accuracy: float | None
 _POSITIONS_CANCEL = 4.0
 
 
-def _positions_cancel(Fn: KronSum, sol: Solution) -> float:
-    """``Stop.op_scale`` for a sum whose conv parts' positions cancel within a sample (per-sample
-    matrices ``Σ_t g_t a_tᵀ`` far below ``Σ_t ‖g_t‖‖a_t‖``, ``S' > 4·T·tr F``): the
-    contractions then round at the positions' scale ``S'``, not at F's, so the operator the
-    solver applied lies up to ``4ε·S'`` per unit of σ from F's, as for a sum whose terms
-    cancel; 0 where they do not, and for sums without conv parts.
+def positions_cancel(Fn: KronSum, sigma: float, sigma_eps: float | None) -> bool:
+    """Whether ``Fn``'s conv parts' positions cancel within a sample (per-sample matrices
+    ``Σ_t g_t a_tᵀ`` far below ``Σ_t ‖g_t‖‖a_t‖``: ``S' > 4·T·tr F``, :data:`_POSITIONS_CANCEL`),
+    so that the contractions round at the positions' scale ``S'``, not at F's; False for sums
+    without conv parts.
 
-    ``tr F ≤ √(mn)·σ₁`` (the identity's Rayleigh quotient), so a contraction route's σ₁, less
-    its rounding ``(T + m + n)·ε·S'``, settles most blocks at the cost of ``S'``
-    (O(K·T·(m + n))); the others, and the Gram routes (whose σ₁ rounds at ``S'²``), compute
-    ``tr F`` in float64 (:meth:`KronSum._conv_trace`)."""
+    ``tr F ≤ √(mn)·σ₁`` (the identity's Rayleigh quotient), so ``sigma``, a σ₁ computed on the
+    contractions with unit roundoff ``sigma_eps`` (its rounding ``(T + m + n)·ε·S'``), settles
+    most blocks at the cost of ``S'`` (O(K·T·(m + n))); the others, and ``sigma_eps=None`` (a
+    Gram route's σ₁, which rounds at ``S'²``), compute ``tr F`` in float64
+    (:meth:`KronSum._conv_trace`)."""
     if Fn.form not in ("conv", "sum"):
-        return 0.0
+        return False
     scale, T = Fn._positions_scale()
     if not scale > 0:
-        return 0.0
-    xp = Fn.xp
+        return False
     limit = _POSITIONS_CANCEL * T
-    if not sol.route.startswith("gram"):
-        eps = float(xp.finfo(xp.float32 if sol.eig.low else Fn.dtype).eps)
-        floor = to_float(sol.factors.sigma) - (T + Fn.m + Fn.n) * eps * scale
+    if sigma_eps is not None:
+        floor = sigma - (T + Fn.m + Fn.n) * sigma_eps * scale
         if scale <= limit * math.sqrt(Fn.m * Fn.n) * floor:
-            return 0.0
-    if not scale > limit * Fn._conv_trace():
+            return False
+    return scale > limit * Fn._conv_trace()
+
+
+def _positions_cancel(Fn: KronSum, sol: Solution) -> float:
+    """``Stop.op_scale`` for a solve ``sol`` of a sum whose conv positions cancel
+    (:func:`positions_cancel`): the operator the solver applied lies up to ``4ε·S'`` per unit
+    of σ from F's, as for a sum whose terms cancel; 0 where they do not."""
+    xp = Fn.xp
+    eps = None if sol.route.startswith("gram") else float(
+        xp.finfo(xp.float32 if sol.eig.low else Fn.dtype).eps)
+    if not positions_cancel(Fn, to_float(sol.factors.sigma), eps):
         return 0.0
-    return 4 * float(xp.finfo(Fn.dtype).eps) * scale
+    return 4 * float(xp.finfo(Fn.dtype).eps) * Fn._positions_scale()[0]
 
 
 def _positions_resolve(Fn: KronSum, sol: Solution, requested: str, init, seed, tol: float,

@@ -44,11 +44,11 @@ from typing import Any
 import numpy as np
 
 from ._closed_forms import _require_sum
-from ._compat import (Array, counted, device_of, fro_norm, is_array, is_dask_namespace, materialize, namespace,
-                      symmetrize, to_float, trace)
+from ._compat import (Array, counted, device_of, float64_available, fro_norm, is_array, is_dask_namespace,
+                      materialize, namespace, symmetrize, to_float, trace)
 from ._eigen import KRYLOV_DIM, GramSpace, Stop, antisymmetrize, block_lanczos, contraction_space, finish_block
 from ._eigen import default_tol as _default_tol
-from ._kfoc import _initial, choose_method
+from ._kfoc import _initial, choose_method, positions_cancel
 from ._kron import Kron, KronInfo
 from ._sum import KronSum, times_scale
 from ._validation import check_in_range, check_int, check_real, check_seed
@@ -730,6 +730,7 @@ def kronecker_svd(F: KronSum, rank: int = 1, *, method: str = "auto", tol: float
                              "sum of such parts; use 'lanczos' for the conv form")
         method = "lanczos"
     xp = F.xp
+    tol_given = tol
     if tol is None:
         tol = _default_tol(xp, F.dtype)
     tol = check_real(tol, "tol", positive=True)
@@ -809,6 +810,21 @@ def kronecker_svd(F: KronSum, rank: int = 1, *, method: str = "auto", tol: float
     notes += list(pad_notes)
     eps = float(xp.finfo(dtype).eps)
     s1 = sig_host[0]
+    if s1 > 0 and method == "lanczos" and positions_cancel(Fn, s1, eps):
+        # conv positions that cancel within a sample: the contractions round at the positions'
+        # scale S', about ε·S'/σ_i of each σ_i; below float64, solved in float64
+        why = ("the conv positions cancel within a sample (their products' magnitude is "
+               f"{Fn._positions_scale()[0] / s1:.3g} times σ₁), so the contractions round at that scale")
+        if dtype != xp.float64 and float64_available(xp):
+            out = kronecker_svd(F.astype(xp.float64), rank, method=requested, tol=tol_given,
+                                max_iter=max_iter, seed=seed)
+            info = out.info
+            info = KronInfo(method=info.method, iterations=info.iterations, converged=info.converged,
+                            sigma1=info.sigma1, sigma2=info.sigma2, residual=info.residual,
+                            notes=info.notes + (f"{why}: solved in float64",))
+            return KronSVD(xp.astype(out.singular_values, F.dtype), xp.astype(out.lefts, F.dtype),
+                           xp.astype(out.rights, F.dtype), info=info, total_norm=out.total_norm)
+        notes.append(f"{why}: each σ_i carries rounding of about ε·{Fn._positions_scale()[0] / s1:.3g}·σ₁")
     if s1 > 0:
         floor = math.sqrt(eps) * s1  # below it, singular values are rounding: no notes
         for i in range(rank - 1):
