@@ -43,7 +43,8 @@ def coef_lanczos(SP, SQ, w, x0, tol, accuracy, f2, f2_err, th_rel, max_iter, kdi
 
     Stops as :class:`kronsum._eigen.Stop` does: residual ≤ ``tol``, or the error-gap bound
     :func:`kronsum._stopping.gap_bound` (with ``f2 = ‖F‖²`` and its rounding bound
-    ``f2_err``, and ``th_rel·θ`` the Ritz value's rounding) ≤ ``accuracy`` (``< 0``: off).
+    ``f2_err``, and ``th_rel·θ`` the Ritz value's rounding) ≤ ``accuracy`` (``< 0``: off),
+    an uncertified bound only where ``K > kdim`` (``Stop.estimates``).
     Returns ``(alpha, applications, converged, residual, s2, bound, certified)``; ``s2 < 0``
     means "unknown" (and, with ``applications == 1`` and ``residual == 0``, an invariant start
     vector).
@@ -95,7 +96,8 @@ def coef_lanczos(SP, SQ, w, x0, tol, accuracy, f2, f2_err, th_rel, max_iter, kdi
             bound, certified = _gap_bound(th1, res * th1, theta[j - 1] if j > 0 else -1.0,
                                           b * abs(S[j, j - 1]) if j > 0 else 0.0, f2, f2_err,
                                           0.0, th_rel * th1)
-            met = res <= tol or (accuracy >= 0.0 and bound <= accuracy)
+            # an estimate (uncertified) stops only where one Krylov basis cannot span the space
+            met = res <= tol or (accuracy >= 0.0 and bound <= accuracy and (certified or K > kdim))
             done = met or breakdown or n_apply >= max_iter
             if done or j == kdim - 1:
                 coef = S[:, j].astype(SP.dtype)

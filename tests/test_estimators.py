@@ -412,6 +412,32 @@ def test_estimated_bound_is_above_the_true_gap_on_fixed_data():
                     assert gap <= est.info.error_gap_bound + 1e-12, (seed, form, kind, gap, est.info)
 
 
+@pytest.mark.parametrize("method", ["auto", "gram", "lanczos"])
+@pytest.mark.parametrize("accuracy", [1e-4, 1e-6])
+def test_a_small_space_is_not_stopped_on_an_estimate(method, accuracy):
+    """Two independent blocks (F = F₁ ⊕ F₂ on disjoint rows and columns): an early
+    Krylov space holds F₁'s top pair but a second Ritz value far below λ₂, so the estimate
+    (uncertified) had stopped at 8e-6 on a true gap of 4e-4 at accuracy 1e-4. A space of at
+    most 20 dimensions (here the Gram route's 10 terms, or the 4 × 4 factor) is exhausted
+    instead, for at most that many applications: the answer is the optimum."""
+    rng = np.random.default_rng([0, 229])
+    K, m, n = 5, 11, 4
+    G, A = np.zeros((2 * K, m)), np.zeros((2 * K, n))
+    G[:K, : m // 2] = rng.standard_normal((K, m // 2))
+    G[K:, m // 2:] = rng.standard_normal((K, m - m // 2))
+    A[:K, : n // 2] = rng.standard_normal((K, n // 2))
+    A[K:, n // 2:] = rng.standard_normal((K, n - n // 2))
+    w = np.ones(2 * K)
+    w[K:] = 1 + 1e-10
+    F = ks.KronSum.from_outer(G, A, w)
+    D = dense_F("outer", [G, A], w)
+    opt, s = svd_optimum(D, m, n)
+    est = ks.kfoc(F, method=method, accuracy=accuracy)
+    gap = (float(np.linalg.norm(D - est.to_dense())) - opt) / float(np.linalg.norm(D))
+    assert gap <= accuracy, (gap, est.info)
+    assert gap <= est.info.error_gap_bound + 1e-12, (gap, est.info)
+
+
 def test_accuracy_stops_earlier_than_the_residual_rule():
     G, A = random_inputs("conv", 30, 6, 8, T=5, seed=2, kind="heavy")
     F = ks.KronSum.from_conv(G, A)
