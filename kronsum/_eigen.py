@@ -1537,6 +1537,25 @@ def psd_factors(L, R, sigma: float, xp, iterated: str, eps_low: float) -> tuple:
     return out[0], out[1], sigma, moved
 
 
+def psd_to_inverse_tolerance(L, R, sigma: float, xp, rows: int) -> tuple:
+    """Unit factors of a sum of PSD terms, each formed as a weighted sum over ``rows`` terms
+    (K, or K·T positions), made PSD to the tolerance damped inverses allow (eigenvalues above
+    ``−10·d·ε·max|λ|``, :class:`kronsum.KronInverse`): ``(L, R, σ, ‖ΔL‖ + ‖ΔR‖)``. Their
+    rounding, up to ``rows·ε``, can exceed that only where ``10·d < rows``; such a factor is
+    checked by a Cholesky factorisation (``d³/3``, below the ``rows·d²/2`` that formed it) and
+    projected (:func:`_psd_projection`) where it fails beyond the tolerance, ``σ`` taking its
+    new norm. Larger factors are returned as they are."""
+    moved, out = 0.0, []
+    for M in (L, R):
+        P = _psd_projection(M, xp) if 10 * M.shape[0] < rows else None
+        if P is not None:
+            moved += to_float(fro_norm(M - P, xp))
+            n = to_float(fro_norm(P, xp))
+            M, sigma = P / n, sigma * n
+        out.append(M)
+    return out[0], out[1], sigma, moved
+
+
 def _gram_blind(stop: Stop, dim: int, th: float) -> bool:
     """Whether a Gram-space answer of Ritz value ``th`` (in the units of ``stop.f2``) needs
     checking on the contractions (:func:`verified_left`): where the sum's terms cancel (their

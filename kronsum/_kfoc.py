@@ -38,7 +38,7 @@ from ._closed_forms import _new_kron, _require_sum, kfac
 from ._compat import Array, counted, eye_like, fro_norm, is_dask_namespace, to_float
 from ._config import _options
 from ._eigen import (Factors, LowPrecisionCopy, MetricBreakdown, Solution, Stop, aux_fits, contraction_space, conv_gram_solve, deflated_top, finish, gram_solve,
-                     _widen, psd_factors, psd_sum,
+                     _widen, psd_factors, psd_sum, psd_to_inverse_tolerance,
                      lanczos, lanczos_two_precision,
                      power, random_like)
 from ._eigen import default_accuracy as _default_accuracy
@@ -452,9 +452,16 @@ def kfoc(
             sol, stop = _positions_resolve(Fn, sol, requested, init, seed, tol, accuracy,
                                            max_iter, op_scale)
     L, R, sigma, notes = sol.factors.left, sol.factors.right, sol.factors.sigma, sol.factors.notes
+    sig1 = to_float(sigma)
+    if psd_sum(Fn) and sig1 > 0:
+        # small factors formed over many terms: PSD to what their inverses allow
+        L, R, sig1, moved = psd_to_inverse_tolerance(L, R, sig1, xp, Fn.num_terms * Fn.num_positions)
+        if moved > 0:
+            sigma = sig1
+            if stop.bound is not None:
+                stop.bound += moved
     its, conv, res, s2 = sol.eig.iterations, sol.eig.converged, sol.eig.residual, sol.eig.sigma2
     method = sol.route
-    sig1 = to_float(sigma)
     check_in_range(sig1 * c, "kfoc's scale σ₁ (the largest singular value of 𝓡(F))", xp, F.dtype)
     # a start that is an eigenvector of a smaller singular value (Krylov then sees nothing
     # else; the deflated probe finds the larger one) or orthogonal to the optimum (a zero

@@ -193,3 +193,30 @@ def test_running_kfoc_estimates_stay_psd_and_invertible(form):
             for M in (est.left, est.right):
                 assert _min_rel_eig(M) >= -10 * M.shape[0] * np.finfo(M.dtype).eps, (seed, est.info)
             est.inverse(1e-3)  # refused for an indefinite factor
+
+
+def test_small_factors_formed_over_many_terms_are_invertible():
+    """Two independent blocks (F = F₁ ⊕ F₂ on disjoint rows and columns) make the optimal 2 × 2
+    right factor singular; formed over 34 terms, its rounding (up to 34·ε) had left an
+    eigenvalue of −8e-15, beyond the 10·d·ε = 4.4e-15 that ``inverse()`` allows, which then
+    refused it. Every route returns factors the inverse accepts."""
+    rng = np.random.default_rng([3, 125])
+    K, m, n = 17, 7, 2
+    G, A = np.zeros((2 * K, m)), np.zeros((2 * K, n))
+    G[:K, : m // 2] = rng.standard_normal((K, m // 2))
+    G[K:, m // 2:] = rng.standard_normal((K, m - m // 2))
+    A[:K, : n // 2] = rng.standard_normal((K, n // 2))
+    A[K:, n // 2:] = rng.standard_normal((K, n - n // 2))
+    w = np.ones(2 * K)
+    w[K:] = 1 + 1e-2
+    F = ks.KronSum.from_outer(G, A, w)
+    D = F.to_dense()
+    opt, _ = svd_optimum(D, m, n)
+    for method in ("auto", "gram", "lanczos", "power"):
+        for accuracy in (None, 1e-4):
+            est = ks.kfoc(F, method=method, accuracy=accuracy)
+            for M in (est.left, est.right):
+                assert _min_rel_eig(M) >= -10 * M.shape[0] * np.finfo(M.dtype).eps, (method, est.info)
+            est.inverse(1e-6)
+            gap = (float(np.linalg.norm(D - est.to_dense())) - opt) / float(np.linalg.norm(D))
+            assert gap <= (accuracy or 1e-8), (method, gap, est.info)
