@@ -102,7 +102,8 @@ class Stop:
     answer: bool = False
     # the rounding of the operator the solver applies, for sums whose terms can cancel (signed
     # weights or terms): ``‖ΔM x‖ ≤ op_scale·√θ`` for a unit x (``2·c·u·S`` with S the
-    # inputs' magnitude, :meth:`KronSum._rounding_scale`), passed to ``gap_bound`` as
+    # inputs' magnitude, :meth:`KronSum._rounding_scale`; for conv positions that cancel
+    # within a sample, S' of :meth:`KronSum._positions_scale`), passed to ``gap_bound`` as
     # ``th_err``; 0 for sums of PSD terms, whose rounding stays at F's own scale
     op_scale: float = 0.0
     # the relative rounding of the Rayleigh quotients the solver computes (``gap_bound``'s
