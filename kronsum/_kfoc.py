@@ -299,7 +299,10 @@ def kfoc(
         Lanczos iterates on a float32 copy; at a loose ``accuracy`` (an optimiser's 1e-4)
         that solve's own answer is returned, finished in float32, when its bound plus what
         rounding F to float32 can move (from the inputs' magnitudes) meets ``accuracy``
-        (a note says so), and is checked and finished in float64 otherwise.
+        (a note says so), and is checked and finished in float64 otherwise. A conv block
+        whose positions cancel within each sample (``Σ_t g_t a_tᵀ`` far below
+        ``Σ_t ‖g_t‖‖a_t‖``) is solved again with that rounding in the bound, in float64 for
+        lower-precision inputs where the bound misses ``accuracy`` (a note says so).
     max_iter : int, optional
         Most operator applications (each = both contractions, the cost of one iteration of
         the paper's Algorithm 1). Default 500 (``lanczos``), 5000 (``power``).
