@@ -461,8 +461,7 @@ def kfoc(
         L, R, sig1, moved = psd_to_inverse_tolerance(L, R, sig1, xp, Fn.num_terms * Fn.num_positions)
         if moved > 0:
             sigma = sig1
-            if stop.bound is not None:
-                stop.bound += moved
+            _widen(stop, sol.eig, moved)
     its, conv, res, s2 = sol.eig.iterations, sol.eig.converged, sol.eig.residual, sol.eig.sigma2
     method = sol.route
     check_in_range(sig1 * c, "kfoc's scale σ₁ (the largest singular value of 𝓡(F))", xp, F.dtype)
