@@ -249,7 +249,7 @@ def test_sigma1_equals_sigma2_is_finite_and_reported():
     assert np.isclose(ref.info.sigma1, ref.info.sigma2)
 
 
-@pytest.mark.parametrize("init", ["tkfac", "kfac", "identity", "random"])
+@pytest.mark.parametrize("init", ["auto", "tkfac", "kfac", "identity", "random"])
 @pytest.mark.parametrize("method", ["lanczos", "power"])
 def test_inits_reach_the_same_optimum(init, method):
     arrays = random_inputs("conv", 12, 4, 3, T=4, seed=5)
@@ -263,6 +263,76 @@ def test_inits_reach_the_same_optimum(init, method):
     # the deflated operator for a repeated sigma1 (the tie note), counted in the iterations
     assert warm.info.iterations <= (6 if method == "power" else 5)
     assert warm.info.sigma2 is not None
+
+
+def _dominated_outer(K, m, n, df, seed, weights=False):
+    """Outer-form statistics whose per-sample magnitudes (shared by gradient and input) are
+    Student-t with ``df`` degrees of freedom: a few samples carry most of F for small ``df``."""
+    rng = np.random.default_rng(seed)
+    s = np.abs(rng.standard_t(df, size=(K, 1))) + 1e-3
+    G, A = s * rng.standard_normal((K, m)), s * rng.standard_normal((K, n))
+    w = rng.uniform(0.5, 2.0, K) if weights else None
+    return G, A, w
+
+
+def _dominant_rule(G, A, w):
+    """The documented ``init="auto"`` rule: the smallest of 64, 128, 256, 512 samples (4s ≤ K,
+    their Gram solve s²(m + n)/2 at most a sixteenth of K(m² + n²)) whose magnitudes
+    |w_k|‖g_k‖²‖a_k‖² carry at least 15/16 of their sum; ``(s, the others' share of S)``."""
+    K, m = G.shape
+    n = A.shape[1]
+    beta = np.sort((np.ones(K) if w is None else np.abs(w)) * (G * G).sum(1) * (A * A).sum(1))[::-1]
+    for s in (64, 128, 256, 512):
+        if 4 * s <= K and s * s * (m + n) / 2 <= K * (m * m + n * n) / 16 and beta[s:].sum() <= beta.sum() / 16:
+            return s, float(beta[s:].sum())
+    return None, 0.0
+
+
+@settings(max_examples=20, deadline=None)
+@given(K=st.sampled_from([4096, 6144]), m=st.integers(8, 12), n=st.integers(8, 12),
+       df=st.floats(0.5, 4.0), seed=st.integers(0, 2**16), weights=st.booleans(),
+       method=st.sampled_from(["lanczos", "power"]))
+@example(K=4096, m=8, n=9, df=3.0, seed=0, weights=False, method="lanczos")
+@example(K=4096, m=8, n=8, df=1.0, seed=4, weights=True, method="power")
+def test_the_dominant_samples_start_follows_its_rule_and_reaches_the_optimum(K, m, n, df, seed, weights, method):
+    G, A, w = _dominated_outer(K, m, n, df, seed, weights)
+    F = ks.KronSum.from_outer(G, A, weights=w)
+    opt, sv = svd_optimum(F.to_dense(), m, n)
+    nF = float(np.sqrt(np.sum(sv ** 2)))
+    s, rest = _dominant_rule(G, A, w)
+    est = ks.kfoc(F, method=method)
+    started = [note for note in est.info.notes if "largest of" in note]
+    assert bool(started) == (s is not None), (s, est.info.notes)
+    if s is not None:
+        assert f"the {s} largest of {K} samples" in started[0]
+    err = float(ks.frobenius_error(F, est))
+    if method == "lanczos" or est.info.converged:
+        assert err - opt <= 1e-8 * nF + 1e-12 * nF, (err, opt, est.info)
+    assert min(np.linalg.eigvalsh(est.left).min(), np.linalg.eigvalsh(est.right).min()) >= -1e-12
+    if s is not None:
+        # one application from the start: ‖F − F_s‖ ≤ rest moves the optimal error by at most
+        # rest, and the start's error from F_s's optimum by at most rest again; the start
+        # solves F_s to the default accuracy, 1e-8·‖F_s‖ ≤ 1e-8·(‖F‖ + rest)
+        one = ks.kfoc(F, method="lanczos", max_iter=1)
+        slack = 2 * rest + 1e-8 * (nF + rest)
+        assert float(ks.frobenius_error(F, one)) <= opt + slack * (1 + 1e-6), (rest, opt, nF)
+
+
+def test_the_dominant_samples_start_saves_applications():
+    G, A, _ = _dominated_outer(4096, 12, 10, 3.0, seed=1)
+    F = ks.KronSum.from_outer(G, A)
+    opt, sv = svd_optimum(F.to_dense(), 12, 10)
+    auto, tk = ks.kfoc(F, method="lanczos"), ks.kfoc(F, method="lanczos", init="tkfac")
+    assert any("largest of 4096 samples" in note for note in auto.info.notes)
+    assert not any("largest of" in note for note in tk.info.notes)
+    assert auto.info.iterations < tk.info.iterations, (auto.info, tk.info)
+    for est in (auto, tk):
+        assert float(ks.frobenius_error(F, est)) - opt <= 1e-8 * np.sqrt(np.sum(sv ** 2))
+    # statistics without dominant samples, and the Gram solver, keep TKFAC's start
+    F = ks.KronSum.from_outer(*random_inputs("outer", 4096, 12, 10, seed=1))
+    assert not any("largest of" in note for note in ks.kfoc(F, method="lanczos").info.notes)
+    F = ks.KronSum.from_outer(G, A)
+    assert not any("largest of" in note for note in ks.kfoc(F, method="gram").info.notes)
 
 
 def test_lanczos_needs_far_fewer_products_on_a_small_gap():
