@@ -791,7 +791,7 @@ def _dominant_start(Fn: KronSum):
     if not counts:
         return None
     beta = xp.abs(Fn.weights) * row_sq_norms(Fn.G, xp) * row_sq_norms(Fn.A, xp)
-    order = xp.argsort(beta, descending=True)
+    order = xp.argsort(-beta)  # largest first
     top = xp.take(beta, order[: counts[-1]])
     sums = host_floats([xp.sum(beta)] + [xp.sum(top[:s]) for s in counts])
     total = sums[0]

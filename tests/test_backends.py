@@ -87,3 +87,22 @@ def test_assert_same_backend_can_fail():
         assert_same_backend(x, np.zeros(2), np.float32)
     with pytest.raises(AssertionError, match="device"):
         assert_same_backend(torch.ones(3), torch.ones(3, device="meta"))
+
+
+@pytest.mark.parametrize("method", ["lanczos", "power"])
+def test_dominant_samples_start_on_backend(backend, method):
+    """``init="auto"`` on an outer block that a few samples dominate: the same start (noted)
+    and the same optimum on every backend; Dask keeps TKFAC's start (no sort)."""
+    rng = np.random.default_rng(3)
+    s = np.abs(rng.standard_t(1.5, size=(4096, 1))) + 1e-3
+    G, A = s * rng.standard_normal((4096, 8)), s * rng.standard_normal((4096, 9))
+    F = ks.KronSum.from_outer(backend.asarray(G, "float64"), backend.asarray(A, "float64"))
+    Fnp = ks.KronSum.from_outer(G, A)
+    est, ref = ks.kfoc(F, method=method), ks.kfoc(Fnp, method=method)
+    assert any("largest of 4096 samples" in note for note in ref.info.notes), ref.info.notes
+    started = [note for note in est.info.notes if "largest of" in note]
+    assert started == ([] if backend.name == "dask" else [n for n in ref.info.notes if "largest of" in n])
+    assert_same_backend(est.left, F.weights, F.weights.dtype)
+    opt, sv = svd_optimum(Fnp.to_dense(), 8, 9)
+    err = float(backend.to_numpy(ks.frobenius_error(F, est)))
+    assert err <= opt + 1e-8 * np.sqrt(np.sum(sv ** 2))
