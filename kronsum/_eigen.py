@@ -892,7 +892,10 @@ def gram_solve(Fn, alpha0, stop: Stop, max_iter: int) -> Solution:
                         "the start has no length in the Gram matrices' metric, which the terms' "
                         "rounding made indefinite (terms nearly collinear and cancelling)")
                 return Solution(zero_answer(Fn), EigenResult(None, 0, True, 0.0, 0.0), "gram[numba]")
-        eig = _numba_lanczos(space, Fn, alpha0, stop, max_iter, xp.finfo(Fn.dtype).eps)
+        eps = xp.finfo(Fn.dtype).eps
+        eig = _numba_lanczos(space, Fn, alpha0, stop, max_iter, eps)
+        if _tighten_for_psd(Fn, space, eig, stop, True):
+            eig = _tightened(eig, stop, lambda its: _numba_lanczos(space, Fn, eig.x, stop, its, eps), max_iter)
         return finish_coef(Fn, space, eig, stop, "gram[numba]", on_host=True)
 
     st = None
@@ -913,7 +916,47 @@ def gram_solve(Fn, alpha0, stop: Stop, max_iter: int) -> Solution:
     stop.f2 = to_float(space.f2())
     stop.f2_err = Fn.num_terms * float(xp.finfo(Fn.dtype).eps) * _f2_scale(space, Fn, stop)
     eig = lanczos(space, alpha0, stop, max_iter)
+    if _tighten_for_psd(Fn, space, eig, stop, False):
+        eig = _tightened(eig, stop, lambda its: lanczos(space, eig.x, stop, its), max_iter)
     return finish_coef(Fn, space, eig, stop, "gram", (st.cP, st.cQ, st.cw))
+
+
+# a Gram-route answer stopped by ``accuracy`` whose coefficients take both signs iterates on to
+# the residual rule where its left factor's PSD check would cost more than this many
+# coefficient-space steps (``m³`` against ``2K²`` each)
+_TIGHTEN_STEPS = 20
+
+
+def _tighten_for_psd(Fn, space: GramSpace, eig: EigenResult, stop: Stop, on_host: bool) -> bool:
+    """Whether a Gram-route answer ``eig`` (unit coefficients ``α``) of a :func:`psd_sum` should
+    iterate on to the residual rule before its finish: it stopped on ``accuracy`` short of
+    ``tol``, ``α`` takes both signs (so the formed ``L = Σ α_k L_k`` may be indefinite: the
+    optimum's is PSD, an iterate at an angle of about ``√accuracy`` to it is not where the
+    optimum's eigenvalues are near zero), and projecting ``L`` (an ``eigvalsh`` and an
+    ``eigh`` of the ``m × m`` factor, :func:`_psd_projection`) costs more than
+    :data:`_TIGHTEN_STEPS` coefficient steps (K × K products, microseconds each). The
+    tightened answer is closer to the optimum, whose coefficients are of one sign where the
+    terms are independent (``L = Gᵀ diag(α) G`` with G of full row rank is PSD iff α ≥ 0)."""
+    if not (psd_sum(Fn) and Fn.symmetric and stop.accuracy is not None and eig.x is not None
+            and eig.converged and eig.residual > stop.tol):
+        return False
+    K = space.SP.shape[0]
+    if Fn.m ** 3 <= _TIGHTEN_STEPS * 2 * K * K:
+        return False
+    return _both_signs(eig.x, space.xp, on_host)
+
+
+def _tightened(eig: EigenResult, stop: Stop, solve, max_iter: int) -> EigenResult:
+    """``solve(iterations)`` from ``eig.x`` with ``stop``'s residual rule alone (its accuracy
+    restored after; the bound is the new iterate's), the applications added up."""
+    accuracy, stop.accuracy = stop.accuracy, None
+    try:
+        out = solve(max(1, max_iter - eig.iterations))
+    finally:
+        stop.accuracy = accuracy
+    out.iterations += eig.iterations
+    out.converged = out.residual <= stop.tol or (stop.bound is not None and stop.bound <= accuracy)
+    return out
 
 
 def conv_gram_solve(Fn, start: str | Array, stop: Stop, max_iter: int, seed=None) -> Solution:
