@@ -921,27 +921,18 @@ def gram_solve(Fn, alpha0, stop: Stop, max_iter: int) -> Solution:
     return finish_coef(Fn, space, eig, stop, "gram", (st.cP, st.cQ, st.cw))
 
 
-# a Gram-route answer stopped by ``accuracy`` whose coefficients take both signs iterates on to
-# the residual rule where its left factor's PSD check would cost more than this many
-# coefficient-space steps (``m³`` against ``2K²`` each)
-_TIGHTEN_STEPS = 20
-
-
 def _tighten_for_psd(Fn, space: GramSpace, eig: EigenResult, stop: Stop, on_host: bool) -> bool:
     """Whether a Gram-route answer ``eig`` (unit coefficients ``α``) of a :func:`psd_sum` should
     iterate on to the residual rule before its finish: it stopped on ``accuracy`` short of
-    ``tol``, ``α`` takes both signs (so the formed ``L = Σ α_k L_k`` may be indefinite: the
-    optimum's is PSD, an iterate at an angle of about ``√accuracy`` to it is not where the
-    optimum's eigenvalues are near zero), and projecting ``L`` (an ``eigvalsh`` and an
-    ``eigh`` of the ``m × m`` factor, :func:`_psd_projection`) costs more than
-    :data:`_TIGHTEN_STEPS` coefficient steps (K × K products, microseconds each). The
-    tightened answer is closer to the optimum, whose coefficients are of one sign where the
-    terms are independent (``L = Gᵀ diag(α) G`` with G of full row rank is PSD iff α ≥ 0)."""
+    ``tol`` and ``α`` takes both signs, so the formed ``L = Σ α_k L_k`` may be indefinite (the
+    optimum's is PSD; an iterate at an angle of about ``√accuracy`` to it is not, where the
+    optimum's eigenvalues are near zero). More coefficient steps (K × K products) cost less
+    than the check and projection of ``L`` (:func:`_psd_projection`: a Cholesky factorisation,
+    an ``eigvalsh`` and an ``eigh`` of the ``m × m`` factor, and a contraction for the other
+    factor), and the optimum's coefficients are of one sign where the terms are independent
+    (``L = Gᵀ diag(α) G`` with G of full row rank is PSD iff α ≥ 0)."""
     if not (psd_sum(Fn) and Fn.symmetric and stop.accuracy is not None and eig.x is not None
             and eig.converged and eig.residual > stop.tol):
-        return False
-    K = space.SP.shape[0]
-    if Fn.m ** 3 <= _TIGHTEN_STEPS * 2 * K * K:
         return False
     return _both_signs(eig.x, space.xp, on_host)
 
