@@ -931,10 +931,10 @@ def _tighten_for_psd(Fn, space: GramSpace, eig: EigenResult, stop: Stop, on_host
     an ``eigvalsh`` and an ``eigh`` of the ``m × m`` factor, and a contraction for the other
     factor), and the optimum's coefficients are of one sign where the terms are independent
     (``L = Gᵀ diag(α) G`` with G of full row rank is PSD iff α ≥ 0)."""
-    if not (psd_sum(Fn) and Fn.symmetric and stop.accuracy is not None and eig.x is not None
+    if not (psd_sum(Fn) and stop.accuracy is not None and eig.x is not None
             and eig.converged and eig.residual > stop.tol):
         return False
-    return _both_signs(eig.x, space.xp, on_host)
+    return _both_signs(eig.x, Fn.xp, on_host)
 
 
 def _tightened(eig: EigenResult, stop: Stop, solve, max_iter: int) -> EigenResult:
