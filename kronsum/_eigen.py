@@ -1644,8 +1644,9 @@ def verified_left(Fn, L, stop: Stop, f2: float, f2_err: float, th2: float | None
 
 def _both_signs(alpha, xp, on_host: bool) -> bool:
     """Whether the coefficient vector ``alpha`` has entries of both signs (two reductions)."""
-    ends = [xp.min(alpha), xp.max(alpha)]
-    lo, hi = [float(v) for v in ends] if on_host else host_floats(ends)
+    if on_host:  # a NumPy array the caller computed on the host: its own methods
+        return float(alpha.min()) < 0 < float(alpha.max())
+    lo, hi = host_floats([xp.min(alpha), xp.max(alpha)])
     return lo < 0 < hi
 
 
