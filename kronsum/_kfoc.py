@@ -313,8 +313,8 @@ def kfoc(
         ``"tkfac"``, except on the contraction solvers for an outer-form block whose few
         largest samples carry at least 15/16 of ``S = Σ_k |w_k| ‖g_k‖²‖a_k‖²`` (heavy-tailed
         per-sample magnitudes): there it starts from the K-FOC factors of those samples alone
-        (at most 512 of them, by the Gram solver, at most a sixteenth of one application's
-        cost), which the other terms move by at most their share of ``S``
+        (at most 512 of them, by the Gram solver, for at most a sixteenth of one
+        application's cost), which the other terms move by at most their share of ``S``
         (``info.notes`` says so).
     seed : int, optional
         Seed of ``init="random"``.
@@ -777,8 +777,9 @@ def _dominant_start(Fn: KronSum):
     start then): the K-FOC factors of the ``s`` samples of an outer-form ``Fn`` with the
     largest magnitudes ``β_k = |w_k|‖g_k‖²‖a_k‖²``, for the smallest ``s`` of
     :data:`_DOMINANT_COUNTS` whose samples leave at most :data:`_DOMINANT_REST` of
-    ``S = Σ β_k`` to the others and whose Gram solve (``s²(m + n)/2`` multiply-adds) costs at
-    most :data:`_DOMINANT_COST` of one application (``K(m² + n²)``). ``‖F − F_s‖ ≤ S − S_s``,
+    ``S = Σ β_k`` to the others and whose Gram solve (``s²(m + n)/2`` multiply-adds for the
+    Gram matrices, ``s(m² + n²)/2`` for the factors) costs at most :data:`_DOMINANT_COST` of
+    one application (``K(m² + n²)``). ``‖F − F_s‖ ≤ S − S_s``,
     so the start is the optimum of a sum that close to F (Wedin's theorem bounds its angle to
     F's optimum by that distance over the gap). One host read of five sums; not for Dask
     (no sort) or other forms."""
@@ -787,7 +788,7 @@ def _dominant_start(Fn: KronSum):
     xp = Fn.xp
     K, m, n = Fn.num_terms, Fn.m, Fn.n
     counts = [s for s in _DOMINANT_COUNTS
-              if 4 * s <= K and s * s * (m + n) / 2 <= _DOMINANT_COST * K * (m * m + n * n)]
+              if 4 * s <= K and s * (s * (m + n) + m * m + n * n) / 2 <= _DOMINANT_COST * K * (m * m + n * n)]
     if not counts:
         return None
     beta = xp.abs(Fn.weights) * row_sq_norms(Fn.G, xp) * row_sq_norms(Fn.A, xp)
