@@ -939,10 +939,13 @@ def _tighten_for_psd(Fn, space: GramSpace, eig: EigenResult, stop: Stop, on_host
 
 def _tightened(eig: EigenResult, stop: Stop, solve, max_iter: int) -> EigenResult:
     """``solve(iterations)`` from ``eig.x`` with ``stop``'s residual rule alone (its accuracy
-    restored after; the bound is the new iterate's), the applications added up."""
+    restored after; the bound is the new iterate's), the applications added up; ``eig`` itself
+    when it used up ``max_iter``."""
+    if eig.iterations >= max_iter:
+        return eig
     accuracy, stop.accuracy = stop.accuracy, None
     try:
-        out = solve(max(1, max_iter - eig.iterations))
+        out = solve(max_iter - eig.iterations)
     finally:
         stop.accuracy = accuracy
     out.iterations += eig.iterations

@@ -807,7 +807,7 @@ def _dominant_start(Fn: KronSum):
     sub = KronSum.from_outer(xp.take(Fn.G, idx, axis=0), xp.take(Fn.A, idx, axis=0),
                              weights=xp.take(Fn.weights, idx), check_finite=False)
     est = kfoc(sub, method="gram", init="tkfac")
-    if not float(est.scale) > 0:
+    if not to_float(est.scale) > 0:
         return None
     note = (f"started from the K-FOC factors of the {s} largest of {K} samples, which carry "
             f"{carried / total:.4f} of the sum of the terms' magnitudes")
