@@ -894,7 +894,7 @@ def gram_solve(Fn, alpha0, stop: Stop, max_iter: int) -> Solution:
                 return Solution(zero_answer(Fn), EigenResult(None, 0, True, 0.0, 0.0), "gram[numba]")
         eps = xp.finfo(Fn.dtype).eps
         eig = _numba_lanczos(space, Fn, alpha0, stop, max_iter, eps)
-        if _tighten_for_psd(Fn, space, eig, stop, True):
+        if _tighten_for_psd(Fn, eig, stop, True):
             eig = _tightened(eig, stop, lambda its: _numba_lanczos(space, Fn, eig.x, stop, its, eps), max_iter)
         return finish_coef(Fn, space, eig, stop, "gram[numba]", on_host=True)
 
@@ -916,12 +916,12 @@ def gram_solve(Fn, alpha0, stop: Stop, max_iter: int) -> Solution:
     stop.f2 = to_float(space.f2())
     stop.f2_err = Fn.num_terms * float(xp.finfo(Fn.dtype).eps) * _f2_scale(space, Fn, stop)
     eig = lanczos(space, alpha0, stop, max_iter)
-    if _tighten_for_psd(Fn, space, eig, stop, False):
+    if _tighten_for_psd(Fn, eig, stop, False):
         eig = _tightened(eig, stop, lambda its: lanczos(space, eig.x, stop, its), max_iter)
     return finish_coef(Fn, space, eig, stop, "gram", (st.cP, st.cQ, st.cw))
 
 
-def _tighten_for_psd(Fn, space: GramSpace, eig: EigenResult, stop: Stop, on_host: bool) -> bool:
+def _tighten_for_psd(Fn, eig: EigenResult, stop: Stop, on_host: bool) -> bool:
     """Whether a Gram-route answer ``eig`` (unit coefficients ``α``) of a :func:`psd_sum` should
     iterate on to the residual rule before its finish: it stopped on ``accuracy`` short of
     ``tol`` and ``α`` takes both signs, so the formed ``L = Σ α_k L_k`` may be indefinite (the
