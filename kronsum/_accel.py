@@ -117,7 +117,7 @@ def weighted_gram(V: Array, c: Array, xp: Any, alpha: Any = None) -> Array:
     import numpy as np
 
     c0 = c[0] if c.shape[0] else 0
-    if c0 > 0 and bool((c == c0).all()):  # equal weights (a mean): no scaled copy of V
+    if c0 > 0 and c[-1] == c0 and bool((c == c0).all()):  # equal weights (a mean): no scaled copy of V
         P = syrk_gram(V)
         P *= c0 if alpha is None else c0 * alpha
         return P
@@ -429,6 +429,8 @@ def via_numpy_on_cpu(fn: Callable) -> Callable:
 
     @functools.wraps(fn)
     def wrapper(F, *args, **kwargs):
+        if getattr(F, "_xp", None) is _numpy_xp():  # NumPy inputs: nothing to map
+            return fn(F, *args, **kwargs)
         from ._kron import Kron
         from ._sum import KronSum
 

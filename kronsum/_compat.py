@@ -7,11 +7,10 @@ array-api-strict arrays all take the same code path and get arrays of their own 
 
 from __future__ import annotations
 
-import contextlib
 import contextvars
 import math
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any, Sequence
 
 import array_api_compat
 from array_api_compat import is_array_api_obj
@@ -123,15 +122,23 @@ def float64_available(xp: Any) -> bool:
     return True
 
 
-def max_abs(x: Array, xp: Any) -> Array:
-    """``max |x|`` of a non-empty real array, a 0-d array of ``x``'s namespace (NaN when ``x``
-    holds one). NumPy floating arrays: as ``max(max x, −min x)``, two reductions without the
-    ``|x|`` copy."""
-    if is_numpy_namespace(xp) and x.size and x.dtype.kind == "f":
+def max_abs_host(arrays: Sequence[Array], xp: Any) -> list[float]:
+    """``[max |x| for x in arrays]`` of non-empty real arrays as Python floats, one host read
+    (NaN for an array holding one). NumPy floating arrays: as ``max(max x, −min x)``, two
+    reductions without the ``|x|`` copy and without a 0-d array per input."""
+    if is_numpy_namespace(xp):
         import numpy as np
 
-        return np.maximum(x.max(), -x.min())
-    return xp.max(xp.abs(x))
+        count("host_reads")
+        out = []
+        for x in arrays:
+            if x.size and x.dtype.kind == "f":
+                hi, lo = np.maximum.reduce(x, axis=None), -np.minimum.reduce(x, axis=None)
+                out.append(float(hi if hi >= lo else lo))  # NaN: both are NaN
+            else:
+                out.append(float(np.max(np.abs(x))))
+        return out
+    return host_floats([xp.max(xp.abs(x)) for x in arrays])
 
 
 def is_dask_namespace(xp: Any) -> bool:
@@ -257,15 +264,20 @@ class Counts:
 _COUNTS: contextvars.ContextVar[Counts | None] = contextvars.ContextVar("kronsum_counts", default=None)
 
 
-@contextlib.contextmanager
-def counting() -> Iterator[Counts]:
-    """Count host reads and contractions inside the block (nested blocks add to the outer one)."""
-    outer, counts = _COUNTS.get(), Counts()
-    token = _COUNTS.set(counts)
-    try:
-        yield counts
-    finally:
-        _COUNTS.reset(token)
+class counting:
+    """Count host reads and contractions inside the block (nested blocks add to the outer one):
+    ``with counting() as counts: ...`` gives the block's :class:`Counts`."""
+
+    __slots__ = ("_counts", "_outer", "_token")
+
+    def __enter__(self) -> Counts:
+        self._outer, self._counts = _COUNTS.get(), Counts()
+        self._token = _COUNTS.set(self._counts)
+        return self._counts
+
+    def __exit__(self, *exc) -> None:
+        _COUNTS.reset(self._token)
+        outer, counts = self._outer, self._counts
         if outer is not None:
             outer.host_reads += counts.host_reads
             outer.contractions += counts.contractions
@@ -274,15 +286,13 @@ def counting() -> Iterator[Counts]:
 def counted(fn):
     """Decorate a solver returning an object with ``info`` (a :class:`kronsum.KronInfo`): its
     ``host_reads`` and ``contractions`` are what the call did (nested solves included)."""
-    import dataclasses
     import functools
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         with counting() as counts:
             out = fn(*args, **kwargs)
-        out.info = dataclasses.replace(out.info, host_reads=counts.host_reads,
-                                       contractions=counts.contractions)
+        out.info = out.info._counted(counts.host_reads, counts.contractions)
         return out
 
     return wrapper

@@ -217,15 +217,22 @@ def choose_method(F: KronSum, method: str = "auto", *, explain: bool = False) ->
     >>> ks.choose_method(ks.KronSum.from_outer(rng.standard_normal((2560, 10)), rng.standard_normal((2560, 129))))
     'lanczos'
     """
-    choice = _choose(F, method)
-    return choice if explain else choice.method
+    return _choose(F, method, explain)
 
 
-def _choose(F: KronSum, method: str) -> MethodChoice:
+def _choose(F: KronSum, method: str, explain: bool) -> str | MethodChoice:
+    """:func:`choose_method`: the name, or with ``explain`` the :class:`MethodChoice` (whose
+    reason is only put into words then)."""
     if method not in _METHODS:
         raise ValueError(f"method must be one of {_METHODS}, got {method!r}")
     F, given = F._outer_positions(), F
     conv = F.form == "conv"
+
+    def out(name, reason, costs=None):
+        if not explain:
+            return name
+        return MethodChoice(name, reason() if callable(reason) else reason, costs or {})
+
     if method == "gram":
         if not (F._gram_able() or conv):
             raise ValueError(
@@ -234,25 +241,27 @@ def _choose(F: KronSum, method: str) -> MethodChoice:
             )
         if is_dask_namespace(F.xp):
             raise ValueError("method='gram' needs linalg.eigh, which Dask arrays lack; use 'lanczos'")
-        return MethodChoice(method, "requested")
+        return out(method, "requested")
     if method != "auto":
-        return MethodChoice(method, "requested")
+        return out(method, "requested")
     if not (F._gram_able() or conv):
-        return MethodChoice("lanczos", "a sum with conv parts (T > 1 positions) has no Gram solver")
+        return out("lanczos", "a sum with conv parts (T > 1 positions) has no Gram solver")
     if is_dask_namespace(F.xp):
-        return MethodChoice("lanczos", "Dask arrays: chunked along K, a K×K Gram matrix does not pay")
+        return out("lanczos", "Dask arrays: chunked along K, a K×K Gram matrix does not pay")
     costs = _costs(F)
-    note = " (conv parts with T = 1 taken as outer)" if F is not given else ""
-    text = f"modelled cost: gram {costs['gram']:.2g} s, lanczos {costs['lanczos']:.2g} s{note}"
+
+    def text():
+        note = " (conv parts with T = 1 taken as outer)" if F is not given else ""
+        return f"modelled cost: gram {costs['gram']:.2g} s, lanczos {costs['lanczos']:.2g} s{note}"
+
     if conv and F.num_terms * F.num_positions > _CONV_GRAM_MAX_ROWS:
-        return MethodChoice("lanczos", f"K·T = {F.num_terms * F.num_positions} > "
-                                       f"{_CONV_GRAM_MAX_ROWS}: the conv form's Gram matrices would "
-                                       f"take 2(KT)² numbers; {text}", costs)
+        return out("lanczos", lambda: f"K·T = {F.num_terms * F.num_positions} > "
+                                      f"{_CONV_GRAM_MAX_ROWS}: the conv form's Gram matrices would "
+                                      f"take 2(KT)² numbers; {text()}", costs)
     if not conv and F.num_terms > 8192:
-        return MethodChoice("lanczos", f"K = {F.num_terms} > 8192: the Gram matrices would take 2K² "
-                                       f"numbers; {text}", costs)
-    best = "gram" if costs["gram"] <= costs["lanczos"] else "lanczos"
-    return MethodChoice(best, text, costs)
+        return out("lanczos", lambda: f"K = {F.num_terms} > 8192: the Gram matrices would take 2K² "
+                                      f"numbers; {text()}", costs)
+    return out("gram" if costs["gram"] <= costs["lanczos"] else "lanczos", text, costs)
 
 
 @counted

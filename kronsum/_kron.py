@@ -78,6 +78,13 @@ class KronInfo:
     error_gap_certified: bool | None = None
     allreduces: int | None = None
 
+    def _counted(self, host_reads: int, contractions: int) -> "KronInfo":
+        """A copy with the two counts set: ``dataclasses.replace`` without re-running the frozen
+        ``__init__`` field by field (the class has no ``__post_init__`` to skip)."""
+        new = object.__new__(KronInfo)
+        new.__dict__.update(self.__dict__, host_reads=host_reads, contractions=contractions)
+        return new
+
     @property
     def degenerate(self) -> bool:
         """Whether anything was recorded in :attr:`notes` (a degenerate case such as a zero sum

@@ -22,7 +22,7 @@ from typing import Any, Sequence
 
 from ._accel import (TRMM_TIME, eig_gram, eig_quadratic_sum, quadratic_blocks, quadratic_rows, row_gram, row_sq_norms,
                      symmetric_to_rounding, syrk_available, trmm_pays, weighted_gram)
-from ._compat import (Array, count, device_of, float64_available, host_floats, is_dask_namespace, max_abs, namespace,
+from ._compat import (Array, count, device_of, float64_available, host_floats, is_dask_namespace, max_abs_host, namespace,
                       persist_all, to_float, trace)
 from ._validation import (DEFAULT_MAX_ELEMENTS, check_array, check_dense_size, check_finite_values,
                           check_in_range, check_real, check_weights)
@@ -750,7 +750,7 @@ class KronSum:
             parts = [Q.scaled(1.0 if zero else _ldexp1(t - top))
                      for (Q, *_, zero), t in zip(normed, totals)]
             return KronSum.concat(*parts), top, 0, 0, not live
-        maxima = host_floats([max_abs(x, xp) for x in self._scaled_arrays()])
+        maxima = max_abs_host(self._scaled_arrays(), xp)
         return self._normalized_by(maxima)
 
     def _scaled_arrays(self) -> tuple:
