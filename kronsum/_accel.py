@@ -142,19 +142,22 @@ def weighted_gram(V: Array, c: Array, xp: Any, alpha: Any = None) -> Array:
     return syrk_gram(B[:kp]) - syrk_gram(B[kp:])
 
 
-def eig_gram(M: Array, rows_of: Callable[[Array], Array]) -> Array | None:
+def eig_gram(M: Array, rows_of: Callable[[Array], Array], eig: tuple | None = None) -> Array | None:
     """``Σ_{±} ± ZᵀZ`` over the signs of the eigenvalues of a symmetric NumPy ``M`` (p, p):
     with ``M = V diag(d) Vᵀ`` (one ``eigh``), ``Z = rows_of(V_s diag(√|d_s|))`` for the
     eigenvectors ``V_s`` (p, p_s) of each sign, a 2-D array of rows whose Gram product goes
     through :func:`syrk_gram` (half the multiply-adds of a ``gemm``; symmetric bit for bit). One
     sign's rows are alive at a time. ``None`` when ``d`` has no non-zero entry (a zero
-    ``M``). The one signed-Gram routine of the contractions' row routes
-    (:func:`eig_quadratic_sum`, the held per-sample matrices)."""
+    ``M``). ``eig=(d, V)`` gives ``M`` by some of its eigenpairs instead (``V`` (p, r) with
+    orthonormal columns; ``M = None``): ``r`` rows per sample where the ``eigh`` of the
+    formed ``M`` would give ``p`` of them, rounding's among them. The one signed-Gram routine
+    of the contractions' row routes (:func:`eig_quadratic_sum`, the held per-sample
+    matrices)."""
     import numpy as np
 
-    d, V = np.linalg.eigh(M)
+    d, V = np.linalg.eigh(M) if eig is None else eig
     out = None
-    for sel, sign in ((d < 0, -1.0), (d > 0, 1.0)):  # eigh's d is ascending: two slices
+    for sel, sign in ((d < 0, -1.0), (d > 0, 1.0)):
         if not sel.any():
             continue
         part = syrk_gram(rows_of(V[:, sel] * np.sqrt(np.abs(d[sel])).astype(V.dtype, copy=False)))
@@ -167,7 +170,7 @@ def eig_gram(M: Array, rows_of: Callable[[Array], Array]) -> Array | None:
     return out
 
 
-def eig_quadratic_sum(P: Array, Q: Array, M: Array | None, w: Array) -> Array:
+def eig_quadratic_sum(P: Array, Q: Array, M: Array | None, w: Array, eig: tuple | None = None) -> Array:
     """``Σ_k w_k Y_kᵀ M Y_k`` with ``Y_k = P_kᵀ Q_k``, for ``P`` (K, T, p), ``Q`` (K, T, q), a
     symmetric ``M`` (p, p) (``None``: the identity) and non-negative weights ``w`` (K,; a
     :class:`~kronsum.KronSum`'s are), on NumPy.
@@ -177,7 +180,9 @@ def eig_quadratic_sum(P: Array, Q: Array, M: Array | None, w: Array) -> Array:
     instead of the ``K·p·q²`` of ``Σ_k Y_kᵀ (M Y_k)``. ``√|d_i|`` scales the eigenvectors
     and ``√w_k`` the smaller of ``P_k V`` (T × p_s) and the rows (p_s × q). Cost
     ``K(T p² + T p q) + K p q²/2`` plus the ``eigh``; the caller decides that it pays
-    (:func:`syrk_available`) and that ``M`` is symmetric.
+    (:func:`syrk_available`) and that ``M`` is symmetric. ``eig=(d, V)`` (``M=None``): ``M``
+    given by ``r`` of its eigenpairs, ``r`` rows per sample and no ``eigh``
+    (:func:`eig_gram`).
     """
     import numpy as np
 
@@ -194,9 +199,9 @@ def eig_quadratic_sum(P: Array, Q: Array, M: Array | None, w: Array) -> Array:
             Z *= sw[:, None, None]
         return Z.reshape(-1, q)
 
-    if M is None:
+    if M is None and eig is None:
         return syrk_gram(rows_of(None))
-    out = eig_gram(M, rows_of)
+    out = eig_gram(M, rows_of, eig)
     return np.zeros((q, q), dtype=Q.dtype) if out is None else out
 
 

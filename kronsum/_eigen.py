@@ -1363,18 +1363,34 @@ def psd_sum(Fn) -> bool:
     return Fn.form in ("outer", "conv") or (Fn.form == "terms" and Fn._psd_terms)
 
 
-def _psd_projection(x, xp, strict: bool = False):
+@dataclass
+class PsdSplit:
+    """A symmetric iterate split by its PSD projection: ``sign·x = proj + V diag(d) Vᵀ``,
+    ``proj`` PSD, ``d`` (r,) the negative eigenvalues removed and ``V`` (p, r) their
+    eigenvectors (to the rounding of one ``eigh``)."""
+
+    proj: Array
+    sign: float
+    d: Array
+    V: Array
+
+
+def _psd_split(x, xp, strict: bool = False) -> PsdSplit | None:
     """``x`` (symmetric, of either sign: an eigenvector's sign is arbitrary) turned to
-    ``tr ≥ 0``, with its eigenvalues below ``−10·d·ε·max|λ|`` (``strict``: ``−ε·max|λ|``) set
-    to 0; ``None`` when it has none. The nearest PSD matrix in Frobenius norm, never farther
-    from a PSD optimum than ``±x`` (projection onto a convex set). A Cholesky factorisation
-    where it shows ``±x`` positive definite (:func:`kronsum._accel.positive_definite`), else
-    one ``eigvalsh`` of the ``d × d`` iterate, and an ``eigh`` when it needs the projection."""
+    ``tr ≥ 0`` and, when it has eigenvalues below ``−10·d·ε·max|λ|`` (``strict``:
+    ``−ε·max|λ|``), split into its PSD projection (every negative eigenvalue set to 0) and the
+    part removed; ``None`` when it has none. The projection is the nearest PSD matrix in
+    Frobenius norm, never farther from a PSD optimum than ``±x`` (projection onto a convex
+    set). A Cholesky factorisation where it shows ``±x`` positive definite
+    (:func:`kronsum._accel.positive_definite`), else one ``eigvalsh`` of the ``d × d``
+    iterate, and an ``eigh`` when it needs the projection."""
     if is_dask_namespace(xp):  # no linalg.eigh: the small d × d iterate in NumPy, wrapped back
         import array_api_compat.numpy as npx
 
-        proj = _psd_projection(np.asarray(x.compute()), npx, strict)
-        return None if proj is None else xp.asarray(proj)
+        out = _psd_split(np.asarray(x.compute()), npx, strict)
+        if out is not None:
+            out.proj, out.d, out.V = xp.asarray(out.proj), xp.asarray(out.d), xp.asarray(out.V)
+        return out
     if positive_definite(x, xp):
         return None
     lam = xp.linalg.eigvalsh(x)  # the check alone: eigenvectors only when it fails
@@ -1383,11 +1399,22 @@ def _psd_projection(x, xp, strict: bool = False):
         lo = -top
     if lo >= -(1 if strict else 10 * x.shape[0]) * float(xp.finfo(x.dtype).eps) * hi:
         return None
-    lam, V = xp.linalg.eigh(x)
+    lam, V = xp.linalg.eigh(x)  # ascending
+    sign = -1.0 if tr < 0 else 1.0
     if tr < 0:
-        lam = -lam
-    lam = xp.where(lam < 0, xp.zeros_like(lam), lam)
-    return symmetrize((V * lam) @ xp.matrix_transpose(V), xp)
+        lam = -lam  # descending: the negative ones last
+    neg = lam < 0
+    r = int(to_float(xp.sum(xp.astype(neg, lam.dtype))))
+    d = x.shape[0]
+    keep = slice(0, r) if tr >= 0 else slice(d - r, d)
+    proj = symmetrize((V * xp.where(neg, xp.zeros_like(lam), lam)) @ xp.matrix_transpose(V), xp)
+    return PsdSplit(proj, sign, lam[keep], V[:, keep])
+
+
+def _psd_projection(x, xp, strict: bool = False):
+    """The projection of :func:`_psd_split` (``None`` when ``±x`` needs none)."""
+    split = _psd_split(x, xp, strict)
+    return None if split is None else split.proj
 
 
 def finish(Fn, side: str, eig: EigenResult, psd: bool = False, strict: bool = False) -> Factors:
@@ -1404,17 +1431,21 @@ def finish(Fn, side: str, eig: EigenResult, psd: bool = False, strict: bool = Fa
     an unnormalised pair ``(L, R ∝ 𝓡ᵀvec L)``: ``σ = ‖R‖/‖L‖``.
     ``psd`` (for a :func:`psd_sum` ``Fn``): an iterate with eigenvalues below rounding (a
     lower precision's, or an accuracy-stopped iterate's near a singular optimum) is first
-    projected onto the PSD cone (:func:`_psd_projection`) and the half-steps recomputed from
-    it, so that both factors are PSD to rounding.
+    projected onto the PSD cone (:func:`_psd_split`), so that both factors are PSD to
+    rounding: with ``aux``, the projection's half-step is ``aux`` less the image of the removed
+    negative part, a contraction of its ``r`` eigenpairs (:meth:`KronSum._contract_eig`, ``r``
+    of the factor's ``p`` rows), and without, the contraction of the projection.
     ``strict``: eigenvalues below one ε of the largest are projected (a lower
     precision's answer handed on in a higher one).
     """
     xp = Fn.xp
     x, aux, image = eig.x, eig.aux, eig.image
     if psd and Fn.symmetric:
-        proj = _psd_projection(symmetrize(x, xp), xp, strict)
-        if proj is not None:
-            x, aux, image = proj, None, None
+        split = _psd_split(symmetrize(x, xp), xp, strict)
+        if split is not None:
+            x, image = split.proj, None
+            if aux is not None:  # the projection's half-step by linearity: ±x's less the removed part's
+                aux = split.sign * aux - Fn._contract_eig(side, split.d, split.V)
     L = x if side == "left" else (Fn.contract_right(x) if aux is None else aux)
     if Fn.symmetric:
         L = symmetrize(L, xp)

@@ -324,6 +324,40 @@ class KronSum:
         c = self._traces("right") if Y is None else self._inner("right", Y)
         return self._combine("left", self.weights * c)
 
+    def _contract_eig(self, side: str, d: Array, V: Array) -> Array:
+        """:meth:`contract_left` (``side="left"``; ``contract_right`` for ``"right"``) of
+        ``M = V diag(d) Vᵀ`` given by ``r`` of its eigenpairs: ``V`` (p, r) with orthonormal
+        columns, ``d`` (r,), e.g. the part of a factor that a PSD projection removes. Counted
+        as one contraction. The outer form's quadratic forms ``g_kᵀMg_k = ((G V)²d)_k`` cost
+        ``K·p·r`` instead of ``K·p²``; the conv form on NumPy takes the rows route
+        (:func:`kronsum._accel.eig_quadratic_sum`, or the held per-sample matrices') with the
+        ``r`` given rows per sample and no ``eigh``, ``r/p`` of that route's rows; elsewhere
+        ``M`` is formed."""
+        count("contractions")
+        return self._contract_by_eig(side == "left", d, V)
+
+    def _contract_by_eig(self, left: bool, d: Array, V: Array) -> Array:
+        xp = self._xp
+        if self.form == "sum":
+            return _sum_over(P._contract_by_eig(left, d, V) for P in self.parts)
+        if self.form == "outer":
+            GV = (self.G if left else self.A) @ V  # (K, r)
+            return self._combine("right" if left else "left", self.weights * ((GV * GV) @ d))
+        if self.form == "conv" and syrk_available(xp):
+            P, Q = (self.G, self.A) if left else (self.A, self.G)
+            K, T, p = P.shape
+            q, r, held = Q.shape[-1], V.shape[1], self._Xp is not None
+            # the r rows per sample (no eigh) against the cheapest route for the formed M
+            rows = r * q * q / 2 + (r * p * q if held else T * r * (p + q))
+            full = min(conv_contraction_costs(K, T, p, q, syrk=True, trmm=trmm_pays(K * T, p, xp),
+                                              per_sample=held).values())
+            if rows <= full:
+                if held:
+                    return _per_sample_contract(self._Xp, None, left=left, rows=True, xp=xp, eig=(d, V))
+                return eig_quadratic_sum(P, Q, None, self.weights, eig=(d, V))
+        M = (V * d) @ xp.matrix_transpose(V)
+        return self._contract_left(M) if left else self._contract_right(M)
+
     def _check_square(self, X, name, size):
         if X.ndim != 2 or tuple(X.shape) != (size, size):
             raise ValueError(f"{name} must have shape ({size}, {size}), got {tuple(X.shape)}")
@@ -784,7 +818,8 @@ _POW2_RANGE = (2.0**-30, 2.0**30)
 _POW2_RANGE_32 = (2.0**-8, 2.0**8)
 
 
-def _per_sample_contract(Xp: Array, M: Array | None, *, left: bool, rows: bool, xp: Any) -> Array:
+def _per_sample_contract(Xp: Array, M: Array | None, *, left: bool, rows: bool, xp: Any,
+                         eig: tuple | None = None) -> Array:
     """``Σ_k Z_kᵀ M Z_k`` (``left``: M (m, m), the (n, n) result of ``contract_left``) or
     ``Σ_k Z_k M Z_kᵀ`` (M (n, n), the (m, m) result of ``contract_right``) from the held
     weighted per-sample matrices ``Z_k = √w_k X_k``, ``Xp`` (m, K, n); ``M=None`` is the
@@ -792,7 +827,8 @@ def _per_sample_contract(Xp: Array, M: Array | None, *, left: bool, rows: bool, 
     and over X's rows are one contraction. ``rows`` (NumPy, symmetric ``M``):
     ``M = V diag(d) Vᵀ`` (one ``eigh``) and the Gram product of the rows ``√|d_i| v_iᵀZ_k``
     (or the columns ``√|d_i| Z_k v_i``) of each sign of ``d`` (``syrk``: half the
-    multiply-adds of the second product); the identity is one such Gram product."""
+    multiply-adds of the second product); the identity is one such Gram product. ``eig=(d, V)``
+    (``M=None``, ``rows``): ``M`` given by some of its eigenpairs (:func:`kronsum._accel.eig_gram`)."""
     m, K, n = Xp.shape
     X2 = xp.reshape(Xp, (m, K * n))
     Xr = xp.reshape(Xp, (m * K, n))
@@ -800,14 +836,14 @@ def _per_sample_contract(Xp: Array, M: Array | None, *, left: bool, rows: bool, 
         if left:
             return xp.matrix_transpose(Xr) @ xp.reshape(M @ X2, (m * K, n))
         return xp.reshape(Xr @ M, (m, K * n)) @ xp.matrix_transpose(X2)
-    if M is None:
+    if M is None and eig is None:
         return xp.matrix_transpose(Xr) @ Xr if left else X2 @ xp.matrix_transpose(X2)
     import numpy as np
 
     if left:  # rows √|d_i| v_iᵀ Z_k (length n), as (p_s·K, n)
-        out = eig_gram(M, lambda Vs: np.reshape(Vs.T @ X2, (-1, n)))
+        out = eig_gram(M, lambda Vs: np.reshape(Vs.T @ X2, (-1, n)), eig)
     else:  # columns √|d_i| Z_k v_i (length m), as the rows of (K·p_s, m)
-        out = eig_gram(M, lambda Vs: np.reshape(Xr @ Vs, (m, -1)).T)
+        out = eig_gram(M, lambda Vs: np.reshape(Xr @ Vs, (m, -1)).T, eig)
     d_out = n if left else m
     return np.zeros((d_out, d_out), dtype=Xp.dtype) if out is None else out
 

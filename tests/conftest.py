@@ -254,3 +254,21 @@ def numba_path(request):
         pytest.importorskip("numba", reason="numba is not installed: only the array-API path exists")
     with ks.config(use_numba=on):
         yield on
+
+
+def two_populations(form, K, T, m, n, seed):
+    """``(G, A)`` of an outer (``T`` unused) or conv block whose samples form two
+    sub-populations around two mean directions (σ₂/σ₁ near 0.9): Lanczos stopped at a loose
+    accuracy mixes in the second pair, which is indefinite, so the iterate shows negative
+    eigenvalues where the optimal factor's are small."""
+    rng = np.random.default_rng(seed)
+    shape = (K, T) if form == "conv" else (K,)
+    half = K // 2
+    g0, a0, g1, a1 = (rng.standard_normal(d) for d in (m, n, m, n))
+    G = np.concatenate([g0 + 0.3 * rng.standard_normal((half,) + shape[1:] + (m,)),
+                        g1 + 0.3 * rng.standard_normal((K - half,) + shape[1:] + (m,))])
+    A = np.concatenate([a0 + 0.3 * rng.standard_normal((half,) + shape[1:] + (n,)),
+                        a1 + 0.3 * rng.standard_normal((K - half,) + shape[1:] + (n,))])
+    G[half:] *= np.sqrt(0.9)
+    return G, A
+

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 import kronsum as ks
-from conftest import assert_same_backend, dense_F, random_inputs, svd_optimum
+from conftest import assert_same_backend, dense_F, random_inputs, svd_optimum, two_populations
 
 FORMS = ["terms", "outer", "conv"]
 
@@ -106,3 +106,22 @@ def test_dominant_samples_start_on_backend(backend, method):
     opt, sv = svd_optimum(Fnp.to_dense(), 12, 10)
     err = float(backend.to_numpy(ks.frobenius_error(F, est)))
     assert err <= opt + 1e-8 * np.sqrt(np.sum(sv ** 2))
+
+
+@pytest.mark.parametrize("wide", [True, False])
+def test_projected_iterate_on_backend(backend, wide):
+    """A conv block whose Lanczos iterate at a loose accuracy is projected onto the PSD cone:
+    on every backend the answer's right factor is the normalised half-step of its left one
+    (the projection's, not the iterate's) and the answer is NumPy's to rounding."""
+    m, n = (8, 36) if wide else (36, 8)
+    G, A = two_populations("conv", 8, 8, m, n, 0)
+    F = ks.KronSum.from_conv(backend.asarray(G, "float64"), backend.asarray(A, "float64"))
+    est = ks.kfoc(F, method="lanczos", accuracy=1e-4)
+    ref = ks.kfoc(ks.KronSum.from_conv(G, A), method="lanczos", accuracy=1e-4)
+    assert_same_backend(est.left, F.weights, F.weights.dtype)
+    L, R = backend.to_numpy(est.left), backend.to_numpy(est.right)
+    half = ks.KronSum.from_conv(G, A).contract_left(L)
+    half = (half + half.T) / 2
+    np.testing.assert_allclose(R, half / np.linalg.norm(half), rtol=0, atol=1e-12)
+    np.testing.assert_allclose(L, ref.left, rtol=0, atol=1e-10)
+    np.testing.assert_allclose(R, ref.right, rtol=0, atol=1e-10)

@@ -10,7 +10,7 @@ import pytest
 from hypothesis import example, given, settings, strategies as st
 
 import kronsum as ks
-from conftest import svd_optimum
+from conftest import svd_optimum, two_populations
 
 
 def _softmax_block(K, m, n, seed, heavy):
@@ -30,8 +30,13 @@ def _min_rel_eig(M):
 
 
 def _assert_psd_at_the_optimum(F, est, accuracy):
-    """Both factors PSD to rounding, the damped inverse accepted, and the error within
-    ``accuracy`` (default 1e-8) of the SVD optimum of the dense F, relative to ‖F‖."""
+    """Both factors PSD to rounding, the damped inverse accepted, the right factor the
+    normalised half-step of the left one (``R = 𝓡ᵀvec(L)/σ``, to rounding and the PSD moves),
+    and the error within ``accuracy`` (default 1e-8) of the SVD optimum of the dense F,
+    relative to ‖F‖."""
+    half = F.contract_left(est.left)
+    half = (half + half.T) / 2
+    assert np.allclose(est.right, half / np.linalg.norm(half), rtol=0, atol=1e-9), est.info
     for M in (est.left, est.right):
         assert _min_rel_eig(M) >= -10 * M.shape[0] * np.finfo(M.dtype).eps, (est.info, _min_rel_eig(M))
     est.inverse(1e-6)  # refused for an indefinite factor
@@ -245,3 +250,34 @@ def test_gram_route_at_a_loose_accuracy_gives_psd_factors_without_a_projection(s
     nF = float(np.sqrt(np.sum(sv ** 2)))
     gap = (float(ks.frobenius_error(F, est)) - opt) / nF
     assert gap <= est.info.error_gap_bound + 1e-13 and est.info.error_gap_bound <= accuracy, (gap, est.info)
+
+
+@settings(max_examples=60, deadline=None)
+@given(seed=st.integers(0, 2**32 - 1), form=st.sampled_from(["outer", "conv"]),
+       block=st.sampled_from(["two populations", "few samples"]), wide=st.booleans(),
+       accuracy=st.sampled_from([None, 1e-6, 1e-4]), method=st.sampled_from(["lanczos", "power"]))
+@example(seed=0, form="conv", block="two populations", wide=True, accuracy=1e-4, method="lanczos")
+@example(seed=1, form="conv", block="two populations", wide=False, accuracy=1e-4, method="lanczos")
+def test_a_projected_iterate_is_finished_with_its_own_half_step(seed, form, block, wide, accuracy, method):
+    """Where the iterate is projected onto the PSD cone (here: a loose accuracy mixing in an
+    indefinite second pair, or an optimum whose factor is singular), the other factor is still
+    the normalised half-step of the projected one, ``R = 𝓡ᵀvec(L)/σ`` (with the sign rule), as
+    for every answer: the solver's image of the iterate corrected by that of the removed
+    negative part. Both factors PSD, the error within the accuracy of the optimum."""
+    m, n = (8, 36) if wide else (36, 8)
+    if block == "two populations":
+        G, A = two_populations(form, 8, 8, m, n, seed)
+    else:  # fewer samples than the iterated factor's size, heavy-tailed magnitudes
+        rng = np.random.default_rng(seed)
+        K, T = 3, 2
+        s = rng.standard_t(1.5, (K, 1, 1))
+        G, A = s * rng.standard_normal((K, T, m)), rng.standard_normal((K, T, n))
+        if form == "outer":
+            G, A = G[:, 0], A[:, 0]
+    F = ks.KronSum.from_conv(G, A) if form == "conv" else ks.KronSum.from_outer(G, A)
+    est = ks.kfoc(F, method=method, accuracy=accuracy)
+    half = F.contract_left(est.left)
+    half = (half + half.T) / 2
+    assert np.allclose(est.right, half / np.linalg.norm(half), rtol=0, atol=1e-12), est.info
+    assert np.isclose(float(est.scale), np.linalg.norm(half), rtol=1e-12)
+    _assert_psd_at_the_optimum(F, est, accuracy)
