@@ -1383,7 +1383,8 @@ def _psd_split(x, xp, strict: bool = False) -> PsdSplit | None:
     Frobenius norm, never farther from a PSD optimum than ``±x`` (projection onto a convex
     set). A Cholesky factorisation where it shows ``±x`` positive definite
     (:func:`kronsum._accel.positive_definite`), else one ``eigvalsh`` of the ``d × d``
-    iterate, and an ``eigh`` when it needs the projection."""
+    iterate, and an ``eigh`` when it needs the projection (and one host read of the number of
+    negative eigenvalues)."""
     if is_dask_namespace(xp):  # no linalg.eigh: the small d × d iterate in NumPy, wrapped back
         import array_api_compat.numpy as npx
 
@@ -1399,16 +1400,16 @@ def _psd_split(x, xp, strict: bool = False) -> PsdSplit | None:
         lo = -top
     if lo >= -(1 if strict else 10 * x.shape[0]) * float(xp.finfo(x.dtype).eps) * hi:
         return None
-    lam, V = xp.linalg.eigh(x)  # ascending
+    lam, V = xp.linalg.eigh(x)
     sign = -1.0 if tr < 0 else 1.0
     if tr < 0:
-        lam = -lam  # descending: the negative ones last
+        lam = -lam
     neg = lam < 0
-    r = int(to_float(xp.sum(xp.astype(neg, lam.dtype))))
-    d = x.shape[0]
-    keep = slice(0, r) if tr >= 0 else slice(d - r, d)
     proj = symmetrize((V * xp.where(neg, xp.zeros_like(lam), lam)) @ xp.matrix_transpose(V), xp)
-    return PsdSplit(proj, sign, lam[keep], V[:, keep])
+    # the r negative eigenpairs, whatever order eigh returned (one more host read: r)
+    r = int(to_float(xp.sum(xp.astype(neg, lam.dtype))))
+    idx = xp.argsort(lam)[:r]
+    return PsdSplit(proj, sign, xp.take(lam, idx), xp.take(V, idx, axis=1))
 
 
 def _psd_projection(x, xp, strict: bool = False):

@@ -81,7 +81,7 @@ class KronInfo:
     def _counted(self, host_reads: int, contractions: int) -> "KronInfo":
         """A copy with the two counts set: ``dataclasses.replace`` without re-running the frozen
         ``__init__`` field by field (the class has no ``__post_init__`` to skip)."""
-        new = object.__new__(KronInfo)
+        new = object.__new__(type(self))
         new.__dict__.update(self.__dict__, host_reads=host_reads, contractions=contractions)
         return new
 

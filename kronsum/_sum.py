@@ -329,10 +329,11 @@ class KronSum:
         ``M = V diag(d) Vᵀ`` given by ``r`` of its eigenpairs: ``V`` (p, r) with orthonormal
         columns, ``d`` (r,), e.g. the part of a factor that a PSD projection removes. Counted
         as one contraction. The outer form's quadratic forms ``g_kᵀMg_k = ((G V)²d)_k`` cost
-        ``K·p·r`` instead of ``K·p²``; the conv form on NumPy takes the rows route
-        (:func:`kronsum._accel.eig_quadratic_sum`, or the held per-sample matrices') with the
-        ``r`` given rows per sample and no ``eigh``, ``r/p`` of that route's rows; elsewhere
-        ``M`` is formed."""
+        ``K·p·r`` instead of ``K·p²`` (the weighted Gram product of the other side, ``K·q²/2``,
+        is the same); the conv form on NumPy (and PyTorch CPU tensors through it) takes the rows
+        route (:func:`kronsum._accel.eig_quadratic_sum`, or the held per-sample matrices') with
+        the ``r`` given rows per sample and no ``eigh``, ``r/p`` of that route's rows, where
+        that is cheaper than the best route for the formed ``M``; elsewhere ``M`` is formed."""
         count("contractions")
         return self._contract_by_eig(side == "left", d, V)
 

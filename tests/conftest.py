@@ -271,4 +271,3 @@ def two_populations(form, K, T, m, n, seed):
                         a1 + 0.3 * rng.standard_normal((K - half,) + shape[1:] + (n,))])
     G[half:] *= np.sqrt(0.9)
     return G, A
-

@@ -255,15 +255,20 @@ def test_gram_route_at_a_loose_accuracy_gives_psd_factors_without_a_projection(s
 @settings(max_examples=60, deadline=None)
 @given(seed=st.integers(0, 2**32 - 1), form=st.sampled_from(["outer", "conv"]),
        block=st.sampled_from(["two populations", "few samples"]), wide=st.booleans(),
-       accuracy=st.sampled_from([None, 1e-6, 1e-4]), method=st.sampled_from(["lanczos", "power"]))
-@example(seed=0, form="conv", block="two populations", wide=True, accuracy=1e-4, method="lanczos")
-@example(seed=1, form="conv", block="two populations", wide=False, accuracy=1e-4, method="lanczos")
-def test_a_projected_iterate_is_finished_with_its_own_half_step(seed, form, block, wide, accuracy, method):
+       accuracy=st.sampled_from([None, 1e-6, 1e-4]), method=st.sampled_from(["lanczos", "power"]),
+       flip=st.booleans())
+@example(seed=0, form="conv", block="two populations", wide=True, accuracy=1e-4, method="lanczos", flip=False)
+@example(seed=0, form="conv", block="two populations", wide=True, accuracy=1e-4, method="lanczos", flip=True)
+@example(seed=1, form="conv", block="two populations", wide=False, accuracy=1e-4, method="lanczos", flip=False)
+@example(seed=1, form="conv", block="two populations", wide=False, accuracy=1e-4, method="lanczos", flip=True)
+def test_a_projected_iterate_is_finished_with_its_own_half_step(seed, form, block, wide, accuracy, method, flip):
     """Where the iterate is projected onto the PSD cone (here: a loose accuracy mixing in an
     indefinite second pair, or an optimum whose factor is singular), the other factor is still
     the normalised half-step of the projected one, ``R = 𝓡ᵀvec(L)/σ`` (with the sign rule), as
     for every answer: the solver's image of the iterate corrected by that of the removed
-    negative part. Both factors PSD, the error within the accuracy of the optimum."""
+    negative part. Both factors PSD, the error within the accuracy of the optimum. The start
+    is TKFAC's factor or its negative (``flip``), so that the iterate comes out with either
+    sign of its trace: the projection is of ``±x``."""
     m, n = (8, 36) if wide else (36, 8)
     if block == "two populations":
         G, A = two_populations(form, 8, 8, m, n, seed)
@@ -275,7 +280,10 @@ def test_a_projected_iterate_is_finished_with_its_own_half_step(seed, form, bloc
         if form == "outer":
             G, A = G[:, 0], A[:, 0]
     F = ks.KronSum.from_conv(G, A) if form == "conv" else ks.KronSum.from_outer(G, A)
-    est = ks.kfoc(F, method=method, accuracy=accuracy)
+    start = ks.tkfac(F)
+    if flip:
+        start = ks.Kron(-start.left, -start.right, start.scale)
+    est = ks.kfoc(F, method=method, accuracy=accuracy, init=start)
     half = F.contract_left(est.left)
     half = (half + half.T) / 2
     assert np.allclose(est.right, half / np.linalg.norm(half), rtol=0, atol=1e-12), est.info
