@@ -346,13 +346,12 @@ class KronSum:
             return self._combine("right" if left else "left", self.weights * ((GV * GV) @ d))
         if self.form == "conv" and syrk_available(xp):
             P, Q = (self.G, self.A) if left else (self.A, self.G)
-            K, T, p = P.shape
-            q, r, held = Q.shape[-1], V.shape[1], self._Xp is not None
-            # the r rows per sample (no eigh) against the cheapest route for the formed M
-            rows = r * q * q / 2 + (r * p * q if held else T * r * (p + q))
-            full = min(conv_contraction_costs(K, T, p, q, syrk=True, trmm=trmm_pays(K * T, p, xp),
-                                              per_sample=held).values())
-            if rows <= full:
+            (K, T, p), q, held = P.shape, Q.shape[-1], self._Xp is not None
+            # the given eigenpairs' rows against the cheapest route for the formed M
+            route = "held-rows" if held else "rows"
+            given = conv_contraction_costs(K, T, p, q, syrk=True, per_sample=held, rank=V.shape[1])[route]
+            full = conv_contraction_costs(K, T, p, q, syrk=True, trmm=trmm_pays(K * T, p, xp), per_sample=held)
+            if given <= min(full.values()):
                 if held:
                     return _per_sample_contract(self._Xp, None, left=left, rows=True, xp=xp, eig=(d, V))
                 return eig_quadratic_sum(P, Q, None, self.weights, eig=(d, V))
@@ -850,7 +849,8 @@ def _per_sample_contract(Xp: Array, M: Array | None, *, left: bool, rows: bool, 
 
 
 def conv_contraction_costs(K: int, T: int, p: int, q: int, *, identity: bool = False,
-                           syrk: bool = False, trmm: bool = False, per_sample: bool = False) -> dict:
+                           syrk: bool = False, trmm: bool = False, per_sample: bool = False,
+                           rank: int | None = None) -> dict:
     """Multiply-adds per sample of each association of the conv contraction
     ``Σ_k w_k Y_kᵀ M Y_k`` (``Y_k = P_kᵀQ_k``, ``M`` (p, p), ``identity``: ``M = I``):
     ``"positions"`` through ``P_k M P_kᵀ``, ``"samples"`` through ``Y_k``, and with ``syrk``
@@ -860,16 +860,23 @@ def conv_contraction_costs(K: int, T: int, p: int, q: int, *, identity: bool = F
     :func:`kronsum._accel.quadratic_blocks`, at :data:`kronsum._accel.TRMM_TIME` of a gemm).
     ``per_sample``: the per-sample matrices are held (:meth:`KronSum._with_per_sample`), which
     replaces ``"samples"`` and ``"rows"`` by ``"held"`` and ``"held-rows"`` (the same
-    associations without forming ``Y_k``). The one cost model of
+    associations without forming ``Y_k``). ``rank``: ``M`` given by that many of its
+    eigenpairs (:meth:`KronSum._contract_eig`), so the rows routes take ``rank`` rows per
+    sample instead of ``p`` and no ``eigh``. The one cost model of
     :meth:`KronSum._conv_contract` and K-FOC's method choice."""
     m_cost = 0 if identity else p * p
     out = {"positions": T * m_cost * (TRMM_TIME if trmm else 1) + T * T * (p + q) + T * q * q}
-    eig = (0 if identity else 12 * p ** 3 + 5e5) / K
+    eig = 0 if identity or rank is not None else (12 * p ** 3 + 5e5) / K
+    r = p if rank is None else rank  # the rows per sample of the rows routes
     if per_sample:
         out["held"] = m_cost * q + (p * q * q / 2 if identity else p * q * q)
         if syrk:
-            out["held-rows"] = m_cost * q + p * q * q / 2 + eig
+            out["held-rows"] = (0 if identity else r * p * q) + r * q * q / 2 + eig
         return out
+    out["samples"] = T * p * q + m_cost * q + p * q * q
+    if syrk:
+        out["rows"] = (0 if identity else T * p * r) + T * r * q + r * q * q / 2 + eig
+    return out
     out["samples"] = T * p * q + m_cost * q + p * q * q
     if syrk:
         out["rows"] = T * m_cost + T * p * q + p * q * q / 2 + eig
