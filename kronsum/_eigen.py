@@ -94,10 +94,12 @@ class Stop:
     th2: float | None = None  # the second Ritz value and its residual at the last call
     r2: float = 0.0
     # a low-precision solve whose own answer may be returned (:func:`lanczos_two_precision`):
-    # ``answer_floor(θ₁)`` bounds what the low-precision copy's rounding of F adds to the
-    # error gap, ``answer_slack`` the operator's relative error in that precision (added to
-    # the residual); ``answer`` records a stop on the bound with both
-    answer_floor: Callable[[float], float] | None = None
+    # ``answer_copy`` the low-precision copy F̃ it iterates on (:class:`LowPrecisionCopy`:
+    # ‖F − F̃‖, and whether its answer may stop the solve even where a check in the working
+    # precision would certify the bound; else only where it would not: no ‖F‖², or
+    # θ₁ ≤ ‖F‖²/2), ``answer_slack`` the relative error of that precision's arithmetic on the
+    # operator and the finish's half-step; ``answer`` records such a stop
+    answer_copy: "LowPrecisionCopy | None" = None
     answer_slack: float = 0.0
     answer: bool = False
     # the rounding of the operator the solver applies, for sums whose terms can cancel (signed
@@ -123,26 +125,52 @@ class Stop:
     def met(self, th1: float, res: float, th2: float | None = None, r2: float = 0.0) -> bool:
         """Whether the Ritz pair ``(th1, relative residual res)`` stops the solver.
 
-        With ``answer_floor``: stop with ``answer = True`` once the bound with the residual
-        widened by ``answer_slack``, plus ``answer_floor(th1)``, meets ``accuracy``; while that
+        With ``answer_copy`` (that allows any answer, or a bound that would not be certified):
+        stop with ``answer = True`` once :meth:`answer_bound` meets ``accuracy``; while that
         is reachable (at most half of ``accuracy`` with a zero residual) the rule goes on
         toward it (or ``tol``); otherwise the plain rule applies."""
         self.th1, self.th2, self.r2 = th1, th2, r2
         t2, f2 = -1.0 if th2 is None else th2, -1.0 if self.f2 is None else self.f2
         te, tr = self.op_error(th1), self.th_rel * th1
         self.bound, self.certified = gap_bound(th1, res * th1, t2, r2, f2, self.f2_err, te, tr)
-        if self.answer_floor is not None and self.accuracy is not None and th1 > 0 and self.estimates:
-            floor = self.answer_floor(th1)
-            bound = gap_bound(th1, (res + self.answer_slack) * th1, t2, r2, f2, self.f2_err, te, tr)[0]
-            if bound + floor <= self.accuracy:
-                # an estimate: the slack for the low precision's operator error is measured,
-                # not proven
-                self.bound, self.certified, self.answer = bound + floor, False, True
+        if (self.answer_copy is not None and self.accuracy is not None and th1 > 0 and self.estimates
+                and (self.answer_copy.any_answer or not self.certified)):
+            bound = self.answer_bound(th1, res, t2, r2)
+            if bound <= self.accuracy:
+                # an estimate: the slack for the low precision's arithmetic is measured, not
+                # proven
+                self.bound, self.certified, self.answer = bound, False, True
                 return True
-            if gap_bound(th1, self.answer_slack * th1, t2, r2, f2, self.f2_err, te, tr)[0] + floor <= self.accuracy / 2:
+            if self.answer_bound(th1, 0.0, t2, r2) <= self.accuracy / 2:
                 return res <= self.tol
         return res <= self.tol or (self.accuracy is not None and self.bound <= self.accuracy
                                    and (self.certified or self.estimates))
+
+
+    def answer_bound(self, th1: float, res: float, t2: float, r2: float) -> float:
+        """The error-gap bound of a low-precision solve's own answer (the Ritz pair ``th1``,
+        relative residual ``res``, of the copy F̃ in that precision's arithmetic), for F.
+
+        Its operator lies from F's by at most ``δ(2σ₁ + δ)`` (``δ ≥ ‖F − F̃‖`` of ``answer_copy``;
+        ``σ₁ ≤ σ₁(F̃) + δ`` with ``σ₁(F̃)²`` from Temple's inequality and ``μ = θ₂ + r₂``, the
+        estimate's, or ``θ₁ + r₁`` without ``θ₂``; at most ``‖F‖``) plus the arithmetic's
+        ``answer_slack·θ₁``: :func:`kronsum._stopping.gap_bound`'s ``th_err``, which moves the
+        bound quadratically; the finish's half-step, of F̃ in that arithmetic, lies within
+        ``δ + answer_slack·√θ₁`` of F's (its ``half_err``, quadratic too unless F is nearly a
+        Kronecker product)."""
+        f2 = -1.0 if self.f2 is None else self.f2
+        d, s = self.answer_copy.delta, self.answer_slack
+        r = res * th1
+        if t2 >= 0 and th1 > t2 + r2:  # Temple's inequality with μ = θ₂ + r₂, as the estimate
+            top = th1 + r * r / (th1 - t2 - r2)
+        else:
+            top = th1 + r
+        sigma1 = math.sqrt(top + s * th1) + d  # σ₁(F) ≤ σ₁(F̃) + δ
+        if f2 >= 0:
+            sigma1 = min(sigma1, math.sqrt(f2))
+        te = self.op_error(th1) + d * (2.0 * sigma1 + d) + s * th1
+        return gap_bound(th1, res * th1, t2, r2, f2, self.f2_err, te, self.th_rel * th1,
+                         half_err=d + s * math.sqrt(th1))[0]
 
 
 class MetricBreakdown(ArithmeticError):
@@ -599,16 +627,12 @@ def _ritz(space: Space, Q: list, MQ: list, coef, AUX: list | None = None) -> tup
 
 @dataclass(frozen=True)
 class LowPrecisionCopy:
-    """A low-precision copy F̃ of F with ``‖F − F̃‖ ≤ delta`` (in the solver's units)."""
+    """A low-precision copy F̃ of F with ``‖F − F̃‖ ≤ delta`` (in the solver's units of σ);
+    ``any_answer``: its solve's own answer may be returned even where the working precision's
+    check would certify the bound (else only where it would not)."""
 
     delta: float
-
-    def floor(self, th1: float) -> float:
-        """What solving F̃ instead of F adds to ``(‖F − F̂‖ − optimal)/‖F‖`` at the copy's Ritz
-        value ``th1``: both the answer's error and the optimum move by at most δ, and
-        ``‖F‖ ≥ σ₁ ≥ √θ₁ − δ``; ``inf`` when that lower bound is not positive."""
-        lower = math.sqrt(th1) - self.delta
-        return 2 * self.delta / lower if lower > 0 else math.inf
+    any_answer: bool = True
 
 
 def lanczos_two_precision(low: Space, x0, high: Space, resume: Callable[[], Space], dtype,
@@ -638,13 +662,15 @@ def lanczos_two_precision(low: Space, x0, high: Space, resume: Callable[[], Spac
     precision's asymmetric rounding, so that the working-precision contractions may take their
     routes for symmetric matrices (:func:`kronsum._accel.symmetric_to_rounding`).
 
-    ``rounding`` (a loose ``accuracy``): how far the low-precision copy of F lies from F
-    (:class:`LowPrecisionCopy`). The low solve may then stop on its own bound, its residual
-    widened by ``low_image`` (or 64·ε of the low precision) plus what that distance adds to the
-    error gap (:class:`Stop`); its answer is returned with ``low=True``, without the
-    working-precision check, and ``stop`` takes its bound, an estimate (the allowance for the
-    low precision's operator error is measured, not proven). ``‖F‖²`` (``stop.f2``) is
-    widened by the distance too: the low solve's Ritz values are the copy's.
+    ``rounding``: how far the low-precision copy of F lies from F (:class:`LowPrecisionCopy`).
+    The low solve may then stop on its own answer's bound (:meth:`Stop.answer_bound`: the
+    copy's distance and the low precision's arithmetic, ``low_image`` or 64·ε of the low
+    precision, taken as operator errors), where the copy allows any answer or the working
+    precision's check could not certify the bound anyway; that answer is returned with
+    ``low=True``, without the working-precision check, and ``stop`` takes its bound, an
+    estimate (the allowance for the low precision's arithmetic is measured, not proven).
+    ``‖F‖²`` (``stop.f2``) stays F's: the bounds take the low solve's Ritz values as those of
+    an operator within that distance of F's.
     """
     xp = high.xp
     stop_low = Stop(max(stop.tol, default_tol(xp, x0.dtype)), stop.accuracy,
@@ -653,10 +679,8 @@ def lanczos_two_precision(low: Space, x0, high: Space, resume: Callable[[], Spac
         stop_low.f2 = stop.f2
         stop_low.f2_err = stop.f2_err + 64 * float(xp.finfo(x0.dtype).eps) * abs(stop.f2)
     if rounding is not None and stop.accuracy is not None:
-        stop_low.answer_floor = rounding.floor
+        stop_low.answer_copy = rounding
         stop_low.answer_slack = low_image if low_image is not None else 64 * float(xp.finfo(x0.dtype).eps)
-        if stop.f2 is not None:  # | ‖F̃‖² − ‖F‖² | ≤ 2δ‖F‖ + δ²
-            stop_low.f2_err += 2 * rounding.delta * math.sqrt(abs(stop.f2)) + rounding.delta ** 2
     lo = lanczos(low, x0, stop_low, max_iter)
     if stop_low.answer:
         stop.bound, stop.certified = stop_low.bound, stop_low.certified

@@ -35,7 +35,7 @@ from dataclasses import dataclass, field, replace
 
 from ._accel import TRMM_TIME, numba_enabled, row_sq_norms, syrk_available, trmm_pays, via_numpy_on_cpu
 from ._closed_forms import _new_kron, _require_sum, kfac
-from ._compat import Array, counted, eye_like, fro_norm, host_floats, is_dask_namespace, to_float
+from ._compat import Array, counted, eye_like, fro_norm, host_floats, is_dask_namespace, symmetrize, to_float
 from ._config import _options
 from ._eigen import (Factors, LowPrecisionCopy, MetricBreakdown, Solution, Stop, aux_fits, contraction_space, conv_gram_solve, deflated_top, finish, gram_solve,
                      _widen, psd_factors, psd_sum, psd_to_inverse_tolerance,
@@ -666,7 +666,7 @@ def _solve_from(Fn: KronSum, method: str, init, seed, stop: Stop, max_iter: int)
         F32 = Fn.astype(xp.float32)  # a float32 copy of the inputs for the solve
         if Fn._Xp is not None:  # and of the per-sample matrices, rounded from float64
             F32 = F32._with_per_sample(xp.astype(Fn._Xp, xp.float32))
-        rounding = _float32_copy(F32, stop)
+        rounding = _float32_copy(Fn, F32, stop)
         eig = lanczos_two_precision(
             contraction_space(F32, side, keep_aux=rounding is not None and aux_fits(F32, side)),
             _initial(F32, init, seed, side),  # a Kron start is cast
@@ -682,6 +682,15 @@ def _solve_from(Fn: KronSum, method: str, init, seed, stop: Stop, max_iter: int)
             L, R, sigma = xp.astype(f.left, Fn.dtype), xp.astype(f.right, Fn.dtype), to_float(f.sigma)
             if psd:  # PSD to the working precision's rounding, as its inverses need
                 L, R, sigma, moved = psd_factors(L, R, sigma, xp, side, float(xp.finfo(xp.float32).eps))
+                if stop.bound + moved > stop.accuracy:
+                    # the float32 answer's projection (factors singular to float32's
+                    # rounding) spends more than the accuracy leaves: float64 Lanczos from it
+                    its = eig.iterations
+                    x = xp.astype(eig.x, Fn.dtype)
+                    eig = lanczos(contraction_space(Fn, side, keep_aux=aux_fits(Fn, side)),
+                                  symmetrize(x, xp) if Fn.symmetric else x, stop, max(max_iter - its, 1))
+                    eig.iterations += its
+                    return Solution(finish(Fn, side, eig, psd=True), eig, "lanczos[float32]")
                 stop.bound += moved  # ‖σ(L⊗R − L′⊗R′)‖ ≤ σ(‖ΔL‖ + ‖ΔR‖), σ ≤ ‖F‖
             note = (f"finished in float32: the error-gap bound {stop.bound:.2g} includes the "
                     f"float32 copy's rounding of F",)
@@ -720,15 +729,22 @@ def _low_image_error(Fn: KronSum) -> float:
     return 64 * float(Fn.xp.finfo(Fn.xp.float32).eps)
 
 
-def _float32_copy(F32: KronSum, stop: Stop) -> LowPrecisionCopy | None:
-    """For an ``accuracy`` that float32 can meet (at least 64·ε₃₂), how far the float32 copy
-    ``F32`` lies from F: at most ``δ = 3ε₃₂·S`` (:meth:`KronSum._rounding_scale`, summed in
-    float32 and widened by 0.1 % for that sum's own rounding). ``None`` (the float64 check
-    always runs) for a tighter ``accuracy``."""
-    eps32 = float(F32.xp.finfo(F32.xp.float32).eps)
-    if stop.accuracy is None or stop.accuracy < 64 * eps32:
+def _float32_copy(Fn: KronSum, F32: KronSum, stop: Stop) -> LowPrecisionCopy | None:
+    """The float32 copy ``F32`` of ``Fn`` as a :class:`kronsum._eigen.LowPrecisionCopy`, whose
+    solve's own answer may be returned (:meth:`kronsum._eigen.Stop.answer_bound`): at any
+    ``accuracy`` of at least 64·ε₃₂, and at a tighter one where the float64 check would not
+    certify the bound either, except for the conv form, whose float32 contractions cost
+    nearly as much as float64's (the float32 finish's half-step would cost what the float64
+    check does). ``None`` otherwise. Its distance from F is at most ``δ = 3ε₃₂·S``
+    (:meth:`KronSum._rounding_scale`, summed in float32 and widened by 0.1 % for that sum's
+    own rounding)."""
+    if stop.accuracy is None:
         return None
-    return LowPrecisionCopy(3 * eps32 * F32._rounding_scale() * 1.001)
+    eps32 = float(F32.xp.finfo(F32.xp.float32).eps)
+    loose = stop.accuracy >= 64 * eps32
+    if not loose and Fn.form == "conv":
+        return None
+    return LowPrecisionCopy(3 * eps32 * F32._rounding_scale() * 1.001, any_answer=loose)
 
 
 def _float32_iterations(F: KronSum) -> bool:

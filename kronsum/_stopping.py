@@ -15,8 +15,10 @@ finished from ``u`` has ``‖F − F̂‖² = ‖F‖² − θ_1`` against the o
 (the second is Temple's inequality) for any ``μ ≥ λ_2`` below ``θ_1``, with ``e_-`` a lower
 bound of ``‖F − F̂‖ + opt``. When ``‖F‖²`` is known (the Gram solver has it at the cost of one
 pass over its K×K matrices) ``μ = ‖F‖² − θ_1 ≥ ‖F‖² − λ_1 ≥ λ_2`` is a proven bound as soon as
-``θ_1 > ‖F‖²/2`` (K-FOC explains more than half of ``‖F‖²``), and ``e_- = ‖F − F̂‖`` is known:
-the bound is then **certified** (in exact arithmetic, for the solver's residual; ``f2``'s
+``θ_1 > ‖F‖²/2`` (K-FOC explains more than half of ``‖F‖²``), and so is
+``e_- = ‖F − F̂‖ + √(‖F − F̂‖² − Δ)`` with ``Δ`` the bound of ``λ_1 − θ_1`` (the optimum's error
+is ``√(‖F‖² − λ_1) ≥ √(‖F − F̂‖² − Δ)``, about ``‖F − F̂‖`` near convergence): the bound is
+then **certified** (in exact arithmetic, for the solver's residual; ``f2``'s
 rounding is allowed for, the Lanczos recurrence's residual estimate is taken as it is). Otherwise ``μ = θ_2 + r_2`` (an eigenvalue lies within ``r_2`` of
 ``θ_2``, and ``θ_2 ≤ λ_2`` by interlacing; that this eigenvalue is ``λ_2`` is what the Krylov
 space suggests, not a proof) and ``e_- = 2√θ_2 ≤ 2·opt``, ``‖F‖² ≥ θ_1 + θ_2``: an **estimate**.
@@ -36,7 +38,8 @@ ESTIMATE_SAFETY = 4.0
 
 
 def gap_bound(th1: float, r1: float, th2: float, r2: float, f2: float,
-              f2_err: float = 0.0, th_err: float = 0.0, th_round: float = 0.0) -> tuple[float, bool]:
+              f2_err: float = 0.0, th_err: float = 0.0, th_round: float = 0.0,
+              half_err: float = 0.0) -> tuple[float, bool]:
     """``(bound, certified)``: an upper bound of ``(‖F − F̂‖ − optimal error)/‖F‖``.
 
     ``th1``, ``r1``: the top Ritz value and its absolute residual; ``th2``, ``r2``: the second
@@ -46,11 +49,16 @@ def gap_bound(th1: float, r1: float, th2: float, r2: float, f2: float,
     cancels, is not certified on rounding noise). ``th_err``: how far the operator the solver
     applied may lie from F's at the Ritz vector (its rounding, in the units of ``th1``; 0: the
     solver's arithmetic taken as exact): F's Rayleigh quotient of the vector is then at least
-    ``th1 − th_err``, its residual at most ``r1 + 2·th_err``, and the Ritz values may sit
+    ``th1 − th_err``, its residual at most ``r1 + th_err`` (at its own Rayleigh quotient, which
+    minimises the residual over shifts: ``‖A_F u − θ_1u‖ ≤ r_1 + th_err``), and the Ritz values may sit
     ``th_err`` from F's. ``th_round``: a bound of the rounding of ``th1`` itself (a scalar, not
     the operator: it moves the Rayleigh quotient, not the residual), so that ``f2 − θ_1``
     computed by different arithmetic than ``θ_1`` is not taken for an optimal error that
-    rounding made. ``certified`` when the bound rests on ``f2`` alone (see the module
+    rounding made. ``half_err`` (in the units of ``√th1``): how far the answer's other factor
+    (scaled, ``S = σR``) may lie from F's half-step of the iterate ``𝓡ᵀu`` (computed in a lower
+    precision, or of a copy of F): ``S − 𝓡ᵀu`` is orthogonal to ``F − u⊗𝓡ᵀu``, so the error
+    grows from ``a = ‖F − u⊗𝓡ᵀu‖`` to ``√(a² + b²) ≤ a + min(b, b²/(2a))``, with ``a ≥ e``
+    (``e`` as for ``e_-``). ``certified`` when the bound rests on ``f2`` alone (see the module
     docstring). ``inf`` when nothing bounds ``λ_2`` below ``θ_1``; 0 for a zero operator
     (certified when ``f2 = 0`` says the sum is zero).
     """
@@ -67,16 +75,21 @@ def gap_bound(th1: float, r1: float, th2: float, r2: float, f2: float,
     d = lo1 - mu
     if not d > 0.0:
         return math.inf, False
-    r = r1 + 2.0 * th_err
+    r = r1 + th_err
     dl = r * r / d
     if f2 >= 0.0:
         nf2 = max(f2 - f2_err, lo1)
-        lower = math.sqrt(max(f2 - f2_err - th1 - th_err - th_round, 0.0))
+        # e ≤ ‖F − F̂‖, and opt² = ‖F‖² − λ_1 ≥ e² − dl: the optimum's error is at least that
+        e = math.sqrt(max(f2 - f2_err - th1 - th_err - th_round, 0.0))
+        lower = e + math.sqrt(max(e * e - dl, 0.0))
     else:
         nf2 = lo1 + max(th2, 0.0)
-        lower = 2.0 * math.sqrt(max(th2, 0.0))
+        e = math.sqrt(max(th2, 0.0))  # ‖F − F̂‖ ≥ opt ≥ √λ_2 ≥ √θ_2
+        lower = 2.0 * e
     nf = math.sqrt(nf2)
     bound = math.sqrt(dl) / nf
     if lower > 0.0:
         bound = min(bound, dl / (lower * nf))
+    if half_err > 0.0:
+        bound += (min(half_err, half_err * half_err / (2.0 * e)) if e > 0.0 else half_err) / nf
     return (bound if certified else ESTIMATE_SAFETY * bound), certified

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from hypothesis import example, given, settings, strategies as st
+from hypothesis import assume, example, given, settings, strategies as st
 
 import kronsum as ks
 from conftest import svd_optimum, two_populations
@@ -230,6 +230,7 @@ def test_small_factors_formed_over_many_terms_are_invertible():
 @settings(max_examples=30, deadline=None)
 @given(seed=st.integers(0, 2**16), accuracy=st.sampled_from([1e-3, 1e-4, 1e-6]))
 @example(seed=4, accuracy=1e-4)
+@example(seed=30541, accuracy=1e-3)  # nearly one Kronecker product: assumed away
 @pytest.mark.usefixtures("numba_path")
 def test_gram_route_at_a_loose_accuracy_gives_psd_factors_without_a_projection(seed, accuracy):
     """A Gram-route answer stopped by a loose accuracy whose coefficients take both signs, on
@@ -241,13 +242,17 @@ def test_gram_route_at_a_loose_accuracy_gives_psd_factors_without_a_projection(s
     s = np.abs(rng.standard_t(2, size=(K, 1))) + 0.1
     G, A = s * rng.standard_normal((K, m)), s * rng.standard_normal((K, n))
     F = ks.KronSum.from_outer(G, A)
+    opt, sv = svd_optimum(F.to_dense(), m, n)
+    nF = float(np.sqrt(np.sum(sv ** 2)))
+    # not a block that one sample dominates so far that F is a Kronecker product to rounding:
+    # the Gram matrices cannot resolve its optimum, and the answer is checked on the
+    # contractions (the route the nearly-exact tests cover)
+    assume(opt > 1e-6 * nF)
     est = ks.kfoc(F, method="gram", accuracy=accuracy)
     assert est.info.converged and est.info.contractions == 0, est.info
     for factor in (est.left, est.right):
         lam = np.linalg.eigvalsh(factor)
         assert lam.min() >= -10 * factor.shape[0] * np.finfo(float).eps * lam.max(), lam.min()
-    opt, sv = svd_optimum(F.to_dense(), m, n)
-    nF = float(np.sqrt(np.sum(sv ** 2)))
     gap = (float(ks.frobenius_error(F, est)) - opt) / nF
     assert gap <= est.info.error_gap_bound + 1e-13 and est.info.error_gap_bound <= accuracy, (gap, est.info)
 
