@@ -56,7 +56,7 @@ from ._accel import (cuda_graph, numba_enabled, numba_kernels, positive_definite
 from ._compat import (Array, all_finite, device_of, eye_like, float64_available, fro_norm, host_floats, host_vector,
                       is_dask_namespace, materialize, on_accelerator, symmetrize, to_float, trace)
 from ._config import _options
-from ._stopping import gap_bound
+from ._stopping import ESTIMATE_SAFETY, gap_bound
 
 KRYLOV_DIM = 20  # Lanczos basis size before a restart
 APPLIES = 4  # products with B^(2^s) per check of the squaring route (32 steps after 3 squarings)
@@ -93,6 +93,7 @@ class Stop:
     th1: float | None = None  # the Ritz value at the last call
     th2: float | None = None  # the second Ritz value and its residual at the last call
     r2: float = 0.0
+    res: float = math.inf  # the relative residual at the last call
     # a low-precision solve whose own answer may be returned (:func:`lanczos_two_precision`):
     # ``answer_copy`` the low-precision copy F̃ it iterates on (:class:`LowPrecisionCopy`:
     # ‖F − F̃‖, and whether its answer may stop the solve even where a check in the working
@@ -102,6 +103,7 @@ class Stop:
     answer_copy: "LowPrecisionCopy | None" = None
     answer_slack: float = 0.0
     answer: bool = False
+    low: "Stop | None" = None  # the low-precision solve's rule, when its answer stopped (answer_move)
     # the rounding of the operator the solver applies, for sums whose terms can cancel (signed
     # weights or terms): ``‖ΔM x‖ ≤ op_scale·√θ`` for a unit x (``2·c·u·S`` with S the
     # inputs' magnitude, :meth:`KronSum._rounding_scale`; for conv positions that cancel
@@ -129,7 +131,7 @@ class Stop:
         stop with ``answer = True`` once :meth:`answer_bound` meets ``accuracy``; while that
         is reachable (at most half of ``accuracy`` with a zero residual) the rule goes on
         toward it (or ``tol``); otherwise the plain rule applies."""
-        self.th1, self.th2, self.r2 = th1, th2, r2
+        self.th1, self.th2, self.r2, self.res = th1, th2, r2, res
         t2, f2 = -1.0 if th2 is None else th2, -1.0 if self.f2 is None else self.f2
         te, tr = self.op_error(th1), self.th_rel * th1
         self.bound, self.certified = gap_bound(th1, res * th1, t2, r2, f2, self.f2_err, te, tr)
@@ -146,7 +148,6 @@ class Stop:
         return res <= self.tol or (self.accuracy is not None and self.bound <= self.accuracy
                                    and (self.certified or self.estimates))
 
-
     def answer_bound(self, th1: float, res: float, t2: float, r2: float) -> float:
         """The error-gap bound of a low-precision solve's own answer (the Ritz pair ``th1``,
         relative residual ``res``, of the copy F̃ in that precision's arithmetic), for F.
@@ -158,6 +159,12 @@ class Stop:
         bound quadratically; the finish's half-step, of F̃ in that arithmetic, lies within
         ``δ + answer_slack·√θ₁`` of F's (its ``half_err``, quadratic too unless F is nearly a
         Kronecker product)."""
+        te, b, _ = self._answer_errors(th1, res, t2, r2)
+        f2 = -1.0 if self.f2 is None else self.f2
+        return gap_bound(th1, res * th1, t2, r2, f2, self.f2_err, te, self.th_rel * th1, half_err=b)[0]
+
+    def _answer_errors(self, th1: float, res: float, t2: float, r2: float) -> tuple[float, float, float]:
+        """``(th_err, half_err, σ₁)`` of :meth:`answer_bound`."""
         f2 = -1.0 if self.f2 is None else self.f2
         d, s = self.answer_copy.delta, self.answer_slack
         r = res * th1
@@ -168,9 +175,36 @@ class Stop:
         sigma1 = math.sqrt(top + s * th1) + d  # σ₁(F) ≤ σ₁(F̃) + δ
         if f2 >= 0:
             sigma1 = min(sigma1, math.sqrt(f2))
-        te = self.op_error(th1) + d * (2.0 * sigma1 + d) + s * th1
-        return gap_bound(th1, res * th1, t2, r2, f2, self.f2_err, te, self.th_rel * th1,
-                         half_err=d + s * math.sqrt(th1))[0]
+        return self.op_error(th1) + d * (2.0 * sigma1 + d) + s * th1, d + s * math.sqrt(th1), sigma1
+
+    def answer_move(self, moved: float) -> float:
+        """What moving the unit factors of the low-precision answer that stopped the solve (its
+        :meth:`answer_bound`) by ``‖ΔL‖ + ‖ΔR‖ ≤ moved`` (e.g. onto the PSD cone) adds to the
+        error-gap bound. With ``σ`` the answer's scale, ``E`` its error, ``c`` a bound of
+        ``‖𝓡R − σL‖`` and ``‖𝓡ᵀL − σR‖`` (F's residual at the answer, the operator and
+        half-step errors of :meth:`answer_bound`, over σ), ``‖F − σL′⊗R′‖² ≤ E² + 2σm·c +
+        2σE·m²/4 + σ²(m + m²/4)²``: the first-order term is F's residual's, so the move costs
+        ``σm²/4 + (2σm·c + σ²(m + m²/4)²)/(2e)`` (``e ≤ E`` as in
+        :func:`kronsum._stopping.gap_bound`), and never more than ``σ(m + m²/4)``; relative
+        to ``‖F‖`` (its lower bound there), as an estimate."""
+        if not moved > 0:
+            return 0.0
+        th1, t2 = self.th1, -1.0 if self.th2 is None else self.th2
+        te, b, sigma1 = self._answer_errors(th1, self.res, t2, self.r2)
+        f2 = -1.0 if self.f2 is None else self.f2
+        tr = self.th_rel * th1
+        sigma, m = math.sqrt(th1), moved
+        if f2 >= 0:
+            e = math.sqrt(max(f2 - self.f2_err - th1 - te - tr, 0.0))
+            nf = math.sqrt(max(f2 - self.f2_err, th1 - te - tr))
+        else:
+            e = math.sqrt(max(t2, 0.0))
+            nf = math.sqrt(th1 - te - tr + max(t2, 0.0)) if th1 > te + tr else sigma
+        # ‖𝓡R − σL‖·σ ≤ F's residual + |ρ_F − σ²| + σ₁·b, and ‖𝓡ᵀL − σR‖ ≤ b
+        c = (self.res * th1 + te + b * (2 * sigma + b) + max(sigma1, sigma + b) * b) / sigma
+        lin = sigma * (m + m * m / 4)
+        quad = sigma * m * m / 4 + (2 * sigma * m * c + (sigma * (m + m * m / 4)) ** 2) / (2 * e) if e > 0 else lin
+        return ESTIMATE_SAFETY * min(lin, quad) / nf
 
 
 class MetricBreakdown(ArithmeticError):
@@ -683,7 +717,7 @@ def lanczos_two_precision(low: Space, x0, high: Space, resume: Callable[[], Spac
         stop_low.answer_slack = low_image if low_image is not None else 64 * float(xp.finfo(x0.dtype).eps)
     lo = lanczos(low, x0, stop_low, max_iter)
     if stop_low.answer:
-        stop.bound, stop.certified = stop_low.bound, stop_low.certified
+        stop.bound, stop.certified, stop.low = stop_low.bound, stop_low.certified, stop_low
         stop.th1, stop.th2, stop.r2 = stop_low.th1, stop_low.th2, stop_low.r2
         lo.converged, lo.low = True, True
         return lo

@@ -682,6 +682,7 @@ def _solve_from(Fn: KronSum, method: str, init, seed, stop: Stop, max_iter: int)
             L, R, sigma = xp.astype(f.left, Fn.dtype), xp.astype(f.right, Fn.dtype), to_float(f.sigma)
             if psd:  # PSD to the working precision's rounding, as its inverses need
                 L, R, sigma, moved = psd_factors(L, R, sigma, xp, side, float(xp.finfo(xp.float32).eps))
+                moved = stop.low.answer_move(moved)
                 if stop.bound + moved > stop.accuracy:
                     # the float32 answer's projection (factors singular to float32's
                     # rounding) spends more than the accuracy leaves: float64 Lanczos from it
@@ -691,7 +692,7 @@ def _solve_from(Fn: KronSum, method: str, init, seed, stop: Stop, max_iter: int)
                                   symmetrize(x, xp) if Fn.symmetric else x, stop, max(max_iter - its, 1))
                     eig.iterations += its
                     return Solution(finish(Fn, side, eig, psd=True), eig, "lanczos[float32]")
-                stop.bound += moved  # ‖σ(L⊗R − L′⊗R′)‖ ≤ σ(‖ΔL‖ + ‖ΔR‖), σ ≤ ‖F‖
+                stop.bound += moved  # second order in the move, at F's residual (Stop.answer_move)
             note = (f"finished in float32: the error-gap bound {stop.bound:.2g} includes the "
                     f"float32 copy's rounding of F",)
             return Solution(Factors(L, R, sigma, f.notes + note), eig, "lanczos[float32]")
