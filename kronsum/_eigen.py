@@ -103,7 +103,7 @@ class Stop:
     answer_copy: "LowPrecisionCopy | None" = None
     answer_slack: float = 0.0
     answer: bool = False
-    low: "Stop | None" = None  # the low-precision solve's rule, when its answer stopped (answer_move)
+    low: "Stop | None" = None  # the low-precision solve's rule, when its answer stopped (answer_finish)
     # the rounding of the operator the solver applies, for sums whose terms can cancel (signed
     # weights or terms): ``‖ΔM x‖ ≤ op_scale·√θ`` for a unit x (``2·c·u·S`` with S the
     # inputs' magnitude, :meth:`KronSum._rounding_scale`; for conv positions that cancel
@@ -153,58 +153,98 @@ class Stop:
         relative residual ``res``, of the copy F̃ in that precision's arithmetic), for F.
 
         Its operator lies from F's by at most ``δ(2σ₁ + δ)`` (``δ ≥ ‖F − F̃‖`` of ``answer_copy``;
-        ``σ₁ ≤ σ₁(F̃) + δ`` with ``σ₁(F̃)²`` from Temple's inequality and ``μ = θ₂ + r₂``, the
-        estimate's, or ``θ₁ + r₁`` without ``θ₂``; at most ``‖F‖``) plus the arithmetic's
-        ``answer_slack·θ₁``: :func:`kronsum._stopping.gap_bound`'s ``th_err``, which moves the
-        bound quadratically; the finish's half-step, of F̃ in that arithmetic, lies within
-        ``δ + answer_slack·√θ₁`` of F's (its ``half_err``, quadratic too unless F is nearly a
-        Kronecker product)."""
+        ``σ₁ ≤ σ₁(F̃) + δ`` with ``σ₁(F̃)²`` from Temple's inequality, ``μ = ‖F‖² − θ₁`` where
+        that bounds ``λ₂``, else the estimate's ``θ₂ + r₂``; at most ``‖F‖``) plus the
+        arithmetic's ``answer_slack·θ₁``: :func:`kronsum._stopping.gap_bound`'s ``th_err``,
+        which moves the bound quadratically; the finish's half-step, of F̃ in that arithmetic,
+        lies within ``b = δ + answer_slack·√θ₁`` of F's (its ``half_err``, quadratic too unless
+        F is nearly a Kronecker product). With ``half_first`` the answer's first factor is the
+        half-step of the iterate, within ``b/σ`` of F's (whose Rayleigh quotient is at least
+        the iterate's): :meth:`_project_cost` of that distance."""
         te, b, _ = self._answer_errors(th1, res, t2, r2)
         f2 = -1.0 if self.f2 is None else self.f2
-        return gap_bound(th1, res * th1, t2, r2, f2, self.f2_err, te, self.th_rel * th1, half_err=b)[0]
+        bound = gap_bound(th1, res * th1, t2, r2, f2, self.f2_err, te, self.th_rel * th1, half_err=b)[0]
+        if self.answer_copy.half_first and th1 > 0:
+            bound += self._project_cost(th1, res, t2, r2, b / math.sqrt(th1))
+        return bound
 
     def _answer_errors(self, th1: float, res: float, t2: float, r2: float) -> tuple[float, float, float]:
         """``(th_err, half_err, σ₁)`` of :meth:`answer_bound`."""
         f2 = -1.0 if self.f2 is None else self.f2
         d, s = self.answer_copy.delta, self.answer_slack
         r = res * th1
-        if t2 >= 0 and th1 > t2 + r2:  # Temple's inequality with μ = θ₂ + r₂, as the estimate
-            top = th1 + r * r / (th1 - t2 - r2)
-        else:
-            top = th1 + r
-        sigma1 = math.sqrt(top + s * th1) + d  # σ₁(F) ≤ σ₁(F̃) + δ
+        mu = math.inf
+        if f2 >= 0 and f2 + self.f2_err - th1 < th1:
+            mu = f2 + self.f2_err - th1
+        elif t2 >= 0:
+            mu = t2 + r2
+        sigma1 = math.sqrt(th1 + r * r / (th1 - mu) + s * th1) + d if th1 > mu else math.inf
         if f2 >= 0:
-            sigma1 = min(sigma1, math.sqrt(f2))
+            sigma1 = min(sigma1, math.sqrt(f2 + self.f2_err))
         return self.op_error(th1) + d * (2.0 * sigma1 + d) + s * th1, d + s * math.sqrt(th1), sigma1
 
-    def answer_move(self, moved: float) -> float:
-        """What moving the unit factors of the low-precision answer that stopped the solve (its
-        :meth:`answer_bound`) by ``‖ΔL‖ + ‖ΔR‖ ≤ moved`` (e.g. onto the PSD cone) adds to the
-        error-gap bound. With ``σ`` the answer's scale, ``E`` its error, ``c`` a bound of
-        ``‖𝓡R − σL‖`` and ``‖𝓡ᵀL − σR‖`` (F's residual at the answer, the operator and
-        half-step errors of :meth:`answer_bound`, over σ), ``‖F − σL′⊗R′‖² ≤ E² + 2σm·c +
-        2σE·m²/4 + σ²(m + m²/4)²``: the first-order term is F's residual's, so the move costs
-        ``σm²/4 + (2σm·c + σ²(m + m²/4)²)/(2e)`` (``e ≤ E`` as in
-        :func:`kronsum._stopping.gap_bound`), and never more than ``σ(m + m²/4)``; relative
-        to ``‖F‖`` (its lower bound there), as an estimate."""
-        if not moved > 0:
-            return 0.0
-        th1, t2 = self.th1, -1.0 if self.th2 is None else self.th2
-        te, b, sigma1 = self._answer_errors(th1, self.res, t2, self.r2)
+    def _lower_scales(self, th1: float, t2: float, te: float) -> tuple[float, float, float]:
+        """``(e, ‖F‖ lower bound, safety)`` as :func:`kronsum._stopping.gap_bound` takes them:
+        ``e ≤ ‖F − F̂‖`` from ``‖F‖²`` (else ``√θ₂``, an estimate: safety ``ESTIMATE_SAFETY``)."""
         f2 = -1.0 if self.f2 is None else self.f2
         tr = self.th_rel * th1
-        sigma, m = math.sqrt(th1), moved
         if f2 >= 0:
-            e = math.sqrt(max(f2 - self.f2_err - th1 - te - tr, 0.0))
-            nf = math.sqrt(max(f2 - self.f2_err, th1 - te - tr))
-        else:
-            e = math.sqrt(max(t2, 0.0))
-            nf = math.sqrt(th1 - te - tr + max(t2, 0.0)) if th1 > te + tr else sigma
-        # ‖𝓡R − σL‖·σ ≤ F's residual + |ρ_F − σ²| + σ₁·b, and ‖𝓡ᵀL − σR‖ ≤ b
-        c = (self.res * th1 + te + b * (2 * sigma + b) + max(sigma1, sigma + b) * b) / sigma
+            return (math.sqrt(max(f2 - self.f2_err - th1 - te - tr, 0.0)),
+                    math.sqrt(max(f2 - self.f2_err, th1 - te - tr, 0.0)), 1.0)
+        return (math.sqrt(max(t2, 0.0)), math.sqrt(max(th1 - te - tr, 0.0) + max(t2, 0.0)),
+                ESTIMATE_SAFETY)
+
+    def _project_cost(self, th1: float, res: float, t2: float, r2: float, d: float) -> float:
+        """The error-gap cost of an answer whose unit iterate ``u`` (Ritz value ``th1``,
+        relative residual ``res``) is replaced by ``(u − Δ)/‖u − Δ‖`` with ``‖Δ‖ ≤ d`` (e.g.
+        its PSD projection, or a half-step that lies near F's), finished by its own half-step:
+        F's Rayleigh quotient drops by at most ``(2d·r_F + d²θ₁)/(1 − d)²`` (``r_F`` F's residual
+        at ``u``; the first order in ``d`` cancels against the normalisation), which costs
+        that over ``2e`` (``e ≤ ‖F − F̂‖``), at most its square root, relative to ``‖F‖``."""
+        if not (d > 0 and th1 > 0):
+            return 0.0
+        if d >= 1:
+            return math.inf
+        te, _, _ = self._answer_errors(th1, res, t2, r2)
+        e, nf, safety = self._lower_scales(th1, t2, te)
+        if not nf > 0:
+            return math.inf
+        drop = (2 * d * (res * th1 + te) + d * d * th1) / (1 - d) ** 2
+        cost = min(drop / (2 * e), math.sqrt(drop)) if e > 0 else math.sqrt(drop)
+        return safety * cost / nf
+
+    def answer_finish(self, projected: float, moved: float, sigma: float) -> float:
+        """What finishing the low-precision answer that stopped the solve (its
+        :meth:`answer_bound`) adds to the bound: the finish's projection of the iterate
+        (``projected``: ``‖Δ‖`` of the removed part over ``‖u‖``, :meth:`_project_cost`) and
+        then moving the finished unit factors by ``‖ΔL‖ + ‖ΔR‖ ≤ moved`` (e.g. making them PSD
+        to the working precision; ``sigma`` the answer's scale ``‖S‖``,
+        :meth:`_move_cost`), at the last call's Ritz pair."""
+        t2 = -1.0 if self.th2 is None else self.th2
+        return (self._project_cost(self.th1, self.res, t2, self.r2, projected)
+                + self._move_cost(self.th1, self.res, t2, self.r2, moved, sigma))
+
+    def _move_cost(self, th1: float, res: float, t2: float, r2: float, m: float, sigma: float) -> float:
+        """The error-gap cost of moving the unit factors of an answer ``σ L⊗R`` (at the Ritz
+        pair ``th1, res``, as in :meth:`answer_bound`) by ``‖ΔL‖ + ‖ΔR‖ ≤ m``. With ``E`` its
+        error and ``c`` a bound of ``‖𝓡R − σL‖`` and ``‖𝓡ᵀL − σR‖`` (F's residual at the
+        answer, ``|ρ_F − σ²|`` and the half-step's error ``b``, over σ),
+        ``‖F − σL′⊗R′‖² ≤ E² + 2σm·c + 2σE·m²/4 + σ²(m + m²/4)²``: the first-order term is
+        F's residual's, so the error grows by ``σm²/4 + (2σm·c + σ²(m + m²/4)²)/(2e)``
+        (``e ≤ E``, :meth:`_lower_scales`), and never more than ``σ(m + m²/4)``; relative to
+        ``‖F‖``."""
+        if not (m > 0 and th1 > 0 and sigma > 0):
+            return 0.0
+        te, b, sigma1 = self._answer_errors(th1, res, t2, r2)
+        e, nf, safety = self._lower_scales(th1, t2, te)
+        if not nf > 0:
+            return math.inf
+        # ‖𝓡R − σL‖·σ ≤ F's residual at its Rayleigh quotient ρ_F = ‖𝓡ᵀL‖² (r₁ + th_err)
+        # + |ρ_F − σ²| (≤ b(2σ + b): σ = ‖S‖, ‖S − 𝓡ᵀL‖ ≤ b) + σ₁·b, and ‖𝓡ᵀL − σR‖ ≤ b
+        c = (res * th1 + te + b * (2 * sigma + b) + min(sigma1, 1e300) * b) / sigma
         lin = sigma * (m + m * m / 4)
         quad = sigma * m * m / 4 + (2 * sigma * m * c + (sigma * (m + m * m / 4)) ** 2) / (2 * e) if e > 0 else lin
-        return ESTIMATE_SAFETY * min(lin, quad) / nf
+        return safety * min(lin, quad) / nf
 
 
 class MetricBreakdown(ArithmeticError):
@@ -253,12 +293,15 @@ class BlockResult:
 @dataclass
 class Factors:
     """Finished factors: unit-Frobenius ``left`` (m, m) and ``right`` (n, n) with the sign rule
-    applied, ``sigma`` (0-d array or float, in the solved operator's units) and notes."""
+    applied, ``sigma`` (0-d array or float, in the solved operator's units) and notes;
+    ``moved``: the part :func:`finish`'s projection removed from the iterate, ``‖Δ‖/‖x‖`` (0
+    without one)."""
 
     left: Array
     right: Array
     sigma: Any
     notes: tuple = ()
+    moved: float = 0.0
 
 
 @dataclass
@@ -663,10 +706,13 @@ def _ritz(space: Space, Q: list, MQ: list, coef, AUX: list | None = None) -> tup
 class LowPrecisionCopy:
     """A low-precision copy F̃ of F with ``‖F − F̃‖ ≤ delta`` (in the solver's units of σ);
     ``any_answer``: its solve's own answer may be returned even where the working precision's
-    check would certify the bound (else only where it would not)."""
+    check would certify the bound (else only where it would not); ``half_first``: that answer
+    is ``(L, 𝓡ᵀL)`` with ``L`` the low precision's half-step of the iterate (the iterated factor
+    is the right one), not the iterate itself."""
 
     delta: float
     any_answer: bool = True
+    half_first: bool = False  # the answer's first factor is a half-step of the iterate (side="right")
 
 
 def lanczos_two_precision(low: Space, x0, high: Space, resume: Callable[[], Space], dtype,
@@ -715,6 +761,8 @@ def lanczos_two_precision(low: Space, x0, high: Space, resume: Callable[[], Spac
     if rounding is not None and stop.accuracy is not None:
         stop_low.answer_copy = rounding
         stop_low.answer_slack = low_image if low_image is not None else 64 * float(xp.finfo(x0.dtype).eps)
+        if stop.f2 is not None:  # the low solve's Ritz values are the copy's: | ‖F̃‖² − ‖F‖² | ≤ 2δ‖F‖ + δ²
+            stop_low.f2_err += 2 * rounding.delta * math.sqrt(abs(stop.f2)) + rounding.delta ** 2
     lo = lanczos(low, x0, stop_low, max_iter)
     if stop_low.answer:
         stop.bound, stop.certified, stop.low = stop_low.bound, stop_low.certified, stop_low
@@ -1499,9 +1547,12 @@ def finish(Fn, side: str, eig: EigenResult, psd: bool = False, strict: bool = Fa
     """
     xp = Fn.xp
     x, aux, image = eig.x, eig.aux, eig.image
+    moved = 0.0
     if psd and Fn.symmetric:
         split = _psd_split(symmetrize(x, xp), xp, strict)
         if split is not None:
+            nd, nx = host_floats([fro_norm(split.d, xp), fro_norm(x, xp)])
+            moved = nd / nx if nx > 0 else 0.0  # ‖±x − proj‖ = ‖d‖
             x, image = split.proj, None
             if aux is not None:  # the projection's half-step by linearity: ±x's less the removed part's
                 aux = split.sign * aux - Fn._contract_eig(side, split.d, split.V)
@@ -1529,7 +1580,7 @@ def finish(Fn, side: str, eig: EigenResult, psd: bool = False, strict: bool = Fa
     require_finite(xp, sigma)
     if not sigma > 0:
         return zero_answer(Fn)
-    return Factors(L, materialize(v / sigma), sigma)
+    return Factors(L, materialize(v / sigma), sigma, moved=moved)
 
 
 def finish_coef(Fn, space: GramSpace, eig: EigenResult, stop: Stop, route: str,

@@ -305,10 +305,13 @@ def kfoc(
         it, and an estimate otherwise: see ``info.error_gap_bound`` and
         ``info.error_gap_certified``, and docs/kfoc.md for the inequalities. The power
         method has no second Ritz value and stops on ``tol`` alone. For large float64 blocks
-        Lanczos iterates on a float32 copy; at a loose ``accuracy`` (an optimiser's 1e-4)
-        that solve's own answer is returned, finished in float32, when its bound plus what
-        rounding F to float32 can move (from the inputs' magnitudes) meets ``accuracy``
-        (a note says so), and is checked and finished in float64 otherwise. A conv block
+        Lanczos iterates on a float32 copy; that solve's own answer is returned, finished in
+        float32 (a note says so), when its bound — with the copy's distance from F (from the
+        inputs' magnitudes) and float32's arithmetic as errors of the operator — meets
+        ``accuracy``: at a loose ``accuracy`` (an optimiser's 1e-4), and at a tighter one
+        where the float64 check could not certify its bound either (no ``‖F‖²``, or K-FOC
+        explains at most half of it; not for the conv form, whose float32 contractions save
+        too little). Otherwise it is checked and finished in float64. A conv block
         whose positions cancel within each sample (``Σ_t g_t a_tᵀ`` far below
         ``Σ_t ‖g_t‖‖a_t‖``) is solved again with that rounding in the bound, in float64 for
         lower-precision inputs where the bound misses ``accuracy`` (a note says so).
@@ -666,7 +669,7 @@ def _solve_from(Fn: KronSum, method: str, init, seed, stop: Stop, max_iter: int)
         F32 = Fn.astype(xp.float32)  # a float32 copy of the inputs for the solve
         if Fn._Xp is not None:  # and of the per-sample matrices, rounded from float64
             F32 = F32._with_per_sample(xp.astype(Fn._Xp, xp.float32))
-        rounding = _float32_copy(Fn, F32, stop)
+        rounding = _float32_copy(Fn, F32, stop, side)
         eig = lanczos_two_precision(
             contraction_space(F32, side, keep_aux=rounding is not None and aux_fits(F32, side)),
             _initial(F32, init, seed, side),  # a Kron start is cast
@@ -681,8 +684,10 @@ def _solve_from(Fn: KronSum, method: str, init, seed, stop: Stop, max_iter: int)
             f = finish(F32, side, eig, psd=psd, strict=True)
             L, R, sigma = xp.astype(f.left, Fn.dtype), xp.astype(f.right, Fn.dtype), to_float(f.sigma)
             if psd:  # PSD to the working precision's rounding, as its inverses need
-                L, R, sigma, moved = psd_factors(L, R, sigma, xp, side, float(xp.finfo(xp.float32).eps))
-                moved = stop.low.answer_move(moved)
+                L, R, sigma0, moved = psd_factors(L, R, sigma, xp, side, float(xp.finfo(xp.float32).eps))
+                # with the finish's own projection of the iterate, what that costs the bound
+                moved = stop.low.answer_finish(f.moved, moved, sigma)
+                sigma = sigma0
                 if stop.bound + moved > stop.accuracy:
                     # the float32 answer's projection (factors singular to float32's
                     # rounding) spends more than the accuracy leaves: float64 Lanczos from it
@@ -692,7 +697,7 @@ def _solve_from(Fn: KronSum, method: str, init, seed, stop: Stop, max_iter: int)
                                   symmetrize(x, xp) if Fn.symmetric else x, stop, max(max_iter - its, 1))
                     eig.iterations += its
                     return Solution(finish(Fn, side, eig, psd=True), eig, "lanczos[float32]")
-                stop.bound += moved  # second order in the move, at F's residual (Stop.answer_move)
+                stop.bound += moved  # second order in the moves, at F's residual (Stop.answer_finish)
             note = (f"finished in float32: the error-gap bound {stop.bound:.2g} includes the "
                     f"float32 copy's rounding of F",)
             return Solution(Factors(L, R, sigma, f.notes + note), eig, "lanczos[float32]")
@@ -730,7 +735,7 @@ def _low_image_error(Fn: KronSum) -> float:
     return 64 * float(Fn.xp.finfo(Fn.xp.float32).eps)
 
 
-def _float32_copy(Fn: KronSum, F32: KronSum, stop: Stop) -> LowPrecisionCopy | None:
+def _float32_copy(Fn: KronSum, F32: KronSum, stop: Stop, side: str) -> LowPrecisionCopy | None:
     """The float32 copy ``F32`` of ``Fn`` as a :class:`kronsum._eigen.LowPrecisionCopy`, whose
     solve's own answer may be returned (:meth:`kronsum._eigen.Stop.answer_bound`): at any
     ``accuracy`` of at least 64·ε₃₂, and at a tighter one where the float64 check would not
@@ -738,14 +743,16 @@ def _float32_copy(Fn: KronSum, F32: KronSum, stop: Stop) -> LowPrecisionCopy | N
     nearly as much as float64's (the float32 finish's half-step would cost what the float64
     check does). ``None`` otherwise. Its distance from F is at most ``δ = 3ε₃₂·S``
     (:meth:`KronSum._rounding_scale`, summed in float32 and widened by 0.1 % for that sum's
-    own rounding)."""
+    own rounding). ``side``: the iterated factor (``"right"``: the answer's left factor is a
+    float32 half-step of the iterate, and its right factor one of that)."""
     if stop.accuracy is None:
         return None
     eps32 = float(F32.xp.finfo(F32.xp.float32).eps)
     loose = stop.accuracy >= 64 * eps32
     if not loose and Fn.form == "conv":
         return None
-    return LowPrecisionCopy(3 * eps32 * F32._rounding_scale() * 1.001, any_answer=loose)
+    return LowPrecisionCopy(3 * eps32 * F32._rounding_scale() * 1.001, any_answer=loose,
+                            half_first=side == "right")
 
 
 def _float32_iterations(F: KronSum) -> bool:

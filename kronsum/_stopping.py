@@ -21,11 +21,13 @@ is ``√(‖F‖² − λ_1) ≥ √(‖F − F̂‖² − Δ)``, about ``‖F �
 then **certified** (in exact arithmetic, for the solver's residual; ``f2``'s
 rounding is allowed for, the Lanczos recurrence's residual estimate is taken as it is). Otherwise ``μ = θ_2 + r_2`` (an eigenvalue lies within ``r_2`` of
 ``θ_2``, and ``θ_2 ≤ λ_2`` by interlacing; that this eigenvalue is ``λ_2`` is what the Krylov
-space suggests, not a proof) and ``e_- = 2√θ_2 ≤ 2·opt``, ``‖F‖² ≥ θ_1 + θ_2``: an **estimate**.
+space suggests, not a proof) and, without ``‖F‖²``, ``e_- = 2√θ_2 ≤ 2·opt``,
+``‖F‖² ≥ θ_1 + θ_2`` (with it, ``e_-`` and ``‖F‖`` as above): an **estimate**.
 
 The estimate is multiplied by ``ESTIMATE_SAFETY`` (4): early in a Krylov space ``θ_2`` can sit
-well below ``λ_2``; the unscaled estimate came within 7 % of the true gap on the test data, the
-scaled one never closer than a factor 4.
+well below ``λ_2``; the unscaled estimate came within 7 % of the true gap on the test data, and
+the property tests check that the scaled one stays above it (docs/kfoc.md has the cases where
+it did not).
 
 Pure float arithmetic: the numba kernel compiles this same function.
 """

@@ -637,15 +637,15 @@ def test_a_loose_accuracy_takes_the_float32_answer_within_its_bound(form, accura
     assert np.trace(est.left) > 0
     np.testing.assert_allclose(float(est.scale), float(ref.scale), rtol=10 * accuracy)
     tight = ks.kfoc(F, method="lanczos", accuracy=1e-8)
+    assert tight.info.converged and tight.info.error_gap_bound <= 1e-8, tight.info
     if form == "conv":  # its float32 finish would cost about what the float64 check does
         assert not any("float32" in note for note in tight.info.notes), tight.info
-    else:  # no ‖F‖² here: the check could not certify the bound, so the answer is float32's
-        assert any("finished in float32" in note for note in tight.info.notes), tight.info
-        assert not tight.info.error_gap_certified and tight.info.error_gap_bound <= 1e-8
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", ks.AccuracyWarning)
-            gap = (float(ks.frobenius_error(F, tight)) - float(ks.frobenius_error(F, ref))) / normF
-        assert gap <= tight.info.error_gap_bound, (gap, tight.info)
+    # the outer block (no ‖F‖² here: the check could not certify its bound either) may take
+    # the float32 answer where its bound allows; either way the answer is within its bound
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ks.AccuracyWarning)
+        gap = (float(ks.frobenius_error(F, tight)) - float(ks.frobenius_error(F, ref))) / normF
+    assert gap <= tight.info.error_gap_bound, (gap, tight.info)
 
 
 def test_a_float32_answer_is_projected_at_a_second_order_cost():
