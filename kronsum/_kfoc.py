@@ -686,9 +686,9 @@ def _solve_from(Fn: KronSum, method: str, init, seed, stop: Stop, max_iter: int)
             if psd:  # PSD to the working precision's rounding, as its inverses need
                 L, R, sigma0, moved = psd_factors(L, R, sigma, xp, side, float(xp.finfo(xp.float32).eps))
                 # with the finish's own projection of the iterate, what that costs the bound
-                moved = stop.low.answer_finish(f.moved, moved, sigma)
+                cost = stop.low.answer_finish(f.moved, moved, sigma)
                 sigma = sigma0
-                if stop.bound + moved > stop.accuracy:
+                if stop.bound + cost > stop.accuracy:
                     # the float32 answer's projection (factors singular to float32's
                     # rounding) spends more than the accuracy leaves: float64 Lanczos from it
                     its = eig.iterations
@@ -697,7 +697,7 @@ def _solve_from(Fn: KronSum, method: str, init, seed, stop: Stop, max_iter: int)
                                   symmetrize(x, xp) if Fn.symmetric else x, stop, max(max_iter - its, 1))
                     eig.iterations += its
                     return Solution(finish(Fn, side, eig, psd=True), eig, "lanczos[float32]")
-                stop.bound += moved  # second order in the moves, at F's residual (Stop.answer_finish)
+                stop.bound += cost  # second order in the moves, at F's residual (Stop.answer_finish)
             note = (f"finished in float32: the error-gap bound {stop.bound:.2g} includes the "
                     f"float32 copy's rounding of F",)
             return Solution(Factors(L, R, sigma, f.notes + note), eig, "lanczos[float32]")

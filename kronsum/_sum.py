@@ -877,10 +877,6 @@ def conv_contraction_costs(K: int, T: int, p: int, q: int, *, identity: bool = F
     if syrk:
         out["rows"] = (0 if identity else T * p * r) + T * r * q + r * q * q / 2 + eig
     return out
-    out["samples"] = T * p * q + m_cost * q + p * q * q
-    if syrk:
-        out["rows"] = T * m_cost + T * p * q + p * q * q / 2 + eig
-    return out
 
 
 def _sum_over(arrays):
