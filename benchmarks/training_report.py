@@ -1,5 +1,6 @@
 """Report: training the digits MLP and CNN with SGD, Adam, and SGD on gradients preconditioned
-by ``kronsum.adapters.torch.Preconditioner`` (K-FAC, K-FOC_running, EKFAC), on one thread.
+by ``kronsum.adapters.torch.Preconditioner`` (K-FAC, K-FOC_running, EKFAC), on one thread, with
+kfac-pytorch's ``KFACPreconditioner`` beside them where it is installed.
 
 Data: scikit-learn's digits (1797 images 8×8, float64), mini-batches of 64 drawn in the same
 order by every run, 300 steps (about 11 epochs). Networks: the demo's MLP (64-20-20-20-10,
@@ -8,7 +9,10 @@ except Adam. Tuning: each method's learning rate (and the preconditioners' dampi
 on a grid by the training loss on all 1797 images after the first 100 steps of the same run;
 the grids are in ``GRIDS``. The preconditioners refresh their estimates every 10 steps from a
 Monte-Carlo Fisher of the batch (``fisher="mc"``, one sampled label per input) with
-``decay=0.95``, recorded from the training step's own forward pass (``capture="hooks"``).
+``decay=0.95``, recorded from the training step's own forward pass (``capture="hooks"``);
+the two empirical-Fisher rows (kronsum's K-FAC and kfac-pytorch's, which records the training
+step's own backward pass and has no sampled-label pass) compare the two libraries on the same
+statistics.
 
 Per method: the training loss on all images every 20 steps against the CPU time
 (``time.process_time``) and wall time of the training steps alone (the loss evaluations are
@@ -48,8 +52,33 @@ GRIDS = {
     "K-FOC": {"lr": [0.01, 0.03, 0.1, 0.3], "damping": [1e-2, 1e-1, 1.0]},
     "EKFAC": {"lr": [0.01, 0.03, 0.1, 0.3], "damping": [1e-2, 1e-1, 1.0]},
     "K-FAC (minimal loop)": {"lr": [0.01, 0.03, 0.1, 0.3], "damping": [1e-2, 1e-1, 1.0]},
+    "K-FAC, empirical Fisher": {"lr": [0.01, 0.03, 0.1, 0.3], "damping": [1e-2, 1e-1, 1.0]},
+    "kfac-pytorch (empirical Fisher)": {"lr": [0.01, 0.03, 0.1, 0.3], "damping": [1e-2, 1e-1, 1.0]},
 }
-ESTIMATOR = {"K-FAC": "kfac", "K-FOC": "kfoc_running", "EKFAC": "ekfac"}
+ESTIMATOR = {"K-FAC": "kfac", "K-FOC": "kfoc_running", "EKFAC": "ekfac", "K-FAC, empirical Fisher": "kfac"}
+PEER = "kfac-pytorch (empirical Fisher)"
+
+
+def _peer_available() -> bool:
+    """Whether kfac-pytorch (``import kfac``), the peer row's library, is installed."""
+    try:
+        import kfac  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _peer(model, lr, damping):
+    """kfac-pytorch's ``KFACPreconditioner`` set up as the kronsum rows are: factors and their
+    eigendecompositions refreshed every 10 steps, EMA decay 0.95, float64 factors and
+    inverses, and KL clipping out of reach (it takes a positive bound; the rows here clip
+    nothing). Its statistics are the empirical Fisher's, recorded by its hooks from the
+    training step's own forward and backward passes (no sampled-label pass)."""
+    import kfac
+
+    return kfac.preconditioner.KFACPreconditioner(
+        model, factor_update_steps=10, inv_update_steps=10, damping=damping, factor_decay=0.95,
+        kl_clip=1e30, lr=lr, factor_dtype=torch.float64, inv_dtype=torch.float64)
 
 
 class MinimalKFAC:
@@ -124,8 +153,15 @@ class MinimalKFAC:
 
 
 def _full_loss(model, X, y):
-    with torch.no_grad():
-        return float(nn.functional.cross_entropy(model(X), y))
+    """The loss on all of ``X``, the model in eval mode (the same outputs: no dropout or batch
+    norm here) so that no preconditioner's hooks record this pass (kfac-pytorch's record any
+    forward pass of a module in training mode, gradients or not)."""
+    model.eval()
+    try:
+        with torch.no_grad():
+            return float(nn.functional.cross_entropy(model(X), y))
+    finally:
+        model.train()
 
 
 def train(make, X, y, batches, method, lr, damping=None, eval_every=20, stop=None):
@@ -137,12 +173,15 @@ def train(make, X, y, batches, method, lr, damping=None, eval_every=20, stop=Non
         opt = torch.optim.Adam(model.parameters(), lr=lr)
     else:
         opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
-    pre = ref = None
-    if method == "K-FAC (minimal loop)":
+    pre = ref = peer = None
+    if method == PEER:
+        peer = _peer(model, lr, damping)
+    elif method == "K-FAC (minimal loop)":
         ref = MinimalKFAC(model, damping, generator=torch.Generator().manual_seed(1))
     elif method in ESTIMATOR:
         kw = {"basis_every": 5} if method == "EKFAC" else {}
-        pre = Preconditioner(model, loss_fn, estimator=ESTIMATOR[method], fisher="mc",
+        fisher = "empirical" if "empirical" in method else "mc"
+        pre = Preconditioner(model, loss_fn, estimator=ESTIMATOR[method], fisher=fisher,
                              update_every=10, decay=0.95, damping=damping,
                              generator=torch.Generator().manual_seed(1), capture="hooks", **kw)
     out = {"steps": [], "cpu_s": [], "wall_s": [], "loss": []}
@@ -163,6 +202,8 @@ def train(make, X, y, batches, method, lr, damping=None, eval_every=20, stop=Non
             loss_fn(model(xb), yb).backward()
         if pre is not None:
             pre.step()  # capture="hooks": a refresh step's statistics come from the pass above
+        if peer is not None:
+            peer.step()  # its hooks recorded the statistics of the passes above
         opt.step()
         cpu += time.process_time() - c0
         wall += time.perf_counter() - w0
@@ -185,6 +226,9 @@ def run(quick: bool = False, repeats: int = 5) -> dict:
         for net, make in (("mlp", make_mlp), ("cnn", make_cnn)):
             runs = {}
             for method, grid in GRIDS.items():
+                if method == PEER and not _peer_available():
+                    result.setdefault("skipped", {})[method] = "kfac-pytorch is not installed"
+                    continue
                 best = None
                 for values in itertools.product(*grid.values()):
                     kw = dict(zip(grid, values))
@@ -233,6 +277,8 @@ def format_table(result: dict) -> str:
             lines.append(f"| {net} | {method} | {s} | {r['loss'][-1]:.4f} | {r['cpu_s'][-1]:.2f} "
                          f"| {r['wall_s'][-1]:.2f} | {r['steps_per_s_vs_sgd']:.2f} "
                          f"[{r['steps_per_s_vs_sgd_range'][0]:.2f}–{r['steps_per_s_vs_sgd_range'][1]:.2f}] |")
+    for method, why in result.get("skipped", {}).items():
+        lines.append(f"\n{method}: not run ({why})")
     return "\n".join(lines)
 
 
@@ -242,14 +288,16 @@ def plot(result: dict, path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4.4))
     for ax, (net, runs) in zip(axes, result["networks"].items()):
         for method, r in runs.items():
             ax.plot(r["cpu_s"], r["loss"], marker=".", label=method)
         ax.set(title=net.upper(), xlabel="CPU seconds of training (1 thread)",
                ylabel="training loss (all 1797 images)", yscale="log")
-        ax.legend()
-    fig.tight_layout()
+    # one legend for both panels, below them: inside, it hides the curves
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=4, fontsize="small", frameon=False)
+    fig.tight_layout(rect=(0, 0.12, 1, 1))
     fig.savefig(path, dpi=110)
 
 
