@@ -20,7 +20,7 @@ from __future__ import annotations
 import math
 from typing import Any, Sequence
 
-from ._accel import (TRMM_TIME, eig_gram, eig_quadratic_sum, quadratic_blocks, quadratic_rows, row_gram, row_sq_norms,
+from ._accel import (TRMM_TIME, eig_gram, eig_quadratic_sum, quadratic_blocks, quadratic_rows, row_dots, row_gram, row_sq_norms,
                      symmetric_to_rounding, syrk_available, trmm_pays, weighted_gram)
 from ._compat import (Array, count, device_of, float64_available, host_floats, is_dask_namespace, max_abs_host, namespace,
                       persist_all, to_float, trace)
@@ -109,7 +109,9 @@ class KronSum:
                     f"all parts must have the same factor sizes (m, n); got ({m}, {n}) and "
                     f"({F.m}, {F.n})"
                 )
-        xp = namespace(*(F.weights for F in flat), names=tuple(f"part {i}" for i in range(len(flat))))
+        xp = flat[0]._xp
+        if any(F._xp is not xp for F in flat[1:]):  # parts of several libraries: a clear error
+            xp = namespace(*(F.weights for F in flat), names=tuple(f"part {i}" for i in range(len(flat))))
         dtype = xp.result_type(*(F.weights for F in flat))
         flat = [F if F.dtype == dtype else F.astype(dtype) for F in flat]
         if len(flat) == 1:
@@ -403,7 +405,8 @@ class KronSum:
             return _sum_over(P._combine(side, cp) for P, cp in zip(self.parts, self._split(c)))
         if self.form == "terms":
             T = self.L if side == "left" else self.R
-            return xp.tensordot(c, T, axes=1)
+            d = T.shape[-1]
+            return xp.reshape(c @ xp.reshape(T, (T.shape[0], d * d)), (d, d))
         return weighted_gram(self.G if side == "left" else self.A, c, xp)
 
     def _conv_contract(self, M: Array | None, P: Array, Q: Array) -> Array:
@@ -945,8 +948,11 @@ def _cross_gram(P: KronSum, Q: KronSum, side: str, float64: bool) -> Array:
         T, V = (P.L, Q.G) if side == "left" else (P.R, Q.A)
         Kp, Kq, d = T.shape[0], V.shape[0], V.shape[-1]
         step = max(1, min(Kp, _CROSS_BUDGET // max(Kq * d, 1)))
-        S = xp.concat([xp.sum((V[None, ...] @ xp.matrix_transpose(T[i0:i0 + step, ...]))
-                              * V[None, ...], axis=-1) for i0 in range(0, Kp, step)], axis=0)
+        if Kp == 1:  # one term (a running estimate's previous one): one product and row dots
+            S = row_dots(V @ xp.matrix_transpose(T[0, ...]), V, xp)[None, :]
+        else:
+            S = xp.concat([xp.sum((V[None, ...] @ xp.matrix_transpose(T[i0:i0 + step, ...]))
+                                  * V[None, ...], axis=-1) for i0 in range(0, Kp, step)], axis=0)
     else:
         return xp.matrix_transpose(_cross_gram(Q, P, side, float64))
     return xp.astype(S, xp.float64, copy=False) if float64 else S
