@@ -105,17 +105,30 @@ def test_errors():
         ks.KronSum.from_kron(ks.Kron(np.eye(2), np.eye(3), scale=-1.0))
 
 
+def test_parts_of_two_array_libraries_are_refused():
+    """A sum of a NumPy part and a PyTorch part: a TypeError naming both parts' array types."""
+    torch = pytest.importorskip("torch")
+    F = ks.KronSum.from_outer(np.ones((2, 2)), np.ones((2, 3)))
+    T = ks.KronSum.from_outer(torch.ones((2, 2), dtype=torch.float64), torch.ones((2, 3), dtype=torch.float64))
+    for make in (lambda: ks.KronSum.concat(F, T), lambda: ks.KronSum.concat(T, F), lambda: F + T,
+                 lambda: ks.KronSum.concat(F, F + F, T)):
+        with pytest.raises(TypeError, match=r"one array library; part 0 is .*, part 1 is"):
+            make()
+
+
 @pytest.mark.parametrize("other", ["outer", "conv"])
 @pytest.mark.parametrize("budget", [1, 1 << 24], ids=["one-term-chunks", "one-chunk"])
-def test_cross_term_of_general_terms_and_samples(backend, other, budget, monkeypatch):
+@pytest.mark.parametrize("kp", [1, 5], ids=["one-term", "five-terms"])
+def test_cross_term_of_general_terms_and_samples(backend, other, budget, kp, monkeypatch):
     """‖F‖ of terms (non-symmetric, weighted) + outer/conv parts equals the dense norm, on
-    every backend, whether P's terms are batched in one chunk or one at a time."""
+    every backend, whether P's terms are batched in one chunk or one at a time, and for a
+    single term (a running estimate's previous one)."""
     from kronsum import _sum
 
     monkeypatch.setattr(_sum, "_CROSS_BUDGET", budget)
     m, n = 3, 4
-    L, R = random_inputs("terms", 5, m, n, seed=11)
-    wt = np.linspace(0.3, 1.7, 5)
+    L, R = random_inputs("terms", kp, m, n, seed=11)
+    wt = np.linspace(0.3, 1.7, kp)
     S = random_inputs(other, 7, m, n, T=2, seed=12)
     ws = np.linspace(0.5, 1.5, 7)
     dense = dense_F("terms", (L, R), wt) + dense_F(other, S, ws)
