@@ -18,7 +18,9 @@ Per method: the training loss on all images every 20 steps against the CPU time
 (``time.process_time``) and wall time of the training steps alone (the loss evaluations are
 not counted), and steps per second relative to SGD; the tuned runs are repeated
 (``--repeats``, default 5) interleaved across the methods, and the run of median CPU time is
-reported, with the range of the paired ratios. Run
+reported, with the range of the paired ratios, and its mean CPU milliseconds per step of the
+steps that refresh (10, 20, ...) and of the others (step 0, with its one-time costs, in
+neither). Run
 ``python benchmarks/training_report.py [--quick] [--json FILE] [--plot FILE]``.
 """
 
@@ -57,28 +59,32 @@ GRIDS = {
 }
 ESTIMATOR = {"K-FAC": "kfac", "K-FOC": "kfoc_running", "EKFAC": "ekfac", "K-FAC, empirical Fisher": "kfac"}
 PEER = "kfac-pytorch (empirical Fisher)"
+REFRESH_EVERY = 10  # the preconditioners' refresh interval (steps 0, 10, 20, ... refresh)
 
 
 def _peer_available() -> bool:
-    """Whether kfac-pytorch (``import kfac``), the peer row's library, is installed."""
+    """Whether kfac-pytorch, the peer row's library, is installed: a module ``kfac`` that
+    imports and has ``preconditioner.KFACPreconditioner`` (not some other package of that name)."""
     try:
-        import kfac  # noqa: F401
-    except ImportError:
+        import kfac
+    except Exception:  # noqa: BLE001 - absent, or present but broken: no peer row
         return False
-    return True
+    return hasattr(getattr(kfac, "preconditioner", None), "KFACPreconditioner")
 
 
 def _peer(model, lr, damping):
     """kfac-pytorch's ``KFACPreconditioner`` set up as the kronsum rows are: factors and their
     eigendecompositions refreshed every 10 steps, EMA decay 0.95, float64 factors and
-    inverses, and KL clipping out of reach (it takes a positive bound; the rows here clip
-    nothing). Its statistics are the empirical Fisher's, recorded by its hooks from the
-    training step's own forward and backward passes (no sampled-label pass)."""
+    inverses, and no KL clipping (a ``kl_clip`` schedule that returns None: it then computes
+    no scale, as the kronsum rows, which clip nothing). Its statistics are the empirical
+    Fisher's, recorded by its hooks from the training step's own forward and backward passes
+    (no sampled-label pass)."""
     import kfac
 
     return kfac.preconditioner.KFACPreconditioner(
-        model, factor_update_steps=10, inv_update_steps=10, damping=damping, factor_decay=0.95,
-        kl_clip=1e30, lr=lr, factor_dtype=torch.float64, inv_dtype=torch.float64)
+        model, factor_update_steps=REFRESH_EVERY, inv_update_steps=REFRESH_EVERY, damping=damping,
+        factor_decay=0.95, kl_clip=lambda step: None, lr=lr, factor_dtype=torch.float64,
+        inv_dtype=torch.float64)
 
 
 class MinimalKFAC:
@@ -177,15 +183,16 @@ def train(make, X, y, batches, method, lr, damping=None, eval_every=20, stop=Non
     if method == PEER:
         peer = _peer(model, lr, damping)
     elif method == "K-FAC (minimal loop)":
-        ref = MinimalKFAC(model, damping, generator=torch.Generator().manual_seed(1))
+        ref = MinimalKFAC(model, damping, update_every=REFRESH_EVERY, generator=torch.Generator().manual_seed(1))
     elif method in ESTIMATOR:
         kw = {"basis_every": 5} if method == "EKFAC" else {}
         fisher = "empirical" if "empirical" in method else "mc"
         pre = Preconditioner(model, loss_fn, estimator=ESTIMATOR[method], fisher=fisher,
-                             update_every=10, decay=0.95, damping=damping,
+                             update_every=REFRESH_EVERY, decay=0.95, damping=damping,
                              generator=torch.Generator().manual_seed(1), capture="hooks", **kw)
     out = {"steps": [], "cpu_s": [], "wall_s": [], "loss": []}
     cpu = wall = 0.0
+    phase = [0.0, 0.0]  # CPU seconds of the later steps that refresh (every 10th) and of the others
     for step, idx in enumerate(batches[:stop]):
         if step % eval_every == 0:
             out["steps"].append(step), out["cpu_s"].append(cpu), out["wall_s"].append(wall)
@@ -205,11 +212,17 @@ def train(make, X, y, batches, method, lr, damping=None, eval_every=20, stop=Non
         if peer is not None:
             peer.step()  # its hooks recorded the statistics of the passes above
         opt.step()
-        cpu += time.process_time() - c0
+        dc = time.process_time() - c0
+        cpu += dc
         wall += time.perf_counter() - w0
+        if step:  # the first step also pays one-time costs (buffers, hooks, layouts)
+            phase[step % REFRESH_EVERY != 0] += dc
     n = len(batches[:stop])
     out["steps"].append(n), out["cpu_s"].append(cpu), out["wall_s"].append(wall)
     out["loss"].append(_full_loss(model, X, y))
+    refreshes = -(-n // REFRESH_EVERY) - 1  # after the first step
+    out["cpu_ms_per_refresh_step"] = 1e3 * phase[0] / max(refreshes, 1)
+    out["cpu_ms_per_other_step"] = 1e3 * phase[1] / max(n - 1 - refreshes, 1)
     return out
 
 
@@ -315,6 +328,10 @@ def main(argv=None) -> int:
     if args.json:
         result["machine"] = {"platform": platform.platform(), "torch": torch.__version__,
                              "date": time.strftime("%Y-%m-%d")}
+        if _peer_available():
+            import kfac
+
+            result["machine"]["kfac-pytorch"] = getattr(kfac, "__version__", "unknown")
         with open(args.json, "w") as f:
             json.dump(result, f, indent=1)
     if args.plot:

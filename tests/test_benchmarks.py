@@ -1,6 +1,5 @@
 """Smoke tests of the benchmark suites (CI runs these; the timings themselves are in docs/)."""
 
-import importlib.util
 import json
 import os
 import pathlib
@@ -166,13 +165,17 @@ def test_laplace_and_training_reports_quick(tmp_path):
     proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "training_report.py"), "--quick",
                            "--json", str(out)], capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr
-    nets = json.loads(out.read_text())["networks"]
+    report = json.loads(out.read_text())
+    nets, skipped = report["networks"], report.get("skipped", {})
     assert set(nets) == {"mlp", "cnn"}
+    peer = "kfac-pytorch (empirical Fisher)"  # a row where kfac-pytorch is installed, else skipped
+    assert set(skipped) <= {peer}
     for runs in nets.values():
         methods = {"SGD", "Adam", "K-FAC", "K-FOC", "EKFAC", "K-FAC (minimal loop)", "K-FAC, empirical Fisher"}
-        peer = "kfac-pytorch (empirical Fisher)"  # an optional peer: a row where it is installed
-        assert set(runs) == (methods | {peer} if importlib.util.find_spec("kfac") else methods)
-        assert all(r["loss"][-1] < r["loss"][0] and r["cpu_s"][-1] > 0 for r in runs.values())
+        assert set(runs) == methods | ({peer} - set(skipped))
+        # kronsum's runs (and the baselines) learn; the peer's tuned setting may not (it is timed)
+        assert all(runs[k]["loss"][-1] < runs[k]["loss"][0] for k in methods)
+        assert all(r["cpu_s"][-1] > 0 and r["cpu_ms_per_refresh_step"] > 0 for r in runs.values())
 
 
 def test_training_report_minimal_loop_is_kronsums_kfac_preconditioner():

@@ -110,25 +110,49 @@ def test_parts_of_two_array_libraries_are_refused():
     torch = pytest.importorskip("torch")
     F = ks.KronSum.from_outer(np.ones((2, 2)), np.ones((2, 3)))
     T = ks.KronSum.from_outer(torch.ones((2, 2), dtype=torch.float64), torch.ones((2, 3), dtype=torch.float64))
-    for make in (lambda: ks.KronSum.concat(F, T), lambda: ks.KronSum.concat(T, F), lambda: F + T,
-                 lambda: ks.KronSum.concat(F, F + F, T)):
-        with pytest.raises(TypeError, match=r"one array library; part 0 is .*, part 1 is"):
+    cases = [(lambda: ks.KronSum.concat(F, T), r"part 0 is numpy\.ndarray, part 1 is torch\.Tensor"),
+             (lambda: ks.KronSum.concat(T, F), r"part 0 is torch\.Tensor, part 1 is numpy\.ndarray"),
+             (lambda: F + T, r"part 0 is numpy\.ndarray, part 1 is torch\.Tensor"),
+             (lambda: ks.KronSum.concat(F, F + F, T), r"part 2 is numpy\.ndarray, part 3 is torch\.Tensor")]
+    for make, names in cases:
+        with pytest.raises(TypeError, match=r"one array library; .*" + names):
             make()
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+@pytest.mark.parametrize("symmetric", [True, False], ids=["symmetric", "general"])
+def test_one_term_and_samples_gram_and_norm(backend, dtype, symmetric):
+    """A one-term terms part (a running estimate's previous one) beside an outer part: the
+    cross Gram rows ``v_lᵀ T v_l`` (through ``‖F‖``, the Gram route's matrices and ``kfoc``)
+    match the dense sum on every backend, for a general and a symmetric term."""
+    m, n = 3, 4
+    L, R = random_inputs("terms", 1, m, n, seed=21)
+    if symmetric:
+        L, R = L @ np.swapaxes(L, 1, 2), R @ np.swapaxes(R, 1, 2)
+    G, A = random_inputs("outer", 6, m, n, seed=22)
+    ws = np.linspace(0.5, 1.5, 6)
+    dense = dense_F("terms", (L, R), np.array([0.7])) + dense_F("outer", (G, A), ws)
+    b = lambda a: backend.asarray(a, dtype)  # noqa: E731
+    F = ks.KronSum.from_terms(b(L), b(R), b(np.array([0.7]))) + ks.KronSum.from_outer(b(G), b(A), b(ws))
+    rel = 1e-10 if dtype == "float64" else 1e-4
+    assert float(backend.to_numpy(F.frobenius_norm())) == pytest.approx(np.linalg.norm(dense), rel=rel)
+    _, sv = svd_optimum(dense, m, n)
+    method = "lanczos" if backend.name == "dask" else "gram"  # Dask arrays have no Gram solver
+    est = ks.kfoc(F, method=method, tol=1e-12 if dtype == "float64" else 1e-6)
+    assert float(backend.to_numpy(est.scale)) == pytest.approx(sv[0], rel=1e-8 if dtype == "float64" else 1e-4)
 
 
 @pytest.mark.parametrize("other", ["outer", "conv"])
 @pytest.mark.parametrize("budget", [1, 1 << 24], ids=["one-term-chunks", "one-chunk"])
-@pytest.mark.parametrize("kp", [1, 5], ids=["one-term", "five-terms"])
-def test_cross_term_of_general_terms_and_samples(backend, other, budget, kp, monkeypatch):
+def test_cross_term_of_general_terms_and_samples(backend, other, budget, monkeypatch):
     """‖F‖ of terms (non-symmetric, weighted) + outer/conv parts equals the dense norm, on
-    every backend, whether P's terms are batched in one chunk or one at a time, and for a
-    single term (a running estimate's previous one)."""
+    every backend, whether P's terms are batched in one chunk or one at a time."""
     from kronsum import _sum
 
     monkeypatch.setattr(_sum, "_CROSS_BUDGET", budget)
     m, n = 3, 4
-    L, R = random_inputs("terms", kp, m, n, seed=11)
-    wt = np.linspace(0.3, 1.7, kp)
+    L, R = random_inputs("terms", 5, m, n, seed=11)
+    wt = np.linspace(0.3, 1.7, 5)
     S = random_inputs(other, 7, m, n, T=2, seed=12)
     ws = np.linspace(0.5, 1.5, 7)
     dense = dense_F("terms", (L, R), wt) + dense_F(other, S, ws)
