@@ -406,6 +406,9 @@ class KronSum:
         if self.form == "terms":
             T = self.L if side == "left" else self.R
             d = T.shape[-1]
+            if c.dtype != T.dtype:  # promoted as a mixed-dtype product would be (PyTorch's @ is not)
+                dt = xp.result_type(c, T)
+                c, T = xp.astype(c, dt), xp.astype(T, dt)
             return xp.reshape(c @ xp.reshape(T, (T.shape[0], d * d)), (d, d))
         return weighted_gram(self.G if side == "left" else self.A, c, xp)
 
