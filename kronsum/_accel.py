@@ -229,16 +229,17 @@ def row_sq_norms(V: Array, xp: Any) -> Array:
 
 
 def row_dots(U: Array, V: Array, xp: Any) -> Array:
-    """``(u_k · v_k)_k`` of the rows of two (K, d) arrays, shape (K,): on NumPy one pass without
+    """``(u_k · v_k)_k`` of the rows (last axis) of two arrays of shapes that broadcast, e.g.
+    (K, d) and (K, d) to (K,), or (c, K, d) and (1, K, d) to (c, K): on NumPy one pass without
     a ``U∘V`` temporary (``vecdot``, NumPy ≥ 2; ``einsum`` before, whose call costs more),
-    ``sum(U * V, axis=1)`` elsewhere."""
+    ``sum(U * V, axis=-1)`` elsewhere."""
     if is_numpy_namespace(xp):
         import numpy as np
 
         if hasattr(np, "vecdot"):
             return np.vecdot(U, V)
-        return np.einsum("ij,ij->i", U, V)
-    return xp.sum(U * V, axis=1)
+        return np.einsum("...i,...i->...", U, V)
+    return xp.sum(U * V, axis=-1)
 
 
 # trmm (a triangular times a general matrix) runs at about a gemm's speed per multiply-add on

@@ -951,11 +951,9 @@ def _cross_gram(P: KronSum, Q: KronSum, side: str, float64: bool) -> Array:
         T, V = (P.L, Q.G) if side == "left" else (P.R, Q.A)
         Kp, Kq, d = T.shape[0], V.shape[0], V.shape[-1]
         step = max(1, min(Kp, _CROSS_BUDGET // max(Kq * d, 1)))
-        if Kp == 1:  # one term (a running estimate's previous one): one product and row dots
-            S = row_dots(V @ xp.matrix_transpose(T[0, ...]), V, xp)[None, :]
-        else:
-            S = xp.concat([xp.sum((V[None, ...] @ xp.matrix_transpose(T[i0:i0 + step, ...]))
-                                  * V[None, ...], axis=-1) for i0 in range(0, Kp, step)], axis=0)
+        blocks = [row_dots(V[None, ...] @ xp.matrix_transpose(T[i0:i0 + step, ...]), V[None, ...], xp)
+                  for i0 in range(0, Kp, step)]
+        S = blocks[0] if len(blocks) == 1 else xp.concat(blocks, axis=0)
     else:
         return xp.matrix_transpose(_cross_gram(Q, P, side, float64))
     return xp.astype(S, xp.float64, copy=False) if float64 else S

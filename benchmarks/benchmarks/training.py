@@ -5,7 +5,7 @@ demo's MLP and CNN, float64) with its tuned settings fixed here: ``Preconditione
 K-FOC_running and EKFAC (Monte-Carlo Fisher, refreshed every 10 steps, ``capture="hooks"``)
 and the report's minimal hand-written K-FAC loop, each timed against SGD with momentum over the
 same 100 steps, interleaved, three rounds; ``track_steps_per_s_vs_sgd`` is the median of the
-paired ratios of CPU time (SGD's over the method's). The target of the training issue is 0.5
+paired ratios of CPU time (SGD's over the method's). The target is 0.5
 with estimates refreshed every 10 steps. Skipped (``NotImplementedError`` in setup) without
 torch and scikit-learn.
 """
