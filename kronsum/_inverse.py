@@ -84,14 +84,16 @@ def _eps(xp: Any, dtype: Any) -> float:
 # -- the cached eigendecomposition ----------------------------------------------------------
 
 
-def sym_eigh(xp: Any, M: Array, what: str, *, check: bool = True) -> tuple:
+def sym_eigh(xp: Any, M: Array, what: str, *, check: bool = True, check_w: bool = True) -> tuple:
     """``(U, w)`` of the symmetric matrix ``M`` (``M = U diag(w) Uᵀ``, ascending ``w``).
 
     ``DecompositionError`` for NaN/inf or a failed decomposition, ``ValueError`` for a matrix
     that is not symmetric (``‖M − Mᵀ‖_F > √eps ‖M‖_F``); ``what`` names it in the messages.
     ``check=False`` (a matrix the library made symmetric itself) skips the input checks and the
-    symmetrisation, four passes over M (eigh reads one triangle). On Dask (no ``linalg.eigh``)
-    the matrix is materialised and decomposed with NumPy.
+    symmetrisation, four passes over M (eigh reads one triangle). ``check_w=False`` leaves the
+    eigenvalues' finiteness to the caller (which reads them to the host anyway, and then raises
+    :func:`eigenvalues_error`). On Dask (no ``linalg.eigh``) the matrix is materialised and
+    decomposed with NumPy.
     """
     Ms = M
     if check:
@@ -118,11 +120,14 @@ def sym_eigh(xp: Any, M: Array, what: str, *, check: bool = True) -> tuple:
         raise DecompositionError(
             f"eigendecomposition of the {what} failed: {type(exc).__name__}: {exc}"
         ) from exc
-    if not (all_finite(xp, w) and (not check or all_finite(xp, U))):
-        raise DecompositionError(
-            f"eigendecomposition of the {what} returned non-finite values"
-        )
+    if not ((not check_w or all_finite(xp, w)) and (not check or all_finite(xp, U))):
+        raise eigenvalues_error(what)
     return U, w
+
+
+def eigenvalues_error(what: str) -> DecompositionError:
+    """The error of a decomposition of the ``what`` whose results are not finite."""
+    return DecompositionError(f"eigendecomposition of the {what} returned non-finite values")
 
 
 class _GridEig:
@@ -190,9 +195,13 @@ class _Eig:
             raise ValueError(f"scale of the {where} is not finite: {s}")
         self.UL, a = self._eigh(kron.left, "left", (self.m, self.m), where, check)
         self.UR, b = self._eigh(kron.right, "right", (self.n, self.n), where, check)
-        # the eigenvalues' sums, signs and clipping from one host copy of each (finite: checked
-        # by sym_eigh), not a device reduction and host read per quantity
-        ha, hb = host_vector(a), host_vector(b)
+        # the eigenvalues' finiteness, sums, signs and clipping from one host copy of both, not
+        # a device reduction and host read per quantity
+        hab = host_vector(xp.concat((a, b)))
+        ha, hb = hab[:self.m], hab[self.m:]
+        if not all(map(math.isfinite, hab)):
+            side, d = ("left", self.m) if not all(map(math.isfinite, ha)) else ("right", self.n)
+            raise eigenvalues_error(f"{side} factor of shape ({d}, {d}) of the {where}")
         sum_a, sum_b = math.fsum(ha), math.fsum(hb)
         if sum_a < 0:
             a, s, sum_a, ha = -a, -s, -sum_a, [-v for v in ha]
@@ -228,7 +237,8 @@ class _Eig:
         return obj
 
     def _eigh(self, M: Array, side: str, shape: tuple, where: str, check: bool) -> tuple:
-        return sym_eigh(self.xp, M, f"{side} factor of shape {shape} of the {where}", check=check)
+        return sym_eigh(self.xp, M, f"{side} factor of shape {shape} of the {where}", check=check,
+                        check_w=False)
 
     def _clip(self, w: Array, h: list, side: str, shape: tuple, where: str, notes: list,
               total: float) -> tuple:
@@ -428,7 +438,10 @@ class KronInverse:
         self.damped_left, self.damped_right = p, q
         if p is not None:
             self._E = p[:, None] * q[None, :]
-        self._check_invertible(lam)
+        if not (method == "exact" and eig.grid is None and lam > 0):
+            # (for "exact" E = s·a_i·b_j + λ >= λ > 0 entrywise, with s, a, b >= 0 after the
+            # canonicalisation above: invertible by construction, nothing to read back)
+            self._check_invertible(lam)
         if p is not None:
             self._inv_left = (eig.UL / p[None, :]) @ xp.matrix_transpose(eig.UL)
             self._inv_right = (eig.UR / q[None, :]) @ xp.matrix_transpose(eig.UR)

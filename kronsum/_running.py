@@ -366,14 +366,19 @@ class RunningEstimate:
         return c
 
     # -- the update ------------------------------------------------------------------------
-    def update(self, F: KronSum) -> Kron:
+    def update(self, F: KronSum | Kron) -> Kron:
         """Take the statistics ``F`` of one batch; return the (possibly unchanged) :attr:`estimate`.
 
         Parameters
         ----------
-        F : KronSum
+        F : KronSum or Kron
             Of the same factor sizes ``(m, n)``, array library and dtype as the earlier
-            batches (any form; ``"sum"`` included).
+            batches (any form; ``"sum"`` included). For ``estimator="kfac"`` also the
+            batch's own K-FAC estimate as a :class:`Kron` (e.g. from
+            :func:`kronsum.adapters.torch.collect_kfac`, which reduces the statistics to their
+            Gram matrices as they are recorded): mixed in as :func:`kfac`'s result of the batch
+            would be, its factors and scale used as given (not normalised, not scanned for
+            NaN; they are not written to).
 
         Returns
         -------
@@ -384,13 +389,19 @@ class RunningEstimate:
         Raises
         ------
         TypeError
-            ``F`` is not a :class:`KronSum`, or its library or dtype differs from the state's.
+            ``F`` is not a :class:`KronSum` (or, for ``"kfac"``, a :class:`Kron`), or its
+            library or dtype differs from the state's.
         ValueError
             Its factor sizes differ from the state's.
         OverflowError
             The estimate of this batch is beyond the range of the dtype (see the estimator).
             A call that raises leaves the object as it was (its step count included).
         """
+        return self._update(F, owned=False)
+
+    def _update(self, F: KronSum | Kron, owned: bool) -> Kron:
+        """:meth:`update`; ``owned``: a :class:`Kron` ``F`` was made for this call and is held
+        by nothing else, so the EMA may write its factors in place."""
         self._check_batch(F)
         if self._step % self._update_every != 0:
             self._step += 1
@@ -407,8 +418,11 @@ class RunningEstimate:
                 est = self._kfoc(S, prev)
             left, right, scale = est.left, est.right, est.scale
         else:
-            if name in ("kfac", "ekfac"):
-                est = self._kfac(F)
+            own = False  # whether the batch's factors are this call's own, to mix in place
+            if isinstance(F, Kron):  # "kfac" only (checked): the batch's K-FAC itself
+                est, own = F, owned
+            elif name in ("kfac", "ekfac"):
+                est, own = self._kfac(F), True  # fresh factors of this call, held by nothing else
             elif name == "tkfac":
                 est = self._tkfac(F)
             else:
@@ -416,8 +430,6 @@ class RunningEstimate:
             if a == 0.0:
                 left, right, scale = est.left, est.right, est.scale
             else:
-                # kfac's factors are fresh arrays of this call, held by nothing else: mix in place
-                own = name in ("kfac", "ekfac")
                 left = _mix(a, self._left, b, est.left, reuse_new=own)
                 right = _mix(a, self._right, b, est.right, reuse_new=own)
                 scale = a * self._scale + b * est.scale
@@ -426,9 +438,11 @@ class RunningEstimate:
         # the estimate succeeded: only now is anything written (a failing batch leaves the
         # object as it was, its step count included)
         self._step += 1
-        self._xp = F.xp
+        self._xp = F._xp
         self._left, self._right, self._scale = left, right, scale
-        if a == 0.0:
+        if isinstance(F, Kron):  # what the batch's terms were is not known (used by kfoc_running only)
+            self._symmetric, self._psd = None, False
+        elif a == 0.0:
             self._symmetric = F.symmetric
             self._psd = psd_sum(F)
         else:
@@ -509,7 +523,12 @@ class RunningEstimate:
                        R=prev.right[None, ...], symmetric=self._symmetric, _xp=xp, psd_terms=psd)
 
     def _check_batch(self, F: object) -> None:
-        if not isinstance(F, KronSum):
+        if isinstance(F, Kron) and self._estimator != "kfac":
+            raise TypeError(
+                f"F is a Kron: only estimator='kfac' takes a batch's K-FAC estimate; "
+                f"{self._estimator!r} needs the batch's statistics as a KronSum"
+            )
+        if not isinstance(F, (KronSum, Kron)):
             raise TypeError(
                 f"F must be a KronSum (the statistics of one batch), got {type(F).__name__}"
             )
@@ -521,9 +540,9 @@ class RunningEstimate:
                 f"F has factor sizes (m, n) = ({F.m}, {F.n}) but the running estimate has "
                 f"({m}, {n}): left {tuple(self._left.shape)}, right {tuple(self._right.shape)}"
             )
-        if not _same_namespace(F.xp, self._xp):
+        if not _same_namespace(F._xp, self._xp):
             raise TypeError(
-                f"F's arrays belong to {getattr(F.xp, '__name__', F.xp)} but the running "
+                f"F's arrays belong to {getattr(F._xp, '__name__', F._xp)} but the running "
                 f"estimate holds arrays of {getattr(self._xp, '__name__', self._xp)}"
             )
         if F.dtype != self._left.dtype:

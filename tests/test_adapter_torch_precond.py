@@ -453,3 +453,63 @@ def test_hooks_capture_errors_name_the_problem_and_keep_the_model_clean():
     loss_fn(model(X), y).backward()
     pre.step()
     assert pre.refreshes == 1
+
+
+@pytest.mark.parametrize("capture", ["batch", "hooks"])
+@pytest.mark.parametrize("fisher", ["mc", "empirical"])
+def test_kfac_estimates_are_the_running_kfac_of_the_collected_blocks(capture, fisher):
+    """estimator='kfac' reduces each refresh's statistics to their Gram matrices as they are
+    recorded; its estimates are RunningEstimate('kfac') over collect's blocks of the same
+    batches (same draws), refresh after refresh, on a model with a conv layer."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv1d(2, 3, 3), nn.Tanh(), nn.Flatten(), nn.Linear(3 * 5, 4)).to(DT)
+    loss_fn = nn.CrossEntropyLoss()
+    g = torch.Generator().manual_seed(5)
+    batches = [(torch.randn(9, 2, 7, generator=g, dtype=DT), torch.randint(0, 4, (9,), generator=g))
+               for _ in range(3)]
+    pre = kt.Preconditioner(model, loss_fn, estimator="kfac", fisher=fisher, update_every=1,
+                            decay=0.7, damping=0.1, capture=capture,
+                            generator=torch.Generator().manual_seed(3))
+    ref = {}
+    draws = torch.Generator().manual_seed(3)
+    for X, y in batches:  # the parameters stay fixed: only the statistics change
+        model.zero_grad()
+        loss_fn(model(X), y).backward()
+        pre.step(*(() if capture == "hooks" else (X, y)))
+        for k, F in kt.collect(model, loss_fn, X, y, fisher=fisher, generator=draws).items():
+            ref.setdefault(k, ks.RunningEstimate("kfac", decay=0.7)).update(F)
+    assert set(pre.estimates) == set(ref) == {"0", "3"}
+    for k, est in pre.estimates.items():
+        want = ref[k].estimate
+        assert est.info.method == "running/kfac"
+        torch.testing.assert_close(est.to_dense(), want.to_dense(), rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("capture", ["batch", "hooks"])
+def test_kfac_refuses_statistics_that_are_not_finite_and_changes_nothing(capture):
+    """The K-FAC path checks each block's factors, not its statistics: an inf among a layer's
+    inputs (which tanh saturates: the model's outputs stay finite) still raises ValueError
+    naming the layer, before any estimate changes; so does a NaN (caught in the outputs)."""
+    model, X, y = _setup(1)
+    loss_fn = nn.CrossEntropyLoss()
+    pre = kt.Preconditioner(model, loss_fn, estimator="kfac", fisher="empirical", update_every=1,
+                            damping=0.1, capture=capture)
+    model.zero_grad()
+    loss_fn(model(X), y).backward()
+    pre.step(*(() if capture == "hooks" else (X, y)))
+    before = {k: est.to_dense().clone() for k, est in pre.estimates.items()}
+    for bad in (float("nan"), float("inf")):
+        Xn = X.clone()
+        Xn[3, 1] = bad
+        model.zero_grad()
+        match = r"layer '0'.*NaN or inf" if bad == float("inf") or capture == "batch" else "outputs"
+        with pytest.raises(ValueError, match=match):
+            if capture == "hooks":  # raised at the loss call, where the statistics are taken
+                loss_fn(model(Xn), y)
+                pre.step()
+            else:
+                loss_fn(model(X), y).backward()
+                pre.step(Xn, y)
+        assert pre.steps == 1 and pre.refreshes == 1
+        for k, est in pre.estimates.items():
+            torch.testing.assert_close(est.to_dense(), before[k], rtol=0, atol=0)

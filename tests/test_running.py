@@ -553,3 +553,43 @@ def test_updates_never_write_to_earlier_estimates_or_batches(backend, form, deca
         for on, copies in batches:
             for a, c in zip(on, copies):
                 assert np.array_equal(backend.to_numpy(a), c), name
+
+
+@pytest.mark.parametrize("bias_correction", [False, True])
+def test_kfac_takes_each_batch_as_its_kfac_estimate(backend, bias_correction):
+    """``RunningEstimate("kfac").update`` takes a batch's own K-FAC estimate (a ``Kron``, as
+    ``collect_kfac`` gives it) as well as its statistics: the same running estimate either
+    way, and the caller's ``Kron`` is never written to."""
+    batches = [ks.KronSum.from_outer(*(backend.asarray(a, "float64") for a in
+                                       random_inputs("outer", 7, 3, 4, seed=60 + i)),
+                                     backend.asarray(np.linspace(0.5, 2.0, 7), "float64"))
+               for i in range(4)]
+    by_sum = ks.RunningEstimate("kfac", decay=0.8, bias_correction=bias_correction)
+    by_kron = ks.RunningEstimate("kfac", decay=0.8, bias_correction=bias_correction)
+    given = []
+    for F in batches:
+        want = by_sum.update(F)
+        K = ks.kfac(F)
+        given.append((K, [backend.to_numpy(x).copy() for x in (K.left, K.right, K.scale)]))
+        got = by_kron.update(K)
+        assert_same_backend(got.left, F.G)
+        for a, b in ((got.left, want.left), (got.right, want.right), (got.scale, want.scale)):
+            np.testing.assert_allclose(backend.to_numpy(a), backend.to_numpy(b), rtol=1e-12, atol=0)
+    assert by_kron.num_updates == 4 and by_kron.estimate.info.method == "running/kfac"
+    for K, copies in given:
+        for x, c in zip((K.left, K.right, K.scale), copies):
+            assert np.array_equal(backend.to_numpy(x), c)
+
+
+def test_a_kron_batch_is_refused_where_the_statistics_are_needed():
+    F = ks.KronSum.from_outer(np.ones((2, 2)), np.ones((2, 3)))
+    for name in ("tkfac", "kfoc_approx", "kfoc_running", "ekfac"):
+        with pytest.raises(TypeError, match=rf"Kron.*{name}.*KronSum"):
+            ks.RunningEstimate(name).update(ks.kfac(F))
+    run = ks.RunningEstimate("kfac")
+    run.update(ks.kfac(F))
+    with pytest.raises(ValueError, match=r"\(3, 3\).*\(2, 3\)"):
+        run.update(ks.Kron(np.eye(3), np.eye(3)))
+    with pytest.raises(TypeError, match="float32"):
+        run.update(ks.Kron(np.eye(2, dtype=np.float32), np.eye(3, dtype=np.float32)))
+    assert run.step == 1

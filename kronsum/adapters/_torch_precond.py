@@ -106,8 +106,12 @@ class Preconditioner:
     -----
     Cost per refresh: ``collect`` (one forward, one backward per Fisher term) and the estimator
     per block, then two ``m³ + n³`` eigendecompositions per block; per step: two small GEMMs per
-    block (``O(mn(m + n))``). Statistics that are not finite raise ``ValueError`` naming the
-    layer before any estimate changes.
+    block (``O(mn(m + n))``). With ``estimator="kfac"`` (and no ``group``) the statistics are
+    reduced to each block's two Gram matrices as they are recorded, as
+    :func:`~kronsum.adapters.torch.collect_kfac` does, and only those are kept and averaged.
+    Statistics that are not finite raise ``ValueError`` naming the layer before any estimate
+    changes (for ``"kfac"``: found in the block's factors, each of whose diagonals holds the
+    squares of its statistics).
 
     Examples
     --------
@@ -167,6 +171,9 @@ class Preconditioner:
         if basis_every is not None:
             self._running_kw["basis_every"] = basis_every
         self.group = group
+        # K-FAC needs only each block's two Gram matrices: the capture reduces the statistics
+        # to them as they are recorded (collect_kfac's path), and the EMA takes that estimate
+        self._grams = estimator == "kfac" and group is None
         self._running_cls = RunningEstimate
         if group is not None:
             from .distributed import RunningEstimate as SplitRunningEstimate
@@ -233,8 +240,10 @@ class Preconditioner:
         if self._plan is None or self._plan[0] != key:
             self._plan = (key, _plan(self.model, self.layers))
         self._run, self._layer_hooks = _install(
-            self.model, self.layers, N, self._collect_kw["weight_sharing"], True, True,
-            stacklevel=6, plan=self._plan[1])
+            # the K-FAC path checks each block's factors instead of its statistics (a NaN or
+            # inf in them makes a factor's diagonal one: one host read per block, not two scans)
+            self.model, self.layers, N, self._collect_kw["weight_sharing"], not self._grams,
+            not self._grams, stacklevel=6, plan=self._plan[1])
 
     def _end_forward(self, module: Any, args: tuple, out: Any) -> None:
         """After the model's forward pass (also when it raised): the layers' hooks come off."""
@@ -246,7 +255,7 @@ class Preconditioner:
         run, self._run = self._run, None
         if run is None:
             return
-        from .torch import _blocks, _start
+        from .torch import _blocks, _kfac_estimates, _start
         from ._torch_losses import loss_spec
 
         out = args[0]
@@ -256,7 +265,8 @@ class Preconditioner:
             raise ValueError("fisher='empirical' needs the targets: call loss_fn(output, targets)")
         _start(run, loss_spec(self.loss_fn), out, targets, self.fisher, kw["n_samples"],
                kw["generator"], kw["class_dim"], True)
-        self._captured = _blocks(run, keep_graph=True)
+        self._captured = (_kfac_estimates(run, True, keep_graph=True) if self._grams
+                          else _blocks(run, keep_graph=True))
 
     def _drop_layer_hooks(self) -> None:
         for h in self._layer_hooks:
@@ -307,7 +317,7 @@ class Preconditioner:
         ``targets`` for ``fisher="empirical"``) are needed on refresh steps (:meth:`due`);
         ``lr`` when ``kl_clip`` is set.
         """
-        from .torch import _block_matrix, _layout_key, _specs_by_key, _write_block, collect
+        from .torch import _block_matrix, _layout_key, _specs_by_key, _write_block, collect, collect_kfac
 
         if self.kl_clip is not None and (lr is None or not lr > 0):
             raise ValueError(f"kl_clip needs the learning rate: step(..., lr=...) > 0, got {lr!r}")
@@ -333,13 +343,15 @@ class Preconditioner:
                     "pass the batch, step(inputs, targets)"
                 )
             else:
-                blocks = collect(self.model, self.loss_fn, inputs, targets, fisher=self.fisher,
-                                 layers=self.layers, **self._collect_kw)
+                blocks = (collect_kfac if self._grams else collect)(
+                    self.model, self.loss_fn, inputs, targets, fisher=self.fisher,
+                    layers=self.layers, **self._collect_kw)
             running = {k: self._running.get(k) or self._running_cls(
                 self.estimator, self.decay, **self._running_kw, **self._placement(i))
                 for i, k in enumerate(blocks)}
             if self.group is None:
-                estimates = {k: running[k].update(F) for k, F in blocks.items()}
+                # a K-FAC block (self._grams) was made for this refresh: mixed in place
+                estimates = {k: running[k]._update(F, owned=True) for k, F in blocks.items()}
                 inverses = {k: _inverse(est, lam, self.damping_method) for k, est in estimates.items()}
                 self.inverted_here = list(inverses)
             else:

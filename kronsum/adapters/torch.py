@@ -63,6 +63,7 @@ except ImportError:  # pragma: no cover - depends on the environment
     nn = None  # type: ignore[assignment]
 
 from .._accel import gram
+from .._closed_forms import _new_kron
 from .._compat import all_finite, namespace
 from .._ekfac import EigenKron
 from .._kron import Kron, KronInfo
@@ -543,8 +544,19 @@ def collect_kfac(
     """
     run = _forward(model, loss_fn, inputs, targets, fisher, n_samples, generator, layers,
                    weight_sharing, class_dim, check_finite, keep_inputs=False)
+    return _kfac_estimates(run, check_finite)
+
+
+def _kfac_estimates(run: "_Run", check_finite: bool, keep_graph: bool = False) -> dict[str, Kron]:
+    """:func:`collect_kfac`'s result from a run started with ``keep_inputs=False``: its
+    backward passes (the graph kept for a later backward with ``keep_graph``), each reduced to
+    the output gradients' Gram matrix as it ends, then one :class:`~kronsum.Kron` per block.
+    ``check_finite``: ``ValueError`` for a factor that is not finite — which a NaN or inf in
+    the block's inputs or output gradients makes it (a diagonal entry is ``Σ x²``), so a run
+    without its own checks (``run.check_finite`` false) still refuses them, one host read per
+    block instead of two scans."""
     left: dict[str, Any] = {}
-    for wt, grads in run.passes():
+    for wt, grads in run.passes(keep_graph):
         for cap, g in zip(run.captures, grads):
             G = run.arranged_G(cap, g)
             P = gram(G.reshape(-1, G.shape[-1]))
@@ -565,11 +577,12 @@ def collect_kfac(
         else:
             L.zero_()
             R.zero_()
-        (l0, l1), (r0, r1) = torch.aminmax(L), torch.aminmax(R)  # one pass each
-        l0, l1, r0, r1 = (float(v) for v in (l0, l1, r0, r1))
+        # one pass over each factor, one host read for the four extremes
+        l0, l1, r0, r1 = torch.stack((*torch.aminmax(L), *torch.aminmax(R))).tolist()
         if check_finite and not all(math.isfinite(v) for v in (l0, l1, r0, r1)):
-            raise ValueError(f"layer {key!r}: its K-FAC factors overflow or hold NaN "
-                             f"(shapes {tuple(L.shape)} and {tuple(R.shape)})")
+            raise ValueError(f"layer {key!r}: its K-FAC factors (shapes {tuple(L.shape)} and "
+                             f"{tuple(R.shape)}) are not finite: its inputs or output gradients "
+                             "hold NaN or inf, or the factors overflow")
         notes: tuple[str, ...] = ()
         zero_left, zero_right = l0 == l1 == 0, r0 == r1 == 0
         if not sw > 0:
@@ -577,8 +590,7 @@ def collect_kfac(
         elif zero_left or zero_right:
             which = "left (gradient-side)" if zero_left else "right (activation-side)"
             notes = (f"the {which} statistics are all zero: the estimate is zero",)
-        result[key] = Kron(L, R, torch.tensor(sw, dtype=L.dtype, device=L.device),
-                           info=KronInfo(method="kfac", notes=notes))
+        result[key] = _new_kron(L, R, sw, KronInfo(method="kfac", notes=notes), namespace(L))
     return result
 
 
