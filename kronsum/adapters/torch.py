@@ -767,11 +767,15 @@ def _check_options(fisher, weight_sharing, n_samples, class_dim) -> None:
 @dataclass(frozen=True)
 class _Plan:
     """What :func:`_install` needs of the model beyond one pass: the covered layers, the
-    trainable parameters left out (with reasons) and the sequence-first layers."""
+    trainable parameters left out (with reasons), the sequence-first layers, and the modules
+    whose train mode makes the statistics batch-dependent or random (BatchNorm; dropout and
+    attention with a dropout probability), looked at again at every pass."""
 
     layers: dict
     left_out: dict
     seq_first: frozenset
+    batch_norms: tuple = ()
+    dropouts: tuple = ()
 
 
 def _layout_key(model: Any) -> tuple:
@@ -789,7 +793,11 @@ def _plan(model: Any, layers: Iterable[str] | None) -> _Plan:
     if not cov.layers:
         raise ValueError("the model has no layer kronsum covers (see kronsum.adapters.torch.coverage)")
     left_out = {p: why for p, why in cov.uncovered.items() if why != "its layer is not in `layers=`"}
-    return _Plan(cov.layers, left_out, frozenset(_sequence_first(model, cov.layers)))
+    mods = list(model.modules())
+    return _Plan(cov.layers, left_out, frozenset(_sequence_first(model, cov.layers)),
+                 tuple(m for m in mods if isinstance(m, nn.modules.batchnorm._BatchNorm)),
+                 tuple(m for m in mods if isinstance(m, (nn.modules.dropout._DropoutNd,
+                                                         nn.MultiheadAttention))))
 
 
 def _install(model, layers, N, weight_sharing, check_finite, keep_inputs, stacklevel,
@@ -805,17 +813,15 @@ def _install(model, layers, N, weight_sharing, check_finite, keep_inputs, stackl
             + "; ".join(f"{p} ({why})" for p, why in others.items()),
             UncoveredParametersWarning, stacklevel=stacklevel,
         )
-    if any(isinstance(m, nn.modules.batchnorm._BatchNorm)
-           and (m.training or not m.track_running_stats) for m in model.modules()):
+    if any(m.training or not m.track_running_stats for m in plan.batch_norms):
         warnings.warn(
             "collect: a BatchNorm layer is in train mode (or keeps no running statistics), so "
             "each sample's output depends on the whole batch; the blocks treat the samples as "
             "independent (call model.eval() for per-sample statistics)", UserWarning,
             stacklevel=stacklevel,
         )
-    if any(m.training and ((isinstance(m, nn.modules.dropout._DropoutNd) and m.p > 0)
-                           or (isinstance(m, nn.MultiheadAttention) and m.dropout > 0))
-           for m in model.modules()):
+    if any(m.training and (m.dropout if isinstance(m, nn.MultiheadAttention) else m.p) > 0
+           for m in plan.dropouts):
         warnings.warn(
             "collect: a dropout layer is in train mode, so the statistics are those of one random "
             "dropout mask (a different Fisher at every call); call model.eval() for the "
