@@ -111,3 +111,41 @@ def coef_lanczos(SP, SQ, w, x0, tol, accuracy, f2, f2_err, th_rel, max_iter, kdi
                 break
             Q[j + 1] = v / b
             MQ[j + 1] = Mv / b
+
+
+def _recompile_after_dependency_change(*kernels) -> None:
+    """numba's ``cache=True`` checks only the file that defines a kernel (its documented
+    limitation: changes to functions defined in another file are not detected), so a kernel
+    compiled with :func:`kronsum._stopping.gap_bound` inlined would keep an old stopping rule
+    from its cache after ``_stopping.py`` changed (an editable install, a source checkout).
+    Each kernel's cache therefore records a digest of ``_stopping.py`` beside it and is flushed
+    (recompiled at the next call) when the digest differs. Without a writable cache nothing is
+    done: numba then compiles in memory."""
+    import hashlib
+    import os
+
+    from . import _stopping
+
+    with open(_stopping.__file__, "rb") as fh:
+        digest = hashlib.sha256(fh.read()).hexdigest()
+    for kernel in kernels:
+        cache = getattr(kernel, "_cache", None)
+        path = getattr(cache, "cache_path", None)
+        if path is None or not hasattr(cache, "flush"):
+            continue
+        stamp = os.path.join(path, f"{kernel.py_func.__module__}.{kernel.py_func.__name__}.deps")
+        try:
+            with open(stamp) as fh:
+                if fh.read() == digest:
+                    continue
+        except OSError:
+            pass
+        try:
+            cache.flush()
+            with open(stamp, "w") as fh:
+                fh.write(digest)
+        except OSError:  # a read-only cache: numba compiles without it
+            pass
+
+
+_recompile_after_dependency_change(coef_lanczos)

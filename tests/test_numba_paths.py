@@ -184,3 +184,37 @@ def test_get_config_reads_false_when_numba_fails_to_import(tmp_path):
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
                          check=True).stdout.strip()
     assert out == "False kfoc/gram"
+
+
+@pytest.mark.slow  # three subprocesses, each compiling the kernel
+def test_kernel_cache_is_recompiled_when_the_stopping_rule_changes(tmp_path):
+    """numba's cache checks only the kernel's own file; the Gram solve's kernel inlines the
+    stopping rule of another file, so a changed rule must flush its cache (simulated by a
+    stale digest): recompiled then, loaded from the cache otherwise."""
+    import os
+    import subprocess
+    import sys
+
+    code = (
+        "import numpy as np\n"
+        "from kronsum import _numba_kernels as k\n"
+        "S = np.eye(3); w = np.ones(3)\n"
+        "k.coef_lanczos(S, S, w, np.ones(3), 1e-10, -1.0, 3.0, 0.0, 0.0, 5, 3, 2.2e-16)\n"
+        "s = k.coef_lanczos.stats\n"
+        "print('hit' if sum(s.cache_hits.values()) else 'miss' if sum(s.cache_misses.values()) else '?')\n"
+    )
+    env = dict(os.environ, NUMBA_CACHE_DIR=str(tmp_path))
+
+    def run():
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                             timeout=300)
+        assert out.returncode == 0, out.stderr
+        return out.stdout.strip()
+
+    assert run() == "miss"  # the first compilation, saved
+    assert run() == "hit"  # loaded
+    stamps = list(tmp_path.rglob("*.coef_lanczos.deps"))
+    assert len(stamps) == 1
+    stamps[0].write_text("the digest of an older _stopping.py")
+    assert run() == "miss"  # flushed and compiled again
+    assert run() == "hit"
