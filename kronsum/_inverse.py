@@ -438,9 +438,11 @@ class KronInverse:
         self.damped_left, self.damped_right = p, q
         if p is not None:
             self._E = p[:, None] * q[None, :]
-        if not (method == "exact" and eig.grid is None and lam > 0):
+        if not (method == "exact" and eig.grid is None
+                and lam >= float(xp.finfo(eig.dtype).smallest_normal)):
             # (for "exact" E = s·a_i·b_j + λ >= λ > 0 entrywise, with s, a, b >= 0 after the
-            # canonicalisation above: invertible by construction, nothing to read back)
+            # canonicalisation above and λ a normal number of the dtype, so that it does not
+            # round to 0: invertible by construction, nothing to read back)
             self._check_invertible(lam)
         if p is not None:
             self._inv_left = (eig.UL / p[None, :]) @ xp.matrix_transpose(eig.UL)

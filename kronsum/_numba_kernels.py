@@ -120,14 +120,19 @@ def _recompile_after_dependency_change(*kernels) -> None:
     from its cache after ``_stopping.py`` changed (an editable install, a source checkout).
     Each kernel's cache therefore records a digest of ``_stopping.py`` beside it and is flushed
     (recompiled at the next call) when the digest differs. Without a writable cache nothing is
-    done: numba then compiles in memory."""
+    done: numba then compiles in memory. (A process that still runs the old rule and compiles
+    after another one flushed and stamped the cache can save the old kernel under the new
+    stamp: edit the sources with no solve running, or delete ``__pycache__``.)"""
     import hashlib
     import os
 
     from . import _stopping
 
-    with open(_stopping.__file__, "rb") as fh:
-        digest = hashlib.sha256(fh.read()).hexdigest()
+    try:
+        with open(_stopping.__file__, "rb") as fh:
+            digest = hashlib.sha256(fh.read()).hexdigest()
+    except (OSError, TypeError):  # no source file (a frozen install): nothing to compare
+        return
     for kernel in kernels:
         cache = getattr(kernel, "_cache", None)
         path = getattr(cache, "cache_path", None)

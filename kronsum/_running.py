@@ -421,6 +421,10 @@ class RunningEstimate:
             own = False  # whether the batch's factors are this call's own, to mix in place
             if isinstance(F, Kron):  # "kfac" only (checked): the batch's K-FAC itself
                 est, own = F, owned
+                if a == 0.0 and not owned:  # kept as the state: a copy, not the caller's arrays
+                    xp = F._xp
+                    est = _new_kron(xp.asarray(F.left, copy=True), xp.asarray(F.right, copy=True),
+                                    xp.asarray(F.scale, copy=True), F.info, xp)
             elif name in ("kfac", "ekfac"):
                 est, own = self._kfac(F), True  # fresh factors of this call, held by nothing else
             elif name == "tkfac":

@@ -143,3 +143,14 @@ def test_collect_kfac_bad_input_fails_like_collect():
         warnings.simplefilter("error")
         kt.collect_kfac(model, loss, X, y)  # fully covered: no warning
     assert all(p.grad is None for p in model.parameters())
+
+
+def test_half_precision_statistics_are_refused_by_name():
+    """Under autocast the output gradients are bfloat16: refused with TypeError naming the
+    layer (as collect refuses them), not carried into a factor that eigh cannot take."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3))
+    X, y = torch.randn(8, 4), torch.randint(0, 3, (8,))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        with pytest.raises(TypeError, match=r"layer '\d'.*bfloat16.*float32 or float64"):
+            kt.collect_kfac(model, nn.CrossEntropyLoss(), X, y, fisher="empirical")

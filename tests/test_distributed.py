@@ -280,6 +280,17 @@ def test_inputs_that_cannot_be_reduced_are_refused():
         ksd.kfoc(np.ones((3, 3)))
 
 
+def test_a_kron_batch_is_refused_over_a_process_group():
+    """Over a group the all-reduce is part of the estimator on each rank's statistics: a
+    rank's own K-FAC estimate (a Kron) would be averaged without it, so it is refused."""
+    F = ks.KronSum.from_outer(torch.ones((3, 2), dtype=torch.float64),
+                              torch.ones((3, 4), dtype=torch.float64))
+    run = ksd.RunningEstimate("kfac", 0.9)
+    with pytest.raises(TypeError, match="process group"):
+        run.update(ks.kfac(F))
+    assert run.step == 0
+
+
 @pytest.mark.parametrize("bad", [-1, 1.0, True, "0"])
 def test_basis_rank_must_be_a_rank(bad):
     with pytest.raises(ValueError, match="basis_rank must be a rank of the group"):

@@ -460,3 +460,14 @@ def test_property_against_dense(m, n, seed, lam, method, split, batch):
     np.testing.assert_allclose(inv.to_dense(), D, rtol=1e-9, atol=1e-9 * np.abs(D).max())
     assert math.isclose(float(inv.logdet()), np.linalg.slogdet(D)[1], rel_tol=1e-9, abs_tol=1e-9)
     assert inv.sample(2, seed=seed).shape == (2, m, n)
+
+
+def test_a_damping_that_rounds_to_zero_is_refused_on_a_singular_product():
+    """A damping below the dtype's smallest normal number rounds away in ``s·a_i·b_j + λ``:
+    a singular product is refused then, as for λ = 0, not solved into NaN."""
+    K = ks.Kron(np.diag([1.0, 0.0]).astype(np.float32), np.eye(2, dtype=np.float32))
+    for lam in (0.0, 1e-46):
+        with pytest.raises(ValueError, match="singular"):
+            K.inverse(lam)
+    inv = K.inverse(float(np.finfo(np.float32).smallest_normal))
+    assert np.all(np.isfinite(inv.solve(np.ones((2, 2), np.float32))))

@@ -593,3 +593,15 @@ def test_a_kron_batch_is_refused_where_the_statistics_are_needed():
     with pytest.raises(TypeError, match="float32"):
         run.update(ks.Kron(np.eye(2, dtype=np.float32), np.eye(3, dtype=np.float32)))
     assert run.step == 1
+
+
+def test_a_kron_batch_is_copied_where_it_becomes_the_state():
+    """The first update keeps the batch's estimate as the state: a caller who reuses its
+    ``Kron``'s arrays afterwards does not change the running estimate."""
+    F = ks.KronSum.from_outer(*random_inputs("outer", 6, 3, 4, seed=5))
+    K = ks.kfac(F)
+    run = ks.RunningEstimate("kfac", decay=0.9)
+    want = run.update(K).to_dense().copy()
+    K.left[...] = 7.0
+    K.right[...] = -1.0
+    assert np.array_equal(run.estimate.to_dense(), want)

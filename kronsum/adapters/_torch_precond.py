@@ -109,8 +109,9 @@ class Preconditioner:
     block (``O(mn(m + n))``). With ``estimator="kfac"`` (and no ``group``) the statistics are
     reduced to each block's two Gram matrices as they are recorded, as
     :func:`~kronsum.adapters.torch.collect_kfac` does, and only those are kept and averaged.
-    Statistics that are not finite raise ``ValueError`` naming the layer before any estimate
-    changes (for ``"kfac"``: found in the block's factors, each of whose diagonals holds the
+    Statistics that are not finite raise ``ValueError`` before any estimate changes, naming
+    the layer (or the model's outputs, where they are not finite either; for ``"kfac"`` with
+    ``capture="hooks"`` found in the block's factors, each of whose diagonals holds the
     squares of its statistics).
 
     Examples

@@ -461,6 +461,14 @@ class RunningEstimate(_RunningEstimate):
         out.basis_rank = _check_rank(basis_rank, group)
         return out
 
+    def _check_batch(self, F: object) -> None:
+        if isinstance(F, Kron):  # the all-reduce happens in the estimator, on the statistics
+            raise TypeError(
+                "F is a Kron: over a process group update() takes each rank's part of the "
+                "batch's statistics as a KronSum (its estimate is that of the whole batch; a "
+                "rank's own K-FAC estimate would not be all-reduced)")
+        super()._check_batch(F)
+
     def _kfac(self, F: KronSum) -> Kron:
         return kfac(F, group=self.group)
 

@@ -338,6 +338,13 @@ def _check_finite(name: str, x: Any, what: str) -> None:
         raise ValueError(f"layer {name!r}: its {what} hold NaN or inf")
 
 
+def _check_float(name: str, x: Any, what: str) -> None:
+    """``TypeError`` unless ``x`` is float32 or float64 (the dtypes of the estimates)."""
+    if x.dtype not in (torch.float32, torch.float64):
+        raise TypeError(f"layer {name!r}: its {what} are {x.dtype}; the statistics must be "
+                        "float32 or float64 (run the model in one of them, outside autocast)")
+
+
 def _batch_size(inputs: Any) -> int | None:
     shape = getattr(inputs, "shape", None)
     return None if shape is None or len(shape) == 0 else int(shape[0])
@@ -559,6 +566,7 @@ def _kfac_estimates(run: "_Run", check_finite: bool, keep_graph: bool = False) -
     for wt, grads in run.passes(keep_graph):
         for cap, g in zip(run.captures, grads):
             G = run.arranged_G(cap, g)
+            _check_float(cap.spec.key, G, "output gradients")
             P = gram(G.reshape(-1, G.shape[-1]))
             P *= wt
             key = cap.spec.key
@@ -571,6 +579,9 @@ def _kfac_estimates(run: "_Run", check_finite: bool, keep_graph: bool = False) -
         sw = W * lay.rows  # Σ w_k over the block's terms
         L = left[key]
         R = run.right.pop(key) if key in run.right else gram(cap.A.reshape(-1, cap.A.shape[-1]))
+        _check_float(key, R, "inputs")
+        if R.dtype != L.dtype:  # one dtype per estimate, as for collect's KronSum
+            L, R = (x.to(torch.promote_types(L.dtype, R.dtype)) for x in (L, R))
         if sw > 0:  # kfac's split: left Σw·GᵀG/(T·Σw) (T = 1 for the outer form), right Σw·AᵀA/Σw
             L.div_(sw * lay.positions)  # both made here: scaled in place
             R.div_(lay.rows)
