@@ -155,8 +155,9 @@ def loss_spec(loss_fn: Any) -> LossSpec:
 
 
 def _class_targets(targets: Any, shape: tuple, C: int, ignore: int, device: Any,
-                   class_dim: int) -> Any:
-    """``targets`` as a ``(N, P)`` int64 tensor after checking dtype, shape and range."""
+                   class_dim: int) -> tuple:
+    """``(y, ignored)``: ``targets`` as a ``(N, P)`` int64 tensor after checking dtype, shape
+    and range, and whether any of them is ``ignore`` (one host read for both)."""
     y = torch.as_tensor(targets, device=device)
     if y.is_floating_point() or y.is_complex() or y.dtype == torch.bool:
         raise ValueError(
@@ -169,14 +170,16 @@ def _class_targets(targets: Any, shape: tuple, C: int, ignore: int, device: Any,
             f"axis, class_dim={class_dim}), got {tuple(y.shape)}"
         )
     y = y.reshape(shape[0], -1).to(torch.int64)
-    bad = ((y < 0) | (y >= C)) & (y != ignore)
-    if bool(bad.any()):
+    skip = y == ignore
+    bad = ((y < 0) | (y >= C)) & ~skip
+    any_bad, any_skip = torch.stack((bad.any(), skip.any())).tolist()
+    if any_bad:
         value = int(y[bad][0])
         raise ValueError(
             f"CrossEntropyLoss: targets must be class indices in [0, {C}) or ignore_index="
             f"{ignore}; got {value}"
         )
-    return y
+    return y, bool(any_skip)
 
 
 def output_grad_terms(spec: LossSpec, out: Any, targets: Any, fisher: str, n_samples: int,
@@ -204,12 +207,14 @@ def output_grad_terms(spec: LossSpec, out: Any, targets: Any, fisher: str, n_sam
     fc = fc.reshape(N, -1, C)  # (N, P, C)
     P = fc.shape[1]
     keep = torch.ones(N, P, dtype=f.dtype, device=f.device)
+    kept = float(N * P)
     y = None
     if targets is not None:
-        y = _class_targets(targets, pos_shape, C, spec.ignore_index, f.device, class_dim)
-        keep = (y != spec.ignore_index).to(f.dtype)
-        y = torch.where(y == spec.ignore_index, torch.zeros_like(y), y)
-    kept = float(keep.sum())
+        y, ignored = _class_targets(targets, pos_shape, C, spec.ignore_index, f.device, class_dim)
+        if ignored:  # the ignored positions weigh 0 (and draw class 0 as a placeholder)
+            keep = (y != spec.ignore_index).to(f.dtype)
+            y = torch.where(y == spec.ignore_index, torch.zeros_like(y), y)
+            kept = float(keep.sum())
     if kept == 0:
         raise ValueError("CrossEntropyLoss: every target equals ignore_index; the loss is empty")
     c = 1.0 if spec.reduction == "sum" else 1.0 / kept

@@ -323,6 +323,7 @@ class Preconditioner:
         if self.kl_clip is not None and (lr is None or not lr > 0):
             raise ValueError(f"kl_clip needs the learning rate: step(..., lr=...) > 0, got {lr!r}")
         lam = self.damping(self.steps) if callable(self.damping) else self.damping
+        layout = None  # the model's layout key, where this step already has it
         _positive("damping", lam)
         if self.capture == "hooks" and (inputs is not None or targets is not None):
             raise ValueError("capture='hooks' records the statistics of your forward pass: call "
@@ -338,6 +339,8 @@ class Preconditioner:
                         "its output before step()" + ("" if not self._removed else
                                                       " (the hooks were removed by remove())"))
                 blocks, self._captured = self._captured, None
+                # the layout of the recorded pass, whose gradients these are: not walked again
+                layout = self._plan[0]
             elif inputs is None:
                 raise ValueError(
                     f"step {self.steps} refreshes the estimates (update_every={self.update_every}): "
@@ -373,7 +376,8 @@ class Preconditioner:
         if self._params is None:  # per block (spec, weight, bias), kept until the next refresh
             # the covered layers follow the modules and which parameters train (coverage keeps
             # layers with trainable parameters): a frozen or unfrozen layer changes them
-            layout = _layout_key(self.model)
+            if layout is None:
+                layout = _layout_key(self.model)
             if self._specs is None or self._specs[0] != layout or not set(self._inverses) <= set(self._specs[1]):
                 self._specs = (layout, _specs_by_key(self.model), {})
             specs, found = self._specs[1], self._specs[2]  # found: parameters looked up (same layout)
