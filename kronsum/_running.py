@@ -457,6 +457,16 @@ class RunningEstimate:
         self._num_updates = t
         return self.estimate
 
+    def _snapshot(self) -> dict:
+        """The object's attributes, for :meth:`_restore`: references suffice, since an update
+        rebinds the state and never writes into the arrays it held."""
+        return dict(vars(self))
+
+    def _restore(self, snapshot: dict) -> None:
+        """Put back a :meth:`_snapshot` (a caller whose later step failed undoes this update)."""
+        vars(self).clear()
+        vars(self).update(snapshot)
+
     # -- the estimators: one place, overridden where the batch is split over processes --------
     def _kfac(self, F: KronSum) -> Kron:
         return kfac(F)

@@ -513,3 +513,46 @@ def test_kfac_refuses_statistics_that_are_not_finite_and_changes_nothing(capture
         assert pre.steps == 1 and pre.refreshes == 1
         for k, est in pre.estimates.items():
             torch.testing.assert_close(est.to_dense(), before[k], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("estimator", ["kfac", "kfoc_running", "ekfac"])
+def test_a_refresh_that_fails_in_a_decomposition_changes_no_estimate(estimator, monkeypatch):
+    """Every block's estimate is updated before the inverses are decomposed: when a later
+    decomposition fails, the blocks already updated are put back, and the step can be retried."""
+    model, X, y = _setup(3)
+    loss_fn = nn.CrossEntropyLoss()
+    pre = kt.Preconditioner(model, loss_fn, estimator=estimator, fisher="empirical",
+                            update_every=1, damping=0.1)
+    model.zero_grad()
+    loss_fn(model(X), y).backward()
+    pre.step(X, y)
+    before = {k: est.to_dense().clone() for k, est in pre.estimates.items()}
+    state = pre.state_dict()
+    # the decompositions run through the array API namespace of the tensors
+    linalg = pytest.importorskip("array_api_compat.torch").linalg
+    eigh, calls = linalg.eigh, [0]
+
+    def failing(*args, **kw):  # the last block's decomposition fails
+        calls[0] += 1
+        if calls[0] > 2:
+            raise RuntimeError("eigh failed")
+        return eigh(*args, **kw)
+
+    X2 = X.flip(0) * 1.5
+    model.zero_grad()
+    loss_fn(model(X2), y).backward()
+    monkeypatch.setattr(linalg, "eigh", failing)
+    with pytest.raises(Exception, match="eigh failed"):
+        pre.step(X2, y)
+    monkeypatch.setattr(linalg, "eigh", eigh)
+    assert calls[0] > 2 and pre.steps == 1 and pre.refreshes == 1
+    for k, est in pre.estimates.items():
+        torch.testing.assert_close(est.to_dense(), before[k], rtol=0, atol=0)
+    assert pre.state_dict()["running"].keys() == state["running"].keys()
+    pre.step(X2, y)  # retried: the refresh as it would have been
+    other = kt.Preconditioner(model, loss_fn, estimator=estimator, fisher="empirical",
+                              update_every=1, damping=0.1)
+    other.load_state_dict(state)
+    other.step(X2, y)
+    for k, est in pre.estimates.items():
+        torch.testing.assert_close(est.to_dense(), other.estimates[k].to_dense(), rtol=1e-12, atol=1e-14)

@@ -353,21 +353,30 @@ class Preconditioner:
             running = {k: self._running.get(k) or self._running_cls(
                 self.estimator, self.decay, **self._running_kw, **self._placement(i))
                 for i, k in enumerate(blocks)}
-            if self.group is None:
-                # a K-FAC block (self._grams) was made for this refresh: mixed in place
-                estimates = {k: running[k]._update(F, owned=True) for k, F in blocks.items()}
-                inverses = {k: _inverse(est, lam, self.damping_method) for k, est in estimates.items()}
-                self.inverted_here = list(inverses)
-            else:
-                from .distributed import spread_inverses
+            # the running estimates of earlier refreshes are updated in place: what they held
+            # is put back if a later block's update or inverse fails (nothing half-written)
+            kept = {k: r._snapshot() for k, r in self._running.items() if running.get(k) is r}
+            try:
+                if self.group is None:
+                    # a K-FAC block (self._grams) was made for this refresh: mixed in place
+                    estimates = {k: running[k]._update(F, owned=True) for k, F in blocks.items()}
+                    inverses = {k: _inverse(est, lam, self.damping_method)
+                                for k, est in estimates.items()}
+                    self.inverted_here = list(inverses)
+                else:
+                    from .distributed import spread_inverses
 
-                share = 1.0 / torch.distributed.get_world_size(self.group)  # DDP averages
-                estimates = {k: running[k].update(F.scaled(share)) for k, F in blocks.items()}
-                inverses, self.inverted_here = spread_inverses(
-                    estimates, lam, self.damping_method, group=self.group)
-                if self.estimator == "ekfac":  # the eigenbases are what was decomposed, spread
-                    self.inverted_here = [k for k, r in running.items()
-                                          if r.basis_rank == torch.distributed.get_rank(self.group)]
+                    share = 1.0 / torch.distributed.get_world_size(self.group)  # DDP averages
+                    estimates = {k: running[k].update(F.scaled(share)) for k, F in blocks.items()}
+                    inverses, self.inverted_here = spread_inverses(
+                        estimates, lam, self.damping_method, group=self.group)
+                    if self.estimator == "ekfac":  # the eigenbases are what was decomposed, spread
+                        self.inverted_here = [k for k, r in running.items() if r.basis_rank
+                                              == torch.distributed.get_rank(self.group)]
+            except BaseException:
+                for k, snapshot in kept.items():
+                    running[k]._restore(snapshot)
+                raise
             self._running, self._inverses = running, inverses
             self._params = None  # looked up again below: the model may have changed
             self.refreshes += 1
