@@ -68,6 +68,7 @@ from .._compat import all_finite, namespace
 from .._ekfac import EigenKron
 from .._kron import Kron, KronInfo
 from .._sum import KronSum
+from .._validation import check_array
 from ._torch_layers import (
     Capture,
     custom_rule,
@@ -338,11 +339,13 @@ def _check_finite(name: str, x: Any, what: str) -> None:
         raise ValueError(f"layer {name!r}: its {what} hold NaN or inf")
 
 
-def _check_float(name: str, x: Any, what: str) -> None:
-    """``TypeError`` unless ``x`` is float32 or float64 (the dtypes of the estimates)."""
-    if x.dtype not in (torch.float32, torch.float64):
-        raise TypeError(f"layer {name!r}: its {what} are {x.dtype}; the statistics must be "
-                        "float32 or float64 (run the model in one of them, outside autocast)")
+def _check_statistic(layer: str, x: Any, name: str) -> None:
+    """:func:`collect`'s checks of a statistic (``"G"`` or ``"A"``: float32 or float64, not
+    empty) for a path that builds no :class:`~kronsum.KronSum`, the layer named."""
+    try:
+        check_array(x, name, ndim=x.ndim, what=f"{tuple(x.shape)} with no empty axis")
+    except (TypeError, ValueError) as exc:
+        raise type(exc)(f"layer {layer!r}: {exc}") from None
 
 
 def _batch_size(inputs: Any) -> int | None:
@@ -566,7 +569,7 @@ def _kfac_estimates(run: "_Run", check_finite: bool, keep_graph: bool = False) -
     for wt, grads in run.passes(keep_graph):
         for cap, g in zip(run.captures, grads):
             G = run.arranged_G(cap, g)
-            _check_float(cap.spec.key, G, "output gradients")
+            _check_statistic(cap.spec.key, G, "G")
             P = gram(G.reshape(-1, G.shape[-1]))
             P *= wt
             key = cap.spec.key
@@ -579,7 +582,7 @@ def _kfac_estimates(run: "_Run", check_finite: bool, keep_graph: bool = False) -
         sw = W * lay.rows  # Σ w_k over the block's terms
         L = left[key]
         R = run.right.pop(key) if key in run.right else gram(cap.A.reshape(-1, cap.A.shape[-1]))
-        _check_float(key, R, "inputs")
+        _check_statistic(key, R, "A")  # R = AᵀA has A's dtype
         if R.dtype != L.dtype:  # one dtype per estimate, as for collect's KronSum
             L, R = (x.to(torch.promote_types(L.dtype, R.dtype)) for x in (L, R))
         if sw > 0:  # kfac's split: left Σw·GᵀG/(T·Σw) (T = 1 for the outer form), right Σw·AᵀA/Σw
