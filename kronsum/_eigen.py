@@ -59,6 +59,24 @@ from ._config import _options
 from ._stopping import ESTIMATE_SAFETY, gap_bound
 
 KRYLOV_DIM = 20  # Lanczos basis size before a restart
+
+
+def rank_bound(Fn) -> int:
+    """An upper bound of the rank of F's rearranged matrix ``𝓡 = Σ_k w_k vec(L_k) vec(R_k)ᵀ``:
+    ``min(K, d_m, d_n)`` with ``d = m(m + 1)/2`` for symmetric terms (:attr:`KronSum.symmetric`),
+    else ``m²``. A Krylov space of K-FOC's operator (on a factor, or in a Gram space) from any
+    start has at most one dimension more."""
+    m, n = Fn.m, Fn.n
+    dm, dn = (m * (m + 1) // 2, n * (n + 1) // 2) if Fn.symmetric else (m * m, n * n)
+    return min(Fn.num_terms, dm, dn)
+
+
+def krylov_spans(Fn) -> bool:
+    """Whether one Lanczos basis (``KRYLOV_DIM`` vectors) spans every Krylov space of K-FOC's
+    operator on ``Fn`` (:func:`rank_bound` + 1 at most). The Gram route (applications of
+    ``O(K²)``, far below its set-up) then runs on to the exact answer, and no estimate stops
+    it (``Stop.estimates``)."""
+    return rank_bound(Fn) + 1 <= KRYLOV_DIM
 APPLIES = 4  # products with B^(2^s) per check of the squaring route (32 steps after 3 squarings)
 
 
@@ -113,10 +131,11 @@ class Stop:
     # the relative rounding of the Rayleigh quotients the solver computes (``gap_bound``'s
     # ``th_round = th_rel·θ``): ``(K·T + m + n)·ε`` of the working precision (:func:`_stop`)
     th_rel: float = 0.0
-    # whether an uncertified bound (an estimate) may stop the solver: not in a space of at most
-    # KRYLOV_DIM dimensions, which one Krylov basis exhausts (the answer is then exact) for at
-    # most that many applications, where an early Krylov space can miss a nearly tied σ₂
-    # (set by :func:`lanczos`)
+    # whether an uncertified bound (an estimate) may stop the solver: not where one Krylov basis
+    # of KRYLOV_DIM vectors exhausts the space (the answer is then exact) for at most that many
+    # applications, where an early Krylov space can miss a nearly tied σ₂: a space of at most
+    # KRYLOV_DIM dimensions (set by :func:`lanczos`) or an operator of rank below it
+    # on the Gram route (:func:`krylov_spans`, set by :func:`gram_solve`)
     estimates: bool = True
 
     def op_error(self, th: float) -> float:
@@ -754,7 +773,8 @@ def lanczos_two_precision(low: Space, x0, high: Space, resume: Callable[[], Spac
     """
     xp = high.xp
     stop_low = Stop(max(stop.tol, default_tol(xp, x0.dtype)), stop.accuracy,
-                    th_rel=stop.th_rel * float(xp.finfo(x0.dtype).eps) / float(xp.finfo(dtype).eps))
+                    th_rel=stop.th_rel * float(xp.finfo(x0.dtype).eps) / float(xp.finfo(dtype).eps),
+                    estimates=stop.estimates)
     if stop.f2 is not None:  # ‖F‖², widened by the low precision's rounding of the operator
         stop_low.f2 = stop.f2
         stop_low.f2_err = stop.f2_err + 64 * float(xp.finfo(x0.dtype).eps) * abs(stop.f2)
@@ -983,6 +1003,8 @@ def gram_solve(Fn, alpha0, stop: Stop, max_iter: int) -> Solution:
     """
     xp = Fn.xp
     w = Fn.weights
+    if krylov_spans(Fn):  # an operator of small rank: solved exactly, for little more work
+        stop.estimates = False
     if numba_enabled(xp, w):  # float64 arithmetic inside the kernel: no range concern
         # the Gram matrices in float64 straight away (one pass each, no cast of a copy)
         SP, SQ = Fn._gram("left", float64=True), Fn._gram("right", float64=True)
@@ -1214,11 +1236,11 @@ def _numba_lanczos(space: GramSpace, Fn, x0, stop: Stop, max_iter, eps) -> Eigen
     stop.f2_err = (SP.shape[0] * max(float(eps), float(np.finfo(np.float64).eps))
                    * _f2_scale(space, Fn, stop))
     acc = -1.0 if stop.accuracy is None else stop.accuracy
-    if SP.shape[0] <= KRYLOV_DIM:  # as lanczos: the kernel stops on an estimate only beyond
+    if SP.shape[0] <= KRYLOV_DIM:  # as lanczos: one Krylov basis spans the space
         stop.estimates = False
     x, its, conv, res, s2, bound, certified = kern.coef_lanczos(
         SP, SQ, w, x0, float(stop.tol), acc, stop.f2, stop.f2_err, float(stop.th_rel), int(max_iter), KRYLOV_DIM,
-        float(eps))
+        float(eps), bool(stop.estimates))
     stop.bound, stop.certified = float(bound), bool(certified)
     if s2 < 0 and its == 1 and res == 0.0:  # invariant start vector: probe for a repeated sigma1
         s2, k = deflated_top(space, x, space.M(x))

@@ -38,13 +38,14 @@ def weighted_hadamard_sum(SP, SQ, w):  # pragma: no cover - compiled
 
 
 @njit(cache=True, nogil=True)
-def coef_lanczos(SP, SQ, w, x0, tol, accuracy, f2, f2_err, th_rel, max_iter, kdim, eps):  # pragma: no cover - compiled
+def coef_lanczos(SP, SQ, w, x0, tol, accuracy, f2, f2_err, th_rel, max_iter, kdim, eps, estimates):  # pragma: no cover - compiled
     """Top eigenpair of ``α ↦ W S_Q W S_P α`` in the ``S_P`` inner product.
 
     Stops as :class:`kronsum._eigen.Stop` does: residual ≤ ``tol``, or the error-gap bound
     :func:`kronsum._stopping.gap_bound` (with ``f2 = ‖F‖²`` and its rounding bound
     ``f2_err``, and ``th_rel·θ`` the Ritz value's rounding) ≤ ``accuracy`` (``< 0``: off),
-    an uncertified bound only where ``K > kdim`` (``Stop.estimates``).
+    an uncertified bound only with ``estimates`` (:attr:`kronsum._eigen.Stop.estimates`: false
+    where one Krylov basis of ``kdim`` vectors spans the space).
     Returns ``(alpha, applications, converged, residual, s2, bound, certified)``; ``s2 < 0``
     means "unknown" (and, with ``applications == 1`` and ``residual == 0``, an invariant start
     vector).
@@ -97,7 +98,7 @@ def coef_lanczos(SP, SQ, w, x0, tol, accuracy, f2, f2_err, th_rel, max_iter, kdi
                                           b * abs(S[j, j - 1]) if j > 0 else 0.0, f2, f2_err,
                                           0.0, th_rel * th1)
             # an estimate (uncertified) stops only where one Krylov basis cannot span the space
-            met = res <= tol or (accuracy >= 0.0 and bound <= accuracy and (certified or K > kdim))
+            met = res <= tol or (accuracy >= 0.0 and bound <= accuracy and (certified or estimates))
             done = met or breakdown or n_apply >= max_iter
             if done or j == kdim - 1:
                 coef = S[:, j].astype(SP.dtype)

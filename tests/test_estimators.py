@@ -510,6 +510,33 @@ def test_a_small_space_is_not_stopped_on_an_estimate(method, accuracy):
     assert gap <= est.info.error_gap_bound + 1e-12, (gap, est.info)
 
 
+@settings(deadline=None, max_examples=25)
+@given(st.integers(11, 150), st.integers(2, 5), st.integers(2, 12), st.sampled_from([1e-3, 1e-2]),
+       st.integers(0, 2**31 - 1))
+def test_a_gram_solve_of_small_rank_is_not_stopped_on_an_estimate(K, m, n, eps, seed):
+    """A block with two nearly tied singular values (a copy of its first half's terms on
+    other rows and columns, weighted ``1 + eps``) and a narrow side (m ≤ 5): its rearranged
+    matrix has rank at most ``m(m + 1)/2 ≤ 15`` whatever K, so one Krylov basis spans the Gram
+    route's space. At accuracy 1e-4 an early estimate (a Ritz vector blending the two tied
+    directions, a second Ritz value far below λ₂) had stopped at 1e-6 on a true gap of 3e-4;
+    the solve runs on to the optimum instead, and the bound is above the gap."""
+    rng = np.random.default_rng(seed)
+    hm, hn = max(m // 2, 1), max(n // 2, 1)
+    G1, A1 = np.zeros((K, m)), np.zeros((K, n))
+    G1[:, :hm], A1[:, :hn] = rng.standard_normal((K, hm)), rng.standard_normal((K, hn))
+    G2, A2 = np.zeros_like(G1), np.zeros_like(A1)
+    G2[:, m - hm:], A2[:, n - hn:] = G1[:, :hm], A1[:, :hn]
+    w1 = rng.uniform(0.2, 2.0, K)
+    G, A, w = np.concatenate([G1, G2]), np.concatenate([A1, A2]), np.concatenate([w1, (1 + eps) * w1])
+    F = ks.KronSum.from_outer(G, A, w)
+    D = dense_F("outer", [G, A], w)
+    opt, s = svd_optimum(D, m, n)
+    normF = float(np.linalg.norm(D))
+    est = ks.kfoc(F, method="gram", accuracy=1e-4)
+    gap = (float(np.linalg.norm(D - est.to_dense())) - opt) / normF
+    assert gap <= 1e-10 and gap <= est.info.error_gap_bound + 1e-12, (gap, est.info)
+
+
 def test_accuracy_stops_earlier_than_the_residual_rule():
     G, A = random_inputs("conv", 30, 6, 8, T=5, seed=2, kind="heavy")
     F = ks.KronSum.from_conv(G, A)

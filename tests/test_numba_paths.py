@@ -201,7 +201,7 @@ def test_kernel_cache_is_recompiled_when_the_stopping_rule_changes(tmp_path):
         "import numpy as np\n"
         "from kronsum import _numba_kernels as k\n"
         "S = np.eye(3); w = np.ones(3)\n"
-        "k.coef_lanczos(S, S, w, np.ones(3), 1e-10, -1.0, 3.0, 0.0, 0.0, 5, 3, 2.2e-16)\n"
+        "k.coef_lanczos(S, S, w, np.ones(3), 1e-10, -1.0, 3.0, 0.0, 0.0, 5, 3, 2.2e-16, True)\n"
         "s = k.coef_lanczos.stats\n"
         "print('hit' if sum(s.cache_hits.values()) else 'miss' if sum(s.cache_misses.values()) else '?')\n"
     )
