@@ -45,6 +45,7 @@ Rayleigh–Ritz step in the factor space); all apply the library's sign rule (:f
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -486,6 +487,14 @@ def aux_fits(Fn, side: str) -> bool:
     return (KRYLOV_DIM + 1) * d * d <= max(1 << 22, inputs)
 
 
+@functools.lru_cache(maxsize=64)
+def _normal_draw(size: int, seed: tuple) -> np.ndarray:
+    """:func:`random_like`'s draw of a float64 NumPy vector of ``size`` (read-only, cached)."""
+    r = np.random.default_rng(list(seed)).standard_normal(size)
+    r.flags.writeable = False
+    return r
+
+
 def random_like(x, seed, symmetric, xp):
     """A standard normal array of ``x``'s shape, dtype and device (``symmetric``: ``Z + Zᵀ``)."""
     r = np.random.default_rng(seed).standard_normal(tuple(x.shape))
@@ -832,9 +841,33 @@ def deflated_top(space: Space, x, Mx, theta1: float | None = None, steps: int = 
     into a spurious direction. The Ritz value is never above the true one. ``seed`` draws
     the probe's random direction (a stream apart from the start's when that was random).
     """
+    pr = _probe(space, x, Mx, theta1, steps, seed)
+    if pr is None:
+        return 0.0, 0
+    k = len(pr.alphas)
+    T = _tridiagonal(pr.alphas, pr.betas[: k - 1])
+    return math.sqrt(max(float(np.linalg.eigvalsh(T)[-1]), 0.0)), k
+
+
+@dataclass
+class _ProbeSteps:
+    """:func:`_probe`'s Lanczos steps on the operator deflated by ``x``: the basis ``Q`` (``x``
+    first, then the probe's vectors), their metric images, the recurrence's ``alphas`` and
+    ``betas``, ``coupling[i] = ⟨A q_i, x⟩_M`` and ``x``'s Rayleigh quotient ``theta1``."""
+
+    Q: list
+    MQ: list
+    alphas: list
+    betas: list
+    coupling: list
+    theta1: float
+
+
+def _probe(space: Space, x, Mx, theta1: float | None, steps: int, seed) -> _ProbeSteps | None:
+    """The steps of :func:`deflated_top` (``None`` when the deflated space is empty)."""
     dim = math.prod(x.shape)
     if dim == 1:
-        return 0.0, 0
+        return None
     steps = min(steps, dim - 1)  # the deflated space has dim − 1 dimensions at most
     eps = float(space.xp.finfo(x.dtype).eps)
     if theta1 is None:
@@ -844,25 +877,97 @@ def deflated_top(space: Space, x, Mx, theta1: float | None = None, steps: int = 
     q = q - space.dot(q, Mx) * x
     nq = space.norm(q)
     if not bool(nq > 0):
-        return 0.0, 0
+        return None
     q = q / nq
-    Q, MQ = [x, q], [Mx, space.M(q)]
-    alphas, betas = [], []
+    pr = _ProbeSteps([x, q], [Mx, space.M(q)], [], [], [], theta1)
     for _ in range(steps):
-        w = space.apply(Q[-1])
-        a = to_float(space.dot(w, MQ[-1]))
-        w = _orthogonalize(space, w, Q, MQ)
+        w = space.apply(pr.Q[-1])
+        a, h = host_floats([space.dot(w, pr.MQ[-1]), space.dot(w, Mx)])
+        w = _orthogonalize(space, w, pr.Q, pr.MQ)
         Mw = space.M(w)
         b = to_float(space.norm(w, Mw))
-        alphas.append(a)
-        betas.append(b)
+        pr.alphas.append(a)
+        pr.betas.append(b)
+        pr.coupling.append(h)
         if b <= floor or b <= 1e-300:  # exhausted: the remainder is rounding noise
             break
-        Q.append(w / b)
-        MQ.append(Mw / b)
-    k = len(alphas)
-    T = _tridiagonal(alphas, betas[: k - 1])
-    return math.sqrt(max(float(np.linalg.eigvalsh(T)[-1]), 0.0)), k
+        pr.Q.append(w / b)
+        pr.MQ.append(Mw / b)
+    return pr
+
+
+def _probe_ritz(space: Space, x, theta1: float, steps: int, seed: tuple, kernel: bool) -> tuple:
+    """``(k, θ₂, z)``: :func:`_probe`'s ``k`` steps from the unit ``x`` (Rayleigh quotient
+    ``theta1``), then the Rayleigh–Ritz problem on ``x`` and the probe's basis (the couplings
+    ``⟨A q_i, x⟩`` border the probe's tridiagonal matrix): its second Ritz value, and ``z()``
+    its top Ritz vector. ``kernel``: ``space`` is a float64 NumPy :class:`GramSpace` and the
+    whole of it runs in :func:`kronsum._numba_kernels.coef_probe` (same draw, same arithmetic).
+    ``k = 0``: the deflated space is empty."""
+    Mx = space.M(x)
+    if kernel:  # the same draw as random_like's, kept per size (a generator costs ~30 µs)
+        q = _normal_draw(int(x.shape[0]), seed)
+        eps = float(np.finfo(np.float64).eps)
+        k, t2, z = numba_kernels().coef_probe(space.SP, space.SQ, space.w, x, Mx, q, float(theta1),
+                                              int(min(steps, x.shape[0] - 1)), eps)
+        return max(int(k), 0), float(t2), lambda: z
+    pr = _probe(space, x, Mx, theta1, steps, list(seed))
+    if pr is None:
+        return 0, -1.0, None
+    k = len(pr.alphas)
+    H = np.zeros((k + 1, k + 1))
+    H[0, 0] = pr.theta1
+    H[0, 1:] = H[1:, 0] = pr.coupling
+    H[1:, 1:] = _tridiagonal(pr.alphas, pr.betas[: k - 1])
+    theta, S = np.linalg.eigh(H)
+    return k, float(theta[-2]), lambda: _ritz(space, pr.Q[: k + 1], pr.MQ[: k + 1], S[:, -1])[0]
+
+
+def verify_estimate(space: Space, eig: EigenResult, stop: Stop, max_iter: int,
+                    resume: Callable[[Any, int], EigenResult], rounds: int = 6,
+                    steps: int = 6, kernel: bool = False) -> EigenResult:
+    """Check a stop on an uncertified estimate (:class:`Stop`) by the deflated probe, and go on
+    where it fails.
+
+    A single-vector Krylov space can blend two nearly tied top directions into its Ritz
+    vector ``x``: the residual is then small, and the second Ritz value (the estimate's ``λ₂``)
+    far below ``λ₂``, so the estimate can be below the true gap by orders of magnitude at any
+    accuracy (by ``(σ₁ − σ₂)/σ₁`` of about the square root of the accuracy). ``steps`` Lanczos
+    steps on the operator deflated by ``x`` find such a direction (the deflated operator's top
+    eigenvalue is at least ``λ₂``); the Rayleigh–Ritz problem on ``x`` and the probe's basis
+    (its couplings to ``x`` are read in the same pass) gives a second Ritz value, which
+    replaces the estimate's when larger. If the bound then misses ``accuracy``, the solve
+    resumes (``resume(z, applications left)``) from the top Ritz vector ``z`` of that space,
+    which resolves the two directions; at most ``rounds`` times. Probes count as applications.
+    Where the stop was not an uncertified estimate ``eig`` is returned as it is. ``kernel``:
+    the probe runs in the numba kernel (:func:`_probe_ritz`).
+    """
+    its = eig.iterations
+    for r in range(rounds + 1):
+        if not (eig.converged and stop.accuracy is not None and stop.estimates and not stop.certified
+                and stop.bound is not None and stop.bound <= stop.accuracy and stop.res > stop.tol
+                and stop.th1 is not None and stop.th1 > 0):
+            break
+        x = eig.x
+        k, t2, z = _probe_ritz(space, x, stop.th1, steps, (0x5EED, 3, r), kernel)
+        if k <= 0:
+            break
+        its += k
+        mu = -1.0 if stop.th2 is None else stop.th2 + stop.r2
+        if t2 > mu:  # the probe saw a larger second eigenvalue: the bound takes it
+            met = stop.met(stop.th1, stop.res, t2, 0.0)
+            eig.sigma2 = math.sqrt(max(t2, 0.0))
+        else:
+            met = True
+        eig.iterations = its
+        if met:
+            break
+        if r == rounds or its >= max_iter:
+            eig.converged = False
+            break
+        eig = resume(z(), max_iter - its)
+        its += eig.iterations
+        eig.iterations = its
+    return eig
 
 
 # -- the block solver (rank r) ------------------------------------------------------------------
@@ -1022,6 +1127,8 @@ def gram_solve(Fn, alpha0, stop: Stop, max_iter: int) -> Solution:
                 return Solution(zero_answer(Fn), EigenResult(None, 0, True, 0.0, 0.0), "gram[numba]")
         eps = xp.finfo(Fn.dtype).eps
         eig = _numba_lanczos(space, Fn, alpha0, stop, max_iter, eps)
+        eig = verify_estimate(space, eig, stop, max_iter,
+                              lambda z, its: _numba_lanczos(space, Fn, z, stop, its, eps), kernel=True)
         if _tighten_for_psd(Fn, eig, stop, True):
             eig = _tightened(eig, stop, lambda its: _numba_lanczos(space, Fn, eig.x, stop, its, eps), max_iter)
         return finish_coef(Fn, space, eig, stop, "gram[numba]", on_host=True)
@@ -1044,6 +1151,7 @@ def gram_solve(Fn, alpha0, stop: Stop, max_iter: int) -> Solution:
     stop.f2 = to_float(space.f2())
     stop.f2_err = Fn.num_terms * float(xp.finfo(Fn.dtype).eps) * _f2_scale(space, Fn, stop)
     eig = lanczos(space, alpha0, stop, max_iter)
+    eig = verify_estimate(space, eig, stop, max_iter, lambda z, its: lanczos(space, z, stop, its))
     if _tighten_for_psd(Fn, eig, stop, False):
         eig = _tightened(eig, stop, lambda its: lanczos(space, eig.x, stop, its), max_iter)
     return finish_coef(Fn, space, eig, stop, "gram", (st.cP, st.cQ, st.cw))
@@ -1109,6 +1217,7 @@ def conv_gram_solve(Fn, start: str | Array, stop: Stop, max_iter: int, seed=None
     stop.f2 = to_float(space.f2())
     stop.f2_err = K * T * T * float(xp.finfo(Fn.dtype).eps) * abs(stop.f2)
     eig = lanczos(space, c0, stop, max_iter)
+    eig = verify_estimate(space, eig, stop, max_iter, lambda z, its: lanczos(space, z, stop, its))
     return _finish_conv_coef(Fn, space, eig, stop)
 
 
@@ -1238,10 +1347,11 @@ def _numba_lanczos(space: GramSpace, Fn, x0, stop: Stop, max_iter, eps) -> Eigen
     acc = -1.0 if stop.accuracy is None else stop.accuracy
     if SP.shape[0] <= KRYLOV_DIM:  # as lanczos: one Krylov basis spans the space
         stop.estimates = False
-    x, its, conv, res, s2, bound, certified = kern.coef_lanczos(
+    x, its, conv, res, s2, bound, certified, th1, th2, r2 = kern.coef_lanczos(
         SP, SQ, w, x0, float(stop.tol), acc, stop.f2, stop.f2_err, float(stop.th_rel), int(max_iter), KRYLOV_DIM,
         float(eps), bool(stop.estimates))
     stop.bound, stop.certified = float(bound), bool(certified)
+    stop.th1, stop.th2, stop.r2, stop.res = float(th1), (None if th2 < 0 else float(th2)), float(r2), float(res)
     if s2 < 0 and its == 1 and res == 0.0:  # invariant start vector: probe for a repeated sigma1
         s2, k = deflated_top(space, x, space.M(x))
         its += k

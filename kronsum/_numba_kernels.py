@@ -46,9 +46,10 @@ def coef_lanczos(SP, SQ, w, x0, tol, accuracy, f2, f2_err, th_rel, max_iter, kdi
     ``f2_err``, and ``th_rel·θ`` the Ritz value's rounding) ≤ ``accuracy`` (``< 0``: off),
     an uncertified bound only with ``estimates`` (:attr:`kronsum._eigen.Stop.estimates`: false
     where one Krylov basis of ``kdim`` vectors spans the space).
-    Returns ``(alpha, applications, converged, residual, s2, bound, certified)``; ``s2 < 0``
-    means "unknown" (and, with ``applications == 1`` and ``residual == 0``, an invariant start
-    vector).
+    Returns ``(alpha, applications, converged, residual, s2, bound, certified, th1, th2, r2)``
+    (the last three as :class:`kronsum._eigen.Stop` records them, ``th2 < 0``: unknown);
+    ``s2 < 0`` means "unknown" (and, with ``applications == 1`` and ``residual == 0``, an
+    invariant start vector).
     """
     K = SP.shape[0]
     Mx = SP @ x0
@@ -88,15 +89,15 @@ def coef_lanczos(SP, SQ, w, x0, tol, accuracy, f2, f2_err, th_rel, max_iter, kdi
             theta, S = np.linalg.eigh(T)
             th1 = theta[j]
             if th1 <= 0.0:
-                return Q[0].copy(), n_apply, True, 0.0, 0.0, 0.0, f2 == 0.0
+                return Q[0].copy(), n_apply, True, 0.0, 0.0, 0.0, f2 == 0.0, th1, -1.0, 0.0
             breakdown = b <= 64.0 * eps * th1
             if j == 0 and breakdown:  # the caller probes for σ₂ and bounds the gap then
-                return Q[0].copy(), n_apply, True, 0.0, -1.0, math.inf, False
+                return Q[0].copy(), n_apply, True, 0.0, -1.0, math.inf, False, th1, -1.0, 0.0
             s2 = math.sqrt(max(theta[j - 1], 0.0)) if j > 0 else -1.0
             res = (max(b, 64.0 * eps * th1) if breakdown else b) * abs(S[j, j]) / th1
-            bound, certified = _gap_bound(th1, res * th1, theta[j - 1] if j > 0 else -1.0,
-                                          b * abs(S[j, j - 1]) if j > 0 else 0.0, f2, f2_err,
-                                          0.0, th_rel * th1)
+            th2 = theta[j - 1] if j > 0 else -1.0
+            r2 = b * abs(S[j, j - 1]) if j > 0 else 0.0
+            bound, certified = _gap_bound(th1, res * th1, th2, r2, f2, f2_err, 0.0, th_rel * th1)
             # an estimate (uncertified) stops only where one Krylov basis cannot span the space
             met = res <= tol or (accuracy >= 0.0 and bound <= accuracy and (certified or estimates))
             done = met or breakdown or n_apply >= max_iter
@@ -108,10 +109,71 @@ def coef_lanczos(SP, SQ, w, x0, tol, accuracy, f2, f2_err, th_rel, max_iter, kdi
                 x = x / nx
                 Mx = Mx / nx
                 if done:
-                    return x, n_apply, met or breakdown, res, s2, bound, certified
+                    return x, n_apply, met or breakdown, res, s2, bound, certified, th1, th2, r2
                 break
             Q[j + 1] = v / b
             MQ[j + 1] = Mv / b
+
+
+@njit(cache=True, nogil=True)
+def coef_probe(SP, SQ, w, x, Mx, q0, theta1, steps, eps):  # pragma: no cover - compiled
+    """:func:`kronsum._eigen._probe` and :func:`kronsum._eigen._probe_ritz` in the Gram space
+    (``x`` unit in the ``S_P`` metric with Rayleigh quotient ``theta1``, ``q0`` the probe's
+    random direction, drawn by the caller): ``steps`` Lanczos steps on the operator deflated by
+    ``x``, then the Rayleigh–Ritz problem on ``x`` and their basis, same arithmetic. Returns
+    ``(k, theta2, z)``: the steps taken (``-1``: the deflated start vanished), the second Ritz
+    value and the top Ritz vector (unit in the metric)."""
+    K = SP.shape[0]
+    Q = np.empty((steps + 2, K), dtype=SP.dtype)
+    MQ = np.empty((steps + 2, K), dtype=SP.dtype)
+    alphas = np.zeros(steps)
+    betas = np.zeros(steps)
+    coupling = np.zeros(steps)
+    floor = 64.0 * eps * abs(theta1)
+    q = q0 - (q0 @ Mx) * x
+    Mq = SP @ q
+    nq = math.sqrt(max(q @ Mq, 0.0))
+    if not nq > 0.0:
+        return -1, -1.0, x.copy()
+    Q[0] = x
+    MQ[0] = Mx
+    Q[1] = q / nq
+    MQ[1] = Mq / nq
+    n = 2
+    k = 0
+    for _ in range(steps):
+        v = w * (SQ @ (w * MQ[n - 1]))
+        a = v @ MQ[n - 1]
+        h = v @ Mx
+        for _ in range(2):
+            for i in range(n):
+                v = v - (v @ MQ[i]) * Q[i]
+        Mv = SP @ v
+        b = math.sqrt(max(v @ Mv, 0.0))
+        alphas[k] = a
+        betas[k] = b
+        coupling[k] = h
+        k += 1
+        if b <= floor or b <= 1e-300:
+            break
+        Q[n] = v / b
+        MQ[n] = Mv / b
+        n += 1
+    H = np.zeros((k + 1, k + 1))
+    H[0, 0] = theta1
+    for i in range(k):
+        H[0, i + 1] = coupling[i]
+        H[i + 1, 0] = coupling[i]
+        H[i + 1, i + 1] = alphas[i]
+        if i + 1 < k:
+            H[i + 1, i + 2] = betas[i]
+            H[i + 2, i + 1] = betas[i]
+    theta, S = np.linalg.eigh(H)
+    s = S[:, k].astype(SP.dtype)
+    z = s @ Q[: k + 1]
+    Mz = s @ MQ[: k + 1]
+    z = z / math.sqrt(max(z @ Mz, 0.0))
+    return k, theta[k - 1], z
 
 
 def _recompile_after_dependency_change(*kernels) -> None:

@@ -537,6 +537,45 @@ def test_a_gram_solve_of_small_rank_is_not_stopped_on_an_estimate(K, m, n, eps, 
     assert gap <= 1e-10 and gap <= est.info.error_gap_bound + 1e-12, (gap, est.info)
 
 
+@settings(deadline=None, max_examples=30)
+@given(st.sampled_from(["outer", "terms"]), st.integers(11, 150), st.integers(6, 24), st.integers(6, 24),
+       st.sampled_from([1e-3, 1e-5, 1e-7]), st.sampled_from([None, 1e-4]), st.integers(0, 2**31 - 1))
+def test_the_gram_route_resolves_nearly_tied_top_directions(form, K, m, n, eps, accuracy, seed):
+    """Two nearly tied singular values (a copy of the first half's terms on other rows and
+    columns, weighted ``1 + eps``): a single-vector Krylov space blends the two directions
+    into its Ritz vector with a small residual and a second Ritz value far below λ₂, so the
+    estimate (uncertified) had stopped far below the true gap — by up to 2e6 at the default
+    accuracy with eps = 1e-7. The deflated probe that checks such a stop finds the second
+    direction; the solve goes on and the bound is above the gap, which meets the accuracy."""
+    rng = np.random.default_rng(seed)
+    hm, hn = m // 2, n // 2
+    w1 = rng.uniform(0.2, 2.0, K)
+    w = np.concatenate([w1, (1 + eps) * w1])
+    if form == "outer":
+        G1, A1 = np.zeros((K, m)), np.zeros((K, n))
+        G1[:, :hm], A1[:, :hn] = rng.standard_normal((K, hm)), rng.standard_normal((K, hn))
+        G2, A2 = np.zeros_like(G1), np.zeros_like(A1)
+        G2[:, hm:2 * hm], A2[:, hn:2 * hn] = G1[:, :hm], A1[:, :hn]
+        arrays = [np.concatenate([G1, G2]), np.concatenate([A1, A2])]
+    else:
+        def group(d, h):
+            X = rng.standard_normal((K, h, 3))
+            P1 = np.zeros((K, d, d))
+            P1[:, :h, :h] = X @ X.transpose(0, 2, 1)
+            P2 = np.zeros_like(P1)
+            P2[:, h:2 * h, h:2 * h] = P1[:, :h, :h]
+            return np.concatenate([P1, P2])
+        arrays = [group(m, hm), group(n, hn)]
+    F = getattr(ks.KronSum, f"from_{form}")(*arrays, w)
+    D = dense_F(form, arrays, w)
+    opt, s = svd_optimum(D, m, n)
+    normF = float(np.linalg.norm(D))
+    est = ks.kfoc(F, method="gram", **({} if accuracy is None else {"accuracy": accuracy}))
+    gap = (float(np.linalg.norm(D - est.to_dense())) - opt) / normF
+    floor = 1e-12
+    assert gap <= (accuracy or 1e-8) + floor and gap <= est.info.error_gap_bound + floor, (gap, est.info)
+
+
 def test_accuracy_stops_earlier_than_the_residual_rule():
     G, A = random_inputs("conv", 30, 6, 8, T=5, seed=2, kind="heavy")
     F = ks.KronSum.from_conv(G, A)
