@@ -937,14 +937,16 @@ def verify_estimate(space: Space, eig: EigenResult, stop: Stop, max_iter: int,
     (its couplings to ``x`` are read in the same pass) gives a second Ritz value, which
     replaces the estimate's when larger. If the bound then misses ``accuracy``, the solve
     resumes (``resume(z, applications left)``) from the top Ritz vector ``z`` of that space,
-    which resolves the two directions; at most ``rounds`` times. Probes count as applications.
-    Where the stop was not an uncertified estimate ``eig`` is returned as it is. ``kernel``:
+    which resolves the two directions; at most ``rounds`` times, after which the answer is
+    returned as not converged, with the probe's bound. Probes count as applications. A stop on
+    the residual (``tol``) is checked too: it reports the same uncertified bound. Where the
+    bound is certified or misses ``accuracy`` anyway, ``eig`` is returned as it is. ``kernel``:
     the probe runs in the numba kernel (:func:`_probe_ritz`).
     """
     its = eig.iterations
     for r in range(rounds + 1):
         if not (eig.converged and stop.accuracy is not None and stop.estimates and not stop.certified
-                and stop.bound is not None and stop.bound <= stop.accuracy and stop.res > stop.tol
+                and stop.bound is not None and stop.bound <= stop.accuracy
                 and stop.th1 is not None and stop.th1 > 0):
             break
         x = eig.x
@@ -953,11 +955,12 @@ def verify_estimate(space: Space, eig: EigenResult, stop: Stop, max_iter: int,
             break
         its += k
         mu = -1.0 if stop.th2 is None else stop.th2 + stop.r2
-        if t2 > mu:  # the probe saw a larger second eigenvalue: the bound takes it
-            met = stop.met(stop.th1, stop.res, t2, 0.0)
+        met = True
+        if t2 > mu:  # the probe saw a larger second eigenvalue: the bound takes it (also after
+            # a stop on the residual: a vector of a nearly tied pair has a tiny residual too)
+            stop.met(stop.th1, stop.res, t2, 0.0)
+            met = stop.bound <= stop.accuracy
             eig.sigma2 = math.sqrt(max(t2, 0.0))
-        else:
-            met = True
         eig.iterations = its
         if met:
             break
@@ -1126,11 +1129,13 @@ def gram_solve(Fn, alpha0, stop: Stop, max_iter: int) -> Solution:
                         "rounding made indefinite (terms nearly collinear and cancelling)")
                 return Solution(zero_answer(Fn), EigenResult(None, 0, True, 0.0, 0.0), "gram[numba]")
         eps = xp.finfo(Fn.dtype).eps
-        eig = _numba_lanczos(space, Fn, alpha0, stop, max_iter, eps)
-        eig = verify_estimate(space, eig, stop, max_iter,
-                              lambda z, its: _numba_lanczos(space, Fn, z, stop, its, eps), kernel=True)
-        if _tighten_for_psd(Fn, eig, stop, True):
-            eig = _tightened(eig, stop, lambda its: _numba_lanczos(space, Fn, eig.x, stop, its, eps), max_iter)
+        def resume(z, its):
+            return _numba_lanczos(space, Fn, z, stop, its, eps)
+
+        eig = verify_estimate(space, resume(alpha0, max_iter), stop, max_iter, resume, kernel=True)
+        if _tighten_for_psd(Fn, eig, stop, True):  # a tighter answer is checked the same way
+            eig = verify_estimate(space, _tightened(eig, stop, lambda its: resume(eig.x, its), max_iter),
+                                  stop, max_iter, resume, kernel=True)
         return finish_coef(Fn, space, eig, stop, "gram[numba]", on_host=True)
 
     st = None
@@ -1150,10 +1155,13 @@ def gram_solve(Fn, alpha0, stop: Stop, max_iter: int) -> Solution:
     # ‖F̃‖² in scaled units: it certifies the stop, and bounds σ₂ when the solver gave none
     stop.f2 = to_float(space.f2())
     stop.f2_err = Fn.num_terms * float(xp.finfo(Fn.dtype).eps) * _f2_scale(space, Fn, stop)
-    eig = lanczos(space, alpha0, stop, max_iter)
-    eig = verify_estimate(space, eig, stop, max_iter, lambda z, its: lanczos(space, z, stop, its))
-    if _tighten_for_psd(Fn, eig, stop, False):
-        eig = _tightened(eig, stop, lambda its: lanczos(space, eig.x, stop, its), max_iter)
+    def resume(z, its):
+        return lanczos(space, z, stop, its)
+
+    eig = verify_estimate(space, resume(alpha0, max_iter), stop, max_iter, resume)
+    if _tighten_for_psd(Fn, eig, stop, False):  # a tighter answer is checked the same way
+        eig = verify_estimate(space, _tightened(eig, stop, lambda its: resume(eig.x, its), max_iter),
+                              stop, max_iter, resume)
     return finish_coef(Fn, space, eig, stop, "gram", (st.cP, st.cQ, st.cw))
 
 
