@@ -249,6 +249,44 @@ def test_cross_attention_blocks_equal_exact_fisher(separate):
         _quiet_collect(model, loss, X, fisher="mc", layers=["mem_k"], weight_sharing="sample")
 
 
+class SelfAttn(nn.Module):
+    """``att(h, h, h)`` on one tensor, batch first or sequence first (PyTorch's default)."""
+
+    def __init__(self, layout):
+        super().__init__()
+        self.layout = layout
+        self.att = nn.MultiheadAttention(4, 2, batch_first=layout == "batch_first")
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x):  # x (N, L, 4)
+        h = x if self.layout == "batch_first" else x.transpose(0, 1)
+        y = self.att(h, h, h)[0]
+        return self.head(y.mean(1 if self.layout == "batch_first" else 0))
+
+
+@pytest.mark.parametrize("layout", ["batch_first", "sequence_first"])
+def test_self_attention_keeps_the_packed_block_in_every_layout(layout):
+    """One tensor as query, key and value is self-attention whatever the layout: the packed
+    ``in_proj`` block (with the q/k/v coupling), not three split blocks. Sequence first it had
+    been split, because the layout change made three views of the tensor. The block (per
+    sample) is the batch-first model's and the exact Fisher's."""
+    torch.manual_seed(4)
+    ref_model = SelfAttn("batch_first").to(DT).eval()
+    model = SelfAttn(layout).to(DT).eval()
+    model.load_state_dict(ref_model.state_dict())
+    X = torch.randn(4, 3, 4, dtype=DT)
+    y = torch.randint(0, 3, (4,))
+    loss = nn.CrossEntropyLoss(reduction="sum")
+    blocks = _quiet_collect(model, loss, X, y, fisher="exact", layers=["att"], weight_sharing="sample")
+    assert sorted(blocks) == ["att.in_proj", "att.out_proj"]
+    want = _quiet_collect(ref_model, loss, X, y, fisher="exact", layers=["att"], weight_sharing="sample")
+    for key in blocks:
+        _close(blocks[key].to_dense(), want[key].to_dense())
+    keys = {"att.in_proj": dict(W="att.in_proj_weight", b="att.in_proj_bias")}
+    ref = exact_blocks(model, X, keys, hessians=_ce_hessians(model(X), None, 1, -100, "sum"))
+    _close(blocks["att.in_proj"].to_dense(), ref["att.in_proj"])
+
+
 @pytest.mark.parametrize("need_weights, average", [(True, True), (True, False), (False, True)])
 @pytest.mark.parametrize("batch_first", [True, False])
 def test_attention_replacement_equals_the_module(need_weights, average, batch_first):
@@ -584,6 +622,29 @@ def test_ignore_index_drops_samples_like_the_loss():
         kt.collect(_net(), nn.CrossEntropyLoss(), X, torch.full((8,), -100), fisher="empirical")
 
 
+@pytest.mark.parametrize("fisher", ["exact", "empirical"])
+def test_ignored_samples_stay_in_the_kfac_split_as_documented(fisher):
+    """An ignored sample's output gradients are zero, so the block is the kept batch's, but
+    its terms stay: K-FAC's activation-side factor and Σw count its inputs (as curvlinops'
+    K-FAC does), in collect's KronSum and in collect_kfac alike."""
+    torch.manual_seed(3)
+    X = torch.randn(8, 6, dtype=DT)
+    X[:3] = 3.0  # padding-like rows
+    y = torch.randint(0, 3, (8,))
+    y[:3] = -100
+    loss = nn.CrossEntropyLoss(reduction="sum")
+    net = _net()
+    F = kt.collect(net, loss, X, y, fisher=fisher)[""]
+    est, direct = ks.kfac(F), kt.collect_kfac(net, loss, X, y, fisher=fisher)[""]
+    _close(direct.to_dense(), est.to_dense())
+    kept = kt.collect(net, loss, X[3:], y[3:], fisher=fisher)[""]
+    _close(F.to_dense(), kept.to_dense())
+    A = torch.cat([X, torch.ones(8, 1, dtype=DT)], 1)  # the layer's inputs and the bias column
+    _close(est.right, A.T @ A / 8)  # Σ w a aᵀ / Σ w over all 8 samples, the ignored included
+    assert float(est.scale) == float(F.weights.sum()) == 8 * (3 if fisher == "exact" else 1)
+    assert not torch.allclose(ks.kfac(kept).to_dense(), est.to_dense())
+
+
 @pytest.mark.parametrize("targets, match", [
     (torch.zeros(8), "integer class indices"),
     (torch.zeros(8, dtype=torch.bool), "integer class indices"),
@@ -600,8 +661,11 @@ def test_mse_targets_nan_outputs_and_empty_batches():
     X = torch.randn(8, 6, dtype=DT)
     with pytest.raises(ValueError, match=r"7 rows for a batch of 8"):
         kt.collect(_net(), nn.MSELoss(), X, torch.zeros(7, 3, dtype=DT), fisher="empirical")
-    with pytest.raises(ValueError, match=r"targets must have the output's shape \(8, 3\)"):
-        kt.collect(_net(), nn.MSELoss(), X, torch.zeros(8, 2, dtype=DT), fisher="empirical")
+    for fisher in ("empirical", "exact", "mc"):  # checked where given, whether used or not
+        with pytest.raises(ValueError, match=r"targets must have the output's shape \(8, 3\)"):
+            kt.collect(_net(), nn.MSELoss(), X, torch.zeros(8, 2, dtype=DT), fisher=fisher)
+        with pytest.raises(ValueError, match=r"targets must lie in \[0, 1\]"):
+            kt.collect(_net(), nn.BCEWithLogitsLoss(), X, torch.full((8, 3), 2.0, dtype=DT), fisher=fisher)
     Xn = X.clone()
     Xn[2, 1] = float("nan")
     for fisher in ("mc", "exact", "empirical"):

@@ -359,12 +359,17 @@ def _mha_forward(name, mod, specs, record, query, key, value, key_padding_mask=N
                  need_weights=True, attn_mask=None, average_attn_weights=True, is_causal=False):
     """``mod(query, key, value, ...)`` with its linear maps explicit and perturbed."""
     batched = query.dim() == 3
+    # self-attention (one tensor as query, key and value: the packed in_proj block), told
+    # before the layout changes below make three distinct views of it
+    same = query is key and key is value
     if not batched:  # unbatched: (L, E)
         query, key, value = query[None], key[None], value[None]
         if key_padding_mask is not None:
             key_padding_mask = key_padding_mask[None]
     elif not mod.batch_first:
         query, key, value = (t.transpose(0, 1) for t in (query, key, value))
+    if same:
+        key = value = query
     N, L, E = query.shape
     S = key.shape[1]
     h, hd = mod.num_heads, E // mod.num_heads

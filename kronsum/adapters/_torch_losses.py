@@ -11,8 +11,9 @@ is not the batch, e.g. a sequence-first one, still gets the right weights):
   with ``v = √p_j (p − e_j)`` (``P = 1``), and with several positions one term per class and
   position, ``v = √p_{t,j}(p_t − e_j)`` at position ``t`` and zero elsewhere — the positions' Hessians
   ``diag(p_t) − p_t p_tᵀ`` stay separate, so the block is exact for any network, at ``C·P``
-  backward passes. Targets equal to ``ignore_index`` drop their position (all types); ``"mean"``
-  divides by the number of positions kept, as PyTorch does.
+  backward passes. Targets equal to ``ignore_index`` zero their position's output gradients
+  (all types: the block is that of the batch without them); ``"mean"`` divides by the number
+  of positions kept, as PyTorch does.
 * binary cross-entropy with logits (``ℓ = −Σ_j y_j log σ(f_j) + (1 − y_j) log(1 − σ(f_j))``,
   independent Bernoulli outputs): ``"empirical"`` ``v = σ(f) − y``; ``"mc"`` the same with
   ``y ~ Bernoulli(σ(f))``; ``"exact"`` one term per output entry ``j`` with
@@ -251,7 +252,7 @@ def _elementwise_terms(spec, f, targets, fisher, n_samples, generator):
     name = "MSELoss" if spec.kind == "mse" else "BCEWithLogitsLoss"
     mean = f if spec.kind == "mse" else torch.sigmoid(f)
     terms = []
-    if fisher == "empirical":
+    if targets is not None:  # checked for every Fisher type, used by the empirical one
         y = torch.as_tensor(targets, device=f.device)
         if tuple(y.shape) != tuple(f.shape) and (y.numel() != f.numel() or y.ndim == 0
                                                  or y.shape[0] != N):
@@ -264,6 +265,9 @@ def _elementwise_terms(spec, f, targets, fisher, n_samples, generator):
         y = y.to(f.dtype).reshape(f.shape)
         if spec.kind == "bce" and bool(((y < 0) | (y > 1)).any()):
             raise ValueError(f"{name}: targets must lie in [0, 1]")
+    if fisher == "empirical":
+        if targets is None:
+            raise ValueError(f"{name}: fisher='empirical' needs the targets")
         terms.append(((2.0 if spec.kind == "mse" else 1.0) * (mean - y), c))
     elif fisher == "mc":
         for _ in range(n_samples):
