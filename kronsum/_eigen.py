@@ -882,10 +882,10 @@ def _probe(space: Space, x, Mx, theta1: float | None, steps: int, seed) -> _Prob
     pr = _ProbeSteps([x, q], [Mx, space.M(q)], [], [], [], theta1)
     for _ in range(steps):
         w = space.apply(pr.Q[-1])
-        a, h = host_floats([space.dot(w, pr.MQ[-1]), space.dot(w, Mx)])
+        a, h = space.dot(w, pr.MQ[-1]), space.dot(w, Mx)
         w = _orthogonalize(space, w, pr.Q, pr.MQ)
         Mw = space.M(w)
-        b = to_float(space.norm(w, Mw))
+        a, h, b = host_floats([a, h, space.norm(w, Mw)])  # one read per step
         pr.alphas.append(a)
         pr.betas.append(b)
         pr.coupling.append(h)
@@ -925,8 +925,8 @@ def _probe_ritz(space: Space, x, theta1: float, steps: int, seed: tuple, kernel:
 def verify_estimate(space: Space, eig: EigenResult, stop: Stop, max_iter: int,
                     resume: Callable[[Any, int], EigenResult], rounds: int = 6,
                     steps: int = 6, kernel: bool = False) -> EigenResult:
-    """Check a stop on an uncertified estimate (:class:`Stop`) by the deflated probe, and go on
-    where it fails.
+    """Check a stop that reports an uncertified bound (an estimate, :class:`Stop`) by the
+    deflated probe, and go on where it fails.
 
     A single-vector Krylov space can blend two nearly tied top directions into its Ritz
     vector ``x``: the residual is then small, and the second Ritz value (the estimate's ``λ₂``)
@@ -935,35 +935,34 @@ def verify_estimate(space: Space, eig: EigenResult, stop: Stop, max_iter: int,
     steps on the operator deflated by ``x`` find such a direction (the deflated operator's top
     eigenvalue is at least ``λ₂``); the Rayleigh–Ritz problem on ``x`` and the probe's basis
     (its couplings to ``x`` are read in the same pass) gives a second Ritz value, which
-    replaces the estimate's when larger. If the bound then misses ``accuracy``, the solve
-    resumes (``resume(z, applications left)``) from the top Ritz vector ``z`` of that space,
-    which resolves the two directions; at most ``rounds`` times, after which the answer is
-    returned as not converged, with the probe's bound. Probes count as applications. A stop on
-    the residual (``tol``) is checked too: it reports the same uncertified bound. Where the
-    bound is certified or misses ``accuracy`` anyway, ``eig`` is returned as it is. ``kernel``:
-    the probe runs in the numba kernel (:func:`_probe_ritz`).
+    replaces the estimate's when larger. Every such stop is checked, on ``accuracy`` or on
+    the residual (``tol``, which a vector of a nearly tied pair meets too). If a bound that
+    met ``accuracy`` then misses it, the solve resumes (``resume(z, applications left)``) from
+    the top Ritz vector ``z`` of that space, which resolves the two directions; at most
+    ``rounds`` times, after which the answer is returned as not converged, with the probe's
+    bound. Probes count as applications, within ``max_iter`` (a probe that does not fit is
+    not run, and the bound stays the estimate). ``kernel``: the probe runs in the numba
+    kernel (:func:`_probe_ritz`).
     """
     its = eig.iterations
     for r in range(rounds + 1):
-        if not (eig.converged and stop.accuracy is not None and stop.estimates and not stop.certified
-                and stop.bound is not None and stop.bound <= stop.accuracy
-                and stop.th1 is not None and stop.th1 > 0):
+        budget = min(steps, max_iter - its)
+        if not (eig.converged and budget > 0 and stop.estimates and not stop.certified
+                and stop.bound is not None and stop.th1 is not None and stop.th1 > 0):
             break
-        x = eig.x
-        k, t2, z = _probe_ritz(space, x, stop.th1, steps, (0x5EED, 3, r), kernel)
+        k, t2, z = _probe_ritz(space, eig.x, stop.th1, budget, (0x5EED, 3, r), kernel)
         if k <= 0:
             break
         its += k
-        mu = -1.0 if stop.th2 is None else stop.th2 + stop.r2
-        met = True
-        if t2 > mu:  # the probe saw a larger second eigenvalue: the bound takes it (also after
-            # a stop on the residual: a vector of a nearly tied pair has a tiny residual too)
-            stop.met(stop.th1, stop.res, t2, 0.0)
-            met = stop.bound <= stop.accuracy
-            eig.sigma2 = math.sqrt(max(t2, 0.0))
         eig.iterations = its
-        if met:
+        mu = -1.0 if stop.th2 is None else stop.th2 + stop.r2
+        if not t2 > mu:  # the probe saw nothing above the estimate's second value
             break
+        met_before = stop.accuracy is not None and stop.bound <= stop.accuracy
+        stop.met(stop.th1, stop.res, t2, 0.0)  # the bound with the probe's second value
+        eig.sigma2 = math.sqrt(max(t2, 0.0))
+        if not met_before or stop.bound <= stop.accuracy:
+            break  # a stop on tol keeps its answer; the bound now says what it is
         if r == rounds or its >= max_iter:
             eig.converged = False
             break
@@ -1134,8 +1133,9 @@ def gram_solve(Fn, alpha0, stop: Stop, max_iter: int) -> Solution:
 
         eig = verify_estimate(space, resume(alpha0, max_iter), stop, max_iter, resume, kernel=True)
         if _tighten_for_psd(Fn, eig, stop, True):  # a tighter answer is checked the same way
-            eig = verify_estimate(space, _tightened(eig, stop, lambda its: resume(eig.x, its), max_iter),
-                                  stop, max_iter, resume, kernel=True)
+            tight = _tightened(eig, stop, lambda its: resume(eig.x, its), max_iter)
+            if tight is not eig:
+                eig = verify_estimate(space, tight, stop, max_iter, resume, kernel=True)
         return finish_coef(Fn, space, eig, stop, "gram[numba]", on_host=True)
 
     st = None
@@ -1160,8 +1160,9 @@ def gram_solve(Fn, alpha0, stop: Stop, max_iter: int) -> Solution:
 
     eig = verify_estimate(space, resume(alpha0, max_iter), stop, max_iter, resume)
     if _tighten_for_psd(Fn, eig, stop, False):  # a tighter answer is checked the same way
-        eig = verify_estimate(space, _tightened(eig, stop, lambda its: resume(eig.x, its), max_iter),
-                              stop, max_iter, resume)
+        tight = _tightened(eig, stop, lambda its: resume(eig.x, its), max_iter)
+        if tight is not eig:
+            eig = verify_estimate(space, tight, stop, max_iter, resume)
     return finish_coef(Fn, space, eig, stop, "gram", (st.cP, st.cQ, st.cw))
 
 

@@ -317,7 +317,8 @@ def kfoc(
         lower-precision inputs where the bound misses ``accuracy`` (a note says so).
     max_iter : int, optional
         Most operator applications (each = both contractions, the cost of one iteration of
-        the paper's Algorithm 1). Default 500 (``lanczos``), 5000 (``power``).
+        the paper's Algorithm 1; the Gram routes' checks of an estimate count too). Default
+        500 (``lanczos``), 5000 (``power``).
     init : {"auto", "tkfac", "kfac", "identity", "random"} or Kron
         Starting factor of the iterative solvers. ``"tkfac"`` starts from TKFAC's factor,
         itself one half-step from the identity; ``"random"`` uses ``seed``; a :class:`Kron`

@@ -168,12 +168,16 @@ def coef_probe(SP, SQ, w, x, Mx, q0, theta1, steps, eps):  # pragma: no cover - 
         if i + 1 < k:
             H[i + 1, i + 2] = betas[i]
             H[i + 2, i + 1] = betas[i]
+    if k == 0:
+        return 0, -1.0, x.copy()
     theta, S = np.linalg.eigh(H)
     s = S[:, k].astype(SP.dtype)
     z = s @ Q[: k + 1]
     Mz = s @ MQ[: k + 1]
-    z = z / math.sqrt(max(z @ Mz, 0.0))
-    return k, theta[k - 1], z
+    nz = math.sqrt(max(z @ Mz, 0.0))
+    if not nz > 0.0:  # no length in the metric: the caller keeps the answer it has
+        return -1, -1.0, x.copy()
+    return k, theta[k - 1], z / nz
 
 
 def _recompile_after_dependency_change(*kernels) -> None:

@@ -576,6 +576,31 @@ def test_the_gram_route_resolves_nearly_tied_top_directions(form, K, m, n, eps, 
     assert gap <= (accuracy or 1e-8) + floor and gap <= est.info.error_gap_bound + floor, (gap, est.info)
 
 
+def test_the_check_of_an_estimate_covers_tol_stops_and_keeps_max_iter():
+    """On a nearly tied block (eps = 1e-5): a stop on ``tol`` reports the probe's bound too
+    (it had reported 1e-14 on a true gap of 2e-8), and the probe's applications count toward
+    ``max_iter``, which no answer exceeds."""
+    rng = np.random.default_rng(7)
+    K, m, n, eps = 40, 10, 12, 1e-5
+    w1 = rng.uniform(0.2, 2.0, K)
+    w = np.concatenate([w1, (1 + eps) * w1])
+    G1, A1 = np.zeros((K, m)), np.zeros((K, n))
+    G1[:, :5], A1[:, :6] = rng.standard_normal((K, 5)), rng.standard_normal((K, 6))
+    G2, A2 = np.zeros_like(G1), np.zeros_like(A1)
+    G2[:, 5:], A2[:, 6:] = G1[:, :5], A1[:, :6]
+    G, A = np.concatenate([G1, G2]), np.concatenate([A1, A2])
+    F = ks.KronSum.from_outer(G, A, w)
+    D = dense_F("outer", [G, A], w)
+    opt, s = svd_optimum(D, m, n)
+    normF = float(np.linalg.norm(D))
+    for kw in ({"tol": 1e-6}, {"tol": 1e-4, "accuracy": 1e-12}):
+        est = ks.kfoc(F, method="gram", **kw)
+        gap = (float(np.linalg.norm(D - est.to_dense())) - opt) / normF
+        assert gap <= est.info.error_gap_bound + 1e-12, (kw, gap, est.info)
+    for max_iter in (2, 5, 9, 14):
+        assert ks.kfoc(F, method="gram", max_iter=max_iter).info.iterations <= max_iter
+
+
 def test_accuracy_stops_earlier_than_the_residual_rule():
     G, A = random_inputs("conv", 30, 6, 8, T=5, seed=2, kind="heavy")
     F = ks.KronSum.from_conv(G, A)
