@@ -243,6 +243,15 @@ def all_finite(xp: Any, x: Array) -> bool:
     return bool(xp.all(xp.isfinite(x)))
 
 
+def dtype_name(xp: Any, dtype: Any) -> str:
+    """``"float64"``/``"float32"`` whatever the library (NumPy, torch and the others print
+    their dtypes differently), for messages and notes that must not depend on the backend."""
+    for name in ("float64", "float32", "float16"):
+        if dtype == getattr(xp, name, None):
+            return name
+    return str(dtype)
+
+
 def to_float(x: Array) -> float:
     """A Python float from a 0-d array (this synchronises lazy and device arrays; counted as
     one host read by :func:`counting`)."""

@@ -897,9 +897,9 @@ def _probe(space: Space, x, Mx, theta1: float | None, steps: int, seed) -> _Prob
 
 
 def _probe_ritz(space: Space, x, theta1: float, steps: int, seed: tuple, kernel: bool) -> tuple:
-    """``(k, θ₂, z)``: :func:`_probe`'s ``k`` steps from the unit ``x`` (Rayleigh quotient
+    """``(k, θ₁', θ₂, z)``: :func:`_probe`'s ``k`` steps from the unit ``x`` (Rayleigh quotient
     ``theta1``), then the Rayleigh–Ritz problem on ``x`` and the probe's basis (the couplings
-    ``⟨A q_i, x⟩`` border the probe's tridiagonal matrix): its second Ritz value, and ``z()``
+    ``⟨A q_i, x⟩`` border the probe's tridiagonal matrix): its top two Ritz values, and ``z()``
     its top Ritz vector. ``kernel``: ``space`` is a float64 NumPy :class:`GramSpace` and the
     whole of it runs in :func:`kronsum._numba_kernels.coef_probe` (same draw, same arithmetic).
     ``k = 0``: the deflated space is empty."""
@@ -907,19 +907,20 @@ def _probe_ritz(space: Space, x, theta1: float, steps: int, seed: tuple, kernel:
     if kernel:  # the same draw as random_like's, kept per size (a generator costs ~30 µs)
         q = _normal_draw(int(x.shape[0]), seed)
         eps = float(np.finfo(np.float64).eps)
-        k, t2, z = numba_kernels().coef_probe(space.SP, space.SQ, space.w, x, Mx, q, float(theta1),
-                                              int(min(steps, x.shape[0] - 1)), eps)
-        return max(int(k), 0), float(t2), lambda: z
+        k, t1, t2, z = numba_kernels().coef_probe(space.SP, space.SQ, space.w, x, Mx, q, float(theta1),
+                                                  int(min(steps, x.shape[0] - 1)), eps)
+        return max(int(k), 0), float(t1), float(t2), lambda: z
     pr = _probe(space, x, Mx, theta1, steps, list(seed))
     if pr is None:
-        return 0, -1.0, None
+        return 0, -1.0, -1.0, None
     k = len(pr.alphas)
     H = np.zeros((k + 1, k + 1))
     H[0, 0] = pr.theta1
     H[0, 1:] = H[1:, 0] = pr.coupling
     H[1:, 1:] = _tridiagonal(pr.alphas, pr.betas[: k - 1])
     theta, S = np.linalg.eigh(H)
-    return k, float(theta[-2]), lambda: _ritz(space, pr.Q[: k + 1], pr.MQ[: k + 1], S[:, -1])[0]
+    return (k, float(theta[-1]), float(theta[-2]),
+            lambda: _ritz(space, pr.Q[: k + 1], pr.MQ[: k + 1], S[:, -1])[0])
 
 
 def verify_estimate(space: Space, eig: EigenResult, stop: Stop, max_iter: int,
@@ -935,9 +936,11 @@ def verify_estimate(space: Space, eig: EigenResult, stop: Stop, max_iter: int,
     steps on the operator deflated by ``x`` find such a direction (the deflated operator's top
     eigenvalue is at least ``λ₂``); the Rayleigh–Ritz problem on ``x`` and the probe's basis
     (its couplings to ``x`` are read in the same pass) gives a second Ritz value, which
-    replaces the estimate's when larger. Every such stop is checked, on ``accuracy`` or on
+    replaces the estimate's when larger; a top Ritz value above the answer's shows that the
+    answer is not the top eigenvector (e.g. the lower one of a tied pair, whose residual is
+    tiny), and its bound becomes ``inf``. Every such stop is checked, on ``accuracy`` or on
     the residual (``tol``, which a vector of a nearly tied pair meets too). If a bound that
-    met ``accuracy`` then misses it, the solve resumes (``resume(z, applications left)``) from
+    met ``accuracy`` then misses it, or the answer is not the top, the solve resumes (``resume(z, applications left)``) from
     the top Ritz vector ``z`` of that space, which resolves the two directions; at most
     ``rounds`` times, after which the answer is returned as not converged, with the probe's
     bound. Probes count as applications, within ``max_iter`` (a probe that does not fit is
@@ -950,19 +953,31 @@ def verify_estimate(space: Space, eig: EigenResult, stop: Stop, max_iter: int,
         if not (eig.converged and budget > 0 and stop.estimates and not stop.certified
                 and stop.bound is not None and stop.th1 is not None and stop.th1 > 0):
             break
-        k, t2, z = _probe_ritz(space, eig.x, stop.th1, budget, (0x5EED, 3, r), kernel)
+        k, t1, t2, z = _probe_ritz(space, eig.x, stop.th1, budget, (0x5EED, 3, r), kernel)
         if k <= 0:
             break
         its += k
         eig.iterations = its
+        # a direction with a larger Rayleigh quotient than the answer's bounds its gap from
+        # below, λ₁ − θ₁ ≥ θ₁' − θ₁: above the estimate, the answer is not what the estimate
+        # says (e.g. the lower vector of a tied pair, whose residual is tiny) and the solve goes
+        # on from the better vector (the error gap is (λ₁ − θ₁)/(‖F − F̂‖ + opt), opt ≤ ‖F − F̂‖)
+        if stop.f2 is not None and stop.f2 > stop.th1:
+            above = (t1 - stop.th1) / (2 * math.sqrt((stop.f2 - stop.th1) * stop.f2)) > stop.bound
+        else:
+            above = t1 > stop.th1 * (1 + 1e3 * float(space.xp.finfo(eig.x.dtype).eps))
         mu = -1.0 if stop.th2 is None else stop.th2 + stop.r2
-        if not t2 > mu:  # the probe saw nothing above the estimate's second value
+        if not (t2 > mu or above):  # the probe saw nothing above the estimate's values
             break
         met_before = stop.accuracy is not None and stop.bound <= stop.accuracy
-        stop.met(stop.th1, stop.res, t2, 0.0)  # the bound with the probe's second value
+        stop.met(stop.th1, stop.res, max(t2, mu), 0.0)  # the bound with the probe's second value
+        if above:
+            stop.bound, stop.certified = math.inf, False
         eig.sigma2 = math.sqrt(max(t2, 0.0))
-        if not met_before or stop.bound <= stop.accuracy:
+        if not (met_before or above):
             break  # a stop on tol keeps its answer; the bound now says what it is
+        if not above and stop.bound <= stop.accuracy:
+            break
         if r == rounds or its >= max_iter:
             eig.converged = False
             break

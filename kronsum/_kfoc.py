@@ -35,7 +35,7 @@ from dataclasses import dataclass, field, replace
 
 from ._accel import TRMM_TIME, numba_enabled, row_sq_norms, syrk_available, trmm_pays, via_numpy_on_cpu
 from ._closed_forms import _new_kron, _require_sum, kfac
-from ._compat import Array, counted, eye_like, fro_norm, host_floats, is_dask_namespace, symmetrize, to_float
+from ._compat import Array, counted, dtype_name, eye_like, fro_norm, host_floats, is_dask_namespace, symmetrize, to_float
 from ._config import _options
 from ._eigen import (Factors, LowPrecisionCopy, MetricBreakdown, Solution, Stop, aux_fits, contraction_space, conv_gram_solve, deflated_top, finish, gram_solve,
                      _widen, psd_factors, psd_sum, psd_to_inverse_tolerance,
@@ -508,7 +508,7 @@ def kfoc(
         out = kfoc(F, method="auto" if auto else requested, tol=tol_given, max_iter=max_iter,
                    init=init, seed=seed, precision="float64", accuracy=accuracy)
         out.info = replace(out.info, notes=out.info.notes + (
-            f"the terms cancel and {F.dtype} arithmetic bounded the error gap by only "
+            f"the terms cancel and {dtype_name(xp, F.dtype)} arithmetic bounded the error gap by only "
             f"{stop.bound:.2g} (accuracy {accuracy:.2g}): solved in float64",))
         return out
     bound = stop.bound
@@ -621,7 +621,7 @@ def _positions_resolve(Fn: KronSum, sol: Solution, requested: str, init, seed, t
         new.factors = Factors(L, R, sigma, g.notes)
         _widen(stop, new.eig, moved)
     new.factors.notes = f.notes + new.factors.notes + (
-        f"{why}: solved again by {method} on the contractions in {Fn.dtype}, the error-gap bound "
+        f"{why}: solved again by {method} on the contractions in {dtype_name(Fn.xp, Fn.dtype)}, the error-gap bound "
         "allowing for that rounding",)
     return new, stop
 

@@ -121,8 +121,8 @@ def coef_probe(SP, SQ, w, x, Mx, q0, theta1, steps, eps):  # pragma: no cover - 
     (``x`` unit in the ``S_P`` metric with Rayleigh quotient ``theta1``, ``q0`` the probe's
     random direction, drawn by the caller): ``steps`` Lanczos steps on the operator deflated by
     ``x``, then the Rayleigh–Ritz problem on ``x`` and their basis, same arithmetic. Returns
-    ``(k, theta2, z)``: the steps taken (``-1``: the deflated start vanished), the second Ritz
-    value and the top Ritz vector (unit in the metric)."""
+    ``(k, theta1, theta2, z)``: the steps taken (``-1``: the deflated start vanished), the top
+    two Ritz values and the top Ritz vector (unit in the metric)."""
     K = SP.shape[0]
     Q = np.empty((steps + 2, K), dtype=SP.dtype)
     MQ = np.empty((steps + 2, K), dtype=SP.dtype)
@@ -134,7 +134,7 @@ def coef_probe(SP, SQ, w, x, Mx, q0, theta1, steps, eps):  # pragma: no cover - 
     Mq = SP @ q
     nq = math.sqrt(max(q @ Mq, 0.0))
     if not nq > 0.0:
-        return -1, -1.0, x.copy()
+        return -1, -1.0, -1.0, x.copy()
     Q[0] = x
     MQ[0] = Mx
     Q[1] = q / nq
@@ -169,15 +169,15 @@ def coef_probe(SP, SQ, w, x, Mx, q0, theta1, steps, eps):  # pragma: no cover - 
             H[i + 1, i + 2] = betas[i]
             H[i + 2, i + 1] = betas[i]
     if k == 0:
-        return 0, -1.0, x.copy()
+        return 0, -1.0, -1.0, x.copy()
     theta, S = np.linalg.eigh(H)
     s = S[:, k].astype(SP.dtype)
     z = s @ Q[: k + 1]
     Mz = s @ MQ[: k + 1]
     nz = math.sqrt(max(z @ Mz, 0.0))
     if not nz > 0.0:  # no length in the metric: the caller keeps the answer it has
-        return -1, -1.0, x.copy()
-    return k, theta[k - 1], z / nz
+        return -1, -1.0, -1.0, x.copy()
+    return k, theta[k], theta[k - 1], z / nz
 
 
 def _recompile_after_dependency_change(*kernels) -> None:
