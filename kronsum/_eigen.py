@@ -60,6 +60,7 @@ from ._config import _options
 from ._stopping import ESTIMATE_SAFETY, gap_bound
 
 KRYLOV_DIM = 20  # Lanczos basis size before a restart
+APPLIES = 4  # products with B^(2^s) per check of the squaring route (32 steps after 3 squarings)
 
 
 def rank_bound(Fn) -> int:
@@ -78,7 +79,6 @@ def krylov_spans(Fn) -> bool:
     ``O(K²)``, far below its set-up) then runs on to the exact answer, and no estimate stops
     it (``Stop.estimates``)."""
     return rank_bound(Fn) + 1 <= KRYLOV_DIM
-APPLIES = 4  # products with B^(2^s) per check of the squaring route (32 steps after 3 squarings)
 
 
 def default_tol(xp: Any, dtype: Any) -> float:
@@ -940,9 +940,9 @@ def verify_estimate(space: Space, eig: EigenResult, stop: Stop, max_iter: int,
     answer is not the top eigenvector (e.g. the lower one of a tied pair, whose residual is
     tiny), and its bound becomes ``inf``. Every such stop is checked, on ``accuracy`` or on
     the residual (``tol``, which a vector of a nearly tied pair meets too). If a bound that
-    met ``accuracy`` then misses it, or the answer is not the top, the solve resumes (``resume(z, applications left)``) from
-    the top Ritz vector ``z`` of that space, which resolves the two directions; at most
-    ``rounds`` times, after which the answer is returned as not converged, with the probe's
+    met ``accuracy`` then misses it, or the answer is not the top, the solve resumes
+    (``resume(z, applications left)``) from the top Ritz vector ``z`` of that space, which
+    resolves the two directions; at most ``rounds`` times, after which the answer is returned as not converged, with the probe's
     bound. Probes count as applications, within ``max_iter`` (a probe that does not fit is
     not run, and the bound stays the estimate). ``kernel``: the probe runs in the numba
     kernel (:func:`_probe_ritz`).
@@ -1143,6 +1143,7 @@ def gram_solve(Fn, alpha0, stop: Stop, max_iter: int) -> Solution:
                         "rounding made indefinite (terms nearly collinear and cancelling)")
                 return Solution(zero_answer(Fn), EigenResult(None, 0, True, 0.0, 0.0), "gram[numba]")
         eps = xp.finfo(Fn.dtype).eps
+
         def resume(z, its):
             return _numba_lanczos(space, Fn, z, stop, its, eps)
 
@@ -1170,6 +1171,7 @@ def gram_solve(Fn, alpha0, stop: Stop, max_iter: int) -> Solution:
     # ‖F̃‖² in scaled units: it certifies the stop, and bounds σ₂ when the solver gave none
     stop.f2 = to_float(space.f2())
     stop.f2_err = Fn.num_terms * float(xp.finfo(Fn.dtype).eps) * _f2_scale(space, Fn, stop)
+
     def resume(z, its):
         return lanczos(space, z, stop, its)
 

@@ -159,6 +159,8 @@ def coef_probe(SP, SQ, w, x, Mx, q0, theta1, steps, eps):  # pragma: no cover - 
         Q[n] = v / b
         MQ[n] = Mv / b
         n += 1
+    if k == 0:
+        return 0, -1.0, -1.0, x.copy()
     H = np.zeros((k + 1, k + 1))
     H[0, 0] = theta1
     for i in range(k):
@@ -168,8 +170,6 @@ def coef_probe(SP, SQ, w, x, Mx, q0, theta1, steps, eps):  # pragma: no cover - 
         if i + 1 < k:
             H[i + 1, i + 2] = betas[i]
             H[i + 2, i + 1] = betas[i]
-    if k == 0:
-        return 0, -1.0, -1.0, x.copy()
     theta, S = np.linalg.eigh(H)
     s = S[:, k].astype(SP.dtype)
     z = s @ Q[: k + 1]
